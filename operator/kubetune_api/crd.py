@@ -1,0 +1,218 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+pydantic emits JSON Schema (2020-12) with $refs and null unions; the API
+server wants a structural OpenAPI v3 schema. This module rewrites one into the
+other and adds what only Kubernetes knows: CEL rules, defaults for nested
+objects, printer columns, the status subresource.
+
+Regenerate with `kubetune crd --write` (a test fails when crds/ drifts).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import models
+from .rules import RULES
+
+CRD_NAME = f"{models.PLURAL}.{models.GROUP}"
+CRD_FILENAME = f"{models.GROUP}_{models.PLURAL}.yaml"
+
+_DROP_KEYS = {"title", "additionalProperties", "$defs"}
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    """Inline every $ref (the models have no recursion)."""
+    if isinstance(node, list):
+        return [_resolve(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+        siblings = {k: v for k, v in node.items() if k != "$ref"}
+        target.update(siblings)  # a field's description wins over the class docstring
+        return _resolve(target, defs)
+    return {k: _resolve(v, defs) for k, v in node.items()}
+
+
+def _structural(node: dict[str, Any]) -> dict[str, Any]:
+    """One JSON Schema node → one structural OpenAPI v3 node."""
+    node = dict(node)
+    out: dict[str, Any] = {}
+
+    if "anyOf" in node:
+        options = node.pop("anyOf")
+        non_null = [o for o in options if o.get("type") != "null"]
+        types = {o.get("type") for o in non_null}
+        if len(non_null) == 1:
+            # Optional[X] → X, deliberately not `nullable`: the API server then prunes
+            # an explicit null, so `has(self.x)` in CEL means "set" exactly as in Python.
+            return _structural({**non_null[0], **node})
+        if types == {"string", "integer"}:
+            # Union[Literal["auto"], int]: int-or-string; a CEL rule checks the values.
+            out = {k: v for k, v in node.items() if k in ("description", "default")}
+            out["x-kubernetes-int-or-string"] = True
+            return out
+        raise ValueError(f"cannot express union {options} structurally")
+
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+
+    # JSON Schema 2020 bounds → OpenAPI v3.0 bounds
+    for excl, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if excl in node and not isinstance(node[excl], bool):
+            node[inclusive] = node.pop(excl)
+            node[excl] = True
+
+    for key, value in node.items():
+        if key in _DROP_KEYS:
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(sub) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _structural(value)
+        elif key == "default" and value is None:
+            continue
+        else:
+            out[key] = value
+
+    if node.get("type") == "object" and isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = _structural(node["additionalProperties"])
+    if "properties" in out:
+        out.setdefault("type", "object")
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    if "maxLength" in node and node.get("type") == "object":  # dict max_length
+        out["maxProperties"] = out.pop("maxLength")
+    return out
+
+
+def _default_nested_objects(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Fields built by default_factory get `default: {}` so the API server fills
+    in their own defaults, and CEL rules can rely on them being present."""
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        prop = schema.get("properties", {}).get(alias)
+        if prop is None:
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if field.default_factory is not None:
+                prop["default"] = {}
+            _default_nested_objects(prop, annotation)
+        elif field.default_factory is not None:
+            prop.pop("default", None)  # empty lists/maps: no value in storing them
+
+
+def schema_for(model: type[BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    resolved = _resolve(raw, raw.get("$defs", {}))
+    resolved.pop("$defs", None)
+    schema = _structural(resolved)
+    _default_nested_objects(schema, model)
+    return schema
+
+
+def _node_at(schema: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    node = schema
+    for key in path:
+        node = node["properties"][key]
+    return node
+
+
+def spec_schema() -> dict[str, Any]:
+    """The spec's OpenAPI schema with CEL rules attached (also used for defaulting)."""
+    schema = schema_for(models.FineTuneJobSpec)
+    for rule in RULES:
+        if rule.cel is None:
+            continue
+        node = _node_at(schema, rule.path)
+        entry = {"rule": rule.cel, "message": rule.message}
+        if rule.field:
+            entry["fieldPath"] = "." + rule.field
+        node.setdefault("x-kubernetes-validations", []).append(entry)
+    schema["required"] = sorted(set(schema.get("required", [])) | {"model", "dataset"})
+    return schema
+
+
+def build_crd() -> dict[str, Any]:
+    status = schema_for(models.FineTuneJobStatus)
+    version = {
+        "name": models.VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display"},
+            {"name": "Loss", "type": "string", "jsonPath": ".status.metrics.displayLoss"},
+            {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
+            {
+                "name": "Workers",
+                "type": "integer",
+                "jsonPath": ".spec.resources.workers",
+                "priority": 1,
+            },
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "description": "FineTuneJob fine-tunes a language model on a Ray cluster "
+                "(KubeRay) with DeepSpeed ZeRO: LoRA, QLoRA or full fine-tuning.",
+                "required": ["spec"],
+                "properties": {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "metadata": {"type": "object"},
+                    "spec": spec_schema(),
+                    "status": status,
+                },
+            }
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {
+                "app.kubernetes.io/name": "kubetune",
+                "app.kubernetes.io/part-of": "kubetune",
+            },
+        },
+        "spec": {
+            "group": models.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": models.KIND,
+                "listKind": models.KIND + "List",
+                "plural": models.PLURAL,
+                "singular": models.SINGULAR,
+                "shortNames": models.SHORT_NAMES,
+                "categories": ["kubetune", "all"],
+            },
+            "versions": [version],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as YAML text (needs PyYAML, which the CLI has; the API package does not)."""
+    import yaml
+
+    header = (
+        "# Generated by `kubetune crd --write` from operator/kubetune_api/models.py. Do not edit.\n"
+    )
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def write_crd(directory: Path) -> Path:
+    path = Path(directory) / CRD_FILENAME
+    path.write_text(crd_yaml())
+    return path

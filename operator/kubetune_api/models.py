@@ -1,0 +1,501 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): the one schema.
+
+The CRD in crds/ is generated from these models (see kubetune_api.crd), the
+operator renders children from them and the trainer reads them back from its
+config. Field descriptions become `kubectl explain` text, so they are written
+for users. Cross-field rules live in kubetune_api.rules, as a table shared by
+the CRD (CEL) and the CLI/operator (Python).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+# Bounds keep the API server's CEL cost estimate finite and stop absurd input early.
+NAME_MAX = 253
+URI_MAX = 2048
+TEXT_MAX = 256
+LIST_MAX = 64
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        use_enum_values=True,
+    )
+
+    def to_dict(self) -> dict:
+        """camelCase plain dict, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX)]
+Uri = Annotated[str, Field(min_length=1, max_length=URI_MAX)]
+Text = Annotated[str, Field(max_length=TEXT_MAX)]
+
+
+class SecretRef(_Model):
+    """A Secret in the FineTuneJob's namespace. Its keys become environment
+    variables of the trainer, never part of the trainer config or status."""
+
+    name: Name = Field(description="Name of the Secret in the FineTuneJob's namespace.")
+
+
+class StorageAccess(_Model):
+    """How to reach an object store. Credentials come only from a Secret:
+    keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN)
+    for s3://; GOOGLE_APPLICATION_CREDENTIALS_JSON for gs://."""
+
+    endpoint: Optional[Uri] = Field(
+        None,
+        description="S3-compatible endpoint URL (MinIO, Ceph, R2, ...). Omit for AWS S3.",
+    )
+    region: Optional[Text] = Field(None, description="Object-store region, e.g. us-east-1.")
+    secret_ref: Optional[SecretRef] = Field(
+        None, description="Secret holding the object-store credentials."
+    )
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class ModelSource(StorageAccess):
+    """The base model: a Hugging Face id, or weights in object storage, a PVC or
+    a local folder."""
+
+    name: Optional[Text] = Field(
+        None,
+        description="Hugging Face model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct. "
+        "Set exactly one of name or uri.",
+    )
+    uri: Optional[Uri] = Field(
+        None,
+        description="Folder with the weights: s3://bucket/path, gs://..., file:///path, or a "
+        "path on a mounted volume. Set exactly one of name or uri.",
+    )
+    revision: Optional[Text] = Field(
+        None, description="Git revision (branch, tag or commit) of a Hugging Face model."
+    )
+    gguf_file: Optional[Text] = Field(
+        None,
+        description="Name of a GGUF file inside the model folder; it is dequantized and "
+        "loaded with transformers.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with the model. Off by default: only for models "
+        "whose code you trust.",
+    )
+    token_secret_ref: Optional[SecretRef] = Field(
+        None, description="Secret with key HF_TOKEN, for gated or private Hugging Face models."
+    )
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+class DatasetFormat(str, Enum):
+    text = "text"
+    prompt_completion = "prompt-completion"
+    chat = "chat"
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+
+
+class DataSource(_Model):
+    uri: Optional[Uri] = Field(
+        None,
+        description="JSONL, JSON or Parquet file (or a folder of them): s3://, gs://, "
+        "file:// or a mounted path. Set exactly one of uri or name.",
+    )
+    name: Optional[Text] = Field(
+        None,
+        description="Hugging Face datasets name, read from the datasets cache "
+        "(HF_DATASETS_OFFLINE works). Set exactly one of uri or name.",
+    )
+    split: Text = Field("train", description="Split to read when name is a datasets name.")
+
+
+class Dataset(StorageAccess):
+    train: DataSource = Field(description="Training data.")
+    validation: Optional[DataSource] = Field(
+        None, description="Held-out data. Without it, validationSplit of train is held out."
+    )
+    validation_split: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.5,
+        description="Fraction of train held out for evaluation when validation is not set "
+        "(0 disables evaluation data).",
+    )
+    format: DatasetFormat = Field(
+        DatasetFormat.chat,
+        description="Row format. text: {text}; prompt-completion: {prompt, completion}; "
+        "chat: {messages: [{role, content}]}, rendered with the model's chat template, loss "
+        "on assistant turns only; alpaca: {instruction, input, output}; sharegpt: "
+        "{conversations: [{from, value}]}.",
+    )
+    max_seq_length: int = Field(
+        2048,
+        ge=16,
+        le=262144,
+        description="Tokens per example; longer examples are truncated and counted.",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack several examples into each sequence (position ids reset per "
+        "example, no cross-example attention) instead of padding.",
+    )
+
+
+# ---------------------------------------------------------------------------- method
+
+
+class MethodType(str, Enum):
+    lora = "lora"
+    qlora = "qlora"
+    full = "full"
+
+
+class LoraConfig(_Model):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator (alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[Text] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=LIST_MAX,
+        description="Module names to adapt, or [all-linear] for every linear layer but the "
+        "output head.",
+    )
+    modules_to_save: list[Text] = Field(
+        default_factory=list,
+        max_length=LIST_MAX,
+        description="Modules trained in full and saved with the adapter (e.g. lm_head).",
+    )
+
+
+class QuantizationConfig(_Model):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (QLoRA).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+
+
+class Method(_Model):
+    type: MethodType = Field(
+        MethodType.lora,
+        description="lora: low-rank adapters; qlora: LoRA on a 4-bit base model (GPU only); "
+        "full: every weight.",
+    )
+    lora: Optional[LoraConfig] = Field(
+        None, description="LoRA parameters (lora and qlora only; defaults apply when unset)."
+    )
+    quantization: Optional[QuantizationConfig] = Field(
+        None, description="4-bit quantization (qlora only; defaults apply when unset)."
+    )
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LrScheduler(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+class Hyperparameters(_Model):
+    epochs: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Passes over the training data (default 1). Set epochs or maxSteps, not both.",
+    )
+    max_steps: Optional[int] = Field(
+        None, ge=1, le=10_000_000, description="Optimizer steps. Set epochs or maxSteps, not both."
+    )
+    learning_rate: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Peak learning rate. Default 2e-4 for lora/qlora, 2e-5 for full.",
+    )
+    lr_scheduler: LrScheduler = Field(LrScheduler.cosine, description="Learning-rate schedule.")
+    warmup_ratio: float = Field(
+        0.03, ge=0, le=0.5, description="Fraction of steps spent warming up the learning rate."
+    )
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Sequences per device per micro-step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=4096, description="Micro-steps per optimizer step."
+    )
+    max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping (0: off).")
+    precision: Precision = Field(
+        Precision.bf16, description="bf16 (default), fp16 (GPU only) or fp32."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for data order and init.")
+    log_every_steps: int = Field(
+        10, ge=1, le=100_000, description="Steps between metric rows and progress updates."
+    )
+
+
+class Distributed(_Model):
+    zero_stage: Union[Literal["auto"], Annotated[int, Field(ge=0, le=3)]] = Field(
+        "auto",
+        description="DeepSpeed ZeRO stage 0-3, or auto: picked from model size, method and "
+        "GPU memory (the trainer logs what it picked).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer state in CPU memory (ZeRO stage 2 or 3)."
+    )
+    offload_parameters: bool = Field(
+        False, description="Keep parameters in CPU memory (ZeRO stage 3 only)."
+    )
+
+
+class Toleration(_Model):
+    key: Optional[Text] = None
+    operator: Optional[Literal["Exists", "Equal"]] = None
+    value: Optional[Text] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    toleration_seconds: Optional[int] = None
+
+
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=64,
+        pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$",
+    ),
+]
+
+
+class HeadResources(_Model):
+    cpu: Quantity = Field("2", description="CPU for the Ray head pod.")
+    memory: Quantity = Field("8Gi", description="Memory for the Ray head pod.")
+
+
+class Resources(_Model):
+    workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (one pod each).")
+    gpus_per_worker: int = Field(
+        1, ge=0, le=16, description="GPUs per worker (0: CPU training with gloo)."
+    )
+    gpu_resource_name: Text = Field(
+        "nvidia.com/gpu", description="Extended resource name of the GPUs."
+    )
+    cpu_per_worker: Quantity = Field("8", description="CPU per worker pod.")
+    memory_per_worker: Quantity = Field("64Gi", description="Memory per worker pod.")
+    head: HeadResources = Field(default_factory=HeadResources, description="Ray head pod.")
+    node_selector: dict[str, Text] = Field(
+        default_factory=dict, max_length=LIST_MAX, description="Node labels for every pod."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=LIST_MAX, description="Tolerations for every pod."
+    )
+    priority_class_name: Optional[Name] = Field(None, description="PriorityClass of the pods.")
+    image: Optional[Uri] = Field(
+        None, description="Trainer image; default: the one the operator was installed with."
+    )
+
+
+class Evaluation(_Model):
+    enabled: bool = Field(True, description="Evaluate on the held-out data.")
+    every_steps: Optional[int] = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Steps between evaluations (default: each checkpoint).",
+    )
+    max_batches: Optional[int] = Field(
+        None, ge=1, le=1_000_000, description="Cap on batches per evaluation (default: all)."
+    )
+
+
+class EarlyStopping(_Model):
+    enabled: bool = Field(False, description="Stop when the metric stops improving.")
+    metric: Literal["eval_loss", "eval_perplexity", "eval_token_accuracy"] = Field(
+        "eval_loss", description="Metric watched."
+    )
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+
+
+class Checkpointing(_Model):
+    every_steps: int = Field(
+        200, ge=1, le=10_000_000, description="Steps between committed checkpoints."
+    )
+    keep_last: int = Field(3, ge=1, le=1000, description="Committed checkpoints kept.")
+
+
+class Output(StorageAccess):
+    uri: Optional[Uri] = Field(
+        None,
+        description="Where checkpoints, metrics and outputs go (s3://bucket/prefix, gs://, "
+        "file:///path). Required on a cluster; `kubetune run` defaults to ./runs. The job "
+        "writes under {uri}/{namespace}/{name}/{uid}/.",
+    )
+    merge_adapter: bool = Field(
+        False, description="Also save the base model with the adapter merged (lora/qlora)."
+    )
+
+
+class FineTuneJobSpec(_Model):
+    model: ModelSource = Field(description="The base model.")
+    dataset: Dataset = Field(description="Training and evaluation data.")
+    method: Method = Field(default_factory=Method, description="Fine-tuning method.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Optimization settings."
+    )
+    distributed: Distributed = Field(
+        default_factory=Distributed, description="DeepSpeed ZeRO settings."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Pods and accelerators.")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="Evaluation.")
+    early_stopping: EarlyStopping = Field(
+        default_factory=EarlyStopping, description="Early stopping on an evaluation metric."
+    )
+    checkpointing: Checkpointing = Field(
+        default_factory=Checkpointing, description="Checkpoint cadence and retention."
+    )
+    output: Output = Field(default_factory=Output, description="Where results go.")
+    suspend: bool = Field(
+        False,
+        description="Stop the Ray cluster and keep the job; resume later from the last "
+        "checkpoint. Kueue sets this while a job waits.",
+    )
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Retries after a failed attempt; each resumes."
+    )
+    active_deadline_seconds: Optional[int] = Field(
+        None, ge=1, description="Fail the job after this many seconds of running."
+    )
+    ttl_seconds_after_finished: Optional[int] = Field(
+        None,
+        ge=0,
+        description="Delete the Ray cluster and config this long after the job finishes "
+        "(the FineTuneJob and its outputs stay).",
+    )
+
+
+# ---------------------------------------------------------------------------- status
+
+
+class Phase(str, Enum):
+    Pending = "Pending"
+    Queued = "Queued"
+    Starting = "Starting"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (Phase.Succeeded, Phase.Failed)
+
+
+class Condition(_Model):
+    type: Text
+    status: Literal["True", "False", "Unknown"]
+    reason: Optional[Text] = None
+    message: Optional[Annotated[str, Field(max_length=4096)]] = None
+    last_transition_time: Optional[Text] = None
+    observed_generation: Optional[int] = None
+
+
+class Progress(_Model):
+    step: int = Field(0, ge=0)
+    total_steps: Optional[int] = None
+    epoch: Optional[float] = None
+    percent: Optional[float] = None
+    eta_seconds: Optional[int] = None
+    display: Optional[Text] = Field(None, description="e.g. '120/600' for kubectl get.")
+
+
+class Metrics(_Model):
+    train_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    eval_perplexity: Optional[float] = None
+    eval_token_accuracy: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    learning_rate: Optional[float] = None
+    display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")
+
+
+class CheckpointRef(_Model):
+    step: int
+    uri: Uri
+    eval_loss: Optional[float] = None
+    time: Optional[Text] = None
+
+
+class Outputs(_Model):
+    prefix: Optional[Uri] = Field(None, description="The job's storage prefix.")
+    adapter: Optional[Uri] = None
+    merged_model: Optional[Uri] = None
+    metrics: Optional[Uri] = None
+    loss_curve: Optional[Uri] = None
+
+
+class FineTuneJobStatus(_Model):
+    phase: Optional[Phase] = None
+    conditions: list[Condition] = Field(default_factory=list, max_length=LIST_MAX)
+    observed_generation: Optional[int] = None
+    reason: Optional[Text] = None
+    message: Optional[Annotated[str, Field(max_length=4096)]] = None
+    config_map_name: Optional[Name] = None
+    ray_job_name: Optional[Name] = None
+    ray_cluster_name: Optional[Name] = None
+    dashboard_url: Optional[Uri] = None
+    start_time: Optional[Text] = None
+    completion_time: Optional[Text] = None
+    attempts: int = 0
+    progress: Optional[Progress] = None
+    metrics: Optional[Metrics] = None
+    checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=LIST_MAX)
+    outputs: Optional[Outputs] = None
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata kubetune reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Optional[str] = None
+    namespace: Optional[str] = None
+    uid: Optional[str] = None
+    generation: Optional[int] = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: Optional[FineTuneJobStatus] = None

@@ -1,0 +1,269 @@
+"""Cross-field rules: one table, two enforcers.
+
+Each rule carries a CEL expression that the CRD hands to the API server
+(`x-kubernetes-validations` at `path`) and a Python predicate that the CLI and
+the operator evaluate on the same object, after the same schema defaulting the
+API server applies. So `kubetune validate` and `kubectl apply` agree, and a
+test checks both against one table of bad specs.
+
+Rules with `python=None` are enforced only by the API server (transition rules
+need the old object). Rules with `cel=None` need facts the API server cannot
+see and run only in the CLI and the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+Spec = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    path: tuple[str, ...]  # camelCase path below spec where the rule is attached
+    message: str  # what is wrong and how to fix it; shown by both enforcers
+    cel: Optional[str]
+    python: Optional[Callable[[Any], bool]]  # True when the object at `path` is fine
+    field: Optional[str] = None  # field named in the error, relative to path (default: path)
+
+    @property
+    def field_path(self) -> str:
+        parts = ["spec", *self.path]
+        if self.field:
+            parts.append(self.field)
+        return ".".join(parts)
+
+
+def _has(obj: Any, key: str) -> bool:
+    return isinstance(obj, dict) and obj.get(key) is not None
+
+
+def _stage(d: dict) -> Any:
+    return d.get("zeroStage", "auto")
+
+
+def _gpus(spec: Spec) -> int:
+    return spec["resources"]["gpusPerWorker"]
+
+
+RULES: list[Rule] = [
+    Rule(
+        "model-source",
+        ("model",),
+        "set exactly one of model.name (a Hugging Face id) or model.uri (a folder of weights)",
+        cel="has(self.name) != has(self.uri)",
+        python=lambda m: _has(m, "name") != _has(m, "uri"),
+    ),
+    Rule(
+        "train-source",
+        ("dataset", "train"),
+        "set exactly one of dataset.train.uri (a file or folder) or dataset.train.name "
+        "(a datasets name)",
+        cel="has(self.uri) != has(self.name)",
+        python=lambda d: _has(d, "uri") != _has(d, "name"),
+    ),
+    Rule(
+        "validation-source",
+        ("dataset", "validation"),
+        "set exactly one of dataset.validation.uri or dataset.validation.name",
+        cel="has(self.uri) != has(self.name)",
+        python=lambda d: d is None or _has(d, "uri") != _has(d, "name"),
+    ),
+    Rule(
+        "epochs-xor-max-steps",
+        ("hyperparameters",),
+        "set either epochs or maxSteps, not both: remove one of them",
+        cel="!(has(self.epochs) && has(self.maxSteps))",
+        python=lambda h: not (_has(h, "epochs") and _has(h, "maxSteps")),
+    ),
+    Rule(
+        "lora-needs-adapter-method",
+        ("method",),
+        "method.lora applies to lora and qlora only: remove it, or set method.type to lora",
+        cel="!has(self.lora) || self.type != 'full'",
+        python=lambda m: not _has(m, "lora") or m.get("type") != "full",
+        field="lora",
+    ),
+    Rule(
+        "quantization-needs-qlora",
+        ("method",),
+        "method.quantization applies to qlora only: remove it, or set method.type to qlora",
+        cel="!has(self.quantization) || self.type == 'qlora'",
+        python=lambda m: not _has(m, "quantization") or m.get("type") == "qlora",
+        field="quantization",
+    ),
+    Rule(
+        "qlora-needs-gpu",
+        (),
+        "qlora quantizes with bitsandbytes, which needs GPUs: set resources.gpusPerWorker "
+        "to 1 or more, or use method.type lora",
+        cel="self.method.type != 'qlora' || self.resources.gpusPerWorker > 0",
+        python=lambda s: s["method"]["type"] != "qlora" or _gpus(s) > 0,
+        field="method.type",
+    ),
+    Rule(
+        "fp16-needs-gpu",
+        (),
+        "fp16 needs GPUs: set hyperparameters.precision to bf16 or fp32 for CPU training, "
+        "or resources.gpusPerWorker to 1 or more",
+        cel="self.hyperparameters.precision != 'fp16' || self.resources.gpusPerWorker > 0",
+        python=lambda s: s["hyperparameters"]["precision"] != "fp16" or _gpus(s) > 0,
+        field="hyperparameters.precision",
+    ),
+    Rule(
+        "zero-stage-value",
+        ("distributed",),
+        "zeroStage must be 0, 1, 2, 3 or auto",
+        cel="type(self.zeroStage) == string ? self.zeroStage == 'auto' "
+        ": (self.zeroStage >= 0 && self.zeroStage <= 3)",
+        python=None,  # the pydantic field type already says this, with the field path
+        field="zeroStage",
+    ),
+    Rule(
+        "offload-optimizer-needs-zero2",
+        ("distributed",),
+        "offloadOptimizer needs ZeRO stage 2 or 3: set zeroStage to 2, 3 or auto",
+        cel="!self.offloadOptimizer || type(self.zeroStage) == string || self.zeroStage >= 2",
+        python=lambda d: (
+            not d.get("offloadOptimizer") or isinstance(_stage(d), str) or _stage(d) >= 2
+        ),
+        field="offloadOptimizer",
+    ),
+    Rule(
+        "offload-parameters-needs-zero3",
+        ("distributed",),
+        "offloadParameters needs ZeRO stage 3: set zeroStage to 3 or auto",
+        cel="!self.offloadParameters || type(self.zeroStage) == string || self.zeroStage == 3",
+        python=lambda d: (
+            not d.get("offloadParameters") or isinstance(_stage(d), str) or _stage(d) == 3
+        ),
+        field="offloadParameters",
+    ),
+    Rule(
+        "early-stopping-needs-evaluation",
+        (),
+        "earlyStopping needs evaluation on held-out data: set evaluation.enabled to true and "
+        "give dataset.validation or a dataset.validationSplit above 0",
+        cel="!self.earlyStopping.enabled || (self.evaluation.enabled && "
+        "(has(self.dataset.validation) || self.dataset.validationSplit > 0.0))",
+        python=lambda s: (
+            not s["earlyStopping"]["enabled"]
+            or (
+                s["evaluation"]["enabled"]
+                and (_has(s["dataset"], "validation") or s["dataset"]["validationSplit"] > 0)
+            )
+        ),
+        field="earlyStopping.enabled",
+    ),
+    Rule(
+        "merge-needs-adapter",
+        (),
+        "output.mergeAdapter applies to lora and qlora: a full fine-tune already saves the "
+        "whole model; remove mergeAdapter",
+        cel="!self.output.mergeAdapter || self.method.type != 'full'",
+        python=lambda s: not s["output"]["mergeAdapter"] or s["method"]["type"] != "full",
+        field="output.mergeAdapter",
+    ),
+]
+
+# Fields that define what is trained. Changing them under a running job would
+# mix two runs in one storage prefix; a new FineTuneJob is the honest way.
+IMMUTABLE_FIELDS = (
+    "model",
+    "dataset",
+    "method",
+    "hyperparameters",
+    "distributed",
+    "resources",
+    "evaluation",
+    "earlyStopping",
+    "checkpointing",
+    "output",
+)
+MUTABLE_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
+
+for _name in IMMUTABLE_FIELDS:
+    RULES.append(
+        Rule(
+            f"immutable-{_name}",
+            (_name,),
+            f"spec.{_name} cannot change after the job is created: create a new FineTuneJob "
+            f"(only {', '.join(MUTABLE_FIELDS)} can be edited)",
+            cel="self == oldSelf",
+            python=None,
+        )
+    )
+
+# Python-only checks: facts the schema cannot express well.
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://", "hf://")
+
+
+def _uri_ok(uri: Any) -> bool:
+    if not isinstance(uri, str) or "://" not in uri:
+        return True  # a plain path (mounted volume, local folder)
+    return uri.startswith(_URI_SCHEMES)
+
+
+_SCHEME_MSG = "unsupported URI scheme: use s3://, gs://, file:// or a plain path"
+RULES += [
+    Rule(
+        "model-uri-scheme",
+        ("model",),
+        _SCHEME_MSG,
+        None,
+        lambda m: _uri_ok(m.get("uri")),
+        field="uri",
+    ),
+    Rule(
+        "train-uri-scheme",
+        ("dataset", "train"),
+        _SCHEME_MSG,
+        None,
+        lambda d: _uri_ok(d.get("uri")),
+        field="uri",
+    ),
+    Rule(
+        "output-uri-scheme",
+        ("output",),
+        _SCHEME_MSG,
+        None,
+        lambda o: _uri_ok(o.get("uri")),
+        field="uri",
+    ),
+]
+
+
+def _at(spec: Spec, path: tuple[str, ...]) -> Any:
+    obj: Any = spec
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def check_rules(defaulted_spec: Spec) -> list[tuple[Rule, str]]:
+    """Python side of the table: (rule, field path) for every broken rule.
+
+    `defaulted_spec` must have the CRD's defaults applied (see
+    kubetune_api.validation.apply_defaults), as the API server does before CEL.
+    A rule whose inputs are malformed is skipped: the schema error for that
+    field is already reported.
+    """
+    broken = []
+    for rule in RULES:
+        if rule.python is None:
+            continue
+        obj = _at(defaulted_spec, rule.path)
+        if obj is None and rule.path:
+            continue  # CEL rules on an absent optional object do not run either
+        try:
+            ok = rule.python(obj)
+        except (KeyError, TypeError, AttributeError):
+            continue
+        if not ok:
+            broken.append((rule, rule.field_path))
+    return broken

@@ -1,0 +1,173 @@
+"""The storage contract between the trainer (writer) and the operator (reader).
+
+Everything a job produces lives under one prefix, `job_prefix(...)`:
+
+    {prefix}/config.json                       the trainer config that ran
+    {prefix}/progress.json                     ProgressRecord, rewritten every log step
+    {prefix}/metrics.jsonl                     one MetricsRow per line, appended
+    {prefix}/checkpoints/step-00000200/...     checkpoint files
+    {prefix}/checkpoints/step-00000200/manifest.json   CheckpointManifest, written LAST
+    {prefix}/outputs.json                      OutputsRecord, once the job is done
+    {prefix}/adapter/ , {prefix}/merged/       final artifacts
+    {prefix}/loss.png                          loss curve
+
+A checkpoint exists only once its manifest exists: a crash mid-upload leaves
+files without a manifest, which readers ignore and writers overwrite.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import Enum
+from typing import Optional
+
+from pydantic import Field
+
+from .models import StorageAccess, _Model
+
+PROGRESS = "progress.json"
+METRICS = "metrics.jsonl"
+OUTPUTS = "outputs.json"
+CONFIG = "config.json"
+LOSS_CURVE = "loss.png"
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+ADAPTER = "adapter"
+MERGED = "merged"
+
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+def job_prefix(output_uri: str, namespace: str, name: str, uid: str) -> str:
+    """`{output.uri}/{namespace}/{name}/{uid}` — the one place a job writes.
+
+    The uid makes a re-created job with the same name start clean, while a
+    retry or resume of the same object continues where it left off.
+    """
+    for label, value in (("namespace", namespace), ("name", name), ("uid", uid)):
+        if not value or "/" in value:
+            raise ValueError(f"job {label} {value!r} cannot be part of a storage path")
+    return f"{output_uri.rstrip('/')}/{namespace}/{name}/{uid}"
+
+
+def join(prefix: str, *parts: str) -> str:
+    return "/".join([prefix.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def checkpoint_dir(prefix: str, step: int) -> str:
+    return join(prefix, CHECKPOINTS, f"step-{step:08d}")
+
+
+def parse_checkpoint_dir(name: str) -> Optional[int]:
+    """Step of a checkpoint folder name, or None for anything else."""
+    m = _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+class TrainPhase(str, Enum):
+    starting = "Starting"
+    loading = "Loading"
+    training = "Training"
+    evaluating = "Evaluating"
+    saving = "Saving"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class CheckpointPointer(_Model):
+    step: int
+    uri: str
+
+
+class ProgressRecord(_Model):
+    phase: TrainPhase
+    step: int = 0
+    total_steps: Optional[int] = None
+    epoch: Optional[float] = None
+    percent: Optional[float] = None
+    eta_seconds: Optional[int] = None
+    tokens_per_second: Optional[float] = None
+    last_checkpoint: Optional[CheckpointPointer] = None
+    attempt: int = 1
+    message: Optional[str] = None
+    updated_at: str = Field(description="RFC 3339 UTC time of this record.")
+
+
+class MetricsRow(_Model):
+    step: int
+    epoch: Optional[float] = None
+    loss: Optional[float] = None
+    learning_rate: Optional[float] = None
+    grad_norm: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    eval_loss: Optional[float] = None
+    eval_perplexity: Optional[float] = None
+    eval_token_accuracy: Optional[float] = None
+    time: Optional[str] = None
+
+
+class CheckpointManifest(_Model):
+    step: int
+    epoch: Optional[float] = None
+    files: list[str] = Field(default_factory=list, description="Paths relative to the folder.")
+    eval_loss: Optional[float] = None
+    train_loss: Optional[float] = None
+    world_size: Optional[int] = None
+    zero_stage: Optional[int] = None
+    created_at: str
+
+
+class OutputsRecord(_Model):
+    adapter: Optional[str] = None
+    merged_model: Optional[str] = None
+    model: Optional[str] = Field(None, description="Full fine-tune: the saved model folder.")
+    metrics: Optional[str] = None
+    loss_curve: Optional[str] = None
+    final_checkpoint: Optional[CheckpointPointer] = None
+    initial_eval_loss: Optional[float] = None
+    final_eval_loss: Optional[float] = None
+    final_train_loss: Optional[float] = None
+    steps: Optional[int] = None
+    stopped_early: bool = False
+
+
+# ---------------------------------------------------------------------------- credentials
+
+# The operator maps each referenced Secret to environment variables with a
+# role prefix, so the model, dataset and output can use different stores and
+# keys without the values ever entering the trainer config.
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+HF_TOKEN_KEY = "HF_TOKEN"
+ROLES = ("MODEL", "DATASET", "OUTPUT")
+
+
+def credential_env(role: str, key: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown storage role {role!r}")
+    return f"KUBETUNE_{role}_{key}"
+
+
+def storage_options(
+    uri: str, access: Optional[StorageAccess], role: str, environ: Mapping[str, str]
+) -> dict:
+    """fsspec storage options for `uri`, from the spec's endpoint/region and the
+    role's credential variables (falling back to the standard AWS ones)."""
+    if not uri.startswith("s3://"):
+        return {}
+    opts: dict = {}
+    client: dict = {}
+    if access is not None and access.endpoint:
+        client["endpoint_url"] = access.endpoint
+    if access is not None and access.region:
+        client["region_name"] = access.region
+    key = environ.get(credential_env(role, "AWS_ACCESS_KEY_ID"))
+    secret = environ.get(credential_env(role, "AWS_SECRET_ACCESS_KEY"))
+    token = environ.get(credential_env(role, "AWS_SESSION_TOKEN"))
+    if key and secret:
+        opts["key"], opts["secret"] = key, secret
+        if token:
+            opts["token"] = token
+    if client:
+        opts["client_kwargs"] = client
+    return opts

@@ -1,0 +1,64 @@
+"""spec → trainer config: what the trainer reads, rendered from a FineTuneJob.
+
+The operator puts it in a ConfigMap; `kubetune run` writes it to a local file.
+It holds the resolved spec and where to write, never a credential: secrets
+reach the trainer only as environment variables (see storage.credential_env).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from . import models
+from .models import FineTuneJobSpec, _Model
+from .storage import job_prefix
+from .validation import FieldError, SpecError, resolve_spec
+
+TRAINER_CONFIG_KIND = "TrainerConfig"
+
+
+class JobRef(_Model):
+    name: str
+    namespace: str
+    uid: str
+
+
+class TrainerConfig(_Model):
+    api_version: Literal["kubetune.io/v1alpha1"] = models.API_VERSION
+    kind: Literal["TrainerConfig"] = TRAINER_CONFIG_KIND
+    job: JobRef
+    storage_prefix: str = Field(description="{output.uri}/{namespace}/{name}/{uid}")
+    attempt: int = Field(1, ge=1, description="1 + retries so far; the trainer resumes anyway.")
+    spec: FineTuneJobSpec = Field(description="The resolved spec (defaults filled in).")
+
+
+def spec_to_trainer_config(
+    job: models.FineTuneJob | dict,
+    default_output_uri: Optional[str] = None,
+    attempt: int = 1,
+) -> dict:
+    """Pure: a FineTuneJob (model or dict) → the trainer config as a plain dict."""
+    if isinstance(job, dict):
+        job = models.FineTuneJob.model_validate({**job, "status": None})
+    spec = resolve_spec(job.spec)
+    output_uri = spec.output.uri or default_output_uri
+    if not output_uri:
+        raise SpecError(
+            [FieldError("spec.output.uri", "is required here", "set an s3:// or file:// URI")]
+        )
+    meta = job.metadata
+    namespace = meta.namespace or "default"
+    uid = meta.uid or "local"
+    config = TrainerConfig(
+        job=JobRef(name=meta.name, namespace=namespace, uid=uid),
+        storage_prefix=job_prefix(output_uri, namespace, meta.name, uid),
+        attempt=attempt,
+        spec=spec,
+    )
+    return config.to_dict()
+
+
+def load_trainer_config(data: dict) -> TrainerConfig:
+    return TrainerConfig.model_validate(data)

@@ -51,7 +51,10 @@ run_part() {
   log "$name: building (log: $bindir/build-$name.log)"
   local t0 t1
   t0=$(date +%s)
-  if ! "$fn" >"$bindir/build-$name.log" 2>&1; then
+  # In the background and then `wait`: inside an `if` condition bash would
+  # ignore `set -e` in the function, and a failed step would pass unnoticed.
+  ( "$fn" ) >"$bindir/build-$name.log" 2>&1 &
+  if ! wait "$!"; then
     log "$name: FAILED; last lines of $bindir/build-$name.log:"
     tail -n 40 "$bindir/build-$name.log" >&2
     exit 1

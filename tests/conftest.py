@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 KEEP = os.environ.get("KUBETUNE_KEEP_SERVERS", "") not in ("", "0", "false")
-SERVER_FIXTURES = {"kube", "namespace", "kuberay", "s3", "s3_server", "helm", "_harness_session"}
+SERVER_FIXTURES = {"kube", "kubetune_crd", "namespace", "kuberay", "s3", "s3_server", "helm", "_harness_session"}
 
 _session: harness.Session | None = None
 _failed = False
@@ -77,6 +77,19 @@ def kube(_harness_session: harness.Session) -> harness.ControlPlane:
     ``.kubectl(*args, input=None, check=True)``.
     """
     return _harness_session.kube()
+
+
+@pytest.fixture(scope="session")
+def kubetune_crd(_harness_session: harness.Session, kube) -> list[Path]:
+    """``kube`` with crds/*.yaml applied; fails the test with the server's answer
+    when the API server rejected them."""
+    files = harness.kubetune_crd_files()
+    if not files:
+        pytest.fail("crds/*.yaml: no CRD files to apply")
+    if _harness_session.kubetune_crd_error:
+        pytest.fail("the API server rejected crds/*.yaml:\n" + _harness_session.kubetune_crd_error,
+                    pytrace=False)
+    return files
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,9 @@ def cmd_check() -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     sess = Session()
-    # SIGTERM behaves like Ctrl-C, so the finally below stops everything.
+    # SIGTERM behaves like Ctrl-C, so the finally below stops everything; and
+    # SIGINT is restored (a shell starts background jobs with it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.monotonic()
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -14,6 +16,21 @@ from .helm import Helm
 from .kuberay import KubeRayOperator, kuberay_crd_files
 from .procs import CommandError, Server
 from .s3 import S3Server
+
+
+NO_TEMPLATE = os.environ.get("KUBETUNE_NO_ETCD_TEMPLATE", "") not in ("", "0")
+
+
+def etcd_template_dir() -> Path:
+    """Where a stopped plane's etcd data with all CRDs applied is kept: keyed by
+    the binaries (versions.env) and the content of every CRD file."""
+    h = hashlib.sha256()
+    h.update(bins.VERSIONS_FILE.read_bytes())
+    for f in kuberay_crd_files() + kubetune_crd_files():
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    d = bins.cache_dir() / "etcd-templates"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / h.hexdigest()[:16]
 
 
 def kubetune_crd_files() -> list[Path]:
@@ -47,17 +64,47 @@ class Session:
             t0 = time.monotonic()
             cp = ControlPlane(self.dir / "kube", self.log_dir)
             self._kube = cp
-            cp.start()
-            cp.apply_crds(kuberay_crd_files())
-            # The project's own CRD is what the envtest tests check: a CRD the
-            # server rejects fails those tests (kubetune_crd fixture), not the
-            # whole control plane.
-            try:
-                cp.apply_crds(kubetune_crd_files())
-            except CommandError as exc:
-                self.kubetune_crd_error = (exc.stderr or str(exc)).strip()
+            template = etcd_template_dir()
+            meta_file = template / "meta.json"
+            if meta_file.is_file() and not NO_TEMPLATE:
+                # A copy of a plane that already has these CRDs: the API server
+                # spends tens of seconds creating the large KubeRay CRDs on a
+                # loaded 2-core machine, and nothing booting from a copy.
+                meta = json.loads(meta_file.read_text())
+                shutil.copytree(template / "etcd", cp.etcd_dir)
+                cp.start()
+                cp.wait_established(meta["crds"])
+                self.kubetune_crd_error = meta["kubetune_crd_error"]
+            else:
+                cp.start()
+                crds = cp.apply_crds(kuberay_crd_files())
+                # The project's own CRD is what the envtest tests check: a CRD the
+                # server rejects fails those tests (kubetune_crd fixture), not the
+                # whole control plane.
+                try:
+                    crds += cp.apply_crds(kubetune_crd_files())
+                except CommandError as exc:
+                    self.kubetune_crd_error = (exc.stderr or str(exc)).strip()
+                if not NO_TEMPLATE:
+                    self._save_template(cp, template, crds)
+            for part, secs in cp.timings.items():
+                self.timings[f"{part} ready at"] = secs
             self.timings["control plane (etcd+apiserver+kcm+CRDs)"] = time.monotonic() - t0
         return self._kube
+
+    def _save_template(self, cp: ControlPlane, template: Path, crds: list[str]) -> None:
+        """Stops the plane, keeps a copy of its etcd data, starts it again."""
+        cp.stop()
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=template.parent))
+        shutil.copytree(cp.etcd_dir, tmp / "etcd")
+        meta = {"crds": [n.split("/", 1)[1] for n in crds], "kubetune_crd_error": self.kubetune_crd_error}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.rename(template)  # atomic; another session may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cp.start()
+        cp.wait_established(meta["crds"])
 
     def kuberay(self) -> KubeRayOperator:
         if self._kuberay is None:

@@ -1,0 +1,71 @@
+"""The storage contract and trainer config shared by operator and trainer."""
+
+import json
+
+import pytest
+import yaml
+
+from kubetune_api import spec_to_trainer_config
+from kubetune_api.models import StorageAccess
+from kubetune_api.storage import (
+    checkpoint_dir,
+    credential_env,
+    job_prefix,
+    parse_checkpoint_dir,
+    storage_options,
+)
+
+from .test_examples import REPO
+
+
+def test_job_prefix_layout():
+    assert job_prefix("s3://b/runs/", "ns", "job", "u-1") == "s3://b/runs/ns/job/u-1"
+    with pytest.raises(ValueError, match="uid"):
+        job_prefix("s3://b", "ns", "job", "")
+    with pytest.raises(ValueError, match="name"):
+        job_prefix("s3://b", "ns", "a/b", "u")
+
+
+def test_checkpoint_dirs_sort_and_parse():
+    names = [checkpoint_dir("s3://p", s).rsplit("/", 1)[1] for s in (5, 40, 300)]
+    assert names == sorted(names) == ["step-00000005", "step-00000040", "step-00000300"]
+    assert [parse_checkpoint_dir(n) for n in names] == [5, 40, 300]
+    assert parse_checkpoint_dir("step-12") is None
+    assert parse_checkpoint_dir("s3://p/checkpoints/step-00000040/") == 40
+
+
+def test_storage_options_use_role_credentials_and_endpoint():
+    env = {
+        credential_env("OUTPUT", "AWS_ACCESS_KEY_ID"): "AKIA",
+        credential_env("OUTPUT", "AWS_SECRET_ACCESS_KEY"): "s3cr3t",
+    }
+    access = StorageAccess(endpoint="http://127.0.0.1:9000", region="us-east-1")
+    opts = storage_options("s3://b/x", access, "OUTPUT", env)
+    assert opts == {
+        "key": "AKIA",
+        "secret": "s3cr3t",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "us-east-1"},
+    }
+    assert storage_options("s3://b/x", access, "DATASET", env)["client_kwargs"]
+    assert "key" not in storage_options("s3://b/x", access, "DATASET", env)
+    assert storage_options("file:///tmp/x", access, "OUTPUT", env) == {}
+
+
+def test_trainer_config_has_the_resolved_spec_and_no_secret_values():
+    job = yaml.safe_load((REPO / "crds/examples/chat-s3-secret.yaml").read_text())
+    job["metadata"].update(namespace="team", uid="1234")
+    config = spec_to_trainer_config(job)
+    assert config["kind"] == "TrainerConfig"
+    assert config["storagePrefix"] == "s3://team-models/fine-tunes/team/support-bot/1234"
+    assert config["spec"]["hyperparameters"]["learningRate"] == 2e-4  # resolved
+    assert config["spec"]["output"]["secretRef"] == {"name": "team-s3"}  # a reference only
+    text = json.dumps(config)
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "AKIA" not in text
+
+
+def test_trainer_config_needs_an_output_somewhere():
+    job = yaml.safe_load((REPO / "crds/examples/quickstart.yaml").read_text())
+    with pytest.raises(ValueError, match="spec.output.uri"):
+        spec_to_trainer_config(job)
+    config = spec_to_trainer_config(job, default_output_uri="file:///tmp/runs")
+    assert config["storagePrefix"] == "file:///tmp/runs/default/quickstart/local"

@@ -21,17 +21,30 @@ import pytest
 # __init__.py); make that explicit so `harness` imports however pytest is run.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import contextlib
+
 import harness  # noqa: E402
 
 KEEP = os.environ.get("KUBETUNE_KEEP_SERVERS", "") not in ("", "0", "false")
-SERVER_FIXTURES = {"kube", "kubetune_crd", "namespace", "kuberay", "s3", "s3_server", "helm", "_harness_session"}
+SERVER_FIXTURES = {
+    "kube",
+    "kubetune_crd",
+    "namespace",
+    "kuberay",
+    "s3",
+    "s3_server",
+    "helm",
+    "_harness_session",
+}
 
 _session: harness.Session | None = None
 _failed = False
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "envtest: needs the real control plane / KubeRay / S3 (tests/envtest)")
+    config.addinivalue_line(
+        "markers", "envtest: needs the real control plane / KubeRay / S3 (tests/envtest)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -60,13 +73,14 @@ def _wait_for_ctrl_c(sess: harness.Session) -> None:
     if sess._kube:
         msg.append(f"  export KUBECONFIG={sess._kube.kubeconfig}")
     if sess._s3:
-        msg.append(f"  S3 endpoint {sess._s3.endpoint} key {sess._s3.access_key} secret {sess._s3.secret_key}")
+        msg.append(
+            f"  S3 endpoint {sess._s3.endpoint} key {sess._s3.access_key}"
+            f" secret {sess._s3.secret_key}"
+        )
     msg.append("  press Ctrl-C to stop them")
     print("\n".join(msg), file=sys.__stderr__, flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         signal.pause()
-    except KeyboardInterrupt:
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +101,10 @@ def kubetune_crd(_harness_session: harness.Session, kube) -> list[Path]:
     if not files:
         pytest.fail("crds/*.yaml: no CRD files to apply")
     if _harness_session.kubetune_crd_error:
-        pytest.fail("the API server rejected crds/*.yaml:\n" + _harness_session.kubetune_crd_error,
-                    pytrace=False)
+        pytest.fail(
+            "the API server rejected crds/*.yaml:\n" + _harness_session.kubetune_crd_error,
+            pytrace=False,
+        )
     return files
 
 
@@ -159,12 +175,18 @@ def s3(s3_server: harness.S3Server) -> S3Bucket:
     bucket = f"t-{secrets.token_hex(6)}"
     s3_server.create_bucket(bucket)
     fs.invalidate_cache()
-    yield S3Bucket(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, s3_server.region,
-                   bucket, s3_server.storage_options(), fs)
-    try:
+    yield S3Bucket(
+        s3_server.endpoint,
+        s3_server.access_key,
+        s3_server.secret_key,
+        s3_server.region,
+        bucket,
+        s3_server.storage_options(),
+        fs,
+    )
+    # Best effort: a test may have removed the bucket itself.
+    with contextlib.suppress(Exception):
         fs.rm(bucket, recursive=True)
-    except Exception:  # noqa: BLE001 - a test may have removed it itself
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +209,8 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         return  # the server's answer is the whole story; no logs needed
     for server in _session.servers():
         report.sections.append(
-            (f"server log {server.name} ({server.log})", server.log_tail(80) or "(empty)"))
+            (f"server log {server.name} ({server.log})", server.log_tail(80) or "(empty)")
+        )
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -196,6 +219,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if _session.timings:
         terminalreporter.write_line(
             "kubetune harness start times: "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in _session.timings.items()))
+            + ", ".join(f"{k} {v:.1f}s" for k, v in _session.timings.items())
+        )
     if _failed:
         terminalreporter.write_line(f"kubetune harness: server logs kept in {_session.log_dir}")

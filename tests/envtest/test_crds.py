@@ -39,13 +39,18 @@ def test_example_applies(kube, kubetune_crd, namespace, example: Path):
     items = obj.get("items", [obj])
     assert items and all(i["kind"] for i in items)
     for item in items:
-        got = kube.kubectl("get", item["kind"], item["metadata"]["name"], "-n", namespace, "-o", "json")
+        got = kube.kubectl(
+            "get", item["kind"], item["metadata"]["name"], "-n", namespace, "-o", "json"
+        )
         assert json.loads(got.stdout)["metadata"]["uid"] == item["metadata"]["uid"]
 
 
 def _expectations(path: Path) -> list[str]:
-    return [line.split(":", 1)[1].strip() for line in path.read_text().splitlines()
-            if line.strip().startswith("# expect:")]
+    return [
+        line.split(":", 1)[1].strip()
+        for line in path.read_text().splitlines()
+        if line.strip().startswith("# expect:")
+    ]
 
 
 @pytest.mark.parametrize("example", INVALID, ids=_ids(INVALID))
@@ -55,4 +60,6 @@ def test_invalid_example_is_rejected_by_the_server(kube, kubetune_crd, namespace
     out = kube.kubectl("apply", "-n", namespace, "-f", str(example), check=False)
     assert out.returncode != 0, f"{example.name} was accepted:\n{out.stdout}"
     for text in expected:
-        assert text in out.stderr, f"{example.name}: {text!r} not in the server's answer:\n{out.stderr}"
+        assert text in out.stderr, (
+            f"{example.name}: {text!r} not in the server's answer:\n{out.stderr}"
+        )

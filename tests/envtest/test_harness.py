@@ -40,7 +40,12 @@ def test_a_session_leaves_no_stray_processes(tmp_path):
     env.pop("KUBETUNE_KEEP_SERVERS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(INNER)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "1 passed" in proc.stdout
     assert _processes_mentioning(str(root)) == []

@@ -40,7 +40,11 @@ def test_wrong_credentials_are_refused(s3):
     import pytest
     import s3fs
 
-    bad = s3fs.S3FileSystem(key=s3.access_key, secret="not-the-secret", skip_instance_cache=True,
-                            client_kwargs=s3.storage_options["client_kwargs"])
+    bad = s3fs.S3FileSystem(
+        key=s3.access_key,
+        secret="not-the-secret",
+        skip_instance_cache=True,
+        client_kwargs=s3.storage_options["client_kwargs"],
+    )
     with pytest.raises((PermissionError, OSError)):
         bad.ls(s3.bucket)

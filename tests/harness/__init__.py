@@ -15,7 +15,20 @@ from .s3 import S3Server
 from .session import Session, kubetune_crd_files
 
 __all__ = [
-    "BUILD_COMMAND", "ControlPlane", "Helm", "KubeRayOperator", "MissingBinary", "S3Server", "Server",
-    "ServerError", "Session", "bin_dir", "find", "free_port", "kubetune_crd_files", "kuberay_crd_files",
-    "versions", "wait_until",
+    "BUILD_COMMAND",
+    "ControlPlane",
+    "Helm",
+    "KubeRayOperator",
+    "MissingBinary",
+    "S3Server",
+    "Server",
+    "ServerError",
+    "Session",
+    "bin_dir",
+    "find",
+    "free_port",
+    "kubetune_crd_files",
+    "kuberay_crd_files",
+    "versions",
+    "wait_until",
 ]

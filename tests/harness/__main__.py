@@ -55,8 +55,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"all up in {total:.1f}s; run dir {sess.dir} (logs in {sess.log_dir})")
         print(f"export KUBECONFIG={kube.kubeconfig}")
         if s3:
-            print(f"export AWS_ENDPOINT_URL={s3.endpoint} AWS_ACCESS_KEY_ID={s3.access_key} "
-                  f"AWS_SECRET_ACCESS_KEY={s3.secret_key} AWS_DEFAULT_REGION={s3.region}")
+            print(
+                f"export AWS_ENDPOINT_URL={s3.endpoint} AWS_ACCESS_KEY_ID={s3.access_key} "
+                f"AWS_SECRET_ACCESS_KEY={s3.secret_key} AWS_DEFAULT_REGION={s3.region}"
+            )
         sys.stdout.flush()
         if not args.exit:
             print("Ctrl-C stops everything.", flush=True)
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the servers and wait for Ctrl-C")
     up.add_argument("--no-kuberay", action="store_true")
     up.add_argument("--no-s3", action="store_true")
-    up.add_argument("--exit", action="store_true", help="stop right after start (measures start time)")
+    up.add_argument(
+        "--exit", action="store_true", help="stop right after start (measures start time)"
+    )
     sub.add_parser("check", help="which binaries are found")
     args = p.parse_args(argv)
     return cmd_check() if args.cmd == "check" else cmd_up(args)

@@ -15,8 +15,8 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from . import bins
 from .certs import Certs, make_certs
@@ -48,26 +48,36 @@ class ControlPlane:
         self._kcm_bin = bins.find("kube-controller-manager")
 
     # ---- lifecycle -------------------------------------------------------
-    def start(self, timeout: float = 60) -> "ControlPlane":
+    def start(self, timeout: float = 60) -> ControlPlane:
         t0 = time.monotonic()
         self.servers = []
         if self.certs is None:
             self.certs = make_certs(self.workdir / "pki")
-        (self.workdir / "tokens.csv").write_text(f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
+        (self.workdir / "tokens.csv").write_text(
+            f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
+        )
         self._write_kubeconfig()
         etcd = self._add(Server("etcd", self._etcd_args(), self.log_dir))
         apiserver = self._add(Server("kube-apiserver", self._apiserver_args(), self.log_dir))
         etcd.start()
         apiserver.start()  # retries etcd by itself, so both boot at once
-        etcd.wait_ready(lambda: self._get(f"http://{LOOPBACK}:{self.etcd_port}/health", tls=False) == 200,
-                        timeout, "healthy")
+        etcd.wait_ready(
+            lambda: self._get(f"http://{LOOPBACK}:{self.etcd_port}/health", tls=False) == 200,
+            timeout,
+            "healthy",
+        )
         self.timings["etcd"] = time.monotonic() - t0
-        apiserver.wait_ready(lambda: self._get(f"{self.server}/readyz") == 200, timeout, "ready (/readyz)")
+        apiserver.wait_ready(
+            lambda: self._get(f"{self.server}/readyz") == 200, timeout, "ready (/readyz)"
+        )
         self.timings["kube-apiserver"] = time.monotonic() - t0
         kcm = self._add(Server("kube-controller-manager", self._kcm_args(), self.log_dir))
         kcm.start()
-        kcm.wait_ready(lambda: self._get(f"https://{LOOPBACK}:{self.kcm_port}/healthz", tls=None) == 200,
-                       timeout, "healthy (/healthz)")
+        kcm.wait_ready(
+            lambda: self._get(f"https://{LOOPBACK}:{self.kcm_port}/healthz", tls=None) == 200,
+            timeout,
+            "healthy (/healthz)",
+        )
         self.timings["kube-controller-manager"] = time.monotonic() - t0
         return self
 
@@ -150,10 +160,22 @@ class ControlPlane:
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "kubetune-test", "cluster": {
-                "server": self.server, "certificate-authority": str(self.certs.ca_crt)}}],
+            "clusters": [
+                {
+                    "name": "kubetune-test",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority": str(self.certs.ca_crt),
+                    },
+                }
+            ],
             "users": [{"name": ADMIN_USER, "user": {"token": self.token}}],
-            "contexts": [{"name": "kubetune-test", "context": {"cluster": "kubetune-test", "user": ADMIN_USER}}],
+            "contexts": [
+                {
+                    "name": "kubetune-test",
+                    "context": {"cluster": "kubetune-test", "user": ADMIN_USER},
+                }
+            ],
             "current-context": "kubetune-test",
         }
         self.kubeconfig.write_text(json.dumps(cfg, indent=2))
@@ -177,10 +199,16 @@ class ControlPlane:
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": str(self.kubeconfig)}
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120):
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ):
         """Runs the built kubectl against this control plane; returns CompletedProcess (text)."""
-        return run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args],
-                   input=input, check=check, timeout=timeout)
+        return run(
+            [self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            check=check,
+            timeout=timeout,
+        )
 
     def api_client(self):
         """A new kubernetes.client.ApiClient for the admin user."""
@@ -197,10 +225,24 @@ class ControlPlane:
         in total when they come in parallel.
         """
         procs = [
-            (path, subprocess.Popen(
-                [str(self.kubectl_bin), f"--kubeconfig={self.kubeconfig}", "apply", "--server-side",
-                 "--force-conflicts", "-o", "name", f"--filename={path}"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            (
+                path,
+                subprocess.Popen(
+                    [
+                        str(self.kubectl_bin),
+                        f"--kubeconfig={self.kubeconfig}",
+                        "apply",
+                        "--server-side",
+                        "--force-conflicts",
+                        "-o",
+                        "name",
+                        f"--filename={path}",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
             for path in paths
         ]
         names: list[str] = []
@@ -219,8 +261,12 @@ class ControlPlane:
 
     def wait_established(self, crds: Iterable[str], timeout: float = 60) -> None:
         for crd in crds:
-            wait_until(lambda: self._crd_established(crd), timeout, interval=0.1,
-                       what=f"CRD {crd} to be Established")
+            wait_until(
+                lambda crd=crd: self._crd_established(crd),
+                timeout,
+                interval=0.1,
+                what=f"CRD {crd} to be Established",
+            )
 
     def _crd_established(self, name: str) -> bool:
         crd = self.get_json(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
@@ -231,7 +277,9 @@ class ControlPlane:
         """GET an API path as the admin user (no kubectl process)."""
         assert self.certs is not None
         ctx = ssl.create_default_context(cafile=str(self.certs.ca_crt))
-        req = urllib.request.Request(self.server + path, headers={"Authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            self.server + path, headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
             return json.loads(resp.read())
 

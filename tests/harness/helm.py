@@ -20,6 +20,8 @@ class Helm:
             "HELM_DATA_HOME": str(home / "data"),
         }
 
-    def __call__(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 300):
+    def __call__(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 300
+    ):
         """Runs ``helm ARGS...``; returns CompletedProcess (text); raises on failure when check."""
         return run([self.bin, *args], env=self.env, check=check, input=input, timeout=timeout)

@@ -36,11 +36,13 @@ class KubeRayOperator:
     def log(self) -> Path:
         return self.server.log
 
-    def start(self, timeout: float = 60) -> "KubeRayOperator":
+    def start(self, timeout: float = 60) -> KubeRayOperator:
         self.server.start()
 
         def ready() -> bool:
-            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.probe_port}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://{LOOPBACK}:{self.probe_port}/readyz", timeout=2
+            ) as r:
                 return r.status == 200
 
         self.server.wait_ready(ready, timeout, "ready (/readyz)")

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 LOOPBACK = "127.0.0.1"
 
-_live: list["Server"] = []
+_live: list[Server] = []
 
 
 def free_port() -> int:
@@ -71,7 +72,7 @@ class Server:
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(self.env or {})
@@ -126,23 +127,15 @@ class Server:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
         # Anything left in the group (the server's own children) gets SIGKILL.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
         if self in _live:
             _live.remove(self)
 
@@ -155,7 +148,9 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
-def wait_until(cond: Callable[[], object], timeout: float, interval: float = 0.2, what: str = "condition"):
+def wait_until(
+    cond: Callable[[], object], timeout: float, interval: float = 0.2, what: str = "condition"
+):
     """Returns cond()'s first truthy value; raises TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -167,7 +162,9 @@ def wait_until(cond: Callable[[], object], timeout: float, interval: float = 0.2
         except Exception as exc:  # noqa: BLE001
             last_exc = exc
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+            raise TimeoutError(
+                f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})"
+            )
         time.sleep(interval)
 
 
@@ -175,17 +172,30 @@ class CommandError(subprocess.CalledProcessError):
     """CalledProcessError whose message carries the command's output."""
 
     def __str__(self) -> str:
-        return (f"{super().__str__()}\n--- stdout ---\n{(self.stdout or '')[-4000:]}"
-                f"\n--- stderr ---\n{(self.stderr or '')[-4000:]}")
+        return (
+            f"{super().__str__()}\n--- stdout ---\n{(self.stdout or '')[-4000:]}"
+            f"\n--- stderr ---\n{(self.stderr or '')[-4000:]}"
+        )
 
 
-def run(args: Sequence[str], env: dict[str, str] | None = None, check: bool = True,
-        input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    input: str | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
     """Runs a command, capturing text output; a failure shows both streams."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    proc = subprocess.run([str(a) for a in args], env=full_env, input=input, text=True,
-                          capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(a) for a in args],
+        env=full_env,
+        input=input,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
     return proc

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import secrets
-import urllib.request
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 from . import bins
@@ -45,7 +45,7 @@ class S3Server:
     def log(self) -> Path:
         return self.server.log
 
-    def start(self, timeout: float = 30) -> "S3Server":
+    def start(self, timeout: float = 30) -> S3Server:
         self.server.start()
 
         def ready() -> bool:

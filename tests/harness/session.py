@@ -17,7 +17,6 @@ from .kuberay import KubeRayOperator, kuberay_crd_files
 from .procs import CommandError, Server
 from .s3 import S3Server
 
-
 NO_TEMPLATE = os.environ.get("KUBETUNE_NO_ETCD_TEMPLATE", "") not in ("", "0")
 
 
@@ -97,7 +96,10 @@ class Session:
         cp.stop()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=template.parent))
         shutil.copytree(cp.etcd_dir, tmp / "etcd")
-        meta = {"crds": [n.split("/", 1)[1] for n in crds], "kubetune_crd_error": self.kubetune_crd_error}
+        meta = {
+            "crds": [n.split("/", 1)[1] for n in crds],
+            "kubetune_crd_error": self.kubetune_crd_error,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             tmp.rename(template)  # atomic; another session may have won the race

@@ -41,10 +41,23 @@ if ! command -v go >/dev/null 2>&1; then
   exit 1
 fi
 
+# outputs_ok PART: every file PART makes is there (a KUBEBUILDER_ASSETS link
+# may dangle once that folder is gone).
+outputs_ok() {
+  local f files
+  case "$1" in
+    etcd) files=(etcd) ;;
+    k8s) files=(kube-apiserver kube-controller-manager kubectl) ;;
+    kuberay) files=(ray-operator kuberay-crds/ray.io_rayjobs.yaml) ;;
+    *) files=("$1") ;;
+  esac
+  for f in "${files[@]}"; do [[ -e "$bindir/$f" ]] || return 1; done
+}
+
 # run_part NAME FUNCTION: runs FUNCTION once per cache key; records its time.
 run_part() {
   local name="$1" fn="$2"
-  if [[ -f "$bindir/.ok-$name" ]]; then
+  if [[ -f "$bindir/.ok-$name" ]] && outputs_ok "$name"; then
     log "$name: cached"
     return 0
   fi

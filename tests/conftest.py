@@ -55,13 +55,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def _harness_session():
+def _harness_session(pytestconfig: pytest.Config):
     global _session
     _session = harness.Session()
     yield _session
     try:
         if KEEP and _session.started():
-            _wait_for_ctrl_c(_session)
+            # pytest captures fd 1/2 during teardown: talk to the terminal.
+            capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+            with capman.global_and_fixture_disabled():
+                _wait_for_ctrl_c(_session)
     finally:
         _session.stop()
         if not _failed and not KEEP:
@@ -78,7 +81,9 @@ def _wait_for_ctrl_c(sess: harness.Session) -> None:
             f" secret {sess._s3.secret_key}"
         )
     msg.append("  press Ctrl-C to stop them")
-    print("\n".join(msg), file=sys.__stderr__, flush=True)
+    print("\n".join(msg), file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         signal.pause()
 

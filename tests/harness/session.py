@@ -105,6 +105,14 @@ class Session:
             tmp.rename(template)  # atomic; another session may have won the race
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+        # Keep the three newest templates (one per recent CRD/pin change).
+        old = sorted(
+            (d for d in template.parent.iterdir() if not d.name.startswith(".")),
+            key=lambda d: d.stat().st_mtime,
+            reverse=True,
+        )[3:]
+        for d in old:
+            shutil.rmtree(d, ignore_errors=True)
         cp.start()
         cp.wait_established(meta["crds"])
 

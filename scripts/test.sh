@@ -3,9 +3,15 @@
 #
 #   bash scripts/test.sh                   # everything (what CI runs)
 #   bash scripts/test.sh tests/unit        # one tier; any pytest arguments work
+#
+# First run on a machine: ~2 min of installs plus ~20 min of Go builds (cached
+# afterwards under ~/.cache/kubetune and Go's caches; see docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export KUBETUNE_CACHE=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$KUBETUNE_CACHE/torch_extensions}
+KUBETUNE_TEST_BIN=$(bash scripts/build-test-bins.sh | tail -n 1)
+export KUBETUNE_TEST_BIN
+echo "test: real servers from $KUBETUNE_TEST_BIN"
 exec .venv/bin/python -m pytest "$@"

@@ -134,7 +134,9 @@ def api_reference_markdown() -> str:
             elif kind == "array":
                 kind = f"list of {sub['items'].get('type', 'object')}"
             default = sub.get("default")
-            shown = "" if default is None or default == {} else f"`{json.dumps(default)}`"
+            shown = (
+                "" if default is None or isinstance(default, dict) else f"`{json.dumps(default)}`"
+            )
             bounds = [f"{k} {sub[k]}" for k in ("minimum", "maximum") if k in sub]
             text = sub.get("description", "").replace("|", "\\|").replace("\n", " ")
             if bounds:

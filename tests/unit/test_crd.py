@@ -76,10 +76,20 @@ def test_cel_rules_sit_where_the_table_says():
         assert rule.cel in rules, rule.id
 
 
-def test_nested_objects_default_to_empty_so_their_defaults_apply():
+def test_nested_objects_default_to_their_filled_defaults():
+    # The API server checks a default against the CEL rules without defaulting inside
+    # it, so `default: {}` would fail rules that read defaulted fields: the generator
+    # writes out each nested object's defaults instead.
     spec = _root()["properties"]["spec"]["properties"]
+    assert spec["distributed"]["default"] == {
+        "zeroStage": "auto",
+        "offloadOptimizer": False,
+        "offloadParameters": False,
+    }
+    assert spec["resources"]["default"]["workers"] == 1
+    assert spec["resources"]["default"]["head"] == {"cpu": "2", "memory": "8Gi"}
     for name in ("method", "hyperparameters", "distributed", "resources", "output"):
-        assert spec[name]["default"] == {}, name
+        assert isinstance(spec[name]["default"], dict), name
     assert "default" not in spec["model"] and "default" not in spec["dataset"]
     assert set(_root()["properties"]["spec"]["required"]) == {"model", "dataset"}
 

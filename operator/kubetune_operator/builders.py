@@ -259,9 +259,9 @@ def spec_to_rayjob(job: Body, settings: Settings, attempt: int) -> Body:
     if res["gpusPerWorker"] > 0:
         worker_limits[res["gpuResourceName"]] = str(res["gpusPerWorker"])
     workers = res["workers"]
-    suspend = bool(spec.get("suspend")) or bool(job["metadata"].get("labels", {}).get(
-        KUEUE_QUEUE_LABEL
-    ))
+    suspend = bool(spec.get("suspend")) or bool(
+        job["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
+    )
     meta = job["metadata"]
     return {
         "apiVersion": "ray.io/v1",
@@ -621,14 +621,18 @@ def decide(job: Body, rayjob: Optional[Body], now: datetime) -> Decision:
     if state == NONE:
         return Decision("Pending", "Creating", "creating the RayJob", "create")
     if state == SUSPENDED:
-        return Decision("Suspended", "Suspended", "spec.suspend is true: the Ray cluster is stopped")
+        return Decision(
+            "Suspended", "Suspended", "spec.suspend is true: the Ray cluster is stopped"
+        )
     if state == QUEUED:
         queue = (job["metadata"].get("labels") or {}).get(KUEUE_QUEUE_LABEL)
         where = f" in Kueue queue {queue}" if queue else ""
         return Decision("Queued", "Queued", f"waiting for admission{where}")
     if state == RUNNING:
         return Decision("Running", "Training", "the Ray job is running")
-    return Decision("Starting", "RayClusterStarting", "waiting for the Ray cluster and job to start")
+    return Decision(
+        "Starting", "RayClusterStarting", "waiting for the Ray cluster and job to start"
+    )
 
 
 def ttl_remaining(job: Body, now: datetime) -> Optional[float]:
@@ -652,7 +656,12 @@ def spec_error_status(status: dict, errors: list[FieldError], now: datetime, gen
     message = "; ".join(str(e) for e in errors)
     out = dict(status)
     out["conditions"] = set_condition(
-        list(out.get("conditions") or []), "Validated", "False", "InvalidSpec", message, now,
+        list(out.get("conditions") or []),
+        "Validated",
+        "False",
+        "InvalidSpec",
+        message,
+        now,
         generation,
     )
     out = with_phase(out, "Failed", "InvalidSpec", message, now, generation)

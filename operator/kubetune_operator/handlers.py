@@ -7,6 +7,7 @@ RayJob events only wake it, so reconciles of one job never overlap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -76,8 +77,12 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     if port and not _state.get("metrics_serving"):
         metrics.serve(port)
         _state["metrics_serving"] = True
-    logger.info("kubetune operator: image %s, ray %s, poll %ss",
-                job_settings.trainer_image, job_settings.ray_version, timing.poll_seconds)
+    logger.info(
+        "kubetune operator: image %s, ray %s, poll %ss",
+        job_settings.trainer_image,
+        job_settings.ray_version,
+        timing.poll_seconds,
+    )
 
 
 def _wake(uid: str) -> None:
@@ -103,8 +108,7 @@ def on_rayjob_event(labels, **_) -> None:
         _wakers[uid].set()
 
 
-@kopf.daemon(models.GROUP, models.VERSION, models.PLURAL, id="reconcile",
-             cancellation_timeout=2.0)
+@kopf.daemon(models.GROUP, models.VERSION, models.PLURAL, id="reconcile", cancellation_timeout=2.0)
 async def reconcile_loop(name: str, namespace: str, uid: str, stopped, logger, **_) -> None:
     reconciler: Reconciler = _state["reconciler"]
     timing: Timing = _state["timing"]
@@ -126,22 +130,22 @@ async def reconcile_loop(name: str, namespace: str, uid: str, stopped, logger, *
                 delay, backoff = backoff, min(backoff * 2, timing.crd_backoff_max)
             if delay <= 0:
                 continue
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
     finally:
         _wakers.pop(uid, None)
 
 
 @kopf.on.delete(models.GROUP, models.VERSION, models.PLURAL, backoff=2)
-async def stop_ray_job(name: str, namespace: str, uid: str, status, retry: int, logger,
-                       **_) -> None:
+async def stop_ray_job(
+    name: str, namespace: str, uid: str, status, retry: int, logger, **_
+) -> None:
     reconciler: Reconciler = _state["reconciler"]
     gone = await reconciler.stop(namespace, name, dict(status or {}))
     if not gone and retry < DELETE_WAIT_RETRIES:
         raise kopf.TemporaryError("waiting for the RayJob to stop and go", delay=2)
     if not gone:
-        logger.warning("RayJob still present after %s tries; the garbage collector takes over",
-                       retry)
+        logger.warning(
+            "RayJob still present after %s tries; the garbage collector takes over", retry
+        )
     metrics.forget(uid)

@@ -15,9 +15,10 @@ import base64
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Optional
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -88,8 +89,9 @@ class Api:
         have_attempt = (live.metadata.annotations or {}).get(builders.LABEL_ATTEMPT)
         if have_attempt != want_attempt:  # a retry: the config carries the attempt
             self.core.patch_namespaced_config_map(
-                name, ns, {"metadata": {"annotations": cm["metadata"]["annotations"]},
-                           "data": cm["data"]}
+                name,
+                ns,
+                {"metadata": {"annotations": cm["metadata"]["annotations"]}, "data": cm["data"]},
             )
 
     def delete_configmap(self, ns: str, name: str) -> None:
@@ -131,7 +133,11 @@ class Api:
     def delete_rayjob(self, ns: str, name: str) -> None:
         try:
             self.custom.delete_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name,
+                RAY_GROUP,
+                RAY_VERSION,
+                ns,
+                RAY_PLURAL,
+                name,
                 body=client.V1DeleteOptions(propagation_policy="Background"),
             )
         except ApiException as exc:
@@ -169,8 +175,12 @@ class Reconciler:
             after = (new.get("phase"), new.get("reason"))
             if before != after and new.get("phase"):
                 kind = "Warning" if new["phase"] == "Failed" else "Normal"
-                self.event(job, kind, new.get("reason") or new["phase"],
-                           f"{new['phase']}: {new.get('message', '')}")
+                self.event(
+                    job,
+                    kind,
+                    new.get("reason") or new["phase"],
+                    f"{new['phase']}: {new.get('message', '')}",
+                )
         metrics.observe_phase(job["metadata"]["uid"], new.get("phase"))
         job["status"] = new
         return new
@@ -201,8 +211,13 @@ class Reconciler:
             builders.get_condition(status, "Validated")["status"] != "True"
         ):
             status["conditions"] = builders.set_condition(
-                list(status.get("conditions") or []), "Validated", "True", "SpecValid",
-                "the spec passed validation", now, gen,
+                list(status.get("conditions") or []),
+                "Validated",
+                "True",
+                "SpecValid",
+                "the spec passed validation",
+                now,
+                gen,
             )
             if status.get("reason") == "InvalidSpec":  # fixed by an edit (only safe fields can)
                 status.pop("phase", None)
@@ -215,8 +230,9 @@ class Reconciler:
         if not status.get("rayJobName") or not status.get("attempts"):
             attempts = int(status.get("attempts") or 1)
             status |= builders.child_names(job, attempts) | {"attempts": attempts}
-            status = builders.with_phase(status, "Pending", "Creating",
-                                         "creating the trainer config and RayJob", now, gen)
+            status = builders.with_phase(
+                status, "Pending", "Creating", "creating the trainer config and RayJob", now, gen
+            )
             status["observedGeneration"] = gen
             status = await self._write_status(job, old, status)
             old = copy.deepcopy(status)
@@ -227,23 +243,35 @@ class Reconciler:
             cm = builders.spec_to_configmap(job, self.settings, attempts)
         except SpecError as exc:  # e.g. no output URI and no operator default
             await self._write_status(
-                job, old, builders.spec_error_status(status, exc.errors, now, gen))
+                job, old, builders.spec_error_status(status, exc.errors, now, gen)
+            )
             return self.timing.idle_seconds
         await self._call(self.api.ensure_configmap, cm)
         rayjob = await self._call(self.api.get_rayjob, ns, status["rayJobName"])
         if rayjob is None:
             try:
                 rayjob = await self._call(
-                    self.api.create_rayjob, builders.spec_to_rayjob(job, self.settings, attempts))
+                    self.api.create_rayjob, builders.spec_to_rayjob(job, self.settings, attempts)
+                )
             except KubeRayMissing:
                 status["conditions"] = builders.set_condition(
-                    status["conditions"], "KubeRayAvailable", "False", "RayJobCRDNotFound",
+                    status["conditions"],
+                    "KubeRayAvailable",
+                    "False",
+                    "RayJobCRDNotFound",
                     "the ray.io/v1 RayJob API is not served by this cluster: install the KubeRay "
-                    "operator and its CRDs; retrying with backoff", now, gen)
+                    "operator and its CRDs; retrying with backoff",
+                    now,
+                    gen,
+                )
                 await self._write_status(job, old, status)
                 raise
-            self.event(job, "Normal", "RayJobCreated",
-                       f"created RayJob {status['rayJobName']} (attempt {attempts})")
+            self.event(
+                job,
+                "Normal",
+                "RayJobCreated",
+                f"created RayJob {status['rayJobName']} (attempt {attempts})",
+            )
             if not status.get("startTime"):
                 status["startTime"] = builders.rfc3339(now)
         else:
@@ -252,8 +280,14 @@ class Reconciler:
                 rayjob = await self._call(self.api.patch_rayjob, ns, status["rayJobName"], patch)
         if builders.get_condition(status, "KubeRayAvailable"):
             status["conditions"] = builders.set_condition(
-                status["conditions"], "KubeRayAvailable", "True", "RayJobCRDFound",
-                "the RayJob API is served", now, gen)
+                status["conditions"],
+                "KubeRayAvailable",
+                "True",
+                "RayJobCRDFound",
+                "the RayJob API is served",
+                now,
+                gen,
+            )
 
         # 3. Observe: KubeRay's status and the trainer's files.
         status |= builders.rayjob_to_status(rayjob)
@@ -268,16 +302,18 @@ class Reconciler:
             status |= builders.child_names(job, attempts) | {"attempts": attempts}
             status.pop("rayClusterName", None)
             status.pop("dashboardUrl", None)
-            status = builders.with_phase(status, decision.phase, decision.reason,
-                                         decision.message, now, gen)
+            status = builders.with_phase(
+                status, decision.phase, decision.reason, decision.message, now, gen
+            )
             status["observedGeneration"] = gen
             await self._write_status(job, old, status)  # the new name first, then the delete
             await self._call(self.api.delete_rayjob, ns, failed_name)
             return 0.0
         if decision.action == "stop" and decision.reason == "DeadlineExceeded":
             await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
-        status = builders.with_phase(status, decision.phase, decision.reason, decision.message,
-                                     now, gen)
+        status = builders.with_phase(
+            status, decision.phase, decision.reason, decision.message, now, gen
+        )
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
         if status["phase"] in TERMINAL:
@@ -298,24 +334,36 @@ class Reconciler:
             if ref:
                 secret = await self._call(self.api.read_secret, meta["namespace"], ref)
             keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
-            snapshot = await self._call(
-                storage_reader.read_snapshot, prefix, output, secret, keep)
+            snapshot = await self._call(storage_reader.read_snapshot, prefix, output, secret, keep)
         except Exception as exc:  # noqa: BLE001 - storage trouble must not stop reconciling
             metrics.ERRORS.labels(kind="storage").inc()
             # Never echo exception text that could carry a URL with credentials.
             status["conditions"] = builders.set_condition(
-                status.get("conditions") or [], "StorageReadable", "False",
-                type(exc).__name__, f"cannot read {prefix}: {type(exc).__name__}", now, gen)
+                status.get("conditions") or [],
+                "StorageReadable",
+                "False",
+                type(exc).__name__,
+                f"cannot read {prefix}: {type(exc).__name__}",
+                now,
+                gen,
+            )
             return status
         if builders.get_condition(status, "StorageReadable"):
             status["conditions"] = builders.set_condition(
-                status["conditions"], "StorageReadable", "True", "Read", f"read {prefix}", now, gen)
+                status["conditions"], "StorageReadable", "True", "Read", f"read {prefix}", now, gen
+            )
         status |= builders.progress_to_status(snapshot, keep)
         if status.get("checkpoints"):
             last = status["checkpoints"][-1]
             status["conditions"] = builders.set_condition(
-                status["conditions"], "Checkpointed", "True", "CheckpointCommitted",
-                f"step {last['step']} committed at {last['uri']}", now, gen)
+                status["conditions"],
+                "Checkpointed",
+                "True",
+                "CheckpointCommitted",
+                f"step {last['step']} committed at {last['uri']}",
+                now,
+                gen,
+            )
         return status
 
     async def _finished(self, job: Body, old: dict, status: dict, now: datetime) -> float:
@@ -325,21 +373,35 @@ class Reconciler:
         if not builders.get_condition(status, "FinalStatusRead") and status.get("rayJobName"):
             status = await self._observe_storage(job, status, now, gen)
             status["conditions"] = builders.set_condition(
-                status["conditions"], "FinalStatusRead", "True", "Read",
-                "final progress, metrics and outputs read", now, gen)
+                status["conditions"],
+                "FinalStatusRead",
+                "True",
+                "Read",
+                "final progress, metrics and outputs read",
+                now,
+                gen,
+            )
         job_view = {**job, "status": status}
         remaining = builders.ttl_remaining(job_view, now)
-        if remaining is not None and remaining <= 0 and not builders.get_condition(
-            status, "ChildrenDeleted"
+        if (
+            remaining is not None
+            and remaining <= 0
+            and not builders.get_condition(status, "ChildrenDeleted")
         ):
             if status.get("rayJobName"):
                 await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
             if status.get("configMapName"):
                 await self._call(self.api.delete_configmap, ns, status["configMapName"])
             status["conditions"] = builders.set_condition(
-                status["conditions"], "ChildrenDeleted", "True", "TTLExpired",
+                status["conditions"],
+                "ChildrenDeleted",
+                "True",
+                "TTLExpired",
                 "ttlSecondsAfterFinished passed: the RayJob and ConfigMap were deleted; the "
-                "FineTuneJob and its storage stay", now, gen)
+                "FineTuneJob and its storage stay",
+                now,
+                gen,
+            )
             self.event(job, "Normal", "TTLExpired", "deleted the RayJob and ConfigMap")
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)

@@ -84,9 +84,7 @@ def _checkpoints(fs, prefix: str, keep: int) -> list[dict]:
         entries = fs.ls(root, detail=False)
     except FileNotFoundError:
         return []
-    steps = sorted(
-        (s, e) for e in entries if (s := storage.parse_checkpoint_dir(e)) is not None
-    )
+    steps = sorted((s, e) for e in entries if (s := storage.parse_checkpoint_dir(e)) is not None)
     found = []
     for step, _entry in reversed(steps):
         uri = storage.checkpoint_dir(prefix, step)

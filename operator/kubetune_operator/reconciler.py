@@ -170,7 +170,9 @@ class Reconciler:
         """The one status write path: only when changed; one event per transition."""
         if builders.status_changed(old, new):
             meta = job["metadata"]
-            await self._call(self.api.patch_job_status, meta["namespace"], meta["name"], new)
+            # A merge patch: keys we dropped must be sent as null to go away.
+            patch = {k: None for k in old if k not in new} | new
+            await self._call(self.api.patch_job_status, meta["namespace"], meta["name"], patch)
             before = (old.get("phase"), old.get("reason"))
             after = (new.get("phase"), new.get("reason"))
             if before != after and new.get("phase"):
@@ -226,9 +228,18 @@ class Reconciler:
         if status.get("phase") in TERMINAL:
             return await self._finished(job, old, status, now)
 
+        # Render first: a spec that cannot render (no output URI anywhere) fails here.
+        attempts = int(status.get("attempts") or 1)
+        try:
+            cm = builders.spec_to_configmap(job, self.settings, attempts)
+        except SpecError as exc:
+            await self._write_status(
+                job, old, builders.spec_error_status(status, exc.errors, now, gen)
+            )
+            return self.timing.idle_seconds
+
         # 1. Record the child names (and the attempt) before creating anything.
         if not status.get("rayJobName") or not status.get("attempts"):
-            attempts = int(status.get("attempts") or 1)
             status |= builders.child_names(job, attempts) | {"attempts": attempts}
             status = builders.with_phase(
                 status, "Pending", "Creating", "creating the trainer config and RayJob", now, gen
@@ -239,13 +250,6 @@ class Reconciler:
         attempts = int(status["attempts"])
 
         # 2. Children, create-if-absent.
-        try:
-            cm = builders.spec_to_configmap(job, self.settings, attempts)
-        except SpecError as exc:  # e.g. no output URI and no operator default
-            await self._write_status(
-                job, old, builders.spec_error_status(status, exc.errors, now, gen)
-            )
-            return self.timing.idle_seconds
         await self._call(self.api.ensure_configmap, cm)
         rayjob = await self._call(self.api.get_rayjob, ns, status["rayJobName"])
         if rayjob is None:

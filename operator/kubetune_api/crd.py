@@ -136,7 +136,29 @@ def spec_schema() -> dict[str, Any]:
             entry["fieldPath"] = "." + rule.field
         node.setdefault("x-kubernetes-validations", []).append(entry)
     schema["required"] = sorted(set(schema.get("required", [])) | {"model", "dataset"})
+    _expand_object_defaults(schema)
     return schema
+
+
+def _filled(node: dict[str, Any]) -> dict[str, Any]:
+    """An object's value with every nested default filled in."""
+    out: dict[str, Any] = {}
+    for name, sub in node.get("properties", {}).items():
+        if sub.get("default") == {} and sub.get("type") == "object":
+            out[name] = _filled(sub)
+        elif "default" in sub:
+            out[name] = copy.deepcopy(sub["default"])
+    return out
+
+
+def _expand_object_defaults(node: dict[str, Any]) -> None:
+    """`default: {}` → the object with its nested defaults. The API server checks a
+    default against the schema's CEL rules as written, without defaulting inside
+    it, so a rule reading a defaulted field would reject `{}` and the whole CRD."""
+    for sub in node.get("properties", {}).values():
+        _expand_object_defaults(sub)
+        if sub.get("default") == {} and sub.get("type") == "object":
+            sub["default"] = _filled(sub)
 
 
 def build_crd() -> dict[str, Any]:

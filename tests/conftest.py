@@ -144,7 +144,9 @@ def s3(s3_server: harness.S3Server) -> S3Bucket:
     """
     fs = s3_server.filesystem()
     bucket = f"t-{secrets.token_hex(6)}"
-    fs.mkdir(bucket)
+    # s3fs sends LocationConstraint=<region> when a region is set; us-east-1 must
+    # not be sent (AWS and versitygw reject it), so create the bucket without one.
+    fs.call_s3("create_bucket", Bucket=bucket)
     yield S3Bucket(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, s3_server.region,
                    bucket, s3_server.storage_options(), fs)
     try:

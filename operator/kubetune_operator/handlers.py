@@ -69,7 +69,7 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     settings.execution.default_backoff = 1
     timeout = os.environ.get("KUBETUNE_WATCH_SERVER_TIMEOUT")
     if timeout:
-        settings.watching.server_timeout = float(timeout)
+        settings.watching.server_timeout = int(float(timeout))
     job_settings, timing = settings_from_env()
     _state["timing"] = timing
     _state["reconciler"] = Reconciler(Api(_api_client()), job_settings, timing, _event)

@@ -206,6 +206,13 @@ class Reconciler:
         gen = job["metadata"].get("generation")
 
         errors = builders.validate_job(job)
+        attempts = int(status.get("attempts") or 1)
+        cm = None
+        if not errors:
+            try:  # a spec that cannot render (no output URI anywhere) is invalid too
+                cm = builders.spec_to_configmap(job, self.settings, attempts)
+            except SpecError as exc:
+                errors = exc.errors
         if errors:
             await self._write_status(job, old, builders.spec_error_status(status, errors, now, gen))
             return self.timing.idle_seconds  # a bad spec waits for an edit, never hot-loops
@@ -228,16 +235,6 @@ class Reconciler:
         if status.get("phase") in TERMINAL:
             return await self._finished(job, old, status, now)
 
-        # Render first: a spec that cannot render (no output URI anywhere) fails here.
-        attempts = int(status.get("attempts") or 1)
-        try:
-            cm = builders.spec_to_configmap(job, self.settings, attempts)
-        except SpecError as exc:
-            await self._write_status(
-                job, old, builders.spec_error_status(status, exc.errors, now, gen)
-            )
-            return self.timing.idle_seconds
-
         # 1. Record the child names (and the attempt) before creating anything.
         if not status.get("rayJobName") or not status.get("attempts"):
             status |= builders.child_names(job, attempts) | {"attempts": attempts}
@@ -250,6 +247,7 @@ class Reconciler:
         attempts = int(status["attempts"])
 
         # 2. Children, create-if-absent.
+        assert cm is not None
         await self._call(self.api.ensure_configmap, cm)
         rayjob = await self._call(self.api.get_rayjob, ns, status["rayJobName"])
         if rayjob is None:

@@ -23,7 +23,9 @@ TRAINER_IMAGE = "example.com/kubetune-trainer:envtest"  # never pulled: there is
 class OperatorProcess:
     """`kubetune operator --standalone -n NS` against the test control plane."""
 
-    def __init__(self, kube, namespaces: list[str], log_dir: Path, extra_env: dict | None = None):
+    def __init__(self, kube, namespaces: list[str], log_dir: Path, extra_env: dict | None = None,
+                 via_kopf: bool = False):
+        self.via_kopf = via_kopf  # `kopf run -m kubetune_operator` instead of `kubetune operator`
         self.kube = kube
         self.namespaces = namespaces
         self.log_path = log_dir / f"operator-{'-'.join(namespaces)[:60]}.log"
@@ -44,8 +46,11 @@ class OperatorProcess:
             "KUBETUNE_TRAINER_IMAGE": TRAINER_IMAGE,
             "KUBETUNE_METRICS_PORT": str(self.metrics_port),
         } | self.extra_env
-        args = [str(KUBETUNE), "operator", "--standalone",
-                f"--liveness=http://127.0.0.1:{self.health_port}/healthz"]
+        args = [str(KUBETUNE), "operator"]
+        if self.via_kopf:
+            args = [str(KUBETUNE.parent / "kopf"), "run", "-m", "kubetune_operator"]
+            args += [] if self.namespaces else ["--all-namespaces"]
+        args += ["--standalone", f"--liveness=http://127.0.0.1:{self.health_port}/healthz"]
         for ns in self.namespaces:
             args += ["--namespace", ns]
         self.starts += 1

@@ -383,3 +383,17 @@ def test_kuberay_accepts_our_rayjob_and_builds_the_cluster(kube, kuberay, namesp
     st = wait_status(kube, "real", namespace, lambda s: s.get("rayClusterName") == cluster, 60)
     assert st["phase"] in ("Starting", "Pending")
     assert rj["status"]["jobDeploymentStatus"] in ("Initializing", "Running", "Waiting")
+
+
+def test_kopf_run_module_runs_the_same_operator(kube, namespace, tmp_path):
+    op = OperatorProcess(kube, [namespace], tmp_path, via_kopf=True).start()
+    try:
+        apply(kube, namespace, finetunejob("viakopf"))
+        rj = _wait_rayjob(kube, "viakopf", namespace)
+        assert rj["metadata"]["labels"]["kubetune.io/job-name"] == "viakopf"
+        wait_phase(kube, "viakopf", namespace, "Starting")
+        ann = get(kube, "finetunejob", "viakopf", namespace)["metadata"].get("annotations", {})
+        assert any(k.startswith("kopf.kubetune.io/") for k in ann), ann
+    finally:
+        op.stop()
+        print(op.log_tail(80))

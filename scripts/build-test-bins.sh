@@ -51,7 +51,10 @@ run_part() {
   log "$name: building (log: $bindir/build-$name.log)"
   local t0 t1
   t0=$(date +%s)
-  if ! "$fn" >"$bindir/build-$name.log" 2>&1; then
+  # In the background and then `wait`: inside an `if` condition bash would
+  # ignore `set -e` in the function, and a failed step would pass unnoticed.
+  ( "$fn" ) >"$bindir/build-$name.log" 2>&1 &
+  if ! wait "$!"; then
     log "$name: FAILED; last lines of $bindir/build-$name.log:"
     tail -n 40 "$bindir/build-$name.log" >&2
     exit 1
@@ -79,7 +82,7 @@ write_wrapper() {
     echo "require $module $version"
     echo
     echo "replace ("
-    grep -E '^[[:space:]]*[^[:space:]]+ => \.\.?/' "$gomod" |
+    { grep -E '^[[:space:]]*[^[:space:]]+ => \.\.?/' "$gomod" || true; } |
       awk -v v="$staging" '{ print "\t" $1 " => " $1 " " v }'
     echo ")"
   } >"$dir/go.mod"
@@ -126,8 +129,15 @@ build_etcd() {
 }
 
 build_kuberay() {
-  local mod=github.com/ray-project/kuberay/ray-operator moddir
-  GOBIN="$bindir" go install -trimpath -ldflags "-s -w" "$mod@$KUBERAY_VERSION"
+  local mod=github.com/ray-project/kuberay/ray-operator moddir dir="$srcdir/kuberay"
+  # Not `go install mod@v`: that also reads the module's version list (for
+  # deprecations), which the proxy refuses for this module (403).
+  write_wrapper "$dir" "$mod" "$KUBERAY_VERSION" "$KUBERAY_VERSION"
+  (
+    cd "$dir"
+    go get "$mod@$KUBERAY_VERSION"
+    go build -trimpath -ldflags "-s -w" -o "$bindir/ray-operator" "$mod"
+  )
   # The CRDs ship inside the module zip (config/crd/bases).
   moddir="$(go mod download -json "$mod@$KUBERAY_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
   rm -rf "$bindir/kuberay-crds"

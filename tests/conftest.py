@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 KEEP = os.environ.get("KUBETUNE_KEEP_SERVERS", "") not in ("", "0", "false")
-SERVER_FIXTURES = {"kube", "namespace", "kuberay", "s3", "s3_server", "helm", "_harness_session"}
+SERVER_FIXTURES = {"kube", "kubetune_crd", "namespace", "kuberay", "s3", "s3_server", "helm", "_harness_session"}
 
 _session: harness.Session | None = None
 _failed = False
@@ -77,6 +77,19 @@ def kube(_harness_session: harness.Session) -> harness.ControlPlane:
     ``.kubectl(*args, input=None, check=True)``.
     """
     return _harness_session.kube()
+
+
+@pytest.fixture(scope="session")
+def kubetune_crd(_harness_session: harness.Session, kube) -> list[Path]:
+    """``kube`` with crds/*.yaml applied; fails the test with the server's answer
+    when the API server rejected them."""
+    files = harness.kubetune_crd_files()
+    if not files:
+        pytest.fail("crds/*.yaml: no CRD files to apply")
+    if _harness_session.kubetune_crd_error:
+        pytest.fail("the API server rejected crds/*.yaml:\n" + _harness_session.kubetune_crd_error,
+                    pytrace=False)
+    return files
 
 
 @pytest.fixture(scope="session")
@@ -144,9 +157,8 @@ def s3(s3_server: harness.S3Server) -> S3Bucket:
     """
     fs = s3_server.filesystem()
     bucket = f"t-{secrets.token_hex(6)}"
-    # s3fs sends LocationConstraint=<region> when a region is set; us-east-1 must
-    # not be sent (AWS and versitygw reject it), so create the bucket without one.
-    fs.call_s3("create_bucket", Bucket=bucket)
+    s3_server.create_bucket(bucket)
+    fs.invalidate_cache()
     yield S3Bucket(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, s3_server.region,
                    bucket, s3_server.storage_options(), fs)
     try:
@@ -171,6 +183,8 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     if not SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
         return
     _failed = True
+    if "the API server rejected crds/" in str(report.longrepr):
+        return  # the server's answer is the whole story; no logs needed
     for server in _session.servers():
         report.sections.append(
             (f"server log {server.name} ({server.log})", server.log_tail(80) or "(empty)"))

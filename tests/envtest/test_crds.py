@@ -18,7 +18,7 @@ def _ids(paths):
     return [p.name for p in paths]
 
 
-def test_kubetune_crd_is_established(kube):
+def test_kubetune_crd_is_established(kube, kubetune_crd):
     assert CRD_FILE.is_file(), f"{CRD_FILE.relative_to(REPO_ROOT)} is missing"
     crd = json.loads(kube.kubectl("get", "crd", "finetunejobs.kubetune.io", "-o", "json").stdout)
     established = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
@@ -33,7 +33,7 @@ def test_there_are_examples():
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=_ids(EXAMPLES))
-def test_example_applies(kube, namespace, example: Path):
+def test_example_applies(kube, kubetune_crd, namespace, example: Path):
     out = kube.kubectl("apply", "-n", namespace, "-f", str(example), "-o", "json")
     obj = json.loads(out.stdout)
     items = obj.get("items", [obj])
@@ -49,7 +49,7 @@ def _expectations(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("example", INVALID, ids=_ids(INVALID))
-def test_invalid_example_is_rejected_by_the_server(kube, namespace, example: Path):
+def test_invalid_example_is_rejected_by_the_server(kube, kubetune_crd, namespace, example: Path):
     expected = _expectations(example)
     assert expected, f"{example.name}: add a '# expect: <part of the API server's error>' line"
     out = kube.kubectl("apply", "-n", namespace, "-f", str(example), check=False)

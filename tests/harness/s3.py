@@ -66,6 +66,11 @@ class S3Server:
             "client_kwargs": {"endpoint_url": self.endpoint, "region_name": self.region},
         }
 
+    def create_bucket(self, name: str) -> None:
+        # Not fs.mkdir(): s3fs sends LocationConstraint=us-east-1, which S3
+        # (AWS and versitygw alike) rejects as an invalid location constraint.
+        self.filesystem().call_s3("create_bucket", Bucket=name)
+
     def filesystem(self):
         import s3fs
 

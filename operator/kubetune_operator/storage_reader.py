@@ -14,6 +14,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from pydantic.alias_generators import to_camel
+
 from kubetune_api import storage
 from kubetune_api.models import StorageAccess
 
@@ -47,10 +49,18 @@ def filesystem(uri: str, access: Optional[dict], secret_data: Mapping[str, str])
     return fsspec.filesystem(protocol, **opts)
 
 
+def camel(record: Any) -> Any:
+    """Top-level keys in the contract's camelCase, whichever case the writer used
+    (the models accept both; the status speaks camelCase)."""
+    if not isinstance(record, dict):
+        return record
+    return {to_camel(k): v for k, v in record.items()}
+
+
 def _read_json(fs, path: str) -> Optional[dict]:
     try:
         with fs.open(path, "rb") as f:
-            return json.loads(f.read())
+            return camel(json.loads(f.read()))
     except FileNotFoundError:
         return None
     except ValueError:
@@ -72,7 +82,7 @@ def _metrics_tail(fs, path: str, limit: int) -> list[dict]:
     rows = []
     for line in lines[-limit:]:
         try:
-            rows.append(json.loads(line))
+            rows.append(camel(json.loads(line)))
         except ValueError:
             continue  # a half-appended last line
     return rows

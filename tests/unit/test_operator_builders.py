@@ -379,3 +379,34 @@ def test_importing_the_package_registers_the_handlers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_storage_reader_reads_either_key_case(tmp_path):
+    from kubetune_operator import storage_reader
+
+    prefix = tmp_path / "ns" / "job" / "uid"
+    (prefix / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (prefix / "checkpoints" / "step-00000004").mkdir(parents=True)  # not committed
+    (prefix / "checkpoints" / "step-00000002" / "manifest.json").write_text(
+        json.dumps({"step": 2, "eval_loss": 3.0, "created_at": "2026-01-01T00:00:00Z"})
+    )
+    (prefix / "progress.json").write_text(
+        json.dumps({"phase": "Training", "step": 4, "total_steps": 8, "updatedAt": "x"})
+    )
+    (prefix / "metrics.jsonl").write_text(
+        json.dumps({"step": 2, "loss": 3.5, "tokens_per_second": 10.0})
+        + "\n"
+        + json.dumps({"step": 4, "loss": 3.25, "eval_loss": 3.1})
+        + "\n"
+        + '{"step": 5, "lo'
+    )
+    snap = storage_reader.read_snapshot(str(prefix), None, {})
+    out = b.progress_to_status(snap)
+    assert out["progress"]["display"] == "4/8"
+    assert out["metrics"] == {
+        "trainLoss": 3.25,
+        "evalLoss": 3.1,
+        "tokensPerSecond": 10.0,
+        "displayLoss": "3.2500",
+    }
+    assert [(c["step"], c["evalLoss"]) for c in out["checkpoints"]] == [(2, 3.0)]

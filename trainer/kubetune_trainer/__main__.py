@@ -17,6 +17,15 @@ import time
 from pathlib import Path
 
 
+def ensure_env() -> None:
+    """Before Ray starts (workers inherit it): DeepSpeed compiles a small comm op
+    on CPU once; keep the build cached."""
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        str(Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
+            / "torch_extensions"))
+
+
 def check_data(spec) -> str:
     """Load and tokenize the data once on the driver: fail fast and say why."""
     from . import data as D
@@ -75,11 +84,7 @@ def run(config, *, ray_init: dict | None = None, quiet: bool = False) -> int:
     from .data import DataError
     from .storage import JobStorage, now
 
-    # DeepSpeed compiles a small comm op on CPU once; keep the build cached.
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR",
-        str(Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
-            / "torch_extensions"))
+    ensure_env()
     storage = JobStorage(config.storage_prefix, config.spec.output)
     t0 = time.monotonic()
     try:
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from .config import read_config
 
+    ensure_env()
     config = read_config(args.config)
     init = {"address": args.ray_address} if args.ray_address else {"num_cpus": args.num_cpus}
     return run(config, ray_init=init)

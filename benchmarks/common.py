@@ -34,11 +34,19 @@ def split(n_val: int = 150, seed: int = 0):
 def job(train: Path, out: str, name: str, **spec) -> dict:
     base = {
         "model": {"uri": str(MODEL)},
-        "dataset": {"train": {"uri": str(train)}, "format": "chat", "maxSeqLength": 128,
-                    "validationSplit": 0.0},
+        "dataset": {
+            "train": {"uri": str(train)},
+            "format": "chat",
+            "maxSeqLength": 128,
+            "validationSplit": 0.0,
+        },
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05}},
-        "hyperparameters": {"maxSteps": 10, "batchSize": 4, "precision": "bf16",
-                            "logEverySteps": 1},
+        "hyperparameters": {
+            "maxSteps": 10,
+            "batchSize": 4,
+            "precision": "bf16",
+            "logEverySteps": 1,
+        },
         "distributed": {"zeroStage": 2},
         "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "2"},
         "evaluation": {"enabled": False},
@@ -47,8 +55,12 @@ def job(train: Path, out: str, name: str, **spec) -> dict:
     }
     for key, value in spec.items():
         base.setdefault(key, {}).update(value)
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name, "namespace": "bench", "uid": "b"}, "spec": base}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "bench", "uid": "b"},
+        "spec": base,
+    }
 
 
 def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> float:
@@ -64,8 +76,12 @@ def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> 
     model.eval()
     with torch.no_grad():
         for i in range(0, len(examples), batch):
-            b = D.collate(examples, [[j] for j in range(i, min(i + batch, len(examples)))],
-                          tokenizer.pad_token_id, packing=False)
+            b = D.collate(
+                examples,
+                [[j] for j in range(i, min(i + batch, len(examples)))],
+                tokenizer.pad_token_id,
+                packing=False,
+            )
             labels = b.pop("labels")
             logits = model(**b).logits.float()[:, :-1]
             target = labels[:, 1:]

@@ -26,8 +26,9 @@ import common as C
 def lora():
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 def base(dtype):
@@ -45,9 +46,16 @@ def ours(train: Path, out: Path, steps: int) -> str:
     ensure_env()
     import ray
 
-    cfg = load_trainer_config(spec_to_trainer_config(C.job(
-        train, out.as_uri(), "quality", hyperparameters={"maxSteps": steps,
-                                                         "logEverySteps": 5})))
+    cfg = load_trainer_config(
+        spec_to_trainer_config(
+            C.job(
+                train,
+                out.as_uri(),
+                "quality",
+                hyperparameters={"maxSteps": steps, "logEverySteps": 5},
+            )
+        )
+    )
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         assert run(cfg, quiet=True) == 0
@@ -62,11 +70,23 @@ def trl(train_rows: list, out: Path, steps: int) -> str:
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(os.cpu_count())
-    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-                     max_length=128, save_strategy="no", report_to=[], use_cpu=True,
-                     logging_steps=5, bf16=False)
-    trainer = SFTTrainer(model=base(torch.float32), args=args,
-                         train_dataset=Dataset.from_list(train_rows), peft_config=lora())
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        max_length=128,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=5,
+        bf16=False,
+    )
+    trainer = SFTTrainer(
+        model=base(torch.float32),
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        peft_config=lora(),
+    )
     trainer.train()
     trainer.model.save_pretrained(str(out / "adapter"))
     return str(out / "adapter")
@@ -101,8 +121,10 @@ def main() -> int:
     after_trl = score(trl_adapter, val_rows)
     shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"held-out loss (assistant tokens, {len(val_rows)} conversations) after {args.steps} "
-          f"steps, batch 4, SmolLM2-135M-Instruct + LoRA r=16")
+    print(
+        f"held-out loss (assistant tokens, {len(val_rows)} conversations) after {args.steps} "
+        f"steps, batch 4, SmolLM2-135M-Instruct + LoRA r=16"
+    )
     print(f"  base model (no training)       {before:.4f}")
     print(f"  kubetune (defaults)            {after_ours:.4f}")
     print(f"  TRL SFTTrainer (defaults)      {after_trl:.4f}")

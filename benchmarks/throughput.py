@@ -27,9 +27,17 @@ def ours(train: Path, out: Path, name: str, packing: bool, steps: int) -> float:
     from kubetune_api import load_trainer_config, spec_to_trainer_config
     from kubetune_trainer.__main__ import run
 
-    cfg = load_trainer_config(spec_to_trainer_config(C.job(
-        train, out.as_uri(), name, dataset={"packing": packing},
-        hyperparameters={"maxSteps": steps})))
+    cfg = load_trainer_config(
+        spec_to_trainer_config(
+            C.job(
+                train,
+                out.as_uri(),
+                name,
+                dataset={"packing": packing},
+                hyperparameters={"maxSteps": steps},
+            )
+        )
+    )
     assert run(cfg, quiet=True) == 0
     prefix = Path(cfg.storage_prefix.removeprefix("file://"))
     rows = [json.loads(x) for x in (prefix / "metrics.jsonl").open()]
@@ -42,8 +50,13 @@ def hf_trainer(train_rows: list, steps: int) -> float:
     """transformers.Trainer, same LoRA model and padded batches of 4."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from kubetune_trainer import data as D
 
@@ -52,8 +65,16 @@ def hf_trainer(train_rows: list, steps: int) -> float:
     examples, _ = D.build_examples(train_rows, "chat", tok, 128)
     model = AutoModelForCausalLM.from_pretrained(C.MODEL, dtype=torch.bfloat16)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     seen = {"tokens": 0}
 
@@ -71,12 +92,24 @@ def hf_trainer(train_rows: list, steps: int) -> float:
 
     clock = Clock()
     out = tempfile.mkdtemp(prefix="hf-trainer-")
-    args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=4,
-                             learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                             dataloader_num_workers=0, seed=42, remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-            callbacks=[clock]).train()
+    args = TrainingArguments(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.03,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=42,
+        remove_unused_columns=False,
+    )
+    Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[clock]
+    ).train()
     shutil.rmtree(out, ignore_errors=True)
     return clock.rate
 
@@ -104,8 +137,10 @@ def main() -> int:
     reference = hf_trainer(train_rows, args.steps)
     shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"model SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16, batch 4, max length 128, "
-          f"{args.steps} steps, {os.cpu_count()} CPUs")
+    print(
+        f"model SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16, batch 4, max length 128, "
+        f"{args.steps} steps, {os.cpu_count()} CPUs"
+    )
     print(f"transformers Trainer (padded)        {reference:10.1f} useful tokens/s")
     print(f"kubetune (padded, same batches)      {padded:10.1f} useful tokens/s")
     print(f"kubetune (packed)                    {packed:10.1f} useful tokens/s")

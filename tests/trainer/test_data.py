@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
+import trainer_helpers as H
 
 from kubetune_trainer import data as D
-
-import trainer_helpers as H
 
 pytestmark = pytest.mark.trainer
 
@@ -27,10 +26,12 @@ def _trained_text(tok, ids, labels):
 
 
 def test_chat_loss_only_on_assistant_turns(tok):
-    msgs = [{"role": "user", "content": "What is two plus two?"},
-            {"role": "assistant", "content": "Four."},
-            {"role": "user", "content": "And three?"},
-            {"role": "assistant", "content": "Three is three."}]
+    msgs = [
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "And three?"},
+        {"role": "assistant", "content": "Three is three."},
+    ]
     ids, labels = D.tokenize({"messages": msgs}, tok)
     trained = _trained_text(tok, ids, labels)
     assert "Four." in trained and "Three is three." in trained
@@ -43,13 +44,34 @@ def test_chat_loss_only_on_assistant_turns(tok):
     [
         ("text", {"text": "hello big world"}, "big world", None),
         ("prompt-completion", {"prompt": "Q: sky?", "completion": " blue"}, "blue", "sky"),
-        ("alpaca", {"instruction": "Add", "input": "1 and 2", "output": "3 exactly"},
-         "3 exactly", "1 and 2"),
-        ("sharegpt", {"conversations": [{"from": "human", "value": "hi there"},
-                                        {"from": "gpt", "value": "hello friend"}]},
-         "hello friend", "hi there"),
-        ("chat", {"messages": [{"role": "user", "content": "ping"},
-                               {"role": "assistant", "content": "pong"}]}, "pong", "ping"),
+        (
+            "alpaca",
+            {"instruction": "Add", "input": "1 and 2", "output": "3 exactly"},
+            "3 exactly",
+            "1 and 2",
+        ),
+        (
+            "sharegpt",
+            {
+                "conversations": [
+                    {"from": "human", "value": "hi there"},
+                    {"from": "gpt", "value": "hello friend"},
+                ]
+            },
+            "hello friend",
+            "hi there",
+        ),
+        (
+            "chat",
+            {
+                "messages": [
+                    {"role": "user", "content": "ping"},
+                    {"role": "assistant", "content": "pong"},
+                ]
+            },
+            "pong",
+            "ping",
+        ),
     ],
 )
 def test_every_format(tok, fmt, row, must_train, must_not_train):
@@ -145,14 +167,25 @@ def test_packed_batch_matches_separate_examples():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, use_cache=False)).eval()
-    a, b = D.Example(list(range(3, 13)), list(range(3, 13))), D.Example([50, 51, 52, 53],
-                                                                         [50, 51, 52, 53])
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_cache=False,
+        )
+    ).eval()
+    a, b = (
+        D.Example(list(range(3, 13)), list(range(3, 13))),
+        D.Example([50, 51, 52, 53], [50, 51, 52, 53]),
+    )
     batch = D.collate([a, b], [[0, 1]], pad_id=0, packing=True)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         alone_b = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits[0]
     assert torch.allclose(packed[10:14], alone_b, atol=1e-5)

@@ -46,32 +46,50 @@ def _local(config, *parts) -> str:
     return os.path.join(config.storage_prefix.removeprefix("file://"), *parts)
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _read(config, name):
     path = _local(config, name)
-    return json.load(open(path)) if os.path.exists(path) else None
+    return _json(path) if os.path.exists(path) else None
 
 
 def test_two_workers_zero2_records_and_retention(ray_local, tiny, tmp_path):
     model, data = tiny
-    cfg = H.trainer_config(H.job(
-        model, data, tmp_path.as_uri(), resources={"workers": 2},
-        distributed={"zeroStage": 2}, checkpointing={"everySteps": 2, "keepLast": 2}))
+    cfg = H.trainer_config(
+        H.job(
+            model,
+            data,
+            tmp_path.as_uri(),
+            resources={"workers": 2},
+            distributed={"zeroStage": 2},
+            checkpointing={"everySteps": 2, "keepLast": 2},
+        )
+    )
     _run(cfg)
     progress = _read(cfg, "progress.json")
     assert progress["phase"] == "Succeeded" and progress["step"] == 6
     assert progress["lastCheckpoint"]["step"] == 6 and progress["percent"] == 100.0
     ckpts = sorted(os.listdir(_local(cfg, "checkpoints")))
     assert ckpts == ["step-00000004", "step-00000006"]  # keepLast 2 of 2, 4, 6
-    manifest = json.load(open(_local(cfg, "checkpoints", ckpts[-1], "manifest.json")))
+    manifest = _json(_local(cfg, "checkpoints", ckpts[-1], "manifest.json"))
     assert manifest["worldSize"] == 2 and manifest["zeroStage"] == 2
     # both ranks' optimizer shards, each rank's RNG, the config that made it
-    for f in ("ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-              "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_state_0.pt",
-              "rng_state_1.pt", "config.json", "trainer_state.json",
-              "adapter/adapter_model.safetensors"):
+    for f in (
+        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_state_0.pt",
+        "rng_state_1.pt",
+        "config.json",
+        "trainer_state.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert f in manifest["files"], f
         assert os.path.exists(_local(cfg, "checkpoints", ckpts[-1], f))
-    rows = [json.loads(x) for x in open(_local(cfg, "metrics.jsonl"))]
+    with open(_local(cfg, "metrics.jsonl")) as f:
+        rows = [json.loads(x) for x in f]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["step"] == 0 and "eval_loss" in rows[0]  # held-out loss before training
     for r in rows:
@@ -93,14 +111,21 @@ def test_zero3_offload_lora_adapter_has_real_tensors_and_merges(ray_local, tiny,
     from transformers import AutoModelForCausalLM
 
     model, data = tiny
-    cfg = H.trainer_config(H.job(
-        model, data, tmp_path.as_uri(), resources={"workers": 2},
-        hyperparameters={"maxSteps": 3, "precision": "bf16"},
-        distributed={"zeroStage": 3, "offloadOptimizer": True, "offloadParameters": True},
-        evaluation={"everySteps": 3}, checkpointing={"everySteps": 3},
-        output={"uri": tmp_path.as_uri(), "mergeAdapter": True}))
+    cfg = H.trainer_config(
+        H.job(
+            model,
+            data,
+            tmp_path.as_uri(),
+            resources={"workers": 2},
+            hyperparameters={"maxSteps": 3, "precision": "bf16"},
+            distributed={"zeroStage": 3, "offloadOptimizer": True, "offloadParameters": True},
+            evaluation={"everySteps": 3},
+            checkpointing={"everySteps": 3},
+            output={"uri": tmp_path.as_uri(), "mergeAdapter": True},
+        )
+    )
     _run(cfg)
-    manifest = json.load(open(_local(cfg, "checkpoints/step-00000003/manifest.json")))
+    manifest = _json(_local(cfg, "checkpoints/step-00000003/manifest.json"))
     assert manifest["zeroStage"] == 3
     outputs = _read(cfg, "outputs.json")
     adapter_dir = outputs["adapter"].removeprefix("file://")
@@ -126,17 +151,37 @@ def test_full_finetune_zero1_learns_and_stops_early(ray_local, tiny, tmp_path):
     model, data = tiny
     rows = H.chat_rows(8)  # tiny data, many steps: the model must memorize it
     small = H.write_jsonl(tmp_path / "small.jsonl", rows)
-    cfg = H.trainer_config(H.job(
-        model, small, tmp_path.as_uri(), method={"type": "full"},
-        dataset={"train": {"uri": str(small)}, "validation": {"uri": str(small)},
-                 "format": "chat", "maxSeqLength": 128},
-        hyperparameters={"maxSteps": 40, "learningRate": 3e-3, "batchSize": 2,
-                         "logEverySteps": 5, "lrScheduler": "constant"},
-        distributed={"zeroStage": 1},
-        evaluation={"everySteps": 5},
-        earlyStopping={"enabled": True, "metric": "eval_token_accuracy", "mode": "max",
-                       "patience": 1, "minDelta": 0.5},
-        checkpointing={"everySteps": 100}))
+    cfg = H.trainer_config(
+        H.job(
+            model,
+            small,
+            tmp_path.as_uri(),
+            method={"type": "full"},
+            dataset={
+                "train": {"uri": str(small)},
+                "validation": {"uri": str(small)},
+                "format": "chat",
+                "maxSeqLength": 128,
+            },
+            hyperparameters={
+                "maxSteps": 40,
+                "learningRate": 3e-3,
+                "batchSize": 2,
+                "logEverySteps": 5,
+                "lrScheduler": "constant",
+            },
+            distributed={"zeroStage": 1},
+            evaluation={"everySteps": 5},
+            earlyStopping={
+                "enabled": True,
+                "metric": "eval_token_accuracy",
+                "mode": "max",
+                "patience": 1,
+                "minDelta": 0.5,
+            },
+            checkpointing={"everySteps": 100},
+        )
+    )
     _run(cfg)
     outputs = _read(cfg, "outputs.json")
     assert outputs["model"].endswith("/model")

@@ -7,8 +7,8 @@ Each run is its own process with its own local Ray, as on a cluster retry.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -25,9 +25,15 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(900)]
 def _config_file(tmp: Path, model, data, out: Path, name: str) -> tuple[Path, Path]:
     from kubetune_api import spec_to_trainer_config
 
-    j = H.job(model, data, out.as_uri(), name=name,
-              hyperparameters={"maxSteps": 12, "logEverySteps": 1},
-              evaluation={"everySteps": 4}, checkpointing={"everySteps": 4, "keepLast": 3})
+    j = H.job(
+        model,
+        data,
+        out.as_uri(),
+        name=name,
+        hyperparameters={"maxSteps": 12, "logEverySteps": 1},
+        evaluation={"everySteps": 4},
+        checkpointing={"everySteps": 4, "keepLast": 3},
+    )
     cfg = spec_to_trainer_config(j)
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(cfg))
@@ -37,7 +43,10 @@ def _config_file(tmp: Path, model, data, out: Path, name: str) -> tuple[Path, Pa
 def _start(config: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "kubetune_trainer", "--config", str(config), "--num-cpus", "2"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -50,10 +59,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         tree = []
     proc.send_signal(signal.SIGKILL)
     for child in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     proc.wait(timeout=30)
     psutil.wait_procs(tree, timeout=30)
 
@@ -84,8 +91,11 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path):
         _kill_tree(proc)
     progress = json.loads((prefix / "progress.json").read_text())
     assert progress["phase"] != "Succeeded" and progress["step"] < 12, progress
-    committed = max(int(p.name[5:]) for p in (prefix / "checkpoints").iterdir()
-                    if (p / "manifest.json").exists())
+    committed = max(
+        int(p.name[5:])
+        for p in (prefix / "checkpoints").iterdir()
+        if (p / "manifest.json").exists()
+    )
     assert committed in (4, 8)
 
     # A half-written newer checkpoint: files but no manifest. Loading it would fail.

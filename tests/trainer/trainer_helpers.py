@@ -28,11 +28,19 @@ def tiny_model(path: Path) -> Path:
     prepare_quickstart()
     tok = AutoTokenizer.from_pretrained(SMOL)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -55,11 +63,21 @@ BASE_JOB = {
     "metadata": {"name": "t", "namespace": "default", "uid": "u1"},
     "spec": {
         "model": {"uri": "MODEL"},
-        "dataset": {"train": {"uri": "DATA"}, "format": "chat", "validationSplit": 0.1,
-                    "maxSeqLength": 128},
+        "dataset": {
+            "train": {"uri": "DATA"},
+            "format": "chat",
+            "validationSplit": 0.1,
+            "maxSeqLength": 128,
+        },
         "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
-        "hyperparameters": {"maxSteps": 6, "learningRate": 1e-3, "batchSize": 4,
-                            "precision": "fp32", "logEverySteps": 1, "seed": 7},
+        "hyperparameters": {
+            "maxSteps": 6,
+            "learningRate": 1e-3,
+            "batchSize": 4,
+            "precision": "fp32",
+            "logEverySteps": 1,
+            "seed": 7,
+        },
         "distributed": {"zeroStage": 2},
         "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "1"},
         "evaluation": {"everySteps": 3, "maxBatches": 2},

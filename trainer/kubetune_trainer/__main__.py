@@ -22,8 +22,11 @@ def ensure_env() -> None:
     on CPU once; keep the build cached."""
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR",
-        str(Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
-            / "torch_extensions"))
+        str(
+            Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
+            / "torch_extensions"
+        ),
+    )
 
 
 def check_data(spec) -> str:
@@ -68,11 +71,13 @@ def fit(config, *, num_cpus_per_worker: int | None = None, storage_path: str | N
         train_loop_per_worker,
         train_loop_config={"trainer_config": config.to_dict(), "threads": cpus},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu,
-                                     resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
         run_config=RunConfig(
             name=f"kubetune-{config.job.namespace}-{config.job.name}-{config.job.uid}",
-            storage_path=storage_path or str(cache_root() / "ray_results")),
+            storage_path=storage_path or str(cache_root() / "ray_results"),
+        ),
     )
     return trainer.fit()
 
@@ -88,9 +93,14 @@ def run(config, *, ray_init: dict | None = None, quiet: bool = False) -> int:
     storage = JobStorage(config.storage_prefix, config.spec.output)
     t0 = time.monotonic()
     try:
-        storage.write_progress(contract.ProgressRecord(
-            phase=contract.TrainPhase.loading, attempt=config.attempt,
-            message="checking data", updated_at=now()))
+        storage.write_progress(
+            contract.ProgressRecord(
+                phase=contract.TrainPhase.loading,
+                attempt=config.attempt,
+                message="checking data",
+                updated_at=now(),
+            )
+        )
         report = check_data(config.spec)
         if not quiet:
             print(f"kubetune: {report}", flush=True)
@@ -101,18 +111,31 @@ def run(config, *, ray_init: dict | None = None, quiet: bool = False) -> int:
             ray.init(**(ray_init or {}))
         fit(config)
     except DataError as exc:
-        storage.write_progress(contract.ProgressRecord(
-            phase=contract.TrainPhase.failed, attempt=config.attempt,
-            message=str(exc)[:4000], updated_at=now()))
+        storage.write_progress(
+            contract.ProgressRecord(
+                phase=contract.TrainPhase.failed,
+                attempt=config.attempt,
+                message=str(exc)[:4000],
+                updated_at=now(),
+            )
+        )
         print(f"kubetune: data error: {exc}", file=sys.stderr, flush=True)
         return 3
     except Exception as exc:  # noqa: BLE001  (reported, then the exit code says failed)
         prev = storage.read_json(contract.PROGRESS) or {}
-        storage.write_progress(contract.ProgressRecord(
-            phase=contract.TrainPhase.failed, step=prev.get("step", 0),
-            total_steps=prev.get("totalSteps"), attempt=config.attempt,
-            message=f"{type(exc).__name__}: {exc}"[:4000], updated_at=now()))
-        print(f"kubetune: training failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        storage.write_progress(
+            contract.ProgressRecord(
+                phase=contract.TrainPhase.failed,
+                step=prev.get("step", 0),
+                total_steps=prev.get("totalSteps"),
+                attempt=config.attempt,
+                message=f"{type(exc).__name__}: {exc}"[:4000],
+                updated_at=now(),
+            )
+        )
+        print(
+            f"kubetune: training failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True
+        )
         return 1
     if not quiet:
         print(f"kubetune: done in {time.monotonic() - t0:.0f}s; results under {storage.prefix}")
@@ -120,11 +143,17 @@ def run(config, *, ray_init: dict | None = None, quiet: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m kubetune_trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="trainer config: a path or fsspec URI")
-    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     args = p.parse_args(argv)
     from .config import read_config

@@ -18,8 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 IGNORE = -100
-_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
-          "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
 # Used only for tokenizers that ship no chat template.
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -48,8 +55,10 @@ class DataReport:
             self.bad_examples.append(f"row {index}: {reason}: {text}")
 
     def summary(self, name: str = "train") -> str:
-        text = (f"{name}: {self.usable}/{self.rows} rows usable, {self.truncated} truncated, "
-                f"{self.tokens} tokens ({self.loss_tokens} with loss)")
+        text = (
+            f"{name}: {self.usable}/{self.rows} rows usable, {self.truncated} truncated, "
+            f"{self.tokens} tokens ({self.loss_tokens} with loss)"
+        )
         if self.bad:
             text += "; bad rows: " + ", ".join(f"{n} {r}" for r, n in self.bad.most_common())
             text += "".join(f"\n  {e}" for e in self.bad_examples)
@@ -104,8 +113,9 @@ def read_rows(source, access=None, environ=None) -> list[dict]:
     uri = to_uri(source.uri)
     fs, path = filesystem(uri, access, "DATASET", environ)
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path)
-                       if p.lower().endswith((".jsonl", ".json", ".parquet")))
+        files = sorted(
+            p for p in fs.find(path) if p.lower().endswith((".jsonl", ".json", ".parquet"))
+        )
         if not files:
             raise DataError(f"{source.uri}: no .jsonl, .json or .parquet file in the folder")
     elif fs.exists(path):
@@ -148,8 +158,12 @@ def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
         user = row["instruction"]
         if _str(row.get("input")):
             user += "\n\n" + row["input"]
-        return {"messages": [{"role": "user", "content": user},
-                             {"role": "assistant", "content": row["output"]}]}, None
+        return {
+            "messages": [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": row["output"]},
+            ]
+        }, None
     if fmt == "sharegpt":
         conv = row.get("conversations")
         if not isinstance(conv, list):
@@ -188,7 +202,9 @@ def _messages(msgs, name: str) -> tuple[Optional[dict], Optional[str]]:
 
 def _template(tokenizer, messages, generation_prompt=False) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt,
+        messages,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
         chat_template=None if tokenizer.chat_template else FALLBACK_TEMPLATE,
     )
 
@@ -217,12 +233,14 @@ def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
     ids = enc["input_ids"]
     labels = [
         t if any(s <= start < e for s, e in spans) else IGNORE
-        for t, (start, _end) in zip(ids, enc["offset_mapping"])
+        for t, (start, _end) in zip(ids, enc["offset_mapping"], strict=False)
     ]
     return ids, labels
 
 
-def build_examples(rows: list, fmt: str, tokenizer, max_len: int) -> tuple[list[Example], DataReport]:
+def build_examples(
+    rows: list, fmt: str, tokenizer, max_len: int
+) -> tuple[list[Example], DataReport]:
     report = DataReport(rows=len(rows))
     out = []
     for index, row in enumerate(rows):
@@ -340,7 +358,9 @@ def prepare(spec, tokenizer, environ=None) -> Prepared:
     if ds.validation is not None:
         train_rows, val_rows = rows, read_rows(ds.validation, ds, environ)
     else:
-        train_rows, val_rows = split_validation(rows, ds.validation_split, spec.hyperparameters.seed)
+        train_rows, val_rows = split_validation(
+            rows, ds.validation_split, spec.hyperparameters.seed
+        )
     train, train_report = build_examples(train_rows, ds.format, tokenizer, ds.max_seq_length)
     require_usable(train_report, "train")
     val, val_report = [], None

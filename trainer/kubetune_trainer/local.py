@@ -90,15 +90,18 @@ class ProgressBar:
         filled = int(width * step / total) if total else 0
         loss = next((r["loss"] for r in reversed(rows) if r.get("loss") is not None), None)
         evl = next((r["eval_loss"] for r in reversed(rows) if r.get("eval_loss") is not None), None)
-        line = (f"\r{p.get('phase', 'Starting'):<10} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{step}/{total or '?'}")
+        line = (
+            f"\r{p.get('phase', 'Starting'):<10} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{step}/{total or '?'}"
+        )
         if loss is not None:
             line += f"  loss {loss:.3f}"
         if evl is not None:
             line += f"  eval {evl:.3f}"
         if p.get("tokensPerSecond"):
             line += f"  {p['tokensPerSecond']:.0f} tok/s"
-        line += f"  elapsed {_fmt_time(time.monotonic() - self.t0)}  eta {_fmt_time(p.get('etaSeconds'))}"
+        elapsed = _fmt_time(time.monotonic() - self.t0)
+        line += f"  elapsed {elapsed}  eta {_fmt_time(p.get('etaSeconds'))}"
         self.stream.write(line.ljust(110))
         self.stream.flush()
 
@@ -110,8 +113,13 @@ def summary(storage) -> str:
     if before is not None and after is not None:
         verdict = "better" if after < before else "NOT better"
         lines.append(f"  held-out loss: before {before:.4f} -> after {after:.4f} ({verdict})")
-    for key, label in (("adapter", "adapter"), ("mergedModel", "merged model"),
-                       ("model", "model"), ("metrics", "metrics"), ("lossCurve", "loss curve")):
+    for key, label in (
+        ("adapter", "adapter"),
+        ("mergedModel", "merged model"),
+        ("model", "model"),
+        ("metrics", "metrics"),
+        ("lossCurve", "loss curve"),
+    ):
         if out.get(key):
             lines.append(f"  {label + ':':<14}{out[key]}")
     if out.get("stoppedEarly"):
@@ -155,8 +163,12 @@ def run_local(args) -> int:
 
     ensure_env()
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
     try:
         with ProgressBar(storage, enabled=not getattr(args, "no_progress", False)):
             rc = run(config)

@@ -23,7 +23,7 @@ def resolve_model_path(source, environ=None) -> str:
     if "://" not in uri:
         return str(Path(uri).expanduser().resolve())
     if uri.startswith("file://"):
-        return uri[len("file://"):]
+        return uri[len("file://") :]
     dest = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     done = dest / ".kubetune-complete"
     if done.exists():
@@ -132,7 +132,9 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
-def pick_zero_stage(spec, n_params: int, gpu_memory_bytes: int | None, world: int) -> tuple[int, str]:
+def pick_zero_stage(
+    spec, n_params: int, gpu_memory_bytes: int | None, world: int
+) -> tuple[int, str]:
     """The ZeRO stage for zeroStage: auto, and why. Bytes per parameter (mixed
     precision Adam): weights 2, gradients 2, optimizer state 12 (fp32 master +
     two moments) for trainable parameters; ZeRO-1 shards the 12, ZeRO-2 also

@@ -27,7 +27,9 @@ def _package_files(dist: str, suffix: str) -> list[Path]:
     try:
         files = metadata.files(dist) or []
     except metadata.PackageNotFoundError as exc:
-        raise SystemExit(f"quickstart: the package {dist} is not installed (run scripts/setup.sh)") from exc
+        raise SystemExit(
+            f"quickstart: the package {dist} is not installed (run scripts/setup.sh)"
+        ) from exc
     return sorted(Path(f.locate()) for f in files if str(f).endswith(suffix))
 
 

@@ -63,8 +63,15 @@ class Recipe:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{self.rank}-"))
         self.t_start = time.monotonic()
         self.metrics: list[dict] = []
-        self.state = {"step": 0, "best": None, "bad_evals": 0, "initial_eval_loss": None,
-                      "last_eval_loss": None, "train_loss": None, "stopped_early": False}
+        self.state = {
+            "step": 0,
+            "best": None,
+            "bad_evals": 0,
+            "initial_eval_loss": None,
+            "last_eval_loss": None,
+            "train_loss": None,
+            "stopped_early": False,
+        }
         self.last_ckpt: Optional[contract.CheckpointPointer] = None
 
     # ------------------------------------------------------------------ helpers
@@ -96,11 +103,21 @@ class Recipe:
         done_now = step - self.start_step
         elapsed = time.monotonic() - self.t_train
         eta = int(elapsed / done_now * (total - step)) if done_now > 0 else None
-        self.storage.write_progress(contract.ProgressRecord(
-            phase=phase, step=step, total_steps=total, epoch=round(step / self.steps_per_epoch, 4),
-            percent=round(100.0 * step / total, 2), eta_seconds=eta,
-            tokens_per_second=self.tokens_per_second, last_checkpoint=self.last_ckpt,
-            attempt=self.cfg.attempt, message=message, updated_at=now()))
+        self.storage.write_progress(
+            contract.ProgressRecord(
+                phase=phase,
+                step=step,
+                total_steps=total,
+                epoch=round(step / self.steps_per_epoch, 4),
+                percent=round(100.0 * step / total, 2),
+                eta_seconds=eta,
+                tokens_per_second=self.tokens_per_second,
+                last_checkpoint=self.last_ckpt,
+                attempt=self.cfg.attempt,
+                message=message,
+                updated_at=now(),
+            )
+        )
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -114,19 +131,25 @@ class Recipe:
         total_params, trainable = M.count_parameters(model)
         gpu_mem = torch.cuda.get_device_properties(0).total_memory if self.use_gpu else None
         self.stage, why = M.pick_zero_stage(self.spec, total_params, gpu_mem, self.world)
-        self.log(f"model {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
-                 f"ZeRO stage {self.stage} ({why}); {self.world} worker(s), "
-                 f"{'GPU' if self.use_gpu else 'CPU'}")
+        self.log(
+            f"model {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
+            f"ZeRO stage {self.stage} ({why}); {self.world} worker(s), "
+            f"{'GPU' if self.use_gpu else 'CPU'}"
+        )
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate,
-                                      weight_decay=self.hp.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
+        )
         warmup = math.ceil(self.hp.warmup_ratio * self.total_steps)
         schedule = lr_lambda(self.hp.lr_scheduler, warmup, self.total_steps)
         ds_config = M.deepspeed_config(self.spec, self.stage, self.use_gpu)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config,
+            model=model,
+            optimizer=optimizer,
+            config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            dist_init_required=False)
+            dist_init_required=False,
+        )
         self.device = self.engine.device
 
     def setup_data(self) -> None:
@@ -161,8 +184,9 @@ class Recipe:
         n = len(order)
         base = k * hp.batch_size * self.world + self.rank * hp.batch_size
         seqs = [self.train_seqs[order[(base + j) % n]] for j in range(hp.batch_size)]
-        batch = D.collate(self.train_ex, seqs, self.tokenizer.pad_token_id,
-                          self.spec.dataset.packing)
+        batch = D.collate(
+            self.train_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing
+        )
         tokens = sum(len(self.train_ex[i].input_ids) for s in seqs for i in s)
         return {k2: v.to(self.device) for k2, v in batch.items()}, tokens
 
@@ -173,8 +197,11 @@ class Recipe:
         committed = self.storage.committed_checkpoints()
         if self.rank == 0:
             self.storage.clear_uncommitted(committed)  # half-written: never loaded
-            self.metrics = [r for r in self.storage.read_metrics()
-                            if not committed or r["step"] <= committed[-1]]
+            self.metrics = [
+                r
+                for r in self.storage.read_metrics()
+                if not committed or r["step"] <= committed[-1]
+            ]
         self.barrier()
         if not committed:
             return
@@ -213,24 +240,29 @@ class Recipe:
             for j in range(per_rank):
                 b = j * self.world + self.rank
                 weight = 1.0 if b < n else 0.0  # ZeRO-3: every rank runs the same forwards
-                seqs = self.val_seqs[(b % n) * bs: (b % n) * bs + bs]
-                batch = D.collate(self.val_ex, seqs, self.tokenizer.pad_token_id,
-                                  self.spec.dataset.packing)
+                seqs = self.val_seqs[(b % n) * bs : (b % n) * bs + bs]
+                batch = D.collate(
+                    self.val_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing
+                )
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 labels = batch.pop("labels")
                 logits = self.engine(**batch, use_cache=False).logits.float()
                 target = labels[:, 1:]
                 logits = logits[:, :-1]
                 mask = target != D.IGNORE
-                loss_sum += weight * F.cross_entropy(
-                    logits[mask], target[mask], reduction="sum").item()
+                loss_sum += (
+                    weight * F.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+                )
                 correct += weight * (logits[mask].argmax(-1) == target[mask]).sum().item()
                 count += weight * mask.sum().item()
         self.engine.train()
         loss_sum, correct, count = self.allreduce([loss_sum, correct, count])
         loss = loss_sum / max(count, 1)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)),
-                "eval_token_accuracy": correct / max(count, 1)}
+        return {
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 50)),
+            "eval_token_accuracy": correct / max(count, 1),
+        }
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self) -> None:
@@ -242,14 +274,23 @@ class Recipe:
         local = self.tmp / f"ckpt-{step}"
         self.engine.save_checkpoint(str(local), tag=TAG, exclude_frozen_parameters=True)
         (local / "latest").unlink(missing_ok=True)
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state() if self.use_gpu else None},
-                   local / f"rng_state_{self.rank}.pt")
+        torch.save(
+            {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if self.use_gpu else None,
+            },
+            local / f"rng_state_{self.rank}.pt",
+        )
         if self.spec.method.type != "full":
             self.save_adapter(local / "adapter")
         if self.rank == 0:
-            state = {**self.state, "world_size": self.world, "total_steps": self.total_steps,
-                     "epoch": step / self.steps_per_epoch}
+            state = {
+                **self.state,
+                "world_size": self.world,
+                "total_steps": self.total_steps,
+                "epoch": step / self.steps_per_epoch,
+            }
             (local / "trainer_state.json").write_text(json.dumps(state, indent=2))
             (local / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         files = self.storage.upload_dir(local, rel)
@@ -257,10 +298,15 @@ class Recipe:
         all_files = self.gather(files)
         if self.rank == 0:
             manifest = contract.CheckpointManifest(
-                step=step, epoch=round(step / self.steps_per_epoch, 4),
+                step=step,
+                epoch=round(step / self.steps_per_epoch, 4),
                 files=sorted({f for fs in all_files for f in fs}),
-                eval_loss=self.state["last_eval_loss"], train_loss=self.state["train_loss"],
-                world_size=self.world, zero_stage=self.stage, created_at=now())
+                eval_loss=self.state["last_eval_loss"],
+                train_loss=self.state["train_loss"],
+                world_size=self.world,
+                zero_stage=self.stage,
+                created_at=now(),
+            )
             self.storage.write_record(f"{rel}/{contract.MANIFEST}", manifest)  # commit
             self.last_ckpt = contract.CheckpointPointer(step=step, uri=self.storage.uri(rel))
             for old in self.storage.committed_checkpoints()[: -self.spec.checkpointing.keep_last]:
@@ -306,7 +352,11 @@ class Recipe:
         hp, ev = self.hp, self.spec.evaluation
         accum = hp.gradient_accumulation_steps
         eval_every = ev.every_steps or self.spec.checkpointing.every_steps
-        if self.eval_enabled and self.state["step"] == 0 and self.state["initial_eval_loss"] is None:
+        if (
+            self.eval_enabled
+            and self.state["step"] == 0
+            and self.state["initial_eval_loss"] is None
+        ):
             self.progress(contract.TrainPhase.evaluating, "evaluating the base model")
             first = self.evaluate()
             self.state["initial_eval_loss"] = first["eval_loss"]
@@ -335,10 +385,15 @@ class Recipe:
                 self.tokens_per_second = round(tok / max(elapsed, 1e-9), 1)
                 self.state["train_loss"] = loss_sum / n
                 gn = self.engine.get_global_grad_norm()
-                row = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                       "loss": loss_sum / n, "learning_rate": self.engine.get_lr()[0],
-                       "grad_norm": float(gn) if gn is not None else None,
-                       "tokens_per_second": self.tokens_per_second, "time": now()}
+                row = {
+                    "step": step,
+                    "epoch": round(step / self.steps_per_epoch, 4),
+                    "loss": loss_sum / n,
+                    "learning_rate": self.engine.get_lr()[0],
+                    "grad_norm": float(gn) if gn is not None else None,
+                    "tokens_per_second": self.tokens_per_second,
+                    "time": now(),
+                }
                 losses, tokens, t_log = [], 0, time.monotonic()
             if self.eval_enabled and (step % eval_every == 0 or last):
                 self.progress(contract.TrainPhase.evaluating)
@@ -346,15 +401,26 @@ class Recipe:
                 result = self.evaluate()
                 t_log += time.monotonic() - t_eval  # evaluation is not training time
                 self.state["last_eval_loss"] = result["eval_loss"]
-                row = {**(row or {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                                  "time": now()}), **result}
+                row = {
+                    **(
+                        row
+                        or {
+                            "step": step,
+                            "epoch": round(step / self.steps_per_epoch, 4),
+                            "time": now(),
+                        }
+                    ),
+                    **result,
+                }
                 self.log(f"step {step}: eval loss {result['eval_loss']:.4f}")
                 self.early_stopping(result)
             if row is not None and self.rank == 0:
                 self.metrics.append(row)
                 self.storage.write_metrics(self.metrics)
-                self.log(f"step {step}/{self.total_steps} loss {row.get('loss', float('nan')):.4f} "
-                         f"lr {row.get('learning_rate') or 0:.2e} tok/s {self.tokens_per_second}")
+                self.log(
+                    f"step {step}/{self.total_steps} loss {row.get('loss', float('nan')):.4f} "
+                    f"lr {row.get('learning_rate') or 0:.2e} tok/s {self.tokens_per_second}"
+                )
             stop = self.state["stopped_early"]
             if step % self.spec.checkpointing.every_steps == 0 or last or stop:
                 self.save_checkpoint()
@@ -370,8 +436,9 @@ class Recipe:
             return
         value = result[es.metric]
         best = self.state["best"]
-        better = best is None or (value < best - es.min_delta if es.mode == "min"
-                                  else value > best + es.min_delta)
+        better = best is None or (
+            value < best - es.min_delta if es.mode == "min" else value > best + es.min_delta
+        )
         if better:
             self.state["best"], self.state["bad_evals"] = value, 0
         else:
@@ -382,11 +449,14 @@ class Recipe:
     # ------------------------------------------------------------------ finish
     def finish(self) -> None:
         outputs = contract.OutputsRecord(
-            metrics=self.storage.uri(contract.METRICS), final_checkpoint=self.last_ckpt,
+            metrics=self.storage.uri(contract.METRICS),
+            final_checkpoint=self.last_ckpt,
             initial_eval_loss=self.state["initial_eval_loss"],
             final_eval_loss=self.state["last_eval_loss"],
-            final_train_loss=self.state["train_loss"], steps=self.state["step"],
-            stopped_early=self.state["stopped_early"])
+            final_train_loss=self.state["train_loss"],
+            steps=self.state["step"],
+            stopped_early=self.state["stopped_early"],
+        )
         local = self.tmp / "final"
         if self.spec.method.type == "full":
             self.save_full_model(local / "model")
@@ -401,14 +471,19 @@ class Recipe:
                 outputs.adapter = self.storage.uri(contract.ADAPTER)
                 if self.spec.output.merge_adapter:
                     self.progress(contract.TrainPhase.saving, "merging the adapter")
-                    merge_adapter(self.model_path, self.spec, local / contract.ADAPTER,
-                                  local / contract.MERGED)
+                    merge_adapter(
+                        self.model_path,
+                        self.spec,
+                        local / contract.ADAPTER,
+                        local / contract.MERGED,
+                    )
                     self.storage.upload_dir(local / contract.MERGED, contract.MERGED)
                     outputs.merged_model = self.storage.uri(contract.MERGED)
         if self.rank == 0:
             if plot_loss(self.metrics, local / contract.LOSS_CURVE):
-                self.storage.fs.put_file(str(local / contract.LOSS_CURVE),
-                                         self.storage.path(contract.LOSS_CURVE))
+                self.storage.fs.put_file(
+                    str(local / contract.LOSS_CURVE), self.storage.path(contract.LOSS_CURVE)
+                )
                 outputs.loss_curve = self.storage.uri(contract.LOSS_CURVE)
             self.storage.write_record(contract.OUTPUTS, outputs)
             self.progress(contract.TrainPhase.succeeded)
@@ -423,8 +498,11 @@ def merge_adapter(model_path: str, spec, adapter_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = spec.model
-    kwargs = {"revision": m.revision, "trust_remote_code": m.trust_remote_code,
-              "dtype": torch.float32}
+    kwargs = {
+        "revision": m.revision,
+        "trust_remote_code": m.trust_remote_code,
+        "dtype": torch.float32,
+    }
     if m.gguf_file:
         kwargs["gguf_file"] = m.gguf_file
     base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
@@ -445,9 +523,9 @@ def plot_loss(rows: list[dict], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train, strict=False), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=False), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

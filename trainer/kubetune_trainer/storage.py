@@ -102,9 +102,7 @@ class JobStorage:
         steps = []
         for entry in entries:
             step = contract.parse_checkpoint_dir(entry)
-            if step is not None and self.fs.exists(
-                contract.join(entry, contract.MANIFEST)
-            ):
+            if step is not None and self.fs.exists(contract.join(entry, contract.MANIFEST)):
                 steps.append(step)
         return sorted(steps)
 

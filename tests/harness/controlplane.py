@@ -1,0 +1,195 @@
+"""A real control plane: etcd + kube-apiserver (RBAC) + kube-controller-manager.
+
+kube-controller-manager runs only the controllers the tests need: garbage
+collection of owned objects, namespace deletion, and the service-account
+controllers (a ``default`` ServiceAccount and token secrets per namespace).
+There is no scheduler and no kubelet: pods stay Pending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import ssl
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterable
+
+from . import bins
+from .certs import Certs, make_certs
+from .procs import LOOPBACK, Server, free_port, run, wait_until
+
+ADMIN_USER = "admin"
+
+
+class ControlPlane:
+    def __init__(self, workdir: Path, log_dir: Path | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
+        self.servers: list[Server] = []
+        self.token = secrets.token_hex(16)
+        self.etcd_port = free_port()
+        self.etcd_peer_port = free_port()
+        self.port = free_port()
+        self.kcm_port = free_port()
+        self.server = f"https://{LOOPBACK}:{self.port}"
+        self.kubeconfig = self.workdir / "admin.kubeconfig"
+        self.certs: Certs | None = None
+        self.kubectl_bin = bins.find("kubectl")
+        self._etcd_bin = bins.find("etcd")
+        self._apiserver_bin = bins.find("kube-apiserver")
+        self._kcm_bin = bins.find("kube-controller-manager")
+
+    # ---- lifecycle -------------------------------------------------------
+    def start(self, timeout: float = 60) -> "ControlPlane":
+        t0 = time.monotonic()
+        self.certs = make_certs(self.workdir / "pki")
+        (self.workdir / "tokens.csv").write_text(f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
+        self._write_kubeconfig()
+        etcd = self._add(Server("etcd", self._etcd_args(), self.log_dir))
+        apiserver = self._add(Server("kube-apiserver", self._apiserver_args(), self.log_dir))
+        etcd.start()
+        apiserver.start()  # retries etcd by itself, so both boot at once
+        etcd.wait_ready(lambda: self._get(f"http://{LOOPBACK}:{self.etcd_port}/health", tls=False) == 200,
+                        timeout, "healthy")
+        apiserver.wait_ready(lambda: self._get(f"{self.server}/readyz") == 200, timeout, "ready (/readyz)")
+        kcm = self._add(Server("kube-controller-manager", self._kcm_args(), self.log_dir))
+        kcm.start()
+        kcm.wait_ready(lambda: self._get(f"https://{LOOPBACK}:{self.kcm_port}/healthz", tls=None) == 200,
+                       timeout, "healthy (/healthz)")
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+    def _add(self, server: Server) -> Server:
+        self.servers.append(server)
+        return server
+
+    # ---- args ------------------------------------------------------------
+    def _etcd_args(self) -> list[str]:
+        peer = f"http://{LOOPBACK}:{self.etcd_peer_port}"
+        client = f"http://{LOOPBACK}:{self.etcd_port}"
+        return [
+            self._etcd_bin,
+            "--name=default",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
+            "--unsafe-no-fsync=true",
+            "--log-level=warn",
+        ]
+
+    def _apiserver_args(self) -> list[str]:
+        c = self.certs
+        assert c is not None
+        return [
+            self._apiserver_bin,
+            f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
+            f"--cert-dir={self.workdir / 'apiserver-certs'}",
+            f"--tls-cert-file={c.serving_crt}",
+            f"--tls-private-key-file={c.serving_key}",
+            f"--client-ca-file={c.ca_crt}",
+            f"--secure-port={self.port}",
+            f"--bind-address={LOOPBACK}",
+            f"--advertise-address={LOOPBACK}",
+            # No real node network: do not publish 127.0.0.1 as the
+            # `kubernetes` Service's endpoints (validation rejects loopback).
+            "--endpoint-reconciler-type=none",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            "--authorization-mode=RBAC",
+            "--disable-admission-plugins=ServiceAccount",
+            f"--token-auth-file={self.workdir / 'tokens.csv'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={c.sa_pub}",
+            f"--service-account-signing-key-file={c.sa_key}",
+            "--v=1",
+        ]
+
+    def _kcm_args(self) -> list[str]:
+        c = self.certs
+        assert c is not None
+        return [
+            self._kcm_bin,
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            # The apiserver has no request-header CA: do not look it up.
+            "--authentication-skip-lookup=true",
+            f"--secure-port={self.kcm_port}",
+            f"--bind-address={LOOPBACK}",
+            f"--cert-dir={self.workdir / 'kcm-certs'}",
+            "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token",
+            f"--service-account-private-key-file={c.sa_key}",
+            f"--root-ca-file={c.ca_crt}",
+            "--use-service-account-credentials=false",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+
+    # ---- clients -----------------------------------------------------------
+    def _write_kubeconfig(self) -> None:
+        assert self.certs is not None
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kubetune-test", "cluster": {
+                "server": self.server, "certificate-authority": str(self.certs.ca_crt)}}],
+            "users": [{"name": ADMIN_USER, "user": {"token": self.token}}],
+            "contexts": [{"name": "kubetune-test", "context": {"cluster": "kubetune-test", "user": ADMIN_USER}}],
+            "current-context": "kubetune-test",
+        }
+        self.kubeconfig.write_text(json.dumps(cfg, indent=2))
+        os.chmod(self.kubeconfig, 0o600)
+
+    def _get(self, url: str, tls: bool | None = True) -> int:
+        """HTTP status of GET url. tls=True: verify with our CA; None: no verify."""
+        ctx = None
+        headers = {}
+        if url.startswith("https"):
+            if tls:
+                assert self.certs is not None
+                ctx = ssl.create_default_context(cafile=str(self.certs.ca_crt))
+                headers["Authorization"] = f"Bearer {self.token}"
+            else:
+                ctx = ssl._create_unverified_context()  # kcm's self-signed serving cert
+        req = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+            return resp.status
+
+    def env(self) -> dict[str, str]:
+        return {"KUBECONFIG": str(self.kubeconfig)}
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120):
+        """Runs the built kubectl against this control plane; returns CompletedProcess (text)."""
+        return run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args],
+                   input=input, check=check, timeout=timeout)
+
+    def api_client(self):
+        """A new kubernetes.client.ApiClient for the admin user."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    # ---- resources ---------------------------------------------------------
+    def apply_crds(self, paths: Iterable[Path], timeout: float = 60) -> list[str]:
+        """Server-side applies CRD files and waits until they are Established; returns CRD names."""
+        names: list[str] = []
+        for path in paths:
+            out = self.kubectl("apply", "--server-side", "--force-conflicts", "-o", "name", "-f", str(path))
+            names += [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        if names:
+            self.kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s", *names,
+                         timeout=timeout + 10)
+        return names
+
+    def wait_for(self, cond, timeout: float = 30, what: str = "condition"):
+        return wait_until(cond, timeout, what=what)

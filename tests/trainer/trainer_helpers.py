@@ -95,7 +95,7 @@ def job(model: Path, data: Path, output: str, **overrides) -> dict:
     for key, value in overrides.items():
         if key == "name":
             j["metadata"]["name"] = value
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and key != "method":  # method is replaced whole
             j["spec"].setdefault(key, {}).update(value)
         else:
             j["spec"][key] = value

@@ -110,9 +110,9 @@ def finetunejob(name: str, s3=None, **spec_overrides) -> dict:
         "backoffLimit": 1,
     }
     if s3 is not None:
-        spec["output"] = {"uri": f"s3://{s3.bucket}/runs", "endpoint": s3.endpoint,
-                          "secretRef": {"name": "s3-creds"}}
-        spec["dataset"] |= {"endpoint": s3.endpoint, "secretRef": {"name": "s3-creds"}}
+        access = {"endpoint": s3.endpoint, "region": s3.region, "secretRef": {"name": "s3-creds"}}
+        spec["output"] = {"uri": f"s3://{s3.bucket}/runs"} | access
+        spec["dataset"] |= access
     else:
         spec["output"] = {"uri": "s3://nowhere/runs"}
     for key, value in spec_overrides.items():

@@ -28,26 +28,26 @@ def test_missing_rayjob_crd_gives_condition_and_backed_off_retry(kube, namespace
                what="the RayJob CRD to go")
     op = OperatorProcess(kube, [namespace], tmp_path).start()
     try:
-        apply(kube, namespace, finetunejob("noray"))
-        st = wait_status(kube, "noray", namespace,
-                         lambda s: condition(s, "KubeRayAvailable"), 60)
-        c = condition(st, "KubeRayAvailable")
-        assert c["status"] == "False" and c["reason"] == "RayJobCRDNotFound"
-        assert "install the KubeRay operator" in c["message"]
-        assert st["rayJobName"] == "noray"  # recorded, waiting to be created
-        assert op.healthy()
-        # Backed off (1, 2, 4, 4 s ...): a handful of tries in 10 s, not a hot loop.
-        first = _errors(op)
-        time.sleep(10)
-        tries = _errors(op) - first
-        assert 1 <= tries <= 6, tries
-    finally:
-        [path] = [p for p in kuberay_crd_files() if p.name == "ray.io_rayjobs.yaml"]
-        kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-        established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
-        wait_until(lambda: kube.kubectl("get", crd, "-o", established).stdout == "True", 60,
-                   what="the RayJob CRD to be Established again")
-    try:
+        try:
+            apply(kube, namespace, finetunejob("noray"))
+            st = wait_status(kube, "noray", namespace,
+                             lambda s: condition(s, "KubeRayAvailable"), 60)
+            c = condition(st, "KubeRayAvailable")
+            assert c["status"] == "False" and c["reason"] == "RayJobCRDNotFound"
+            assert "install the KubeRay operator" in c["message"]
+            assert st["rayJobName"] == "noray"  # recorded, waiting to be created
+            assert op.healthy()
+            # Backed off (1, 2, 4, 4 s ...): a handful of tries in 10 s, not a hot loop.
+            first = _errors(op)
+            time.sleep(10)
+            tries = _errors(op) - first
+            assert 1 <= tries <= 6, tries
+        finally:
+            [path] = [p for p in kuberay_crd_files() if p.name == "ray.io_rayjobs.yaml"]
+            kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+            established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+            wait_until(lambda: kube.kubectl("get", crd, "-o", established).stdout == "True",
+                       60, what="the RayJob CRD to be Established again")
         wait_until(lambda: get(kube, "rayjob", "noray", namespace), 60,
                    what="the RayJob once the CRD is back")
         st = wait_status(kube, "noray", namespace,

@@ -58,7 +58,7 @@ class OperatorProcess:
         log.write(f"\n===== start {self.starts}\n")
         log.flush()
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         if wait:
             wait_until(self.healthy, 60, what="the operator's liveness endpoint")
         return self
@@ -90,6 +90,13 @@ class OperatorProcess:
             return "\n".join(self.log_path.read_text().splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL the operator if the test process dies without cleaning up."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def http_get(url: str) -> tuple[int, str]:

@@ -57,13 +57,17 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         from kubernetes import watch
 
-        w = watch.Watch()
         self.ready.set()
-        for ev in w.stream(self.api.list_namespaced_custom_object, self.group, "v1",
-                           self.namespace, self.plural, timeout_seconds=3600):
-            if ev["type"] == "ADDED":
-                obj = ev["object"]
-                self.seen.setdefault(obj["metadata"]["name"], (time.perf_counter(), obj))
+        while True:  # a watch can end under load: start again (re-lists, first time wins)
+            try:
+                for ev in watch.Watch().stream(self.api.list_namespaced_custom_object,
+                                               self.group, "v1", self.namespace, self.plural,
+                                               timeout_seconds=300):
+                    if ev["type"] == "ADDED":
+                        obj = ev["object"]
+                        self.seen.setdefault(obj["metadata"]["name"], (time.perf_counter(), obj))
+            except Exception:  # noqa: BLE001 - reconnect
+                time.sleep(0.1)
 
 
 def create_ftj(custom, ns: str, name: str) -> float:

@@ -369,6 +369,12 @@ def rayjob_state(job: Body, rayjob: Optional[Body]) -> str:
     return STARTING
 
 
+def trainer_may_have_written(job: Body, rayjob: Optional[Body], attempts: int) -> bool:
+    """Whether reading the storage prefix can show anything: once the Ray job runs
+    or has run, or on a retry (earlier attempts wrote there)."""
+    return attempts > 1 or rayjob_state(job, rayjob) in (RUNNING, SUCCEEDED, FAILED)
+
+
 def rayjob_to_status(rayjob: Optional[Body]) -> dict[str, Any]:
     """Names and URLs that KubeRay reports (only those it has set)."""
     if rayjob is None:

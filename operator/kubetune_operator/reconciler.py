@@ -16,6 +16,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
@@ -149,6 +150,10 @@ class Api:
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
+_API_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kubetune-api")
+_STORAGE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kubetune-storage")
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
@@ -164,7 +169,12 @@ class Reconciler:
         self.event = event
 
     async def _call(self, fn, *args):
-        return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
+
+    async def _read_storage(self, fn, *args):
+        # Its own pool: a slow or unreachable object store must never hold up
+        # the API calls that create children for other jobs.
+        return await asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
 
     async def _write_status(self, job: Body, old: dict, new: dict) -> dict:
         """The one status write path: only when changed; one event per transition."""
@@ -291,9 +301,11 @@ class Reconciler:
                 gen,
             )
 
-        # 3. Observe: KubeRay's status and the trainer's files.
+        # 3. Observe: KubeRay's status and, once the trainer can have written any,
+        # its files.
         status |= builders.rayjob_to_status(rayjob)
-        status = await self._observe_storage(job, status, now, gen)
+        if builders.trainer_may_have_written(job, rayjob, attempts):
+            status = await self._observe_storage(job, status, now, gen)
 
         # 4. Decide.
         job_view = {**job, "status": status}
@@ -336,7 +348,9 @@ class Reconciler:
             if ref:
                 secret = await self._call(self.api.read_secret, meta["namespace"], ref)
             keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
-            snapshot = await self._call(storage_reader.read_snapshot, prefix, output, secret, keep)
+            snapshot = await self._read_storage(
+                storage_reader.read_snapshot, prefix, output, secret, keep
+            )
         except Exception as exc:  # noqa: BLE001 - storage trouble must not stop reconciling
             metrics.ERRORS.labels(kind="storage").inc()
             # Never echo exception text that could carry a URL with credentials.

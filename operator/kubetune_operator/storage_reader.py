@@ -45,7 +45,16 @@ def filesystem(uri: str, access: Optional[dict], secret_data: Mapping[str, str])
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     if protocol == "s3":
         # Fresh listings on every read: the trainer writes behind our back.
-        opts |= {"use_listings_cache": False, "skip_instance_cache": True}
+        opts |= {
+            "use_listings_cache": False,
+            "skip_instance_cache": True,
+            # Fail fast: the next poll tries again; a hung read must not pile up.
+            "config_kwargs": {
+                "connect_timeout": 5,
+                "read_timeout": 15,
+                "retries": {"max_attempts": 2},
+            },
+        }
     return fsspec.filesystem(protocol, **opts)
 
 

@@ -1,0 +1,200 @@
+"""Benchmark (not a test): how fast does the operator turn a FineTuneJob into a
+RayJob, compared with how fast KubeRay turns a RayJob into a RayCluster, on the
+same API server, with many FineTuneJobs already present; and the operator's
+memory next to KubeRay's.
+
+    .venv/bin/python benchmarks/operator_latency.py --background 100 --samples 40
+
+Starts the harness's real parts (etcd, kube-apiserver, kube-controller-manager,
+KubeRay) and `kubetune operator` as a process. Latency is measured client
+side: from the create call returning to the child's ADDED event on a watch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import harness  # noqa: E402
+from operator_support import OperatorProcess, finetunejob  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            total = int(line.split()[1])
+    return total / 1024
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+class Watcher(threading.Thread):
+    """Records the arrival time of ADDED events for one resource in one namespace."""
+
+    def __init__(self, api_client, namespace: str, group: str, plural: str):
+        super().__init__(daemon=True)
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+        self.namespace, self.group, self.plural = namespace, group, plural
+        self.seen: dict[str, tuple[float, dict]] = {}
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        from kubernetes import watch
+
+        self.ready.set()
+        while True:  # a watch can end under load: start again (re-lists, first time wins)
+            try:
+                for ev in watch.Watch().stream(self.api.list_namespaced_custom_object,
+                                               self.group, "v1", self.namespace, self.plural,
+                                               timeout_seconds=300):
+                    if ev["type"] == "ADDED":
+                        obj = ev["object"]
+                        self.seen.setdefault(obj["metadata"]["name"], (time.perf_counter(), obj))
+            except Exception:  # noqa: BLE001 - reconnect
+                time.sleep(0.1)
+
+
+def create_ftj(custom, ns: str, name: str) -> float:
+    body = finetunejob(name)
+    body["metadata"]["namespace"] = ns
+    custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs", body)
+    return time.perf_counter()
+
+
+def rayjob_body(ns: str, name: str) -> dict:
+    image = "rayproject/ray:2.52.0"
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"entrypoint": "python -c 'print(1)'", "shutdownAfterJobFinishes": True,
+                     "rayClusterSpec": {
+                         "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {
+                             "containers": [{"name": "ray-head", "image": image}]}}},
+                         "workerGroupSpecs": [{"groupName": "w", "replicas": 1, "minReplicas": 1,
+                                               "maxReplicas": 1, "rayStartParams": {},
+                                               "template": {"spec": {"containers": [
+                                                   {"name": "ray-worker", "image": image}]}}}]}}}
+
+
+def wait_for(pred, timeout: float, what: str):
+    return harness.wait_until(pred, timeout, interval=0.05, what=what)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--background", type=int, default=100, help="FineTuneJobs present first")
+    ap.add_argument("--samples", type=int, default=40, help="timed creates per side")
+    ap.add_argument("--gap", type=float, default=0.25, help="seconds between timed creates")
+    args = ap.parse_args()
+
+    from kubernetes import client
+
+    sess = harness.Session(Path(tempfile.mkdtemp(prefix="kubetune-bench-")))
+    try:
+        kube = sess.kube()
+        kuberay = sess.kuberay()
+        api = kube.api_client()
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        ns_bg, ns_ours, ns_ray = "bench-bg", "bench-ftj", "bench-ray"
+        for ns in (ns_bg, ns_ours, ns_ray):
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+        op = OperatorProcess(kube, [], sess.dir, {"KUBETUNE_POLL_SECONDS": "10",
+                                                  "KUBETUNE_WATCH_SERVER_TIMEOUT": "300"})
+        op.start()
+
+        t0 = time.perf_counter()
+        for i in range(args.background):
+            create_ftj(custom, ns_bg, f"bg-{i:04d}")
+
+        def bg_done():
+            items = custom.list_namespaced_custom_object("ray.io", "v1", ns_bg, "rayjobs")["items"]
+            return len(items) >= args.background
+
+        wait_for(bg_done, 600, f"{args.background} background RayJobs")
+        print(f"background: {args.background} FineTuneJobs -> RayJobs in "
+              f"{time.perf_counter() - t0:.1f}s")
+
+        # 1. FineTuneJob -> RayJob (our operator)
+        w1 = Watcher(api, ns_ours, "ray.io", "rayjobs")
+        w1.start()
+        w1.ready.wait()
+        time.sleep(1)
+        ours = []
+        for i in range(args.samples):
+            name = f"ftj-{i:04d}"
+            sent = create_ftj(custom, ns_ours, name)
+            wait_for(lambda n=name: n in w1.seen, 120, f"RayJob {name}")
+            ours.append(w1.seen[name][0] - sent)
+            time.sleep(args.gap)
+
+        # 2. RayJob -> RayCluster (KubeRay), same API server, same load
+        w2 = Watcher(api, ns_ray, "ray.io", "rayclusters")
+        w2.start()
+        w2.ready.wait()
+        time.sleep(1)
+        theirs = []
+        for i in range(args.samples):
+            name = f"rj-{i:04d}"
+            custom.create_namespaced_custom_object("ray.io", "v1", ns_ray, "rayjobs",
+                                                   rayjob_body(ns_ray, name))
+            sent = time.perf_counter()
+
+            def made(n=name):
+                return next((t for t, o in w2.seen.values() if any(
+                    r.get("name") == n for r in o["metadata"].get("ownerReferences", []))), None)
+
+            theirs.append(wait_for(made, 120, f"RayCluster of {name}") - sent)
+            time.sleep(args.gap)
+
+        time.sleep(2)
+        ours_rss = rss_mib(op.proc.pid)
+        ray_rss = rss_mib(kuberay.server.proc.pid)
+        total = args.background + 2 * args.samples
+        result = {
+            "finetunejobs_present": args.background + args.samples,
+            "rayjobs_present": total,
+            "ftj_to_rayjob_ms": {"p50": 1000 * pct(ours, 50), "p99": 1000 * pct(ours, 99),
+                                 "mean": 1000 * statistics.mean(ours)},
+            "kuberay_rayjob_to_raycluster_ms": {"p50": 1000 * pct(theirs, 50),
+                                                "p99": 1000 * pct(theirs, 99),
+                                                "mean": 1000 * statistics.mean(theirs)},
+            "operator_rss_mib": round(ours_rss, 1),
+            "kuberay_rss_mib": round(ray_rss, 1),
+        }
+        result["latency_ratio_p50"] = round(
+            result["ftj_to_rayjob_ms"]["p50"] / result["kuberay_rayjob_to_raycluster_ms"]["p50"], 2)
+        result["latency_ratio_p99"] = round(
+            result["ftj_to_rayjob_ms"]["p99"] / result["kuberay_rayjob_to_raycluster_ms"]["p99"], 2)
+        result["rss_ratio"] = round(ours_rss / ray_rss, 2)
+        print(f"\n{'':34}{'p50 ms':>10}{'p99 ms':>10}")
+        for label, key in (("kubetune FineTuneJob -> RayJob", "ftj_to_rayjob_ms"),
+                           ("KubeRay RayJob -> RayCluster", "kuberay_rayjob_to_raycluster_ms")):
+            print(f"{label:34}{result[key]['p50']:>10.1f}{result[key]['p99']:>10.1f}")
+        print(f"ratio (kubetune / KubeRay)        {result['latency_ratio_p50']:>10}"
+              f"{result['latency_ratio_p99']:>10}")
+        print(f"RSS: kubetune operator {ours_rss:.0f} MiB, KubeRay operator {ray_rss:.0f} MiB, "
+              f"ratio {result['rss_ratio']}")
+        print(json.dumps(result))
+        op.stop()
+        return 0
+    finally:
+        sess.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Quality on one machine, one run: held-out loss after N steps, kubetune vs
+TRL's SFTTrainer with its defaults, same model, data and LoRA adapter shape.
+
+Both start from SmolLM2-135M-Instruct with LoRA r=16 all-linear, batch 4, N
+optimizer steps, the same training conversations; both are scored by one
+function (mean loss over assistant tokens of the same held-out conversations).
+kubetune runs its defaults too (lr 2e-4 cosine for LoRA, packing); TRL runs
+SFTConfig's defaults (lr 2e-5, linear, no packing). TRL is a benchmark-only
+dependency.
+
+    .venv/bin/python benchmarks/quality_vs_trl.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import common as C
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+def base(dtype):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(C.MODEL, dtype=dtype)
+    m.config.use_cache = False
+    return m
+
+
+def ours(train: Path, out: Path, steps: int) -> str:
+    from kubetune_api import load_trainer_config, spec_to_trainer_config
+    from kubetune_trainer.__main__ import ensure_env, run
+
+    ensure_env()
+    import ray
+
+    cfg = load_trainer_config(
+        spec_to_trainer_config(
+            C.job(
+                train,
+                out.as_uri(),
+                "quality",
+                hyperparameters={"maxSteps": steps, "logEverySteps": 5},
+            )
+        )
+    )
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        assert run(cfg, quiet=True) == 0
+    finally:
+        ray.shutdown()
+    return str(Path(cfg.storage_prefix.removeprefix("file://")) / "adapter")
+
+
+def trl(train_rows: list, out: Path, steps: int) -> str:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(os.cpu_count())
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        max_length=128,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=5,
+        bf16=False,
+    )
+    trainer = SFTTrainer(
+        model=base(torch.float32),
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        peft_config=lora(),
+    )
+    trainer.train()
+    trainer.model.save_pretrained(str(out / "adapter"))
+    return str(out / "adapter")
+
+
+def score(adapter: str | None, val_rows) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count())
+    tok = AutoTokenizer.from_pretrained(C.MODEL)
+    model = base(torch.float32)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return C.heldout_loss(model, tok, val_rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=30)
+    args = p.parse_args()
+    C.prepare()
+    train_rows, val_rows = C.split()
+    work = Path(tempfile.mkdtemp(prefix="kubetune-quality-"))
+    train = work / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    ours_adapter = ours(train, work / "ours", args.steps)
+    trl_adapter = trl(train_rows, work / "trl", args.steps)
+    before = score(None, val_rows)
+    after_ours = score(ours_adapter, val_rows)
+    after_trl = score(trl_adapter, val_rows)
+    shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(
+        f"held-out loss (assistant tokens, {len(val_rows)} conversations) after {args.steps} "
+        f"steps, batch 4, SmolLM2-135M-Instruct + LoRA r=16"
+    )
+    print(f"  base model (no training)       {before:.4f}")
+    print(f"  kubetune (defaults)            {after_ours:.4f}")
+    print(f"  TRL SFTTrainer (defaults)      {after_trl:.4f}")
+    print(f"  kubetune - TRL                 {after_ours - after_trl:+.4f}  (lower is better)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

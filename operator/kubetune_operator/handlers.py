@@ -1,0 +1,151 @@
+"""kopf wiring only: every decision lives in builders (pure) and reconciler (I/O).
+
+One daemon per FineTuneJob runs the reconcile loop; change handlers and
+RayJob events only wake it, so reconciles of one job never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import kopf
+
+from kubetune_api import models
+
+from . import metrics
+from .builders import LABEL_JOB_UID, Settings
+from .reconciler import Api, KubeRayMissing, Reconciler, Timing
+
+KOPF_PREFIX = "kopf.kubetune.io"
+FINALIZER = "kubetune.io/finalizer"
+DELETE_WAIT_RETRIES = 30  # x 2 s: then the garbage collector finishes the job
+
+_state: dict = {}
+_wakers: dict[str, asyncio.Event] = {}
+
+
+def settings_from_env() -> tuple[Settings, Timing]:
+    env = os.environ
+    settings = Settings(
+        trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", Settings.trainer_image),
+        ray_version=env.get("KUBETUNE_RAY_VERSION", Settings.ray_version),
+        default_output_uri=env.get("KUBETUNE_DEFAULT_OUTPUT_URI") or None,
+    )
+    timing = Timing(
+        poll_seconds=float(env.get("KUBETUNE_POLL_SECONDS", Timing.poll_seconds)),
+        idle_seconds=float(env.get("KUBETUNE_IDLE_SECONDS", Timing.idle_seconds)),
+        crd_backoff_max=float(env.get("KUBETUNE_BACKOFF_MAX_SECONDS", Timing.crd_backoff_max)),
+    )
+    return settings, timing
+
+
+def _api_client():
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def _event(job: dict, type_: str, reason: str, message: str) -> None:
+    kopf.event(job, type=type_, reason=reason, message=message[:1024])
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
+    # A structural status schema prunes kopf's status.kopf: keep its state in
+    # annotations under our own prefix, with our own finalizer.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.level = logging.WARNING
+    settings.execution.default_backoff = 1
+    timeout = os.environ.get("KUBETUNE_WATCH_SERVER_TIMEOUT")
+    if timeout:
+        settings.watching.server_timeout = int(float(timeout))
+    job_settings, timing = settings_from_env()
+    _state["timing"] = timing
+    _state["reconciler"] = Reconciler(Api(_api_client()), job_settings, timing, _event)
+    port = int(os.environ.get("KUBETUNE_METRICS_PORT", "0") or 0)
+    if port and not _state.get("metrics_serving"):
+        metrics.serve(port)
+        _state["metrics_serving"] = True
+    logger.info(
+        "kubetune operator: image %s, ray %s, poll %ss",
+        job_settings.trainer_image,
+        job_settings.ray_version,
+        timing.poll_seconds,
+    )
+
+
+def _wake(uid: str) -> None:
+    _wakers.setdefault(uid, asyncio.Event()).set()
+
+
+@kopf.on.probe(id="reconciler")
+def reconciler_ready(**_) -> bool:
+    return "reconciler" in _state
+
+
+@kopf.on.create(models.GROUP, models.VERSION, models.PLURAL, backoff=1)
+@kopf.on.update(models.GROUP, models.VERSION, models.PLURAL, backoff=1)
+@kopf.on.resume(models.GROUP, models.VERSION, models.PLURAL, backoff=1)
+def on_change(uid: str, **_) -> None:
+    _wake(uid)
+
+
+@kopf.on.event("ray.io", "v1", "rayjobs", labels={LABEL_JOB_UID: kopf.PRESENT})
+def on_rayjob_event(labels, **_) -> None:
+    uid = labels.get(LABEL_JOB_UID)
+    if uid in _wakers:
+        _wakers[uid].set()
+
+
+@kopf.daemon(models.GROUP, models.VERSION, models.PLURAL, id="reconcile", cancellation_timeout=2.0)
+async def reconcile_loop(name: str, namespace: str, uid: str, stopped, logger, **_) -> None:
+    reconciler: Reconciler = _state["reconciler"]
+    timing: Timing = _state["timing"]
+    wake = _wakers.setdefault(uid, asyncio.Event())
+    backoff = 1.0
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                delay = await reconciler.reconcile(namespace, name)
+                backoff = 1.0
+            except KubeRayMissing:
+                metrics.ERRORS.labels(kind="kuberay_missing").inc()
+                logger.warning("RayJob CRD not found; retrying in %.0fs", backoff)
+                delay, backoff = backoff, min(backoff * 2, timing.crd_backoff_max)
+            except Exception:  # noqa: BLE001 - one job's trouble must not end its loop
+                metrics.ERRORS.labels(kind="unexpected").inc()
+                logger.exception("reconcile failed; retrying in %.0fs", backoff)
+                delay, backoff = backoff, min(backoff * 2, timing.crd_backoff_max)
+            if delay <= 0:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+    finally:
+        _wakers.pop(uid, None)
+
+
+@kopf.on.delete(models.GROUP, models.VERSION, models.PLURAL, backoff=2)
+async def stop_ray_job(
+    name: str, namespace: str, uid: str, status, retry: int, logger, **_
+) -> None:
+    reconciler: Reconciler = _state["reconciler"]
+    gone = await reconciler.stop(namespace, name, dict(status or {}))
+    if not gone and retry < DELETE_WAIT_RETRIES:
+        raise kopf.TemporaryError("waiting for the RayJob to stop and go", delay=2)
+    if not gone:
+        logger.warning(
+            "RayJob still present after %s tries; the garbage collector takes over", retry
+        )
+    metrics.forget(uid)

@@ -1,0 +1,439 @@
+"""One reconcile of one FineTuneJob: read the world, ask the pure builders what
+it should look like, make the few writes that close the gap.
+
+Order matters for restarts: child names are written into status before the
+child is created, and children are created with deterministic names
+(create-if-absent), so an operator killed at any line makes no duplicate.
+Status is written in one place (`_write_status`), only when it changed, and
+each phase transition posts one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from kubetune_api import models
+from kubetune_api.validation import SpecError
+
+from . import builders, metrics, storage_reader
+from .builders import Body, Settings
+
+log = logging.getLogger("kubetune.operator")
+
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass
+class Timing:
+    poll_seconds: float = 10.0  # how often a live job re-reads RayJob + storage
+    idle_seconds: float = 300.0  # finished jobs: a slow heartbeat only
+    crd_backoff_max: float = 60.0
+
+
+class KubeRayMissing(Exception):
+    """The ray.io/v1 RayJob API is not served: KubeRay's CRDs are not installed."""
+
+
+class Api:
+    """The few Kubernetes calls the operator makes (blocking; run in threads)."""
+
+    def __init__(self, api_client: client.ApiClient):
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    # FineTuneJob
+    def get_job(self, ns: str, name: str) -> Optional[Body]:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                models.GROUP, models.VERSION, ns, models.PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_job_status(self, ns: str, name: str, status: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            models.GROUP, models.VERSION, ns, models.PLURAL, name, {"status": status}
+        )
+
+    # ConfigMap
+    def ensure_configmap(self, cm: Body) -> None:
+        ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
+        try:
+            live = self.core.read_namespaced_config_map(name, ns)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            live = None
+        if live is None:
+            try:
+                self.core.create_namespaced_config_map(ns, cm)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            return
+        want_attempt = cm["metadata"]["annotations"][builders.LABEL_ATTEMPT]
+        have_attempt = (live.metadata.annotations or {}).get(builders.LABEL_ATTEMPT)
+        if have_attempt != want_attempt:  # a retry: the config carries the attempt
+            self.core.patch_namespaced_config_map(
+                name,
+                ns,
+                {"metadata": {"annotations": cm["metadata"]["annotations"]}, "data": cm["data"]},
+            )
+
+    def delete_configmap(self, ns: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_config_map(name, ns)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # RayJob
+    def get_rayjob(self, ns: str, name: str) -> Optional[Body]:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_rayjob(self, rayjob: Body) -> Body:
+        ns = rayjob["metadata"]["namespace"]
+        try:
+            return self.custom.create_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, rayjob
+            )
+        except ApiException as exc:
+            if exc.status == 409:  # made by an earlier run of this operator
+                return self.get_rayjob(ns, rayjob["metadata"]["name"])
+            if exc.status == 404:  # the namespace exists (the job is in it): no such API
+                raise KubeRayMissing(str(exc.reason)) from exc
+            raise
+
+    def patch_rayjob(self, ns: str, name: str, patch: dict) -> Body:
+        return self.custom.patch_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name, patch
+        )
+
+    def delete_rayjob(self, ns: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                RAY_GROUP,
+                RAY_VERSION,
+                ns,
+                RAY_PLURAL,
+                name,
+                body=client.V1DeleteOptions(propagation_policy="Background"),
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def read_secret(self, ns: str, name: str) -> dict[str, str]:
+        secret = self.core.read_namespaced_secret(name, ns)
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+_API_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kubetune-api")
+_STORAGE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kubetune-storage")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+EventFn = Callable[[Body, str, str, str], None]
+
+
+class Reconciler:
+    def __init__(self, api: Api, settings: Settings, timing: Timing, event: EventFn):
+        self.api = api
+        self.settings = settings
+        self.timing = timing
+        self.event = event
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
+
+    async def _read_storage(self, fn, *args):
+        # Its own pool: a slow or unreachable object store must never hold up
+        # the API calls that create children for other jobs.
+        return await asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
+
+    async def _write_status(self, job: Body, old: dict, new: dict) -> dict:
+        """The one status write path: only when changed; one event per transition."""
+        if builders.status_changed(old, new):
+            meta = job["metadata"]
+            # A merge patch: keys we dropped must be sent as null to go away.
+            patch = {k: None for k in old if k not in new} | new
+            await self._call(self.api.patch_job_status, meta["namespace"], meta["name"], patch)
+            before = (old.get("phase"), old.get("reason"))
+            after = (new.get("phase"), new.get("reason"))
+            if before != after and new.get("phase"):
+                kind = "Warning" if new["phase"] == "Failed" else "Normal"
+                self.event(
+                    job,
+                    kind,
+                    new.get("reason") or new["phase"],
+                    f"{new['phase']}: {new.get('message', '')}",
+                )
+        metrics.observe_phase(job["metadata"]["uid"], new.get("phase"))
+        job["status"] = new
+        return new
+
+    async def reconcile(self, ns: str, name: str) -> float:
+        """Bring one FineTuneJob a step closer; return seconds until the next look."""
+        started = time.perf_counter()
+        try:
+            return await self._reconcile(ns, name)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    async def _reconcile(self, ns: str, name: str) -> float:
+        # A fresh (quorum) read: the watch may not have delivered our last write yet.
+        job = await self._call(self.api.get_job, ns, name)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return self.timing.idle_seconds
+        old = copy.deepcopy(job.get("status") or {})
+        status = copy.deepcopy(old)
+        now = _now()
+        gen = job["metadata"].get("generation")
+
+        errors = builders.validate_job(job)
+        attempts = int(status.get("attempts") or 1)
+        cm = None
+        if not errors:
+            try:  # a spec that cannot render (no output URI anywhere) is invalid too
+                cm = builders.spec_to_configmap(job, self.settings, attempts)
+            except SpecError as exc:
+                errors = exc.errors
+        if errors:
+            await self._write_status(job, old, builders.spec_error_status(status, errors, now, gen))
+            return self.timing.idle_seconds  # a bad spec waits for an edit, never hot-loops
+        if not builders.get_condition(status, "Validated") or (
+            builders.get_condition(status, "Validated")["status"] != "True"
+        ):
+            status["conditions"] = builders.set_condition(
+                list(status.get("conditions") or []),
+                "Validated",
+                "True",
+                "SpecValid",
+                "the spec passed validation",
+                now,
+                gen,
+            )
+            if status.get("reason") == "InvalidSpec":  # fixed by an edit (only safe fields can)
+                status.pop("phase", None)
+                status.pop("completionTime", None)
+
+        if status.get("phase") in TERMINAL:
+            return await self._finished(job, old, status, now)
+
+        # 1. Record the child names (and the attempt) before creating anything.
+        if not status.get("rayJobName") or not status.get("attempts"):
+            status |= builders.child_names(job, attempts) | {"attempts": attempts}
+            status = builders.with_phase(
+                status, "Pending", "Creating", "creating the trainer config and RayJob", now, gen
+            )
+            status["observedGeneration"] = gen
+            status = await self._write_status(job, old, status)
+            old = copy.deepcopy(status)
+        attempts = int(status["attempts"])
+
+        # 2. Children, create-if-absent.
+        assert cm is not None
+        await self._call(self.api.ensure_configmap, cm)
+        rayjob = await self._call(self.api.get_rayjob, ns, status["rayJobName"])
+        if rayjob is None:
+            try:
+                rayjob = await self._call(
+                    self.api.create_rayjob, builders.spec_to_rayjob(job, self.settings, attempts)
+                )
+            except KubeRayMissing:
+                status["conditions"] = builders.set_condition(
+                    status["conditions"],
+                    "KubeRayAvailable",
+                    "False",
+                    "RayJobCRDNotFound",
+                    "the ray.io/v1 RayJob API is not served by this cluster: install the KubeRay "
+                    "operator and its CRDs; retrying with backoff",
+                    now,
+                    gen,
+                )
+                await self._write_status(job, old, status)
+                raise
+            self.event(
+                job,
+                "Normal",
+                "RayJobCreated",
+                f"created RayJob {status['rayJobName']} (attempt {attempts})",
+            )
+            if not status.get("startTime"):
+                status["startTime"] = builders.rfc3339(now)
+        else:
+            patch = builders.rayjob_patch(job, rayjob)
+            if patch:
+                rayjob = await self._call(self.api.patch_rayjob, ns, status["rayJobName"], patch)
+        if builders.get_condition(status, "KubeRayAvailable"):
+            status["conditions"] = builders.set_condition(
+                status["conditions"],
+                "KubeRayAvailable",
+                "True",
+                "RayJobCRDFound",
+                "the RayJob API is served",
+                now,
+                gen,
+            )
+
+        # 3. Observe: KubeRay's status and, once the trainer can have written any,
+        # its files.
+        status |= builders.rayjob_to_status(rayjob)
+        if builders.trainer_may_have_written(job, rayjob, attempts):
+            status = await self._observe_storage(job, status, now, gen)
+
+        # 4. Decide.
+        job_view = {**job, "status": status}
+        decision = builders.decide(job_view, rayjob, now)
+        if decision.action == "retry":
+            failed_name = status["rayJobName"]
+            attempts += 1
+            status |= builders.child_names(job, attempts) | {"attempts": attempts}
+            status.pop("rayClusterName", None)
+            status.pop("dashboardUrl", None)
+            status = builders.with_phase(
+                status, decision.phase, decision.reason, decision.message, now, gen
+            )
+            status["observedGeneration"] = gen
+            await self._write_status(job, old, status)  # the new name first, then the delete
+            await self._call(self.api.delete_rayjob, ns, failed_name)
+            return 0.0
+        if decision.action == "stop" and decision.reason == "DeadlineExceeded":
+            await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
+        status = builders.with_phase(
+            status, decision.phase, decision.reason, decision.message, now, gen
+        )
+        status["observedGeneration"] = gen
+        await self._write_status(job, old, status)
+        if status["phase"] in TERMINAL:
+            return await self._finished(job, copy.deepcopy(status), status, now)
+        return self.timing.poll_seconds
+
+    async def _observe_storage(self, job: Body, status: dict, now: datetime, gen) -> dict:
+        spec = job["spec"]
+        meta = job["metadata"]
+        output = spec.get("output") or {}
+        uri = output.get("uri") or self.settings.default_output_uri
+        if not uri or not uri.startswith("s3://"):
+            return status  # a PVC/local path: only the pods can read it
+        prefix = f"{uri.rstrip('/')}/{meta['namespace']}/{meta['name']}/{meta['uid']}"
+        try:
+            secret = {}
+            ref = (output.get("secretRef") or {}).get("name")
+            if ref:
+                secret = await self._call(self.api.read_secret, meta["namespace"], ref)
+            keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
+            snapshot = await self._read_storage(
+                storage_reader.read_snapshot, prefix, output, secret, keep
+            )
+        except Exception as exc:  # noqa: BLE001 - storage trouble must not stop reconciling
+            metrics.ERRORS.labels(kind="storage").inc()
+            # Never echo exception text that could carry a URL with credentials.
+            status["conditions"] = builders.set_condition(
+                status.get("conditions") or [],
+                "StorageReadable",
+                "False",
+                type(exc).__name__,
+                f"cannot read {prefix}: {type(exc).__name__}",
+                now,
+                gen,
+            )
+            return status
+        if builders.get_condition(status, "StorageReadable"):
+            status["conditions"] = builders.set_condition(
+                status["conditions"], "StorageReadable", "True", "Read", f"read {prefix}", now, gen
+            )
+        status |= builders.progress_to_status(snapshot, keep)
+        if status.get("checkpoints"):
+            last = status["checkpoints"][-1]
+            status["conditions"] = builders.set_condition(
+                status["conditions"],
+                "Checkpointed",
+                "True",
+                "CheckpointCommitted",
+                f"step {last['step']} committed at {last['uri']}",
+                now,
+                gen,
+            )
+        return status
+
+    async def _finished(self, job: Body, old: dict, status: dict, now: datetime) -> float:
+        """A finished job: read its final files once more, then TTL cleanup."""
+        ns = job["metadata"]["namespace"]
+        gen = job["metadata"].get("generation")
+        if not builders.get_condition(status, "FinalStatusRead") and status.get("rayJobName"):
+            status = await self._observe_storage(job, status, now, gen)
+            status["conditions"] = builders.set_condition(
+                status["conditions"],
+                "FinalStatusRead",
+                "True",
+                "Read",
+                "final progress, metrics and outputs read",
+                now,
+                gen,
+            )
+        job_view = {**job, "status": status}
+        remaining = builders.ttl_remaining(job_view, now)
+        if (
+            remaining is not None
+            and remaining <= 0
+            and not builders.get_condition(status, "ChildrenDeleted")
+        ):
+            if status.get("rayJobName"):
+                await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
+            if status.get("configMapName"):
+                await self._call(self.api.delete_configmap, ns, status["configMapName"])
+            status["conditions"] = builders.set_condition(
+                status["conditions"],
+                "ChildrenDeleted",
+                "True",
+                "TTLExpired",
+                "ttlSecondsAfterFinished passed: the RayJob and ConfigMap were deleted; the "
+                "FineTuneJob and its storage stay",
+                now,
+                gen,
+            )
+            self.event(job, "Normal", "TTLExpired", "deleted the RayJob and ConfigMap")
+        status["observedGeneration"] = gen
+        await self._write_status(job, old, status)
+        if remaining is not None and remaining > 0:
+            return min(remaining, self.timing.idle_seconds)
+        return self.timing.idle_seconds
+
+    async def stop(self, ns: str, name: str, status: dict) -> bool:
+        """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).
+        True once it is gone."""
+        rj_name = status.get("rayJobName")
+        if not rj_name:
+            return True
+        rayjob = await self._call(self.api.get_rayjob, ns, rj_name)
+        if rayjob is None:
+            return True
+        if not rayjob["metadata"].get("deletionTimestamp"):
+            await self._call(self.api.delete_rayjob, ns, rj_name)
+        return await self._call(self.api.get_rayjob, ns, rj_name) is None

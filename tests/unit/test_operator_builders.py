@@ -1,0 +1,415 @@
+"""Pure builders of the operator: golden files and the state switch.
+
+Regenerate the golden files after an intended change with
+    KUBETUNE_UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_operator_builders.py
+and review the diff of tests/golden/ like any other code change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune_operator import builders as b
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+EXAMPLES = ROOT / "crds" / "examples"
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+SETTINGS = b.Settings(trainer_image="example.com/kubetune-trainer:test", ray_version="2.60.0")
+
+
+def _job(example: str, **meta) -> dict:
+    job = yaml.safe_load((EXAMPLES / example).read_text())
+    job["metadata"].update({"namespace": "team-a", "uid": "0b7c-uid", "generation": 1} | meta)
+    job["spec"].setdefault("output", {}).setdefault("uri", "s3://bucket/runs")
+    return job
+
+
+def _golden(name: str, obj: dict) -> None:
+    path = GOLDEN / name
+    text = yaml.safe_dump(obj, sort_keys=True)
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with KUBETUNE_UPDATE_GOLDEN=1 to create it"
+    assert yaml.safe_load(path.read_text()) == obj, f"{name} differs from the golden file"
+
+
+EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLE_FILES)
+def test_rayjob_matches_golden(example):
+    _golden(f"rayjob-{example}", b.spec_to_rayjob(_job(example), SETTINGS, attempt=1))
+
+
+@pytest.mark.parametrize("example", EXAMPLE_FILES)
+def test_configmap_matches_golden(example):
+    cm = b.spec_to_configmap(_job(example), SETTINGS, attempt=1)
+    # Parsed, so a change to the trainer config reads as a normal YAML diff.
+    cm["data"]["config.json"] = json.loads(cm["data"]["config.json"])
+    _golden(f"configmap-{example}", cm)
+
+
+def test_configmap_holds_no_secret_values_and_names_no_env():
+    job = _job("chat-s3-secret.yaml")
+    cm = b.spec_to_configmap(job, SETTINGS, 1)
+    text = json.dumps(cm)
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "KUBETUNE_OUTPUT" not in text
+    config = json.loads(cm["data"]["config.json"])
+    assert config["storagePrefix"] == "s3://team-models/fine-tunes/team-a/support-bot/0b7c-uid"
+    assert config["attempt"] == 1
+
+
+def test_rayjob_shape_from_resources():
+    job = _job(
+        "chat-s3-secret.yaml",
+        labels={
+            "kueue.x-k8s.io/queue-name": "gpu",
+            "kueue.x-k8s.io/priority-class": "high",
+            "team": "x",
+        },
+    )
+    job["spec"]["resources"] |= {
+        "workers": 3,
+        "gpusPerWorker": 2,
+        "cpuPerWorker": "6",
+        "memoryPerWorker": "40Gi",
+        "nodeSelector": {"pool": "a100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "train",
+        "image": "my/trainer:1",
+    }
+    rj = b.spec_to_rayjob(job, SETTINGS, 2)
+    assert rj["metadata"]["name"] == "support-bot-r1"
+    assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert rj["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert "team" not in rj["metadata"]["labels"]
+    assert rj["spec"]["suspend"] is True  # created suspended: Kueue admits it
+    assert rj["spec"]["shutdownAfterJobFinishes"] is True
+    assert (
+        rj["spec"]["entrypoint"] == "python -m kubetune_trainer --config /etc/kubetune/config.json"
+    )
+    [group] = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    pod = group["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "my/trainer:1"
+    assert c["resources"]["limits"] == {"cpu": "6", "memory": "40Gi", "nvidia.com/gpu": "2"}
+    assert pod["nodeSelector"] == {"pool": "a100"} and pod["priorityClassName"] == "train"
+    assert pod["tolerations"][0]["key"] == "gpu"
+    assert pod["volumes"] == [
+        {"name": "kubetune-config", "configMap": {"name": "support-bot-config"}}
+    ]
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["KUBETUNE_OUTPUT_AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "team-s3", "key": "AWS_SECRET_ACCESS_KEY", "optional": False}
+    assert (
+        "KUBETUNE_DATASET_AWS_ACCESS_KEY_ID" in env
+        and "KUBETUNE_MODEL_AWS_ACCESS_KEY_ID" not in env
+    )
+    assert env["KUBETUNE_ATTEMPT"]["value"] == "2"
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"] == {"num-cpus": "0"}
+    assert "nvidia.com/gpu" not in json.dumps(head)
+    assert all(
+        o["uid"] == "0b7c-uid" and o["controller"] for o in rj["metadata"]["ownerReferences"]
+    )
+
+
+def test_hf_token_secret_becomes_env():
+    job = _job("lora-minimal.yaml")
+    job["spec"]["model"]["tokenSecretRef"] = {"name": "hf"}
+    env = b.spec_to_rayjob(job, SETTINGS, 1)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"][
+        "spec"
+    ]["containers"][0]["env"]
+    assert {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}},
+    } in env
+
+
+@pytest.mark.parametrize("name", ["a", "My.Job.v2", "9lives", "x" * 253, "a-" * 30])
+def test_child_names_are_valid_and_deterministic(name):
+    dns1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    for attempt in (1, 2, 11):
+        rj = b.rayjob_name(name, attempt)
+        assert dns1035.match(rj) and len(rj) <= 47, rj
+        assert rj == b.rayjob_name(name, attempt)
+    assert b.rayjob_name(name, 1) != b.rayjob_name(name, 2)
+    cm = b.configmap_name(name)
+    assert len(cm) <= 63 and dns1035.match(cm)
+
+
+def test_truncated_names_do_not_collide():
+    assert b.rayjob_name("x" * 60 + "a", 1) != b.rayjob_name("x" * 60 + "b", 1)
+
+
+def _rj(deploy="", ray="", suspend=False, **status):
+    return {
+        "spec": {"suspend": suspend},
+        "status": {"jobDeploymentStatus": deploy, "jobStatus": ray} | status,
+    }
+
+
+@pytest.mark.parametrize(
+    "rayjob, spec, labels, phase, reason, action",
+    [
+        (None, {}, {}, "Pending", "Creating", "create"),
+        (_rj(), {}, {}, "Starting", "RayClusterStarting", None),
+        (_rj("Initializing"), {}, {}, "Starting", "RayClusterStarting", None),
+        (_rj("Running", "PENDING"), {}, {}, "Starting", "RayClusterStarting", None),
+        (_rj("Running", "RUNNING"), {}, {}, "Running", "Training", None),
+        (_rj("Suspended", suspend=True), {"suspend": True}, {}, "Suspended", "Suspended", None),
+        (_rj("", suspend=True), {}, {"kueue.x-k8s.io/queue-name": "q"}, "Queued", "Queued", None),
+        (_rj("Complete", "SUCCEEDED"), {}, {}, "Succeeded", "JobSucceeded", None),
+        (_rj("Complete", "FAILED"), {}, {}, "Starting", "Retrying", "retry"),
+        (
+            _rj("Failed", "FAILED"),
+            {"backoffLimit": 0},
+            {},
+            "Failed",
+            "BackoffLimitExceeded",
+            "stop",
+        ),
+        (
+            _rj("ValidationFailed", message="bad"),
+            {},
+            {},
+            "Failed",
+            "RayJobValidationFailed",
+            "stop",
+        ),
+    ],
+)
+def test_decide_is_one_switch_on_the_rayjob(rayjob, spec, labels, phase, reason, action):
+    job = {
+        "metadata": {"labels": labels},
+        "spec": {"backoffLimit": 3} | spec,
+        "status": {"attempts": 1},
+    }
+    d = b.decide(job, rayjob, NOW)
+    assert (d.phase, d.reason, d.action) == (phase, reason, action)
+
+
+def test_retries_stop_at_backoff_limit():
+    job = {"metadata": {}, "spec": {"backoffLimit": 2}, "status": {"attempts": 3}}
+    assert b.decide(job, _rj("Failed", "FAILED"), NOW).reason == "BackoffLimitExceeded"
+    job["status"]["attempts"] = 2
+    assert b.decide(job, _rj("Failed", "FAILED"), NOW).action == "retry"
+
+
+def test_active_deadline():
+    start = b.rfc3339(NOW - timedelta(seconds=100))
+    job = {
+        "metadata": {},
+        "spec": {"activeDeadlineSeconds": 60},
+        "status": {"attempts": 1, "startTime": start},
+    }
+    assert b.decide(job, _rj("Running", "RUNNING"), NOW).reason == "DeadlineExceeded"
+    job["spec"]["activeDeadlineSeconds"] = 600
+    assert b.decide(job, _rj("Running", "RUNNING"), NOW).phase == "Running"
+
+
+def test_ttl_remaining():
+    done = b.rfc3339(NOW - timedelta(seconds=30))
+    job = {
+        "spec": {"ttlSecondsAfterFinished": 60},
+        "status": {"phase": "Succeeded", "completionTime": done},
+    }
+    assert b.ttl_remaining(job, NOW) == 30
+    job["spec"]["ttlSecondsAfterFinished"] = 10
+    assert b.ttl_remaining(job, NOW) == 0
+    job["status"]["phase"] = "Running"
+    assert b.ttl_remaining(job, NOW) is None
+
+
+def test_rayjob_patch_syncs_suspend_and_kueue_labels():
+    job = {"metadata": {"labels": {}}, "spec": {"suspend": True}}
+    live = {
+        "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "old"}},
+        "spec": {"suspend": False},
+    }
+    assert b.rayjob_patch(job, live) == {
+        "spec": {"suspend": True},
+        "metadata": {"labels": {"kueue.x-k8s.io/queue-name": None}},
+    }
+    # Under Kueue, the operator never un-suspends: admission is Kueue's call.
+    job = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "q"}}, "spec": {"suspend": False}}
+    live = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "q"}}, "spec": {"suspend": True}}
+    assert b.rayjob_patch(job, live) is None
+
+
+def test_progress_to_status_golden():
+    snapshot = {
+        "prefix": "s3://b/runs/ns/j/uid",
+        "progress": {
+            "phase": "Training",
+            "step": 120,
+            "totalSteps": 600,
+            "epoch": 0.4,
+            "etaSeconds": 960,
+            "tokensPerSecond": 1234.5,
+            "updatedAt": "x",
+        },
+        "metrics": [
+            {"step": 100, "loss": 2.5},
+            {"step": 110, "loss": 2.25, "evalLoss": 2.4},
+            {"step": 120, "loss": 2.125, "learningRate": 0.0002},
+        ],
+        "checkpoints": [
+            {
+                "step": s,
+                "uri": f"s3://b/runs/ns/j/uid/checkpoints/step-{s:08d}",
+                "evalLoss": 2.4,
+                "createdAt": "2026-01-01T00:00:00Z",
+            }
+            for s in (25, 50, 75, 100)
+        ],
+        "outputs": None,
+    }
+    out = b.progress_to_status(snapshot, keep_last=3)
+    assert out["progress"]["display"] == "120/600" and out["progress"]["percent"] == 20.0
+    assert out["metrics"]["displayLoss"] == "2.1250"
+    assert [c["step"] for c in out["checkpoints"]] == [50, 75, 100]
+    _golden("status-progress.yaml", out)
+
+
+def test_progress_to_status_outputs():
+    out = b.progress_to_status(
+        {
+            "prefix": "s3://p",
+            "outputs": {"adapter": "s3://p/adapter", "finalTrainLoss": 1.5, "finalEvalLoss": 1.75},
+        }
+    )
+    assert out["outputs"] == {"prefix": "s3://p", "adapter": "s3://p/adapter"}
+    assert out["metrics"]["trainLoss"] == 1.5 and out["metrics"]["evalLoss"] == 1.75
+
+
+def test_status_fits_the_crd_status_model():
+    from kubetune_api.models import FineTuneJobStatus
+
+    status = {"attempts": 1, "rayJobName": "j", "configMapName": "j-config"}
+    status |= b.progress_to_status(
+        {
+            "prefix": "s3://p",
+            "progress": {"step": 3, "totalSteps": 9},
+            "metrics": [{"step": 3, "loss": 1.0}],
+            "checkpoints": [{"step": 3, "uri": "s3://p/c"}],
+        }
+    )
+    status = b.with_phase(status, "Running", "Training", "m", NOW, 1)
+    FineTuneJobStatus.model_validate(status)  # extra="forbid": a pruned field would fail here
+
+
+def test_conditions_keep_transition_time_when_status_is_unchanged():
+    c = b.set_condition([], "Running", "True", "A", "m", NOW, 1)
+    later = NOW + timedelta(seconds=5)
+    c2 = b.set_condition(c, "Running", "True", "B", "m2", later, 2)
+    assert c2[0]["lastTransitionTime"] == c[0]["lastTransitionTime"] and c2[0]["reason"] == "B"
+    c3 = b.set_condition(c2, "Running", "False", "C", "m3", later, 2)
+    assert c3[0]["lastTransitionTime"] == b.rfc3339(later)
+
+
+def test_with_phase_flips_phase_conditions():
+    s = b.with_phase({}, "Running", "Training", "m", NOW, 1)
+    s = b.with_phase(s, "Succeeded", "JobSucceeded", "done", NOW, 1)
+    conds = {c["type"]: c["status"] for c in s["conditions"]}
+    assert conds == {"Running": "False", "Succeeded": "True"}
+    assert s["completionTime"] == b.rfc3339(NOW)
+
+
+def test_invalid_spec_status():
+    job = _job("lora-minimal.yaml")
+    job["spec"]["hyperparameters"] = {"epochs": 1, "maxSteps": 5}
+    errors = b.validate_job(job)
+    assert errors and "maxSteps" in str(errors[0]) + str(errors)
+    s = b.spec_error_status({}, errors, NOW, 3)
+    assert s["phase"] == "Failed" and s["reason"] == "InvalidSpec"
+    assert {c["type"]: c["status"] for c in s["conditions"]}["Validated"] == "False"
+
+
+def test_operator_imports_no_torch_ray_deepspeed():
+    code = (
+        "import sys, kubetune_operator, kubetune_operator.cli, kubetune_operator.storage_reader;"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','ray','deepspeed')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT / "operator")},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_package_named_operator():
+    assert not (ROOT / "operator" / "__init__.py").exists()
+    import operator
+
+    assert operator.itemgetter(0)([5]) == 5
+
+
+def test_decide_does_not_mutate_input():
+    job = {"metadata": {}, "spec": {}, "status": {"attempts": 1}}
+    before = copy.deepcopy(job)
+    b.decide(job, _rj("Running", "RUNNING"), NOW)
+    assert job == before
+
+
+def test_importing_the_package_registers_the_handlers():
+    # What `kopf run -m kubetune_operator` relies on.
+    code = (
+        "import kubetune_operator, kopf\n"
+        "from kopf._core.intents import registries\n"
+        "r = registries.get_default_registry()\n"
+        "ids = {h.id for h in r._changing.get_all_handlers()}\n"
+        "ids |= {h.id for h in r._spawning.get_all_handlers()}\n"
+        "print(sorted(ids))\n"
+        "assert kubetune_operator.__file__, 'a namespace package registers nothing'\n"
+        "assert {'reconcile', 'stop_ray_job'} <= ids, ids\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_storage_reader_reads_either_key_case(tmp_path):
+    from kubetune_operator import storage_reader
+
+    prefix = tmp_path / "ns" / "job" / "uid"
+    (prefix / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (prefix / "checkpoints" / "step-00000004").mkdir(parents=True)  # not committed
+    (prefix / "checkpoints" / "step-00000002" / "manifest.json").write_text(
+        json.dumps({"step": 2, "eval_loss": 3.0, "created_at": "2026-01-01T00:00:00Z"})
+    )
+    (prefix / "progress.json").write_text(
+        json.dumps({"phase": "Training", "step": 4, "total_steps": 8, "updatedAt": "x"})
+    )
+    (prefix / "metrics.jsonl").write_text(
+        json.dumps({"step": 2, "loss": 3.5, "tokens_per_second": 10.0})
+        + "\n"
+        + json.dumps({"step": 4, "loss": 3.25, "eval_loss": 3.1})
+        + "\n"
+        + '{"step": 5, "lo'
+    )
+    snap = storage_reader.read_snapshot(str(prefix), None, {})
+    out = b.progress_to_status(snap)
+    assert out["progress"]["display"] == "4/8"
+    assert out["metrics"] == {
+        "trainLoss": 3.25,
+        "evalLoss": 3.1,
+        "tokensPerSecond": 10.0,
+        "displayLoss": "3.2500",
+    }
+    assert [(c["step"], c["evalLoss"]) for c in out["checkpoints"]] == [(2, 3.0)]

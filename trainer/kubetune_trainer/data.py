@@ -1,0 +1,369 @@
+"""Data: read rows, normalise the five formats, tokenize with loss masks, pack, batch.
+
+Every format becomes one of three shapes before tokenizing:
+  {"text": str}                               loss on every token
+  {"prompt": str, "completion": str}          loss on the completion
+  {"messages": [{"role", "content"}, ...]}    the model's chat template, loss on
+                                              assistant turns only
+Rows that cannot be used are counted by reason, with a few examples, and a
+dataset without a usable row raises DataError before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+IGNORE = -100
+_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+# Used only for tokenizers that ship no chat template.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class DataReport:
+    rows: int = 0
+    usable: int = 0
+    truncated: int = 0
+    bad: Counter = field(default_factory=Counter)
+    bad_examples: list[str] = field(default_factory=list)
+    tokens: int = 0
+    loss_tokens: int = 0
+
+    def reject(self, index: int, reason: str, row: Any) -> None:
+        self.bad[reason] += 1
+        if len(self.bad_examples) < 5:
+            text = json.dumps(row, default=str)[:160]
+            self.bad_examples.append(f"row {index}: {reason}: {text}")
+
+    def summary(self, name: str = "train") -> str:
+        text = (
+            f"{name}: {self.usable}/{self.rows} rows usable, {self.truncated} truncated, "
+            f"{self.tokens} tokens ({self.loss_tokens} with loss)"
+        )
+        if self.bad:
+            text += "; bad rows: " + ", ".join(f"{n} {r}" for r, n in self.bad.most_common())
+            text += "".join(f"\n  {e}" for e in self.bad_examples)
+        return text
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _read_file(fs, path: str) -> list[dict]:
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f).to_pylist()
+    with fs.open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    if lower.endswith(".json") and text.lstrip().startswith("["):
+        return json.loads(text)
+    if lower.endswith(".json") and text.lstrip().startswith("{") and "\n{" not in text.strip():
+        doc = json.loads(text)
+        if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+            return doc["data"]
+        return [doc]
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            rows.append({"__bad__": f"invalid JSON on line {n}: {exc.msg}"})
+    return rows
+
+
+def read_rows(source, access=None, environ=None) -> list[dict]:
+    """Rows of a DataSource: a file or folder (any fsspec URI), or a datasets name."""
+    if source.name:
+        import datasets
+
+        ds = datasets.load_dataset(source.name, split=source.split)
+        return list(ds)
+    from .storage import filesystem, to_uri
+
+    uri = to_uri(source.uri)
+    fs, path = filesystem(uri, access, "DATASET", environ)
+    if fs.isdir(path):
+        files = sorted(
+            p for p in fs.find(path) if p.lower().endswith((".jsonl", ".json", ".parquet"))
+        )
+        if not files:
+            raise DataError(f"{source.uri}: no .jsonl, .json or .parquet file in the folder")
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise DataError(f"{source.uri}: no such file")
+    rows: list[dict] = []
+    for p in files:
+        rows.extend(_read_file(fs, p))
+    return rows
+
+
+# ---------------------------------------------------------------------------- formats
+
+
+def _str(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
+    """(normalised row, None) or (None, why it is unusable)."""
+    if not isinstance(row, dict):
+        return None, "not an object"
+    if "__bad__" in row:
+        return None, "invalid JSON"
+    if fmt == "text":
+        if not _str(row.get("text")):
+            return None, "missing or empty 'text'"
+        return {"text": row["text"]}, None
+    if fmt == "prompt-completion":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return _messages(prompt + completion, "prompt/completion")
+        if not isinstance(prompt, str) or not _str(completion):
+            return None, "missing 'prompt' or empty 'completion'"
+        return {"prompt": prompt, "completion": completion}, None
+    if fmt == "alpaca":
+        if not _str(row.get("instruction")) or not _str(row.get("output")):
+            return None, "missing 'instruction' or 'output'"
+        user = row["instruction"]
+        if _str(row.get("input")):
+            user += "\n\n" + row["input"]
+        return {
+            "messages": [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": row["output"]},
+            ]
+        }, None
+    if fmt == "sharegpt":
+        conv = row.get("conversations")
+        if not isinstance(conv, list):
+            return None, "missing 'conversations' list"
+        msgs = []
+        for turn in conv:
+            if not isinstance(turn, dict):
+                return None, "a conversation turn is not an object"
+            msgs.append({"role": turn.get("from"), "content": turn.get("value")})
+        return _messages(msgs, "conversations")
+    if fmt == "chat":
+        return _messages(row.get("messages"), "messages")
+    return None, f"unknown format {fmt!r}"
+
+
+def _messages(msgs, name: str) -> tuple[Optional[dict], Optional[str]]:
+    if not isinstance(msgs, list) or not msgs:
+        return None, f"missing or empty '{name}'"
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict):
+            return None, "a message is not an object"
+        role = _ROLES.get(str(m.get("role", "")).lower())
+        if role is None:
+            return None, f"unknown role {m.get('role')!r}"
+        if not isinstance(m.get("content"), str):
+            return None, "a message has no text 'content'"
+        out.append({"role": role, "content": m["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        return None, "no assistant turn"
+    return {"messages": out}, None
+
+
+# ---------------------------------------------------------------------------- tokenize
+
+
+def _template(tokenizer, messages, generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+        chat_template=None if tokenizer.chat_template else FALLBACK_TEMPLATE,
+    )
+
+
+def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
+    eos = tokenizer.eos_token_id
+    if "text" in norm:
+        ids = tokenizer(norm["text"], add_special_tokens=False)["input_ids"] + [eos]
+        return ids, list(ids)
+    if "prompt" in norm:
+        p = tokenizer(norm["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(norm["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        return p + c, [IGNORE] * len(p) + c
+    msgs = norm["messages"]
+    full = _template(tokenizer, msgs)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _template(tokenizer, msgs[:i], generation_prompt=True) if i else ""
+        upto = _template(tokenizer, msgs[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise DataError("the chat template does not render conversations prefix by prefix")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [
+        t if any(s <= start < e for s, e in spans) else IGNORE
+        for t, (start, _end) in zip(ids, enc["offset_mapping"], strict=False)
+    ]
+    return ids, labels
+
+
+def build_examples(
+    rows: list, fmt: str, tokenizer, max_len: int
+) -> tuple[list[Example], DataReport]:
+    report = DataReport(rows=len(rows))
+    out = []
+    for index, row in enumerate(rows):
+        norm, why = normalize(row, fmt)
+        if norm is None:
+            report.reject(index, why, row)
+            continue
+        ids, labels = tokenize(norm, tokenizer)
+        if len(ids) > max_len:
+            report.truncated += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+        if labels:
+            labels[0] = IGNORE  # never predicted from a previous packed example
+        n_loss = sum(1 for x in labels if x != IGNORE)
+        if n_loss == 0:
+            report.reject(index, "no tokens left to learn from after truncation", row)
+            continue
+        report.usable += 1
+        report.tokens += len(ids)
+        report.loss_tokens += n_loss
+        out.append(Example(ids, labels))
+    return out, report
+
+
+def require_usable(report: DataReport, name: str) -> None:
+    if report.usable == 0:
+        raise DataError(f"{name} data has no usable rows. " + report.summary(name))
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def pack(examples: list[Example], max_len: int, seed: int) -> list[list[int]]:
+    """Indices of examples per sequence of at most max_len tokens (first fit,
+    random order): no example is split across sequences."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_len - n)
+    return bins
+
+
+def sequences(examples: list[Example], max_len: int, packing: bool, seed: int) -> list[list[int]]:
+    if packing:
+        return pack(examples, max_len, seed)
+    return [[i] for i in range(len(examples))]
+
+
+def collate(examples: list[Example], seqs: list[list[int]], pad_id: int, packing: bool) -> dict:
+    """One micro-batch. Packed: position ids restart at every example and there is
+    no attention mask, so the model's packed-sequence masking keeps examples
+    apart. Padded: right padding with an attention mask."""
+    import torch
+
+    rows = []
+    for seq in seqs:
+        ids, labels, pos = [], [], []
+        for i in seq:
+            ex = examples[i]
+            ids += ex.input_ids
+            labels += ex.labels
+            pos += list(range(len(ex.input_ids)))
+        rows.append((ids, labels, pos))
+    width = max(len(r[0]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, lab, pos) in enumerate(rows):
+        n = len(ids)
+        input_ids[r, :n] = torch.tensor(ids)
+        labels[r, :n] = torch.tensor(lab)
+        position_ids[r, :n] = torch.tensor(pos)
+        position_ids[r, n:] = torch.arange(width - n)  # padding is its own "sequence"
+        attention[r, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels}
+    if packing:
+        batch["position_ids"] = position_ids
+    else:
+        batch["attention_mask"] = attention
+    return batch
+
+
+def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(rows) * fraction)))
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val], [rows[i] for i in sorted(val)]
+
+
+@dataclass
+class Prepared:
+    train: list[Example]
+    val: list[Example]
+    train_report: DataReport
+    val_report: Optional[DataReport]
+
+
+def prepare(spec, tokenizer, environ=None) -> Prepared:
+    ds = spec.dataset
+    rows = read_rows(ds.train, ds, environ)
+    if ds.validation is not None:
+        train_rows, val_rows = rows, read_rows(ds.validation, ds, environ)
+    else:
+        train_rows, val_rows = split_validation(
+            rows, ds.validation_split, spec.hyperparameters.seed
+        )
+    train, train_report = build_examples(train_rows, ds.format, tokenizer, ds.max_seq_length)
+    require_usable(train_report, "train")
+    val, val_report = [], None
+    if val_rows:
+        val, val_report = build_examples(val_rows, ds.format, tokenizer, ds.max_seq_length)
+    return Prepared(train, val, train_report, val_report)

@@ -1,0 +1,188 @@
+"""Model: where the weights come from, the fine-tuning method, ZeRO stage choice."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from .storage import filesystem
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+
+
+def resolve_model_path(source, environ=None) -> str:
+    """A local folder or Hugging Face id that from_pretrained can read. Object-store
+    URIs are fetched once per node into the cache (a marker file says complete)."""
+    if source.name:
+        return source.name
+    uri = source.uri
+    if "://" not in uri:
+        return str(Path(uri).expanduser().resolve())
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    dest = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = dest / ".kubetune-complete"
+    if done.exists():
+        return str(dest)
+    lock = dest.with_suffix(".lock")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another worker on this node is fetching it
+        while not done.exists():
+            if not lock.exists() and not done.exists():
+                return resolve_model_path(source, environ)
+            time.sleep(1)
+        return str(dest)
+    try:
+        fs, path = filesystem(uri, source, "MODEL", environ)
+        fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
+        done.touch()
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+    return str(dest)
+
+
+def load_tokenizer(spec, path: str):
+    from transformers import AutoTokenizer
+
+    m = spec.model
+    kwargs = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+    if m.gguf_file:
+        kwargs["gguf_file"] = m.gguf_file
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_model(spec, path: str, use_gpu: bool):
+    """The model ready for DeepSpeed: base weights, peft adapters when lora/qlora."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m, method, hp = spec.model, spec.method, spec.hyperparameters
+    kwargs = {
+        "revision": m.revision,
+        "trust_remote_code": m.trust_remote_code,
+        "dtype": torch_dtype(hp.precision) if method.type != "qlora" else torch.bfloat16,
+    }
+    if m.gguf_file:
+        kwargs["gguf_file"] = m.gguf_file
+    if method.type == "qlora":
+        if not use_gpu:
+            raise RuntimeError("qlora needs a GPU (bitsandbytes); the spec validation rejects this")
+        from transformers import BitsAndBytesConfig
+
+        q = method.quantization
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # training; also lets packed position ids work
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method.type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.type == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=hp.gradient_checkpointing
+        )
+    elif hp.gradient_checkpointing:
+        model.enable_input_require_grads()
+    lc = method.lora
+    targets = lc.target_modules
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+            modules_to_save=list(lc.modules_to_save) or None,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def pick_zero_stage(
+    spec, n_params: int, gpu_memory_bytes: int | None, world: int
+) -> tuple[int, str]:
+    """The ZeRO stage for zeroStage: auto, and why. Bytes per parameter (mixed
+    precision Adam): weights 2, gradients 2, optimizer state 12 (fp32 master +
+    two moments) for trainable parameters; ZeRO-1 shards the 12, ZeRO-2 also
+    the gradients, ZeRO-3 everything."""
+    d = spec.distributed
+    if d.zero_stage != "auto":
+        return int(d.zero_stage), "set in the spec"
+    if d.offload_parameters:
+        return 3, "parameter offload needs ZeRO-3"
+    full = spec.method.type == "full"
+    trainable = n_params if full else max(1, n_params // 100)
+    weights = n_params * (0.5 if spec.method.type == "qlora" else 2)
+    if gpu_memory_bytes is None:
+        return 2, "CPU training: ZeRO-2 shards optimizer state and gradients across workers"
+    budget = 0.8 * gpu_memory_bytes
+    if not full:
+        if weights + 16 * trainable < budget:
+            return 2, f"{n_params / 1e6:.0f}M parameters with adapters fit one GPU: ZeRO-2"
+        return 3, f"{n_params / 1e6:.0f}M frozen parameters do not fit one GPU: ZeRO-3"
+    if weights + 2 * trainable + 12 * trainable / world < budget:
+        return 1, f"{n_params / 1e6:.0f}M parameters: optimizer sharding suffices (ZeRO-1)"
+    if weights + (14 * trainable) / world < budget:
+        return 2, f"{n_params / 1e6:.0f}M parameters: gradients sharded too (ZeRO-2)"
+    return 3, f"{n_params / 1e6:.0f}M parameters need sharded weights (ZeRO-3)"
+
+
+def deepspeed_config(spec, stage: int, use_gpu: bool) -> dict:
+    hp, d = spec.hyperparameters, spec.distributed
+    cfg: dict = {
+        "train_micro_batch_size_per_gpu": hp.batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "gradient_clipping": hp.max_grad_norm,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": stage},
+        # a torch optimizer is passed in: nothing to compile, also with offload
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if hp.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif hp.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    z = cfg["zero_optimization"]
+    if d.offload_optimizer and stage >= 2:
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if d.offload_parameters and stage == 3:
+        z["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    if stage == 3:
+        z["stage3_gather_16bit_weights_on_model_save"] = False
+    return cfg

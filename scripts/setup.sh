@@ -29,7 +29,10 @@ uv() { "$python" -m uv "$@"; }
 # install into the interpreter that runs uv.
 vpip() { uv pip "$1" --python "$venv/bin/python" "${@:2}"; }
 
-stamp=$( (cat pyproject.toml constraints.txt; "$python" --version; echo "$extras $dev") \
+# Package folders count too: an editable install only sees the packages that
+# existed when it was made.
+stamp=$( (cat pyproject.toml constraints.txt; "$python" --version; echo "$extras $dev"; \
+  ls -d operator/*/ trainer/*/) \
   | sha256sum | cut -c1-16)
 if [ -f "$venv/.kubetune-stamp" ] && [ "$(cat "$venv/.kubetune-stamp")" = "$stamp" ]; then
   echo "setup: $venv is up to date ($stamp)"

@@ -23,8 +23,14 @@ TRAINER_IMAGE = "example.com/kubetune-trainer:envtest"  # never pulled: there is
 class OperatorProcess:
     """`kubetune operator --standalone -n NS` against the test control plane."""
 
-    def __init__(self, kube, namespaces: list[str], log_dir: Path, extra_env: dict | None = None,
-                 via_kopf: bool = False):
+    def __init__(
+        self,
+        kube,
+        namespaces: list[str],
+        log_dir: Path,
+        extra_env: dict | None = None,
+        via_kopf: bool = False,
+    ):
         self.via_kopf = via_kopf  # `kopf run -m kubetune_operator` instead of `kubetune operator`
         self.kube = kube
         self.namespaces = namespaces
@@ -37,15 +43,19 @@ class OperatorProcess:
 
     def start(self, wait: bool = True) -> OperatorProcess:
         self.health_port, self.metrics_port = free_port(), free_port()
-        env = os.environ | {
-            "KUBECONFIG": str(self.kube.kubeconfig),
-            "KUBETUNE_POLL_SECONDS": "1",
-            "KUBETUNE_IDLE_SECONDS": "2",
-            "KUBETUNE_BACKOFF_MAX_SECONDS": "4",
-            "KUBETUNE_WATCH_SERVER_TIMEOUT": "10",
-            "KUBETUNE_TRAINER_IMAGE": TRAINER_IMAGE,
-            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
-        } | self.extra_env
+        env = (
+            os.environ
+            | {
+                "KUBECONFIG": str(self.kube.kubeconfig),
+                "KUBETUNE_POLL_SECONDS": "1",
+                "KUBETUNE_IDLE_SECONDS": "2",
+                "KUBETUNE_BACKOFF_MAX_SECONDS": "4",
+                "KUBETUNE_WATCH_SERVER_TIMEOUT": "10",
+                "KUBETUNE_TRAINER_IMAGE": TRAINER_IMAGE,
+                "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            }
+            | self.extra_env
+        )
         args = [str(KUBETUNE), "operator"]
         if self.via_kopf:
             args = [str(KUBETUNE.parent / "kopf"), "run", "-m", "kubetune_operator"]
@@ -57,8 +67,14 @@ class OperatorProcess:
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it
         log.write(f"\n===== start {self.starts}\n")
         log.flush()
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         if wait:
             wait_until(self.healthy, 60, what="the operator's liveness endpoint")
         return self
@@ -112,8 +128,12 @@ def finetunejob(name: str, s3=None, **spec_overrides) -> dict:
         "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
         "dataset": {"train": {"uri": "s3://data/train.jsonl"}, "format": "chat"},
         "hyperparameters": {"maxSteps": 20},
-        "resources": {"workers": 2, "gpusPerWorker": 1, "cpuPerWorker": "4",
-                      "memoryPerWorker": "16Gi"},
+        "resources": {
+            "workers": 2,
+            "gpusPerWorker": 1,
+            "cpuPerWorker": "4",
+            "memoryPerWorker": "16Gi",
+        },
         "backoffLimit": 1,
     }
     if s3 is not None:
@@ -124,14 +144,25 @@ def finetunejob(name: str, s3=None, **spec_overrides) -> dict:
         spec["output"] = {"uri": "s3://nowhere/runs"}
     for key, value in spec_overrides.items():
         spec[key] = value
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def s3_secret(kube, namespace: str, s3, name: str = "s3-creds") -> None:
-    kube.kubectl("create", "secret", "generic", name, "-n", namespace,
-                 f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-                 f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    kube.kubectl(
+        "create",
+        "secret",
+        "generic",
+        name,
+        "-n",
+        namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
+    )
 
 
 def apply(kube, namespace: str, obj: dict) -> None:
@@ -169,8 +200,14 @@ def wait_status(kube, name: str, namespace: str, pred, timeout: float = 60, what
 
 
 def wait_phase(kube, name: str, namespace: str, phase: str, timeout: float = 60) -> dict:
-    return wait_status(kube, name, namespace, lambda s: s.get("phase") == phase, timeout,
-                       f"{name} to reach phase {phase}")
+    return wait_status(
+        kube,
+        name,
+        namespace,
+        lambda s: s.get("phase") == phase,
+        timeout,
+        f"{name} to reach phase {phase}",
+    )
 
 
 def condition(st: dict, type_: str) -> dict | None:
@@ -179,30 +216,67 @@ def condition(st: dict, type_: str) -> dict | None:
 
 def patch_rayjob_status(kube, name: str, namespace: str, **status) -> None:
     """What KubeRay writes (status subresource) as a Ray job moves along."""
-    kube.kubectl("patch", "rayjob", name, "-n", namespace, "--subresource=status",
-                 "--type=merge", "-p", json.dumps({"status": status}))
+    kube.kubectl(
+        "patch",
+        "rayjob",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
 
 
 def rayjob_running(kube, name: str, namespace: str) -> None:
-    patch_rayjob_status(kube, name, namespace, jobDeploymentStatus="Running",
-                        jobStatus="RUNNING", rayClusterName=f"{name}-abcde",
-                        dashboardURL=f"{name}-head-svc.{namespace}.svc.cluster.local:8265",
-                        jobId=f"{name}-job")
+    patch_rayjob_status(
+        kube,
+        name,
+        namespace,
+        jobDeploymentStatus="Running",
+        jobStatus="RUNNING",
+        rayClusterName=f"{name}-abcde",
+        dashboardURL=f"{name}-head-svc.{namespace}.svc.cluster.local:8265",
+        jobId=f"{name}-job",
+    )
 
 
 def rayjob_finished(kube, name: str, namespace: str, ok: bool = True) -> None:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if ok:
-        patch_rayjob_status(kube, name, namespace, jobDeploymentStatus="Complete",
-                            jobStatus="SUCCEEDED", endTime=now, succeeded=1)
+        patch_rayjob_status(
+            kube,
+            name,
+            namespace,
+            jobDeploymentStatus="Complete",
+            jobStatus="SUCCEEDED",
+            endTime=now,
+            succeeded=1,
+        )
     else:
-        patch_rayjob_status(kube, name, namespace, jobDeploymentStatus="Failed",
-                            jobStatus="FAILED", reason="AppFailed",
-                            message="Job entrypoint command failed with exit code 1",
-                            endTime=now, failed=1)
+        patch_rayjob_status(
+            kube,
+            name,
+            namespace,
+            jobDeploymentStatus="Failed",
+            jobStatus="FAILED",
+            reason="AppFailed",
+            message="Job entrypoint command failed with exit code 1",
+            endTime=now,
+            failed=1,
+        )
 
 
 def events(kube, namespace: str, name: str) -> list[dict]:
-    out = kube.kubectl("get", "events", "-n", namespace, "-o", "json",
-                       "--field-selector", f"involvedObject.name={name}")
+    out = kube.kubectl(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "-o",
+        "json",
+        "--field-selector",
+        f"involvedObject.name={name}",
+    )
     return json.loads(out.stdout)["items"]

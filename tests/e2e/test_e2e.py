@@ -53,11 +53,19 @@ def _tiny_model(path: Path) -> Path:
     smol = quickstart.prepare_model(ROOT)
     tok = AutoTokenizer.from_pretrained(smol)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -93,23 +101,37 @@ def test_finetunejob_end_to_end(kube, namespace, s3, tmp_path):
     job = finetunejob("e2e", s3)
     job["spec"] |= {
         "model": {"uri": str(model)},
-        "dataset": job["spec"]["dataset"] | {"train": {"uri": f"s3://{s3.bucket}/data/train.jsonl"},
-                                             "maxSeqLength": 128, "validationSplit": 0.1},
+        "dataset": job["spec"]["dataset"]
+        | {
+            "train": {"uri": f"s3://{s3.bucket}/data/train.jsonl"},
+            "maxSeqLength": 128,
+            "validationSplit": 0.1,
+        },
         "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
-        "hyperparameters": {"maxSteps": 4, "batchSize": 2, "learningRate": 0.001,
-                            "precision": "fp32", "logEverySteps": 1},
+        "hyperparameters": {
+            "maxSteps": 4,
+            "batchSize": 2,
+            "learningRate": 0.001,
+            "precision": "fp32",
+            "logEverySteps": 1,
+        },
         "checkpointing": {"everySteps": 2, "keepLast": 2},
         "evaluation": {"enabled": True, "maxBatches": 2},
-        "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "1",
-                      "memoryPerWorker": "4Gi"},
+        "resources": {
+            "workers": 1,
+            "gpusPerWorker": 0,
+            "cpuPerWorker": "1",
+            "memoryPerWorker": "4Gi",
+        },
         "distributed": {"zeroStage": 2},
     }
     op = OperatorProcess(kube, [namespace], tmp_path).start()
     try:
         apply(kube, namespace, job)
         st = wait_status(kube, "e2e", namespace, lambda s: s.get("rayJobName"), 60)
-        rj = wait_until(lambda: get(kube, "rayjob", st["rayJobName"], namespace), 60,
-                        what="the RayJob")
+        rj = wait_until(
+            lambda: get(kube, "rayjob", st["rayJobName"], namespace), 60, what="the RayJob"
+        )
         head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
         container = head["containers"][0]
         cm_name = head["volumes"][0]["configMap"]["name"]
@@ -129,17 +151,26 @@ def test_finetunejob_end_to_end(kube, namespace, s3, tmp_path):
         rayjob_running(kube, rj["metadata"]["name"], namespace)
         wait_phase(kube, "e2e", namespace, "Running")
         started = time.monotonic()
-        run = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True,
-                             timeout=TRAINER_TIMEOUT)
+        run = subprocess.run(
+            argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TRAINER_TIMEOUT
+        )
         print(f"trainer ran {time.monotonic() - started:.0f}s rc={run.returncode}")
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
         rayjob_finished(kube, rj["metadata"]["name"], namespace, ok=True)
 
-        out = kube.kubectl("wait", "--for=condition=Succeeded", "ftj/e2e", "-n", namespace,
-                           "--timeout=120s", timeout=130)
+        out = kube.kubectl(
+            "wait",
+            "--for=condition=Succeeded",
+            "ftj/e2e",
+            "-n",
+            namespace,
+            "--timeout=120s",
+            timeout=130,
+        )
         assert "condition met" in out.stdout
-        st = wait_status(kube, "e2e", namespace,
-                         lambda s: condition(s, "FinalStatusRead") is not None, 60)
+        st = wait_status(
+            kube, "e2e", namespace, lambda s: condition(s, "FinalStatusRead") is not None, 60
+        )
         assert st["phase"] == "Succeeded"
         assert isinstance(st["metrics"]["trainLoss"], float) and st["metrics"]["trainLoss"] > 0
         assert st["progress"]["step"] == 4 and st["progress"]["display"] == "4/4"

@@ -41,11 +41,13 @@ def operator(kube, namespace, tmp_path):
 
 
 def _wait_rayjob(kube, name, namespace, rj_name=None, timeout=60) -> dict:
-    st = wait_status(kube, name, namespace, lambda s: s.get("rayJobName"), timeout,
-                     "the RayJob name in status")
+    st = wait_status(
+        kube, name, namespace, lambda s: s.get("rayJobName"), timeout, "the RayJob name in status"
+    )
     rj_name = rj_name or st["rayJobName"]
-    return wait_until(lambda: get(kube, "rayjob", rj_name, namespace), timeout,
-                      what=f"RayJob {rj_name}")
+    return wait_until(
+        lambda: get(kube, "rayjob", rj_name, namespace), timeout, what=f"RayJob {rj_name}"
+    )
 
 
 def _write(s3, path: str, obj) -> None:
@@ -65,11 +67,18 @@ def test_create_makes_configmap_and_rayjob(kube, namespace, s3, operator):
     assert condition(st, "Validated")["status"] == "True"
     assert FINALIZER in get(kube, "finetunejob", "chat", namespace)["metadata"]["finalizers"]
 
-    owner = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "chat",
-             "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    owner = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "chat",
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     assert rj["metadata"]["ownerReferences"] == [owner]
     assert rj["spec"]["entrypoint"] == (
-        "python -m kubetune_trainer --config /etc/kubetune/config.json")
+        "python -m kubetune_trainer --config /etc/kubetune/config.json"
+    )
     assert rj["spec"]["shutdownAfterJobFinishes"] is True
     [group] = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 2
@@ -84,7 +93,8 @@ def test_create_makes_configmap_and_rayjob(kube, namespace, s3, operator):
     assert cm["metadata"]["ownerReferences"] == [owner]
     config = json.loads(cm["data"]["config.json"])
     assert config["storagePrefix"] == (
-        f"s3://{s3.bucket}/runs/{namespace}/chat/{job['metadata']['uid']}")
+        f"s3://{s3.bucket}/runs/{namespace}/chat/{job['metadata']['uid']}"
+    )
     assert s3.secret_key not in cm["data"]["config.json"]
     assert s3.secret_key not in json.dumps(rj)
     reasons = {e["reason"] for e in events(kube, namespace, "chat")}
@@ -108,14 +118,34 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     assert condition(st, "Running")["status"] == "True"
 
     prefix = f"runs/{namespace}/tune/{uid}"
-    _write(s3, f"{prefix}/progress.json", {
-        "phase": "Training", "step": 10, "totalSteps": 20, "epoch": 0.5, "etaSeconds": 30,
-        "tokensPerSecond": 900.0, "attempt": 1, "updatedAt": "2026-01-01T00:00:00Z"})
-    _write(s3, f"{prefix}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in [
-        {"step": 5, "loss": 2.5}, {"step": 10, "loss": 2.0, "evalLoss": 2.2}]))
+    _write(
+        s3,
+        f"{prefix}/progress.json",
+        {
+            "phase": "Training",
+            "step": 10,
+            "totalSteps": 20,
+            "epoch": 0.5,
+            "etaSeconds": 30,
+            "tokensPerSecond": 900.0,
+            "attempt": 1,
+            "updatedAt": "2026-01-01T00:00:00Z",
+        },
+    )
+    _write(
+        s3,
+        f"{prefix}/metrics.jsonl",
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [{"step": 5, "loss": 2.5}, {"step": 10, "loss": 2.0, "evalLoss": 2.2}]
+        ),
+    )
     _write(s3, f"{prefix}/checkpoints/step-00000010/model.bin", "x")
-    _write(s3, f"{prefix}/checkpoints/step-00000010/manifest.json", {
-        "step": 10, "files": ["model.bin"], "evalLoss": 2.2, "createdAt": "2026-01-01T00:00:00Z"})
+    _write(
+        s3,
+        f"{prefix}/checkpoints/step-00000010/manifest.json",
+        {"step": 10, "files": ["model.bin"], "evalLoss": 2.2, "createdAt": "2026-01-01T00:00:00Z"},
+    )
     # Not committed (no manifest): must not be reported.
     _write(s3, f"{prefix}/checkpoints/step-00000015/model.bin", "x")
     st = wait_status(kube, "tune", namespace, lambda s: s.get("progress", {}).get("step") == 10)
@@ -128,11 +158,21 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     row = kube.kubectl("get", "ftj", "tune", "-n", namespace, "--no-headers").stdout.split()
     assert row[:4] == ["tune", "Running", "10/20", "2.0000"], row
 
-    _write(s3, f"{prefix}/outputs.json", {"adapter": f"s3://{s3.bucket}/{prefix}/adapter",
-                                          "finalTrainLoss": 1.8, "steps": 20})
+    _write(
+        s3,
+        f"{prefix}/outputs.json",
+        {"adapter": f"s3://{s3.bucket}/{prefix}/adapter", "finalTrainLoss": 1.8, "steps": 20},
+    )
     rayjob_finished(kube, "tune", namespace)
-    out = kube.kubectl("wait", "--for=condition=Succeeded", "ftj/tune", "-n", namespace,
-                       "--timeout=60s", timeout=70)
+    out = kube.kubectl(
+        "wait",
+        "--for=condition=Succeeded",
+        "ftj/tune",
+        "-n",
+        namespace,
+        "--timeout=60s",
+        timeout=70,
+    )
     assert "condition met" in out.stdout
     st = status(kube, "tune", namespace)
     assert st["phase"] == "Succeeded" and st["completionTime"] and st["startTime"]
@@ -146,16 +186,24 @@ def test_suspend_and_resume(kube, namespace, operator):
     apply(kube, namespace, finetunejob("sus"))
     rj = _wait_rayjob(kube, "sus", namespace)
     assert rj["spec"].get("suspend", False) is False
-    kube.kubectl("patch", "ftj", "sus", "-n", namespace, "--type=merge",
-                 "-p", '{"spec": {"suspend": true}}')
-    wait_until(lambda: get(kube, "rayjob", "sus", namespace)["spec"].get("suspend"), 30,
-               what="RayJob suspended")
+    kube.kubectl(
+        "patch", "ftj", "sus", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}'
+    )
+    wait_until(
+        lambda: get(kube, "rayjob", "sus", namespace)["spec"].get("suspend"),
+        30,
+        what="RayJob suspended",
+    )
     st = wait_phase(kube, "sus", namespace, "Suspended")
     assert condition(st, "Suspended")["status"] == "True"
-    kube.kubectl("patch", "ftj", "sus", "-n", namespace, "--type=merge",
-                 "-p", '{"spec": {"suspend": false}}')
-    wait_until(lambda: not get(kube, "rayjob", "sus", namespace)["spec"].get("suspend"), 30,
-               what="RayJob resumed")
+    kube.kubectl(
+        "patch", "ftj", "sus", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}'
+    )
+    wait_until(
+        lambda: not get(kube, "rayjob", "sus", namespace)["spec"].get("suspend"),
+        30,
+        what="RayJob resumed",
+    )
     st = wait_phase(kube, "sus", namespace, "Starting")
     assert condition(st, "Suspended")["status"] == "False"
     assert names(kube, "rayjob", namespace) == ["sus"]
@@ -163,8 +211,10 @@ def test_suspend_and_resume(kube, namespace, operator):
 
 def test_kueue_labels_and_admission(kube, namespace, operator):
     job = finetunejob("queued")
-    job["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue",
-                                 "kueue.x-k8s.io/priority-class": "high"}
+    job["metadata"]["labels"] = {
+        "kueue.x-k8s.io/queue-name": "gpu-queue",
+        "kueue.x-k8s.io/priority-class": "high",
+    }
     apply(kube, namespace, job)
     rj = _wait_rayjob(kube, "queued", namespace)
     assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
@@ -173,8 +223,16 @@ def test_kueue_labels_and_admission(kube, namespace, operator):
     st = wait_phase(kube, "queued", namespace, "Queued")
     assert "gpu-queue" in st["message"]
     # Kueue admits the workload by un-suspending the RayJob: the operator must not undo it.
-    kube.kubectl("patch", "rayjob", "queued", "-n", namespace, "--type=merge",
-                 "-p", '{"spec": {"suspend": false}}')
+    kube.kubectl(
+        "patch",
+        "rayjob",
+        "queued",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": false}}',
+    )
     wait_phase(kube, "queued", namespace, "Starting")
     time.sleep(3)
     assert get(kube, "rayjob", "queued", namespace)["spec"]["suspend"] is False
@@ -191,13 +249,17 @@ def test_retry_resumes_then_backoff_limit(kube, namespace, operator):
     st = wait_status(kube, "flaky", namespace, lambda s: s.get("attempts") == 2)
     assert st["rayJobName"] == "flaky-r1" and st["reason"] == "Retrying"
     _wait_rayjob(kube, "flaky", namespace, "flaky-r1")
-    wait_until(lambda: get(kube, "rayjob", "flaky", namespace) is None, 30,
-               what="the failed attempt's RayJob to be deleted")
+    wait_until(
+        lambda: get(kube, "rayjob", "flaky", namespace) is None,
+        30,
+        what="the failed attempt's RayJob to be deleted",
+    )
     config2 = json.loads(get(kube, "configmap", "flaky-config", namespace)["data"]["config.json"])
     # Same storage prefix: the trainer resumes from the last committed checkpoint there.
     assert config2["attempt"] == 2 and config2["storagePrefix"] == config1["storagePrefix"]
-    env = get(kube, "rayjob", "flaky-r1", namespace)["spec"]["rayClusterSpec"][
-        "workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    env = get(kube, "rayjob", "flaky-r1", namespace)["spec"]["rayClusterSpec"]["workerGroupSpecs"][
+        0
+    ]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "KUBETUNE_ATTEMPT", "value": "2"} in env
 
     rayjob_finished(kube, "flaky-r1", namespace, ok=False)
@@ -215,8 +277,11 @@ def test_active_deadline(kube, namespace, operator):
     rayjob_running(kube, "slow", namespace)
     st = wait_phase(kube, "slow", namespace, "Failed", timeout=30)
     assert st["reason"] == "DeadlineExceeded"
-    wait_until(lambda: get(kube, "rayjob", "slow", namespace) is None, 30,
-               what="the RayJob to be deleted at the deadline")
+    wait_until(
+        lambda: get(kube, "rayjob", "slow", namespace) is None,
+        30,
+        what="the RayJob to be deleted at the deadline",
+    )
 
 
 def test_ttl_removes_children_keeps_job_and_storage(kube, namespace, s3, operator):
@@ -243,25 +308,57 @@ def test_delete_waits_for_the_rayjob_to_stop(kube, namespace, operator):
     hold = '[{"op": "add", "path": "/metadata/finalizers", "value": ["test.kubetune.io/hold"]}]'
     kube.kubectl("patch", "rayjob", "gone", "-n", namespace, "--type=json", "-p", hold)
     kube.kubectl("delete", "ftj", "gone", "-n", namespace, "--wait=false")
-    wait_until(lambda: get(kube, "rayjob", "gone", namespace)["metadata"].get(
-        "deletionTimestamp"), 30, what="the operator to delete the RayJob")
+    wait_until(
+        lambda: get(kube, "rayjob", "gone", namespace)["metadata"].get("deletionTimestamp"),
+        30,
+        what="the operator to delete the RayJob",
+    )
     time.sleep(2)
     job = get(kube, "finetunejob", "gone", namespace)
     assert job is not None and FINALIZER in job["metadata"]["finalizers"], (
-        "the FineTuneJob must stay until its RayJob is gone")
-    kube.kubectl("patch", "rayjob", "gone", "-n", namespace, "--type=merge",
-                 "-p", '{"metadata": {"finalizers": null}}')
-    wait_until(lambda: get(kube, "finetunejob", "gone", namespace) is None, 60,
-               what="the FineTuneJob to go once the RayJob is gone")
+        "the FineTuneJob must stay until its RayJob is gone"
+    )
+    kube.kubectl(
+        "patch",
+        "rayjob",
+        "gone",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"metadata": {"finalizers": null}}',
+    )
+    wait_until(
+        lambda: get(kube, "finetunejob", "gone", namespace) is None,
+        60,
+        what="the FineTuneJob to go once the RayJob is gone",
+    )
 
 
 def test_restart_between_recording_names_and_creating(kube, namespace, tmp_path):
     # The state a crash leaves right after the status write and before the create.
     apply(kube, namespace, finetunejob("crash"))
-    kube.kubectl("patch", "ftj", "crash", "-n", namespace, "--subresource=status",
-                 "--type=merge", "-p", json.dumps({"status": {
-                     "rayJobName": "crash", "configMapName": "crash-config", "attempts": 1,
-                     "phase": "Pending", "reason": "Creating"}}))
+    kube.kubectl(
+        "patch",
+        "ftj",
+        "crash",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(
+            {
+                "status": {
+                    "rayJobName": "crash",
+                    "configMapName": "crash-config",
+                    "attempts": 1,
+                    "phase": "Pending",
+                    "reason": "Creating",
+                }
+            }
+        ),
+    )
     op = OperatorProcess(kube, [namespace], tmp_path).start()
     try:
         _wait_rayjob(kube, "crash", namespace, "crash")
@@ -297,8 +394,7 @@ def test_operator_killed_mid_job_restarts_cleanly(kube, namespace, s3, tmp_path)
         assert status(kube, "k0", namespace)["phase"] == "Succeeded"
         for i in range(4):
             assert status(kube, f"k{i}", namespace)["attempts"] == 1
-        annotations = get(kube, "finetunejob", "k1", namespace)["metadata"].get(
-            "annotations", {})
+        annotations = get(kube, "finetunejob", "k1", namespace)["metadata"].get("annotations", {})
         assert not any(k.startswith("kopf.zalando.org") for k in annotations), annotations
     finally:
         op.stop()
@@ -312,8 +408,9 @@ def test_operator_killed_mid_job_restarts_cleanly(kube, namespace, s3, tmp_path)
         ({"output": {}}, "spec.output.uri"),  # no URI and no operator default
     ],
 )
-def test_invalid_spec_fails_with_reason_and_no_hot_loop(kube, namespace, operator, spec_patch,
-                                                         field):
+def test_invalid_spec_fails_with_reason_and_no_hot_loop(
+    kube, namespace, operator, spec_patch, field
+):
     job = finetunejob("bad")
     job["spec"] |= spec_patch
     apply(kube, namespace, job)
@@ -332,11 +429,28 @@ def test_invalid_spec_fails_with_reason_and_no_hot_loop(kube, namespace, operato
 def test_cel_rejects_unsafe_edits_and_allows_safe_ones(kube, namespace, operator):
     apply(kube, namespace, finetunejob("edit"))
     _wait_rayjob(kube, "edit", namespace)
-    out = kube.kubectl("patch", "ftj", "edit", "-n", namespace, "--type=merge",
-                       "-p", '{"spec": {"hyperparameters": {"maxSteps": 99}}}', check=False)
+    out = kube.kubectl(
+        "patch",
+        "ftj",
+        "edit",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"hyperparameters": {"maxSteps": 99}}}',
+        check=False,
+    )
     assert out.returncode != 0 and "cannot change" in out.stderr
-    kube.kubectl("patch", "ftj", "edit", "-n", namespace, "--type=merge",
-                 "-p", '{"spec": {"backoffLimit": 5}}')
+    kube.kubectl(
+        "patch",
+        "ftj",
+        "edit",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"backoffLimit": 5}}',
+    )
     st = wait_status(kube, "edit", namespace, lambda s: s.get("observedGeneration") == 2)
     assert st["attempts"] == 1
 
@@ -345,38 +459,54 @@ def test_metrics_and_health(kube, namespace, operator):
     apply(kube, namespace, finetunejob("m"))
     _wait_rayjob(kube, "m", namespace)
     assert operator.healthy()
-    text = wait_until(lambda: (t := operator.metrics()) and 'phase="Starting"} 1.0' in t and t,
-                      30, what="jobs-by-phase metric")
+    text = wait_until(
+        lambda: (t := operator.metrics()) and 'phase="Starting"} 1.0' in t and t,
+        30,
+        what="jobs-by-phase metric",
+    )
     assert "kubetune_reconcile_duration_seconds_count" in text
     assert "kubetune_reconcile_errors_total" in text or "kubetune_reconcile_errors" in text
 
 
-def test_kuberay_accepts_our_rayjob_and_builds_the_cluster(kube, kuberay, namespace, s3,
-                                                          operator):
+def test_kuberay_accepts_our_rayjob_and_builds_the_cluster(kube, kuberay, namespace, s3, operator):
     s3_secret(kube, namespace, s3)
     apply(kube, namespace, finetunejob("real", s3))
     _wait_rayjob(kube, "real", namespace)
-    rj = wait_until(lambda: (r := get(kube, "rayjob", "real", namespace)) and r.get(
-        "status", {}).get("jobDeploymentStatus") and r, 60, what="KubeRay to take the RayJob")
+    rj = wait_until(
+        lambda: (
+            (r := get(kube, "rayjob", "real", namespace))
+            and r.get("status", {}).get("jobDeploymentStatus")
+            and r
+        ),
+        60,
+        what="KubeRay to take the RayJob",
+    )
     assert rj["status"]["jobDeploymentStatus"] != "ValidationFailed", rj["status"]
     cluster = rj["status"].get("rayClusterName") or wait_until(
-        lambda: get(kube, "rayjob", "real", namespace)["status"].get("rayClusterName"), 60,
-        what="the RayCluster name")
+        lambda: get(kube, "rayjob", "real", namespace)["status"].get("rayClusterName"),
+        60,
+        what="the RayCluster name",
+    )
     rc = wait_until(lambda: get(kube, "raycluster", cluster, namespace), 60, what="RayCluster")
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] == TRAINER_IMAGE
     assert {"name": "kubetune-config", "mountPath": "/etc/kubetune", "readOnly": True} in head[
-        "volumeMounts"]
+        "volumeMounts"
+    ]
     worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
     def pods():
-        out = kube.kubectl("get", "pods", "-n", namespace, "-l", f"ray.io/cluster={cluster}",
-                           "-o", "json")
+        out = kube.kubectl(
+            "get", "pods", "-n", namespace, "-l", f"ray.io/cluster={cluster}", "-o", "json"
+        )
         return json.loads(out.stdout)["items"]
 
-    head_pod = wait_until(lambda: [p for p in pods() if p["metadata"]["labels"].get(
-        "ray.io/node-type") == "head"], 60, what="the head Pod")[0]
+    head_pod = wait_until(
+        lambda: [p for p in pods() if p["metadata"]["labels"].get("ray.io/node-type") == "head"],
+        60,
+        what="the head Pod",
+    )[0]
     assert head_pod["metadata"]["labels"]["kubetune.io/job-name"] == "real"
     c = head_pod["spec"]["containers"][0]
     env = {e["name"] for e in c["env"]}

@@ -16,22 +16,27 @@ pytestmark = pytest.mark.envtest
 
 
 def _errors(op: OperatorProcess) -> float:
-    m = re.search(r'kubetune_reconcile_errors_total\{kind="kuberay_missing"\} ([0-9.]+)',
-                  op.metrics())
+    m = re.search(
+        r'kubetune_reconcile_errors_total\{kind="kuberay_missing"\} ([0-9.]+)', op.metrics()
+    )
     return float(m.group(1)) if m else 0.0
 
 
 def test_missing_rayjob_crd_gives_condition_and_backed_off_retry(kube, namespace, tmp_path):
     crd = "customresourcedefinition/rayjobs.ray.io"
     kube.kubectl("delete", crd, "--wait=true", timeout=120)
-    wait_until(lambda: kube.kubectl("get", crd, check=False).returncode != 0, 60,
-               what="the RayJob CRD to go")
+    wait_until(
+        lambda: kube.kubectl("get", crd, check=False).returncode != 0,
+        60,
+        what="the RayJob CRD to go",
+    )
     op = OperatorProcess(kube, [namespace], tmp_path).start()
     try:
         try:
             apply(kube, namespace, finetunejob("noray"))
-            st = wait_status(kube, "noray", namespace,
-                             lambda s: condition(s, "KubeRayAvailable"), 60)
+            st = wait_status(
+                kube, "noray", namespace, lambda s: condition(s, "KubeRayAvailable"), 60
+            )
             c = condition(st, "KubeRayAvailable")
             assert c["status"] == "False" and c["reason"] == "RayJobCRDNotFound"
             assert "install the KubeRay operator" in c["message"]
@@ -46,12 +51,23 @@ def test_missing_rayjob_crd_gives_condition_and_backed_off_retry(kube, namespace
             [path] = [p for p in kuberay_crd_files() if p.name == "ray.io_rayjobs.yaml"]
             kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
             established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
-            wait_until(lambda: kube.kubectl("get", crd, "-o", established).stdout == "True",
-                       60, what="the RayJob CRD to be Established again")
-        wait_until(lambda: get(kube, "rayjob", "noray", namespace), 60,
-                   what="the RayJob once the CRD is back")
-        st = wait_status(kube, "noray", namespace,
-                         lambda s: condition(s, "KubeRayAvailable")["status"] == "True", 30)
+            wait_until(
+                lambda: kube.kubectl("get", crd, "-o", established).stdout == "True",
+                60,
+                what="the RayJob CRD to be Established again",
+            )
+        wait_until(
+            lambda: get(kube, "rayjob", "noray", namespace),
+            60,
+            what="the RayJob once the CRD is back",
+        )
+        st = wait_status(
+            kube,
+            "noray",
+            namespace,
+            lambda s: condition(s, "KubeRayAvailable")["status"] == "True",
+            30,
+        )
         assert st["phase"] in ("Starting", "Pending")
     finally:
         op.stop()

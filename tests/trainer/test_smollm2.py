@@ -26,8 +26,9 @@ def test_kubetune_run_quickstart_short(tmp_path, monkeypatch, capsys):
     # relative paths are read from the current directory
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     monkeypatch.chdir(H.REPO)
-    args = argparse.Namespace(file=str(tmp_path / "job.yaml"), output=str(tmp_path / "runs"),
-                              name=None, no_progress=True)
+    args = argparse.Namespace(
+        file=str(tmp_path / "job.yaml"), output=str(tmp_path / "runs"), name=None, no_progress=True
+    )
     assert run_local(args) == 0
     out = capsys.readouterr().out
     assert "held-out loss: before" in out and "(better)" in out, out

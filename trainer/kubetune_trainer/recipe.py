@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -143,6 +144,13 @@ class Recipe:
         warmup = math.ceil(self.hp.warmup_ratio * self.total_steps)
         schedule = lr_lambda(self.hp.lr_scheduler, warmup, self.total_steps)
         ds_config = M.deepspeed_config(self.spec, self.stage, self.use_gpu)
+        if not self.use_gpu and os.environ.get("KUBETUNE_DEEPSPEED_SHM") != "1":
+            # On CPU DeepSpeed compiles a shared-memory all-reduce at init (needs
+            # g++, ~1 min cold). gloo does the job; skip the build.
+            import deepspeed.comm.torch as ds_torch_comm
+
+            if hasattr(ds_torch_comm, "build_shm_op"):
+                ds_torch_comm.build_shm_op = lambda: None
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

@@ -5,7 +5,7 @@ Same model (SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16 weights), same
 chat data (chatterbot), same batch size (4), same steps, this machine.
 Reported tokens/s count useful (non-pad) tokens only.
 
-    .venv/bin/python benchmarks/throughput.py [--steps 10]
+    .venv/bin/python benchmarks/throughput.py [--steps 6]
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def hf_trainer(train_rows: list, steps: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
     C.prepare()
     from kubetune_trainer.__main__ import ensure_env

@@ -125,6 +125,9 @@ class Recipe:
         import deepspeed
         import torch
 
+        from transformers import set_seed
+
+        set_seed(self.hp.seed)  # the same adapter init on every rank and every attempt
         self.model_path = M.resolve_model_path(self.spec.model)
         self.tokenizer = M.load_tokenizer(self.spec, self.model_path)
         self.setup_data()
@@ -159,6 +162,7 @@ class Recipe:
             dist_init_required=False,
         )
         self.device = self.engine.device
+        set_seed(self.hp.seed + self.rank)  # dropout differs per rank; resume restores it
 
     def setup_data(self) -> None:
         ds, hp = self.spec.dataset, self.hp

@@ -124,7 +124,6 @@ class Recipe:
     def setup(self) -> None:
         import deepspeed
         import torch
-
         from transformers import set_seed
 
         set_seed(self.hp.seed)  # the same adapter init on every rank and every attempt

@@ -149,8 +149,10 @@ class Recipe:
         if not self.use_gpu and os.environ.get("KUBETUNE_DEEPSPEED_SHM") != "1":
             # On CPU DeepSpeed compiles a shared-memory all-reduce at init (needs
             # g++, ~1 min cold). gloo does the job; skip the build.
-            import deepspeed.comm.torch as ds_torch_comm
+            # (importlib: the attribute deepspeed.comm.torch is PyTorch itself)
+            import importlib
 
+            ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
             if hasattr(ds_torch_comm, "build_shm_op"):
                 ds_torch_comm.build_shm_op = lambda: None
         self.engine, _, _, _ = deepspeed.initialize(

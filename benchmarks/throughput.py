@@ -117,8 +117,14 @@ def hf_trainer(train_rows: list, steps: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--reference-only", action="store_true",
+                   help="measure only the transformers Trainer")
     args = p.parse_args()
     C.prepare()
+    if args.reference_only:
+        train_rows, _ = C.split()
+        print(f"transformers Trainer (padded) {hf_trainer(train_rows, args.steps):.1f} tokens/s")
+        return 0
     from kubetune_trainer.__main__ import ensure_env
 
     ensure_env()

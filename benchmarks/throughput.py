@@ -98,7 +98,6 @@ def hf_trainer(train_rows: list, steps: int) -> float:
         per_device_train_batch_size=4,
         learning_rate=2e-4,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.03,
         logging_steps=1,
         save_strategy="no",
         report_to=[],

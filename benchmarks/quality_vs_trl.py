@@ -8,7 +8,7 @@ kubetune runs its defaults too (lr 2e-4 cosine for LoRA, packing); TRL runs
 SFTConfig's defaults (lr 2e-5, linear, no packing). TRL is a benchmark-only
 dependency.
 
-    .venv/bin/python benchmarks/quality_vs_trl.py [--steps 30]
+    .venv/bin/python benchmarks/quality_vs_trl.py [--steps 20]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def score(adapter: str | None, val_rows) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     C.prepare()
     train_rows, val_rows = C.split()

@@ -5,7 +5,7 @@ Same model (SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16 weights), same
 chat data (chatterbot), same batch size (4), same steps, this machine.
 Reported tokens/s count useful (non-pad) tokens only.
 
-    .venv/bin/python benchmarks/throughput.py [--steps 10]
+    .venv/bin/python benchmarks/throughput.py [--steps 6]
 """
 
 from __future__ import annotations
@@ -98,7 +98,6 @@ def hf_trainer(train_rows: list, steps: int) -> float:
         per_device_train_batch_size=4,
         learning_rate=2e-4,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.03,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -116,9 +115,15 @@ def hf_trainer(train_rows: list, steps: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--reference-only", action="store_true",
+                   help="measure only the transformers Trainer")
     args = p.parse_args()
     C.prepare()
+    if args.reference_only:
+        train_rows, _ = C.split()
+        print(f"transformers Trainer (padded) {hf_trainer(train_rows, args.steps):.1f} tokens/s")
+        return 0
     from kubetune_trainer.__main__ import ensure_env
 
     ensure_env()

@@ -132,7 +132,7 @@ def test_zero3_offload_lora_adapter_has_real_tensors_and_merges(ray_local, tiny,
     tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
     lora_a = [t for k, t in tensors.items() if "lora_A" in k]
     assert lora_a and all(t.numel() > 0 for t in tensors.values())
-    assert all(t.shape[0] == 4 and t.shape[1] == 64 for t in lora_a)  # r=4, hidden=64
+    assert all(t.shape[0] == 4 and t.shape[1] in (64, 128) for t in lora_a)  # r=4, in=64|128
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained
 
     merged_dir = outputs["mergedModel"].removeprefix("file://")

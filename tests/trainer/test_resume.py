@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trainer_helpers as H
 
-pytestmark = [pytest.mark.trainer, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.trainer, pytest.mark.timeout(1500)]
 
 
 def _config_file(tmp: Path, model, data, out: Path, name: str) -> tuple[Path, Path]:

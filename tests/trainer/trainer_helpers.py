@@ -86,12 +86,12 @@ BASE_JOB = {
 }
 
 
-def job(model: Path, data: Path, output: str, **overrides) -> dict:
+def job(model: Path, data: Path, output_uri: str, **overrides) -> dict:
     """BASE_JOB with model/data/output set and `section={...}` merged into spec."""
     j = copy.deepcopy(BASE_JOB)
     j["spec"]["model"]["uri"] = str(model)
     j["spec"]["dataset"]["train"]["uri"] = str(data)
-    j["spec"]["output"] = {"uri": output}
+    j["spec"]["output"] = {"uri": output_uri}
     for key, value in overrides.items():
         if key == "name":
             j["metadata"]["name"] = value

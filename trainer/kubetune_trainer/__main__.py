@@ -18,15 +18,15 @@ from pathlib import Path
 
 
 def ensure_env() -> None:
-    """Before Ray starts (workers inherit it): DeepSpeed compiles a small comm op
-    on CPU once; keep the build cached."""
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR",
-        str(
-            Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
-            / "torch_extensions"
-        ),
-    )
+    """Before Ray starts (workers inherit it). DeepSpeed JIT-compiles ops into
+    TORCH_EXTENSIONS_DIR; the build depends on the Python environment, so each
+    environment gets its own folder (two venvs sharing one rebuild it in turn
+    and wait on each other's lock)."""
+    import hashlib
+
+    root = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
+    env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions" / env_key))
 
 
 def check_data(spec) -> str:

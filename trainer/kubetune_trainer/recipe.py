@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -123,7 +124,9 @@ class Recipe:
     def setup(self) -> None:
         import deepspeed
         import torch
+        from transformers import set_seed
 
+        set_seed(self.hp.seed)  # the same adapter init on every rank and every attempt
         self.model_path = M.resolve_model_path(self.spec.model)
         self.tokenizer = M.load_tokenizer(self.spec, self.model_path)
         self.setup_data()
@@ -143,6 +146,15 @@ class Recipe:
         warmup = math.ceil(self.hp.warmup_ratio * self.total_steps)
         schedule = lr_lambda(self.hp.lr_scheduler, warmup, self.total_steps)
         ds_config = M.deepspeed_config(self.spec, self.stage, self.use_gpu)
+        if not self.use_gpu and os.environ.get("KUBETUNE_DEEPSPEED_SHM") != "1":
+            # On CPU DeepSpeed compiles a shared-memory all-reduce at init (needs
+            # g++, ~1 min cold). gloo does the job; skip the build.
+            # (importlib: the attribute deepspeed.comm.torch is PyTorch itself)
+            import importlib
+
+            ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+            if hasattr(ds_torch_comm, "build_shm_op"):
+                ds_torch_comm.build_shm_op = lambda: None
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -151,6 +163,7 @@ class Recipe:
             dist_init_required=False,
         )
         self.device = self.engine.device
+        set_seed(self.hp.seed + self.rank)  # dropout differs per rank; resume restores it
 
     def setup_data(self) -> None:
         ds, hp = self.spec.dataset, self.hp

@@ -205,8 +205,14 @@ def test_install_into_the_real_api_server_and_rbac_denies_the_rest(helm, kube, n
         if "/" in resource.split(".")[0]:  # finetunejobs/status.kubetune.io
             name, group = resource.split(".", 1) if "." in resource else (resource, "")
             base, sub = name.split("/")
-            args = ["auth", "can-i", verb, f"{base}.{group}".rstrip("."),
-                    f"--subresource={sub}", f"--as={sa}"]
+            args = [
+                "auth",
+                "can-i",
+                verb,
+                f"{base}.{group}".rstrip("."),
+                f"--subresource={sub}",
+                f"--as={sa}",
+            ]
         args += ["-n", ns] if ns else []
         return kube.kubectl(*args, check=False).stdout.strip() == "yes"
 

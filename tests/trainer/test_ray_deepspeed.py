@@ -91,13 +91,13 @@ def test_two_workers_zero2_records_and_retention(ray_local, tiny, tmp_path):
     with open(_local(cfg, "metrics.jsonl")) as f:
         rows = [json.loads(x) for x in f]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert rows[0]["step"] == 0 and "eval_loss" in rows[0]  # held-out loss before training
+    assert rows[0]["step"] == 0 and "evalLoss" in rows[0]  # held-out loss before training
     for r in rows:
         if "loss" in r:
-            assert r["tokens_per_second"] > 0 and r["learning_rate"] >= 0
-    evals = [r for r in rows if "eval_loss" in r]
+            assert r["tokensPerSecond"] > 0 and r["learningRate"] >= 0
+    evals = [r for r in rows if "evalLoss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
-    assert all(0 <= r["eval_token_accuracy"] <= 1 and r["eval_perplexity"] > 1 for r in evals)
+    assert all(0 <= r["evalTokenAccuracy"] <= 1 and r["evalPerplexity"] > 1 for r in evals)
     outputs = _read(cfg, "outputs.json")
     assert outputs["adapter"].endswith("/adapter") and outputs["steps"] == 6
     assert outputs["initialEvalLoss"] > 0 and outputs["finalEvalLoss"] > 0

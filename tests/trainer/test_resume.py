@@ -115,8 +115,8 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path):
     assert sorted(got) == sorted(want)  # every step logged once, none lost or repeated
     for step in range(committed + 1, 13):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-6), step
-    assert got[12]["eval_loss"] == pytest.approx(want[12]["eval_loss"], rel=1e-5)
-    assert got[12]["learning_rate"] == pytest.approx(want[12]["learning_rate"])
+    assert got[12]["evalLoss"] == pytest.approx(want[12]["evalLoss"], rel=1e-5)
+    assert got[12]["learningRate"] == pytest.approx(want[12]["learningRate"])
     outputs = json.loads((prefix / "outputs.json").read_text())
     assert outputs["steps"] == 12
-    assert outputs["initialEvalLoss"] == pytest.approx(want[0]["eval_loss"])
+    assert outputs["initialEvalLoss"] == pytest.approx(want[0]["evalLoss"])

@@ -81,15 +81,25 @@ class JobStorage:
         self.write_record(contract.PROGRESS, record)
 
     def read_metrics(self) -> list[dict]:
+        """Rows as the trainer keeps them in memory (snake_case keys)."""
         try:
             with self.fs.open(self.path(contract.METRICS), "r") as f:
-                return [json.loads(line) for line in f if line.strip()]
+                return [
+                    contract.MetricsRow.model_validate(json.loads(line)).model_dump(
+                        exclude_none=True
+                    )
+                    for line in f
+                    if line.strip()
+                ]
         except FileNotFoundError:
             return []
 
     def write_metrics(self, rows: list[dict]) -> None:
-        # Object stores cannot append: the file is rewritten whole (it is small).
-        self.write_text(contract.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        """Rows in the storage contract's shape (MetricsRow, camelCase), which
+        also rejects a key the contract does not know. Object stores cannot
+        append: the file is rewritten whole (it is small)."""
+        lines = (json.dumps(contract.MetricsRow.model_validate(r).to_dict()) + "\n" for r in rows)
+        self.write_text(contract.METRICS, "".join(lines))
 
     # -- checkpoints
     def committed_checkpoints(self) -> list[int]:

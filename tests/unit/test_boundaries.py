@@ -86,3 +86,10 @@ def test_cli_validate_does_not_load_heavy_stacks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_test_module_names_are_unique_across_tiers():
+    # Tiers have no __init__.py, so pytest imports test modules by basename:
+    # two tests/*/test_x.py would break collection of the whole suite.
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

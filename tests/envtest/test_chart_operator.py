@@ -103,4 +103,6 @@ def test_operator_as_the_charts_service_account(helm, kube, namespace, s3, tmp_p
         op.stop()
         log = op.log_path.read_text()
         print(f"--- operator log ({op.log_path})\n{op.log_tail(80)}")
+        # Its ClusterRole is cluster-scoped: leave none behind for the next install.
+        helm("uninstall", release, "-n", namespace)
     assert "Forbidden" not in log and " 403" not in log, op.log_tail(80)

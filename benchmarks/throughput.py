@@ -41,7 +41,7 @@ def ours(train: Path, out: Path, name: str, packing: bool, steps: int) -> float:
     assert run(cfg, quiet=True) == 0
     prefix = Path(cfg.storage_prefix.removeprefix("file://"))
     rows = [json.loads(x) for x in (prefix / "metrics.jsonl").open()]
-    rates = [r["tokens_per_second"] for r in rows if r.get("loss") is not None and r["step"] > 1]
+    rates = [r["tokensPerSecond"] for r in rows if r.get("loss") is not None and r["step"] > 1]
     # harmonic mean of per-step rates == total tokens / total time for equal-sized steps
     return len(rates) / sum(1 / r for r in rates)
 

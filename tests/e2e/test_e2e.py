@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import wait_until
+from model_fixtures import tiny_model
 from operator_support import (
     OperatorProcess,
     apply,
@@ -39,36 +40,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER_TIMEOUT = 900
-
-
-def _tiny_model(path: Path) -> Path:
-    """A 2-layer Llama (random weights) with SmolLM2's tokenizer, shipped offline."""
-    if (path / "config.json").exists():
-        return path
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from kubetune_trainer import quickstart
-
-    smol = quickstart.prepare_model(ROOT)
-    tok = AutoTokenizer.from_pretrained(smol)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _container_env(kube, namespace: str, container: dict) -> dict[str, str]:
@@ -91,7 +62,7 @@ def _container_env(kube, namespace: str, container: dict) -> dict[str, str]:
 
 
 def test_finetunejob_end_to_end(kube, namespace, s3, tmp_path):
-    model = _tiny_model(ROOT / ".cache" / "models" / "tiny-llama-e2e")
+    model = tiny_model(ROOT / ".cache" / "models" / "tiny-llama-e2e")
     from kubetune_trainer import quickstart
 
     chat = quickstart.prepare_data(ROOT)

@@ -6,44 +6,10 @@ import copy
 import json
 from pathlib import Path
 
+from model_fixtures import SMOL, prepare_quickstart, tiny_model  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[2]
-SMOL = REPO / ".cache/models/SmolLM2-135M-Instruct"
 CHAT = REPO / ".cache/data/chatterbot-chat.jsonl"
-
-
-def prepare_quickstart() -> None:
-    from kubetune_trainer import quickstart
-
-    quickstart.prepare_model(REPO)
-    quickstart.prepare_data(REPO)
-
-
-def tiny_model(path: Path) -> Path:
-    """A 2-layer Llama built from config (random weights) with SmolLM2's tokenizer."""
-    if (path / "config.json").exists():
-        return path
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    prepare_quickstart()
-    tok = AutoTokenizer.from_pretrained(SMOL)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def chat_rows(n: int) -> list[dict]:

@@ -31,6 +31,23 @@ def split(n_val: int = 150, seed: int = 0):
     return rows[n_val:], rows[:n_val]
 
 
+def varied_chats(seed: int = 0, median: float = 3.0, sigma: float = 1.2) -> list[dict]:
+    """Multi-turn conversations of varied lengths from the chatterbot exchanges:
+    consecutive exchanges of one topic file chained into one conversation, the
+    number of exchanges log-normal (median 3, sigma 1.2, at most 40), so lengths
+    spread over an order of magnitude the way real chat data does."""
+    import random
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    rng = random.Random(seed)
+    out, i = [], 0
+    while i < len(rows):
+        k = max(1, min(40, round(math.exp(rng.gauss(math.log(median), sigma)))))
+        out.append({"messages": [m for r in rows[i : i + k] for m in r["messages"]]})
+        i += k
+    return out
+
+
 def job(train: Path, out: str, name: str, **spec) -> dict:
     base = {
         "model": {"uri": str(MODEL)},

@@ -60,9 +60,14 @@ class Watcher(threading.Thread):
         self.ready.set()
         while True:  # a watch can end under load: start again (re-lists, first time wins)
             try:
-                for ev in watch.Watch().stream(self.api.list_namespaced_custom_object,
-                                               self.group, "v1", self.namespace, self.plural,
-                                               timeout_seconds=300):
+                for ev in watch.Watch().stream(
+                    self.api.list_namespaced_custom_object,
+                    self.group,
+                    "v1",
+                    self.namespace,
+                    self.plural,
+                    timeout_seconds=300,
+                ):
                     if ev["type"] == "ADDED":
                         obj = ev["object"]
                         self.seen.setdefault(obj["metadata"]["name"], (time.perf_counter(), obj))
@@ -79,16 +84,33 @@ def create_ftj(custom, ns: str, name: str) -> float:
 
 def rayjob_body(ns: str, name: str) -> dict:
     image = "rayproject/ray:2.52.0"
-    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"entrypoint": "python -c 'print(1)'", "shutdownAfterJobFinishes": True,
-                     "rayClusterSpec": {
-                         "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {
-                             "containers": [{"name": "ray-head", "image": image}]}}},
-                         "workerGroupSpecs": [{"groupName": "w", "replicas": 1, "minReplicas": 1,
-                                               "maxReplicas": 1, "rayStartParams": {},
-                                               "template": {"spec": {"containers": [
-                                                   {"name": "ray-worker", "image": image}]}}}]}}}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "entrypoint": "python -c 'print(1)'",
+            "shutdownAfterJobFinishes": True,
+            "rayClusterSpec": {
+                "headGroupSpec": {
+                    "rayStartParams": {},
+                    "template": {"spec": {"containers": [{"name": "ray-head", "image": image}]}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "w",
+                        "replicas": 1,
+                        "minReplicas": 1,
+                        "maxReplicas": 1,
+                        "rayStartParams": {},
+                        "template": {
+                            "spec": {"containers": [{"name": "ray-worker", "image": image}]}
+                        },
+                    }
+                ],
+            },
+        },
+    }
 
 
 def wait_for(pred, timeout: float, what: str):
@@ -113,8 +135,12 @@ def main() -> int:
         ns_bg, ns_ours, ns_ray = "bench-bg", "bench-ftj", "bench-ray"
         for ns in (ns_bg, ns_ours, ns_ray):
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-        op = OperatorProcess(kube, [], sess.dir, {"KUBETUNE_POLL_SECONDS": "10",
-                                                  "KUBETUNE_WATCH_SERVER_TIMEOUT": "300"})
+        op = OperatorProcess(
+            kube,
+            [],
+            sess.dir,
+            {"KUBETUNE_POLL_SECONDS": "10", "KUBETUNE_WATCH_SERVER_TIMEOUT": "300"},
+        )
         op.start()
 
         t0 = time.perf_counter()
@@ -126,8 +152,10 @@ def main() -> int:
             return len(items) >= args.background
 
         wait_for(bg_done, 600, f"{args.background} background RayJobs")
-        print(f"background: {args.background} FineTuneJobs -> RayJobs in "
-              f"{time.perf_counter() - t0:.1f}s")
+        print(
+            f"background: {args.background} FineTuneJobs -> RayJobs in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
 
         # 1. FineTuneJob -> RayJob (our operator)
         w1 = Watcher(api, ns_ours, "ray.io", "rayjobs")
@@ -150,13 +178,20 @@ def main() -> int:
         theirs = []
         for i in range(args.samples):
             name = f"rj-{i:04d}"
-            custom.create_namespaced_custom_object("ray.io", "v1", ns_ray, "rayjobs",
-                                                   rayjob_body(ns_ray, name))
+            custom.create_namespaced_custom_object(
+                "ray.io", "v1", ns_ray, "rayjobs", rayjob_body(ns_ray, name)
+            )
             sent = time.perf_counter()
 
             def made(n=name):
-                return next((t for t, o in w2.seen.values() if any(
-                    r.get("name") == n for r in o["metadata"].get("ownerReferences", []))), None)
+                return next(
+                    (
+                        t
+                        for t, o in w2.seen.values()
+                        if any(r.get("name") == n for r in o["metadata"].get("ownerReferences", []))
+                    ),
+                    None,
+                )
 
             theirs.append(wait_for(made, 120, f"RayCluster of {name}") - sent)
             time.sleep(args.gap)
@@ -168,27 +203,40 @@ def main() -> int:
         result = {
             "finetunejobs_present": args.background + args.samples,
             "rayjobs_present": total,
-            "ftj_to_rayjob_ms": {"p50": 1000 * pct(ours, 50), "p99": 1000 * pct(ours, 99),
-                                 "mean": 1000 * statistics.mean(ours)},
-            "kuberay_rayjob_to_raycluster_ms": {"p50": 1000 * pct(theirs, 50),
-                                                "p99": 1000 * pct(theirs, 99),
-                                                "mean": 1000 * statistics.mean(theirs)},
+            "ftj_to_rayjob_ms": {
+                "p50": 1000 * pct(ours, 50),
+                "p99": 1000 * pct(ours, 99),
+                "mean": 1000 * statistics.mean(ours),
+            },
+            "kuberay_rayjob_to_raycluster_ms": {
+                "p50": 1000 * pct(theirs, 50),
+                "p99": 1000 * pct(theirs, 99),
+                "mean": 1000 * statistics.mean(theirs),
+            },
             "operator_rss_mib": round(ours_rss, 1),
             "kuberay_rss_mib": round(ray_rss, 1),
         }
         result["latency_ratio_p50"] = round(
-            result["ftj_to_rayjob_ms"]["p50"] / result["kuberay_rayjob_to_raycluster_ms"]["p50"], 2)
+            result["ftj_to_rayjob_ms"]["p50"] / result["kuberay_rayjob_to_raycluster_ms"]["p50"], 2
+        )
         result["latency_ratio_p99"] = round(
-            result["ftj_to_rayjob_ms"]["p99"] / result["kuberay_rayjob_to_raycluster_ms"]["p99"], 2)
+            result["ftj_to_rayjob_ms"]["p99"] / result["kuberay_rayjob_to_raycluster_ms"]["p99"], 2
+        )
         result["rss_ratio"] = round(ours_rss / ray_rss, 2)
         print(f"\n{'':34}{'p50 ms':>10}{'p99 ms':>10}")
-        for label, key in (("kubetune FineTuneJob -> RayJob", "ftj_to_rayjob_ms"),
-                           ("KubeRay RayJob -> RayCluster", "kuberay_rayjob_to_raycluster_ms")):
+        for label, key in (
+            ("kubetune FineTuneJob -> RayJob", "ftj_to_rayjob_ms"),
+            ("KubeRay RayJob -> RayCluster", "kuberay_rayjob_to_raycluster_ms"),
+        ):
             print(f"{label:34}{result[key]['p50']:>10.1f}{result[key]['p99']:>10.1f}")
-        print(f"ratio (kubetune / KubeRay)        {result['latency_ratio_p50']:>10}"
-              f"{result['latency_ratio_p99']:>10}")
-        print(f"RSS: kubetune operator {ours_rss:.0f} MiB, KubeRay operator {ray_rss:.0f} MiB, "
-              f"ratio {result['rss_ratio']}")
+        print(
+            f"ratio (kubetune / KubeRay)        {result['latency_ratio_p50']:>10}"
+            f"{result['latency_ratio_p99']:>10}"
+        )
+        print(
+            f"RSS: kubetune operator {ours_rss:.0f} MiB, KubeRay operator {ray_rss:.0f} MiB, "
+            f"ratio {result['rss_ratio']}"
+        )
         print(json.dumps(result))
         op.stop()
         return 0

@@ -1,11 +1,21 @@
 """Throughput on one machine, one run: kubetune vs a plain transformers Trainer,
 and packing vs padding.
 
-Same model (SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16 weights), same
-chat data (chatterbot), same batch size (4), same steps, this machine.
-Reported tokens/s count useful (non-pad) tokens only.
+Same model (SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16), same data, same
+batch size, same steps, this machine. The Trainer is fed exactly the batches
+kubetune's padded run trains on (kubetune's epoch order, sequential sampler),
+so the padded comparison is batch for batch. Reported tokens/s count useful
+(non-pad) tokens only, over steps 2..N (step 1 is warm-up). The three run in
+interleaved rounds and each reports its best round (noise on a shared machine
+only ever slows a run down).
 
-    .venv/bin/python benchmarks/throughput.py [--steps 6]
+The default data is chat of varied lengths (`--data varied`): chatterbot
+exchanges chained into multi-turn conversations, log-normal in the number of
+exchanges. `--data chatterbot` uses the single exchanges as they are (short
+and alike: little padding to remove, so little for packing to win).
+
+    .venv/bin/python benchmarks/throughput.py [--steps 6] [--max-length 1024] [--rounds 1]
+                                              [--data varied|chatterbot]
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ from pathlib import Path
 
 import common as C
 
+SEED = 42
 
-def ours(train: Path, out: Path, name: str, packing: bool, steps: int) -> float:
-    """kubetune's trainer (Ray Train + DeepSpeed ZeRO-2, 1 worker); tokens/s of
-    steps 2..N from its metrics.jsonl (step 1 is warm-up)."""
+
+def ours(train: Path, out: Path, name: str, packing: bool, args) -> float:
+    """kubetune's trainer (Ray Train + DeepSpeed ZeRO-2, 1 worker): useful
+    tokens / seconds over steps 2..N, from its metrics.jsonl."""
     from kubetune_api import load_trainer_config, spec_to_trainer_config
     from kubetune_trainer.__main__ import run
 
@@ -33,36 +45,45 @@ def ours(train: Path, out: Path, name: str, packing: bool, steps: int) -> float:
                 train,
                 out.as_uri(),
                 name,
-                dataset={"packing": packing},
-                hyperparameters={"maxSteps": steps},
+                dataset={"packing": packing, "maxSeqLength": args.max_length},
+                hyperparameters={"maxSteps": args.steps, "batchSize": args.batch, "seed": SEED},
             )
         )
     )
     assert run(cfg, quiet=True) == 0
     prefix = Path(cfg.storage_prefix.removeprefix("file://"))
     rows = [json.loads(x) for x in (prefix / "metrics.jsonl").open()]
-    rates = [r["tokensPerSecond"] for r in rows if r.get("loss") is not None and r["step"] > 1]
-    # harmonic mean of per-step rates == total tokens / total time for equal-sized steps
-    return len(rates) / sum(1 / r for r in rates)
+    rows = [r for r in rows if r.get("loss") is not None]
+    assert [r["step"] for r in rows] == list(range(1, args.steps + 1)), rows
+    tokens = rows[-1]["tokens"] - rows[0]["tokens"]
+    pairs = zip(rows, rows[1:], strict=False)
+    seconds = sum((b["tokens"] - a["tokens"]) / b["tokensPerSecond"] for a, b in pairs)
+    return tokens / seconds
 
 
-def hf_trainer(train_rows: list, steps: int) -> float:
-    """transformers.Trainer, same LoRA model and padded batches of 4."""
+def reference_batches(rows: list, args):
+    """The examples kubetune's padded run trains on, in its order."""
+    from kubetune_api import load_trainer_config, spec_to_trainer_config
+    from kubetune_trainer import data as D
+    from kubetune_trainer import model as M
+
+    spec = load_trainer_config(spec_to_trainer_config(C.job(Path("-"), "file:///-", "ref"))).spec
+    tok = M.load_tokenizer(spec, str(C.MODEL))
+    examples, report = D.build_examples(rows, "chat", tok, args.max_length)
+    order = D.epoch_order(len(examples), SEED, 0)
+    used = [examples[order[j]] for j in range(args.steps * args.batch)]
+    return tok, examples, report, used
+
+
+def hf_trainer(tok, used: list, args) -> float:
+    """transformers.Trainer, same LoRA model, the same padded batches in the same order."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from kubetune_trainer import data as D
 
-    torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(C.MODEL)
-    examples, _ = D.build_examples(train_rows, "chat", tok, 128)
+    torch.set_num_threads(os.cpu_count())
     model = AutoModelForCausalLM.from_pretrained(C.MODEL, dtype=torch.bfloat16)
     model.config.use_cache = False
     model = get_peft_model(
@@ -75,77 +96,120 @@ def hf_trainer(train_rows: list, steps: int) -> float:
             task_type="CAUSAL_LM",
         ),
     )
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
-    seen = {"tokens": 0}
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in used]
 
     def collate(items):
         exs = [D.Example(i["input_ids"], i["labels"]) for i in items]
-        seen["tokens"] += sum(len(e.input_ids) for e in exs)
         return D.collate(exs, [[j] for j in range(len(exs))], tok.pad_token_id, packing=False)
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
+        def on_step_end(self, a, state, control, **kw):
             if state.global_step == 1:
-                self.t, self.tokens = time.perf_counter(), seen["tokens"]
-            if state.global_step == steps:
-                self.rate = (seen["tokens"] - self.tokens) / (time.perf_counter() - self.t)
+                self.t = time.perf_counter()
+            if state.global_step == args.steps:
+                self.seconds = time.perf_counter() - self.t
 
     clock = Clock()
     out = tempfile.mkdtemp(prefix="hf-trainer-")
-    args = TrainingArguments(
+    targs = TrainingArguments(
         output_dir=out,
-        max_steps=steps,
-        per_device_train_batch_size=4,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
         learning_rate=2e-4,
         lr_scheduler_type="cosine",
-        logging_steps=1,
+        logging_steps=args.steps,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
         dataloader_num_workers=0,
-        seed=42,
+        train_sampling_strategy="sequential",
+        seed=SEED,
         remove_unused_columns=False,
+        disable_tqdm=True,
     )
     Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[clock]
+        model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[clock]
     ).train()
     shutil.rmtree(out, ignore_errors=True)
-    return clock.rate
+    tokens = sum(len(e.input_ids) for e in used[args.batch :])
+    return tokens / clock.seconds
+
+
+def describe(examples, report, used, args) -> str:
+    lengths = sorted(len(e.input_ids) for e in examples)
+
+    def q(f):
+        return lengths[min(len(lengths) - 1, int(f * len(lengths)))]
+
+    batches = [used[k : k + args.batch] for k in range(0, len(used), args.batch)]
+    useful = sum(len(e.input_ids) for e in used)
+    padded = sum(len(b) * max(len(e.input_ids) for e in b) for b in batches)
+    return (
+        f"data: {len(examples)} conversations ({args.data}), tokens per conversation "
+        f"p10 {q(0.1)}, p50 {q(0.5)}, p90 {q(0.9)}, max {lengths[-1]}; "
+        f"{report.truncated} truncated at {args.max_length}\n"
+        f"padded batches in this run: {100 * (1 - useful / padded):.0f}% of their tokens"
+        " are padding"
+    )
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--reference-only", action="store_true",
-                   help="measure only the transformers Trainer")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument(
+        "--rounds", type=int, default=1, help="rounds of all three; the best of each is reported"
+    )
+    p.add_argument("--data", choices=["varied", "chatterbot"], default="varied")
+    p.add_argument(
+        "--reference-only", action="store_true", help="measure only the transformers Trainer"
+    )
     args = p.parse_args()
     C.prepare()
+    if args.data == "varied":
+        rows = C.varied_chats()
+    else:
+        rows = [json.loads(line) for line in C.DATA.read_text().splitlines()]
+    tok, examples, report, used = reference_batches(rows, args)
     if args.reference_only:
-        train_rows, _ = C.split()
-        print(f"transformers Trainer (padded) {hf_trainer(train_rows, args.steps):.1f} tokens/s")
+        print(f"transformers Trainer (padded) {hf_trainer(tok, used, args):.1f} tokens/s")
         return 0
     from kubetune_trainer.__main__ import ensure_env
 
     ensure_env()
     import ray
 
-    train_rows, _ = C.split()
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    train = work / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    runs = {"reference": [], "padded": [], "packed": []}
     try:
-        padded = ours(train, work / "out", "padded", packing=False, steps=args.steps)
-        packed = ours(train, work / "out", "packed", packing=True, steps=args.steps)
+        train = work / "train.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            for r in range(args.rounds):  # interleaved, so a slow spell hits every contender
+                out = work / f"out-{r}"
+                runs["padded"].append(ours(train, out, "padded", packing=False, args=args))
+                runs["packed"].append(ours(train, out, "packed", packing=True, args=args))
+                runs["reference"].append(hf_trainer(tok, used, args))
+                print(
+                    f"round {r + 1}: Trainer {runs['reference'][-1]:.1f}, kubetune padded "
+                    f"{runs['padded'][-1]:.1f}, packed {runs['packed'][-1]:.1f} useful tokens/s",
+                    flush=True,
+                )
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
-    reference = hf_trainer(train_rows, args.steps)
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    # best of the rounds for every contender: on a shared machine noise only slows things down
+    reference, padded, packed = (max(runs[k]) for k in ("reference", "padded", "packed"))
     print()
     print(
-        f"model SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16, batch 4, max length 128, "
-        f"{args.steps} steps, {os.cpu_count()} CPUs"
+        f"model SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16, batch {args.batch}, "
+        f"max length {args.max_length}, {args.steps} steps, best of {args.rounds} rounds, "
+        f"{os.cpu_count()} CPUs"
     )
+    print(describe(examples, report, used, args))
     print(f"transformers Trainer (padded)        {reference:10.1f} useful tokens/s")
     print(f"kubetune (padded, same batches)      {padded:10.1f} useful tokens/s")
     print(f"kubetune (packed)                    {packed:10.1f} useful tokens/s")

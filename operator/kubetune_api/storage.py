@@ -101,6 +101,9 @@ class MetricsRow(_Model):
     learning_rate: Optional[float] = None
     grad_norm: Optional[float] = None
     tokens_per_second: Optional[float] = None
+    tokens: Optional[int] = Field(
+        None, description="Useful (non-pad) tokens trained so far, all workers together."
+    )
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None

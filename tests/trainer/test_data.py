@@ -164,20 +164,7 @@ def test_packing_resets_positions_and_keeps_examples_apart(tok):
 
 def test_packed_batch_matches_separate_examples():
     """No cross-example attention: logits of a packed row equal each example alone."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            use_cache=False,
-        )
-    ).eval()
+    model = H.small_lm().eval()
     a, b = (
         D.Example(list(range(3, 13)), list(range(3, 13))),
         D.Example([50, 51, 52, 53], [50, 51, 52, 53]),

@@ -89,3 +89,30 @@ def test_qlora_on_cpu_is_rejected_before_running():
     j = H.job(H.SMOL, "d.jsonl", "file:///x", method={"type": "qlora"})
     with pytest.raises(SpecError, match="qlora"):
         spec_to_trainer_config(j)
+
+
+def test_background_writer_keeps_the_newest_snapshot_and_reports_errors():
+    import threading
+
+    from kubetune_trainer.storage import BackgroundWriter
+
+    started, gate, written = threading.Event(), threading.Event(), []
+    w = BackgroundWriter()
+    w.submit("progress", lambda: (started.set(), gate.wait(10), written.append("p1")))
+    assert started.wait(10)  # the writer is busy with p1
+    w.submit("metrics", lambda: written.append("m1"))
+    w.submit("metrics", lambda: written.append("m2"))  # replaces m1 before it ran
+    w.submit("progress", lambda: written.append("p2"))
+    gate.set()
+    w.flush()
+    assert written == ["p1", "m2", "p2"]
+
+    def fail():
+        raise OSError("bucket gone")
+
+    w.submit("metrics", fail)
+    with pytest.raises(OSError, match="bucket gone"):
+        w.flush()  # a storage failure still fails the run
+    w.submit("metrics", lambda: written.append("m3"))
+    w.close()
+    assert written[-1] == "m3"

@@ -293,6 +293,15 @@ def pack(examples: list[Example], max_len: int, seed: int) -> list[list[int]]:
     return bins
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order sequences are visited in one epoch: a function of (seed, epoch)
+    only, so a resumed run (and a benchmark's reference trainer) sees the same
+    batches."""
+    order = list(range(n))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return order
+
+
 def sequences(examples: list[Example], max_len: int, packing: bool, seed: int) -> list[list[int]]:
     if packing:
         return pack(examples, max_len, seed)

@@ -186,3 +186,57 @@ def deepspeed_config(spec, stage: int, use_gpu: bool) -> dict:
     if stage == 3:
         z["stage3_gather_16bit_weights_on_model_save"] = False
     return cfg
+
+
+class LabelledHead:
+    """Runs the language-model head only at positions that have a label.
+
+    The logits of every other position (prompt turns, padding, the first token
+    of a packed example) are never used, and on chat data they are most of the
+    positions; the head (vocabulary x hidden) and the cross-entropy over the
+    vocabulary are a large share of a small model's step. A forward pre-hook on
+    the output embeddings picks the labelled hidden states, so the model's own
+    head code (soft-capping, logit scaling) still runs, on fewer rows.
+    """
+
+    def __init__(self, model):
+        self.keep = None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.enabled = head is not None
+        if self.enabled:
+            head.register_forward_pre_hook(self._select)
+
+    def _select(self, module, args):
+        if self.keep is None:
+            return None
+        return (args[0][self.keep], *args[1:])
+
+    def logits(self, forward, batch: dict):
+        """(logits, targets) of the labelled positions: forward(**inputs) runs the
+        model (or the DeepSpeed engine) on the batch without its labels."""
+        import torch.nn.functional as F
+
+        from .data import IGNORE
+
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        target = batch["labels"][:, 1:]
+        keep = target != IGNORE
+        if self.enabled:
+            self.keep = F.pad(keep, (0, 1), value=False)  # position t predicts t+1
+        try:
+            logits = forward(**inputs, use_cache=False).logits
+        finally:
+            self.keep = None
+        if logits.dim() == 3:  # no head hook (or a model that reshapes): select here
+            logits = logits[:, :-1][keep]
+        return logits.float(), target[keep]
+
+    def loss(self, forward, batch: dict):
+        """Mean cross-entropy over the labelled tokens (what the model's own loss
+        computes, without the logits nobody reads)."""
+        import torch.nn.functional as F
+
+        logits, target = self.logits(forward, batch)
+        if target.numel() == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, target)

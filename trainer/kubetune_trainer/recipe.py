@@ -29,7 +29,7 @@ from kubetune_api import storage as contract
 
 from . import data as D
 from . import model as M
-from .storage import JobStorage, now
+from .storage import BackgroundWriter, JobStorage, now
 
 TAG = "ds"  # DeepSpeed's tag inside every checkpoint folder
 
@@ -61,6 +61,7 @@ class Recipe:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.use_gpu = self.spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
         self.storage = JobStorage(self.cfg.storage_prefix, self.spec.output)
+        self.writer = BackgroundWriter()  # rank 0's progress and metrics, off the step
         self.tmp = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{self.rank}-"))
         self.t_start = time.monotonic()
         self.metrics: list[dict] = []
@@ -71,6 +72,7 @@ class Recipe:
             "initial_eval_loss": None,
             "last_eval_loss": None,
             "train_loss": None,
+            "tokens": 0,
             "stopped_early": False,
         }
         self.last_ckpt: Optional[contract.CheckpointPointer] = None
@@ -104,21 +106,24 @@ class Recipe:
         done_now = step - self.start_step
         elapsed = time.monotonic() - self.t_train
         eta = int(elapsed / done_now * (total - step)) if done_now > 0 else None
-        self.storage.write_progress(
-            contract.ProgressRecord(
-                phase=phase,
-                step=step,
-                total_steps=total,
-                epoch=round(step / self.steps_per_epoch, 4),
-                percent=round(100.0 * step / total, 2),
-                eta_seconds=eta,
-                tokens_per_second=self.tokens_per_second,
-                last_checkpoint=self.last_ckpt,
-                attempt=self.cfg.attempt,
-                message=message,
-                updated_at=now(),
-            )
+        record = contract.ProgressRecord(
+            phase=phase,
+            step=step,
+            total_steps=total,
+            epoch=round(step / self.steps_per_epoch, 4),
+            percent=round(100.0 * step / total, 2),
+            eta_seconds=eta,
+            tokens_per_second=self.tokens_per_second,
+            last_checkpoint=self.last_ckpt,
+            attempt=self.cfg.attempt,
+            message=message,
+            updated_at=now(),
         )
+        self.writer.submit(contract.PROGRESS, lambda: self.storage.write_progress(record))
+
+    def write_metrics(self) -> None:
+        rows = list(self.metrics)  # a snapshot: the list grows while the writer works
+        self.writer.submit(contract.METRICS, lambda: self.storage.write_metrics(rows))
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -131,6 +136,7 @@ class Recipe:
         self.tokenizer = M.load_tokenizer(self.spec, self.model_path)
         self.setup_data()
         model = M.load_model(self.spec, self.model_path, self.use_gpu)
+        self.head = M.LabelledHead(model)
         total_params, trainable = M.count_parameters(model)
         gpu_mem = torch.cuda.get_device_properties(0).total_memory if self.use_gpu else None
         self.stage, why = M.pick_zero_stage(self.spec, total_params, gpu_mem, self.world)
@@ -189,10 +195,8 @@ class Recipe:
         hp = self.hp
         accum = hp.gradient_accumulation_steps
         epoch, k = divmod(m, self.steps_per_epoch * accum)
-        order = list(range(len(self.train_seqs)))
         if not hasattr(self, "_order") or self._order[0] != epoch:
-            random.Random(hp.seed * 1000003 + epoch).shuffle(order)
-            self._order = (epoch, order)
+            self._order = (epoch, D.epoch_order(len(self.train_seqs), hp.seed, epoch))
         order = self._order[1]
         n = len(order)
         base = k * hp.batch_size * self.world + self.rank * hp.batch_size
@@ -258,16 +262,10 @@ class Recipe:
                     self.val_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing
                 )
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                logits = self.engine(**batch, use_cache=False).logits.float()
-                target = labels[:, 1:]
-                logits = logits[:, :-1]
-                mask = target != D.IGNORE
-                loss_sum += (
-                    weight * F.cross_entropy(logits[mask], target[mask], reduction="sum").item()
-                )
-                correct += weight * (logits[mask].argmax(-1) == target[mask]).sum().item()
-                count += weight * mask.sum().item()
+                logits, target = self.head.logits(self.engine, batch)
+                loss_sum += weight * F.cross_entropy(logits, target, reduction="sum").item()
+                correct += weight * (logits.argmax(-1) == target).sum().item()
+                count += weight * target.numel()
         self.engine.train()
         loss_sum, correct, count = self.allreduce([loss_sum, correct, count])
         loss = loss_sum / max(count, 1)
@@ -310,6 +308,7 @@ class Recipe:
         shutil.rmtree(local, ignore_errors=True)
         all_files = self.gather(files)
         if self.rank == 0:
+            self.writer.flush()  # metrics up to this step are stored before the commit
             manifest = contract.CheckpointManifest(
                 step=step,
                 epoch=round(step / self.steps_per_epoch, 4),
@@ -378,36 +377,39 @@ class Recipe:
                 self.metrics.append({"step": 0, "epoch": 0.0, **first, "time": now()})
         self.t_train = time.monotonic()
         self.progress(contract.TrainPhase.training)
-        losses, tokens, t_log = [], 0, time.monotonic()
+        # the loss stays on the device until a log step: no sync per micro-batch
+        loss_sum, n_losses, tokens, t_log = 0.0, 0, 0, time.monotonic()
         self.engine.train()
         while self.state["step"] < self.total_steps:
             step = self.state["step"]
             for a in range(accum):
                 batch, n_tok = self.micro_batch(step * accum + a)
-                out = self.engine(**batch, use_cache=False)
-                self.engine.backward(out.loss)
+                loss = self.head.loss(self.engine, batch)
+                self.engine.backward(loss)
                 self.engine.step()
-                losses.append(out.loss.item())
+                loss_sum, n_losses = loss_sum + loss.detach(), n_losses + 1
                 tokens += n_tok
             step = self.state["step"] = step + 1
             last = step == self.total_steps
             row = None
             if step % hp.log_every_steps == 0 or last:
-                loss_sum, n, tok = self.allreduce([sum(losses), len(losses), tokens])
+                total, n, tok = self.allreduce([float(loss_sum), n_losses, tokens])
                 elapsed = time.monotonic() - t_log
                 self.tokens_per_second = round(tok / max(elapsed, 1e-9), 1)
-                self.state["train_loss"] = loss_sum / n
+                self.state["tokens"] = self.state.get("tokens", 0) + int(tok)
+                self.state["train_loss"] = total / n
                 gn = self.engine.get_global_grad_norm()
                 row = {
                     "step": step,
                     "epoch": round(step / self.steps_per_epoch, 4),
-                    "loss": loss_sum / n,
+                    "loss": total / n,
                     "learning_rate": self.engine.get_lr()[0],
                     "grad_norm": float(gn) if gn is not None else None,
                     "tokens_per_second": self.tokens_per_second,
+                    "tokens": self.state["tokens"],
                     "time": now(),
                 }
-                losses, tokens, t_log = [], 0, time.monotonic()
+                loss_sum, n_losses, tokens, t_log = 0.0, 0, 0, time.monotonic()
             if self.eval_enabled and (step % eval_every == 0 or last):
                 self.progress(contract.TrainPhase.evaluating)
                 t_eval = time.monotonic()
@@ -429,7 +431,7 @@ class Recipe:
                 self.early_stopping(result)
             if row is not None and self.rank == 0:
                 self.metrics.append(row)
-                self.storage.write_metrics(self.metrics)
+                self.write_metrics()
                 self.log(
                     f"step {step}/{self.total_steps} loss {row.get('loss', float('nan')):.4f} "
                     f"lr {row.get('learning_rate') or 0:.2e} tok/s {self.tokens_per_second}"
@@ -498,8 +500,10 @@ class Recipe:
                     str(local / contract.LOSS_CURVE), self.storage.path(contract.LOSS_CURVE)
                 )
                 outputs.loss_curve = self.storage.uri(contract.LOSS_CURVE)
+            self.writer.flush()
             self.storage.write_record(contract.OUTPUTS, outputs)
             self.progress(contract.TrainPhase.succeeded)
+        self.writer.close()
         self.barrier()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -552,7 +556,12 @@ def plot_loss(rows: list[dict], path: Path) -> bool:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's entry in each worker."""
     recipe = Recipe(loop_config)
-    recipe.setup()
-    recipe.resume()
-    recipe.train()
-    recipe.finish()
+    try:
+        recipe.setup()
+        recipe.resume()
+        recipe.train()
+        recipe.finish()
+    finally:
+        # pending records are stored before Ray reports this worker done or failed,
+        # so the driver's Failed record is never overwritten by a late one
+        recipe.writer.close()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -153,6 +155,70 @@ class JobStorage:
             step = contract.parse_checkpoint_dir(entry)
             if step is not None and step not in committed:
                 self.fs.rm(entry, recursive=True)
+
+
+class BackgroundWriter:
+    """Writes records (progress.json, metrics.jsonl) off the training step: an
+    object-store PUT costs tens of milliseconds, a GPU step may cost less. Per key
+    only the newest pending write is kept (each one is a whole snapshot); flush()
+    waits for everything submitted and re-raises the first error, so a storage
+    failure still fails the run, at the next flush or submit."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._pending: dict[str, Callable[[], None]] = {}
+        self._busy = False
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kubetune-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, write: Callable[[], None]) -> None:
+        with self._cv:
+            self._raise()
+            self._pending.pop(key, None)  # the newer snapshot goes to the back of the line
+            self._pending[key] = write
+            self._cv.notify_all()
+
+    def flush(self) -> None:
+        with self._cv:
+            while self._pending or self._busy:
+                self._cv.wait()
+            self._raise()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+            self._thread.join(timeout=60)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                key = next(iter(self._pending))
+                write = self._pending.pop(key)
+                self._busy = True
+            try:
+                write()
+            except BaseException as exc:  # noqa: BLE001  (handed to the training thread)
+                with self._cv:
+                    self._error = self._error or exc
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:

@@ -247,7 +247,15 @@ def test_retry_resumes_then_backoff_limit(kube, namespace, operator):
     rayjob_finished(kube, "flaky", namespace, ok=False)
 
     st = wait_status(kube, "flaky", namespace, lambda s: s.get("attempts") == 2)
-    assert st["rayJobName"] == "flaky-r1" and st["reason"] == "Retrying"
+    assert st["rayJobName"] == "flaky-r1"
+    # "Retrying" lasts one reconcile pass (the next one reads the new RayJob and says
+    # RayClusterStarting): its event is the durable record of the transition.
+    retry = wait_until(
+        lambda: [e for e in events(kube, namespace, "flaky") if e["reason"] == "Retrying"],
+        30,
+        what="the Retrying event",
+    )
+    assert "starting attempt 2 of 2" in retry[0]["message"]
     _wait_rayjob(kube, "flaky", namespace, "flaky-r1")
     wait_until(
         lambda: get(kube, "rayjob", "flaky", namespace) is None,

@@ -23,10 +23,15 @@ def prepare() -> None:
     quickstart.prepare_data(REPO)
 
 
+def chat_rows() -> list[dict]:
+    """The chatterbot conversations, one exchange each, in file (topic) order."""
+    return [json.loads(line) for line in DATA.read_text().splitlines()]
+
+
 def split(n_val: int = 150, seed: int = 0):
     import random
 
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    rows = chat_rows()
     random.Random(seed).shuffle(rows)
     return rows[n_val:], rows[:n_val]
 
@@ -38,7 +43,7 @@ def varied_chats(seed: int = 0, median: float = 3.0, sigma: float = 1.2) -> list
     spread over an order of magnitude the way real chat data does."""
     import random
 
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    rows = chat_rows()
     rng = random.Random(seed)
     out, i = [], 0
     while i < len(rows):

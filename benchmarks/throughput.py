@@ -167,10 +167,7 @@ def main() -> int:
     )
     args = p.parse_args()
     C.prepare()
-    if args.data == "varied":
-        rows = C.varied_chats()
-    else:
-        rows = [json.loads(line) for line in C.DATA.read_text().splitlines()]
+    rows = C.varied_chats() if args.data == "varied" else C.chat_rows()
     tok, examples, report, used = reference_batches(rows, args)
     if args.reference_only:
         print(f"transformers Trainer (padded) {hf_trainer(tok, used, args):.1f} tokens/s")

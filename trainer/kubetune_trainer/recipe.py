@@ -396,7 +396,7 @@ class Recipe:
                 total, n, tok = self.allreduce([float(loss_sum), n_losses, tokens])
                 elapsed = time.monotonic() - t_log
                 self.tokens_per_second = round(tok / max(elapsed, 1e-9), 1)
-                self.state["tokens"] = self.state.get("tokens", 0) + int(tok)
+                self.state["tokens"] += int(tok)
                 self.state["train_loss"] = total / n
                 gn = self.engine.get_global_grad_norm()
                 row = {
@@ -503,7 +503,6 @@ class Recipe:
             self.writer.flush()
             self.storage.write_record(contract.OUTPUTS, outputs)
             self.progress(contract.TrainPhase.succeeded)
-        self.writer.close()
         self.barrier()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -39,12 +39,13 @@ FROM base AS operator
 COPY operator/ operator/
 COPY trainer/ trainer/
 # uv's downloads live in a cache mount (kept between builds, never in a layer);
-# copy mode because the mount is another filesystem than the venv.
+# copy mode because the mount is another filesystem than the venv. PYTHON is
+# resolved before the venv exists: once it does, `python` on PATH is the venv's.
 RUN --mount=type=cache,id=kubetune-uv,target=/var/cache/kubetune-uv \
     --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
  && export UV_CACHE_DIR=/var/cache/kubetune-uv UV_LINK_MODE=copy \
- && KUBETUNE_VENV=/opt/kubetune KUBETUNE_EXTRAS=operator KUBETUNE_DEV=0 PYTHON=python \
+ && KUBETUNE_VENV=/opt/kubetune KUBETUNE_EXTRAS=operator KUBETUNE_DEV=0 PYTHON="$(command -v python)" \
     bash scripts/setup.sh
 USER 10001:10001
 EXPOSE 8080
@@ -62,7 +63,7 @@ RUN --mount=type=cache,id=kubetune-uv,target=/var/cache/kubetune-uv \
     --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
  && export UV_CACHE_DIR=/var/cache/kubetune-uv UV_LINK_MODE=copy \
- && KUBETUNE_VENV=/opt/kubetune KUBETUNE_EXTRAS=trainer KUBETUNE_DEV=0 PYTHON=python \
+ && KUBETUNE_VENV=/opt/kubetune KUBETUNE_EXTRAS=trainer KUBETUNE_DEV=0 PYTHON="$(command -v python)" \
     bash scripts/setup.sh
 # Ray's session files (/tmp/ray), DeepSpeed's compiled ops and Hugging Face's
 # cache all belong to the non-root user, as does its home.

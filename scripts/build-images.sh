@@ -27,6 +27,9 @@
 #   KUBETUNE_DEBIAN_MIRROR=URL  Debian mirror for debootstrap (default deb.debian.org)
 #   KUBETUNE_UV_CACHE=DIR     uv cache shared with the builds (default: the host's
 #                             `python3 -m uv cache dir`; `none` for a build-private one)
+#   KUBETUNE_KEEP_IMAGES=1    keep the built images in buildah's storage too (for
+#                             scripts/images/check-images.sh); by default only the
+#                             archives and the base stay, which saves the trainer's ~6 GB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -234,6 +237,9 @@ for t in "${targets[@]}"; do
         ;;
     esac
     export_archive "$ref" "$archive"
+    if [ "$t" != base ] && [ "${KUBETUNE_KEEP_IMAGES:-0}" != 1 ]; then
+      buildah rmi "$ref" >/dev/null
+    fi
     log "$ref ready in $(($(date +%s) - start))s"
   fi
   remove_stale "$t" "$tag"

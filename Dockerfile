@@ -53,7 +53,8 @@ ENTRYPOINT ["kubetune", "operator"]
 
 FROM base AS trainer
 # g++: DeepSpeed compiles some of its ops at first use (ninja comes with the
-# trainer extra). wget: KubeRay's Ray probes call it.
+# trainer extra). wget: KubeRay's Ray probes call it. The kuberay extra adds
+# Ray's dashboard, which those probes and RayJob submission need.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ wget \
  && rm -rf /var/lib/apt/lists/*
@@ -63,7 +64,7 @@ RUN --mount=type=cache,id=kubetune-uv,target=/var/cache/kubetune-uv \
     --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
  && export UV_CACHE_DIR=/var/cache/kubetune-uv UV_LINK_MODE=copy \
- && KUBETUNE_VENV=/opt/kubetune KUBETUNE_EXTRAS=trainer KUBETUNE_DEV=0 PYTHON="$(command -v python)" \
+ && KUBETUNE_VENV=/opt/kubetune KUBETUNE_EXTRAS=trainer,kuberay KUBETUNE_DEV=0 PYTHON="$(command -v python)" \
     bash scripts/setup.sh
 # Ray's session files (/tmp/ray), DeepSpeed's compiled ops and Hugging Face's
 # cache all belong to the non-root user, as does its home.

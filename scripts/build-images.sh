@@ -132,6 +132,18 @@ EOF
   # The image is the environment, as in the python slim image: pip may install
   # into it (PEP 668's marker is for hosts whose python the OS manages).
   rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
+  # As in Debian's slim images: no manuals, documentation or translations,
+  # now or from the Dockerfile's later apt-get installs (licences stay).
+  cat >"$rootfs/etc/dpkg/dpkg.cfg.d/excludes" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+EOF
+  find "$rootfs/usr/share/doc" ! -type d ! -name copyright -delete
+  find "$rootfs/usr/share/doc" -mindepth 1 -type d -empty -delete
+  rm -rf "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/*
   # debootstrap copies the host's name and resolver; a container gets its own.
   rm -f "$rootfs/etc/hostname" "$rootfs/etc/resolv.conf"
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \

@@ -7,8 +7,9 @@
 #
 # - trainer: as uid 10001 in `bash -lc` (how KubeRay starts Ray containers):
 #   the venv's tools on PATH, the imports, the writable paths, wget, g++ and
-#   ninja; `ray start --head` + `ray health-check` (the wait-gcs-ready probe)
-#   on a private loopback-only network.
+#   ninja; a C++ extension built as DeepSpeed builds its ops; `ray start
+#   --head`, KubeRay's wget probes and `ray health-check` (the wait-gcs-ready
+#   init container), on a private loopback-only network.
 # - operator: the CLI and the operator package as uid 10001.
 # - pause: a static /pause entrypoint.
 # - every image: no copy of the host's extra CA certificates (those the image's
@@ -101,18 +102,36 @@ check_trainer() {
     ninja --version
     g++ --version | head -n 1
   ' || fail "$ref: trainer checks as uid 10001 under bash -l"
-  # The head and the probe as KubeRay runs them (ulimit fails where the hard
-  # limit is lower, as on this machine: harmless, as in a pod).
+  # What DeepSpeed's op builder does at first use: a C++ extension compiled by
+  # g++ through ninja against torch's and Python's headers, into
+  # TORCH_EXTENSIONS_DIR, as the non-root user.
+  as_user "$ctr" '
+    python -c "
+from torch.utils.cpp_extension import load_inline
+ext = load_inline(\"kubetune_check\", \"int twice(int x) { return 2 * x; }\", functions=[\"twice\"])
+assert ext.twice(21) == 42
+print(\"C++ extension built and loaded\")
+"' || fail "$ref: building a torch C++ extension (DeepSpeed's op builds)"
+  # The head, its probes and the wait-gcs-ready check as KubeRay runs them
+  # (ulimit fails where the hard limit is lower, as on this machine: harmless,
+  # as in a pod). The probes call Ray's dashboard and its agent with wget.
   as_user "$ctr" '
     ulimit -n 65536 2>/dev/null || true
     ray start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus=1 \
-      --include-dashboard=false --disable-usage-stats >/tmp/ray-start.log 2>&1 \
+      --disable-usage-stats >/tmp/ray-start.log 2>&1 \
       || { cat /tmp/ray-start.log; exit 1; }
-    ray health-check --address 127.0.0.1:6379 && echo "ray health-check: ok"
+    probes() {
+      wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep -q success \
+        && wget -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep -q success
+    }
+    for _ in $(seq 60); do probes && break; sleep 1; done
+    probes && echo "KubeRay probes (dashboard agent, GCS via dashboard): ok" \
+      && ray health-check --address 127.0.0.1:6379 && echo "ray health-check: ok"
     rc=$?
+    [ $rc = 0 ] || tail -n 20 /tmp/ray/session_latest/logs/dashboard*.err
     ray stop --force >/dev/null 2>&1
     exit $rc
-  ' || fail "$ref: ray start + ray health-check under bash -l"
+  ' || fail "$ref: ray start, KubeRay probes, ray health-check under bash -l"
   log "$ref: trainer checks passed"
 }
 

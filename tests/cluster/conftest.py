@@ -17,7 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.cluster import Cluster, project_images  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
+from harness.images import project_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "kubetune-system"

@@ -85,12 +85,10 @@ def test_dns_the_kubernetes_service_and_egress_rules_from_a_pod(cluster):
     assert logs[1] == "api" and logs[2] in ("200", "401", "403"), logs
     plane.kubectl("delete", "pod", "dns-probe", "--wait=false")
 
-    forward = run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
-    assert forward[1] == "-A FORWARD -j KUBETUNE-NODE-FWD", forward
-    chain = run(["iptables", "-S", "KUBETUNE-NODE-FWD"]).stdout.splitlines()
-    assert chain[1:] == [
-        f"-A KUBETUNE-NODE-FWD -s {net.pod_cidr} -d {net.harness_range} -j RETURN",
-        f"-A KUBETUNE-NODE-FWD -s {net.pod_cidr} -j DROP",
-    ], chain
+    # Pod egress outside the harness's range is dropped before any other rule.
+    table = run(["nft", "list", "table", "inet", "kubetune_node"]).stdout
+    for hook in ("forward", "input"):
+        assert f"type filter hook {hook} priority filter - 10; policy accept;" in table, table
+    assert f"ip saddr {net.pod_cidr} ip daddr != {net.harness_range} drop" in table, table
     nat = run(["iptables", "-t", "nat", "-S"]).stdout
     assert f"-s {net.pod_cidr} -j MASQUERADE" not in nat

@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # `python tests/harness ...`
     __package__ = "harness"
 
 from . import bins  # noqa: E402
-from .cluster import Cluster, project_images  # noqa: E402
+from .cluster import Cluster  # noqa: E402
+from .images import project_images  # noqa: E402
 from .session import Session  # noqa: E402
 
 

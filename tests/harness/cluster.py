@@ -12,46 +12,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from . import bins
 from .controlplane import ControlPlane
 from .helm import Helm
 from .kuberay import KubeRayOperator, kuberay_crd_files
 from .node import ClusterNetwork, Node
 from .s3 import S3Server
 from .session import kubetune_crd_files
-
-BUILD_IMAGES = "bash scripts/build-images.sh"
-
-
-def project_images(names: tuple[str, ...] = ("operator", "trainer")) -> dict[str, tuple[str, Path]]:
-    """{target: (image ref, archive)} from scripts/build-images.sh (cached by
-    the hash of what goes into each image, so a second call takes seconds)."""
-    proc = subprocess.run(
-        ["bash", str(bins.REPO_ROOT / "scripts" / "build-images.sh"), *names],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{BUILD_IMAGES} {' '.join(names)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
-        )
-    out: dict[str, tuple[str, Path]] = {}
-    for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] in names:
-            name, tag, archive = parts
-            out[name] = (tag, Path(archive))
-    missing = set(names) - set(out)
-    if missing:
-        raise RuntimeError(f"{BUILD_IMAGES} printed no image line for {sorted(missing)}")
-    return out
 
 
 class Cluster:

@@ -7,11 +7,12 @@ Needs root. What it changes on the host, and how ``stop()`` puts it back
 - an interface ``kt-node0`` (a bridge without ports: the kernel here has no
   dummy links) with the node address (10.203.255.1/32) and
   a bridge ``kt-cni0`` for the pods (10.203.0.0/24): both deleted;
-- iptables: the kubelet's and kube-proxy's chains, and the harness's own
-  ``KUBETUNE-NODE`` chains that drop pod traffic to anything outside the
-  harness's range 10.203.0.0/16 (nothing leaves the machine; no masquerading):
-  the tables are put back exactly as they were (``iptables-save`` before,
-  restored after; tables that did not exist are deleted);
+- the harness's own nftables table ``inet kubetune_node``, which drops pod
+  traffic to anything outside the harness's range 10.203.0.0/16 (nothing
+  leaves the machine; the bridge does no masquerading): deleted;
+- iptables: the kubelet's and kube-proxy's chains: the tables are put back
+  exactly as they were (``iptables-save`` before, restored after; tables that
+  did not exist are deleted);
 - sysctls the kubelet and kube-proxy set (vm.overcommit_memory, kernel.panic,
   kernel.panic_on_oops, ip_forward, ...): recorded before, written back;
 - cgroups (``kubepods`` in every v1 hierarchy), network namespaces, mounts
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from . import bins
 from .certs import issue_cert
-from .images import pause_image
+from .images import project_images
 from .procs import LOOPBACK, Server, free_port, run, wait_until
 
 CNI_BIN_DIR = Path("/usr/lib/cni")
@@ -60,6 +61,7 @@ SYSCTLS = (
     "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
 )
 IPTABLES = ("iptables", "ip6tables")
+NFT_TABLE = "kubetune_node"
 BUILTIN_CHAINS = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
 
 
@@ -359,12 +361,22 @@ class Node:
         ):
             _write_sysctl(key, value)
         # Pods reach pods, the node address and (through kube-proxy's DNAT,
-        # which runs first) Services; anything else from a pod is dropped.
-        for chain, hook in (("KUBETUNE-NODE-FWD", "FORWARD"), ("KUBETUNE-NODE-IN", "INPUT")):
-            _sh("iptables", "-N", chain)
-            _sh("iptables", "-A", chain, "-s", n.pod_cidr, "-d", n.harness_range, "-j", "RETURN")
-            _sh("iptables", "-A", chain, "-s", n.pod_cidr, "-j", "DROP")
-            _sh("iptables", "-I", hook, "1", "-j", chain)
+        # which runs first) Services; anything else from a pod is dropped. A
+        # table of its own, hooked before iptables' filter chains: kube-proxy
+        # and the kubelet keep inserting their rules at the top of those.
+        rules = f"""table inet {NFT_TABLE} {{
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    ip saddr {n.pod_cidr} ip daddr != {n.harness_range} drop
+    iifname "{n.bridge}" meta nfproto ipv6 drop
+  }}
+  chain input {{
+    type filter hook input priority -10; policy accept;
+    ip saddr {n.pod_cidr} ip daddr != {n.harness_range} drop
+  }}
+}}
+"""
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
         cni = self.workdir / "cni"
         (cni / "net.d").mkdir(parents=True, exist_ok=True)
         (cni / "net.d" / "10-kubetune.conflist").write_text(
@@ -396,7 +408,7 @@ class Node:
     def _containerd(self) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.pause_ref, pause_archive = pause_image()
+        self.pause_ref, pause_archive = project_images(("pause",))["pause"]
         cni = self.workdir / "cni"
         config = self.workdir / "containerd.toml"
         config.write_text(

@@ -15,40 +15,41 @@ from typing import Any, Optional
 import yaml
 
 from kubetune_api import __name__ as _api  # noqa: F401  (import check: the API is installed)
-from kubetune_api.validation import FieldError, validate_document
+from kubetune_api.validation import FieldError, short, validate_document
+
+from .loader import load_documents
 
 
-def _load_documents(path: Path) -> tuple[list[Any], Optional[FieldError]]:
+def _load_documents(name: str) -> tuple[list[Any], Optional[FieldError], bool]:
+    """(documents, error, readable): readable is False when the file could not be read."""
     try:
-        text = path.read_text() if str(path) != "-" else sys.stdin.read()
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
     except OSError as exc:
-        return [], FieldError("(file)", f"cannot read: {exc.strerror}", "check the path")
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None], None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        problem = getattr(exc, "problem", None) or str(exc)
-        return [], FieldError(f"(yaml {where})", problem, "fix the YAML syntax")
+        reason = exc.strerror or str(exc)
+        return [], FieldError("(file)", f"cannot read: {reason}", "check the path"), False
+    loaded = load_documents(data)
+    return loaded.documents, loaded.error, True
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     reports = []
+    unreadable = False
     for name in args.files:
-        docs, load_error = _load_documents(Path(name))
+        docs, load_error, readable = _load_documents(name)
+        unreadable = unreadable or not readable
         if load_error:
             reports.append(
                 {
                     "file": name,
-                    "document": 0,
+                    "document": len(docs) + 1 if readable else 0,
                     "name": None,
                     "valid": False,
                     "errors": [load_error.to_dict()],
                     "warnings": [],
                 }
             )
-            continue
-        if not docs:
+            docs = docs if readable else []
+        elif not docs:
             reports.append(
                 {
                     "file": name,
@@ -66,11 +67,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for index, doc in enumerate(docs, start=1):
             result = validate_document(doc)
             meta = doc.get("metadata") if isinstance(doc, dict) else None
+            job_name = meta.get("name") if isinstance(meta, dict) else None
             reports.append(
                 {
                     "file": name,
                     "document": index,
-                    "name": meta.get("name") if isinstance(meta, dict) else None,
+                    "name": short(job_name, 80).strip("'") if isinstance(job_name, str) else None,
                     "valid": result.ok,
                     "errors": [e.to_dict() for e in result.errors],
                     "warnings": result.warnings,
@@ -94,6 +96,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  warning: {w}")
         total = sum(len(r["errors"]) for r in reports)
         print(f"{len(reports) - len(failed)} valid, {len(failed)} invalid, {total} error(s)")
+    if unreadable:
+        return 2
     return 1 if failed else 0
 
 

@@ -98,6 +98,27 @@ NOT_BLANK = Check(
     python=lambda v: isinstance(v, str) and v.strip(" ") != "",
 )
 
+NO_SPACE = Check(
+    cel="!self.contains(' ')",
+    message="must not contain spaces: remove them",
+    python=lambda v: isinstance(v, str) and " " not in v,
+)
+
+# A Hugging Face repository id: an optional owner and '/', then a name; letters,
+# digits, '-', '_' and '.', alphanumeric at both ends (what the Hub accepts).
+_HF_PART = "[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
+HF_REPO_ID_RE = f"^({_HF_PART}/)?{_HF_PART}$"
+
+
+def hf_repo_id(example: str) -> Check:
+    return Check(
+        cel=f"self.matches({_cel_str(HF_REPO_ID_RE)})",
+        message="must be a Hugging Face id: an optional owner and '/', then a name, of "
+        f"letters, digits, '-', '_' and '.' (e.g. {example}); for files use uri",
+        python=_fullmatch(HF_REPO_ID_RE),
+    )
+
+
 # ---------------------------------------------------------------------------- Kubernetes names
 
 _DNS_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"

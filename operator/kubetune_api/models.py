@@ -55,6 +55,11 @@ INT32_MAX = 2**31 - 1
 # Spec strings: what a user writes. Each carries its checks (kubetune_api.checks)
 # into the CRD's CEL and into the CLI's validation.
 SpecText = Annotated[str, Field(max_length=TEXT_MAX), PRINTABLE, checks.NOT_BLANK]
+SpecWord = Annotated[str, Field(max_length=TEXT_MAX), PRINTABLE, checks.NOT_BLANK, checks.NO_SPACE]
+ModelId = Annotated[
+    str, Field(max_length=TEXT_MAX), checks.hf_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct")
+]
+DatasetId = Annotated[str, Field(max_length=TEXT_MAX), checks.hf_repo_id("HuggingFaceH4/no_robots")]
 StorageUri = Annotated[(str, Field(max_length=URI_MAX), *checks.STORAGE_URI)]
 OutputUri = Annotated[(str, Field(max_length=URI_MAX), *checks.STORAGE_URI, checks.ABSOLUTE_OUTPUT)]
 EndpointUri = Annotated[
@@ -91,7 +96,7 @@ class StorageAccess(_Model):
         None,
         description="S3-compatible endpoint URL (MinIO, Ceph, R2, ...). Omit for AWS S3.",
     )
-    region: Optional[SpecText] = Field(None, description="Object-store region, e.g. us-east-1.")
+    region: Optional[SpecWord] = Field(None, description="Object-store region, e.g. us-east-1.")
     secret_ref: Optional[SecretRef] = Field(
         None, description="Secret holding the object-store credentials."
     )
@@ -104,7 +109,7 @@ class ModelSource(StorageAccess):
     """The base model: a Hugging Face id, or weights in object storage, a PVC or
     a local folder."""
 
-    name: Optional[SpecText] = Field(
+    name: Optional[ModelId] = Field(
         None,
         description="Hugging Face model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct. "
         "Set exactly one of name or uri.",
@@ -114,7 +119,7 @@ class ModelSource(StorageAccess):
         description="Folder with the weights: s3://bucket/path, gs://..., file:///path, or a "
         "path on a mounted volume. Set exactly one of name or uri.",
     )
-    revision: Optional[SpecText] = Field(
+    revision: Optional[SpecWord] = Field(
         None, description="Git revision (branch, tag or commit) of a Hugging Face model."
     )
     gguf_file: Optional[SpecText] = Field(
@@ -149,12 +154,12 @@ class DataSource(_Model):
         description="JSONL, JSON or Parquet file (or a folder of them): s3://, gs://, "
         "file:// or a mounted path. Set exactly one of uri or name.",
     )
-    name: Optional[SpecText] = Field(
+    name: Optional[DatasetId] = Field(
         None,
         description="Hugging Face datasets name, read from the datasets cache "
         "(HF_DATASETS_OFFLINE works). Set exactly one of uri or name.",
     )
-    split: SpecText = Field("train", description="Split to read when name is a datasets name.")
+    split: SpecWord = Field("train", description="Split to read when name is a datasets name.")
 
 
 class Dataset(StorageAccess):
@@ -202,14 +207,14 @@ class LoraConfig(_Model):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator (alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[SpecText] = Field(
+    target_modules: list[SpecWord] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=LIST_MAX,
         description="Module names to adapt, or [all-linear] for every linear layer but the "
         "output head.",
     )
-    modules_to_save: list[SpecText] = Field(
+    modules_to_save: list[SpecWord] = Field(
         default_factory=list,
         max_length=LIST_MAX,
         description="Modules trained in full and saved with the adapter (e.g. lm_head).",

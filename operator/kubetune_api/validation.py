@@ -128,16 +128,29 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _api_number(value: Any) -> Any:
-    """A number as the API server decodes it from kubectl's JSON: integral values
-    below 1e21 (Go writes them without an exponent) are integers when they fit
-    in int64; every other number is a float."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
-        value = int(value)
+    """A number as the API server decodes it from kubectl's JSON. go-yaml turns an
+    integer outside int64 into a float; Go writes an integral float below 1e21
+    without an exponent; the server reads digits that fit int64 as an integer
+    and anything else as a float."""
     if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
         try:
-            return float(value)
+            value = float(value)
         except OverflowError:
-            return str(value)  # go-yaml keeps a number too big for a float as text
+            return str(value)  # too big for a float: go-yaml keeps it as text
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        whole = int(value)
+        if INT64_MIN <= whole <= INT64_MAX:
+            return whole
+    return value
+
+
+def prune_nulls(value: Any) -> Any:
+    """The API server drops null fields of a structural schema before defaulting:
+    `workers: null` means "use the default", as if it were absent."""
+    if isinstance(value, dict):
+        return {k: prune_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [prune_nulls(v) for v in value]
     return value
 
 
@@ -517,6 +530,7 @@ def validate_spec(spec: Any) -> Result:
     result = Result()
     spec, json_errors = to_api_json(spec, "spec")
     result.errors += json_errors
+    spec = prune_nulls(spec)
     if not isinstance(spec, dict):
         result.errors.append(
             FieldError("spec", f"must be a mapping, not {_kind_of(spec)}", "see crds/examples/")
@@ -568,7 +582,7 @@ def validate_document(doc: Any) -> Result:
     result.warnings += spec_result.warnings
     if result.ok:
         result.job = models.FineTuneJob.model_validate(
-            {**doc, "spec": apply_defaults(doc["spec"]), "status": None}
+            {**doc, "spec": apply_defaults(prune_nulls(doc["spec"])), "status": None}
         )
     return result
 

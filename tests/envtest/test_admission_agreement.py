@@ -29,11 +29,11 @@ class Outcome:
     cli_paths: list[str]
 
 
-def _server_create(api, namespace: str, doc: dict) -> tuple[bool, str]:
+def _server_create(api, namespace: str, doc: dict, created: list | None = None) -> tuple[bool, str]:
     from kubernetes.client import ApiException
 
     try:
-        api.create_namespaced_custom_object(
+        obj = api.create_namespaced_custom_object(
             models.GROUP,
             models.VERSION,
             namespace,
@@ -42,6 +42,8 @@ def _server_create(api, namespace: str, doc: dict) -> tuple[bool, str]:
             dry_run="All",
             field_validation="Strict",
         )
+        if created is not None:
+            created.append(obj)
         return True, ""
     except ApiException as exc:
         if exc.status >= 500:
@@ -131,16 +133,69 @@ def custom_objects(kube, kubetune_crd):
     api.close()
 
 
-def test_every_document_case_gets_the_same_verdict(custom_objects, namespace):
-    outcomes = []
+def test_every_document_case_gets_the_same_verdict(kube, custom_objects, namespace):
+    outcomes, created = [], []
     for case in all_doc_cases():
-        server_ok, text = _server_create(custom_objects, namespace, case.doc)
+        server_ok, text = _server_create(custom_objects, namespace, case.doc, created)
         verdict = cli_verdict(case)
         outcomes.append(Outcome(case, server_ok, text, verdict.ok, verdict.paths))
     summary = _compare(outcomes)
     _report("document cases", summary)
     assert summary["tried"] > 800
     _assert_clean(summary)
+    _children_are_admitted(kube, custom_objects, namespace, created)
+
+
+def _children_are_admitted(kube, custom_objects, namespace: str, created: list[dict]) -> None:
+    """Every job the API server accepted yields a RayJob and pods that Kubernetes
+    accepts too: nothing admitted fails later, at Pod creation."""
+    from kubernetes import client
+    from kubernetes.client import ApiException
+
+    from kubetune_operator.builders import Settings, spec_to_rayjob
+
+    api = kube.api_client()
+    core = client.CoreV1Api(api)
+    scheduling = client.SchedulingV1Api(api)
+    try:
+        scheduling.create_priority_class(
+            client.V1PriorityClass(metadata=client.V1ObjectMeta(name="high-priority"), value=1000)
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    refused = []
+    pods = 0
+    for obj in created:
+        obj["metadata"]["namespace"] = namespace
+        obj["metadata"].setdefault("uid", "00000000-0000-0000-0000-000000000000")
+        rayjob = spec_to_rayjob(obj, Settings(), 1)
+        try:
+            custom_objects.create_namespaced_custom_object(
+                "ray.io", "v1", namespace, "rayjobs", rayjob, dry_run="All"
+            )
+        except ApiException as exc:
+            refused.append(f"{obj['metadata']['name']} RayJob: {exc.body[:300]}")
+        cluster = rayjob["spec"]["rayClusterSpec"]
+        templates = [cluster["headGroupSpec"]["template"]] + [
+            g["template"] for g in cluster["workerGroupSpecs"]
+        ]
+        for i, template in enumerate(templates):
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"{rayjob['metadata']['name']}-{i}"},
+                "spec": template["spec"],
+            }
+            try:
+                core.create_namespaced_pod(namespace, pod, dry_run="All")
+                pods += 1
+            except ApiException as exc:
+                refused.append(f"{obj['metadata']['name']} pod {i}: {exc.body[:300]}")
+    api.close()
+    print(f"\nchildren of accepted jobs: {len(created)} RayJobs, {pods} pods admitted")
+    assert refused == []
+    assert len(created) > 100
 
 
 def test_every_file_case_gets_the_same_verdict_from_kubectl(
@@ -246,3 +301,21 @@ def test_fuzzed_jobs_get_the_same_verdict(custom_objects, namespace):
     assert summary["tried"] >= 100
     assert summary["disagreements"] == []
     assert summary["field_not_named_by_both"] == []
+
+
+def test_kubectl_explain_says_defaults_ranges_and_types(kube, kubetune_crd):
+    def explain(field: str) -> str:
+        out = kube.kubectl("explain", f"finetunejobs.{field}", "--api-version=kubetune.io/v1alpha1")
+        return " ".join(out.stdout.split())
+
+    spec = explain("spec")
+    assert "What to fine-tune" in spec
+    assert "evaluation <Object>" in spec and "held-out data" in spec
+    epochs = explain("spec.hyperparameters.epochs")
+    assert "Greater than 0, at most 1000." in epochs
+    dropout = explain("spec.method.lora.dropout")
+    assert "Default: 0.05. At least 0, less than 1." in dropout
+    zero = explain("spec.distributed.zeroStage")
+    assert "<Object>" not in zero and "Default: auto." in zero, zero
+    toleration = explain("spec.resources.tolerations.operator")
+    assert "Exists" in toleration and "Equal" in toleration

@@ -15,6 +15,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -138,7 +139,9 @@ def _api_number(value: Any) -> Any:
         except OverflowError:
             return str(value)  # too big for a float: go-yaml keeps it as text
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
-        whole = int(value)
+        # Go writes the shortest digits that read back as the same float, padded
+        # with zeros: -2**63 as a float becomes -9223372036854776000, not an int64.
+        whole = int(Decimal(repr(value)))
         if INT64_MIN <= whole <= INT64_MAX:
             return whole
     return value
@@ -408,7 +411,8 @@ def _string_map(meta: dict, key: str, errors: list[FieldError], values: bool) ->
         return
     for k, v in mapping.items():
         at = join_path(where, (k,))
-        if not checks.is_qualified_name(k):
+        # Kubernetes lowercases annotation keys before checking them, not label keys.
+        if not checks.is_qualified_name(k if values else k.lower()):
             errors.append(
                 FieldError(
                     at,
@@ -423,7 +427,9 @@ def _string_map(meta: dict, key: str, errors: list[FieldError], values: bool) ->
                 FieldError(
                     at,
                     f"must be text, not {_kind_of(v)}",
-                    f'quote it: {k}: "{v}"' if len(str(v)) < 40 else "quote it",
+                    f'quote it: {k}: "{json.dumps(v)}"'
+                    if isinstance(v, (int, float, bool)) and len(k) < 64
+                    else "write it as quoted text",
                 )
             )
         elif values and not checks.is_label_value(v):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
@@ -201,6 +201,7 @@ def check_aliasing(root: Node) -> None:
 class Loaded:
     documents: list[Any]
     error: Optional[FieldError] = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def _line_col(text: str, index: int) -> str:
@@ -209,28 +210,29 @@ def _line_col(text: str, index: int) -> str:
     return f"line {line}, column {column}"
 
 
-def decode(data: bytes) -> tuple[Optional[str], Optional[FieldError]]:
-    """Bytes → text as go-yaml accepts it: UTF-8, or UTF-16 with a byte-order mark."""
+def decode(data: bytes) -> tuple[str, list[str]]:
+    """Bytes → text as kubectl reads them: UTF-8, or UTF-16 with a byte-order mark.
+    Bytes that are not UTF-8 reach the API server as U+FFFD; say so, and where."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16"), []
+        except UnicodeDecodeError:
+            pass
     try:
-        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-            return data.decode("utf-16"), None
-        return data.decode("utf-8-sig"), None
+        return data.decode("utf-8-sig"), []
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        return None, FieldError(
-            f"(yaml line {line}, column {column})",
-            f"byte 0x{data[exc.start]:02x} is not UTF-8 text",
-            "save the file as UTF-8",
+        warning = (
+            f"line {line}, column {column}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
+            "kubectl sends such bytes as \ufffd: save the file as UTF-8"
         )
+        return data.decode("utf-8-sig", errors="replace"), [warning]
 
 
 def load_documents(data: bytes) -> Loaded:
     """Every non-empty document of a YAML stream, as kubectl would send it."""
-    text, error = decode(data)
-    if error:
-        return Loaded([], error)
-    assert text is not None
+    text, warnings = decode(data)
     docs: list[Any] = []
     loader = None
     try:
@@ -286,4 +288,4 @@ def load_documents(data: bytes) -> Loaded:
     finally:
         if loader is not None:
             loader.dispose()
-    return Loaded(docs)
+    return Loaded(docs, warnings=warnings)

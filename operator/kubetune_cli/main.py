@@ -20,64 +20,60 @@ from kubetune_api.validation import FieldError, short, validate_document
 from .loader import load_documents
 
 
-def _load_documents(name: str) -> tuple[list[Any], Optional[FieldError], bool]:
-    """(documents, error, readable): readable is False when the file could not be read."""
+def _read(name: str) -> tuple[Optional[bytes], Optional[FieldError]]:
     try:
-        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        return (sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()), None
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        return [], FieldError("(file)", f"cannot read: {reason}", "check the path"), False
-    loaded = load_documents(data)
-    return loaded.documents, loaded.error, True
+        return None, FieldError("(file)", f"cannot read: {reason}", "check the path")
+
+
+def _report(name: str, index: int, errors: list[FieldError], warnings: list[str], job=None):
+    return {
+        "file": name,
+        "document": index,
+        "name": job,
+        "valid": not errors,
+        "errors": [e.to_dict() for e in errors],
+        "warnings": warnings,
+    }
+
+
+def _validate_one(name: str, index: int, doc: Any, warnings: list[str]) -> dict:
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    job_name = meta.get("name") if isinstance(meta, dict) else None
+    shown = short(job_name, 80).strip("'") if isinstance(job_name, str) else None
+    try:
+        result = validate_document(doc)
+    except Exception as exc:  # a bug here must still not print a traceback at a user
+        error = FieldError(
+            "(document)",
+            f"kubetune could not check it: {type(exc).__name__}",
+            "please report this with the file",
+        )
+        return _report(name, index, [error], warnings, shown)
+    return _report(name, index, result.errors, warnings + result.warnings, shown)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     reports = []
     unreadable = False
     for name in args.files:
-        docs, load_error, readable = _load_documents(name)
-        unreadable = unreadable or not readable
-        if load_error:
-            reports.append(
-                {
-                    "file": name,
-                    "document": len(docs) + 1 if readable else 0,
-                    "name": None,
-                    "valid": False,
-                    "errors": [load_error.to_dict()],
-                    "warnings": [],
-                }
-            )
-            docs = docs if readable else []
-        elif not docs:
-            reports.append(
-                {
-                    "file": name,
-                    "document": 0,
-                    "name": None,
-                    "valid": False,
-                    "errors": [
-                        FieldError(
-                            "(file)", "holds no YAML document", "add a FineTuneJob"
-                        ).to_dict()
-                    ],
-                    "warnings": [],
-                }
-            )
-        for index, doc in enumerate(docs, start=1):
-            result = validate_document(doc)
-            meta = doc.get("metadata") if isinstance(doc, dict) else None
-            job_name = meta.get("name") if isinstance(meta, dict) else None
-            reports.append(
-                {
-                    "file": name,
-                    "document": index,
-                    "name": short(job_name, 80).strip("'") if isinstance(job_name, str) else None,
-                    "valid": result.ok,
-                    "errors": [e.to_dict() for e in result.errors],
-                    "warnings": result.warnings,
-                }
-            )
+        data, read_error = _read(name)
+        if read_error:
+            unreadable = True
+            reports.append(_report(name, 0, [read_error], []))
+            continue
+        loaded = load_documents(data)
+        warnings = loaded.warnings
+        for index, doc in enumerate(loaded.documents, start=1):
+            reports.append(_validate_one(name, index, doc, warnings))
+            warnings = []  # said once per file
+        if loaded.error:
+            reports.append(_report(name, len(loaded.documents) + 1, [loaded.error], warnings))
+        elif not loaded.documents:
+            error = FieldError("(file)", "holds no YAML document", "add a FineTuneJob")
+            reports.append(_report(name, 0, [error], warnings))
     failed = [r for r in reports if not r["valid"]]
     if args.output == "json":
         print(json.dumps(reports, indent=2))

@@ -61,6 +61,10 @@ def _mentions(server_text: str, path: str) -> bool:
     if not path or path.startswith("("):
         return True  # a file-level error: kubectl names no field either
     candidates = {path}
+    if path.startswith("metadata."):
+        # metadata is decoded into ObjectMeta before any schema: Go names the struct field
+        field = path.split(".")[1]
+        candidates |= {f"ObjectMeta.{field}", f"the {field} of the provided object"}
     # map keys: the server names the map (spec.resources.nodeSelector, metadata.labels)
     trimmed = re.sub(r"(\[[^\]]*\]|\.[^.\[]+)$", "", path)
     if trimmed:

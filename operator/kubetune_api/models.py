@@ -297,8 +297,9 @@ class Hyperparameters(_Model):
 class Distributed(_Model):
     zero_stage: Union[Literal["auto"], Annotated[int, Field(ge=0, le=3)]] = Field(
         "auto",
-        description="DeepSpeed ZeRO stage 0-3, or auto: picked from model size, method and "
-        "GPU memory (the trainer logs what it picked).",
+        description="DeepSpeed ZeRO stage: an integer 0 to 3, or the text auto (picked "
+        "from model size, method and GPU memory; the trainer logs what it picked). "
+        "kubectl explain shows <Object> for a field that takes an integer or text.",
     )
     offload_optimizer: bool = Field(
         False, description="Keep optimizer state in CPU memory (ZeRO stage 2 or 3)."

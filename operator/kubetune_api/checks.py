@@ -229,7 +229,7 @@ IMAGE = Check(
 URI_SCHEMES = ("s3", "gs", "gcs", "file", "hf")
 _SCHEME_RE = "^[A-Za-z][A-Za-z0-9+.-]*://"
 _USERINFO_RE = "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
-_BUCKET_RE = "^(s3|gs|gcs)://[A-Za-z0-9._-]+(/.*)?$"
+_BUCKET_RE = "^(s3|gs|gcs)://([^/?#]*@)?[A-Za-z0-9._-]+(/.*)?$"
 _schemes = "|".join(URI_SCHEMES)
 
 NO_CREDENTIALS = Check(

@@ -494,7 +494,7 @@ def _written() -> list[Case]:
     # cross-field rules through every generated mutation stay covered by rules tests;
     # here: the values a person is likely to try
     add(
-        "rule:qlora-on-cpu", mutate("spec.resources.gpusPerWorker", 0) | {}, None
+        "rule:lora-on-cpu", mutate("spec.resources.gpusPerWorker", 0) | {}, None
     )  # lora on CPU is fine
     return c
 
@@ -603,7 +603,12 @@ def yaml_cases() -> list[Case]:
     )
     add("yaml:label-int-key", _file("y13", head=_HEAD.format(name="y13") + "  labels: {1: one}\n"))
     add("yaml:label-bool-key", _file("y14", head=_HEAD.format(name="y14") + "  labels: {yes: x}\n"))
-    add("yaml:equals-value", _file("y15", head=_HEAD.format(name="y15") + "  labels: {op: =}\n"))
+    # kubectl sends = as text, and = is not a label value
+    add(
+        "yaml:equals-value",
+        _file("y15", head=_HEAD.format(name="y15") + "  labels: {op: =}\n"),
+        "metadata.labels",
+    )
     add(
         "yaml:nan",
         _file("y16", "  hyperparameters: {learningRate: .nan}\n"),
@@ -644,7 +649,7 @@ def yaml_cases() -> list[Case]:
     add("yaml:duplicate-key", _file("y26", "  suspend: true\n  suspend: false\n"))
     add("yaml:top-int-key", b"1: 2\n" + _file("y27"), "")
     add("yaml:name-list", _file("y28", head=_HEAD.replace("{name}", "[a, b]")), "metadata.name")
-    add("yaml:name-number", _file("y29", head=_HEAD.replace("{name}", "1234")))
+    add("yaml:name-number", _file("y29", head=_HEAD.replace("{name}", "1234")), "metadata.name")
     add("yaml:tab-indent", _file("y30").replace(b"  model", b"\tmodel"), "(yaml")
     add(
         "yaml:huge-int",
@@ -689,11 +694,8 @@ _safe(
         "yaml:label-date",
         "yaml:label-int-key",
         "yaml:label-bool-key",
-        "yaml:equals-value",
-        "yaml:name-number",
     ),
-    "kubectl sends these as text ('2024-01-02', '1', 'true', '=', '1234'): valid label keys, "
-    "values and names",
+    "kubectl sends these as text ('2024-01-02', '1', 'true'): valid label keys and values",
 )
 _safe(("yaml:duplicate-key",), "kubectl keeps the last value of a repeated key, as the CLI does")
 _safe(
@@ -704,7 +706,7 @@ _safe(
 _safe(("yaml:small-alias",), "an alias used once: an ordinary YAML feature")
 _safe(("yaml:utf16",), "UTF-16 with a byte-order mark is read by both")
 _safe(("yaml:binary-tag",), "annotations are free text; the bytes arrive decoded")
-_safe(("rule:qlora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
+_safe(("rule:lora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
 
 
 def safe_reason(case: Case) -> Optional[str]:

@@ -223,8 +223,8 @@ def check_rules(defaulted_spec: Spec) -> list[tuple[Rule, str]]:
         if rule.python is None:
             continue
         obj = _at(defaulted_spec, rule.path)
-        if obj is None and rule.path:
-            continue  # CEL rules on an absent optional object do not run either
+        if rule.path and not isinstance(obj, dict):
+            continue  # CEL rules on an absent or mistyped object do not run either
         try:
             ok = rule.python(obj)
         except (KeyError, TypeError, AttributeError):

@@ -74,6 +74,13 @@ fi
 [ -s "$ca_bundle" ] || die "CA bundle $ca_bundle not found; set KUBETUNE_CA_BUNDLE"
 
 mkdir -p "$images"
+# One run at a time per cache: a second run would remove the first one's
+# images as stale while it exports them.
+exec 9>"$images/.lock"
+if ! flock -n 9; then
+  log "waiting for another build-images.sh run on $images"
+  flock 9
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/kubetune-images.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -186,6 +193,7 @@ dockerfile_tag() {
   local target=$1
   (
     echo "$target $base_tag"
+    declare -f build_target
     tree_hash Dockerfile .dockerignore pyproject.toml constraints.txt README.md scripts/setup.sh \
       operator trainer
   ) | short_hash
@@ -194,7 +202,7 @@ dockerfile_tag() {
 build_target() {
   local target=$1 ref=$2
   local args=(
-    bud --target "$target" --tag "$ref" --file Dockerfile
+    bud --target "$target" --tag "$ref" --file Dockerfile --force-rm
     --build-arg "PYTHON_IMAGE=$base_ref" --pull=never
     --network host --secret "id=ca-bundle,src=$ca_bundle"
   )

@@ -202,7 +202,7 @@ dockerfile_tag() {
 build_target() {
   local target=$1 ref=$2
   local args=(
-    bud --target "$target" --tag "$ref" --file Dockerfile --force-rm
+    bud --target "$target" --tag "$ref" --file Dockerfile
     --build-arg "PYTHON_IMAGE=$base_ref" --pull=never
     --network host --secret "id=ca-bundle,src=$ca_bundle"
   )

@@ -74,8 +74,25 @@ fi
 [ -s "$ca_bundle" ] || die "CA bundle $ca_bundle not found; set KUBETUNE_CA_BUNDLE"
 
 mkdir -p "$images"
+# One run at a time per cache: a second run would remove the first one's
+# images as stale while it exports them.
+exec 9>"$images/.lock"
+if ! flock -n 9; then
+  log "waiting for another build-images.sh run on $images"
+  flock 9
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/kubetune-images.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+working=() # buildah working containers to remove if the run stops halfway
+cleanup() {
+  local c
+  for c in "${working[@]}"; do buildah rm "$c" >/dev/null 2>&1 || true; done
+  # debootstrap mounts /proc and /sys in the chroot while it configures
+  # packages; a run stopped then leaves them mounted.
+  grep -o " $work/[^ ]*" /proc/mounts | sort -r | xargs -r umount -l 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 short_hash() { sha256sum | cut -c1-16; }
 
@@ -152,6 +169,7 @@ EOF
     -cf "$work/rootfs.tar" .
   rm -rf "$rootfs"
   ctr=$(buildah from scratch)
+  working+=("$ctr")
   buildah add --quiet "$ctr" "$work/rootfs.tar" / >/dev/null
   rm -f "$work/rootfs.tar"
   buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
@@ -186,6 +204,7 @@ dockerfile_tag() {
   local target=$1
   (
     echo "$target $base_tag"
+    declare -f build_target
     tree_hash Dockerfile .dockerignore pyproject.toml constraints.txt README.md scripts/setup.sh \
       operator trainer
   ) | short_hash
@@ -210,6 +229,7 @@ build_pause() {
   local ref=$1 ctr
   gcc -static -Os -s -Wall -Werror -o "$work/pause" scripts/images/pause.c >&2
   ctr=$(buildah from scratch)
+  working+=("$ctr")
   buildah copy --quiet --chmod 0755 "$ctr" "$work/pause" /pause >/dev/null
   buildah config --entrypoint '["/pause"]' --user 65535:65535 --os linux --arch amd64 "$ctr"
   buildah commit --quiet --rm "$ctr" "$ref" >/dev/null

@@ -117,6 +117,8 @@ print(\"C++ extension built and loaded\")
   # as in a pod). The probes call Ray's dashboard and its agent with wget.
   as_user "$ctr" '
     ulimit -n 65536 2>/dev/null || true
+    # A busy 2-core machine can take longer than Ray'"'"'s default 10 s to register.
+    export RAY_raylet_start_wait_time_s=180
     ray start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus=1 \
       --disable-usage-stats >/tmp/ray-start.log 2>&1 \
       || { cat /tmp/ray-start.log; exit 1; }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,42 @@ def check_data(spec) -> str:
     if prepared.val_report:
         text += "\n" + prepared.val_report.summary("validation")
     return text
+
+
+STOPPED = 130  # the caller stopped the run (see run's `stopping`)
+
+
+def _failed(exc: Exception, storage, config, say) -> int:
+    """The Failed record and one line; the exit code: 3 for data, else 1."""
+    from kubetune_api import storage as contract
+
+    from .data import DataError
+    from .storage import now
+
+    if isinstance(exc, DataError):
+        storage.write_progress(
+            contract.ProgressRecord(
+                phase=contract.TrainPhase.failed,
+                attempt=config.attempt,
+                message=str(exc)[:4000],
+                updated_at=now(),
+            )
+        )
+        say(f"kubetune: data error: {exc}")
+        return 3
+    prev = storage.read_json(contract.PROGRESS) or {}
+    storage.write_progress(
+        contract.ProgressRecord(
+            phase=contract.TrainPhase.failed,
+            step=prev.get("step", 0),
+            total_steps=prev.get("totalSteps"),
+            attempt=config.attempt,
+            message=f"{type(exc).__name__}: {exc}"[:4000],
+            updated_at=now(),
+        )
+    )
+    say(f"kubetune: training failed: {type(exc).__name__}: {exc}")
+    return 1
 
 
 def worker_threads(spec, available: int | None = None) -> int:
@@ -90,14 +127,16 @@ def run(
     quiet: bool = False,
     check: bool = True,
     log: Callable[[str], None] | None = None,
+    stopping: threading.Event | None = None,
 ) -> int:
     """Check data (unless the caller did), fit, write Failed progress on error.
     0 on success. Errors go to `log` (default stderr), whole lines. Exceptions
-    that are not Exceptions (an interrupt) propagate."""
+    that are not Exceptions (an interrupt) propagate. Once `stopping` is set the
+    caller is shutting Ray down on purpose: the errors that follow are not a
+    failure, and the caller writes the record."""
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     from kubetune_api import storage as contract
 
-    from .data import DataError
     from .storage import JobStorage, now
 
     ensure_env()
@@ -108,7 +147,7 @@ def run(
             contract.ProgressRecord(
                 phase=contract.TrainPhase.loading,
                 attempt=config.attempt,
-                message="checking data" if check else "starting",
+                message="checking data" if check else None,
                 updated_at=now(),
             )
         )
@@ -122,31 +161,10 @@ def run(
         if not ray.is_initialized():
             ray.init(**(ray_init or {}))
         fit(config)
-    except DataError as exc:
-        storage.write_progress(
-            contract.ProgressRecord(
-                phase=contract.TrainPhase.failed,
-                attempt=config.attempt,
-                message=str(exc)[:4000],
-                updated_at=now(),
-            )
-        )
-        say(f"kubetune: data error: {exc}")
-        return 3
     except Exception as exc:  # noqa: BLE001  (reported, then the exit code says failed)
-        prev = storage.read_json(contract.PROGRESS) or {}
-        storage.write_progress(
-            contract.ProgressRecord(
-                phase=contract.TrainPhase.failed,
-                step=prev.get("step", 0),
-                total_steps=prev.get("totalSteps"),
-                attempt=config.attempt,
-                message=f"{type(exc).__name__}: {exc}"[:4000],
-                updated_at=now(),
-            )
-        )
-        say(f"kubetune: training failed: {type(exc).__name__}: {exc}")
-        return 1
+        if stopping is not None and stopping.is_set():
+            return STOPPED
+        return _failed(exc, storage, config, say)
     if not quiet:
         print(f"kubetune: done in {time.monotonic() - t0:.0f}s; results under {storage.prefix}")
     return 0

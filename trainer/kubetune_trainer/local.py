@@ -92,14 +92,14 @@ class Console:
 
     def draw(self, text: str) -> None:
         with self.lock:
-            self.bar_text = text
             self._clear()
+            self.bar_text = text
             self._draw()
 
     def end_bar(self) -> None:
         """Leave the last bar as a finished line."""
         with self.lock:
-            if self.bar_text:
+            if self.bar and self.bar_text:
                 self.stream.write("\n")
                 self.stream.flush()
             self.bar_text = ""
@@ -123,6 +123,10 @@ class Watcher:
         self.storage, self.console, self.interval = storage, console, interval
         self.printed_step = resumed_step if resumed_step else -1
         self.checkpoint_step = resumed_step
+        self.messages: set = set()
+        self.stale: set = set()
+        self.total: Optional[int] = None
+        self.first_row: Optional[dict] = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="kubetune-console", daemon=True)
         self.t0 = time.monotonic()
@@ -130,6 +134,17 @@ class Watcher:
         self.last_row: dict = {}
 
     def __enter__(self):
+        # what an earlier attempt left is not news: its last message, and its
+        # metrics rows past the checkpoint this run resumes from (the workers
+        # rewrite them away at their first log step)
+        before = self.storage.read_json(contract.PROGRESS) or {}
+        self.messages.add(before.get("message"))
+        self.total = before.get("totalSteps")
+        self.stale = {
+            (r["step"], r.get("time"))
+            for r in self.storage.read_metrics()
+            if r["step"] > self.printed_step
+        }
         self.thread.start()
         return self
 
@@ -150,24 +165,46 @@ class Watcher:
         except Exception:  # noqa: BLE001  (a torn read: try again next tick)
             return
         self.progress = progress
-        total = progress.get("totalSteps")
+        message = progress.get("message")
+        if message and message not in self.messages and progress.get("phase") != "Failed":
+            self.messages.add(message)  # a failure is the driver's to tell
+            self.console.say(f"kubetune run: {message}")
+        total = self.total = progress.get("totalSteps") or self.total
         for row in rows:
-            if row["step"] <= self.printed_step:
+            if row["step"] <= self.printed_step or (row["step"], row.get("time")) in self.stale:
                 continue
             self.printed_step = row["step"]
             self.last_row = row
-            self.console.say(self._row_line(row, total, progress))
-        ckpt = progress.get("lastCheckpoint") or {}
-        if ckpt.get("step") and ckpt["step"] != self.checkpoint_step:
-            self.checkpoint_step = ckpt["step"]
-            self.console.say(
-                f"kubetune run: checkpoint step {ckpt['step']} committed: {P.display(ckpt['uri'])}"
-            )
+            self.console.say(self._row_line(row, total, self._eta(row, total, progress)))
+        for step in self.storage.committed_checkpoints():
+            if step > self.checkpoint_step:
+                self.checkpoint_step = step
+                where = P.display(self.storage.uri(self.storage.checkpoint_rel(step)))
+                self.console.say(f"kubetune run: checkpoint step {step} committed: {where}")
         if self.console.bar:
             self.console.draw(self._bar(progress))
 
+    def _eta(self, row: dict, total, progress: dict):
+        """From the rows' own times (several rows may arrive in one poll), else
+        progress.json's estimate when it describes this very step."""
+        if row.get("loss") is None and row["step"] == 0:
+            return None
+        if self.first_row is None:
+            self.first_row = row
+        first = self.first_row
+        if total and row["step"] > first["step"] and row.get("time") and first.get("time"):
+            from datetime import datetime
+
+            spent = (
+                datetime.fromisoformat(row["time"].replace("Z", "+00:00"))
+                - datetime.fromisoformat(first["time"].replace("Z", "+00:00"))
+            ).total_seconds()
+            if spent > 0:  # the times have whole seconds
+                return spent / (row["step"] - first["step"]) * (total - row["step"])
+        return progress.get("etaSeconds") if progress.get("step") == row["step"] else None
+
     @staticmethod
-    def _row_line(row: dict, total, progress: dict) -> str:
+    def _row_line(row: dict, total, eta) -> str:
         if row.get("loss") is None and row["step"] == 0:
             return f"kubetune run: held-out loss before training: {row['eval_loss']:.4f}"
         parts = [f"step {row['step']}/{total or '?'}"]
@@ -179,8 +216,8 @@ class Watcher:
             parts.append(f"{row['tokens_per_second']:.0f} tok/s")
         if row.get("eval_loss") is not None:
             parts.append(f"eval {row['eval_loss']:.4f}")
-        if total and row["step"] < total:
-            parts.append(f"eta {_fmt_time(progress.get('etaSeconds'))}")
+        if total and row["step"] < total and eta is not None:
+            parts.append(f"eta {_fmt_time(eta)}")
         return "  ".join(parts)
 
     def _bar(self, p: dict) -> str:
@@ -283,7 +320,9 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
     for _ in range(5):
         storage.write_progress(record)
         time.sleep(0.3)
-        if (storage.read_json(contract.PROGRESS) or {}).get("phase") == record.phase.value:
+        if (storage.read_json(contract.PROGRESS) or {}).get(
+            "phase"
+        ) == contract.TrainPhase.interrupted.value:
             break
     at = f" at step {step}/{total}" if total else " before training started"
     if pointer:
@@ -382,14 +421,36 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
             num_cpus=os.cpu_count(),
             include_dashboard=False,
             log_to_driver=False,
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,
         )
     signals.install()  # ray.init installs its own handlers; ours decide
+    # fit() runs in a thread: Ray Train installs its own SIGINT handler when
+    # called from the main thread (an abort that exits 1 without a word), and
+    # the main thread must stay free to stop everything on a signal.
+    stopping = threading.Event()
+    result: dict = {}
+
+    def train() -> None:
+        result["rc"] = run(
+            config,
+            quiet=True,
+            check=False,
+            log=lambda text: console.say(text, err),
+            stopping=stopping,
+        )
+
+    worker = threading.Thread(target=train, name="kubetune-fit", daemon=True)
     try:
         with Watcher(storage, console, resumed):
-            rc = run(config, quiet=True, check=False, log=lambda text: console.say(text, err))
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.2)
+    except Interrupted:
+        stopping.set()
+        raise
     finally:
         ray.shutdown()
+    rc = result.get("rc", 1)
     if rc != 0:
         console.say(
             f"kubetune run: failed (exit {rc}); records in {_where(storage)}; "

@@ -32,6 +32,14 @@ from . import data as D
 SAMPLE_ROWS = 200  # rows tokenized for the length distribution
 MAX_EXAMPLES = 3  # bad rows quoted per data source
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 TRUNCATION_WARNING = 0.2  # share of truncated examples that earns a warning
 
 
@@ -156,6 +164,16 @@ def check_model(
                 "spec.model.uri",
                 f"{path} is not a model folder: {' and '.join(problems)} (it holds {shown})",
                 hint,
+            )
+        )
+        return None
+    tokenizer_files = [n for n in names if n in TOKENIZER_FILES]
+    if not tokenizer_files:
+        report.errors.append(
+            FieldError(
+                "spec.model.uri",
+                f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, …)",
+                "save the tokenizer into the model folder (tokenizer.save_pretrained)",
             )
         )
         return None
@@ -390,30 +408,21 @@ def preflight(config, job: dict, base: Path, job_dir: Optional[Path], raw: dict)
 
 def validate_findings(doc: Any, base: Path, job_dir: Optional[Path] = None) -> Report:
     """For `kubetune validate`: the checks that need no tokenizer, on a valid
-    document. A missing absolute path is a warning there (it may be a volume
-    mounted in the cluster's pods); a missing relative one is an error (only
-    `kubetune run` can read it)."""
+    document. A file that is there but broken is an error. One that is not
+    there is a warning: validate cannot know whether the job is meant for this
+    machine or for pods that mount the path (`kubetune run` stops on it)."""
     if not isinstance(doc, dict):
         return Report()
     job = resolve_job_paths(doc, base)
     report, _ = check_files(job, base, job_dir, doc)
     kept = []
     for err in report.errors:
-        raw = _raw_value(doc, err.path)
-        absent = err.message.startswith(("no such file", "no such folder"))
-        if absent and raw and Path(local_path(raw)).is_absolute():
+        if err.message.startswith(("no such file", "no such folder")):
             report.warnings.append(
-                f"{err.path}: {err.message} on this machine (fine if it is a path in the "
-                "cluster's pods; `kubetune run` needs it here)"
+                f"{err} (not on this machine: `kubetune run` stops here; fine if the path "
+                "exists in the cluster's pods)"
             )
         else:
             kept.append(err)
     report.errors = kept
     return report
-
-
-def _raw_value(doc: dict, path: str) -> Optional[str]:
-    node: Any = doc
-    for part in path.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node if isinstance(node, str) else None

@@ -305,7 +305,9 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
         rel = storage.checkpoint_rel(committed[-1])
         pointer = contract.CheckpointPointer(step=committed[-1], uri=storage.uri(rel))
     name = signal.Signals(signum).name
-    step, total = prev.get("step", 0), prev.get("totalSteps")
+    # a run stopped while its workers start has only the driver's Loading record
+    step = max(prev.get("step") or 0, committed[-1] if committed else 0)
+    total = prev.get("totalSteps")
     record = contract.ProgressRecord(
         phase=contract.TrainPhase.interrupted,
         step=step,
@@ -324,7 +326,7 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
             "phase"
         ) == contract.TrainPhase.interrupted.value:
             break
-    at = f" at step {step}/{total}" if total else " before training started"
+    at = f" at step {step}/{total}" if total else " while starting"
     if pointer:
         where = f"last committed checkpoint: step {pointer.step} in {P.display(pointer.uri)}"
     else:
@@ -332,9 +334,10 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
     return f"kubetune run: stopped by {name}{at}; {where}; resume with: {command}"
 
 
-def run_local(opts: LocalRun, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """`kubetune run`: 0 done, 1 training failed, 2 invalid job or preflight,
     3 data error in the workers, 128+signal when stopped."""
+    out, err = out or sys.stdout, err or sys.stderr
     from kubetune_api import load_trainer_config, spec_to_trainer_config
 
     from .storage import JobStorage

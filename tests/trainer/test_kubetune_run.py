@@ -304,3 +304,51 @@ def test_console_keeps_messages_on_their_own_lines_below_the_bar():
     console.say("a message")
     console.end_bar()
     assert plain.getvalue() == "a message\n"
+
+
+def _records(storage, rows: list[dict], progress: dict, committed: list[int]) -> None:
+    from kubetune_api import storage as contract
+
+    storage.write_metrics(rows)
+    storage.write_json(contract.PROGRESS, progress)
+    for step in committed:
+        storage.write_json(f"{storage.checkpoint_rel(step)}/{contract.MANIFEST}", {"step": step})
+
+
+def _row(step: int, time: str, **extra) -> dict:
+    base = {"step": step, "loss": 2.0 - step / 10, "learning_rate": 1e-4}
+    return {**base, "tokens_per_second": 100.0, "time": time, **extra}
+
+
+def test_watcher_lines_bar_and_a_resume_that_skips_the_old_attempts_rows(tmp_path):
+    from kubetune_trainer.local import Console, Watcher
+    from kubetune_trainer.storage import JobStorage
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    storage = JobStorage(tmp_path.as_uri())
+    old = [_row(s, f"2026-01-01T00:00:0{s}Z") for s in range(1, 6)]
+    progress = {"phase": "Interrupted", "step": 5, "totalSteps": 8, "message": "stopped by SIGINT"}
+    _records(storage, old, progress, [2])
+    out = Terminal()
+    watcher = Watcher(storage, Console(out, bar=True), resumed_step=2, interval=60)
+    with watcher:
+        watcher.poll()
+        assert "step 3/8" not in out.getvalue()  # the old attempt's rows past step 2
+        assert "stopped by SIGINT" not in out.getvalue()  # and its last message
+        new = [*old[:2], _row(3, "2026-01-01T01:00:00Z"), _row(4, "2026-01-01T01:00:02Z")]
+        progress = {"phase": "Training", "step": 4, "totalSteps": 8, "etaSeconds": 9}
+        _records(storage, new, progress, [2, 4])
+        watcher.poll()
+    text = out.getvalue()
+    lines = [ln.split("\r\033[K")[-1] for ln in text.split("\n")[:-1]]
+    assert "step 3/8  loss 1.7000  lr 1.00e-04  100 tok/s" in lines, text
+    assert "step 4/8  loss 1.6000  lr 1.00e-04  100 tok/s  eta 0m08s" in lines, text
+    assert (
+        f"kubetune run: checkpoint step 4 committed: {tmp_path}/checkpoints/step-00000004" in lines
+    )
+    assert "checkpoint step 2 committed" not in text  # the one resumed from is not news
+    assert lines[-1].startswith("Training   [############............] 4/8  loss 1.600"), text
+    assert text.endswith("\n")  # the bar is left as a finished line

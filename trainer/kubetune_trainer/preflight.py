@@ -257,19 +257,19 @@ def check_format(
         lines = [f"{where}: {why} ({D.describe_keys(row)})" for where, why, row in bad]
         shown = "; ".join(lines[:MAX_EXAMPLES])
         more = f"; and {len(bad) - MAX_EXAMPLES} more" if len(bad) > MAX_EXAMPLES else ""
-        expected = f"format {fmt!r} (keys {D.EXPECTED_KEYS.get(fmt, '?')})"
+        expected = f"format {fmt!r}, which reads the keys {D.EXPECTED_KEYS.get(fmt, '?')}"
         if not usable:
             report.errors.append(
                 FieldError(
                     field_path,
-                    f"no row of {name} fits the {expected}: {shown}{more}",
+                    f"no row of {name} fits {expected}: {shown}{more}",
                     "rename the keys in the data, or set spec.dataset.format to the data's "
                     "format (text, prompt-completion, chat, alpaca, sharegpt)",
                 )
             )
         else:
             report.warnings.append(
-                f"{name}: {len(bad)} of {len(rows)} rows do not fit the {expected} and are "
+                f"{name}: {len(bad)} of {len(rows)} rows do not fit {expected}, and are "
                 f"skipped: {shown}{more}"
             )
     return usable

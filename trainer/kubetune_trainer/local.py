@@ -419,13 +419,18 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     from .driver import ensure_env, run
 
     ensure_env()
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-        )
+    try:
+        if not ray.is_initialized():
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+    except Exception as exc:  # noqa: BLE001  (Ray's own words, on one line, no traceback)
+        console.say(f"kubetune run: the local Ray did not start: {exc}", err)
+        console.say(f"kubetune run: nothing was trained; `{opts.command()}` tries again", err)
+        return 1
     signals.install()  # ray.init installs its own handlers; ours decide
     # fit() runs in a thread: Ray Train installs its own SIGINT handler when
     # called from the main thread (an abort that exits 1 without a word), and

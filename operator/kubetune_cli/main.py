@@ -16,71 +16,69 @@ import yaml
 
 from kubetune_api import __name__ as _api  # noqa: F401  (import check: the API is installed)
 from kubetune_api.reference import api_reference_markdown
-from kubetune_api.validation import FieldError, validate_document
+from kubetune_api.validation import FieldError, short, validate_document
 
 from . import run as run_command
+from .loader import load_documents
 from .local_checks import local_findings
 
 
-def _load_documents(path: Path) -> tuple[list[Any], Optional[FieldError]]:
+def _read(name: str) -> tuple[Optional[bytes], Optional[FieldError]]:
     try:
-        text = path.read_text() if str(path) != "-" else sys.stdin.read()
+        return (sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()), None
     except OSError as exc:
-        return [], FieldError("(file)", f"cannot read: {exc.strerror}", "check the path")
+        reason = exc.strerror or str(exc)
+        return None, FieldError("(file)", f"cannot read: {reason}", "check the path")
+
+
+def _report(name: str, index: int, errors: list[FieldError], warnings: list[str], job=None):
+    return {
+        "file": name,
+        "document": index,
+        "name": job,
+        "valid": not errors,
+        "errors": [e.to_dict() for e in errors],
+        "warnings": warnings,
+    }
+
+
+def _validate_one(name: str, index: int, doc: Any, warnings: list[str]) -> dict:
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    job_name = meta.get("name") if isinstance(meta, dict) else None
+    shown = short(job_name, 80).strip("'") if isinstance(job_name, str) else None
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None], None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        problem = getattr(exc, "problem", None) or str(exc)
-        return [], FieldError(f"(yaml {where})", problem, "fix the YAML syntax")
+        result = validate_document(doc)
+    except Exception as exc:  # a bug here must still not print a traceback at a user
+        error = FieldError(
+            "(document)",
+            f"kubetune could not check it: {type(exc).__name__}",
+            "please report this with the file",
+        )
+        return _report(name, index, [error], warnings, shown)
+    local_errors, local_warnings = local_findings(doc, name) if result.ok else ([], [])
+    errors = result.errors + [FieldError(**e) for e in local_errors]
+    return _report(name, index, errors, warnings + result.warnings + local_warnings, shown)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     reports = []
+    unreadable = False
     for name in args.files:
-        docs, load_error = _load_documents(Path(name))
-        if load_error:
-            reports.append(
-                {
-                    "file": name,
-                    "document": 0,
-                    "name": None,
-                    "valid": False,
-                    "errors": [load_error.to_dict()],
-                    "warnings": [],
-                }
-            )
+        data, read_error = _read(name)
+        if read_error:
+            unreadable = True
+            reports.append(_report(name, 0, [read_error], []))
             continue
-        if not docs:
-            reports.append(
-                {
-                    "file": name,
-                    "document": 0,
-                    "name": None,
-                    "valid": False,
-                    "errors": [
-                        FieldError(
-                            "(file)", "holds no YAML document", "add a FineTuneJob"
-                        ).to_dict()
-                    ],
-                    "warnings": [],
-                }
-            )
-        for index, doc in enumerate(docs, start=1):
-            result = validate_document(doc)
-            local_errors, local_warnings = local_findings(doc, name) if result.ok else ([], [])
-            meta = doc.get("metadata") if isinstance(doc, dict) else None
-            reports.append(
-                {
-                    "file": name,
-                    "document": index,
-                    "name": meta.get("name") if isinstance(meta, dict) else None,
-                    "valid": result.ok and not local_errors,
-                    "errors": [e.to_dict() for e in result.errors] + local_errors,
-                    "warnings": result.warnings + local_warnings,
-                }
-            )
+        loaded = load_documents(data)
+        warnings = loaded.warnings
+        for index, doc in enumerate(loaded.documents, start=1):
+            reports.append(_validate_one(name, index, doc, warnings))
+            warnings = []  # said once per file
+        if loaded.error:
+            reports.append(_report(name, len(loaded.documents) + 1, [loaded.error], warnings))
+        elif not loaded.documents:
+            error = FieldError("(file)", "holds no YAML document", "add a FineTuneJob")
+            reports.append(_report(name, 0, [error], warnings))
     failed = [r for r in reports if not r["valid"]]
     if args.output == "json":
         print(json.dumps(reports, indent=2))
@@ -99,6 +97,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  warning: {w}")
         total = sum(len(r["errors"]) for r in reports)
         print(f"{len(reports) - len(failed)} valid, {len(failed)} invalid, {total} error(s)")
+    if unreadable:
+        return 2
     return 1 if failed else 0
 
 

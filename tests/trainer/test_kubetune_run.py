@@ -206,13 +206,18 @@ def test_every_preflight_mistake_stops_before_ray_with_path_line_and_fix(workdir
 
 def test_validate_reports_broken_data_and_warns_on_missing_paths(workdir):
     _preflight_cases(workdir)
+    cluster = {"uri": "s3://bucket/runs"}  # validate checks a job for the cluster too
     bad = _write_job(
-        workdir, "validate-bad", _job("v", dataset={"train": {"uri": "data/broken.jsonl"}})
+        workdir,
+        "validate-bad",
+        _job("v", dataset={"train": {"uri": "data/broken.jsonl"}}, output=cluster),
     )
     proc, _ = _kubetune(workdir, "validate", bad)
     assert proc.returncode == 1, proc.stdout
     assert "broken.jsonl line 4: invalid JSON" in proc.stdout
-    missing = _write_job(workdir, "validate-missing", _job("v", model={"uri": "models/nope"}))
+    missing = _write_job(
+        workdir, "validate-missing", _job("v", model={"uri": "models/nope"}, output=cluster)
+    )
     proc, _ = _kubetune(workdir, "validate", missing)
     assert proc.returncode == 0, proc.stdout
     assert f"warning: spec.model.uri: no such folder: {workdir / 'models/nope'}" in proc.stdout

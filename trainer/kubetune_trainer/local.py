@@ -349,13 +349,14 @@ def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO
     except (OSError, ValueError, yaml.YAMLError) as exc:
         err.write(f"kubetune run: {exc}\n")
         return EXIT_INVALID
-    result = validate_document(raw)
+    # validated with its paths resolved: relative ones are this machine's, read from `base`
+    job = P.resolve_job_paths(raw, base)
+    result = validate_document(job)
     if not result.ok:
         for e in result.errors:
             err.write(f"  {e}\n")
         err.write(f"kubetune run: {opts.file} is not a valid FineTuneJob\n")
         return EXIT_INVALID
-    job = P.resolve_job_paths(raw, base)
     output = P.resolve(opts.output or "runs", base)
     default_out = output if "://" in output else Path(output).as_uri()
     config = load_trainer_config(spec_to_trainer_config(job, default_output_uri=default_out))

@@ -73,6 +73,7 @@ class TrainPhase(str, Enum):
     saving = "Saving"
     succeeded = "Succeeded"
     failed = "Failed"
+    interrupted = "Interrupted"  # `kubetune run` stopped by SIGINT/SIGTERM; runs again to resume
 
 
 class CheckpointPointer(_Model):

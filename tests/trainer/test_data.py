@@ -100,7 +100,9 @@ def test_bad_rows_counted_with_examples(tok):
     assert report.bad["no assistant turn"] == 1
     assert report.bad["not an object"] == 1
     assert any("unknown role 'wizard'" in r for r in report.bad)
-    assert report.bad_examples and report.bad_examples[0].startswith("row 0: no assistant turn")
+    assert report.bad_examples and report.bad_examples[0].startswith(
+        "row 1: no assistant turn"
+    )  # 1-based
     assert "5" in report.summary() or "1/6" in report.summary()
 
 
@@ -140,7 +142,10 @@ def test_file_formats_jsonl_json_parquet(tmp_path):
         assert D.read_rows(Src) == rows[:n]
     Src.uri = (tmp_path / "bad.jsonl").as_uri()
     got = D.read_rows(Src)
-    assert got[0] == {"text": "ok"} and "__bad__" in got[1]
+    assert got[0] == {"text": "ok"} and isinstance(got[1], D.BadLine)
+    assert got.where == ["bad.jsonl line 1", "bad.jsonl line 2"]
+    norm, why = D.normalize(got[1], "text")
+    assert norm is None and why.startswith("invalid JSON (column 2:"), why
     Src.uri = str(tmp_path)  # a folder: every file in it
     assert len(D.read_rows(Src)) == 17
 

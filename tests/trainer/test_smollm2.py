@@ -3,7 +3,6 @@ held-out loss must drop and the summary must say where the adapter is."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -14,7 +13,7 @@ pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_kubetune_run_quickstart_short(tmp_path, monkeypatch, capsys):
-    from kubetune_trainer.local import run_local
+    from kubetune_trainer.local import LocalRun, run_local
 
     H.prepare_quickstart()
     job = yaml.safe_load((H.REPO / "crds/examples/quickstart.yaml").read_text())
@@ -26,10 +25,8 @@ def test_kubetune_run_quickstart_short(tmp_path, monkeypatch, capsys):
     # relative paths are read from the current directory
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     monkeypatch.chdir(H.REPO)
-    args = argparse.Namespace(
-        file=str(tmp_path / "job.yaml"), output=str(tmp_path / "runs"), name=None, no_progress=True
-    )
-    assert run_local(args) == 0
+    run = LocalRun(file=str(tmp_path / "job.yaml"), output=str(tmp_path / "runs"), progress=False)
+    assert run_local(run) == 0
     out = capsys.readouterr().out
     assert "held-out loss: before" in out and "(better)" in out, out
     prefix = tmp_path / "runs/default/quickstart/local"

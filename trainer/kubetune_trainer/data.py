@@ -38,6 +38,44 @@ class DataError(ValueError):
     pass
 
 
+# The keys each format reads from a row (optional ones in brackets).
+EXPECTED_KEYS = {
+    "text": "text",
+    "prompt-completion": "prompt, completion",
+    "chat": "messages",
+    "alpaca": "instruction, output [, input]",
+    "sharegpt": "conversations",
+}
+
+
+class BadLine:
+    """A line of a JSONL file that is not JSON: kept in place so rows keep their
+    positions, reported with its 1-based line number."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"BadLine({self.message!r})"
+
+
+class Rows(list):
+    """Rows plus where each one came from ("train.jsonl line 4"), for messages."""
+
+    def __init__(self, rows=(), where=None):
+        super().__init__(rows)
+        self.where = list(where) if where is not None else []
+
+    def label(self, index: int) -> str:
+        return self.where[index] if index < len(self.where) else f"row {index + 1}"
+
+
+def describe_keys(row: Any) -> str:
+    if isinstance(row, dict):
+        return "keys found: " + (", ".join(map(str, row)) or "none")
+    return f"got a {type(row).__name__}"
+
+
 @dataclass
 class DataReport:
     rows: int = 0
@@ -48,11 +86,11 @@ class DataReport:
     tokens: int = 0
     loss_tokens: int = 0
 
-    def reject(self, index: int, reason: str, row: Any) -> None:
+    def reject(self, where: str, reason: str, row: Any) -> None:
         self.bad[reason] += 1
         if len(self.bad_examples) < 5:
-            text = json.dumps(row, default=str)[:160]
-            self.bad_examples.append(f"row {index}: {reason}: {text}")
+            detail = "" if isinstance(row, BadLine) else f" ({describe_keys(row)})"
+            self.bad_examples.append(f"{where}: {reason}{detail}")
 
     def summary(self, name: str = "train") -> str:
         text = (
@@ -74,40 +112,55 @@ class Example:
 # ---------------------------------------------------------------------------- reading
 
 
-def _read_file(fs, path: str) -> list[dict]:
-    lower = path.lower()
-    if lower.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f).to_pylist()
-    with fs.open(path, "r", encoding="utf-8") as f:
-        text = f.read()
-    if lower.endswith(".json") and text.lstrip().startswith("["):
-        return json.loads(text)
-    if lower.endswith(".json") and text.lstrip().startswith("{") and "\n{" not in text.strip():
-        doc = json.loads(text)
-        if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-            return doc["data"]
-        return [doc]
-    rows = []
+def parse_text(text: str, name: str) -> Rows:
+    """Rows of a JSON or JSONL file's text; `name` labels them in messages. A
+    whole-file JSON error raises DataError; a bad JSONL line becomes a BadLine."""
+    lower = name.lower()
+    stripped = text.lstrip()
+    whole = lower.endswith(".json") and (
+        stripped.startswith("[") or (stripped.startswith("{") and "\n{" not in text.strip())
+    )
+    if whole:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{name} line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"
+            ) from None
+        if isinstance(doc, dict):
+            doc = doc["data"] if isinstance(doc.get("data"), list) else [doc]
+        return Rows(doc, (f"{name} item {i}" for i in range(1, len(doc) + 1)))
+    rows = Rows()
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            rows.append({"__bad__": f"invalid JSON on line {n}: {exc.msg}"})
+            rows.append(BadLine(f"column {exc.colno}: {exc.msg}"))
+        rows.where.append(f"{name} line {n}")
     return rows
 
 
-def read_rows(source, access=None, environ=None) -> list[dict]:
+def _read_file(fs, path: str) -> Rows:
+    name = path.rsplit("/", 1)[-1]
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f).to_pylist()
+        return Rows(table, (f"{name} row {i}" for i in range(1, len(table) + 1)))
+    with fs.open(path, "r", encoding="utf-8") as f:
+        return parse_text(f.read(), name)
+
+
+def read_rows(source, access=None, environ=None) -> Rows:
     """Rows of a DataSource: a file or folder (any fsspec URI), or a datasets name."""
     if source.name:
         import datasets
 
         ds = datasets.load_dataset(source.name, split=source.split)
-        return list(ds)
+        return Rows(ds)
     from .storage import filesystem, to_uri
 
     uri = to_uri(source.uri)
@@ -122,9 +175,11 @@ def read_rows(source, access=None, environ=None) -> list[dict]:
         files = [path]
     else:
         raise DataError(f"{source.uri}: no such file")
-    rows: list[dict] = []
+    rows = Rows()
     for p in files:
-        rows.extend(_read_file(fs, p))
+        part = _read_file(fs, p)
+        rows.extend(part)
+        rows.where.extend(part.where)
     return rows
 
 
@@ -137,10 +192,10 @@ def _str(value) -> bool:
 
 def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
     """(normalised row, None) or (None, why it is unusable)."""
+    if isinstance(row, BadLine):
+        return None, f"invalid JSON ({row.message})"
     if not isinstance(row, dict):
         return None, "not an object"
-    if "__bad__" in row:
-        return None, "invalid JSON"
     if fmt == "text":
         if not _str(row.get("text")):
             return None, "missing or empty 'text'"
@@ -242,11 +297,12 @@ def build_examples(
     rows: list, fmt: str, tokenizer, max_len: int
 ) -> tuple[list[Example], DataReport]:
     report = DataReport(rows=len(rows))
+    label = rows.label if isinstance(rows, Rows) else (lambda i: f"row {i + 1}")
     out = []
     for index, row in enumerate(rows):
         norm, why = normalize(row, fmt)
         if norm is None:
-            report.reject(index, why, row)
+            report.reject(label(index), why, row)
             continue
         ids, labels = tokenize(norm, tokenizer)
         if len(ids) > max_len:
@@ -256,7 +312,7 @@ def build_examples(
             labels[0] = IGNORE  # never predicted from a previous packed example
         n_loss = sum(1 for x in labels if x != IGNORE)
         if n_loss == 0:
-            report.reject(index, "no tokens left to learn from after truncation", row)
+            report.reject(label(index), "no tokens left to learn from after truncation", row)
             continue
         report.usable += 1
         report.tokens += len(ids)
@@ -343,14 +399,20 @@ def collate(examples: list[Example], seqs: list[list[int]], pad_id: int, packing
     return batch
 
 
-def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_validation(rows: list, fraction: float, seed: int) -> tuple[Rows, Rows]:
     if fraction <= 0 or len(rows) < 2:
-        return rows, []
+        return rows, Rows()
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_val = max(1, int(round(len(rows) * fraction)))
     val = set(order[:n_val])
-    return [r for i, r in enumerate(rows) if i not in val], [rows[i] for i in sorted(val)]
+    label = rows.label if isinstance(rows, Rows) else (lambda i: f"row {i + 1}")
+    keep = [i for i in range(len(rows)) if i not in val]
+    held = sorted(val)
+    return (
+        Rows((rows[i] for i in keep), (label(i) for i in keep)),
+        Rows((rows[i] for i in held), (label(i) for i in held)),
+    )
 
 
 @dataclass

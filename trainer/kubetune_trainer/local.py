@@ -1,32 +1,59 @@
 """`kubetune run FILE`: the same FineTuneJob on this machine, on a local Ray.
 
-Output goes to ./runs/{namespace}/{name}/local (or the spec's output.uri, or
---output). Running the same file again resumes from the newest committed
-checkpoint; a finished run prints its summary again.
+In order: read the job, make its paths absolute against the working directory
+(preflight.resolve_job_paths: model, data and output, in one place), validate
+it, check the model folder, data, tokenizer and template (preflight), and only
+then start Ray. Results go to {output}/{namespace}/{name}/local, where output
+is spec.output.uri, else --output, else ./runs. Running the same file again
+resumes from the newest committed checkpoint; a finished run prints its
+summary again. SIGINT/SIGTERM stop the run, record it in progress.json and say
+how to resume.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, TextIO
 
 import yaml
 
 from kubetune_api import storage as contract
 from kubetune_api.validation import validate_document
 
+from . import preflight as P
 
-def _absolute(uri: str) -> str:
-    if "://" in uri or Path(uri).is_absolute():
-        return uri
-    return str(Path(uri).resolve())
+EXIT_INVALID = 2  # the job file or a preflight check: nothing ran
 
 
-def load_job(path: str, name: str | None = None) -> dict:
-    """The first FineTuneJob in FILE, relative paths made absolute (read from here)."""
+@dataclass(frozen=True)
+class LocalRun:
+    """What `kubetune run` was asked to do (the CLI builds it from its arguments)."""
+
+    file: str  # the job file, "-" for stdin
+    name: Optional[str] = None  # which FineTuneJob when the file holds several
+    output: Optional[str] = None  # results when spec.output.uri is unset (default ./runs)
+    progress: Optional[bool] = None  # a bar: None = only on a terminal; False = plain lines
+    base: Optional[Path] = None  # relative paths are read from here (default: working dir)
+
+    def command(self) -> str:
+        """The command line that runs this again (and so resumes)."""
+        parts = ["kubetune", "run", self.file]
+        if self.name:
+            parts += ["--name", self.name]
+        if self.output:
+            parts += ["--output", self.output]
+        return shlex.join(parts)
+
+
+def load_job(path: str, name: Optional[str] = None) -> dict:
+    """The first FineTuneJob in FILE (or the one named), as written."""
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
     docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
     jobs = [d for d in docs if d.get("kind") == "FineTuneJob"]
@@ -34,16 +61,7 @@ def load_job(path: str, name: str | None = None) -> dict:
         jobs = [d for d in jobs if (d.get("metadata") or {}).get("name") == name]
     if not jobs:
         raise ValueError(f"{path}: no FineTuneJob" + (f" named {name}" if name else ""))
-    job = jobs[0]
-    spec = job.setdefault("spec", {})
-    if isinstance(spec.get("model"), dict) and spec["model"].get("uri"):
-        spec["model"]["uri"] = _absolute(spec["model"]["uri"])
-    dataset = spec.get("dataset") or {}
-    for part in ("train", "validation"):
-        src = dataset.get(part)
-        if isinstance(src, dict) and src.get("uri"):
-            src["uri"] = _absolute(src["uri"])
-    return job
+    return jobs[0]
 
 
 def _fmt_time(seconds) -> str:
@@ -53,62 +71,173 @@ def _fmt_time(seconds) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class ProgressBar:
-    """Polls progress.json (what the operator reads too) and draws one line."""
+class Console:
+    """The run's one voice: whole lines always; on a terminal (and unless turned
+    off) a progress bar redrawn in place below them. Thread-safe."""
 
-    def __init__(self, storage, stream=sys.stderr, enabled=True):
-        self.storage, self.stream, self.enabled = storage, stream, enabled
+    def __init__(self, stream: TextIO, bar: bool):
+        self.stream, self.bar = stream, bar
+        self.lock = threading.Lock()
+        self.bar_text = ""
+
+    def say(self, text: str, stream: Optional[TextIO] = None) -> None:
+        with self.lock:
+            self._clear()
+            target = stream or self.stream
+            if target is not self.stream:
+                self.stream.flush()
+            target.write(text.rstrip("\n") + "\n")
+            target.flush()
+            self._draw()
+
+    def draw(self, text: str) -> None:
+        with self.lock:
+            self._clear()
+            self.bar_text = text
+            self._draw()
+
+    def end_bar(self) -> None:
+        """Leave the last bar as a finished line."""
+        with self.lock:
+            if self.bar and self.bar_text:
+                self.stream.write("\n")
+                self.stream.flush()
+            self.bar_text = ""
+
+    def _clear(self) -> None:
+        if self.bar and self.bar_text:
+            self.stream.write("\r\033[K")
+
+    def _draw(self) -> None:
+        if self.bar and self.bar_text:
+            self.stream.write(self.bar_text)
+            self.stream.flush()
+
+
+class Watcher:
+    """Follows progress.json and metrics.jsonl (what the operator reads too) and
+    tells the console: one line per log step, eval and committed checkpoint,
+    plus the bar on a terminal."""
+
+    def __init__(self, storage, console: Console, resumed_step: int, interval: float = 1.0):
+        self.storage, self.console, self.interval = storage, console, interval
+        self.printed_step = resumed_step if resumed_step else -1
+        self.checkpoint_step = resumed_step
+        self.messages: set = set()
+        self.stale: set = set()
+        self.total: Optional[int] = None
+        self.first_row: Optional[dict] = None
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="kubetune-console", daemon=True)
         self.t0 = time.monotonic()
+        self.progress: dict = {}
+        self.last_row: dict = {}
 
     def __enter__(self):
-        if self.enabled:
-            self.thread.start()
+        # what an earlier attempt left is not news: its last message, and its
+        # metrics rows past the checkpoint this run resumes from (the workers
+        # rewrite them away at their first log step)
+        before = self.storage.read_json(contract.PROGRESS) or {}
+        self.messages.add(before.get("message"))
+        self.total = before.get("totalSteps")
+        self.stale = {
+            (r["step"], r.get("time"))
+            for r in self.storage.read_metrics()
+            if r["step"] > self.printed_step
+        }
+        self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
-        if self.enabled:
-            self.thread.join(timeout=5)
-            self._draw()
-            self.stream.write("\n")
-            self.stream.flush()
+        self.thread.join(timeout=10)
+        self.poll()  # what the last second brought
+        self.console.end_bar()
 
     def _loop(self):
-        while not self.stop.wait(1.0):
-            self._draw()
+        while not self.stop.wait(self.interval):
+            self.poll()
 
-    def _draw(self):
+    def poll(self) -> None:
         try:
-            p = self.storage.read_json(contract.PROGRESS) or {}
+            progress = self.storage.read_json(contract.PROGRESS) or {}
             rows = self.storage.read_metrics()
         except Exception:  # noqa: BLE001  (a torn read: try again next tick)
             return
+        self.progress = progress
+        message = progress.get("message")
+        if message and message not in self.messages and progress.get("phase") != "Failed":
+            self.messages.add(message)  # a failure is the driver's to tell
+            self.console.say(f"kubetune run: {message}")
+        total = self.total = progress.get("totalSteps") or self.total
+        for row in rows:
+            if row["step"] <= self.printed_step or (row["step"], row.get("time")) in self.stale:
+                continue
+            self.printed_step = row["step"]
+            self.last_row = row
+            self.console.say(self._row_line(row, total, self._eta(row, total, progress)))
+        for step in self.storage.committed_checkpoints():
+            if step > self.checkpoint_step:
+                self.checkpoint_step = step
+                where = P.display(self.storage.uri(self.storage.checkpoint_rel(step)))
+                self.console.say(f"kubetune run: checkpoint step {step} committed: {where}")
+        if self.console.bar:
+            self.console.draw(self._bar(progress))
+
+    def _eta(self, row: dict, total, progress: dict):
+        """From the rows' own times (several rows may arrive in one poll), else
+        progress.json's estimate when it describes this very step."""
+        if row.get("loss") is None and row["step"] == 0:
+            return None
+        if self.first_row is None:
+            self.first_row = row
+        first = self.first_row
+        if total and row["step"] > first["step"] and row.get("time") and first.get("time"):
+            from datetime import datetime
+
+            spent = (
+                datetime.fromisoformat(row["time"].replace("Z", "+00:00"))
+                - datetime.fromisoformat(first["time"].replace("Z", "+00:00"))
+            ).total_seconds()
+            if spent > 0:  # the times have whole seconds
+                return spent / (row["step"] - first["step"]) * (total - row["step"])
+        return progress.get("etaSeconds") if progress.get("step") == row["step"] else None
+
+    @staticmethod
+    def _row_line(row: dict, total, eta) -> str:
+        if row.get("loss") is None and row["step"] == 0:
+            return f"kubetune run: held-out loss before training: {row['eval_loss']:.4f}"
+        parts = [f"step {row['step']}/{total or '?'}"]
+        if row.get("loss") is not None:
+            parts.append(f"loss {row['loss']:.4f}")
+        if row.get("learning_rate") is not None:
+            parts.append(f"lr {row['learning_rate']:.2e}")
+        if row.get("tokens_per_second") is not None:
+            parts.append(f"{row['tokens_per_second']:.0f} tok/s")
+        if row.get("eval_loss") is not None:
+            parts.append(f"eval {row['eval_loss']:.4f}")
+        if total and row["step"] < total and eta is not None:
+            parts.append(f"eta {_fmt_time(eta)}")
+        return "  ".join(parts)
+
+    def _bar(self, p: dict) -> str:
         step, total = p.get("step", 0), p.get("totalSteps") or 0
-        width = 28
+        width = 24
         filled = int(width * step / total) if total else 0
-        loss = next((r["loss"] for r in reversed(rows) if r.get("loss") is not None), None)
-        evl = next((r["eval_loss"] for r in reversed(rows) if r.get("eval_loss") is not None), None)
-        line = (
-            f"\r{p.get('phase', 'Starting'):<10} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{step}/{total or '?'}"
-        )
-        if loss is not None:
-            line += f"  loss {loss:.3f}"
-        if evl is not None:
-            line += f"  eval {evl:.3f}"
+        phase = p.get("phase", "Starting")
+        text = f"{phase:<10} [{'#' * filled}{'.' * (width - filled)}] {step}/{total or '?'}"
+        if self.last_row.get("loss") is not None:
+            text += f"  loss {self.last_row['loss']:.3f}"
         if p.get("tokensPerSecond"):
-            line += f"  {p['tokensPerSecond']:.0f} tok/s"
-        elapsed = _fmt_time(time.monotonic() - self.t0)
-        line += f"  elapsed {elapsed}  eta {_fmt_time(p.get('etaSeconds'))}"
-        self.stream.write(line.ljust(110))
-        self.stream.flush()
+            text += f"  {p['tokensPerSecond']:.0f} tok/s"
+        text += f"  elapsed {_fmt_time(time.monotonic() - self.t0)}"
+        text += f"  eta {_fmt_time(p.get('etaSeconds'))}"
+        return text
 
 
 def summary(storage) -> str:
     out = storage.read_json(contract.OUTPUTS) or {}
-    lines = ["", f"kubetune: finished {out.get('steps')} steps; results in {storage.prefix}"]
+    lines = [f"kubetune run: finished {out.get('steps')} steps; results in {_where(storage)}"]
     before, after = out.get("initialEvalLoss"), out.get("finalEvalLoss")
     if before is not None and after is not None:
         verdict = "better" if after < before else "NOT better"
@@ -121,62 +250,223 @@ def summary(storage) -> str:
         ("lossCurve", "loss curve"),
     ):
         if out.get(key):
-            lines.append(f"  {label + ':':<14}{out[key]}")
+            lines.append(f"  {label + ':':<14}{P.display(out[key])}")
     if out.get("stoppedEarly"):
         lines.append("  stopped early (no improvement)")
     return "\n".join(lines)
 
 
-def run_local(args) -> int:
+def _where(storage) -> str:
+    return P.display(storage.prefix)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: a BaseException, so no `except Exception` on the way
+    (the driver's, Ray's) mistakes it for a training failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """The first SIGINT/SIGTERM raises Interrupted in the main thread; a second
+    one, while the first is being handled, ends the process at once."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous: dict = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        raise Interrupted(signum)
+
+
+def _record_interruption(storage, config, signum: int, command: str) -> str:
+    """progress.json says Interrupted (with the last committed checkpoint); the
+    returned line says where that checkpoint is and how to resume."""
+    from .storage import now
+
+    prev = storage.read_json(contract.PROGRESS) or {}
+    committed = storage.committed_checkpoints()
+    pointer = None
+    if committed:
+        rel = storage.checkpoint_rel(committed[-1])
+        pointer = contract.CheckpointPointer(step=committed[-1], uri=storage.uri(rel))
+    name = signal.Signals(signum).name
+    # a run stopped while its workers start has only the driver's Loading record
+    step = max(prev.get("step") or 0, committed[-1] if committed else 0)
+    total = prev.get("totalSteps")
+    record = contract.ProgressRecord(
+        phase=contract.TrainPhase.interrupted,
+        step=step,
+        total_steps=total,
+        last_checkpoint=pointer,
+        attempt=config.attempt,
+        message=f"stopped by {name}; run `{command}` to resume",
+        updated_at=now(),
+    )
+    # A worker's writer may still land one record after Ray's shutdown: write
+    # ours until it is the one that stays.
+    for _ in range(5):
+        storage.write_progress(record)
+        time.sleep(0.3)
+        if (storage.read_json(contract.PROGRESS) or {}).get(
+            "phase"
+        ) == contract.TrainPhase.interrupted.value:
+            break
+    at = f" at step {step}/{total}" if total else " while starting"
+    if pointer:
+        where = f"last committed checkpoint: step {pointer.step} in {P.display(pointer.uri)}"
+    else:
+        where = "no checkpoint committed yet (the next run starts at step 0)"
+    return f"kubetune run: stopped by {name}{at}; {where}; resume with: {command}"
+
+
+def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """`kubetune run`: 0 done, 1 training failed, 2 invalid job or preflight,
+    3 data error in the workers, 128+signal when stopped."""
+    out, err = out or sys.stdout, err or sys.stderr
     from kubetune_api import load_trainer_config, spec_to_trainer_config
 
     from .storage import JobStorage
 
+    t0 = time.monotonic()
+    base = (opts.base or Path.cwd()).resolve()
     try:
-        job = load_job(args.file, getattr(args, "name", None))
+        raw = load_job(opts.file, opts.name)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        print(f"kubetune run: {exc}", file=sys.stderr)
-        return 2
+        err.write(f"kubetune run: {exc}\n")
+        return EXIT_INVALID
+    # validated with its paths resolved: relative ones are this machine's, read from `base`
+    job = P.resolve_job_paths(raw, base)
     result = validate_document(job)
     if not result.ok:
         for e in result.errors:
-            print(f"  {e}", file=sys.stderr)
-        print(f"kubetune run: {args.file} is not a valid FineTuneJob", file=sys.stderr)
-        return 2
-    for w in result.warnings:
-        print(f"kubetune run: warning: {w}", file=sys.stderr)
-    output = getattr(args, "output", None) or "runs"
-    default_out = output if "://" in output else Path(output).resolve().as_uri()
+            err.write(f"  {e}\n")
+        err.write(f"kubetune run: {opts.file} is not a valid FineTuneJob\n")
+        return EXIT_INVALID
+    output = P.resolve(opts.output or "runs", base)
+    default_out = output if "://" in output else Path(output).as_uri()
     config = load_trainer_config(spec_to_trainer_config(job, default_output_uri=default_out))
     storage = JobStorage(config.storage_prefix, config.spec.output)
+    bar = opts.progress is not False and out.isatty()
+    console = Console(out, bar)
+    for w in result.warnings:
+        console.say(f"kubetune run: warning: {w}", err)
     done = storage.read_json(contract.PROGRESS) or {}
-    if done.get("phase") == "Succeeded" and storage.read_json(contract.OUTPUTS):
-        print(summary(storage))
-        print(f"  (already finished; delete {storage.prefix} to train again)")
+    if done.get("phase") == contract.TrainPhase.succeeded.value and storage.read_json(
+        contract.OUTPUTS
+    ):
+        console.say(summary(storage))
+        console.say(f"  (already finished; delete {_where(storage)} to train again)")
         return 0
-    print(f"kubetune run: {config.job.name} -> {storage.prefix}", flush=True)
+
+    signals = _Signals()
+    signals.install()
+    try:
+        return _run(opts, config, job, raw, base, storage, console, signals, t0, err)
+    except Interrupted as exc:
+        console.end_bar()
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+        console.say(_record_interruption(storage, config, exc.signum, opts.command()), err)
+        return 128 + exc.signum
+    finally:
+        signals.restore()
+
+
+def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> int:
+    console.say(f"kubetune run: {config.job.name}: results in {_where(storage)}")
+    job_dir = None if opts.file == "-" else Path(opts.file).resolve().parent
+    report = P.preflight(config, job, base, job_dir, raw)
+    for note in report.notes:
+        console.say(f"  {note}")
+    for w in report.warnings:
+        console.say(f"kubetune run: warning: {w}", err)
+    if not report.ok:
+        for e in report.errors:
+            console.say(f"  {e}", err)
+        console.say(
+            f"kubetune run: {len(report.errors)} problem(s) found in {report.seconds:.1f}s, "
+            "before starting Ray; nothing was trained",
+            err,
+        )
+        return EXIT_INVALID
+    committed = storage.committed_checkpoints()
+    resumed = committed[-1] if committed else 0
+    if resumed:
+        ckpt = storage.uri(storage.checkpoint_rel(resumed))
+        console.say(f"kubetune run: resumed from step {resumed} ({P.display(ckpt)})")
+    console.say(
+        f"kubetune run: checks passed in {report.seconds:.1f}s; starting Ray "
+        f"({config.spec.resources.workers} worker(s))"
+    )
     import logging
 
     import ray
 
-    from .__main__ import ensure_env, run
+    from .driver import ensure_env, run
 
     ensure_env()
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
     try:
-        with ProgressBar(storage, enabled=not getattr(args, "no_progress", False)):
-            rc = run(config)
+        if not ray.is_initialized():
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+    except Exception as exc:  # noqa: BLE001  (Ray's own words, on one line, no traceback)
+        console.say(f"kubetune run: the local Ray did not start: {exc}", err)
+        console.say(f"kubetune run: nothing was trained; `{opts.command()}` tries again", err)
+        return 1
+    signals.install()  # ray.init installs its own handlers; ours decide
+    # fit() runs in a thread: Ray Train installs its own SIGINT handler when
+    # called from the main thread (an abort that exits 1 without a word), and
+    # the main thread must stay free to stop everything on a signal.
+    stopping = threading.Event()
+    result: dict = {}
+
+    def train() -> None:
+        result["rc"] = run(
+            config,
+            quiet=True,
+            check=False,
+            log=lambda text: console.say(text, err),
+            stopping=stopping,
+        )
+
+    worker = threading.Thread(target=train, name="kubetune-fit", daemon=True)
+    try:
+        with Watcher(storage, console, resumed):
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.2)
+    except Interrupted:
+        stopping.set()
+        raise
     finally:
         ray.shutdown()
+    rc = result.get("rc", 1)
     if rc != 0:
-        p = storage.read_json(contract.PROGRESS) or {}
-        print(f"kubetune run: failed: {p.get('message', 'see the log above')}", file=sys.stderr)
+        console.say(
+            f"kubetune run: failed (exit {rc}); records in {_where(storage)}; "
+            f"after fixing the cause, `{opts.command()}` resumes from the last checkpoint",
+            err,
+        )
         return rc
-    print(summary(storage))
+    console.say(summary(storage))
+    console.say(f"kubetune run: done in {_fmt_time(time.monotonic() - t0)}")
     return 0

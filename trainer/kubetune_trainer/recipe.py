@@ -76,6 +76,7 @@ class Recipe:
             "stopped_early": False,
         }
         self.last_ckpt: Optional[contract.CheckpointPointer] = None
+        self.notice: Optional[str] = None
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -116,7 +117,7 @@ class Recipe:
             tokens_per_second=self.tokens_per_second,
             last_checkpoint=self.last_ckpt,
             attempt=self.cfg.attempt,
-            message=message,
+            message=message or self.notice,
             updated_at=now(),
         )
         self.writer.submit(contract.PROGRESS, lambda: self.storage.write_progress(record))
@@ -140,11 +141,13 @@ class Recipe:
         total_params, trainable = M.count_parameters(model)
         gpu_mem = torch.cuda.get_device_properties(0).total_memory if self.use_gpu else None
         self.stage, why = M.pick_zero_stage(self.spec, total_params, gpu_mem, self.world)
-        self.log(
+        # also progress.json's message while training: worker logs may not reach a console
+        self.notice = (
             f"model {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
             f"ZeRO stage {self.stage} ({why}); {self.world} worker(s), "
             f"{'GPU' if self.use_gpu else 'CPU'}"
         )
+        self.log(self.notice)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay

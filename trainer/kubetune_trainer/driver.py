@@ -1,0 +1,170 @@
+"""The driver of one FineTuneJob's training: check the data, start Ray Train.
+
+On a cluster `python -m kubetune_trainer` calls run() on the Ray head;
+`kubetune run` calls it on a local Ray after its own preflight. It checks the
+data (a dataset without usable rows fails here, before any worker starts),
+then runs Ray Train's TorchTrainer with one DeepSpeed engine per worker.
+Started again on the same storage prefix, it resumes from the newest
+committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def ensure_env() -> None:
+    """Before Ray starts (workers inherit it). DeepSpeed JIT-compiles ops into
+    TORCH_EXTENSIONS_DIR; the build depends on the Python environment, so each
+    environment gets its own folder (two venvs sharing one rebuild it in turn
+    and wait on each other's lock)."""
+    import hashlib
+
+    root = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
+    env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions" / env_key))
+
+
+def check_data(spec) -> str:
+    """Load and tokenize the data once on the driver: fail fast and say why."""
+    from . import data as D
+    from . import model as M
+
+    tok = M.load_tokenizer(spec, M.resolve_model_path(spec.model))
+    prepared = D.prepare(spec, tok)
+    text = prepared.train_report.summary("train")
+    if prepared.val_report:
+        text += "\n" + prepared.val_report.summary("validation")
+    return text
+
+
+STOPPED = 130  # the caller stopped the run (see run's `stopping`)
+
+
+def _failed(exc: Exception, storage, config, say) -> int:
+    """The Failed record and one line; the exit code: 3 for data, else 1."""
+    from kubetune_api import storage as contract
+
+    from .data import DataError
+    from .storage import now
+
+    if isinstance(exc, DataError):
+        storage.write_progress(
+            contract.ProgressRecord(
+                phase=contract.TrainPhase.failed,
+                attempt=config.attempt,
+                message=str(exc)[:4000],
+                updated_at=now(),
+            )
+        )
+        say(f"kubetune: data error: {exc}")
+        return 3
+    prev = storage.read_json(contract.PROGRESS) or {}
+    storage.write_progress(
+        contract.ProgressRecord(
+            phase=contract.TrainPhase.failed,
+            step=prev.get("step", 0),
+            total_steps=prev.get("totalSteps"),
+            attempt=config.attempt,
+            message=f"{type(exc).__name__}: {exc}"[:4000],
+            updated_at=now(),
+        )
+    )
+    say(f"kubetune: training failed: {type(exc).__name__}: {exc}")
+    return 1
+
+
+def worker_threads(spec, available: int | None = None) -> int:
+    cpu = spec.resources.cpu_per_worker
+    n = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    n = max(1, math.floor(n))
+    if available:
+        n = min(n, max(1, available // spec.resources.workers))
+    return n
+
+
+def fit(config, *, num_cpus_per_worker: int | None = None, storage_path: str | None = None):
+    """Run the TorchTrainer on the Ray cluster this process is connected to."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .model import cache_root
+    from .recipe import train_loop_per_worker
+
+    spec = config.spec
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0
+    cpus = num_cpus_per_worker or worker_threads(spec, int(ray.cluster_resources().get("CPU", 0)))
+    per_worker = {"CPU": cpus}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trainer_config": config.to_dict(), "threads": cpus},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=f"kubetune-{config.job.namespace}-{config.job.name}-{config.job.uid}",
+            storage_path=storage_path or str(cache_root() / "ray_results"),
+        ),
+    )
+    return trainer.fit()
+
+
+def run(
+    config,
+    *,
+    ray_init: dict | None = None,
+    quiet: bool = False,
+    check: bool = True,
+    log: Callable[[str], None] | None = None,
+    stopping: threading.Event | None = None,
+) -> int:
+    """Check data (unless the caller did), fit, write Failed progress on error.
+    0 on success. Errors go to `log` (default stderr), whole lines. Exceptions
+    that are not Exceptions (an interrupt) propagate. Once `stopping` is set the
+    caller is shutting Ray down on purpose: the errors that follow are not a
+    failure, and the caller writes the record."""
+    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    from kubetune_api import storage as contract
+
+    from .storage import JobStorage, now
+
+    ensure_env()
+    storage = JobStorage(config.storage_prefix, config.spec.output)
+    t0 = time.monotonic()
+    try:
+        storage.write_progress(
+            contract.ProgressRecord(
+                phase=contract.TrainPhase.loading,
+                attempt=config.attempt,
+                message="checking data" if check else None,
+                updated_at=now(),
+            )
+        )
+        if check:
+            report = check_data(config.spec)
+            if not quiet:
+                print(f"kubetune: {report}", flush=True)
+        storage.write_json(contract.CONFIG, config.to_dict())
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(**(ray_init or {}))
+        fit(config)
+    except Exception as exc:  # noqa: BLE001  (reported, then the exit code says failed)
+        if stopping is not None and stopping.is_set():
+            return STOPPED
+        return _failed(exc, storage, config, say)
+    if not quiet:
+        print(f"kubetune: done in {time.monotonic() - t0:.0f}s; results under {storage.prefix}")
+    return 0

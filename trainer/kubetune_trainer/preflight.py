@@ -1,0 +1,428 @@
+"""Local checks of a FineTuneJob before any compute: paths, model folder, data.
+
+`kubetune run` resolves every local path of a job here, once, and checks what
+a worker would otherwise find out after Ray has started: the model folder, the
+data files (1-based line numbers), the rows against the format, the tokenizer,
+the chat template and how many examples `maxSeqLength` truncates.
+`kubetune validate` runs the checks that need no tokenizer.
+
+Relative paths (spec.model.uri, spec.dataset.train/validation.uri,
+spec.output.uri, --output) are read from the working directory, the directory
+kubetune runs in, not the job file's folder: the same rule as for any path given
+on the command line, and the one that lets `kubetune run crds/examples/quickstart.yaml`
+find `.cache/` from the repository root.
+
+Importing this module is cheap (no torch): `kubetune validate` uses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune_api.validation import FieldError
+
+from . import data as D
+
+SAMPLE_ROWS = 200  # rows tokenized for the length distribution
+MAX_EXAMPLES = 3  # bad rows quoted per data source
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+TRUNCATION_WARNING = 0.2  # share of truncated examples that earns a warning
+
+
+def is_local(uri: Optional[str]) -> bool:
+    return bool(uri) and ("://" not in uri or uri.startswith("file://"))
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def resolve(uri: Optional[str], base: Path) -> Optional[str]:
+    """A relative or ~ path made absolute against `base`; URIs pass through."""
+    if not uri or "://" in uri:
+        return uri
+    path = Path(uri).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def resolve_job_paths(job: dict, base: Path) -> dict:
+    """The one place a local job's paths become absolute (model, data, output),
+    so the Ray workers, whose working directory is elsewhere, read and write
+    where the user meant. Returns a copy; the input is not changed."""
+    job = copy.deepcopy(job)
+    spec = job.get("spec")
+    if not isinstance(spec, dict):
+        return job
+    for section, keys in (
+        ("model", [("uri",)]),
+        ("dataset", [("train", "uri"), ("validation", "uri")]),
+        ("output", [("uri",)]),
+    ):
+        node = spec.get(section)
+        for key in keys:
+            holder = node
+            for part in key[:-1]:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and isinstance(holder.get(key[-1]), str):
+                holder[key[-1]] = resolve(holder[key[-1]], base)
+    return job
+
+
+def display(uri: str) -> str:
+    """Local locations print as plain paths, everywhere on the console."""
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+@dataclass
+class Report:
+    errors: list[FieldError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was checked, for the console
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _missing_hint(field_path: str, raw: str, job_dir: Optional[Path], base: Path) -> str:
+    if job_dir is not None and not Path(raw).is_absolute() and (job_dir / raw).exists():
+        return (
+            f"relative paths are read from the working directory ({base}), not the job "
+            f"file's folder; use {(job_dir / raw).resolve()} or run kubetune from {job_dir}"
+        )
+    return f"check {field_path}; relative paths are read from the working directory ({base})"
+
+
+def check_model(
+    model: dict, raw: Optional[str], base: Path, job_dir: Optional[Path], report: Report
+) -> Optional[Path]:
+    """The model folder holds a config and weights (or the GGUF file named)."""
+    uri = model.get("uri")
+    if not is_local(uri):
+        return None
+    path = local_path(uri)
+    gguf = model.get("ggufFile")
+    if not path.exists():
+        report.errors.append(
+            FieldError(
+                "spec.model.uri",
+                f"no such folder: {path}",
+                _missing_hint("spec.model.uri", raw or uri, job_dir, base),
+            )
+        )
+        return None
+    if path.is_file():
+        hint = (
+            f"set spec.model.uri to {path.parent} and spec.model.ggufFile to {path.name}"
+            if path.suffix == ".gguf"
+            else "point spec.model.uri at the folder that holds config.json and the weights"
+        )
+        report.errors.append(FieldError("spec.model.uri", f"{path} is a file, not a folder", hint))
+        return None
+    names = sorted(p.name for p in path.iterdir())
+    if gguf:
+        if gguf not in names:
+            found = [n for n in names if n.endswith(".gguf")]
+            report.errors.append(
+                FieldError(
+                    "spec.model.ggufFile",
+                    f"no file {gguf} in {path}",
+                    f"GGUF files there: {', '.join(found)}" if found else "check the file name",
+                )
+            )
+            return None
+        report.notes.append(f"model: {path} ({gguf})")
+        return path
+    problems = []
+    if "config.json" not in names:
+        problems.append("no config.json")
+    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        problems.append("no weights (*.safetensors or *.bin)")
+    if problems:
+        shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "") if names else "nothing"
+        hint = "a Hugging Face model folder (save_pretrained) holds config.json and the weights"
+        if weights and all(n.endswith(".gguf") for n in weights):
+            hint = f"set spec.model.ggufFile: {weights[0]}"
+        report.errors.append(
+            FieldError(
+                "spec.model.uri",
+                f"{path} is not a model folder: {' and '.join(problems)} (it holds {shown})",
+                hint,
+            )
+        )
+        return None
+    tokenizer_files = [n for n in names if n in TOKENIZER_FILES]
+    if not tokenizer_files:
+        report.errors.append(
+            FieldError(
+                "spec.model.uri",
+                f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, …)",
+                "save the tokenizer into the model folder (tokenizer.save_pretrained)",
+            )
+        )
+        return None
+    report.notes.append(f"model: {path} ({', '.join(weights[:3])})")
+    return path
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(
+            p for p in path.rglob("*") if p.suffix.lower() in (".jsonl", ".json", ".parquet")
+        )
+    return [path]
+
+
+def read_local(
+    field_path: str, uri: str, raw: Optional[str], base: Path, job_dir, report: Report
+) -> Optional[D.Rows]:
+    """Rows of a local file or folder; None (and errors) when it cannot be read."""
+    path = local_path(uri)
+    if not path.exists():
+        report.errors.append(
+            FieldError(
+                field_path,
+                f"no such file: {path}",
+                _missing_hint(field_path, raw or uri, job_dir, base),
+            )
+        )
+        return None
+    files = _data_files(path)
+    if not files:
+        report.errors.append(
+            FieldError(field_path, f"no .jsonl, .json or .parquet file in {path}", "add data")
+        )
+        return None
+    rows = D.Rows()
+    for f in files:
+        try:
+            if f.suffix.lower() == ".parquet":
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(f).to_pylist()
+                part = D.Rows(table, (f"{f.name} row {i}" for i in range(1, len(table) + 1)))
+            else:
+                part = D.parse_text(f.read_text(encoding="utf-8"), f.name)
+        except (D.DataError, UnicodeDecodeError, OSError, ValueError) as exc:
+            report.errors.append(FieldError(field_path, f"{f}: {exc}", "fix the file"))
+            continue
+        bad = [i for i, r in enumerate(part) if isinstance(r, D.BadLine)]
+        for i in bad[:MAX_EXAMPLES]:
+            report.errors.append(
+                FieldError(
+                    field_path,
+                    f"{f} line {part.where[i].rsplit(' ', 1)[-1]}: invalid JSON, {part[i].message}",
+                    "each line of a .jsonl file must be one JSON object: fix or delete the line",
+                )
+            )
+        if len(bad) > MAX_EXAMPLES:
+            report.errors.append(
+                FieldError(field_path, f"{f}: {len(bad) - MAX_EXAMPLES} more invalid line(s)")
+            )
+        rows.extend(part)
+        rows.where.extend(part.where)
+    return rows
+
+
+def check_format(
+    field_path: str, name: str, rows: D.Rows, fmt: str, report: Report
+) -> list[tuple[str, dict]]:
+    """Every row mapped to the format; (label, normalised row) of the usable ones."""
+    usable, bad = [], []
+    for i, row in enumerate(rows):
+        if isinstance(row, D.BadLine):
+            continue  # already an error of its own
+        norm, why = D.normalize(row, fmt)
+        if norm is None:
+            bad.append((rows.label(i), why, row))
+        else:
+            usable.append((rows.label(i), norm))
+    if bad:
+        lines = [f"{where}: {why} ({D.describe_keys(row)})" for where, why, row in bad]
+        shown = "; ".join(lines[:MAX_EXAMPLES])
+        more = f"; and {len(bad) - MAX_EXAMPLES} more" if len(bad) > MAX_EXAMPLES else ""
+        expected = f"format {fmt!r}, which reads the keys {D.EXPECTED_KEYS.get(fmt, '?')}"
+        if not usable:
+            report.errors.append(
+                FieldError(
+                    field_path,
+                    f"no row of {name} fits {expected}: {shown}{more}",
+                    "rename the keys in the data, or set spec.dataset.format to the data's "
+                    "format (text, prompt-completion, chat, alpaca, sharegpt)",
+                )
+            )
+        else:
+            report.warnings.append(
+                f"{name}: {len(bad)} of {len(rows)} rows do not fit {expected}, and are "
+                f"skipped: {shown}{more}"
+            )
+    return usable
+
+
+def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Optional[dict] = None):
+    """What needs no tokenizer: model folder, data files, rows against the format.
+    `job` has resolved paths; `raw` is the job as written (for messages).
+    Returns (report, {name: usable rows})."""
+    t0 = time.monotonic()
+    report = Report()
+    spec = job.get("spec") or {}
+    raw_spec = (raw or {}).get("spec") or {}
+    model = spec.get("model") or {}
+    check_model(model, (raw_spec.get("model") or {}).get("uri"), base, job_dir, report)
+    dataset = spec.get("dataset") or {}
+    fmt = dataset.get("format") or "chat"
+    usable = {}
+    for part in ("train", "validation"):
+        src = dataset.get(part)
+        if not isinstance(src, dict) or not is_local(src.get("uri")):
+            continue
+        field_path = f"spec.dataset.{part}.uri"
+        raw_uri = ((raw_spec.get("dataset") or {}).get(part) or {}).get("uri")
+        rows = read_local(field_path, src["uri"], raw_uri, base, job_dir, report)
+        if rows is None:
+            continue
+        usable[part] = check_format(field_path, part, rows, fmt, report)
+        report.notes.append(
+            f"{part}: {display(src['uri'])} ({len(rows)} rows, {len(usable[part])} fit "
+            f"format {fmt})"
+        )
+    report.seconds = time.monotonic() - t0
+    return report, usable
+
+
+def load_tokenizer(spec, path: str):
+    """The tokenizer the workers load. A folder whose tokenizer is the generic fast
+    one loads without importing torch (AutoTokenizer builds the same object),
+    which keeps the check to a few seconds."""
+    from . import model as M
+
+    m = spec.model
+    folder = Path(path)
+    config = folder / "tokenizer_config.json"
+    if (
+        not m.gguf_file
+        and not m.trust_remote_code
+        and (folder / "tokenizer.json").exists()
+        and config.exists()
+    ):
+        cls = json.loads(config.read_text()).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            return tok
+    return M.load_tokenizer(spec, path)
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def check_tokens(spec, usable: dict, report: Report) -> None:
+    """Tokenizer loads, the template renders, the sample's lengths against maxSeqLength."""
+    from . import model as M
+
+    if spec.model.uri and not is_local(spec.model.uri):
+        return  # fetched by the workers; nothing to read here
+    try:
+        path = M.resolve_model_path(spec.model)
+        tok = load_tokenizer(spec, path)
+    except Exception as exc:  # noqa: BLE001  (any loader error is the user's to see)
+        report.errors.append(
+            FieldError(
+                "spec.model",
+                f"the tokenizer does not load: {type(exc).__name__}: {str(exc)[:300]}",
+                "the model folder needs tokenizer.json or the tokenizer files saved with it",
+            )
+        )
+        return
+    max_len = spec.dataset.max_seq_length
+    for part, rows in usable.items():
+        if not rows:
+            continue
+        sample = rows if len(rows) <= SAMPLE_ROWS else random.Random(0).sample(rows, SAMPLE_ROWS)
+        lengths, failed = [], []
+        for where, norm in sample:
+            try:
+                ids, _labels = D.tokenize(norm, tok)
+            except Exception as exc:  # noqa: BLE001  (a template error names the row)
+                failed.append(f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            lengths.append(len(ids))
+        if failed:
+            report.errors.append(
+                FieldError(
+                    f"spec.dataset.{part}",
+                    f"the chat template does not render {len(failed)} of {len(sample)} sampled "
+                    f"rows: {'; '.join(failed[:MAX_EXAMPLES])}",
+                    "fix those rows, or use a model whose tokenizer has a chat template for "
+                    "these roles",
+                )
+            )
+        if not lengths:
+            continue
+        lengths.sort()
+        over = sum(1 for n in lengths if n > max_len)
+        share = over / len(lengths)
+        report.notes.append(
+            f"{part} tokens per example (sample of {len(lengths)}): median "
+            f"{_percentile(lengths, 0.5)}, p90 {_percentile(lengths, 0.9)}, max {lengths[-1]}; "
+            f"{share:.0%} longer than maxSeqLength {max_len} (truncated)"
+        )
+        if share >= TRUNCATION_WARNING:
+            report.warnings.append(
+                f"{part}: {share:.0%} of sampled examples are longer than "
+                f"spec.dataset.maxSeqLength {max_len} and will be truncated (p90 is "
+                f"{_percentile(lengths, 0.9)} tokens): raise maxSeqLength if the ends matter"
+            )
+
+
+def preflight(config, job: dict, base: Path, job_dir: Optional[Path], raw: dict) -> Report:
+    """Everything `kubetune run` checks before Ray starts; cheap checks first, and
+    the tokenizer only when they pass."""
+    t0 = time.monotonic()
+    report, usable = check_files(job, base, job_dir, raw)
+    if report.ok:
+        check_tokens(config.spec, usable, report)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def validate_findings(doc: Any, base: Path, job_dir: Optional[Path] = None) -> Report:
+    """For `kubetune validate`: the checks that need no tokenizer, on a valid
+    document. A file that is there but broken is an error. One that is not
+    there is a warning: validate cannot know whether the job is meant for this
+    machine or for pods that mount the path (`kubetune run` stops on it)."""
+    if not isinstance(doc, dict):
+        return Report()
+    job = resolve_job_paths(doc, base)
+    report, _ = check_files(job, base, job_dir, doc)
+    kept = []
+    for err in report.errors:
+        if err.message.startswith(("no such file", "no such folder")):
+            report.warnings.append(
+                f"{err} (not on this machine: `kubetune run` stops here; fine if the path "
+                "exists in the cluster's pods)"
+            )
+        else:
+            kept.append(err)
+    report.errors = kept
+    return report

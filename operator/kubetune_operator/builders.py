@@ -16,7 +16,13 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from kubetune_api import models
-from kubetune_api.storage import CREDENTIAL_KEYS, HF_TOKEN_KEY, credential_env
+from kubetune_api.storage import (
+    CREDENTIAL_KEYS,
+    HF_TOKEN_KEY,
+    credential_env,
+    redact_uris,
+    split_uri,
+)
 from kubetune_api.trainer_config import spec_to_trainer_config
 from kubetune_api.validation import FieldError, SpecError, validate_document
 
@@ -91,7 +97,7 @@ def child_names(job: Body, attempt: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------- validation
 
 
-def validate_job(job: Body) -> list[FieldError]:
+def validate_job(job: Body, default_output_uri: Optional[str] = None) -> list[FieldError]:
     """Everything the CRD schema and CEL cannot see; [] when the job can run."""
     doc = {k: v for k, v in job.items() if k in ("apiVersion", "kind", "metadata", "spec")}
     doc["metadata"] = {
@@ -100,6 +106,14 @@ def validate_job(job: Body) -> list[FieldError]:
     result = validate_document(doc)
     if not result.ok:
         return result.errors
+    uri = ((job.get("spec") or {}).get("output") or {}).get("uri") or default_output_uri
+    if uri:
+        try:
+            split_uri(uri)
+        except ValueError as exc:
+            return [
+                FieldError("spec.output.uri", str(exc), "name the bucket, e.g. s3://models/runs")
+            ]
     return []
 
 
@@ -161,7 +175,7 @@ def spec_to_configmap(job: Body, settings: Settings, attempt: int) -> Body:
             "annotations": {LABEL_ATTEMPT: str(attempt)},
             "ownerReferences": [owner_reference(job)],
         },
-        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n"},
+        "data": {CONFIG_FILE: json.dumps(redact_uris(config), indent=2, sort_keys=True) + "\n"},
     }
 
 
@@ -363,10 +377,107 @@ def rayjob_state(job: Body, rayjob: Optional[Body]) -> str:
     if deploy == "Failed":
         return FAILED
     if deploy in ("Suspending", "Suspended") or rayjob.get("spec", {}).get("suspend"):
-        return SUSPENDED if job["spec"].get("suspend") else QUEUED
+        if job["spec"].get("suspend"):
+            return SUSPENDED
+        # Only Kueue holds a RayJob suspended on its own; without a queue label
+        # a suspended RayJob is one the operator is resuming right now.
+        if KUEUE_QUEUE_LABEL in (job["metadata"].get("labels") or {}):
+            return QUEUED
+        return STARTING
     if deploy == "Running" and ray == "RUNNING":
         return RUNNING
     return STARTING
+
+
+@dataclass(frozen=True)
+class PodTrouble:
+    """Why KubeRay cannot get the Ray pods running, as the job's status shows it."""
+
+    reason: str
+    message: str
+    terminal: bool  # True: it cannot heal without deleting and re-creating the job
+
+
+_RECREATE = (
+    "fix the FineTuneJob's manifest, then delete and re-create it "
+    "(kubectl delete ftj NAME; kubectl apply -f FILE): its spec cannot be edited"
+)
+# HeadPodReady=False reasons (the head container's waiting reason) that no
+# retry can fix: the image reference itself is wrong.
+_IMAGE_FATAL = {"InvalidImageName", "ErrImageNeverPull"}
+_IMAGE_WAIT = {"ErrImagePull", "ImagePullBackOff"}
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def pod_trouble(rayjob: Optional[Body]) -> Optional[PodTrouble]:
+    """KubeRay's own account of pod trouble, from the RayCluster status it copies
+    into `RayJob.status.rayClusterStatus.conditions`.
+
+    A Pod the API server rejects for its own spec (a bad name, toleration,
+    resource name, label) never heals: the pod-shaping fields of a FineTuneJob
+    are immutable, and KubeRay would retry the create forever. The same holds
+    for a PriorityClass that does not exist: it is cluster policy, named by the
+    job, and a typo far more often than a race. Both end the job at once.
+    An exceeded quota, an image pull that may succeed later and a missing
+    Secret/ConfigMap can heal without touching the job: they stay a visible,
+    non-terminal reason (activeDeadlineSeconds bounds the wait).
+    """
+    if rayjob is None:
+        return None
+    cluster = (rayjob.get("status") or {}).get("rayClusterStatus") or {}
+    for cond in cluster.get("conditions") or []:
+        ctype, status = cond.get("type"), cond.get("status")
+        why = _one_line(cond.get("message") or cond.get("reason") or "")
+        if ctype == "ReplicaFailure" and status == "True":
+            which = "head" if "head" in (cond.get("reason") or "").lower() else "worker"
+            lowered = why.lower()
+            if "exceeded quota" in lowered:
+                return PodTrouble(
+                    "PodQuotaExceeded",
+                    f"Kubernetes refused the Ray {which} Pod: {why} (hint: the job starts "
+                    "once the namespace's ResourceQuota has room; free quota or ask for more)",
+                    False,
+                )
+            if "priorityclass" in lowered:
+                return PodTrouble(
+                    "PriorityClassNotFound",
+                    f"Kubernetes refused the Ray {which} Pod: {why} (hint: "
+                    "spec.resources.priorityClassName must name an existing PriorityClass "
+                    f"(kubectl get priorityclass); {_RECREATE})",
+                    True,
+                )
+            return PodTrouble(
+                "PodCreationFailed",
+                f"Kubernetes refused the Ray {which} Pod: {why} (hint: {_RECREATE})",
+                True,
+            )
+        if ctype == "HeadPodReady" and status == "False":
+            reason = cond.get("reason") or ""
+            if reason in _IMAGE_FATAL:
+                return PodTrouble(
+                    "InvalidImage",
+                    f"the Ray head cannot start: {reason}: {why} (hint: check "
+                    f"spec.resources.image; {_RECREATE})",
+                    True,
+                )
+            if reason in _IMAGE_WAIT:
+                return PodTrouble(
+                    "ImagePullBackOff",
+                    f"the Ray head's image cannot be pulled yet: {why} (hint: check that "
+                    "the image exists and the nodes can reach its registry)",
+                    False,
+                )
+            if reason == "CreateContainerConfigError":
+                return PodTrouble(
+                    "PodConfigError",
+                    f"the Ray head cannot start: {why} (hint: create the Secret or "
+                    "ConfigMap it names in this namespace)",
+                    False,
+                )
+    return None
 
 
 def trainer_may_have_written(job: Body, rayjob: Optional[Body], attempts: int) -> bool:
@@ -562,7 +673,9 @@ def with_phase(
         if ph == phase:
             conds = set_condition(conds, ctype, "True", reason, message, now, generation)
         elif get_condition({"conditions": conds}, ctype) is not None:
-            conds = set_condition(conds, ctype, "False", reason, message, now, generation)
+            conds = set_condition(
+                conds, ctype, "False", reason, f"the job is {phase} now", now, generation
+            )
     out["conditions"] = conds
     if phase in ("Succeeded", "Failed") and not out.get("completionTime"):
         out["completionTime"] = rfc3339(now)
@@ -581,10 +694,18 @@ class Decision:
     message: str
     action: Optional[str] = None  # "retry" | "stop" | "create" | None
     warnings: list[str] = field(default_factory=list)
+    # With "stop": delete the RayJob too (its Ray job must not go on, or KubeRay
+    # would keep retrying Pods that Kubernetes refuses).
+    delete_rayjob: bool = False
 
 
-def decide(job: Body, rayjob: Optional[Body], now: datetime) -> Decision:
-    """The one switch on the state of the job's current RayJob."""
+def decide(
+    job: Body, rayjob: Optional[Body], now: datetime, queue_problem: Optional[str] = None
+) -> Decision:
+    """The one switch on the state of the job's current RayJob.
+
+    `queue_problem` is what the operator found wrong with the job's Kueue
+    queue (None when it exists or could not be checked)."""
     spec = job["spec"]
     status = job.get("status") or {}
     attempts = int(status.get("attempts") or 1)
@@ -623,6 +744,7 @@ def decide(job: Body, rayjob: Optional[Body], now: datetime) -> Decision:
             "DeadlineExceeded",
             f"the job ran longer than activeDeadlineSeconds ({deadline}s)",
             "stop",
+            delete_rayjob=True,
         )
     if state == NONE:
         return Decision("Pending", "Creating", "creating the RayJob", "create")
@@ -632,10 +754,16 @@ def decide(job: Body, rayjob: Optional[Body], now: datetime) -> Decision:
         )
     if state == QUEUED:
         queue = (job["metadata"].get("labels") or {}).get(KUEUE_QUEUE_LABEL)
-        where = f" in Kueue queue {queue}" if queue else ""
-        return Decision("Queued", "Queued", f"waiting for admission{where}")
+        if queue_problem:
+            return Decision("Queued", "QueueNotFound", queue_problem)
+        return Decision("Queued", "Queued", f"waiting for admission in Kueue queue {queue}")
     if state == RUNNING:
         return Decision("Running", "Training", "the Ray job is running")
+    trouble = pod_trouble(rayjob)
+    if trouble is not None:
+        if trouble.terminal:
+            return Decision("Failed", trouble.reason, trouble.message, "stop", delete_rayjob=True)
+        return Decision("Starting", trouble.reason, trouble.message)
     return Decision(
         "Starting", "RayClusterStarting", "waiting for the Ray cluster and job to start"
     )
@@ -659,7 +787,10 @@ def status_changed(old: dict, new: dict) -> bool:
 
 
 def spec_error_status(status: dict, errors: list[FieldError], now: datetime, generation) -> dict:
-    message = "; ".join(str(e) for e in errors)
+    message = "; ".join(str(e) for e in errors) + (
+        ". A FineTuneJob's spec cannot be edited: fix the manifest, then delete and re-create "
+        "the job (kubectl delete ftj NAME; kubectl apply -f FILE)"
+    )
     out = dict(status)
     out["conditions"] = set_condition(
         list(out.get("conditions") or []),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kubetune_api import models
+from kubetune_api.storage import job_prefix, redact_uris, split_uri, strip_userinfo
 from kubetune_api.validation import SpecError
 
 from . import builders, metrics, storage_reader
@@ -33,6 +35,7 @@ from .builders import Body, Settings
 log = logging.getLogger("kubetune.operator")
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -41,6 +44,10 @@ class Timing:
     poll_seconds: float = 10.0  # how often a live job re-reads RayJob + storage
     idle_seconds: float = 300.0  # finished jobs: a slow heartbeat only
     crd_backoff_max: float = 60.0
+    storage_timeout_seconds: float = 20.0  # then StorageReadable=False, whatever the store does
+
+
+QUEUE_CHECK_SECONDS = 30.0  # how long a LocalQueue lookup is trusted
 
 
 class KubeRayMissing(Exception):
@@ -145,13 +152,40 @@ class Api:
             if exc.status != 404:
                 raise
 
+    def local_queue(self, ns: str, name: str) -> str:
+        """ "found", "missing" (no such LocalQueue), "no-api" (Kueue not installed)
+        or "unknown" (say nothing: e.g. RBAC forbids the look-up)."""
+        try:
+            self.custom.get_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, ns, "localqueues", name
+            )
+            return "found"
+        except ApiException as exc:
+            if exc.status != 404:
+                return "unknown"
+            try:
+                details = json.loads(exc.body or "{}").get("details") or {}
+            except ValueError:
+                details = {}
+            # A 404 for a missing object names it; one for a missing API does not.
+            return "missing" if details.get("name") == name else "no-api"
+
     def read_secret(self, ns: str, name: str) -> dict[str, str]:
         secret = self.core.read_namespaced_secret(name, ns)
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
-_API_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kubetune-api")
-_STORAGE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kubetune-storage")
+_API_THREADS = 16
+_API_POOL = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="kubetune-api")
+# Storage reads run here, never in the API pool. A store that stops answering
+# can hold at most STORE_SLOTS of these threads (see Reconciler._read_bounded),
+# so up to _STORAGE_THREADS // STORE_SLOTS hung stores still leave room for
+# every other job's reads.
+STORE_SLOTS = 4
+_STORAGE_THREADS = 32
+_STORAGE_POOL = ThreadPoolExecutor(
+    max_workers=_STORAGE_THREADS, thread_name_prefix="kubetune-storage"
+)
 
 
 def _now() -> datetime:
@@ -159,25 +193,65 @@ def _now() -> datetime:
 
 
 EventFn = Callable[[Body, str, str, str], None]
+WakeFn = Callable[[str], None]
+
+
+@dataclass
+class StorageView:
+    """One job's storage reads: at most one in flight, the latest result kept.
+
+    Decisions never wait on it: a reconcile starts a read when none is running
+    and shows whatever the last finished read found; the read wakes the job
+    when it ends.
+    """
+
+    task: Optional[asyncio.Task] = None
+    started: float = 0.0  # monotonic time the running/last read started
+    snapshot: Optional[dict] = None
+    problem: Optional[tuple[str, str]] = None  # (reason, message) of the last read
+    fresh: bool = False  # a result not shown in status yet
+    final_started: bool = False  # a read started after the job finished
+    final_done: bool = False
 
 
 class Reconciler:
-    def __init__(self, api: Api, settings: Settings, timing: Timing, event: EventFn):
+    def __init__(
+        self,
+        api: Api,
+        settings: Settings,
+        timing: Timing,
+        event: EventFn,
+        wake: Optional[WakeFn] = None,
+    ):
         self.api = api
         self.settings = settings
         self.timing = timing
         self.event = event
+        self.wake = wake or (lambda uid: None)
+        self._storage: dict[str, StorageView] = {}
+        self._store_slots: dict[str, asyncio.Semaphore] = {}
+        self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
 
-    async def _read_storage(self, fn, *args):
-        # Its own pool: a slow or unreachable object store must never hold up
-        # the API calls that create children for other jobs.
-        return await asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
+    async def _read_bounded(self, store: str, fn, *args):
+        """Run a blocking read in the storage pool, at most STORE_SLOTS at a time
+        per store. The slot is given back when the thread ends, not when the
+        caller stops waiting: a hung store keeps its slots, nobody else's."""
+        slot = self._store_slots.setdefault(store, asyncio.Semaphore(STORE_SLOTS))
+        await slot.acquire()
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
+        except BaseException:
+            slot.release()
+            raise
+        fut.add_done_callback(lambda _: slot.release())
+        return await asyncio.shield(fut)
 
     async def _write_status(self, job: Body, old: dict, new: dict) -> dict:
         """The one status write path: only when changed; one event per transition."""
+        new = redact_uris(new)  # no URI the operator echoes carries credentials
         if builders.status_changed(old, new):
             meta = job["metadata"]
             # A merge patch: keys we dropped must be sent as null to go away.
@@ -215,7 +289,7 @@ class Reconciler:
         now = _now()
         gen = job["metadata"].get("generation")
 
-        errors = builders.validate_job(job)
+        errors = builders.validate_job(job, self.settings.default_output_uri)
         attempts = int(status.get("attempts") or 1)
         cm = None
         if not errors:
@@ -301,15 +375,19 @@ class Reconciler:
                 gen,
             )
 
-        # 3. Observe: KubeRay's status and, once the trainer can have written any,
-        # its files.
+        # 3. Observe: KubeRay's status, the Kueue queue while queued, and the last
+        # storage read (a new one starts in the background; nothing waits for it).
         status |= builders.rayjob_to_status(rayjob)
+        queue_problem = None
+        if builders.rayjob_state(job, rayjob) == builders.QUEUED:
+            queue_problem = await self._queue_problem(job)
         if builders.trainer_may_have_written(job, rayjob, attempts):
-            status = await self._observe_storage(job, status, now, gen)
+            self._start_storage_read(job)
+        status = self._show_storage(job, status, now, gen)
 
         # 4. Decide.
         job_view = {**job, "status": status}
-        decision = builders.decide(job_view, rayjob, now)
+        decision = builders.decide(job_view, rayjob, now, queue_problem)
         if decision.action == "retry":
             failed_name = status["rayJobName"]
             attempts += 1
@@ -323,7 +401,8 @@ class Reconciler:
             await self._write_status(job, old, status)  # the new name first, then the delete
             await self._call(self.api.delete_rayjob, ns, failed_name)
             return 0.0
-        if decision.action == "stop" and decision.reason == "DeadlineExceeded":
+        # 5. Act, then write status once.
+        if decision.action == "stop" and decision.delete_rayjob:
             await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
         status = builders.with_phase(
             status, decision.phase, decision.reason, decision.message, now, gen
@@ -334,41 +413,152 @@ class Reconciler:
             return await self._finished(job, copy.deepcopy(status), status, now)
         return self.timing.poll_seconds
 
-    async def _observe_storage(self, job: Body, status: dict, now: datetime, gen) -> dict:
-        spec = job["spec"]
+    # ------------------------------------------------------------------ Kueue
+
+    async def _queue_problem(self, job: Body) -> Optional[str]:
+        """What is wrong with the job's LocalQueue, or None (exists, or unknown)."""
         meta = job["metadata"]
-        output = spec.get("output") or {}
+        queue = (meta.get("labels") or {}).get(builders.KUEUE_QUEUE_LABEL)
+        if not queue:
+            return None
+        key = (meta["namespace"], queue)
+        cached = self._queue_cache.get(key)
+        if cached and time.monotonic() - cached[0] < QUEUE_CHECK_SECONDS:
+            return cached[1]
+        found = await self._call(self.api.local_queue, meta["namespace"], queue)
+        problem = None
+        if found == "no-api":
+            problem = (
+                f"waiting for Kueue to admit it from queue {queue}, but this cluster serves no "
+                "Kueue LocalQueue API (hint: install Kueue, or remove the "
+                f"{builders.KUEUE_QUEUE_LABEL} label by re-creating the job without it)"
+            )
+        elif found == "missing":
+            problem = (
+                f"waiting for admission, but namespace {meta['namespace']} has no Kueue "
+                f"LocalQueue {queue} (hint: kubectl get localqueues -n {meta['namespace']}; "
+                f"create it or set {builders.KUEUE_QUEUE_LABEL} to an existing one)"
+            )
+        self._queue_cache[key] = (time.monotonic(), problem)
+        return problem
+
+    # ------------------------------------------------------------------ storage
+
+    def _output(self, job: Body) -> tuple[Optional[str], dict]:
+        output = job["spec"].get("output") or {}
         uri = output.get("uri") or self.settings.default_output_uri
-        if not uri or not uri.startswith("s3://"):
-            return status  # a PVC/local path: only the pods can read it
-        prefix = f"{uri.rstrip('/')}/{meta['namespace']}/{meta['name']}/{meta['uid']}"
+        return uri, output
+
+    def _prefix(self, job: Body) -> Optional[str]:
+        uri, _ = self._output(job)
+        if not uri:
+            return None
+        meta = job["metadata"]
+        return job_prefix(uri, meta["namespace"], meta["name"], meta["uid"])
+
+    def _start_storage_read(self, job: Body, final: bool = False) -> None:
+        """Start a read unless one is running (one per job) or one started less
+        than a poll ago; never waits."""
+        uid = job["metadata"]["uid"]
+        view = self._storage.setdefault(uid, StorageView())
+        if view.task is not None and not view.task.done():
+            return
+        since = time.monotonic() - view.started
+        if not final and view.started and since < self.timing.poll_seconds * 0.9:
+            return
+        prefix = self._prefix(job)
+        if prefix is None:
+            return
+        scheme, _ = split_uri(prefix)
+        if scheme not in storage_reader.READABLE_SCHEMES:
+            readable = ", ".join(s + "://" for s in storage_reader.READABLE_SCHEMES)
+            view.problem = (
+                "SchemeNotReadable",
+                f"the operator reads {readable} outputs only, not {scheme}:// ones: progress, "
+                "metrics and checkpoints are not shown here (the trainer still writes them "
+                f"under {prefix})",
+            )
+            view.fresh = True
+            view.final_started = view.final_done = True
+            return
+        view.started = time.monotonic()
+        if final:
+            view.final_started = True
+        view.task = asyncio.get_running_loop().create_task(self._storage_read(job, prefix, view))
+
+    async def _storage_read(self, job: Body, prefix: str, view: StorageView) -> None:
+        spec, meta = job["spec"], job["metadata"]
+        _, output = self._output(job)
+        keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
+        final = view.final_started
+        endpoint = output.get("endpoint") or "the default endpoint"
         try:
             secret = {}
             ref = (output.get("secretRef") or {}).get("name")
             if ref:
                 secret = await self._call(self.api.read_secret, meta["namespace"], ref)
-            keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
-            snapshot = await self._read_storage(
-                storage_reader.read_snapshot, prefix, output, secret, keep
+            store = storage_reader.store_key(prefix, output)
+            view.snapshot = await asyncio.wait_for(
+                self._read_bounded(
+                    store, storage_reader.read_snapshot, prefix, output, secret, keep
+                ),
+                timeout=self.timing.storage_timeout_seconds,
             )
+            view.problem = None
+        except asyncio.TimeoutError:
+            metrics.ERRORS.labels(kind="storage_timeout").inc()
+            view.problem = (
+                "StorageTimeout",
+                f"no answer from {strip_userinfo(endpoint)} within "
+                f"{self.timing.storage_timeout_seconds:g}s reading {prefix}; progress shown is "
+                "from the last successful read (hint: check spec.output.endpoint and that the "
+                "object store is up)",
+            )
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - storage trouble must not stop reconciling
             metrics.ERRORS.labels(kind="storage").inc()
-            # Never echo exception text that could carry a URL with credentials.
-            status["conditions"] = builders.set_condition(
-                status.get("conditions") or [],
+            # Never echo exception text: it can carry a URL with credentials.
+            view.problem = (
+                "StorageReadFailed",
+                f"cannot read {prefix}: {type(exc).__name__} (hint: check spec.output.uri, "
+                "spec.output.endpoint and the keys in spec.output.secretRef)",
+            )
+        finally:
+            view.fresh = True
+            if final:
+                view.final_done = True
+        self.wake(meta["uid"])
+
+    def _show_storage(self, job: Body, status: dict, now: datetime, gen) -> dict:
+        """The last storage read, into status (progress, metrics, checkpoints,
+        outputs and the StorageReadable condition)."""
+        view = self._storage.get(job["metadata"]["uid"])
+        if view is None:
+            return status
+        view.fresh = False
+        conds = list(status.get("conditions") or [])
+        if view.problem is not None:
+            reason, message = view.problem
+            state = "Unknown" if reason == "SchemeNotReadable" else "False"
+            conds = builders.set_condition(
+                conds, "StorageReadable", state, reason, message, now, gen
+            )
+        elif view.snapshot is not None and builders.get_condition(status, "StorageReadable"):
+            conds = builders.set_condition(
+                conds,
                 "StorageReadable",
-                "False",
-                type(exc).__name__,
-                f"cannot read {prefix}: {type(exc).__name__}",
+                "True",
+                "Read",
+                f"read {view.snapshot['prefix']}",
                 now,
                 gen,
             )
+        status["conditions"] = conds
+        if view.snapshot is None:
             return status
-        if builders.get_condition(status, "StorageReadable"):
-            status["conditions"] = builders.set_condition(
-                status["conditions"], "StorageReadable", "True", "Read", f"read {prefix}", now, gen
-            )
-        status |= builders.progress_to_status(snapshot, keep)
+        keep = (job["spec"].get("checkpointing") or {}).get("keepLast", 3)
+        status |= builders.progress_to_status(view.snapshot, keep)
         if status.get("checkpoints"):
             last = status["checkpoints"][-1]
             status["conditions"] = builders.set_condition(
@@ -383,20 +573,15 @@ class Reconciler:
         return status
 
     async def _finished(self, job: Body, old: dict, status: dict, now: datetime) -> float:
-        """A finished job: read its final files once more, then TTL cleanup."""
+        """A finished job: read its final files once more (in the background),
+        then TTL cleanup."""
         ns = job["metadata"]["namespace"]
         gen = job["metadata"].get("generation")
-        if not builders.get_condition(status, "FinalStatusRead") and status.get("rayJobName"):
-            status = await self._observe_storage(job, status, now, gen)
-            status["conditions"] = builders.set_condition(
-                status["conditions"],
-                "FinalStatusRead",
-                "True",
-                "Read",
-                "final progress, metrics and outputs read",
-                now,
-                gen,
-            )
+        view = self._storage.setdefault(job["metadata"]["uid"], StorageView())
+        idle = view.task is None or view.task.done()
+        if status.get("rayJobName") and not view.final_started and idle:
+            self._start_storage_read(job, final=True)
+        status = self._show_storage(job, status, now, gen)
         job_view = {**job, "status": status}
         remaining = builders.ttl_remaining(job_view, now)
         if (
@@ -421,9 +606,15 @@ class Reconciler:
             self.event(job, "Normal", "TTLExpired", "deleted the RayJob and ConfigMap")
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
+        if not view.final_done:
+            return self.timing.poll_seconds  # the final read wakes the job when it ends
         if remaining is not None and remaining > 0:
             return min(remaining, self.timing.idle_seconds)
         return self.timing.idle_seconds
+
+    def forget(self, uid: str) -> None:
+        """The job is gone: drop its storage view (a running read ends on its own)."""
+        self._storage.pop(uid, None)
 
     async def stop(self, ns: str, name: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).

@@ -174,7 +174,8 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
         timeout=70,
     )
     assert "condition met" in out.stdout
-    st = status(kube, "tune", namespace)
+    # Success never waits on storage: the final read lands just after it.
+    st = wait_status(kube, "tune", namespace, lambda s: s.get("outputs", {}).get("adapter"), 30)
     assert st["phase"] == "Succeeded" and st["completionTime"] and st["startTime"]
     assert st["outputs"]["adapter"].endswith("/adapter")
     reasons = [e["reason"] for e in events(kube, namespace, "tune")]

@@ -403,7 +403,7 @@ def test_storage_reader_reads_either_key_case(tmp_path):
         + "\n"
         + '{"step": 5, "lo'
     )
-    snap = storage_reader.read_snapshot(str(prefix), None, {})
+    snap = storage_reader.read_snapshot(str(prefix), None, {}, schemes=("file",))
     out = b.progress_to_status(snap)
     assert out["progress"]["display"] == "4/8"
     assert out["metrics"] == {
@@ -413,3 +413,138 @@ def test_storage_reader_reads_either_key_case(tmp_path):
         "displayLoss": "3.2500",
     }
     assert [(c["step"], c["evalLoss"]) for c in out["checkpoints"]] == [(2, 3.0)]
+
+
+def _cluster(*conditions):
+    """A RayJob still initializing, with the RayCluster conditions KubeRay copies
+    into status.rayClusterStatus (message text as KubeRay v1.6 writes it:
+    its error, newline, the API server's error)."""
+    return _rj("Initializing", rayClusterStatus={"conditions": list(conditions)})
+
+
+_NO_PC = {
+    "type": "ReplicaFailure",
+    "status": "True",
+    "reason": "FailedCreateHeadPod",
+    "message": 'FailedCreateHeadPod\npods "pc-head-x7k2p" is forbidden: no PriorityClass with '
+    "name gold-nope was found",
+}
+
+
+@pytest.mark.parametrize(
+    "condition, phase, reason, deletes",
+    [
+        (_NO_PC, "Failed", "PriorityClassNotFound", True),
+        (
+            _NO_PC
+            | {
+                "reason": "FailedCreateWorkerPod",
+                "message": 'pods "w" is invalid: spec.tolerations[0].effect: Invalid value: '
+                "\"NoSchedule\": effect must be 'NoExecute' when `tolerationSeconds` is set",
+            },
+            "Failed",
+            "PodCreationFailed",
+            True,
+        ),
+        (
+            _NO_PC | {"message": 'pods "h" is forbidden: exceeded quota: gpu, requested: x'},
+            "Starting",
+            "PodQuotaExceeded",
+            False,
+        ),
+        (
+            {"type": "HeadPodReady", "status": "False", "reason": "InvalidImageName"},
+            "Failed",
+            "InvalidImage",
+            True,
+        ),
+        (
+            {"type": "HeadPodReady", "status": "False", "reason": "ImagePullBackOff"},
+            "Starting",
+            "ImagePullBackOff",
+            False,
+        ),
+        (
+            {"type": "HeadPodReady", "status": "False", "reason": "RayClusterPodsProvisioning"},
+            "Starting",
+            "RayClusterStarting",
+            False,
+        ),
+        (
+            _NO_PC | {"status": "False"},  # a cleared failure says nothing
+            "Starting",
+            "RayClusterStarting",
+            False,
+        ),
+    ],
+)
+def test_pods_kubernetes_refuses_say_why(condition, phase, reason, deletes):
+    job = {"metadata": {}, "spec": {"backoffLimit": 3}, "status": {"attempts": 1}}
+    d = b.decide(job, _cluster(condition), NOW)
+    assert (d.phase, d.reason, d.delete_rayjob) == (phase, reason, deletes)
+    if reason not in ("RayClusterStarting",):
+        assert "hint:" in d.message and "\n" not in d.message
+
+
+def test_missing_priority_class_message_names_it_and_says_recreate():
+    job = {"metadata": {}, "spec": {}, "status": {"attempts": 1}}
+    d = b.decide(job, _cluster(_NO_PC), NOW)
+    assert "no PriorityClass with name gold-nope was found" in d.message
+    assert "priorityClassName" in d.message and "delete and re-create" in d.message
+
+
+def test_non_kueue_resume_is_starting_not_queued():
+    job = {"metadata": {"labels": {}}, "spec": {"suspend": False}, "status": {"attempts": 1}}
+    # The operator just flipped spec.suspend back; KubeRay still says Suspended.
+    d = b.decide(job, _rj("Suspended", suspend=True), NOW)
+    assert (d.phase, d.reason) == ("Starting", "RayClusterStarting")
+
+
+def test_unknown_kueue_queue_has_a_reason_and_hint():
+    job = {
+        "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "nope"}},
+        "spec": {},
+        "status": {"attempts": 1},
+    }
+    d = b.decide(job, _rj("", suspend=True), NOW, queue_problem="no LocalQueue nope (hint: x)")
+    assert (d.phase, d.reason, d.message) == (
+        "Queued",
+        "QueueNotFound",
+        "no LocalQueue nope (hint: x)",
+    )
+
+
+def test_invalid_spec_message_says_delete_and_recreate():
+    job = _job("lora-minimal.yaml")
+    job["spec"]["hyperparameters"] = {"epochs": 1, "maxSteps": 5}
+    s = b.spec_error_status({}, b.validate_job(job), NOW, 1)
+    assert "delete and re-create" in s["message"]
+
+
+def test_output_uri_without_bucket_is_invalid():
+    job = _job("lora-minimal.yaml")
+    job["spec"]["output"]["uri"] = "s3://"
+    [err] = b.validate_job(job)
+    assert err.path == "spec.output.uri" and "no bucket" in err.message
+
+
+def test_credentials_in_uris_never_reach_the_configmap():
+    job = _job("chat-s3-secret.yaml")
+    job["spec"]["output"]["uri"] = "s3://AKIAEXAMPLE:s3cr3t-value@team-models/fine-tunes"
+    job["spec"]["dataset"]["train"]["uri"] = "s3://AKIAEXAMPLE:s3cr3t-value@data/train.jsonl"
+    cm = b.spec_to_configmap(job, SETTINGS, 1)
+    text = json.dumps(cm)
+    assert "s3cr3t-value" not in text and "AKIAEXAMPLE" not in text
+    config = json.loads(cm["data"]["config.json"])
+    assert config["storagePrefix"] == "s3://team-models/fine-tunes/team-a/support-bot/0b7c-uid"
+
+
+def test_reader_never_falls_back_to_the_local_filesystem(tmp_path):
+    from kubetune_operator import storage_reader
+
+    with pytest.raises(ValueError, match="no bucket"):
+        storage_reader.read_snapshot("s3:///etc", None, {})
+    with pytest.raises(storage_reader.SchemeNotReadable):
+        storage_reader.read_snapshot(str(tmp_path), None, {})
+    with pytest.raises(storage_reader.SchemeNotReadable):
+        storage_reader.read_snapshot("gs://bucket/x", None, {})

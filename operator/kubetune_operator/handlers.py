@@ -1,4 +1,5 @@
-"""kopf wiring only: every decision lives in builders (pure) and reconciler (I/O).
+"""kopf wiring only: every decision lives in the pure modules (decide, children, ...)
+and in reconciler (I/O).
 
 One daemon per FineTuneJob runs the reconcile loop; change handlers and
 RayJob events only wake it, so reconciles of one job never overlap.
@@ -17,7 +18,8 @@ from kubetune_api import models
 from kubetune_api.storage import redact_uris
 
 from . import metrics
-from .builders import LABEL_JOB_UID, Settings
+from .children import Settings
+from .names import LABEL_JOB_UID
 from .reconciler import _API_THREADS as API_THREADS
 from .reconciler import Api, KubeRayMissing, Reconciler, Timing
 

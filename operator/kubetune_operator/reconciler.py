@@ -1,11 +1,13 @@
-"""One reconcile of one FineTuneJob: read the world, ask the pure builders what
-it should look like, make the few writes that close the gap.
+"""One reconcile of one FineTuneJob: observe (the job, its RayJob, its Kueue
+queue, the last storage read) → decide (pure, `decide.py`) → act (create,
+patch or delete children) → write status once.
 
 Order matters for restarts: child names are written into status before the
 child is created, and children are created with deterministic names
 (create-if-absent), so an operator killed at any line makes no duplicate.
 Status is written in one place (`_write_status`), only when it changed, and
-each phase transition posts one event.
+each phase transition posts one event. Storage reads run beside this, never
+in its way (see `StorageView`).
 """
 
 from __future__ import annotations
@@ -29,14 +31,20 @@ from kubetune_api import models
 from kubetune_api.storage import job_prefix, redact_uris, split_uri, strip_userinfo
 from kubetune_api.validation import SpecError
 
-from . import builders, metrics, storage_reader
-from .builders import Body, Settings
+from . import metrics, storage_reader
+from .children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
+from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
+from .decide import decide, ttl_remaining
+from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, Body, child_names
+from .progress import progress_to_status
+from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
+from .states import TERMINAL, Action, Cond, RayJobState, Reason
+from .validate import spec_error_status, validate_job
 
 log = logging.getLogger("kubetune.operator")
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
-TERMINAL = ("Succeeded", "Failed")
 
 
 @dataclass
@@ -78,8 +86,17 @@ class Api:
         )
 
     # ConfigMap
-    def ensure_configmap(self, cm: Body) -> None:
+    def ensure_configmap(self, cm: Body, fresh: bool = False) -> None:
+        """Create-if-absent; a retry's attempt annotation and config are patched in.
+        `fresh`: most likely absent, so try the create first."""
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
+        if fresh:
+            try:
+                self.core.create_namespaced_config_map(ns, cm)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
         try:
             live = self.core.read_namespaced_config_map(name, ns)
         except ApiException as exc:
@@ -93,8 +110,8 @@ class Api:
                 if exc.status != 409:
                     raise
             return
-        want_attempt = cm["metadata"]["annotations"][builders.LABEL_ATTEMPT]
-        have_attempt = (live.metadata.annotations or {}).get(builders.LABEL_ATTEMPT)
+        want_attempt = cm["metadata"]["annotations"][LABEL_ATTEMPT]
+        have_attempt = (live.metadata.annotations or {}).get(LABEL_ATTEMPT)
         if have_attempt != want_attempt:  # a retry: the config carries the attempt
             self.core.patch_namespaced_config_map(
                 name,
@@ -120,15 +137,17 @@ class Api:
                 return None
             raise
 
-    def create_rayjob(self, rayjob: Body) -> Body:
+    def create_rayjob(self, rayjob: Body) -> tuple[Body, bool]:
+        """(the RayJob, whether this call created it)."""
         ns = rayjob["metadata"]["namespace"]
         try:
-            return self.custom.create_namespaced_custom_object(
+            made = self.custom.create_namespaced_custom_object(
                 RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, rayjob
             )
+            return made, True
         except ApiException as exc:
             if exc.status == 409:  # made by an earlier run of this operator
-                return self.get_rayjob(ns, rayjob["metadata"]["name"])
+                return self.get_rayjob(ns, rayjob["metadata"]["name"]), False
             if exc.status == 404:  # the namespace exists (the job is in it): no such API
                 raise KubeRayMissing(str(exc.reason)) from exc
             raise
@@ -208,7 +227,7 @@ class StorageView:
     task: Optional[asyncio.Task] = None
     started: float = 0.0  # monotonic time the running/last read started
     snapshot: Optional[dict] = None
-    problem: Optional[tuple[str, str]] = None  # (reason, message) of the last read
+    problem: Optional[tuple[Reason, str]] = None  # (reason, message) of the last read
     fresh: bool = False  # a result not shown in status yet
     final_started: bool = False  # a read started after the job finished
     final_done: bool = False
@@ -231,6 +250,7 @@ class Reconciler:
         self._storage: dict[str, StorageView] = {}
         self._store_slots: dict[str, asyncio.Semaphore] = {}
         self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
+        self._checked_cache: dict[str, tuple[tuple, list, Optional[Body]]] = {}
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
@@ -252,7 +272,7 @@ class Reconciler:
     async def _write_status(self, job: Body, old: dict, new: dict) -> dict:
         """The one status write path: only when changed; one event per transition."""
         new = redact_uris(new)  # no URI the operator echoes carries credentials
-        if builders.status_changed(old, new):
+        if status_changed(old, new):
             meta = job["metadata"]
             # A merge patch: keys we dropped must be sent as null to go away.
             patch = {k: None for k in old if k not in new} | new
@@ -289,62 +309,59 @@ class Reconciler:
         now = _now()
         gen = job["metadata"].get("generation")
 
-        errors = builders.validate_job(job, self.settings.default_output_uri)
         attempts = int(status.get("attempts") or 1)
-        cm = None
-        if not errors:
-            try:  # a spec that cannot render (no output URI anywhere) is invalid too
-                cm = builders.spec_to_configmap(job, self.settings, attempts)
-            except SpecError as exc:
-                errors = exc.errors
+        errors, cm = self._checked(job, attempts)
         if errors:
-            await self._write_status(job, old, builders.spec_error_status(status, errors, now, gen))
+            await self._write_status(job, old, spec_error_status(status, errors, now, gen))
             return self.timing.idle_seconds  # a bad spec waits for an edit, never hot-loops
-        if not builders.get_condition(status, "Validated") or (
-            builders.get_condition(status, "Validated")["status"] != "True"
+        if not get_condition(status, Cond.Validated) or (
+            get_condition(status, Cond.Validated)["status"] != "True"
         ):
-            status["conditions"] = builders.set_condition(
+            status["conditions"] = set_condition(
                 list(status.get("conditions") or []),
-                "Validated",
+                Cond.Validated,
                 "True",
-                "SpecValid",
+                Reason.SpecValid,
                 "the spec passed validation",
                 now,
                 gen,
             )
-            if status.get("reason") == "InvalidSpec":  # fixed by an edit (only safe fields can)
+            if (
+                status.get("reason") == Reason.InvalidSpec
+            ):  # fixed by an edit (only safe fields can)
                 status.pop("phase", None)
                 status.pop("completionTime", None)
 
         if status.get("phase") in TERMINAL:
             return await self._finished(job, old, status, now)
 
-        # 1. Record the child names (and the attempt) before creating anything.
-        if not status.get("rayJobName") or not status.get("attempts"):
-            status |= builders.child_names(job, attempts) | {"attempts": attempts}
-            status = builders.with_phase(
-                status, "Pending", "Creating", "creating the trainer config and RayJob", now, gen
-            )
-            status["observedGeneration"] = gen
-            status = await self._write_status(job, old, status)
-            old = copy.deepcopy(status)
+        # 1. Child names. The first attempt's names derive from the job's name
+        # alone, so they need no write before the create: an operator killed
+        # right after it derives the same names and finds the children. A retry
+        # records its attempt (and so its names) in status before deleting the
+        # failed RayJob (below).
+        fresh = not status.get("rayJobName") or not status.get("attempts")
+        if fresh:
+            status |= child_names(job, attempts) | {"attempts": attempts}
         attempts = int(status["attempts"])
 
-        # 2. Children, create-if-absent.
+        # 2. Children, create-if-absent (a fresh job tries the create first: one
+        # round trip instead of a read and a create).
         assert cm is not None
-        await self._call(self.api.ensure_configmap, cm)
-        rayjob = await self._call(self.api.get_rayjob, ns, status["rayJobName"])
+        await self._call(self.api.ensure_configmap, cm, fresh)
+        rayjob = None if fresh else await self._call(self.api.get_rayjob, ns, status["rayJobName"])
+        created = False
         if rayjob is None:
             try:
-                rayjob = await self._call(
-                    self.api.create_rayjob, builders.spec_to_rayjob(job, self.settings, attempts)
+                rayjob, created = await self._call(
+                    self.api.create_rayjob, spec_to_rayjob(job, self.settings, attempts)
                 )
             except KubeRayMissing:
-                status["conditions"] = builders.set_condition(
+                status["conditions"] = set_condition(
                     status["conditions"],
-                    "KubeRayAvailable",
+                    Cond.KubeRayAvailable,
                     "False",
-                    "RayJobCRDNotFound",
+                    Reason.RayJobCRDNotFound,
                     "the ray.io/v1 RayJob API is not served by this cluster: install the KubeRay "
                     "operator and its CRDs; retrying with backoff",
                     now,
@@ -352,24 +369,25 @@ class Reconciler:
                 )
                 await self._write_status(job, old, status)
                 raise
-            self.event(
-                job,
-                "Normal",
-                "RayJobCreated",
-                f"created RayJob {status['rayJobName']} (attempt {attempts})",
-            )
+            if created:
+                self.event(
+                    job,
+                    "Normal",
+                    Reason.RayJobCreated,
+                    f"created RayJob {status['rayJobName']} (attempt {attempts})",
+                )
             if not status.get("startTime"):
-                status["startTime"] = builders.rfc3339(now)
+                status["startTime"] = rfc3339(now)
         else:
-            patch = builders.rayjob_patch(job, rayjob)
+            patch = rayjob_patch(job, rayjob)
             if patch:
                 rayjob = await self._call(self.api.patch_rayjob, ns, status["rayJobName"], patch)
-        if builders.get_condition(status, "KubeRayAvailable"):
-            status["conditions"] = builders.set_condition(
+        if get_condition(status, Cond.KubeRayAvailable):
+            status["conditions"] = set_condition(
                 status["conditions"],
-                "KubeRayAvailable",
+                Cond.KubeRayAvailable,
                 "True",
-                "RayJobCRDFound",
+                Reason.RayJobCRDFound,
                 "the RayJob API is served",
                 now,
                 gen,
@@ -377,48 +395,67 @@ class Reconciler:
 
         # 3. Observe: KubeRay's status, the Kueue queue while queued, and the last
         # storage read (a new one starts in the background; nothing waits for it).
-        status |= builders.rayjob_to_status(rayjob)
+        status |= rayjob_to_status(rayjob)
         queue_problem = None
-        if builders.rayjob_state(job, rayjob) == builders.QUEUED:
+        if rayjob_state(job, rayjob) == RayJobState.QUEUED:
             queue_problem = await self._queue_problem(job)
-        if builders.trainer_may_have_written(job, rayjob, attempts):
+        if trainer_may_have_written(job, rayjob, attempts):
             self._start_storage_read(job)
         status = self._show_storage(job, status, now, gen)
 
         # 4. Decide.
         job_view = {**job, "status": status}
-        decision = builders.decide(job_view, rayjob, now, queue_problem)
-        if decision.action == "retry":
+        decision = decide(job_view, rayjob, now, queue_problem)
+        if decision.action is Action.RETRY:
             failed_name = status["rayJobName"]
             attempts += 1
-            status |= builders.child_names(job, attempts) | {"attempts": attempts}
+            status |= child_names(job, attempts) | {"attempts": attempts}
             status.pop("rayClusterName", None)
             status.pop("dashboardUrl", None)
-            status = builders.with_phase(
-                status, decision.phase, decision.reason, decision.message, now, gen
-            )
+            status = with_phase(status, decision.phase, decision.reason, decision.message, now, gen)
             status["observedGeneration"] = gen
             await self._write_status(job, old, status)  # the new name first, then the delete
             await self._call(self.api.delete_rayjob, ns, failed_name)
             return 0.0
         # 5. Act, then write status once.
-        if decision.action == "stop" and decision.delete_rayjob:
+        if decision.action is Action.STOP_AND_DELETE:
             await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
-        status = builders.with_phase(
-            status, decision.phase, decision.reason, decision.message, now, gen
-        )
+        status = with_phase(status, decision.phase, decision.reason, decision.message, now, gen)
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
         if status["phase"] in TERMINAL:
             return await self._finished(job, copy.deepcopy(status), status, now)
         return self.timing.poll_seconds
 
+    def _checked(self, job: Body, attempts: int) -> tuple[list, Optional[Body]]:
+        """Validate and render the config once per (generation, labels, attempt):
+        the spec only changes with the generation, so every other reconcile
+        reuses the answer instead of parsing the spec again."""
+        meta = job["metadata"]
+        key = (
+            meta.get("generation"),
+            json.dumps(meta.get("labels") or {}, sort_keys=True),
+            attempts,
+        )
+        cached = self._checked_cache.get(meta["uid"])
+        if cached and cached[0] == key:
+            return cached[1], copy.deepcopy(cached[2])
+        errors = validate_job(job, self.settings.default_output_uri)
+        cm = None
+        if not errors:
+            try:  # a spec that cannot render (no output URI anywhere) is invalid too
+                cm = spec_to_configmap(job, self.settings, attempts)
+            except SpecError as exc:
+                errors = exc.errors
+        self._checked_cache[meta["uid"]] = (key, errors, cm)
+        return errors, copy.deepcopy(cm)
+
     # ------------------------------------------------------------------ Kueue
 
     async def _queue_problem(self, job: Body) -> Optional[str]:
         """What is wrong with the job's LocalQueue, or None (exists, or unknown)."""
         meta = job["metadata"]
-        queue = (meta.get("labels") or {}).get(builders.KUEUE_QUEUE_LABEL)
+        queue = (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
         if not queue:
             return None
         key = (meta["namespace"], queue)
@@ -431,13 +468,13 @@ class Reconciler:
             problem = (
                 f"waiting for Kueue to admit it from queue {queue}, but this cluster serves no "
                 "Kueue LocalQueue API (hint: install Kueue, or remove the "
-                f"{builders.KUEUE_QUEUE_LABEL} label by re-creating the job without it)"
+                f"{KUEUE_QUEUE_LABEL} label by re-creating the job without it)"
             )
         elif found == "missing":
             problem = (
                 f"waiting for admission, but namespace {meta['namespace']} has no Kueue "
                 f"LocalQueue {queue} (hint: kubectl get localqueues -n {meta['namespace']}; "
-                f"create it or set {builders.KUEUE_QUEUE_LABEL} to an existing one)"
+                f"create it or set {KUEUE_QUEUE_LABEL} to an existing one)"
             )
         self._queue_cache[key] = (time.monotonic(), problem)
         return problem
@@ -473,7 +510,7 @@ class Reconciler:
         if scheme not in storage_reader.READABLE_SCHEMES:
             readable = ", ".join(s + "://" for s in storage_reader.READABLE_SCHEMES)
             view.problem = (
-                "SchemeNotReadable",
+                Reason.SchemeNotReadable,
                 f"the operator reads {readable} outputs only, not {scheme}:// ones: progress, "
                 "metrics and checkpoints are not shown here (the trainer still writes them "
                 f"under {prefix})",
@@ -508,7 +545,7 @@ class Reconciler:
         except asyncio.TimeoutError:
             metrics.ERRORS.labels(kind="storage_timeout").inc()
             view.problem = (
-                "StorageTimeout",
+                Reason.StorageTimeout,
                 f"no answer from {strip_userinfo(endpoint)} within "
                 f"{self.timing.storage_timeout_seconds:g}s reading {prefix}; progress shown is "
                 "from the last successful read (hint: check spec.output.endpoint and that the "
@@ -520,7 +557,7 @@ class Reconciler:
             metrics.ERRORS.labels(kind="storage").inc()
             # Never echo exception text: it can carry a URL with credentials.
             view.problem = (
-                "StorageReadFailed",
+                Reason.StorageReadFailed,
                 f"cannot read {prefix}: {type(exc).__name__} (hint: check spec.output.uri, "
                 "spec.output.endpoint and the keys in spec.output.secretRef)",
             )
@@ -540,16 +577,14 @@ class Reconciler:
         conds = list(status.get("conditions") or [])
         if view.problem is not None:
             reason, message = view.problem
-            state = "Unknown" if reason == "SchemeNotReadable" else "False"
-            conds = builders.set_condition(
-                conds, "StorageReadable", state, reason, message, now, gen
-            )
-        elif view.snapshot is not None and builders.get_condition(status, "StorageReadable"):
-            conds = builders.set_condition(
+            state = "Unknown" if reason is Reason.SchemeNotReadable else "False"
+            conds = set_condition(conds, Cond.StorageReadable, state, reason, message, now, gen)
+        elif view.snapshot is not None and get_condition(status, Cond.StorageReadable):
+            conds = set_condition(
                 conds,
-                "StorageReadable",
+                Cond.StorageReadable,
                 "True",
-                "Read",
+                Reason.Read,
                 f"read {view.snapshot['prefix']}",
                 now,
                 gen,
@@ -558,14 +593,14 @@ class Reconciler:
         if view.snapshot is None:
             return status
         keep = (job["spec"].get("checkpointing") or {}).get("keepLast", 3)
-        status |= builders.progress_to_status(view.snapshot, keep)
+        status |= progress_to_status(view.snapshot, keep)
         if status.get("checkpoints"):
             last = status["checkpoints"][-1]
-            status["conditions"] = builders.set_condition(
+            status["conditions"] = set_condition(
                 status["conditions"],
-                "Checkpointed",
+                Cond.Checkpointed,
                 "True",
-                "CheckpointCommitted",
+                Reason.CheckpointCommitted,
                 f"step {last['step']} committed at {last['uri']}",
                 now,
                 gen,
@@ -583,27 +618,27 @@ class Reconciler:
             self._start_storage_read(job, final=True)
         status = self._show_storage(job, status, now, gen)
         job_view = {**job, "status": status}
-        remaining = builders.ttl_remaining(job_view, now)
+        remaining = ttl_remaining(job_view, now)
         if (
             remaining is not None
             and remaining <= 0
-            and not builders.get_condition(status, "ChildrenDeleted")
+            and not get_condition(status, Cond.ChildrenDeleted)
         ):
             if status.get("rayJobName"):
                 await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
             if status.get("configMapName"):
                 await self._call(self.api.delete_configmap, ns, status["configMapName"])
-            status["conditions"] = builders.set_condition(
+            status["conditions"] = set_condition(
                 status["conditions"],
-                "ChildrenDeleted",
+                Cond.ChildrenDeleted,
                 "True",
-                "TTLExpired",
+                Reason.TTLExpired,
                 "ttlSecondsAfterFinished passed: the RayJob and ConfigMap were deleted; the "
                 "FineTuneJob and its storage stay",
                 now,
                 gen,
             )
-            self.event(job, "Normal", "TTLExpired", "deleted the RayJob and ConfigMap")
+            self.event(job, "Normal", Reason.TTLExpired, "deleted the RayJob and ConfigMap")
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
         if not view.final_done:
@@ -615,6 +650,7 @@ class Reconciler:
     def forget(self, uid: str) -> None:
         """The job is gone: drop its storage view (a running read ends on its own)."""
         self._storage.pop(uid, None)
+        self._checked_cache.pop(uid, None)
 
     async def stop(self, ns: str, name: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 
 import kopf
 
@@ -116,6 +117,15 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     )
 
 
+def _plain(obj):
+    """kopf's read-only body views → plain dicts and lists the reconciler may change."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 def _wake(uid: str) -> None:
     _wakers.setdefault(uid, asyncio.Event()).set()
 
@@ -137,6 +147,22 @@ def on_change(uid: str, **_) -> None:
     _wake(uid)
 
 
+@kopf.on.event(models.GROUP, models.VERSION, models.PLURAL)
+async def on_job_event(type, body, name: str, namespace: str, uid: str, **_) -> None:
+    # A new job's first reconcile runs straight from its watch event, before
+    # kopf's finalizer round trip and the daemon's start: the RayJob's creation
+    # waits for nothing but its own API calls.
+    reconciler: Reconciler | None = _state.get("reconciler")
+    if reconciler is None or type not in ("ADDED", None):
+        return
+    if (body.get("status") or {}).get("rayJobName") or body["metadata"].get("deletionTimestamp"):
+        return
+    try:
+        await reconciler.reconcile(namespace, name, uid, _plain(body))
+    except Exception:  # noqa: BLE001 - the daemon's loop retries with backoff
+        metrics.ERRORS.labels(kind="first_reconcile").inc()
+
+
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={LABEL_JOB_UID: kopf.PRESENT})
 def on_rayjob_event(labels, **_) -> None:
     uid = labels.get(LABEL_JOB_UID)
@@ -154,7 +180,7 @@ async def reconcile_loop(name: str, namespace: str, uid: str, stopped, logger, *
         while not stopped:
             wake.clear()
             try:
-                delay = await reconciler.reconcile(namespace, name)
+                delay = await reconciler.reconcile(namespace, name, uid)
                 backoff = 1.0
             except KubeRayMissing:
                 metrics.ERRORS.labels(kind="kuberay_missing").inc()

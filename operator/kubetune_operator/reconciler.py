@@ -251,8 +251,10 @@ class Reconciler:
         self._store_slots: dict[str, asyncio.Semaphore] = {}
         self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
         self._checked_cache: dict[str, tuple[tuple, list, Optional[Body]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _call(self, fn, *args):
+        metrics.API_CALLS.labels(call=fn.__name__).inc()
         return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
 
     async def _read_bounded(self, store: str, fn, *args):
@@ -291,17 +293,25 @@ class Reconciler:
         job["status"] = new
         return new
 
-    async def reconcile(self, ns: str, name: str) -> float:
-        """Bring one FineTuneJob a step closer; return seconds until the next look."""
+    async def reconcile(
+        self, ns: str, name: str, uid: str = "", job: Optional[Body] = None
+    ) -> float:
+        """Bring one FineTuneJob a step closer; return seconds until the next look.
+
+        `job`: a body known to be current (the watch's ADDED event of a new job),
+        saving the fresh read. Reconciles of one job never overlap (`uid` lock)."""
         started = time.perf_counter()
+        lock = self._locks.setdefault(uid or f"{ns}/{name}", asyncio.Lock())
         try:
-            return await self._reconcile(ns, name)
+            async with lock:
+                return await self._reconcile(ns, name, job)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
-    async def _reconcile(self, ns: str, name: str) -> float:
+    async def _reconcile(self, ns: str, name: str, job: Optional[Body] = None) -> float:
         # A fresh (quorum) read: the watch may not have delivered our last write yet.
-        job = await self._call(self.api.get_job, ns, name)
+        if job is None:
+            job = await self._call(self.api.get_job, ns, name)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return self.timing.idle_seconds
         old = copy.deepcopy(job.get("status") or {})
@@ -651,6 +661,7 @@ class Reconciler:
         """The job is gone: drop its storage view (a running read ends on its own)."""
         self._storage.pop(uid, None)
         self._checked_cache.pop(uid, None)
+        self._locks.pop(uid, None)
 
     async def stop(self, ns: str, name: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).

@@ -99,11 +99,14 @@ def filesystem(
             "config_kwargs": {
                 "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 "read_timeout": READ_TIMEOUT_SECONDS,
-                "retries": {"max_attempts": 1},
+                "retries": {"mode": "standard", "total_max_attempts": 1},
                 "max_pool_connections": MAX_CONNECTIONS_PER_STORE,
             },
         }
         fs = fsspec.filesystem(protocol, **opts)
+        # s3fs retries timeouts 5 times on top of botocore: a hung store would
+        # hold a thread for minutes. The next poll is the retry.
+        fs.retries = 1
         _fs_cache[key] = fs
         return fs
 

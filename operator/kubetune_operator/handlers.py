@@ -87,6 +87,11 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactUris) for f in handler.filters):
             handler.addFilter(RedactUris())
+    if os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper() != "DEBUG":
+        # One line per handled watch event and per health probe: noise at any
+        # scale. Handler failures are warnings and errors, and still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # A structural status schema prunes kopf's status.kopf: keep its state in
     # annotations under our own prefix, with our own finalizer.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)

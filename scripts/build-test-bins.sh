@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Builds the real parts the envtest tier starts, from the Go module proxy:
+# Builds the real parts the envtest and cluster tiers start, from the Go module proxy:
 #   etcd, kube-apiserver, kube-controller-manager, kubectl, the KubeRay
-#   operator (+ its CRD YAMLs), versitygw (S3 server) and helm.
+#   operator (+ its CRD YAMLs), versitygw (S3 server), helm, and for the
+#   one-node cluster: kubelet, kube-proxy, kube-scheduler and CoreDNS.
 #
 # Usage: bash scripts/build-test-bins.sh [PART...]
-#   PART: etcd k8s kuberay versitygw helm (default: all of them)
+#   PART: etcd k8s kuberay versitygw helm node coredns (default: all of them)
 #
 # Output: ${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/bin/<key>/, where <key> is a
 # hash of scripts/versions.env (change a pin -> new dir -> rebuild). The bin
@@ -49,6 +50,7 @@ outputs_ok() {
     etcd) files=(etcd) ;;
     k8s) files=(kube-apiserver kube-controller-manager kubectl) ;;
     kuberay) files=(ray-operator kuberay-crds/ray.io_rayjobs.yaml) ;;
+    node) files=(kubelet kube-proxy kube-scheduler) ;;
     *) files=("$1") ;;
   esac
   for f in "${files[@]}"; do [[ -e "$bindir/$f" ]] || return 1; done
@@ -102,14 +104,16 @@ write_wrapper() {
   rm -f "$dir/go.sum"
 }
 
-build_k8s() {
-  local dir="$srcdir/k8s" minor patch staging ver ldflags
+# build_k8s_cmds NAME...: k8s.io/kubernetes/cmd/NAME for each NAME, in one
+# `go build` (one package graph, one shared build cache) from a wrapper module.
+build_k8s_cmds() {
+  local dir="$srcdir/k8s" minor patch staging ver ldflags b
   ver="$K8S_VERSION"
   minor="$(echo "$ver" | cut -d. -f2)"
   patch="$(echo "$ver" | cut -d. -f3)"
   staging="v0.${minor}.${patch}"
   write_wrapper "$dir" k8s.io/kubernetes "$ver" "$staging"
-  local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
+  local pkgs=("${@/#/k8s.io/kubernetes/cmd/}")
   ldflags="-s -w"
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $p.gitVersion=$ver -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
@@ -117,17 +121,25 @@ build_k8s() {
   (
     cd "$dir"
     go get "${pkgs[@]/%/@$ver}"
-    # One `go build` of all three: one package graph, one shared build cache.
     rm -rf out && mkdir out
     go build -trimpath -ldflags "$ldflags" -o out/ "${pkgs[@]}"
   )
-  local b
-  for b in kube-apiserver kube-controller-manager kubectl; do
+  for b in "$@"; do
     # Keep a KUBEBUILDER_ASSETS link: never write through it.
     [[ -L "$bindir/$b" ]] || mv -f "$dir/out/$b" "$bindir/$b"
   done
+}
+
+build_k8s() {
+  build_k8s_cmds kube-apiserver kube-controller-manager kubectl
   "$bindir/kube-apiserver" --version
   "$bindir/kubectl" version --client
+}
+
+# The one-node cluster's own binaries, from the same module build (and Go cache).
+build_node() {
+  build_k8s_cmds kubelet kube-proxy kube-scheduler
+  "$bindir/kubelet" --version
 }
 
 build_etcd() {
@@ -175,6 +187,43 @@ build_helm() {
   "$bindir/helm" version
 }
 
+# CoreDNS with only the plugins the node's Corefile uses: the full plugin set
+# pulls in every cloud provider's SDK and takes several times longer to build.
+build_coredns() {
+  local dir="$srcdir/coredns" mod=github.com/coredns/coredns
+  mkdir -p "$dir"
+  cat >"$dir/go.mod" <<EOM
+module kubetune.local/testbins/coredns
+
+go 1.26
+
+require $mod $COREDNS_VERSION
+EOM
+  rm -f "$dir/go.sum"
+  cat >"$dir/main.go" <<'EOM'
+package main
+
+import (
+	"github.com/coredns/coredns/coremain"
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func main() { coremain.Run() }
+EOM
+  (
+    cd "$dir"
+    go get "$mod@$COREDNS_VERSION"
+    go build -trimpath -ldflags "-s -w" -o "$bindir/coredns" .
+  )
+  "$bindir/coredns" -version
+}
+
 # Link envtest binaries the user already has instead of building them.
 use_kubebuilder_assets() {
   local a="${KUBEBUILDER_ASSETS:-}" b
@@ -190,7 +239,7 @@ use_kubebuilder_assets() {
 }
 
 parts=("$@")
-[[ ${#parts[@]} -gt 0 ]] || parts=(etcd k8s kuberay versitygw helm)
+[[ ${#parts[@]} -gt 0 ]] || parts=(etcd k8s kuberay versitygw helm node coredns)
 
 use_kubebuilder_assets
 for part in "${parts[@]}"; do
@@ -204,7 +253,9 @@ for part in "${parts[@]}"; do
     kuberay) run_part kuberay build_kuberay ;;
     versitygw) run_part versitygw build_versitygw ;;
     helm) run_part helm build_helm ;;
-    *) log "unknown part: $part (known: etcd k8s kuberay versitygw helm)"; exit 2 ;;
+    node) run_part node build_node ;;
+    coredns) run_part coredns build_coredns ;;
+    *) log "unknown part: $part (known: etcd k8s kuberay versitygw helm node coredns)"; exit 2 ;;
   esac
 done
 

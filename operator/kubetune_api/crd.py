@@ -12,6 +12,7 @@ the YAML rendering lives in the CLI, which has PyYAML.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -54,7 +55,10 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             return _structural({**non_null[0], **node})
         if types == {"string", "integer"}:
             # Union[Literal["auto"], int]: int-or-string; a CEL rule checks the values.
+            # The anyOf is the one structural schemas allow here; it tells clients
+            # (kubectl explain) the two types instead of <Object>.
             out = {k: v for k, v in node.items() if k in ("description", "default")}
+            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
             out["x-kubernetes-int-or-string"] = True
             return out
         raise ValueError(f"cannot express union {options} structurally")
@@ -137,7 +141,57 @@ def spec_schema() -> dict[str, Any]:
         node.setdefault("x-kubernetes-validations", []).append(entry)
     schema["required"] = sorted(set(schema.get("required", [])) | {"model", "dataset"})
     _expand_object_defaults(schema)
+    _describe_defaults_and_bounds(schema)
     return schema
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _bounds_text(node: dict[str, Any]) -> str:
+    """The schema's bounds in words: what `kubectl explain` shows of them."""
+    parts = []
+    if "minimum" in node:
+        word = "greater than" if node.get("exclusiveMinimum") else "at least"
+        parts.append(f"{word} {_number(node['minimum'])}")
+    if "maximum" in node:
+        word = "less than" if node.get("exclusiveMaximum") else "at most"
+        parts.append(f"{word} {_number(node['maximum'])}")
+    if "maxLength" in node:
+        parts.append(f"at most {node['maxLength']} characters")
+    if "maxItems" in node:
+        parts.append(f"at most {node['maxItems']} items")
+    if "maxProperties" in node:
+        parts.append(f"at most {node['maxProperties']} entries")
+    if not parts:
+        return ""
+    return parts[0][0].upper() + ", ".join(parts)[1:] + "."
+
+
+def _default_text(node: dict[str, Any]) -> str:
+    default = node.get("default")
+    if default is None or isinstance(default, (dict, list)):
+        return ""
+    shown = json.dumps(default) if isinstance(default, bool) else _number(default)
+    return f"Default: {shown}."
+
+
+def _describe_defaults_and_bounds(node: dict[str, Any]) -> None:
+    """Append each field's default, allowed values and bounds to its description,
+    so `kubectl explain` and the API reference say them without the schema."""
+    for sub in node.get("properties", {}).values():
+        _describe_defaults_and_bounds(sub)
+        extra = []
+        if "enum" in sub:
+            extra.append("One of: " + ", ".join(str(v) for v in sub["enum"]) + ".")
+        extra += [_default_text(sub), _bounds_text(sub)]
+        text = " ".join(t for t in [sub.get("description", ""), *extra] if t)
+        if text:
+            sub["description"] = text
+    items = node.get("items")
+    if isinstance(items, dict):
+        _describe_defaults_and_bounds(items)
 
 
 def _filled(node: dict[str, Any]) -> dict[str, Any]:

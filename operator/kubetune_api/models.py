@@ -15,6 +15,9 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from . import checks
+from .checks import PRINTABLE
+
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -47,13 +50,41 @@ class _Model(BaseModel):
 Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX)]
 Uri = Annotated[str, Field(min_length=1, max_length=URI_MAX)]
 Text = Annotated[str, Field(max_length=TEXT_MAX)]
+INT32_MAX = 2**31 - 1
+
+# Spec strings: what a user writes. Each carries its checks (kubetune_api.checks)
+# into the CRD's CEL and into the CLI's validation.
+SpecText = Annotated[str, Field(max_length=TEXT_MAX), PRINTABLE, checks.NOT_BLANK]
+SpecWord = Annotated[str, Field(max_length=TEXT_MAX), PRINTABLE, checks.NOT_BLANK, checks.NO_SPACE]
+ModelId = Annotated[
+    str, Field(max_length=TEXT_MAX), checks.hf_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct")
+]
+DatasetId = Annotated[str, Field(max_length=TEXT_MAX), checks.hf_repo_id("HuggingFaceH4/no_robots")]
+StorageUri = Annotated[(str, Field(max_length=URI_MAX), *checks.STORAGE_URI)]
+OutputUri = Annotated[(str, Field(max_length=URI_MAX), *checks.STORAGE_URI, checks.ABSOLUTE_OUTPUT)]
+EndpointUri = Annotated[
+    str, Field(max_length=URI_MAX), PRINTABLE, checks.NO_CREDENTIALS, checks.ENDPOINT
+]
+SecretName = Annotated[
+    str,
+    Field(max_length=checks.DNS_SUBDOMAIN_MAX),
+    checks.dns_subdomain("Secret in the FineTuneJob's namespace", "hf-token"),
+]
+PriorityClassName = Annotated[
+    str,
+    Field(max_length=checks.DNS_SUBDOMAIN_MAX),
+    checks.dns_subdomain("PriorityClass", "high-priority"),
+]
+ImageRef = Annotated[str, Field(max_length=checks.IMAGE_MAX), checks.IMAGE]
+ResourceName = Annotated[str, Field(max_length=checks.QUALIFIED_NAME_MAX), checks.GPU_RESOURCE_NAME]
+LabelValue = Annotated[str, Field(max_length=checks.LABEL_VALUE_MAX), checks.LABEL_VALUE]
 
 
 class SecretRef(_Model):
     """A Secret in the FineTuneJob's namespace. Its keys become environment
     variables of the trainer, never part of the trainer config or status."""
 
-    name: Name = Field(description="Name of the Secret in the FineTuneJob's namespace.")
+    name: SecretName = Field(description="Name of the Secret in the FineTuneJob's namespace.")
 
 
 class StorageAccess(_Model):
@@ -61,11 +92,11 @@ class StorageAccess(_Model):
     keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN)
     for s3://; GOOGLE_APPLICATION_CREDENTIALS_JSON for gs://."""
 
-    endpoint: Optional[Uri] = Field(
+    endpoint: Optional[EndpointUri] = Field(
         None,
         description="S3-compatible endpoint URL (MinIO, Ceph, R2, ...). Omit for AWS S3.",
     )
-    region: Optional[Text] = Field(None, description="Object-store region, e.g. us-east-1.")
+    region: Optional[SpecWord] = Field(None, description="Object-store region, e.g. us-east-1.")
     secret_ref: Optional[SecretRef] = Field(
         None, description="Secret holding the object-store credentials."
     )
@@ -78,20 +109,20 @@ class ModelSource(StorageAccess):
     """The base model: a Hugging Face id, or weights in object storage, a PVC or
     a local folder."""
 
-    name: Optional[Text] = Field(
+    name: Optional[ModelId] = Field(
         None,
         description="Hugging Face model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct. "
         "Set exactly one of name or uri.",
     )
-    uri: Optional[Uri] = Field(
+    uri: Optional[StorageUri] = Field(
         None,
         description="Folder with the weights: s3://bucket/path, gs://..., file:///path, or a "
         "path on a mounted volume. Set exactly one of name or uri.",
     )
-    revision: Optional[Text] = Field(
+    revision: Optional[SpecWord] = Field(
         None, description="Git revision (branch, tag or commit) of a Hugging Face model."
     )
-    gguf_file: Optional[Text] = Field(
+    gguf_file: Optional[SpecText] = Field(
         None,
         description="Name of a GGUF file inside the model folder; it is dequantized and "
         "loaded with transformers.",
@@ -118,17 +149,17 @@ class DatasetFormat(str, Enum):
 
 
 class DataSource(_Model):
-    uri: Optional[Uri] = Field(
+    uri: Optional[StorageUri] = Field(
         None,
         description="JSONL, JSON or Parquet file (or a folder of them): s3://, gs://, "
         "file:// or a mounted path. Set exactly one of uri or name.",
     )
-    name: Optional[Text] = Field(
+    name: Optional[DatasetId] = Field(
         None,
         description="Hugging Face datasets name, read from the datasets cache "
         "(HF_DATASETS_OFFLINE works). Set exactly one of uri or name.",
     )
-    split: Text = Field("train", description="Split to read when name is a datasets name.")
+    split: SpecWord = Field("train", description="Split to read when name is a datasets name.")
 
 
 class Dataset(StorageAccess):
@@ -176,14 +207,14 @@ class LoraConfig(_Model):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator (alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[Text] = Field(
+    target_modules: list[SpecWord] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=LIST_MAX,
         description="Module names to adapt, or [all-linear] for every linear layer but the "
         "output head.",
     )
-    modules_to_save: list[Text] = Field(
+    modules_to_save: list[SpecWord] = Field(
         default_factory=list,
         max_length=LIST_MAX,
         description="Modules trained in full and saved with the adapter (e.g. lm_head).",
@@ -266,8 +297,9 @@ class Hyperparameters(_Model):
 class Distributed(_Model):
     zero_stage: Union[Literal["auto"], Annotated[int, Field(ge=0, le=3)]] = Field(
         "auto",
-        description="DeepSpeed ZeRO stage 0-3, or auto: picked from model size, method and "
-        "GPU memory (the trainer logs what it picked).",
+        description="DeepSpeed ZeRO stage: an integer 0 to 3, or the text auto (picked "
+        "from model size, method and GPU memory; the trainer logs what it picked). "
+        "kubectl explain shows <Object> for a field that takes an integer or text.",
     )
     offload_optimizer: bool = Field(
         False, description="Keep optimizer state in CPU memory (ZeRO stage 2 or 3)."
@@ -278,11 +310,34 @@ class Distributed(_Model):
 
 
 class Toleration(_Model):
-    key: Optional[Text] = None
-    operator: Optional[Literal["Exists", "Equal"]] = None
-    value: Optional[Text] = None
-    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
-    toleration_seconds: Optional[int] = None
+    """A core/v1 Toleration, checked as Kubernetes checks a Pod's tolerations."""
+
+    key: Optional[
+        Annotated[str, Field(max_length=checks.QUALIFIED_NAME_MAX), checks.QUALIFIED_NAME]
+    ] = Field(
+        None,
+        description="Taint key to tolerate, a label key such as nvidia.com/gpu. Empty, with "
+        "operator Exists, tolerates every taint.",
+    )
+    operator: Optional[Literal["Exists", "Equal"]] = Field(
+        None,
+        description="Equal (the default): the taint's value must equal value. Exists: any "
+        "value (leave value empty).",
+    )
+    value: Optional[LabelValue] = Field(
+        None, description="Taint value to match with operator Equal (a label value)."
+    )
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
+        None, description="Taint effect to match; empty matches every effect."
+    )
+    toleration_seconds: Optional[int] = Field(
+        None,
+        description="With effect NoExecute only: how long the pod stays bound after the "
+        "taint appears (default: forever; 0 or less: evicted at once).",
+    )
+
+
+TolerationItem = Annotated[(Toleration, *checks.TOLERATION)]
 
 
 Quantity = Annotated[
@@ -304,20 +359,24 @@ class Resources(_Model):
     gpus_per_worker: int = Field(
         1, ge=0, le=16, description="GPUs per worker (0: CPU training with gloo)."
     )
-    gpu_resource_name: Text = Field(
+    gpu_resource_name: ResourceName = Field(
         "nvidia.com/gpu", description="Extended resource name of the GPUs."
     )
     cpu_per_worker: Quantity = Field("8", description="CPU per worker pod.")
     memory_per_worker: Quantity = Field("64Gi", description="Memory per worker pod.")
     head: HeadResources = Field(default_factory=HeadResources, description="Ray head pod.")
-    node_selector: dict[str, Text] = Field(
-        default_factory=dict, max_length=LIST_MAX, description="Node labels for every pod."
+    node_selector: Annotated[dict[str, LabelValue], checks.NODE_SELECTOR] = Field(
+        default_factory=dict,
+        max_length=LIST_MAX,
+        description="Node labels every pod requires (label keys and values).",
     )
-    tolerations: list[Toleration] = Field(
+    tolerations: list[TolerationItem] = Field(
         default_factory=list, max_length=LIST_MAX, description="Tolerations for every pod."
     )
-    priority_class_name: Optional[Name] = Field(None, description="PriorityClass of the pods.")
-    image: Optional[Uri] = Field(
+    priority_class_name: Optional[PriorityClassName] = Field(
+        None, description="PriorityClass of the pods (a PriorityClass name)."
+    )
+    image: Optional[ImageRef] = Field(
         None, description="Trainer image; default: the one the operator was installed with."
     )
 
@@ -342,7 +401,9 @@ class EarlyStopping(_Model):
     )
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement.")
-    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+    min_delta: float = Field(
+        0.0, ge=0, le=1000, description="Smallest change that counts as improvement."
+    )
 
 
 class Checkpointing(_Model):
@@ -353,10 +414,11 @@ class Checkpointing(_Model):
 
 
 class Output(StorageAccess):
-    uri: Optional[Uri] = Field(
+    uri: Optional[OutputUri] = Field(
         None,
         description="Where checkpoints, metrics and outputs go (s3://bucket/prefix, gs://, "
-        "file:///path). Required on a cluster; `kubetune run` defaults to ./runs. The job "
+        "or an absolute path on a mounted volume). Required on a cluster; `kubetune run` "
+        "defaults to ./runs. The job "
         "writes under {uri}/{namespace}/{name}/{uid}/.",
     )
     merge_adapter: bool = Field(
@@ -365,6 +427,10 @@ class Output(StorageAccess):
 
 
 class FineTuneJobSpec(_Model):
+    """What to fine-tune, on which data, how, and where the results go. Only
+    suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished can
+    change after creation."""
+
     model: ModelSource = Field(description="The base model.")
     dataset: Dataset = Field(description="Training and evaluation data.")
     method: Method = Field(default_factory=Method, description="Fine-tuning method.")
@@ -375,7 +441,11 @@ class FineTuneJobSpec(_Model):
         default_factory=Distributed, description="DeepSpeed ZeRO settings."
     )
     resources: Resources = Field(default_factory=Resources, description="Pods and accelerators.")
-    evaluation: Evaluation = Field(default_factory=Evaluation, description="Evaluation.")
+    evaluation: Evaluation = Field(
+        default_factory=Evaluation,
+        description="Evaluation on held-out data (dataset.validation, or validationSplit of "
+        "train) during training.",
+    )
     early_stopping: EarlyStopping = Field(
         default_factory=EarlyStopping, description="Early stopping on an evaluation metric."
     )
@@ -392,11 +462,12 @@ class FineTuneJobSpec(_Model):
         3, ge=0, le=100, description="Retries after a failed attempt; each resumes."
     )
     active_deadline_seconds: Optional[int] = Field(
-        None, ge=1, description="Fail the job after this many seconds of running."
+        None, ge=1, le=INT32_MAX, description="Fail the job after this many seconds of running."
     )
     ttl_seconds_after_finished: Optional[int] = Field(
         None,
         ge=0,
+        le=INT32_MAX,
         description="Delete the Ray cluster and config this long after the job finishes "
         "(the FineTuneJob and its outputs stay).",
     )

@@ -197,43 +197,8 @@ for _name in IMMUTABLE_FIELDS:
         )
     )
 
-# Python-only checks: facts the schema cannot express well.
-_URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://", "hf://")
-
-
-def _uri_ok(uri: Any) -> bool:
-    if not isinstance(uri, str) or "://" not in uri:
-        return True  # a plain path (mounted volume, local folder)
-    return uri.startswith(_URI_SCHEMES)
-
-
-_SCHEME_MSG = "unsupported URI scheme: use s3://, gs://, file:// or a plain path"
-RULES += [
-    Rule(
-        "model-uri-scheme",
-        ("model",),
-        _SCHEME_MSG,
-        None,
-        lambda m: _uri_ok(m.get("uri")),
-        field="uri",
-    ),
-    Rule(
-        "train-uri-scheme",
-        ("dataset", "train"),
-        _SCHEME_MSG,
-        None,
-        lambda d: _uri_ok(d.get("uri")),
-        field="uri",
-    ),
-    Rule(
-        "output-uri-scheme",
-        ("output",),
-        _SCHEME_MSG,
-        None,
-        lambda o: _uri_ok(o.get("uri")),
-        field="uri",
-    ),
-]
+# Checks on single fields (URIs, Kubernetes names, tolerations) live with the
+# fields themselves: see kubetune_api.checks.
 
 
 def _at(spec: Spec, path: tuple[str, ...]) -> Any:
@@ -258,8 +223,8 @@ def check_rules(defaulted_spec: Spec) -> list[tuple[Rule, str]]:
         if rule.python is None:
             continue
         obj = _at(defaulted_spec, rule.path)
-        if obj is None and rule.path:
-            continue  # CEL rules on an absent optional object do not run either
+        if rule.path and not isinstance(obj, dict):
+            continue  # CEL rules on an absent or mistyped object do not run either
         try:
             ok = rule.python(obj)
         except (KeyError, TypeError, AttributeError):

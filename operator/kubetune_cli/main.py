@@ -15,67 +15,65 @@ from typing import Any, Optional
 import yaml
 
 from kubetune_api import __name__ as _api  # noqa: F401  (import check: the API is installed)
-from kubetune_api.validation import FieldError, validate_document
+from kubetune_api.validation import FieldError, short, validate_document
+
+from .loader import load_documents
 
 
-def _load_documents(path: Path) -> tuple[list[Any], Optional[FieldError]]:
+def _read(name: str) -> tuple[Optional[bytes], Optional[FieldError]]:
     try:
-        text = path.read_text() if str(path) != "-" else sys.stdin.read()
+        return (sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()), None
     except OSError as exc:
-        return [], FieldError("(file)", f"cannot read: {exc.strerror}", "check the path")
+        reason = exc.strerror or str(exc)
+        return None, FieldError("(file)", f"cannot read: {reason}", "check the path")
+
+
+def _report(name: str, index: int, errors: list[FieldError], warnings: list[str], job=None):
+    return {
+        "file": name,
+        "document": index,
+        "name": job,
+        "valid": not errors,
+        "errors": [e.to_dict() for e in errors],
+        "warnings": warnings,
+    }
+
+
+def _validate_one(name: str, index: int, doc: Any, warnings: list[str]) -> dict:
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    job_name = meta.get("name") if isinstance(meta, dict) else None
+    shown = short(job_name, 80).strip("'") if isinstance(job_name, str) else None
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None], None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        problem = getattr(exc, "problem", None) or str(exc)
-        return [], FieldError(f"(yaml {where})", problem, "fix the YAML syntax")
+        result = validate_document(doc)
+    except Exception as exc:  # a bug here must still not print a traceback at a user
+        error = FieldError(
+            "(document)",
+            f"kubetune could not check it: {type(exc).__name__}",
+            "please report this with the file",
+        )
+        return _report(name, index, [error], warnings, shown)
+    return _report(name, index, result.errors, warnings + result.warnings, shown)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     reports = []
+    unreadable = False
     for name in args.files:
-        docs, load_error = _load_documents(Path(name))
-        if load_error:
-            reports.append(
-                {
-                    "file": name,
-                    "document": 0,
-                    "name": None,
-                    "valid": False,
-                    "errors": [load_error.to_dict()],
-                    "warnings": [],
-                }
-            )
+        data, read_error = _read(name)
+        if read_error:
+            unreadable = True
+            reports.append(_report(name, 0, [read_error], []))
             continue
-        if not docs:
-            reports.append(
-                {
-                    "file": name,
-                    "document": 0,
-                    "name": None,
-                    "valid": False,
-                    "errors": [
-                        FieldError(
-                            "(file)", "holds no YAML document", "add a FineTuneJob"
-                        ).to_dict()
-                    ],
-                    "warnings": [],
-                }
-            )
-        for index, doc in enumerate(docs, start=1):
-            result = validate_document(doc)
-            meta = doc.get("metadata") if isinstance(doc, dict) else None
-            reports.append(
-                {
-                    "file": name,
-                    "document": index,
-                    "name": meta.get("name") if isinstance(meta, dict) else None,
-                    "valid": result.ok,
-                    "errors": [e.to_dict() for e in result.errors],
-                    "warnings": result.warnings,
-                }
-            )
+        loaded = load_documents(data)
+        warnings = loaded.warnings
+        for index, doc in enumerate(loaded.documents, start=1):
+            reports.append(_validate_one(name, index, doc, warnings))
+            warnings = []  # said once per file
+        if loaded.error:
+            reports.append(_report(name, len(loaded.documents) + 1, [loaded.error], warnings))
+        elif not loaded.documents:
+            error = FieldError("(file)", "holds no YAML document", "add a FineTuneJob")
+            reports.append(_report(name, 0, [error], warnings))
     failed = [r for r in reports if not r["valid"]]
     if args.output == "json":
         print(json.dumps(reports, indent=2))
@@ -94,6 +92,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  warning: {w}")
         total = sum(len(r["errors"]) for r in reports)
         print(f"{len(reports) - len(failed)} valid, {len(failed)} invalid, {total} error(s)")
+    if unreadable:
+        return 2
     return 1 if failed else 0
 
 
@@ -119,7 +119,7 @@ def api_reference_markdown() -> str:
         "# FineTuneJob API reference (kubetune.io/v1alpha1)",
         "",
         "Generated by `kubetune crd --write crds/ --docs docs/` from the models; do not edit.",
-        "`kubectl explain ftj.spec.<field>` shows the same text.",
+        "`kubectl explain ftj.spec.<field>` shows the same description, default and bounds.",
         "",
         "| field | type | default | description |",
         "| --- | --- | --- | --- |",
@@ -137,17 +137,39 @@ def api_reference_markdown() -> str:
             shown = (
                 "" if default is None or isinstance(default, dict) else f"`{json.dumps(default)}`"
             )
-            bounds = [f"{k} {sub[k]}" for k in ("minimum", "maximum") if k in sub]
+            # bounds and defaults are in the description, as kubectl explain shows them
             text = sub.get("description", "").replace("|", "\\|").replace("\n", " ")
-            if bounds:
-                text += f" ({', '.join(bounds)})"
             lines.append(f"| `{field}` | {kind} | {shown} | {text} |")
+            for where, node_checks in (
+                (field, sub),
+                (field + "[]", sub.get("items", {})),
+                (field + "{}", sub.get("additionalProperties", {})),
+            ):
+                for check in node_checks.get("x-kubernetes-validations", []):
+                    if check["rule"] not in rule_cels:
+                        checks.append((where + check.get("fieldPath", ""), check["message"]))
             if sub.get("type") == "object" and "properties" in sub:
                 walk(sub, field)
             elif sub.get("type") == "array" and "properties" in sub.get("items", {}):
                 walk(sub["items"], field + "[]")
 
+    checks: list[tuple[str, str]] = []
+    rule_cels = {r.cel for r in RULES}
     walk(spec_schema(), "spec")
+    lines += [
+        "",
+        "## Checks on single fields",
+        "",
+        "Each is CEL in the CRD and the same check in `kubetune validate` (one definition in "
+        "`kubetune_api/checks.py`): Kubernetes names and labels as Pod creation checks them, "
+        "URIs without credentials, text without control characters.",
+        "",
+        "| field | message |",
+        "| --- | --- |",
+    ]
+    for where, message in checks:
+        escaped = message.replace("|", "\\|")
+        lines.append(f"| `{where}` | {escaped} |")
     lines += [
         "",
         "## Rules across fields",

@@ -25,6 +25,10 @@ PARTS = {
     "kuberay-crds": "kuberay",
     "versitygw": "versitygw",
     "helm": "helm",
+    "kubelet": "node",
+    "kube-proxy": "node",
+    "kube-scheduler": "node",
+    "coredns": "coredns",
 }
 ENVTEST_ASSETS = ("etcd", "kube-apiserver", "kubectl")
 

@@ -3,7 +3,12 @@
 kube-controller-manager runs only the controllers the tests need: garbage
 collection of owned objects, namespace deletion, and the service-account
 controllers (a ``default`` ServiceAccount and token secrets per namespace).
-There is no scheduler and no kubelet: pods stay Pending.
+There is no scheduler and no kubelet: pods stay Pending. Given a ``network``
+(see node.py), the plane is set up for a real node instead: it listens on the
+node address that the harness creates, publishes itself as the ``kubernetes``
+Service, authorizes kubelets (Node,RBAC), mounts service-account tokens, and
+kube-controller-manager runs every default controller (Deployments, Jobs,
+EndpointSlices, ...).
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import bins
-from .certs import Certs, make_certs
+from .certs import Certs, issue_cert, make_certs
 from .procs import LOOPBACK, CommandError, Server, free_port, run, wait_until
 
 ADMIN_USER = "admin"
 
 
 class ControlPlane:
-    def __init__(self, workdir: Path, log_dir: Path | None = None) -> None:
+    def __init__(self, workdir: Path, log_dir: Path | None = None, network=None) -> None:
         self.workdir = Path(workdir)
+        self.network = network
+        self.address = network.node_ip if network else LOOPBACK
         self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
         self.servers: list[Server] = []
         self.token = secrets.token_hex(16)
@@ -35,7 +42,7 @@ class ControlPlane:
         self.etcd_peer_port = free_port()
         self.port = free_port()
         self.kcm_port = free_port()
-        self.server = f"https://{LOOPBACK}:{self.port}"
+        self.server = f"https://{self.address}:{self.port}"
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         # Seeding this dir before start() (a copy of a stopped plane's) boots
         # the plane with that state: see Session's etcd templates.
@@ -52,7 +59,7 @@ class ControlPlane:
         t0 = time.monotonic()
         self.servers = []
         if self.certs is None:
-            self.certs = make_certs(self.workdir / "pki")
+            self.certs = self._make_certs()
         (self.workdir / "tokens.csv").write_text(
             f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
         )
@@ -84,6 +91,32 @@ class ControlPlane:
     def stop(self) -> None:
         for server in reversed(self.servers):
             server.stop()
+
+    def stop_controllers(self) -> None:
+        """Stops kube-controller-manager only (nothing re-creates deleted pods then)."""
+        for server in self.servers:
+            if server.name == "kube-controller-manager":
+                server.stop()
+
+    def _make_certs(self) -> Certs:
+        net = self.network
+        if net is None:
+            return make_certs(self.workdir / "pki")
+        certs = make_certs(
+            self.workdir / "pki",
+            (
+                f"IP:{net.node_ip}",
+                f"IP:{net.apiserver_service_ip}",
+                "DNS:kubernetes",
+                "DNS:kubernetes.default",
+                "DNS:kubernetes.default.svc.cluster.local",
+            ),
+        )
+        # How the API server proves itself to kubelets (logs, exec).
+        self.kubelet_client = issue_cert(
+            certs, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"
+        )
+        return certs
 
     def _add(self, server: Server) -> Server:
         self.servers.append(server)
@@ -117,20 +150,37 @@ class ControlPlane:
             f"--tls-private-key-file={c.serving_key}",
             f"--client-ca-file={c.ca_crt}",
             f"--secure-port={self.port}",
-            f"--bind-address={LOOPBACK}",
-            f"--advertise-address={LOOPBACK}",
-            # No real node network: do not publish 127.0.0.1 as the
-            # `kubernetes` Service's endpoints (validation rejects loopback).
-            "--endpoint-reconciler-type=none",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
+            *self._mode_args(),
             "--allow-privileged=true",
-            "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount",
             f"--token-auth-file={self.workdir / 'tokens.csv'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={c.sa_pub}",
             f"--service-account-signing-key-file={c.sa_key}",
             "--v=1",
+        ]
+
+    def _mode_args(self) -> list[str]:
+        net = self.network
+        if net is None:
+            return [
+                # No real node network: do not publish 127.0.0.1 as the
+                # `kubernetes` Service's endpoints (validation rejects loopback).
+                "--endpoint-reconciler-type=none",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=RBAC",
+                "--disable-admission-plugins=ServiceAccount",
+            ]
+        crt, key = self.kubelet_client
+        return [
+            f"--service-cluster-ip-range={net.service_cidr}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--kubelet-client-certificate={crt}",
+            f"--kubelet-client-key={key}",
+            f"--kubelet-certificate-authority={self.certs.ca_crt}",
+            "--kubelet-preferred-address-types=InternalIP",
         ]
 
     def _kcm_args(self) -> list[str]:
@@ -146,7 +196,21 @@ class ControlPlane:
             f"--secure-port={self.kcm_port}",
             f"--bind-address={LOOPBACK}",
             f"--cert-dir={self.workdir / 'kcm-certs'}",
-            "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token",
+            "--controllers="
+            + (
+                "*"
+                if self.network
+                else "garbagecollector,namespace,serviceaccount,serviceaccount-token"
+            ),
+            *(
+                [
+                    f"--service-cluster-ip-range={self.network.service_cidr}",
+                    f"--cluster-signing-cert-file={c.ca_crt}",
+                    f"--cluster-signing-key-file={c.ca_key}",
+                ]
+                if self.network
+                else []
+            ),
             f"--service-account-private-key-file={c.sa_key}",
             f"--root-ca-file={c.ca_crt}",
             "--use-service-account-credentials=false",

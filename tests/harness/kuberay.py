@@ -14,7 +14,7 @@ def kuberay_crd_files() -> list[Path]:
 
 
 class KubeRayOperator:
-    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.kubeconfig = Path(kubeconfig)
         self.probe_port = free_port()
         self.metrics_port = free_port()
@@ -27,6 +27,7 @@ class KubeRayOperator:
                 f"--metrics-addr={LOOPBACK}:{self.metrics_port}",
                 "--log-stdout-encoder=console",
                 "--reconcile-concurrency=2",
+                *extra_args,
             ],
             log_dir,
             env={"KUBECONFIG": str(self.kubeconfig), "ENABLE_WEBHOOKS": "false"},

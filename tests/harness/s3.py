@@ -14,10 +14,11 @@ REGION = "us-east-1"
 
 
 class S3Server:
-    def __init__(self, workdir: Path, log_dir: Path) -> None:
+    def __init__(self, workdir: Path, log_dir: Path, host: str = LOOPBACK) -> None:
         self.workdir = Path(workdir)
         self.port = free_port()
-        self.endpoint = f"http://{LOOPBACK}:{self.port}"
+        # host: the address pods reach it on, in the cluster tier (the node's).
+        self.endpoint = f"http://{host}:{self.port}"
         self.access_key = "kubetune" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(20)
         self.region = REGION
@@ -29,7 +30,7 @@ class S3Server:
             "versitygw",
             [
                 bins.find("versitygw"),
-                f"--port={LOOPBACK}:{self.port}",
+                f"--port={host}:{self.port}",
                 f"--region={REGION}",
                 "--health=/health",
                 "posix",

@@ -91,7 +91,7 @@ def test_missing_file_and_wrong_kind(tmp_path):
     other = tmp_path / "pod.yaml"
     other.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {}\n")
     proc = kubetune("validate", str(tmp_path / "nope.yaml"), str(other))
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a file that cannot be read at all
     assert "cannot read" in proc.stdout
     assert "kind: is 'Pod' (hint: use FineTuneJob)" in proc.stdout
 

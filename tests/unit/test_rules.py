@@ -39,9 +39,6 @@ BREAKERS = {
         "method": {"type": "full"},
         "output": {"mergeAdapter": True, "uri": "s3://o"},
     },
-    "model-uri-scheme": {**BASE, "model": {"uri": "http://example/model"}},
-    "train-uri-scheme": {**BASE, "dataset": {"train": {"uri": "ftp://x/y"}}},
-    "output-uri-scheme": {**BASE, "output": {"uri": "https://x/y"}},
 }
 
 

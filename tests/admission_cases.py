@@ -1,0 +1,765 @@
+"""Bad (and borderline) FineTuneJobs, for the admission tests of both enforcers.
+
+`spec_cases()` mutates every field of a FineTuneJob that sets every field
+(`FULL`), once per kind of mistake its type invites: wrong type, out of
+range, empty, too long, hostile characters. `written_cases()` adds the
+mistakes a person makes that a type cannot describe (a toleration that no
+taint matches, credentials in a URI, a name Kubernetes refuses). `yaml_cases()`
+are files whose bytes are the problem (aliases, encodings, numbers YAML
+parsers disagree on) and go through kubectl itself.
+
+A case with `refuse` names the field both enforcers must report; a case in
+`SAFE` is one both accept, with the reason that is fine. The tests in
+tests/unit/test_admission_cli.py and tests/envtest/test_admission_agreement.py
+run them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from kubetune_api.crd import spec_schema
+
+API = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"}
+
+FULL_SPEC: dict[str, Any] = {
+    "model": {
+        "name": "org/model",
+        "revision": "main",
+        "ggufFile": "model.Q8_0.gguf",
+        "trustRemoteCode": False,
+        "tokenSecretRef": {"name": "hf-token"},
+        "endpoint": "https://minio.example:9000",
+        "region": "us-east-1",
+        "secretRef": {"name": "s3-creds"},
+    },
+    "dataset": {
+        "train": {"uri": "s3://bucket/train.jsonl"},
+        "validation": {"name": "org/chats", "split": "test"},
+        "validationSplit": 0.05,
+        "format": "chat",
+        "maxSeqLength": 2048,
+        "packing": True,
+        "endpoint": "https://minio.example:9000",
+        "region": "us-east-1",
+        "secretRef": {"name": "s3-creds"},
+    },
+    "method": {
+        "type": "lora",
+        "lora": {
+            "r": 16,
+            "alpha": 32,
+            "dropout": 0.05,
+            "targetModules": ["q_proj", "v_proj"],
+            "modulesToSave": ["lm_head"],
+        },
+    },
+    "hyperparameters": {
+        "epochs": 2,
+        "learningRate": 0.0002,
+        "lrScheduler": "cosine",
+        "warmupRatio": 0.03,
+        "weightDecay": 0.01,
+        "batchSize": 4,
+        "gradientAccumulationSteps": 2,
+        "maxGradNorm": 1.0,
+        "precision": "bf16",
+        "gradientCheckpointing": True,
+        "seed": 7,
+        "logEverySteps": 10,
+    },
+    "distributed": {"zeroStage": 3, "offloadOptimizer": True, "offloadParameters": True},
+    "resources": {
+        "workers": 2,
+        "gpusPerWorker": 1,
+        "gpuResourceName": "nvidia.com/gpu",
+        "cpuPerWorker": "8",
+        "memoryPerWorker": "64Gi",
+        "head": {"cpu": "2", "memory": "8Gi"},
+        "nodeSelector": {"nvidia.com/gpu.product": "A100-SXM4-80GB"},
+        "tolerations": [
+            {
+                "key": "dedicated",
+                "operator": "Equal",
+                "value": "ml",
+                "effect": "NoExecute",
+                "tolerationSeconds": 300,
+            }
+        ],
+        "priorityClassName": "high-priority",
+        "image": "ghcr.io/kubetune/kubetune-trainer:0.1.0",
+    },
+    "evaluation": {"enabled": True, "everySteps": 100, "maxBatches": 20},
+    "earlyStopping": {
+        "enabled": True,
+        "metric": "eval_loss",
+        "mode": "min",
+        "patience": 3,
+        "minDelta": 0.001,
+    },
+    "checkpointing": {"everySteps": 200, "keepLast": 3},
+    "output": {
+        "uri": "s3://bucket/fine-tunes",
+        "mergeAdapter": True,
+        "endpoint": "https://minio.example:9000",
+        "region": "us-east-1",
+        "secretRef": {"name": "s3-creds"},
+    },
+    "suspend": False,
+    "backoffLimit": 3,
+    "activeDeadlineSeconds": 86400,
+    "ttlSecondsAfterFinished": 3600,
+}
+
+
+@dataclass
+class Case:
+    id: str
+    doc: Any = None  # a document as kubectl sends it (JSON types)
+    yaml: Optional[bytes] = None  # or the bytes of a file, for cases about the file itself
+    refuse: Optional[str] = None  # the field both must name when they refuse it
+
+    @property
+    def name(self) -> str:
+        """The metadata.name the case is applied under (unique per case)."""
+        meta = self.doc.get("metadata") if isinstance(self.doc, dict) else None
+        return meta.get("name") if isinstance(meta, dict) else ""
+
+
+def job(spec: Any = None, name: str = "ok", **top: Any) -> dict:
+    return {
+        **API,
+        "metadata": {"name": name},
+        "spec": copy.deepcopy(FULL_SPEC) if spec is None else spec,
+        **top,
+    }
+
+
+def _set(doc: dict, path: str, value: Any) -> dict:
+    """`path` is dotted below the document; `[i]` indexes a list; `value` of
+    `DELETE` removes the key."""
+    parts = path.replace("[", ".[").split(".")
+    node = doc
+    for part in parts[:-1]:
+        node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    last = parts[-1]
+    if last.startswith("["):
+        node[int(last[1:-1])] = value
+    elif value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return doc
+
+
+DELETE = object()
+
+
+def mutate(path: str, value: Any) -> dict:
+    return _set(job(), path, value)
+
+
+# ---------------------------------------------------------------------------- generated
+
+
+def _leaves(node: dict, path: str, spec: Any):
+    """(path, schema node) for every field present in FULL_SPEC."""
+    for name, sub in node.get("properties", {}).items():
+        if not isinstance(spec, dict) or name not in spec:
+            continue
+        here = f"{path}.{name}"
+        yield here, sub
+        if sub.get("type") == "object" and "properties" in sub:
+            yield from _leaves(sub, here, spec[name])
+        elif sub.get("type") == "array" and "properties" in sub.get("items", {}):
+            for i, item in enumerate(spec[name]):
+                yield from _leaves(sub["items"], f"{here}[{i}]", item)
+
+
+HUGE = 1024 * 1024
+
+
+def _variants(node: dict) -> list[tuple[str, Any]]:
+    kind = node.get("type")
+    if node.get("x-kubernetes-int-or-string"):
+        return [
+            ("str-digit", "3"),
+            ("float", 2.5),
+            ("big", 4),
+            ("neg", -1),
+            ("word", "x"),
+            ("bool", True),
+            ("list", [1]),
+        ]
+    if "enum" in node:
+        return [
+            ("unknown", "nope"),
+            ("empty", ""),
+            ("number", 1),
+            ("bool", True),
+            ("case", str(node["enum"][0]).upper()),
+            ("list", [node["enum"][0]]),
+        ]
+    if kind == "string":
+        longest = node.get("maxLength", 256)
+        return [
+            ("number", 123),
+            ("bool", True),
+            ("list", ["a"]),
+            ("map", {"a": "b"}),
+            ("empty", ""),
+            ("blank", "   "),
+            ("too-long", "a" * (longest + 1)),
+            ("bidi", "abc\u202egpj.exe"),
+            ("bell", "a\x07b"),
+            ("newline", "a\nb"),
+            ("tab", "a\tb"),
+            ("nul", "a\x00b"),
+            ("space-inside", "a b"),
+        ]
+    if kind == "integer":
+        # Numbers outside int64 change on the way through kubectl (go-yaml reads
+        # them as floats): yaml_cases() sends those through kubectl itself.
+        out = [("str-digit", "4"), ("fraction", 4.5), ("bool", True), ("list", [4])]
+        if "minimum" in node:
+            out.append(("below-min", node["minimum"] - 1))
+        if "maximum" in node:
+            out.append(("above-max", node["maximum"] + 1))
+        return out
+    if kind == "number":
+        out = [("str-digit", "0.5"), ("bool", False), ("list", [0.5]), ("huge", 1e300)]
+        if "minimum" in node:
+            out.append(("at-min", node["minimum"]))
+            out.append(("below-min", node["minimum"] - 0.001))
+        if "maximum" in node:
+            out.append(("at-max", node["maximum"]))
+            out.append(("above-max", node["maximum"] + 0.001))
+        return out
+    if kind == "boolean":
+        return [("str-true", "true"), ("yes", "yes"), ("one", 1), ("zero", 0), ("list", [True])]
+    if kind == "object":
+        return [("string", "x"), ("number", 1), ("list", []), ("unknown-field", {"bogus": 1})]
+    if kind == "array":
+        item = node.get("items", {})
+        out = [
+            ("string", "x"),
+            ("map", {}),
+            ("null-item", [None]),
+            ("too-many", ["a"] * (node.get("maxItems", 64) + 1)),
+        ]
+        if item.get("type") == "string":
+            out += [("number-item", [1]), ("empty-item", [""]), ("bidi-item", ["a\u202eb"])]
+        return out
+    return []
+
+
+def spec_cases() -> list[Case]:
+    cases = []
+    for path, node in _leaves(spec_schema(), "spec", FULL_SPEC):
+        for label, value in _variants(node):
+            cases.append(Case(f"{path[5:]}:{label}", mutate(path, value)))
+        if path.count(".") >= 2 and not path.endswith("]"):
+            cases.append(Case(f"{path[5:]}:absent", mutate(path, DELETE)))
+            cases.append(Case(f"{path[5:]}:null", mutate(path, None)))
+    return cases
+
+
+# ---------------------------------------------------------------------------- written
+
+
+def _written() -> list[Case]:
+    c: list[Case] = []
+
+    def add(cid: str, doc: dict, refuse: Optional[str] = None) -> None:
+        c.append(Case(cid, doc, refuse=refuse))
+
+    tol = "spec.resources.tolerations"
+
+    def tolerations(*items: dict) -> dict:
+        return mutate("spec.resources.tolerations", list(items))
+
+    # tolerations, as ValidateTolerations sees them
+    add(
+        "tol:exists-with-value",
+        tolerations({"key": "k", "operator": "Exists", "value": "v"}),
+        f"{tol}[0].value",
+    )
+    add("tol:no-key-equal", tolerations({"operator": "Equal", "value": "v"}), f"{tol}[0].operator")
+    add("tol:no-key-no-operator", tolerations({"effect": "NoSchedule"}), f"{tol}[0].operator")
+    add(
+        "tol:seconds-without-noexecute",
+        tolerations(
+            {"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}
+        ),
+        f"{tol}[0].tolerationSeconds",
+    )
+    add(
+        "tol:seconds-without-effect",
+        tolerations({"key": "k", "operator": "Exists", "tolerationSeconds": 5}),
+        f"{tol}[0].tolerationSeconds",
+    )
+    add("tol:bad-key", tolerations({"key": "bad key", "operator": "Exists"}), f"{tol}[0].key")
+    add(
+        "tol:key-prefix-uppercase",
+        tolerations({"key": "Example.com/k", "operator": "Exists"}),
+        f"{tol}[0].key",
+    )
+    add("tol:value-too-long", tolerations({"key": "k", "value": "v" * 64}), f"{tol}[0].value")
+    add("tol:value-slash", tolerations({"key": "k", "value": "a/b"}), f"{tol}[0].value")
+    add(
+        "tol:operator-lowercase",
+        tolerations({"key": "k", "operator": "exists"}),
+        f"{tol}[0].operator",
+    )
+    add("tol:effect-empty-string", tolerations({"key": "k", "effect": ""}), f"{tol}[0].effect")
+    add(
+        "tol:second-item-bad",
+        tolerations({"operator": "Exists"}, {"key": "k", "operator": "Exists", "value": "x"}),
+        f"{tol}[1].value",
+    )
+    add(
+        "tol:unknown-field",
+        tolerations({"key": "k", "operator": "Exists", "seconds": 1}),
+        f"{tol}[0].seconds",
+    )
+    # names Kubernetes would refuse at Pod creation
+    ns = "spec.resources.nodeSelector"
+    add("node-selector:key-space", mutate(ns, {"gpu type": "a100"}), ns)
+    add("node-selector:key-two-slashes", mutate(ns, {"a/b/c": "x"}), ns)
+    add("node-selector:key-empty", mutate(ns, {"": "x"}), ns)
+    add("node-selector:key-long-name", mutate(ns, {"a" * 64: "x"}), ns)
+    add("node-selector:key-long-prefix", mutate(ns, {"a" * 254 + "/b": "x"}), ns)
+    add("node-selector:key-bidi", mutate(ns, {"zone\u202e": "x"}), ns)
+    add("node-selector:value-space", mutate(ns, {"zone": "us east"}), ns)
+    add("node-selector:value-long", mutate(ns, {"zone": "z" * 64}), ns)
+    add("node-selector:value-number", mutate(ns, {"zone": 1}), ns)
+    add("node-selector:value-dash-end", mutate(ns, {"zone": "us-"}), ns)
+    add("node-selector:too-many", mutate(ns, {f"k{i}": "v" for i in range(65)}), ns)
+    res = "spec.resources"
+    add("gpu-resource:space", mutate(f"{res}.gpuResourceName", "GPU s"), f"{res}.gpuResourceName")
+    add("gpu-resource:no-domain", mutate(f"{res}.gpuResourceName", "gpu"), f"{res}.gpuResourceName")
+    add(
+        "gpu-resource:kubernetes-io",
+        mutate(f"{res}.gpuResourceName", "kubernetes.io/gpu"),
+        f"{res}.gpuResourceName",
+    )
+    add("gpu-resource:cpu", mutate(f"{res}.gpuResourceName", "cpu"), f"{res}.gpuResourceName")
+    add(
+        "priority-class:underscore",
+        mutate(f"{res}.priorityClassName", "high_priority"),
+        f"{res}.priorityClassName",
+    )
+    add(
+        "priority-class:uppercase",
+        mutate(f"{res}.priorityClassName", "High"),
+        f"{res}.priorityClassName",
+    )
+    add(
+        "priority-class:too-long",
+        mutate(f"{res}.priorityClassName", "p" * 254),
+        f"{res}.priorityClassName",
+    )
+    add("image:space", mutate(f"{res}.image", "ghcr.io/org/img :1.0"), f"{res}.image")
+    add("image:trailing-space", mutate(f"{res}.image", "ghcr.io/org/img:1.0 "), f"{res}.image")
+    add("image:uppercase-repo", mutate(f"{res}.image", "ghcr.io/Org/Img:1.0"), f"{res}.image")
+    add("image:empty-tag", mutate(f"{res}.image", "ghcr.io/org/img:"), f"{res}.image")
+    add("image:bad-digest", mutate(f"{res}.image", "img@sha256:xyz"), f"{res}.image")
+    add("quantity:cpu-number", mutate(f"{res}.cpuPerWorker", 8), f"{res}.cpuPerWorker")
+    add("quantity:memory-unit", mutate(f"{res}.memoryPerWorker", "64GB"), f"{res}.memoryPerWorker")
+    add("quantity:negative", mutate(f"{res}.head.cpu", "-1"), f"{res}.head.cpu")
+    for field in (
+        "model.secretRef",
+        "model.tokenSecretRef",
+        "dataset.secretRef",
+        "output.secretRef",
+    ):
+        add(
+            f"secret:{field}:underscore",
+            mutate(f"spec.{field}.name", "s3_creds"),
+            f"spec.{field}.name",
+        )
+        add(f"secret:{field}:uppercase", mutate(f"spec.{field}.name", "S3"), f"spec.{field}.name")
+        add(f"secret:{field}:dot-start", mutate(f"spec.{field}.name", ".s3"), f"spec.{field}.name")
+    # URIs
+    uris = ("model.uri", "dataset.train.uri", "dataset.validation.uri", "output.uri")
+    for field in uris:
+
+        def at(value: Any, field: str = field) -> dict:
+            doc = job()
+            if field == "model.uri":
+                doc["spec"]["model"].pop("name")
+            if field == "dataset.validation.uri":
+                doc["spec"]["dataset"]["validation"] = {}
+            return _set(doc, f"spec.{field}", value)
+
+        where = f"spec.{field}"
+        add(f"uri:{field}:credentials", at("s3://AKIAEXAMPLE:secret@bucket/x"), where)
+        add(f"uri:{field}:user-only", at("gs://user@bucket/x"), where)
+        add(f"uri:{field}:no-bucket", at("s3://"), where)
+        add(f"uri:{field}:no-bucket-path", at("s3:///data/x"), where)
+        add(f"uri:{field}:http", at("http://example.com/x"), where)
+        add(f"uri:{field}:ftp", at("ftp://host/x"), where)
+        add(f"uri:{field}:bidi", at("s3://bucket/\u202ekcod.jsonl"), where)
+        add(f"uri:{field}:newline", at("s3://bucket/x\ny"), where)
+        add(f"uri:{field}:empty", at(""), where)
+        add(f"uri:{field}:huge", at("s3://bucket/" + "x" * HUGE), where)
+    add("uri:output-relative", mutate("spec.output.uri", "runs/out"), "spec.output.uri")
+    add("uri:output-dot-relative", mutate("spec.output.uri", "./out"), "spec.output.uri")
+    for field in ("model.endpoint", "dataset.endpoint", "output.endpoint"):
+        where = f"spec.{field}"
+        add(
+            f"endpoint:{field}:credentials",
+            mutate(where, "https://key:secret@minio.example:9000"),
+            where,
+        )
+        add(f"endpoint:{field}:s3-scheme", mutate(where, "s3://minio.example"), where)
+        add(f"endpoint:{field}:no-scheme", mutate(where, "minio.example:9000"), where)
+    # empty names and splits
+    add("model:name-empty", mutate("spec.model.name", ""), "spec.model.name")
+    add(
+        "dataset:train-name-empty",
+        mutate("spec.dataset.train", {"name": ""}),
+        "spec.dataset.train.name",
+    )
+    add(
+        "dataset:split-empty",
+        mutate("spec.dataset.validation.split", ""),
+        "spec.dataset.validation.split",
+    )
+    add(
+        "dataset:target-module-empty",
+        mutate("spec.method.lora.targetModules", [""]),
+        "spec.method.lora.targetModules[0]",
+    )
+    # strict types, the everyday slips
+    add("strict:workers-string", mutate("spec.resources.workers", "4"), "spec.resources.workers")
+    add(
+        "strict:trust-remote-code-yes",
+        mutate("spec.model.trustRemoteCode", "yes"),
+        "spec.model.trustRemoteCode",
+    )
+    add(
+        "strict:zero-stage-string",
+        mutate("spec.distributed.zeroStage", "3"),
+        "spec.distributed.zeroStage",
+    )
+    add(
+        "strict:epochs-string",
+        mutate("spec.hyperparameters.epochs", "1"),
+        "spec.hyperparameters.epochs",
+    )
+    add(
+        "range:deadline-int64",
+        mutate("spec.activeDeadlineSeconds", 2**63),
+        "spec.activeDeadlineSeconds",
+    )
+    add(
+        "range:deadline-int32",
+        mutate("spec.activeDeadlineSeconds", 2**31),
+        "spec.activeDeadlineSeconds",
+    )
+    # metadata as Kubernetes checks it
+    add("meta:name-underscore", job(name="my_job"), "metadata.name")
+    add("meta:name-uppercase", job(name="MyJob"), "metadata.name")
+    add("meta:name-254", job(name="a" * 254), "metadata.name")
+    add("meta:name-bidi", job(name="job\u202e"), "metadata.name")
+    add("meta:name-empty", job(name=""), "metadata.name")
+    add("meta:name-dot-end", job(name="job."), "metadata.name")
+    for cid, labels in (
+        ("meta:label-number", {"version": 2}),
+        ("meta:label-bool", {"canary": True}),
+        ("meta:label-long-value", {"team": "t" * 64}),
+        ("meta:label-space-value", {"team": "ml ops"}),
+        ("meta:label-bad-key", {"bad key": "x"}),
+        ("meta:label-list", {"team": ["a"]}),
+    ):
+        doc = job(name=f"m-{len(c)}")
+        doc["metadata"]["labels"] = labels
+        add(cid, doc, "metadata.labels")
+    doc = job(name="m-annotation")
+    doc["metadata"]["annotations"] = {"note": 5}
+    add("meta:annotation-number", doc, "metadata.annotations")
+    doc = job(name="m-unknown")
+    doc["metadata"]["colour"] = "red"
+    add("meta:unknown-field", doc, "metadata.colour")
+    doc = job(name="m-namespace")
+    doc["metadata"]["namespace"] = "Bad_NS"
+    add("meta:namespace-invalid", doc, "")
+    add("top:unknown-field", job(name="t-unknown", extra=1), "extra")
+    add("top:spec-list", job(spec=[], name="t-spec-list"), "spec")
+    add("top:spec-missing", {**API, "metadata": {"name": "t-nospec"}}, "spec")
+    # cross-field rules through every generated mutation stay covered by rules tests;
+    # here: the values a person is likely to try
+    add(
+        "rule:lora-on-cpu", mutate("spec.resources.gpusPerWorker", 0) | {}, None
+    )  # lora on CPU is fine
+    return c
+
+
+def written_cases() -> list[Case]:
+    cases = _written()
+    # every written case gets its own name so the server and the CLI see distinct objects
+    for i, case in enumerate(cases):
+        meta = case.doc.get("metadata") if isinstance(case.doc, dict) else None
+        if isinstance(meta, dict) and meta.get("name") == "ok":
+            meta["name"] = f"w-{i}"
+    return cases
+
+
+def all_doc_cases() -> list[Case]:
+    cases = spec_cases()
+    for i, case in enumerate(cases):
+        case.doc["metadata"]["name"] = f"g-{i}"
+    return cases + written_cases()
+
+
+# ---------------------------------------------------------------------------- files
+
+_HEAD = "apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata:\n  name: {name}\n"
+_SPEC = (
+    "spec:\n  model: {{name: org/model}}\n  dataset: {{train: {{uri: 's3://b/t.jsonl'}}}}\n"
+    "  output: {{uri: 's3://b/out'}}\n"
+)
+
+
+def _file(name: str, extra: str = "", head: Optional[str] = None) -> bytes:
+    text = (head if head is not None else _HEAD.format(name=name)) + _SPEC.format() + extra
+    return text.encode()
+
+
+def _bomb() -> bytes:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    prev = "a"
+    for name in "bcdefghi":
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+        prev = name
+    return ("\n".join(lines) + "\n").encode()
+
+
+def yaml_cases() -> list[Case]:
+    """Files whose bytes are the problem; kubectl reads these itself."""
+    y = []
+
+    def add(cid: str, data: bytes, refuse: Optional[str] = None) -> None:
+        y.append(Case(cid, yaml=data, refuse=refuse))
+
+    add("yaml:workers-float-4.0", _file("y1", "  resources: {workers: 4.0}\n"))
+    add("yaml:workers-1e3", _file("y2", "  resources: {workers: 1e3}\n"))
+    add("yaml:workers-1e4", _file("y2b", "  resources: {workers: 1e4}\n"), "spec.resources.workers")
+    tol = (
+        "  resources:\n    tolerations: [{key: k, operator: Exists, effect: NoExecute, "
+        "tolerationSeconds: %s}]\n"
+    )
+    add("yaml:toleration-seconds-int64-max", _file("y2c", tol % (2**63 - 1)))
+    add(
+        "yaml:toleration-seconds-int64-over",
+        _file("y2d", tol % 2**63),
+        "spec.resources.tolerations[0].tolerationSeconds",
+    )
+    # go-yaml reads it as a float; Go writes that float as -9223372036854776000,
+    # outside int64: the API server sees a float.
+    add(
+        "yaml:toleration-seconds-int64-under",
+        _file("y2e", tol % (-(2**63) - 1)),
+        "spec.resources.tolerations[0].tolerationSeconds",
+    )
+    add(
+        "yaml:toleration-seconds-1e30",
+        _file("y2f", tol % "1e30"),
+        "spec.resources.tolerations[0].tolerationSeconds",
+    )
+    add(
+        "yaml:seed-float-huge",
+        _file("y2g", "  hyperparameters: {seed: 1e300}\n"),
+        "spec.hyperparameters.seed",
+    )
+    add("yaml:workers-1e1", _file("y3", "  resources: {workers: 1e1}\n"))
+    add("yaml:workers-hex", _file("y4", "  resources: {workers: 0x10}\n"))
+    add("yaml:workers-octal", _file("y5", "  resources: {workers: 010}\n"))
+    add("yaml:workers-underscore", _file("y6", "  resources: {workers: 1_0}\n"))
+    add(
+        "yaml:workers-sexagesimal",
+        _file("y7", "  resources: {workers: 1:30}\n"),
+        "spec.resources.workers",
+    )
+    add("yaml:trust-y", _file("y8", "  suspend: y\n"))
+    add("yaml:suspend-on", _file("y9", "  suspend: on\n"))
+    add(
+        "yaml:model-name-y",
+        _file("y10", "  model: {name: n}\n").replace(b"  model: {name: org/model}\n", b""),
+        "spec.model.name",
+    )
+    add(
+        "yaml:label-date",
+        _file("y11", head=_HEAD.format(name="y11") + "  labels: {released: 2024-01-02}\n"),
+    )
+    add(
+        "yaml:label-number",
+        _file("y12", head=_HEAD.format(name="y12") + "  labels: {version: 2}\n"),
+        "metadata.labels",
+    )
+    add("yaml:label-int-key", _file("y13", head=_HEAD.format(name="y13") + "  labels: {1: one}\n"))
+    add("yaml:label-bool-key", _file("y14", head=_HEAD.format(name="y14") + "  labels: {yes: x}\n"))
+    # kubectl sends = as text, and = is not a label value
+    add(
+        "yaml:equals-value",
+        _file("y15", head=_HEAD.format(name="y15") + "  labels: {op: =}\n"),
+        "metadata.labels",
+    )
+    add(
+        "yaml:nan",
+        _file("y16", "  hyperparameters: {learningRate: .nan}\n"),
+        "spec.hyperparameters.learningRate",
+    )
+    add(
+        "yaml:inf",
+        _file("y17", "  hyperparameters: {maxGradNorm: .inf}\n"),
+        "spec.hyperparameters.maxGradNorm",
+    )
+    add(
+        "yaml:deadline-beyond-int64",
+        _file("y18", "  activeDeadlineSeconds: 99999999999999999999\n"),
+        "spec.activeDeadlineSeconds",
+    )
+    bomb = "".join("    " + line + "\n" for line in _bomb().decode().splitlines())
+    add("yaml:alias-bomb", _file("y19", "  x:\n" + bomb), "(yaml")
+    add("yaml:small-alias", _file("y20", "  output: &o {uri: 's3://b/out'}\n"))
+    add(
+        "yaml:not-utf8",
+        _file("y21", '  model: {name: "org/\xff"}\n').replace("\xff".encode(), b"\xff"),
+        "spec.model.name",
+    )
+    add(
+        "yaml:not-utf8-annotation",
+        _file(
+            "y21b", head=_HEAD.format(name="y21b") + '  annotations: {note: "caf\xe9"}\n'
+        ).replace("\xe9".encode(), b"\xe9"),
+    )
+    add("yaml:utf16", _file("y22").decode().encode("utf-16"))
+    add("yaml:control-char", _file("y23", '  model: {name: "a\x07"}\n'), "(yaml")
+    add(
+        "yaml:escaped-control-char",
+        _file("y24").replace(b"name: org/model", b'name: "org/\\x07model"'),
+        "spec.model.name",
+    )
+    add("yaml:deep", _file("y25", "  extra: " + "[" * 2000 + "]" * 2000 + "\n"), "")
+    add("yaml:duplicate-key", _file("y26", "  suspend: true\n  suspend: false\n"))
+    add("yaml:top-int-key", b"1: 2\n" + _file("y27"), "")
+    add("yaml:name-list", _file("y28", head=_HEAD.replace("{name}", "[a, b]")), "metadata.name")
+    add("yaml:name-number", _file("y29", head=_HEAD.replace("{name}", "1234")), "metadata.name")
+    add("yaml:tab-indent", _file("y30").replace(b"  model", b"\tmodel"), "(yaml")
+    add(
+        "yaml:huge-int",
+        _file("y31", "  resources: {workers: " + "9" * 400 + "}\n"),
+        "spec.resources.workers",
+    )
+    add(
+        "yaml:binary-tag",
+        _file("y32", head=_HEAD.format(name="y32") + "  annotations: {a: !!binary aGVsbG8=}\n"),
+    )
+    return y
+
+
+# Accepted by both, and why that is safe. A case accepted by both that is not
+# listed here fails the agreement test: every acceptance is a decision.
+SAFE: dict[str, str] = {}
+
+
+def _safe(prefixes: tuple[str, ...], reason: str) -> None:
+    for p in prefixes:
+        SAFE[p] = reason
+
+
+_safe(
+    (
+        "yaml:workers-float-4.0",
+        "yaml:workers-1e1",
+        "yaml:workers-hex",
+        "yaml:workers-octal",
+        "yaml:workers-underscore",
+    ),
+    "kubectl sends these as the integers 4, 10, 16, 8 and 10: the same job as written plainly",
+)
+_safe(("yaml:workers-1e3",), "kubectl reads 1e3 as the number 1000, within 1 to 1024")
+_safe(
+    ("yaml:toleration-seconds-int64-max",),
+    "the largest int64: Kubernetes stores it; the pod is never evicted for the taint",
+)
+_safe(("yaml:trust-y", "yaml:suspend-on"), "YAML 1.1 booleans, read as true by kubectl too")
+_safe(
+    (
+        "yaml:label-date",
+        "yaml:label-int-key",
+        "yaml:label-bool-key",
+    ),
+    "kubectl sends these as text ('2024-01-02', '1', 'true'): valid label keys and values",
+)
+_safe(("yaml:duplicate-key",), "kubectl keeps the last value of a repeated key, as the CLI does")
+_safe(
+    ("yaml:not-utf8-annotation",),
+    "kubectl sends bytes that are not UTF-8 as U+FFFD; an annotation is free text (the CLI "
+    "warns where the byte is)",
+)
+_safe(("yaml:small-alias",), "an alias used once: an ordinary YAML feature")
+_safe(("yaml:utf16",), "UTF-16 with a byte-order mark is read by both")
+_safe(("yaml:binary-tag",), "annotations are free text; the bytes arrive decoded")
+_safe(("rule:lora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
+
+
+def safe_reason(case: Case) -> Optional[str]:
+    if case.id in SAFE:
+        return SAFE[case.id]
+    for key, reason in GENERATED_SAFE.items():
+        if case.id.endswith(key) or case.id == key:
+            return reason
+    return None
+
+
+# Generated mutations that both accept, by the end of their id.
+GENERATED_SAFE: dict[str, str] = {
+    ":absent": "an optional field left out: its documented default (or no setting) applies",
+    ":null": "the API server prunes a null field before defaulting, and so does the CLI: the "
+    "same as leaving it out",
+    ":at-min": "the bound is inclusive: the value is in range",
+    ":at-max": "the bound is inclusive: the value is in range",
+    "uri:space-inside": "spaces are legal in object keys and file names",
+    "ggufFile:space-inside": "spaces are legal in file names",
+    "tolerations[0].value:empty": "Kubernetes allows an empty toleration value: it matches "
+    "taints that have no value",
+}
+
+
+def dump_json(case: Case) -> bytes:
+    """A document case as a file: JSON is YAML that every parser reads alike."""
+    return json.dumps(case.doc, ensure_ascii=True).encode()
+
+
+# ---------------------------------------------------------------------------- the CLI's verdict
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    paths: list[str]
+    messages: list[str]
+
+
+def cli_verdict(case: Case) -> Verdict:
+    """What `kubetune validate` decides, in process (the CLI prints exactly this)."""
+    from kubetune_api.validation import validate_document
+    from kubetune_cli.loader import load_documents
+
+    if case.yaml is not None:
+        loaded = load_documents(case.yaml)
+        errors = [loaded.error] if loaded.error else []
+        docs = loaded.documents
+        if not docs and not errors:
+            return Verdict(False, ["(file)"], ["holds no YAML document"])
+    else:
+        errors, docs = [], [case.doc]
+    for doc in docs:
+        errors += validate_document(doc).errors
+    return Verdict(not errors, [e.path for e in errors], [str(e) for e in errors])

@@ -1,0 +1,213 @@
+"""FineTuneJobs on a real one-node cluster: `kubectl apply` → kubetune's operator
+(a Pod from the chart) → KubeRay starts a head and two workers from the trainer
+image → Ray Train + DeepSpeed ZeRO-2 train LoRA across the pods (gloo) → data,
+checkpoints and the adapter in S3 → `kubectl wait --for=condition=Succeeded`.
+
+Faults: a worker pod deleted after a committed checkpoint, `spec.suspend`
+mid-run, and a spec whose pods Kubernetes refuses to create.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.procs import wait_until
+from model_fixtures import tiny_model
+from operator_support import apply, condition, get, names, s3_secret, status, wait_status
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT = 900
+EVIDENCE = ROOT / ".cache" / "cluster-tier"
+
+
+def _job(name: str, bucket, steps: int, every: int) -> dict:
+    access = {
+        "endpoint": bucket.endpoint,
+        "region": bucket.region,
+        "secretRef": {"name": "s3-creds"},
+    }
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": f"s3://{bucket.bucket}/models/tiny"} | access,
+            "dataset": {
+                "train": {"uri": f"s3://{bucket.bucket}/data/train.jsonl"},
+                "format": "chat",
+                "maxSeqLength": 128,
+                "validationSplit": 0.1,
+            }
+            | access,
+            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
+            "hyperparameters": {
+                "maxSteps": steps,
+                "batchSize": 2,
+                "learningRate": 0.001,
+                "precision": "fp32",
+                "logEverySteps": 1,
+            },
+            "checkpointing": {"everySteps": every, "keepLast": 10},
+            "evaluation": {"enabled": True, "maxBatches": 2},
+            # Two workers and a head on a 2-core node, beside KubeRay's submitter (500m).
+            "resources": {
+                "workers": 2,
+                "gpusPerWorker": 0,
+                "cpuPerWorker": "600m",
+                "memoryPerWorker": "3Gi",
+                "head": {"cpu": "200m", "memory": "2Gi"},
+            },
+            "distributed": {"zeroStage": 2},
+            "output": {"uri": f"s3://{bucket.bucket}/runs"} | access,
+            "backoffLimit": 2,
+        },
+    }
+
+
+@pytest.fixture
+def staged(cluster, kubetune_operator, cluster_ns, cluster_s3, tmp_path):
+    """A namespace with the S3 Secret, and the model and data in the bucket."""
+    from kubetune_trainer import quickstart
+
+    model = tiny_model(ROOT / ".cache" / "models" / "tiny-llama-e2e")
+    s3 = cluster_s3
+    s3.fs.put(str(model), f"{s3.bucket}/models/tiny", recursive=True)
+    s3.fs.put(str(quickstart.prepare_data(ROOT)), f"{s3.bucket}/data/train.jsonl")
+    s3_secret(cluster.plane, cluster_ns, s3)
+    return cluster.plane, cluster_ns, s3
+
+
+def _pods(plane, ns: str) -> str:
+    return plane.kubectl("get", "pods", "-A", "-o", "wide").stdout
+
+
+def _wait_succeeded(plane, name: str, ns: str) -> dict:
+    out = plane.kubectl(
+        "wait", "--for=condition=Succeeded", f"ftj/{name}", "-n", ns,
+        f"--timeout={JOB_TIMEOUT}s", check=False, timeout=JOB_TIMEOUT + 30,
+    )  # fmt: skip
+    st = status(plane, name, ns)
+    assert out.returncode == 0, (out.stderr, json.dumps(st, indent=1), _pods(plane, ns))
+    return st
+
+
+def _adapter_loads(s3, uri: str, model_dir: Path, tmp: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    local = tmp / "adapter"
+    s3.fs.get(uri.removeprefix("s3://"), str(local), recursive=True)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(base, local)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.numel() > 0 for p in lora)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape[-1] == base.config.vocab_size
+
+
+def test_lora_zero2_on_two_worker_pods(staged, tmp_path):
+    plane, ns, s3 = staged
+    t0 = time.monotonic()
+    apply(plane, ns, _job("pods", s3, steps=6, every=3))
+
+    # The head, both workers and the operator, all running from kubetune's images.
+    def training():
+        st = status(plane, "pods", ns)
+        return (st.get("progress") or {}).get("step", 0) >= 1 and st
+
+    st = wait_status(plane, "pods", ns, training, JOB_TIMEOUT, "the first training step")
+    first_step = time.monotonic() - t0
+    pods = _pods(plane, ns)
+    EVIDENCE.mkdir(parents=True, exist_ok=True)
+    (EVIDENCE / "pods-mid-run.txt").write_text(pods)
+    print(f"apply -> first training step: {first_step:.0f}s\n{pods}")
+    running = [ln for ln in pods.splitlines() if " Running " in ln]
+    assert sum("-head-" in ln for ln in running) == 1, pods
+    assert sum("-workers-" in ln for ln in running) == 2, pods
+    assert any(ln.startswith("kubetune-system ") for ln in running), pods
+
+    st = _wait_succeeded(plane, "pods", ns)
+    (EVIDENCE / "status-final.json").write_text(json.dumps(st, indent=1))
+    print(f"apply -> Succeeded: {time.monotonic() - t0:.0f}s")
+    assert st["phase"] == "Succeeded"
+    assert st["progress"]["step"] == 6
+    assert isinstance(st["metrics"]["trainLoss"], float) and st["metrics"]["trainLoss"] > 0
+    assert [c["step"] for c in st["checkpoints"]] == [3, 6]
+    assert st["outputs"]["adapter"].startswith(f"s3://{s3.bucket}/runs/{ns}/pods/")
+    _adapter_loads(s3, st["outputs"]["adapter"], ROOT / ".cache/models/tiny-llama-e2e", tmp_path)
+    assert len(names(plane, "rayjob", ns)) <= 1
+
+
+def test_worker_pod_deleted_after_a_checkpoint_resumes_from_it(staged):
+    plane, ns, s3 = staged
+    apply(plane, ns, _job("fault", s3, steps=12, every=2))
+    st = wait_status(
+        plane, "fault", ns, lambda s: s.get("checkpoints"), JOB_TIMEOUT, "a committed checkpoint"
+    )
+    committed = max(c["step"] for c in st["checkpoints"])
+    workers = names(plane, "pod", ns, "ray.io/node-type=worker")
+    assert len(workers) == 2, workers
+    plane.kubectl("delete", "pod", workers[0], "-n", ns, "--grace-period=0", "--force")
+    print(f"deleted {workers[0]} after checkpoint {committed}")
+
+    st = _wait_succeeded(plane, "fault", ns)
+    assert st["progress"]["step"] == 12
+    rows = _metrics(s3, st)
+    resumed = [r for r in rows if r.get("resumedFrom") is not None] or _restarts(rows)
+    assert resumed, rows[-5:]
+    # Resumed from a committed checkpoint at or after the one seen before the kill.
+    assert st.get("attempts", 1) >= 1
+    rayjobs = names(plane, "rayjob", ns)
+    assert len(rayjobs) <= 1, rayjobs
+
+
+def _metrics(s3, st: dict) -> list[dict]:
+    prefix = st["outputs"]["adapter"].removeprefix("s3://").rsplit("/", 1)[0]
+    text = s3.fs.cat(f"{prefix}/metrics.jsonl").decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _restarts(rows: list[dict]) -> list[dict]:
+    """Rows whose step is not after the previous row's: a run that resumed."""
+    steps = [r.get("step") for r in rows if r.get("step") is not None]
+    return [rows[i] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+
+
+def test_suspend_mid_run_removes_the_pods_and_resume_continues(staged):
+    plane, ns, s3 = staged
+    apply(plane, ns, _job("pause", s3, steps=12, every=2))
+    wait_status(plane, "pause", ns, lambda s: s.get("checkpoints"), JOB_TIMEOUT, "a checkpoint")
+    plane.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p",
+                  '{"spec":{"suspend":true}}')  # fmt: skip
+    wait_until(
+        lambda: not names(plane, "pod", ns, "ray.io/is-ray-node=yes"), 180, what="pods removed"
+    )
+    st = wait_status(plane, "pause", ns, lambda s: s.get("phase") == "Suspended", 120)
+    at = max(c["step"] for c in st["checkpoints"])
+    plane.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p",
+                  '{"spec":{"suspend":false}}')  # fmt: skip
+    st = _wait_succeeded(plane, "pause", ns)
+    assert st["progress"]["step"] == 12
+    rows = _metrics(s3, st)
+    assert _restarts(rows) or any(r.get("resumedFrom") for r in rows), rows[-5:]
+    print(f"suspended after checkpoint {at}; resumed and finished")
+
+
+def test_pods_that_can_never_be_created_fail_with_the_reason(staged):
+    plane, ns, s3 = staged
+    job = _job("never", s3, steps=2, every=2)
+    job["spec"]["resources"]["priorityClassName"] = "no-such-priority"
+    apply(plane, ns, job)
+    st = wait_status(plane, "never", ns, lambda s: s.get("phase") == "Failed", 180, "Failed")
+    text = json.dumps(st)
+    assert "no-such-priority" in text or "PriorityClass" in text, st
+    failed = condition(st, "Failed")
+    assert failed and failed["status"] == "True" and failed["message"], st
+    assert get(plane, "finetunejob", "never", ns)

@@ -430,6 +430,17 @@ def test_invalid_spec_fails_with_reason_and_no_hot_loop(
     assert names(kube, "rayjob", namespace) == []
     warnings = [e for e in events(kube, namespace, "bad") if e["type"] == "Warning"]
     assert any(e["reason"] == "InvalidSpec" for e in warnings)
+    # The first reconcile runs from the watch event, before kopf's own writes
+    # (finalizer, last-handled annotation): take the version once those landed.
+    wait_until(
+        lambda: (
+            (meta := get(kube, "finetunejob", "bad", namespace)["metadata"])
+            and FINALIZER in meta.get("finalizers", [])
+            and "kopf.kubetune.io/last-handled-configuration" in meta.get("annotations", {})
+        ),
+        30,
+        what="kopf's finalizer and last-handled annotation",
+    )
     rv = get(kube, "finetunejob", "bad", namespace)["metadata"]["resourceVersion"]
     time.sleep(4)
     assert get(kube, "finetunejob", "bad", namespace)["metadata"]["resourceVersion"] == rv

@@ -428,8 +428,15 @@ def test_invalid_spec_fails_with_reason_and_no_hot_loop(
     assert st["reason"] == "InvalidSpec" and field in st["message"]
     assert condition(st, "Validated")["status"] == "False"
     assert names(kube, "rayjob", namespace) == []
-    warnings = [e for e in events(kube, namespace, "bad") if e["type"] == "Warning"]
-    assert any(e["reason"] == "InvalidSpec" for e in warnings)
+    # kopf posts events from a queue: the event may trail the status write.
+    wait_until(
+        lambda: any(
+            e["type"] == "Warning" and e["reason"] == "InvalidSpec"
+            for e in events(kube, namespace, "bad")
+        ),
+        30,
+        what="the InvalidSpec warning event",
+    )
     # The first reconcile runs from the watch event, before kopf's own writes
     # (finalizer, last-handled annotation): take the version once those landed.
     wait_until(

@@ -3,7 +3,14 @@ RayJob, compared with how fast KubeRay turns a RayJob into a RayCluster, on the
 same API server, with many FineTuneJobs already present; and the operator's
 memory next to KubeRay's.
 
-    .venv/bin/python benchmarks/operator_latency.py --background 100 --samples 40
+    .venv/bin/python benchmarks/operator_latency.py --background 500 --samples 40 --rss-at 1000
+
+Background FineTuneJobs are created suspended (so are their RayJobs): they
+are present for both operators, every one has its reconcile loop in kubetune,
+but KubeRay builds no Ray cluster for them, which a 2-core machine could not
+hold at this count. Round trips per create: the reconciler's own API calls
+(its `kubetune_api_calls_total` metric) and every write to the FineTuneJob
+(ours and kopf's, as MODIFIED watch events).
 
 Starts the harness's real parts (etcd, kube-apiserver, kube-controller-manager,
 KubeRay) and `kubetune operator` as a process. Latency is measured client
@@ -45,13 +52,16 @@ def pct(values: list[float], p: float) -> float:
 class Watcher(threading.Thread):
     """Records the arrival time of ADDED events for one resource in one namespace."""
 
-    def __init__(self, api_client, namespace: str, group: str, plural: str):
+    def __init__(self, api_client, namespace: str, group: str, plural: str, version: str = "v1"):
         super().__init__(daemon=True)
         from kubernetes import client
 
         self.api = client.CustomObjectsApi(api_client)
         self.namespace, self.group, self.plural = namespace, group, plural
+        self.version = version
         self.seen: dict[str, tuple[float, dict]] = {}
+        self.modified: dict[str, int] = {}  # MODIFIED events (writes) per object
+        self._versions: set[str] = set()
         self.ready = threading.Event()
 
     def run(self) -> None:
@@ -63,20 +73,34 @@ class Watcher(threading.Thread):
                 for ev in watch.Watch().stream(
                     self.api.list_namespaced_custom_object,
                     self.group,
-                    "v1",
+                    self.version,
                     self.namespace,
                     self.plural,
                     timeout_seconds=300,
                 ):
+                    obj = ev["object"]
+                    name = obj["metadata"]["name"]
                     if ev["type"] == "ADDED":
-                        obj = ev["object"]
-                        self.seen.setdefault(obj["metadata"]["name"], (time.perf_counter(), obj))
+                        self.seen.setdefault(name, (time.perf_counter(), obj))
+                    rv = obj["metadata"].get("resourceVersion", "")
+                    if ev["type"] == "MODIFIED" and rv not in self._versions:
+                        self._versions.add(rv)  # a re-list repeats events
+                        self.modified[name] = self.modified.get(name, 0) + 1
             except Exception:  # noqa: BLE001 - reconnect
                 time.sleep(0.1)
 
 
-def create_ftj(custom, ns: str, name: str) -> float:
-    body = finetunejob(name)
+def api_calls(op) -> float:
+    """The reconciler's API calls so far, from its metrics endpoint."""
+    total = 0.0
+    for line in op.metrics().splitlines():
+        if line.startswith("kubetune_api_calls_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def create_ftj(custom, ns: str, name: str, suspend: bool = False) -> float:
+    body = finetunejob(name, suspend=True) if suspend else finetunejob(name)
     body["metadata"]["namespace"] = ns
     custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs", body)
     return time.perf_counter()
@@ -119,7 +143,8 @@ def wait_for(pred, timeout: float, what: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--background", type=int, default=100, help="FineTuneJobs present first")
+    ap.add_argument("--background", type=int, default=500, help="FineTuneJobs present first")
+    ap.add_argument("--rss-at", type=int, default=1000, help="FineTuneJobs present for RSS")
     ap.add_argument("--samples", type=int, default=40, help="timed creates per side")
     ap.add_argument("--gap", type=float, default=0.25, help="seconds between timed creates")
     args = ap.parse_args()
@@ -145,13 +170,15 @@ def main() -> int:
 
         t0 = time.perf_counter()
         for i in range(args.background):
-            create_ftj(custom, ns_bg, f"bg-{i:04d}")
+            create_ftj(custom, ns_bg, f"bg-{i:04d}", suspend=True)
 
-        def bg_done():
-            items = custom.list_namespaced_custom_object("ray.io", "v1", ns_bg, "rayjobs")["items"]
-            return len(items) >= args.background
+        def bg_done(n=args.background):
+            items = custom.list_namespaced_custom_object(
+                "ray.io", "v1", ns_bg, "rayjobs", _preload_content=False
+            )
+            return len(json.loads(items.data)["items"]) >= n
 
-        wait_for(bg_done, 600, f"{args.background} background RayJobs")
+        wait_for(bg_done, 1200, f"{args.background} background RayJobs")
         print(
             f"background: {args.background} FineTuneJobs -> RayJobs in "
             f"{time.perf_counter() - t0:.1f}s"
@@ -160,8 +187,16 @@ def main() -> int:
         # 1. FineTuneJob -> RayJob (our operator)
         w1 = Watcher(api, ns_ours, "ray.io", "rayjobs")
         w1.start()
+        writes = Watcher(api, ns_ours, "kubetune.io", "finetunejobs", version="v1alpha1")
+        writes.start()
         w1.ready.wait()
+        writes.ready.wait()
         time.sleep(1)
+        # The background jobs' own polling, measured first, is taken out below.
+        idle0, t_idle = api_calls(op), time.perf_counter()
+        time.sleep(10)
+        background_rate = (api_calls(op) - idle0) / (time.perf_counter() - t_idle)
+        calls_before, t_calls = api_calls(op), time.perf_counter()
         ours = []
         for i in range(args.samples):
             name = f"ftj-{i:04d}"
@@ -169,6 +204,11 @@ def main() -> int:
             wait_for(lambda n=name: n in w1.seen, 120, f"RayJob {name}")
             ours.append(w1.seen[name][0] - sent)
             time.sleep(args.gap)
+        time.sleep(3)  # the status write after the create lands
+        elapsed = time.perf_counter() - t_calls
+        calls = api_calls(op) - calls_before - background_rate * elapsed
+        calls_per_create = calls / args.samples
+        writes_per_create = sum(writes.modified.values()) / args.samples
 
         # 2. RayJob -> RayCluster (KubeRay), same API server, same load
         w2 = Watcher(api, ns_ray, "ray.io", "rayclusters")
@@ -196,12 +236,25 @@ def main() -> int:
             theirs.append(wait_for(made, 120, f"RayCluster of {name}") - sent)
             time.sleep(args.gap)
 
-        time.sleep(2)
+        present = args.background + args.samples
+        if args.rss_at > present:
+            for i in range(args.rss_at - present):
+                create_ftj(custom, ns_bg, f"bg2-{i:04d}", suspend=True)
+            wait_for(
+                lambda: bg_done(args.rss_at - args.samples),
+                1200,
+                f"{args.rss_at} FineTuneJobs with their RayJobs",
+            )
+            present = args.rss_at
+        time.sleep(5)
         ours_rss = rss_mib(op.proc.pid)
         ray_rss = rss_mib(kuberay.server.proc.pid)
-        total = args.background + 2 * args.samples
+        total = present + args.samples
         result = {
-            "finetunejobs_present": args.background + args.samples,
+            "finetunejobs_present_for_latency": args.background + args.samples,
+            "finetunejobs_present_for_rss": present,
+            "reconciler_api_calls_per_create": round(calls_per_create, 2),
+            "finetunejob_writes_per_create": round(writes_per_create, 2),
             "rayjobs_present": total,
             "ftj_to_rayjob_ms": {
                 "p50": 1000 * pct(ours, 50),
@@ -234,8 +287,13 @@ def main() -> int:
             f"{result['latency_ratio_p99']:>10}"
         )
         print(
-            f"RSS: kubetune operator {ours_rss:.0f} MiB, KubeRay operator {ray_rss:.0f} MiB, "
-            f"ratio {result['rss_ratio']}"
+            f"RSS at {present} FineTuneJobs: kubetune operator {ours_rss:.0f} MiB, "
+            f"KubeRay operator {ray_rss:.0f} MiB, ratio {result['rss_ratio']}"
+        )
+        print(
+            f"round trips per create: {calls_per_create:.1f} reconciler API calls (the "
+            f"background's {background_rate:.0f}/s polling taken out), "
+            f"{writes_per_create:.1f} writes to the FineTuneJob (ours + kopf's)"
         )
         print(json.dumps(result))
         op.stop()

@@ -233,7 +233,7 @@ def build_crd() -> dict[str, Any]:
                 "jsonPath": ".spec.resources.workers",
                 "priority": 1,
             },
-            {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "schema": {

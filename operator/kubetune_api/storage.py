@@ -39,6 +39,46 @@ MERGED = "merged"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
+# Schemes whose first path segment is a bucket (an object store's namespace).
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+# Anywhere in a text: messages quote URIs mid-sentence.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def strip_userinfo(uri: str) -> str:
+    """`s3://KEY:SECRET@bucket/x` → `s3://bucket/x`, in a URI or in a text quoting
+    one: credentials never travel in a URI the operator echoes (status, events,
+    ConfigMaps, logs)."""
+    return _USERINFO.sub(r"\g<scheme>", uri) if isinstance(uri, str) else uri
+
+
+def redact_uris(obj):
+    """`strip_userinfo` applied to every string inside a JSON-like value."""
+    if isinstance(obj, dict):
+        return {k: redact_uris(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_uris(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj and "@" in obj:
+        return strip_userinfo(obj)
+    return obj
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(scheme, rest) with userinfo stripped; scheme "file" for a plain path.
+
+    Raises ValueError for an object-store URI that names no bucket: reading
+    `s3://` must never fall through to the local filesystem.
+    """
+    uri = strip_userinfo(uri)
+    if "://" not in uri:
+        return "file", uri
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.lower()
+    if scheme in BUCKET_SCHEMES and not rest.split("/", 1)[0]:
+        raise ValueError(f"{scheme}:// URI names no bucket: use {scheme}://BUCKET/PATH")
+    return scheme, rest
+
+
 def job_prefix(output_uri: str, namespace: str, name: str, uid: str) -> str:
     """`{output.uri}/{namespace}/{name}/{uid}` — the one place a job writes.
 
@@ -48,7 +88,10 @@ def job_prefix(output_uri: str, namespace: str, name: str, uid: str) -> str:
     for label, value in (("namespace", namespace), ("name", name), ("uid", uid)):
         if not value or "/" in value:
             raise ValueError(f"job {label} {value!r} cannot be part of a storage path")
-    return f"{output_uri.rstrip('/')}/{namespace}/{name}/{uid}"
+    scheme, rest = split_uri(output_uri)
+    clean = strip_userinfo(output_uri)
+    base = f"{scheme}://{rest.rstrip('/')}" if "://" in clean else clean.rstrip("/")
+    return f"{base}/{namespace}/{name}/{uid}"
 
 
 def join(prefix: str, *parts: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 
 def run_operator(args: argparse.Namespace) -> int:
@@ -12,7 +13,12 @@ def run_operator(args: argparse.Namespace) -> int:
     from . import handlers  # noqa: F401  (registers the handlers)
 
     namespaces = list(getattr(args, "namespace", None) or [])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    level = os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper()  # the chart's logLevel
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SystemExit(f"KUBETUNE_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    # kopf's own loggers follow the same level (kopf run's --verbose/--quiet do the same).
+    logging.getLogger("kopf").setLevel(level)
     kopf.run(
         standalone=bool(getattr(args, "standalone", False)),
         clusterwide=not namespaces,

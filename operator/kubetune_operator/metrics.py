@@ -16,30 +16,35 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 ERRORS = Counter("kubetune_reconcile_errors_total", "Reconcile errors by kind", ["kind"])
+API_CALLS = Counter(
+    "kubetune_api_calls_total",
+    "Kubernetes API calls made by the reconciler (kopf's own calls not included), by call",
+    ["call"],
+)
 
 _phases: dict[str, str] = {}
 _lock = threading.Lock()
-
-
-def _publish() -> None:
-    counts = {p.value: 0 for p in Phase}
-    for phase in _phases.values():
-        counts[phase] = counts.get(phase, 0) + 1
-    for phase, n in counts.items():
-        JOBS.labels(phase=phase).set(n)
+for _p in Phase:
+    JOBS.labels(phase=_p.value).set(0)
 
 
 def observe_phase(uid: str, phase: Optional[str]) -> None:
+    # Incremental: called on every reconcile of every job, so never a full recount.
     with _lock:
-        if phase:
-            _phases[uid] = phase
-        _publish()
+        old = _phases.get(uid)
+        if not phase or phase == old:
+            return
+        if old:
+            JOBS.labels(phase=old).dec()
+        _phases[uid] = phase
+        JOBS.labels(phase=phase).inc()
 
 
 def forget(uid: str) -> None:
     with _lock:
-        _phases.pop(uid, None)
-        _publish()
+        old = _phases.pop(uid, None)
+        if old:
+            JOBS.labels(phase=old).dec()
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

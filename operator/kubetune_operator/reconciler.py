@@ -1,11 +1,13 @@
-"""One reconcile of one FineTuneJob: read the world, ask the pure builders what
-it should look like, make the few writes that close the gap.
+"""One reconcile of one FineTuneJob: observe (the job, its RayJob, its Kueue
+queue, the last storage read) → decide (pure, `decide.py`) → act (create,
+patch or delete children) → write status once.
 
 Order matters for restarts: child names are written into status before the
 child is created, and children are created with deterministic names
 (create-if-absent), so an operator killed at any line makes no duplicate.
 Status is written in one place (`_write_status`), only when it changed, and
-each phase transition posts one event.
+each phase transition posts one event. Storage reads run beside this, never
+in its way (see `StorageView`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,15 +28,23 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kubetune_api import models
+from kubetune_api.storage import job_prefix, redact_uris, split_uri, strip_userinfo
 from kubetune_api.validation import SpecError
 
-from . import builders, metrics, storage_reader
-from .builders import Body, Settings
+from . import metrics, storage_reader
+from .children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
+from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
+from .decide import decide, ttl_remaining
+from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, Body, child_names
+from .progress import progress_to_status
+from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
+from .states import TERMINAL, Action, Cond, RayJobState, Reason
+from .validate import spec_error_status, validate_job
 
 log = logging.getLogger("kubetune.operator")
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
-TERMINAL = ("Succeeded", "Failed")
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
 
 
 @dataclass
@@ -41,6 +52,10 @@ class Timing:
     poll_seconds: float = 10.0  # how often a live job re-reads RayJob + storage
     idle_seconds: float = 300.0  # finished jobs: a slow heartbeat only
     crd_backoff_max: float = 60.0
+    storage_timeout_seconds: float = 20.0  # then StorageReadable=False, whatever the store does
+
+
+QUEUE_CHECK_SECONDS = 30.0  # how long a LocalQueue lookup is trusted
 
 
 class KubeRayMissing(Exception):
@@ -71,8 +86,17 @@ class Api:
         )
 
     # ConfigMap
-    def ensure_configmap(self, cm: Body) -> None:
+    def ensure_configmap(self, cm: Body, fresh: bool = False) -> None:
+        """Create-if-absent; a retry's attempt annotation and config are patched in.
+        `fresh`: most likely absent, so try the create first."""
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
+        if fresh:
+            try:
+                self.core.create_namespaced_config_map(ns, cm)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
         try:
             live = self.core.read_namespaced_config_map(name, ns)
         except ApiException as exc:
@@ -86,8 +110,8 @@ class Api:
                 if exc.status != 409:
                     raise
             return
-        want_attempt = cm["metadata"]["annotations"][builders.LABEL_ATTEMPT]
-        have_attempt = (live.metadata.annotations or {}).get(builders.LABEL_ATTEMPT)
+        want_attempt = cm["metadata"]["annotations"][LABEL_ATTEMPT]
+        have_attempt = (live.metadata.annotations or {}).get(LABEL_ATTEMPT)
         if have_attempt != want_attempt:  # a retry: the config carries the attempt
             self.core.patch_namespaced_config_map(
                 name,
@@ -113,15 +137,17 @@ class Api:
                 return None
             raise
 
-    def create_rayjob(self, rayjob: Body) -> Body:
+    def create_rayjob(self, rayjob: Body) -> tuple[Body, bool]:
+        """(the RayJob, whether this call created it)."""
         ns = rayjob["metadata"]["namespace"]
         try:
-            return self.custom.create_namespaced_custom_object(
+            made = self.custom.create_namespaced_custom_object(
                 RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, rayjob
             )
+            return made, True
         except ApiException as exc:
             if exc.status == 409:  # made by an earlier run of this operator
-                return self.get_rayjob(ns, rayjob["metadata"]["name"])
+                return self.get_rayjob(ns, rayjob["metadata"]["name"]), False
             if exc.status == 404:  # the namespace exists (the job is in it): no such API
                 raise KubeRayMissing(str(exc.reason)) from exc
             raise
@@ -145,13 +171,40 @@ class Api:
             if exc.status != 404:
                 raise
 
+    def local_queue(self, ns: str, name: str) -> str:
+        """ "found", "missing" (no such LocalQueue), "no-api" (Kueue not installed)
+        or "unknown" (say nothing: e.g. RBAC forbids the look-up)."""
+        try:
+            self.custom.get_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, ns, "localqueues", name
+            )
+            return "found"
+        except ApiException as exc:
+            if exc.status != 404:
+                return "unknown"
+            try:
+                details = json.loads(exc.body or "{}").get("details") or {}
+            except ValueError:
+                details = {}
+            # A 404 for a missing object names it; one for a missing API does not.
+            return "missing" if details.get("name") == name else "no-api"
+
     def read_secret(self, ns: str, name: str) -> dict[str, str]:
         secret = self.core.read_namespaced_secret(name, ns)
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
-_API_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kubetune-api")
-_STORAGE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kubetune-storage")
+_API_THREADS = 16
+_API_POOL = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="kubetune-api")
+# Storage reads run here, never in the API pool. A store that stops answering
+# can hold at most STORE_SLOTS of these threads (see Reconciler._read_bounded),
+# so up to _STORAGE_THREADS // STORE_SLOTS hung stores still leave room for
+# every other job's reads.
+STORE_SLOTS = 4
+_STORAGE_THREADS = 32
+_STORAGE_POOL = ThreadPoolExecutor(
+    max_workers=_STORAGE_THREADS, thread_name_prefix="kubetune-storage"
+)
 
 
 def _now() -> datetime:
@@ -159,26 +212,69 @@ def _now() -> datetime:
 
 
 EventFn = Callable[[Body, str, str, str], None]
+WakeFn = Callable[[str], None]
+
+
+@dataclass
+class StorageView:
+    """One job's storage reads: at most one in flight, the latest result kept.
+
+    Decisions never wait on it: a reconcile starts a read when none is running
+    and shows whatever the last finished read found; the read wakes the job
+    when it ends.
+    """
+
+    task: Optional[asyncio.Task] = None
+    started: float = 0.0  # monotonic time the running/last read started
+    snapshot: Optional[dict] = None
+    problem: Optional[tuple[Reason, str]] = None  # (reason, message) of the last read
+    fresh: bool = False  # a result not shown in status yet
+    final_started: bool = False  # a read started after the job finished
+    final_done: bool = False
 
 
 class Reconciler:
-    def __init__(self, api: Api, settings: Settings, timing: Timing, event: EventFn):
+    def __init__(
+        self,
+        api: Api,
+        settings: Settings,
+        timing: Timing,
+        event: EventFn,
+        wake: Optional[WakeFn] = None,
+    ):
         self.api = api
         self.settings = settings
         self.timing = timing
         self.event = event
+        self.wake = wake or (lambda uid: None)
+        self._storage: dict[str, StorageView] = {}
+        self._store_slots: dict[str, asyncio.Semaphore] = {}
+        self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
+        self._checked_cache: dict[str, tuple[tuple, list, Optional[Body]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _call(self, fn, *args):
+        metrics.API_CALLS.labels(call=fn.__name__).inc()
         return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
 
-    async def _read_storage(self, fn, *args):
-        # Its own pool: a slow or unreachable object store must never hold up
-        # the API calls that create children for other jobs.
-        return await asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
+    async def _read_bounded(self, store: str, fn, *args):
+        """Run a blocking read in the storage pool, at most STORE_SLOTS at a time
+        per store. The slot is given back when the thread ends, not when the
+        caller stops waiting: a hung store keeps its slots, nobody else's."""
+        slot = self._store_slots.setdefault(store, asyncio.Semaphore(STORE_SLOTS))
+        await slot.acquire()
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
+        except BaseException:
+            slot.release()
+            raise
+        fut.add_done_callback(lambda _: slot.release())
+        return await asyncio.shield(fut)
 
     async def _write_status(self, job: Body, old: dict, new: dict) -> dict:
         """The one status write path: only when changed; one event per transition."""
-        if builders.status_changed(old, new):
+        new = redact_uris(new)  # no URI the operator echoes carries credentials
+        if status_changed(old, new):
             meta = job["metadata"]
             # A merge patch: keys we dropped must be sent as null to go away.
             patch = {k: None for k in old if k not in new} | new
@@ -197,17 +293,25 @@ class Reconciler:
         job["status"] = new
         return new
 
-    async def reconcile(self, ns: str, name: str) -> float:
-        """Bring one FineTuneJob a step closer; return seconds until the next look."""
+    async def reconcile(
+        self, ns: str, name: str, uid: str = "", job: Optional[Body] = None
+    ) -> float:
+        """Bring one FineTuneJob a step closer; return seconds until the next look.
+
+        `job`: a body known to be current (the watch's ADDED event of a new job),
+        saving the fresh read. Reconciles of one job never overlap (`uid` lock)."""
         started = time.perf_counter()
+        lock = self._locks.setdefault(uid or f"{ns}/{name}", asyncio.Lock())
         try:
-            return await self._reconcile(ns, name)
+            async with lock:
+                return await self._reconcile(ns, name, job)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
-    async def _reconcile(self, ns: str, name: str) -> float:
+    async def _reconcile(self, ns: str, name: str, job: Optional[Body] = None) -> float:
         # A fresh (quorum) read: the watch may not have delivered our last write yet.
-        job = await self._call(self.api.get_job, ns, name)
+        if job is None:
+            job = await self._call(self.api.get_job, ns, name)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return self.timing.idle_seconds
         old = copy.deepcopy(job.get("status") or {})
@@ -215,62 +319,59 @@ class Reconciler:
         now = _now()
         gen = job["metadata"].get("generation")
 
-        errors = builders.validate_job(job)
         attempts = int(status.get("attempts") or 1)
-        cm = None
-        if not errors:
-            try:  # a spec that cannot render (no output URI anywhere) is invalid too
-                cm = builders.spec_to_configmap(job, self.settings, attempts)
-            except SpecError as exc:
-                errors = exc.errors
+        errors, cm = self._checked(job, attempts)
         if errors:
-            await self._write_status(job, old, builders.spec_error_status(status, errors, now, gen))
+            await self._write_status(job, old, spec_error_status(status, errors, now, gen))
             return self.timing.idle_seconds  # a bad spec waits for an edit, never hot-loops
-        if not builders.get_condition(status, "Validated") or (
-            builders.get_condition(status, "Validated")["status"] != "True"
+        if not get_condition(status, Cond.Validated) or (
+            get_condition(status, Cond.Validated)["status"] != "True"
         ):
-            status["conditions"] = builders.set_condition(
+            status["conditions"] = set_condition(
                 list(status.get("conditions") or []),
-                "Validated",
+                Cond.Validated,
                 "True",
-                "SpecValid",
+                Reason.SpecValid,
                 "the spec passed validation",
                 now,
                 gen,
             )
-            if status.get("reason") == "InvalidSpec":  # fixed by an edit (only safe fields can)
+            if (
+                status.get("reason") == Reason.InvalidSpec
+            ):  # fixed by an edit (only safe fields can)
                 status.pop("phase", None)
                 status.pop("completionTime", None)
 
         if status.get("phase") in TERMINAL:
             return await self._finished(job, old, status, now)
 
-        # 1. Record the child names (and the attempt) before creating anything.
-        if not status.get("rayJobName") or not status.get("attempts"):
-            status |= builders.child_names(job, attempts) | {"attempts": attempts}
-            status = builders.with_phase(
-                status, "Pending", "Creating", "creating the trainer config and RayJob", now, gen
-            )
-            status["observedGeneration"] = gen
-            status = await self._write_status(job, old, status)
-            old = copy.deepcopy(status)
+        # 1. Child names. The first attempt's names derive from the job's name
+        # alone, so they need no write before the create: an operator killed
+        # right after it derives the same names and finds the children. A retry
+        # records its attempt (and so its names) in status before deleting the
+        # failed RayJob (below).
+        fresh = not status.get("rayJobName") or not status.get("attempts")
+        if fresh:
+            status |= child_names(job, attempts) | {"attempts": attempts}
         attempts = int(status["attempts"])
 
-        # 2. Children, create-if-absent.
+        # 2. Children, create-if-absent (a fresh job tries the create first: one
+        # round trip instead of a read and a create).
         assert cm is not None
-        await self._call(self.api.ensure_configmap, cm)
-        rayjob = await self._call(self.api.get_rayjob, ns, status["rayJobName"])
+        await self._call(self.api.ensure_configmap, cm, fresh)
+        rayjob = None if fresh else await self._call(self.api.get_rayjob, ns, status["rayJobName"])
+        created = False
         if rayjob is None:
             try:
-                rayjob = await self._call(
-                    self.api.create_rayjob, builders.spec_to_rayjob(job, self.settings, attempts)
+                rayjob, created = await self._call(
+                    self.api.create_rayjob, spec_to_rayjob(job, self.settings, attempts)
                 )
             except KubeRayMissing:
-                status["conditions"] = builders.set_condition(
+                status["conditions"] = set_condition(
                     status["conditions"],
-                    "KubeRayAvailable",
+                    Cond.KubeRayAvailable,
                     "False",
-                    "RayJobCRDNotFound",
+                    Reason.RayJobCRDNotFound,
                     "the ray.io/v1 RayJob API is not served by this cluster: install the KubeRay "
                     "operator and its CRDs; retrying with backoff",
                     now,
@@ -278,104 +379,238 @@ class Reconciler:
                 )
                 await self._write_status(job, old, status)
                 raise
-            self.event(
-                job,
-                "Normal",
-                "RayJobCreated",
-                f"created RayJob {status['rayJobName']} (attempt {attempts})",
-            )
+            if created:
+                self.event(
+                    job,
+                    "Normal",
+                    Reason.RayJobCreated,
+                    f"created RayJob {status['rayJobName']} (attempt {attempts})",
+                )
             if not status.get("startTime"):
-                status["startTime"] = builders.rfc3339(now)
+                status["startTime"] = rfc3339(now)
         else:
-            patch = builders.rayjob_patch(job, rayjob)
+            patch = rayjob_patch(job, rayjob)
             if patch:
                 rayjob = await self._call(self.api.patch_rayjob, ns, status["rayJobName"], patch)
-        if builders.get_condition(status, "KubeRayAvailable"):
-            status["conditions"] = builders.set_condition(
+        if get_condition(status, Cond.KubeRayAvailable):
+            status["conditions"] = set_condition(
                 status["conditions"],
-                "KubeRayAvailable",
+                Cond.KubeRayAvailable,
                 "True",
-                "RayJobCRDFound",
+                Reason.RayJobCRDFound,
                 "the RayJob API is served",
                 now,
                 gen,
             )
 
-        # 3. Observe: KubeRay's status and, once the trainer can have written any,
-        # its files.
-        status |= builders.rayjob_to_status(rayjob)
-        if builders.trainer_may_have_written(job, rayjob, attempts):
-            status = await self._observe_storage(job, status, now, gen)
+        # 3. Observe: KubeRay's status, the Kueue queue while queued, and the last
+        # storage read (a new one starts in the background; nothing waits for it).
+        status |= rayjob_to_status(rayjob)
+        queue_problem = None
+        if rayjob_state(job, rayjob) == RayJobState.QUEUED:
+            queue_problem = await self._queue_problem(job)
+        if trainer_may_have_written(job, rayjob, attempts):
+            self._start_storage_read(job)
+        status = self._show_storage(job, status, now, gen)
 
         # 4. Decide.
         job_view = {**job, "status": status}
-        decision = builders.decide(job_view, rayjob, now)
-        if decision.action == "retry":
+        decision = decide(job_view, rayjob, now, queue_problem)
+        if decision.action is Action.RETRY:
             failed_name = status["rayJobName"]
             attempts += 1
-            status |= builders.child_names(job, attempts) | {"attempts": attempts}
+            status |= child_names(job, attempts) | {"attempts": attempts}
             status.pop("rayClusterName", None)
             status.pop("dashboardUrl", None)
-            status = builders.with_phase(
-                status, decision.phase, decision.reason, decision.message, now, gen
-            )
+            status = with_phase(status, decision.phase, decision.reason, decision.message, now, gen)
             status["observedGeneration"] = gen
             await self._write_status(job, old, status)  # the new name first, then the delete
             await self._call(self.api.delete_rayjob, ns, failed_name)
             return 0.0
-        if decision.action == "stop" and decision.reason == "DeadlineExceeded":
+        # 5. Act, then write status once.
+        if decision.action is Action.STOP_AND_DELETE:
             await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
-        status = builders.with_phase(
-            status, decision.phase, decision.reason, decision.message, now, gen
-        )
+        status = with_phase(status, decision.phase, decision.reason, decision.message, now, gen)
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
         if status["phase"] in TERMINAL:
             return await self._finished(job, copy.deepcopy(status), status, now)
         return self.timing.poll_seconds
 
-    async def _observe_storage(self, job: Body, status: dict, now: datetime, gen) -> dict:
-        spec = job["spec"]
+    def _checked(self, job: Body, attempts: int) -> tuple[list, Optional[Body]]:
+        """Validate and render the config once per (generation, labels, attempt):
+        the spec only changes with the generation, so every other reconcile
+        reuses the answer instead of parsing the spec again."""
         meta = job["metadata"]
-        output = spec.get("output") or {}
+        key = (
+            meta.get("generation"),
+            json.dumps(meta.get("labels") or {}, sort_keys=True),
+            attempts,
+        )
+        cached = self._checked_cache.get(meta["uid"])
+        if cached and cached[0] == key:
+            return cached[1], copy.deepcopy(cached[2])
+        errors = validate_job(job, self.settings.default_output_uri)
+        cm = None
+        if not errors:
+            try:  # a spec that cannot render (no output URI anywhere) is invalid too
+                cm = spec_to_configmap(job, self.settings, attempts)
+            except SpecError as exc:
+                errors = exc.errors
+        self._checked_cache[meta["uid"]] = (key, errors, cm)
+        return errors, copy.deepcopy(cm)
+
+    # ------------------------------------------------------------------ Kueue
+
+    async def _queue_problem(self, job: Body) -> Optional[str]:
+        """What is wrong with the job's LocalQueue, or None (exists, or unknown)."""
+        meta = job["metadata"]
+        queue = (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+        if not queue:
+            return None
+        key = (meta["namespace"], queue)
+        cached = self._queue_cache.get(key)
+        if cached and time.monotonic() - cached[0] < QUEUE_CHECK_SECONDS:
+            return cached[1]
+        found = await self._call(self.api.local_queue, meta["namespace"], queue)
+        problem = None
+        if found == "no-api":
+            problem = (
+                f"waiting for Kueue to admit it from queue {queue}, but this cluster serves no "
+                "Kueue LocalQueue API (hint: install Kueue, or remove the "
+                f"{KUEUE_QUEUE_LABEL} label by re-creating the job without it)"
+            )
+        elif found == "missing":
+            problem = (
+                f"waiting for admission, but namespace {meta['namespace']} has no Kueue "
+                f"LocalQueue {queue} (hint: kubectl get localqueues -n {meta['namespace']}; "
+                f"create it or set {KUEUE_QUEUE_LABEL} to an existing one)"
+            )
+        self._queue_cache[key] = (time.monotonic(), problem)
+        return problem
+
+    # ------------------------------------------------------------------ storage
+
+    def _output(self, job: Body) -> tuple[Optional[str], dict]:
+        output = job["spec"].get("output") or {}
         uri = output.get("uri") or self.settings.default_output_uri
-        if not uri or not uri.startswith("s3://"):
-            return status  # a PVC/local path: only the pods can read it
-        prefix = f"{uri.rstrip('/')}/{meta['namespace']}/{meta['name']}/{meta['uid']}"
+        return uri, output
+
+    def _prefix(self, job: Body) -> Optional[str]:
+        uri, _ = self._output(job)
+        if not uri:
+            return None
+        meta = job["metadata"]
+        return job_prefix(uri, meta["namespace"], meta["name"], meta["uid"])
+
+    def _start_storage_read(self, job: Body, final: bool = False) -> None:
+        """Start a read unless one is running (one per job) or one started less
+        than a poll ago; never waits."""
+        uid = job["metadata"]["uid"]
+        view = self._storage.setdefault(uid, StorageView())
+        if view.task is not None and not view.task.done():
+            return
+        since = time.monotonic() - view.started
+        if not final and view.started and since < self.timing.poll_seconds * 0.9:
+            return
+        prefix = self._prefix(job)
+        if prefix is None:
+            return
+        scheme, _ = split_uri(prefix)
+        if scheme not in storage_reader.READABLE_SCHEMES:
+            readable = ", ".join(s + "://" for s in storage_reader.READABLE_SCHEMES)
+            view.problem = (
+                Reason.SchemeNotReadable,
+                f"the operator reads {readable} outputs only, not {scheme}:// ones: progress, "
+                "metrics and checkpoints are not shown here (the trainer still writes them "
+                f"under {prefix})",
+            )
+            view.fresh = True
+            view.final_started = view.final_done = True
+            return
+        view.started = time.monotonic()
+        if final:
+            view.final_started = True
+        view.task = asyncio.get_running_loop().create_task(self._storage_read(job, prefix, view))
+
+    async def _storage_read(self, job: Body, prefix: str, view: StorageView) -> None:
+        spec, meta = job["spec"], job["metadata"]
+        _, output = self._output(job)
+        keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
+        final = view.final_started
+        endpoint = output.get("endpoint") or "the default endpoint"
         try:
             secret = {}
             ref = (output.get("secretRef") or {}).get("name")
             if ref:
                 secret = await self._call(self.api.read_secret, meta["namespace"], ref)
-            keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
-            snapshot = await self._read_storage(
-                storage_reader.read_snapshot, prefix, output, secret, keep
+            store = storage_reader.store_key(prefix, output)
+            view.snapshot = await asyncio.wait_for(
+                self._read_bounded(
+                    store, storage_reader.read_snapshot, prefix, output, secret, keep
+                ),
+                timeout=self.timing.storage_timeout_seconds,
             )
+            view.problem = None
+        except asyncio.TimeoutError:
+            metrics.ERRORS.labels(kind="storage_timeout").inc()
+            view.problem = (
+                Reason.StorageTimeout,
+                f"no answer from {strip_userinfo(endpoint)} within "
+                f"{self.timing.storage_timeout_seconds:g}s reading {prefix}; progress shown is "
+                "from the last successful read (hint: check spec.output.endpoint and that the "
+                "object store is up)",
+            )
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - storage trouble must not stop reconciling
             metrics.ERRORS.labels(kind="storage").inc()
-            # Never echo exception text that could carry a URL with credentials.
-            status["conditions"] = builders.set_condition(
-                status.get("conditions") or [],
-                "StorageReadable",
-                "False",
-                type(exc).__name__,
-                f"cannot read {prefix}: {type(exc).__name__}",
+            # Never echo exception text: it can carry a URL with credentials.
+            view.problem = (
+                Reason.StorageReadFailed,
+                f"cannot read {prefix}: {type(exc).__name__} (hint: check spec.output.uri, "
+                "spec.output.endpoint and the keys in spec.output.secretRef)",
+            )
+        finally:
+            view.fresh = True
+            if final:
+                view.final_done = True
+        self.wake(meta["uid"])
+
+    def _show_storage(self, job: Body, status: dict, now: datetime, gen) -> dict:
+        """The last storage read, into status (progress, metrics, checkpoints,
+        outputs and the StorageReadable condition)."""
+        view = self._storage.get(job["metadata"]["uid"])
+        if view is None:
+            return status
+        view.fresh = False
+        conds = list(status.get("conditions") or [])
+        if view.problem is not None:
+            reason, message = view.problem
+            state = "Unknown" if reason is Reason.SchemeNotReadable else "False"
+            conds = set_condition(conds, Cond.StorageReadable, state, reason, message, now, gen)
+        elif view.snapshot is not None and get_condition(status, Cond.StorageReadable):
+            conds = set_condition(
+                conds,
+                Cond.StorageReadable,
+                "True",
+                Reason.Read,
+                f"read {view.snapshot['prefix']}",
                 now,
                 gen,
             )
+        status["conditions"] = conds
+        if view.snapshot is None:
             return status
-        if builders.get_condition(status, "StorageReadable"):
-            status["conditions"] = builders.set_condition(
-                status["conditions"], "StorageReadable", "True", "Read", f"read {prefix}", now, gen
-            )
-        status |= builders.progress_to_status(snapshot, keep)
+        keep = (job["spec"].get("checkpointing") or {}).get("keepLast", 3)
+        status |= progress_to_status(view.snapshot, keep)
         if status.get("checkpoints"):
             last = status["checkpoints"][-1]
-            status["conditions"] = builders.set_condition(
+            status["conditions"] = set_condition(
                 status["conditions"],
-                "Checkpointed",
+                Cond.Checkpointed,
                 "True",
-                "CheckpointCommitted",
+                Reason.CheckpointCommitted,
                 f"step {last['step']} committed at {last['uri']}",
                 now,
                 gen,
@@ -383,47 +618,50 @@ class Reconciler:
         return status
 
     async def _finished(self, job: Body, old: dict, status: dict, now: datetime) -> float:
-        """A finished job: read its final files once more, then TTL cleanup."""
+        """A finished job: read its final files once more (in the background),
+        then TTL cleanup."""
         ns = job["metadata"]["namespace"]
         gen = job["metadata"].get("generation")
-        if not builders.get_condition(status, "FinalStatusRead") and status.get("rayJobName"):
-            status = await self._observe_storage(job, status, now, gen)
-            status["conditions"] = builders.set_condition(
-                status["conditions"],
-                "FinalStatusRead",
-                "True",
-                "Read",
-                "final progress, metrics and outputs read",
-                now,
-                gen,
-            )
+        view = self._storage.setdefault(job["metadata"]["uid"], StorageView())
+        idle = view.task is None or view.task.done()
+        if status.get("rayJobName") and not view.final_started and idle:
+            self._start_storage_read(job, final=True)
+        status = self._show_storage(job, status, now, gen)
         job_view = {**job, "status": status}
-        remaining = builders.ttl_remaining(job_view, now)
+        remaining = ttl_remaining(job_view, now)
         if (
             remaining is not None
             and remaining <= 0
-            and not builders.get_condition(status, "ChildrenDeleted")
+            and not get_condition(status, Cond.ChildrenDeleted)
         ):
             if status.get("rayJobName"):
                 await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
             if status.get("configMapName"):
                 await self._call(self.api.delete_configmap, ns, status["configMapName"])
-            status["conditions"] = builders.set_condition(
+            status["conditions"] = set_condition(
                 status["conditions"],
-                "ChildrenDeleted",
+                Cond.ChildrenDeleted,
                 "True",
-                "TTLExpired",
+                Reason.TTLExpired,
                 "ttlSecondsAfterFinished passed: the RayJob and ConfigMap were deleted; the "
                 "FineTuneJob and its storage stay",
                 now,
                 gen,
             )
-            self.event(job, "Normal", "TTLExpired", "deleted the RayJob and ConfigMap")
+            self.event(job, "Normal", Reason.TTLExpired, "deleted the RayJob and ConfigMap")
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
+        if not view.final_done:
+            return self.timing.poll_seconds  # the final read wakes the job when it ends
         if remaining is not None and remaining > 0:
             return min(remaining, self.timing.idle_seconds)
         return self.timing.idle_seconds
+
+    def forget(self, uid: str) -> None:
+        """The job is gone: drop its storage view (a running read ends on its own)."""
+        self._storage.pop(uid, None)
+        self._checked_cache.pop(uid, None)
+        self._locks.pop(uid, None)
 
     async def stop(self, ns: str, name: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).

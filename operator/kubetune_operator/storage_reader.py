@@ -9,6 +9,7 @@ Blocking (fsspec); the operator calls it in a worker thread.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Mapping
@@ -35,27 +36,79 @@ def secret_environ(role: str, secret_data: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def filesystem(uri: str, access: Optional[dict], secret_data: Mapping[str, str]):
+# Schemes this reader can open from inside the operator's pod. file:// and
+# plain paths name the trainer's volume, which the operator never mounts: it
+# must not read its own filesystem in their place.
+READABLE_SCHEMES = ("s3",)
+# Connections one object store may hold open: one filesystem per store and
+# credentials is reused across polls, so a store that stops answering pins at
+# most this many sockets instead of a new set per read.
+MAX_CONNECTIONS_PER_STORE = 4
+CONNECT_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = 10
+
+_fs_cache: dict[tuple, Any] = {}
+_fs_lock = threading.Lock()
+
+
+class SchemeNotReadable(Exception):
+    """The operator has no reader for this URI scheme."""
+
+
+def store_key(uri: str, access: Optional[dict]) -> str:
+    """Which store a URI lives in, for per-store limits (never holds secrets)."""
+    scheme, rest = storage.split_uri(uri)
+    endpoint = (access or {}).get("endpoint") or ""
+    return f"{scheme}|{endpoint}" if endpoint else f"{scheme}|{rest.split('/', 1)[0]}"
+
+
+def filesystem(
+    uri: str,
+    access: Optional[dict],
+    secret_data: Mapping[str, str],
+    schemes: tuple[str, ...] = READABLE_SCHEMES,
+):
     import fsspec
 
+    protocol, _ = storage.split_uri(uri)
+    if protocol not in schemes:
+        raise SchemeNotReadable(protocol)
     acc = StorageAccess.model_validate(
         {k: v for k, v in (access or {}).items() if k in ("endpoint", "region", "secretRef")}
     )
     opts = storage.storage_options(uri, acc, "OUTPUT", secret_environ("OUTPUT", secret_data))
-    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    if protocol == "s3":
+    key = (
+        protocol,
+        acc.endpoint,
+        acc.region,
+        hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest(),
+    )
+    with _fs_lock:
+        fs = _fs_cache.get(key)
+        if fs is not None:
+            return fs
+        if protocol != "s3":
+            fs = fsspec.filesystem(protocol)
+            _fs_cache[key] = fs
+            return fs
         # Fresh listings on every read: the trainer writes behind our back.
         opts |= {
             "use_listings_cache": False,
             "skip_instance_cache": True,
             # Fail fast: the next poll tries again; a hung read must not pile up.
             "config_kwargs": {
-                "connect_timeout": 5,
-                "read_timeout": 15,
-                "retries": {"max_attempts": 2},
+                "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                "read_timeout": READ_TIMEOUT_SECONDS,
+                "retries": {"mode": "standard", "total_max_attempts": 1},
+                "max_pool_connections": MAX_CONNECTIONS_PER_STORE,
             },
         }
-    return fsspec.filesystem(protocol, **opts)
+        fs = fsspec.filesystem(protocol, **opts)
+        # s3fs retries timeouts 5 times on top of botocore: a hung store would
+        # hold a thread for minutes. The next poll is the retry.
+        fs.retries = 1
+        _fs_cache[key] = fs
+        return fs
 
 
 def camel(record: Any) -> Any:
@@ -127,23 +180,20 @@ def read_snapshot(
     secret_data: Mapping[str, str],
     keep_checkpoints: int = 3,
     metrics_rows: int = 50,
+    schemes: tuple[str, ...] = READABLE_SCHEMES,
 ) -> dict[str, Any]:
-    """Everything the status shows from storage, as plain dicts (camelCase)."""
-    fs = filesystem(prefix, access, secret_data)
-    path = prefix.split("://", 1)[1] if "://" in prefix else prefix
+    """Everything the status shows from storage, as plain dicts (camelCase).
+    `schemes` widens what may be read (tests read a local folder)."""
+    fs = filesystem(prefix, access, secret_data, schemes)
+    scheme, path = storage.split_uri(prefix)
+    clean = f"{scheme}://{path}" if "://" in prefix else path
     return {
-        "prefix": prefix,
+        "prefix": clean,
         "progress": _read_json(fs, storage.join(path, storage.PROGRESS)),
         "metrics": _metrics_tail(fs, storage.join(path, storage.METRICS), metrics_rows),
         "checkpoints": [
-            {**c, "uri": _with_scheme(prefix, c["uri"])}
+            {**c, "uri": f"{scheme}://{c['uri']}" if "://" in prefix else c["uri"]}
             for c in _checkpoints(fs, path, keep_checkpoints)
         ],
         "outputs": _read_json(fs, storage.join(path, storage.OUTPUTS)),
     }
-
-
-def _with_scheme(prefix: str, path: str) -> str:
-    if "://" in prefix and "://" not in path:
-        return prefix.split("://", 1)[0] + "://" + path
-    return path

@@ -25,7 +25,6 @@ from model_fixtures import tiny_model
 from operator_support import (
     OperatorProcess,
     apply,
-    condition,
     finetunejob,
     get,
     rayjob_finished,
@@ -139,9 +138,8 @@ def test_finetunejob_end_to_end(kube, namespace, s3, tmp_path):
             timeout=130,
         )
         assert "condition met" in out.stdout
-        st = wait_status(
-            kube, "e2e", namespace, lambda s: condition(s, "FinalStatusRead") is not None, 60
-        )
+        # Success never waits on storage: the final read lands just after it.
+        st = wait_status(kube, "e2e", namespace, lambda s: s.get("outputs", {}).get("adapter"), 60)
         assert st["phase"] == "Succeeded"
         assert isinstance(st["metrics"]["trainLoss"], float) and st["metrics"]["trainLoss"] > 0
         assert st["progress"]["step"] == 4 and st["progress"]["display"] == "4/4"

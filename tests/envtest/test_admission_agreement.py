@@ -156,7 +156,7 @@ def _children_are_admitted(kube, custom_objects, namespace: str, created: list[d
     from kubernetes import client
     from kubernetes.client import ApiException
 
-    from kubetune_operator.builders import Settings, spec_to_rayjob
+    from kubetune_operator.children import Settings, spec_to_rayjob
 
     api = kube.api_client()
     core = client.CoreV1Api(api)

@@ -174,7 +174,8 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
         timeout=70,
     )
     assert "condition met" in out.stdout
-    st = status(kube, "tune", namespace)
+    # Success never waits on storage: the final read lands just after it.
+    st = wait_status(kube, "tune", namespace, lambda s: s.get("outputs", {}).get("adapter"), 30)
     assert st["phase"] == "Succeeded" and st["completionTime"] and st["startTime"]
     assert st["outputs"]["adapter"].endswith("/adapter")
     reasons = [e["reason"] for e in events(kube, namespace, "tune")]
@@ -427,8 +428,26 @@ def test_invalid_spec_fails_with_reason_and_no_hot_loop(
     assert st["reason"] == "InvalidSpec" and field in st["message"]
     assert condition(st, "Validated")["status"] == "False"
     assert names(kube, "rayjob", namespace) == []
-    warnings = [e for e in events(kube, namespace, "bad") if e["type"] == "Warning"]
-    assert any(e["reason"] == "InvalidSpec" for e in warnings)
+    # kopf posts events from a queue: the event may trail the status write.
+    wait_until(
+        lambda: any(
+            e["type"] == "Warning" and e["reason"] == "InvalidSpec"
+            for e in events(kube, namespace, "bad")
+        ),
+        30,
+        what="the InvalidSpec warning event",
+    )
+    # The first reconcile runs from the watch event, before kopf's own writes
+    # (finalizer, last-handled annotation): take the version once those landed.
+    wait_until(
+        lambda: (
+            (meta := get(kube, "finetunejob", "bad", namespace)["metadata"])
+            and FINALIZER in meta.get("finalizers", [])
+            and "kopf.kubetune.io/last-handled-configuration" in meta.get("annotations", {})
+        ),
+        30,
+        what="kopf's finalizer and last-handled annotation",
+    )
     rv = get(kube, "finetunejob", "bad", namespace)["metadata"]["resourceVersion"]
     time.sleep(4)
     assert get(kube, "finetunejob", "bad", namespace)["metadata"]["resourceVersion"] == rv

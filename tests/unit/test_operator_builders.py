@@ -19,13 +19,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_operator import builders as b
+from kubetune_operator.children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
+from kubetune_operator.conditions import rfc3339, set_condition, with_phase
+from kubetune_operator.decide import decide, ttl_remaining
+from kubetune_operator.names import configmap_name, rayjob_name
+from kubetune_operator.progress import progress_to_status
+from kubetune_operator.states import Action
+from kubetune_operator.validate import spec_error_status, validate_job
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
 EXAMPLES = ROOT / "crds" / "examples"
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-SETTINGS = b.Settings(trainer_image="example.com/kubetune-trainer:test", ray_version="2.60.0")
+SETTINGS = Settings(trainer_image="example.com/kubetune-trainer:test", ray_version="2.60.0")
 
 
 def _job(example: str, **meta) -> dict:
@@ -49,12 +55,12 @@ EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 
 @pytest.mark.parametrize("example", EXAMPLE_FILES)
 def test_rayjob_matches_golden(example):
-    _golden(f"rayjob-{example}", b.spec_to_rayjob(_job(example), SETTINGS, attempt=1))
+    _golden(f"rayjob-{example}", spec_to_rayjob(_job(example), SETTINGS, attempt=1))
 
 
 @pytest.mark.parametrize("example", EXAMPLE_FILES)
 def test_configmap_matches_golden(example):
-    cm = b.spec_to_configmap(_job(example), SETTINGS, attempt=1)
+    cm = spec_to_configmap(_job(example), SETTINGS, attempt=1)
     # Parsed, so a change to the trainer config reads as a normal YAML diff.
     cm["data"]["config.json"] = json.loads(cm["data"]["config.json"])
     _golden(f"configmap-{example}", cm)
@@ -62,7 +68,7 @@ def test_configmap_matches_golden(example):
 
 def test_configmap_holds_no_secret_values_and_names_no_env():
     job = _job("chat-s3-secret.yaml")
-    cm = b.spec_to_configmap(job, SETTINGS, 1)
+    cm = spec_to_configmap(job, SETTINGS, 1)
     text = json.dumps(cm)
     assert "AWS_SECRET_ACCESS_KEY" not in text and "KUBETUNE_OUTPUT" not in text
     config = json.loads(cm["data"]["config.json"])
@@ -89,7 +95,7 @@ def test_rayjob_shape_from_resources():
         "priorityClassName": "train",
         "image": "my/trainer:1",
     }
-    rj = b.spec_to_rayjob(job, SETTINGS, 2)
+    rj = spec_to_rayjob(job, SETTINGS, 2)
     assert rj["metadata"]["name"] == "support-bot-r1"
     assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
     assert rj["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
@@ -129,7 +135,7 @@ def test_rayjob_shape_from_resources():
 def test_hf_token_secret_becomes_env():
     job = _job("lora-minimal.yaml")
     job["spec"]["model"]["tokenSecretRef"] = {"name": "hf"}
-    env = b.spec_to_rayjob(job, SETTINGS, 1)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"][
+    env = spec_to_rayjob(job, SETTINGS, 1)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"][
         "spec"
     ]["containers"][0]["env"]
     assert {
@@ -142,16 +148,16 @@ def test_hf_token_secret_becomes_env():
 def test_child_names_are_valid_and_deterministic(name):
     dns1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
     for attempt in (1, 2, 11):
-        rj = b.rayjob_name(name, attempt)
+        rj = rayjob_name(name, attempt)
         assert dns1035.match(rj) and len(rj) <= 47, rj
-        assert rj == b.rayjob_name(name, attempt)
-    assert b.rayjob_name(name, 1) != b.rayjob_name(name, 2)
-    cm = b.configmap_name(name)
+        assert rj == rayjob_name(name, attempt)
+    assert rayjob_name(name, 1) != rayjob_name(name, 2)
+    cm = configmap_name(name)
     assert len(cm) <= 63 and dns1035.match(cm)
 
 
 def test_truncated_names_do_not_collide():
-    assert b.rayjob_name("x" * 60 + "a", 1) != b.rayjob_name("x" * 60 + "b", 1)
+    assert rayjob_name("x" * 60 + "a", 1) != rayjob_name("x" * 60 + "b", 1)
 
 
 def _rj(deploy="", ray="", suspend=False, **status):
@@ -165,13 +171,13 @@ def _rj(deploy="", ray="", suspend=False, **status):
     "rayjob, spec, labels, phase, reason, action",
     [
         (None, {}, {}, "Pending", "Creating", "create"),
-        (_rj(), {}, {}, "Starting", "RayClusterStarting", None),
-        (_rj("Initializing"), {}, {}, "Starting", "RayClusterStarting", None),
-        (_rj("Running", "PENDING"), {}, {}, "Starting", "RayClusterStarting", None),
-        (_rj("Running", "RUNNING"), {}, {}, "Running", "Training", None),
-        (_rj("Suspended", suspend=True), {"suspend": True}, {}, "Suspended", "Suspended", None),
-        (_rj("", suspend=True), {}, {"kueue.x-k8s.io/queue-name": "q"}, "Queued", "Queued", None),
-        (_rj("Complete", "SUCCEEDED"), {}, {}, "Succeeded", "JobSucceeded", None),
+        (_rj(), {}, {}, "Starting", "RayClusterStarting", "none"),
+        (_rj("Initializing"), {}, {}, "Starting", "RayClusterStarting", "none"),
+        (_rj("Running", "PENDING"), {}, {}, "Starting", "RayClusterStarting", "none"),
+        (_rj("Running", "RUNNING"), {}, {}, "Running", "Training", "none"),
+        (_rj("Suspended", suspend=True), {"suspend": True}, {}, "Suspended", "Suspended", "none"),
+        (_rj("", suspend=True), {}, {"kueue.x-k8s.io/queue-name": "q"}, "Queued", "Queued", "none"),
+        (_rj("Complete", "SUCCEEDED"), {}, {}, "Succeeded", "JobSucceeded", "none"),
         (_rj("Complete", "FAILED"), {}, {}, "Starting", "Retrying", "retry"),
         (
             _rj("Failed", "FAILED"),
@@ -197,40 +203,40 @@ def test_decide_is_one_switch_on_the_rayjob(rayjob, spec, labels, phase, reason,
         "spec": {"backoffLimit": 3} | spec,
         "status": {"attempts": 1},
     }
-    d = b.decide(job, rayjob, NOW)
+    d = decide(job, rayjob, NOW)
     assert (d.phase, d.reason, d.action) == (phase, reason, action)
 
 
 def test_retries_stop_at_backoff_limit():
     job = {"metadata": {}, "spec": {"backoffLimit": 2}, "status": {"attempts": 3}}
-    assert b.decide(job, _rj("Failed", "FAILED"), NOW).reason == "BackoffLimitExceeded"
+    assert decide(job, _rj("Failed", "FAILED"), NOW).reason == "BackoffLimitExceeded"
     job["status"]["attempts"] = 2
-    assert b.decide(job, _rj("Failed", "FAILED"), NOW).action == "retry"
+    assert decide(job, _rj("Failed", "FAILED"), NOW).action == "retry"
 
 
 def test_active_deadline():
-    start = b.rfc3339(NOW - timedelta(seconds=100))
+    start = rfc3339(NOW - timedelta(seconds=100))
     job = {
         "metadata": {},
         "spec": {"activeDeadlineSeconds": 60},
         "status": {"attempts": 1, "startTime": start},
     }
-    assert b.decide(job, _rj("Running", "RUNNING"), NOW).reason == "DeadlineExceeded"
+    assert decide(job, _rj("Running", "RUNNING"), NOW).reason == "DeadlineExceeded"
     job["spec"]["activeDeadlineSeconds"] = 600
-    assert b.decide(job, _rj("Running", "RUNNING"), NOW).phase == "Running"
+    assert decide(job, _rj("Running", "RUNNING"), NOW).phase == "Running"
 
 
 def test_ttl_remaining():
-    done = b.rfc3339(NOW - timedelta(seconds=30))
+    done = rfc3339(NOW - timedelta(seconds=30))
     job = {
         "spec": {"ttlSecondsAfterFinished": 60},
         "status": {"phase": "Succeeded", "completionTime": done},
     }
-    assert b.ttl_remaining(job, NOW) == 30
+    assert ttl_remaining(job, NOW) == 30
     job["spec"]["ttlSecondsAfterFinished"] = 10
-    assert b.ttl_remaining(job, NOW) == 0
+    assert ttl_remaining(job, NOW) == 0
     job["status"]["phase"] = "Running"
-    assert b.ttl_remaining(job, NOW) is None
+    assert ttl_remaining(job, NOW) is None
 
 
 def test_rayjob_patch_syncs_suspend_and_kueue_labels():
@@ -239,14 +245,14 @@ def test_rayjob_patch_syncs_suspend_and_kueue_labels():
         "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "old"}},
         "spec": {"suspend": False},
     }
-    assert b.rayjob_patch(job, live) == {
+    assert rayjob_patch(job, live) == {
         "spec": {"suspend": True},
         "metadata": {"labels": {"kueue.x-k8s.io/queue-name": None}},
     }
     # Under Kueue, the operator never un-suspends: admission is Kueue's call.
     job = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "q"}}, "spec": {"suspend": False}}
     live = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "q"}}, "spec": {"suspend": True}}
-    assert b.rayjob_patch(job, live) is None
+    assert rayjob_patch(job, live) is None
 
 
 def test_progress_to_status_golden():
@@ -277,7 +283,7 @@ def test_progress_to_status_golden():
         ],
         "outputs": None,
     }
-    out = b.progress_to_status(snapshot, keep_last=3)
+    out = progress_to_status(snapshot, keep_last=3)
     assert out["progress"]["display"] == "120/600" and out["progress"]["percent"] == 20.0
     assert out["metrics"]["displayLoss"] == "2.1250"
     assert [c["step"] for c in out["checkpoints"]] == [50, 75, 100]
@@ -285,7 +291,7 @@ def test_progress_to_status_golden():
 
 
 def test_progress_to_status_outputs():
-    out = b.progress_to_status(
+    out = progress_to_status(
         {
             "prefix": "s3://p",
             "outputs": {"adapter": "s3://p/adapter", "finalTrainLoss": 1.5, "finalEvalLoss": 1.75},
@@ -299,7 +305,7 @@ def test_status_fits_the_crd_status_model():
     from kubetune_api.models import FineTuneJobStatus
 
     status = {"attempts": 1, "rayJobName": "j", "configMapName": "j-config"}
-    status |= b.progress_to_status(
+    status |= progress_to_status(
         {
             "prefix": "s3://p",
             "progress": {"step": 3, "totalSteps": 9},
@@ -307,33 +313,33 @@ def test_status_fits_the_crd_status_model():
             "checkpoints": [{"step": 3, "uri": "s3://p/c"}],
         }
     )
-    status = b.with_phase(status, "Running", "Training", "m", NOW, 1)
+    status = with_phase(status, "Running", "Training", "m", NOW, 1)
     FineTuneJobStatus.model_validate(status)  # extra="forbid": a pruned field would fail here
 
 
 def test_conditions_keep_transition_time_when_status_is_unchanged():
-    c = b.set_condition([], "Running", "True", "A", "m", NOW, 1)
+    c = set_condition([], "Running", "True", "A", "m", NOW, 1)
     later = NOW + timedelta(seconds=5)
-    c2 = b.set_condition(c, "Running", "True", "B", "m2", later, 2)
+    c2 = set_condition(c, "Running", "True", "B", "m2", later, 2)
     assert c2[0]["lastTransitionTime"] == c[0]["lastTransitionTime"] and c2[0]["reason"] == "B"
-    c3 = b.set_condition(c2, "Running", "False", "C", "m3", later, 2)
-    assert c3[0]["lastTransitionTime"] == b.rfc3339(later)
+    c3 = set_condition(c2, "Running", "False", "C", "m3", later, 2)
+    assert c3[0]["lastTransitionTime"] == rfc3339(later)
 
 
 def test_with_phase_flips_phase_conditions():
-    s = b.with_phase({}, "Running", "Training", "m", NOW, 1)
-    s = b.with_phase(s, "Succeeded", "JobSucceeded", "done", NOW, 1)
+    s = with_phase({}, "Running", "Training", "m", NOW, 1)
+    s = with_phase(s, "Succeeded", "JobSucceeded", "done", NOW, 1)
     conds = {c["type"]: c["status"] for c in s["conditions"]}
     assert conds == {"Running": "False", "Succeeded": "True"}
-    assert s["completionTime"] == b.rfc3339(NOW)
+    assert s["completionTime"] == rfc3339(NOW)
 
 
 def test_invalid_spec_status():
     job = _job("lora-minimal.yaml")
     job["spec"]["hyperparameters"] = {"epochs": 1, "maxSteps": 5}
-    errors = b.validate_job(job)
+    errors = validate_job(job)
     assert errors and "maxSteps" in str(errors[0]) + str(errors)
-    s = b.spec_error_status({}, errors, NOW, 3)
+    s = spec_error_status({}, errors, NOW, 3)
     assert s["phase"] == "Failed" and s["reason"] == "InvalidSpec"
     assert {c["type"]: c["status"] for c in s["conditions"]}["Validated"] == "False"
 
@@ -364,7 +370,7 @@ def test_no_package_named_operator():
 def test_decide_does_not_mutate_input():
     job = {"metadata": {}, "spec": {}, "status": {"attempts": 1}}
     before = copy.deepcopy(job)
-    b.decide(job, _rj("Running", "RUNNING"), NOW)
+    decide(job, _rj("Running", "RUNNING"), NOW)
     assert job == before
 
 
@@ -403,8 +409,8 @@ def test_storage_reader_reads_either_key_case(tmp_path):
         + "\n"
         + '{"step": 5, "lo'
     )
-    snap = storage_reader.read_snapshot(str(prefix), None, {})
-    out = b.progress_to_status(snap)
+    snap = storage_reader.read_snapshot(str(prefix), None, {}, schemes=("file",))
+    out = progress_to_status(snap)
     assert out["progress"]["display"] == "4/8"
     assert out["metrics"] == {
         "trainLoss": 3.25,
@@ -413,3 +419,205 @@ def test_storage_reader_reads_either_key_case(tmp_path):
         "displayLoss": "3.2500",
     }
     assert [(c["step"], c["evalLoss"]) for c in out["checkpoints"]] == [(2, 3.0)]
+
+
+def _cluster(*conditions):
+    """A RayJob still initializing, with the RayCluster conditions KubeRay copies
+    into status.rayClusterStatus (message text as KubeRay v1.6 writes it:
+    its error, newline, the API server's error)."""
+    return _rj("Initializing", rayClusterStatus={"conditions": list(conditions)})
+
+
+_NO_PC = {
+    "type": "ReplicaFailure",
+    "status": "True",
+    "reason": "FailedCreateHeadPod",
+    "message": 'FailedCreateHeadPod\npods "pc-head-x7k2p" is forbidden: no PriorityClass with '
+    "name gold-nope was found",
+}
+
+
+@pytest.mark.parametrize(
+    "condition, phase, reason, deletes",
+    [
+        (_NO_PC, "Failed", "PriorityClassNotFound", True),
+        (
+            _NO_PC
+            | {
+                "reason": "FailedCreateWorkerPod",
+                "message": 'pods "w" is invalid: spec.tolerations[0].effect: Invalid value: '
+                "\"NoSchedule\": effect must be 'NoExecute' when `tolerationSeconds` is set",
+            },
+            "Failed",
+            "PodCreationFailed",
+            True,
+        ),
+        (
+            _NO_PC | {"message": 'pods "h" is forbidden: exceeded quota: gpu, requested: x'},
+            "Starting",
+            "PodQuotaExceeded",
+            False,
+        ),
+        (
+            {"type": "HeadPodReady", "status": "False", "reason": "InvalidImageName"},
+            "Failed",
+            "InvalidImage",
+            True,
+        ),
+        (
+            {"type": "HeadPodReady", "status": "False", "reason": "ImagePullBackOff"},
+            "Starting",
+            "ImagePullBackOff",
+            False,
+        ),
+        (
+            {"type": "HeadPodReady", "status": "False", "reason": "RayClusterPodsProvisioning"},
+            "Starting",
+            "RayClusterStarting",
+            False,
+        ),
+        (
+            _NO_PC | {"status": "False"},  # a cleared failure says nothing
+            "Starting",
+            "RayClusterStarting",
+            False,
+        ),
+    ],
+)
+def test_pods_kubernetes_refuses_say_why(condition, phase, reason, deletes):
+    job = {"metadata": {}, "spec": {"backoffLimit": 3}, "status": {"attempts": 1}}
+    d = decide(job, _cluster(condition), NOW)
+    assert (d.phase, d.reason) == (phase, reason)
+    assert (d.action is Action.STOP_AND_DELETE) == deletes
+    if reason not in ("RayClusterStarting",):
+        assert "hint:" in d.message and "\n" not in d.message
+
+
+def test_missing_priority_class_message_names_it_and_says_recreate():
+    job = {"metadata": {}, "spec": {}, "status": {"attempts": 1}}
+    d = decide(job, _cluster(_NO_PC), NOW)
+    assert "no PriorityClass with name gold-nope was found" in d.message
+    assert "priorityClassName" in d.message and "delete and re-create" in d.message
+
+
+def test_non_kueue_resume_is_starting_not_queued():
+    job = {"metadata": {"labels": {}}, "spec": {"suspend": False}, "status": {"attempts": 1}}
+    # The operator just flipped spec.suspend back; KubeRay still says Suspended.
+    d = decide(job, _rj("Suspended", suspend=True), NOW)
+    assert (d.phase, d.reason) == ("Starting", "RayClusterStarting")
+
+
+def test_unknown_kueue_queue_has_a_reason_and_hint():
+    job = {
+        "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "nope"}},
+        "spec": {},
+        "status": {"attempts": 1},
+    }
+    d = decide(job, _rj("", suspend=True), NOW, queue_problem="no LocalQueue nope (hint: x)")
+    assert (d.phase, d.reason, d.message) == (
+        "Queued",
+        "QueueNotFound",
+        "no LocalQueue nope (hint: x)",
+    )
+
+
+def test_invalid_spec_message_says_delete_and_recreate():
+    job = _job("lora-minimal.yaml")
+    job["spec"]["hyperparameters"] = {"epochs": 1, "maxSteps": 5}
+    s = spec_error_status({}, validate_job(job), NOW, 1)
+    assert "delete and re-create" in s["message"]
+
+
+def test_output_uri_without_bucket_is_invalid():
+    job = _job("lora-minimal.yaml")
+    job["spec"]["output"]["uri"] = "s3://"
+    [err] = validate_job(job)
+    assert err.path == "spec.output.uri" and "bucket" in err.message
+
+
+def test_credentials_in_uris_never_reach_the_configmap():
+    # Admission refuses them in the spec; the operator-wide default is the
+    # operator's own to keep clean.
+    job = _job("chat-s3-secret.yaml")
+    del job["spec"]["output"]["uri"]
+    settings = Settings(
+        trainer_image="example.com/kubetune-trainer:test",
+        default_output_uri="s3://AKIAEXAMPLE:s3cr3t-value@team-models/fine-tunes",
+    )
+    cm = spec_to_configmap(job, settings, 1)
+    text = json.dumps(cm)
+    assert "s3cr3t-value" not in text and "AKIAEXAMPLE" not in text
+    config = json.loads(cm["data"]["config.json"])
+    assert config["storagePrefix"] == "s3://team-models/fine-tunes/team-a/support-bot/0b7c-uid"
+
+
+def test_reader_never_falls_back_to_the_local_filesystem(tmp_path):
+    from kubetune_operator import storage_reader
+
+    with pytest.raises(ValueError, match="no bucket"):
+        storage_reader.read_snapshot("s3:///etc", None, {})
+    with pytest.raises(storage_reader.SchemeNotReadable):
+        storage_reader.read_snapshot(str(tmp_path), None, {})
+    with pytest.raises(storage_reader.SchemeNotReadable):
+        storage_reader.read_snapshot("gs://bucket/x", None, {})
+
+
+# The decision table, one row per situation, kept as a golden file so that any
+# change to what the operator decides shows up as a reviewed diff.
+DECISION_CASES = {
+    "no-rayjob-yet": ({}, {}, None, None),
+    "rayjob-created": ({}, {}, _rj(), None),
+    "cluster-initializing": ({}, {}, _rj("Initializing"), None),
+    "ray-job-pending": ({}, {}, _rj("Running", "PENDING"), None),
+    "running": ({}, {}, _rj("Running", "RUNNING"), None),
+    "suspended-by-spec": ({"suspend": True}, {}, _rj("Suspended", suspend=True), None),
+    "resuming-without-kueue": ({}, {}, _rj("Suspended", suspend=True), None),
+    "queued-in-kueue": ({}, {"kueue.x-k8s.io/queue-name": "q"}, _rj("", suspend=True), None),
+    "queue-does-not-exist": (
+        {},
+        {"kueue.x-k8s.io/queue-name": "q"},
+        _rj("", suspend=True),
+        "namespace team-a has no Kueue LocalQueue q (hint: create it)",
+    ),
+    "succeeded": ({}, {}, _rj("Complete", "SUCCEEDED"), None),
+    "failed-retry-left": ({}, {}, _rj("Failed", "FAILED", message="exit 1"), None),
+    "failed-no-retry-left": ({"backoffLimit": 0}, {}, _rj("Failed", "FAILED"), None),
+    "stopped": ({"backoffLimit": 0}, {}, _rj("Complete", "STOPPED"), None),
+    "kuberay-validation-failed": ({}, {}, _rj("ValidationFailed", message="bad name"), None),
+    "deadline-passed": ({"activeDeadlineSeconds": 60}, {}, _rj("Running", "RUNNING"), None),
+    "missing-priority-class": ({}, {}, _cluster(_NO_PC), None),
+    "quota-exceeded": (
+        {},
+        {},
+        _cluster(_NO_PC | {"message": 'pods "h" is forbidden: exceeded quota: q'}),
+        None,
+    ),
+    "invalid-image": (
+        {},
+        {},
+        _cluster({"type": "HeadPodReady", "status": "False", "reason": "InvalidImageName"}),
+        None,
+    ),
+}
+
+
+def test_decision_table_matches_golden():
+    table = {}
+    for case, (spec, labels, rayjob, queue_problem) in DECISION_CASES.items():
+        job = {
+            "metadata": {"name": "tune", "labels": labels},
+            "spec": {"backoffLimit": 3} | spec,
+            "status": {
+                "attempts": 1,
+                "rayJobName": "tune",
+                "startTime": rfc3339(NOW - timedelta(seconds=100)),
+            },
+        }
+        d = decide(job, rayjob, NOW, queue_problem)
+        table[case] = {
+            "phase": d.phase.value,
+            "reason": d.reason.value,
+            "action": d.action.value,
+            "message": d.message,
+        }
+    _golden("decisions.yaml", table)

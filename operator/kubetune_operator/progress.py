@@ -1,0 +1,91 @@
+"""Storage snapshot (what the trainer wrote) → status.progress, .metrics,
+.checkpoints and .outputs."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+def _round(x: Optional[float], digits: int = 6) -> Optional[float]:
+    return None if x is None else round(float(x), digits)
+
+
+def progress_to_status(snapshot: Optional[dict], keep_last: int = 3) -> dict[str, Any]:
+    """What the trainer wrote under the job's prefix → status.progress, .metrics,
+    .checkpoints, .outputs. `snapshot` comes from storage_reader.read_snapshot."""
+    if not snapshot:
+        return {}
+    out: dict[str, Any] = {}
+    if snapshot.get("prefix"):
+        out["outputs"] = {"prefix": snapshot["prefix"]}
+    rec = snapshot.get("progress")
+    if rec:
+        step = int(rec.get("step") or 0)
+        total = rec.get("totalSteps")
+        progress: dict[str, Any] = {"step": step}
+        if total:
+            progress["totalSteps"] = int(total)
+        for key in ("epoch", "percent"):
+            if rec.get(key) is not None:
+                progress[key] = _round(rec[key], 4)
+        if progress.get("percent") is None and total:
+            progress["percent"] = round(100.0 * step / int(total), 2)
+        if rec.get("etaSeconds") is not None:
+            progress["etaSeconds"] = int(rec["etaSeconds"])
+        progress["display"] = f"{step}/{total}" if total else str(step)
+        out["progress"] = progress
+    rows = snapshot.get("metrics") or []
+    metrics: dict[str, Any] = {}
+    for row in rows:  # oldest first: later rows win
+        for src, dst in (
+            ("loss", "trainLoss"),
+            ("evalLoss", "evalLoss"),
+            ("evalPerplexity", "evalPerplexity"),
+            ("evalTokenAccuracy", "evalTokenAccuracy"),
+            ("tokensPerSecond", "tokensPerSecond"),
+            ("learningRate", "learningRate"),
+        ):
+            if row.get(src) is not None:
+                metrics[dst] = _round(row[src])
+    if rec and rec.get("tokensPerSecond") is not None:
+        metrics["tokensPerSecond"] = _round(rec["tokensPerSecond"])
+    if "trainLoss" in metrics:
+        metrics["displayLoss"] = f"{metrics['trainLoss']:.4f}"
+    elif "evalLoss" in metrics:
+        metrics["displayLoss"] = f"{metrics['evalLoss']:.4f}"
+    if metrics:
+        out["metrics"] = metrics
+    cps = sorted(snapshot.get("checkpoints") or [], key=lambda c: c["step"])
+    if cps:
+        out["checkpoints"] = [
+            {
+                k: v
+                for k, v in {
+                    "step": c["step"],
+                    "uri": c["uri"],
+                    "evalLoss": _round(c.get("evalLoss")),
+                    "time": c.get("createdAt"),
+                }.items()
+                if v is not None
+            }
+            for c in cps[-keep_last:]
+        ]
+    rec_out = snapshot.get("outputs")
+    if rec_out:
+        outputs = out.setdefault("outputs", {})
+        for src, dst in (
+            ("adapter", "adapter"),
+            ("mergedModel", "mergedModel"),
+            ("model", "mergedModel"),
+            ("metrics", "metrics"),
+            ("lossCurve", "lossCurve"),
+        ):
+            if rec_out.get(src) and dst not in outputs:
+                outputs[dst] = rec_out[src]
+        if rec_out.get("finalTrainLoss") is not None:
+            metrics = out.setdefault("metrics", {})
+            metrics.setdefault("trainLoss", _round(rec_out["finalTrainLoss"]))
+            metrics.setdefault("displayLoss", f"{metrics['trainLoss']:.4f}")
+        if rec_out.get("finalEvalLoss") is not None:
+            out.setdefault("metrics", {}).setdefault("evalLoss", _round(rec_out["finalEvalLoss"]))
+    return out

@@ -505,6 +505,11 @@ class Progress(_Model):
     epoch: Optional[float] = None
     percent: Optional[float] = None
     eta_seconds: Optional[int] = None
+    resumed_from: Optional[int] = Field(
+        None,
+        description="The committed checkpoint step the current attempt resumed from "
+        "(after a retry, a suspend or a lost pod); absent when it started fresh.",
+    )
     display: Optional[Text] = Field(None, description="e.g. '120/600' for kubectl get.")
 
 

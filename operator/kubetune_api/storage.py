@@ -133,6 +133,9 @@ class ProgressRecord(_Model):
     eta_seconds: Optional[int] = None
     tokens_per_second: Optional[float] = None
     last_checkpoint: Optional[CheckpointPointer] = None
+    resumed_from: Optional[int] = Field(
+        None, description="Committed checkpoint step this attempt resumed from; None if fresh."
+    )
     attempt: int = 1
     message: Optional[str] = None
     updated_at: str = Field(description="RFC 3339 UTC time of this record.")
@@ -151,6 +154,9 @@ class MetricsRow(_Model):
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None
+    resumed_from: Optional[int] = Field(
+        None, description="On the first row after a resume: the checkpoint step resumed from."
+    )
     time: Optional[str] = None
 
 

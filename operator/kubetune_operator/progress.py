@@ -32,6 +32,8 @@ def progress_to_status(snapshot: Optional[dict], keep_last: int = 3) -> dict[str
             progress["percent"] = round(100.0 * step / int(total), 2)
         if rec.get("etaSeconds") is not None:
             progress["etaSeconds"] = int(rec["etaSeconds"])
+        if rec.get("resumedFrom") is not None:
+            progress["resumedFrom"] = int(rec["resumedFrom"])
         progress["display"] = f"{step}/{total}" if total else str(step)
         out["progress"] = progress
     rows = snapshot.get("metrics") or []

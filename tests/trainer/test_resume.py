@@ -113,6 +113,10 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(tmp_path):
 
     got, want = _rows(prefix), _rows(ref)
     assert sorted(got) == sorted(want)  # every step logged once, none lost or repeated
+    # The resume is on the record: the first row after it and progress.json name the step.
+    assert [s for s, r in got.items() if r.get("resumedFrom")] == [committed + 1], got
+    assert got[committed + 1]["resumedFrom"] == committed
+    assert json.loads((prefix / "progress.json").read_text())["resumedFrom"] == committed
     for step in range(committed + 1, 13):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-6), step
     assert got[12]["evalLoss"] == pytest.approx(want[12]["evalLoss"], rel=1e-5)

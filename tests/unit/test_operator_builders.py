@@ -290,6 +290,13 @@ def test_progress_to_status_golden():
     _golden("status-progress.yaml", out)
 
 
+def test_progress_to_status_shows_the_step_a_resumed_attempt_started_from():
+    rec = {"phase": "Training", "step": 9, "totalSteps": 12, "updatedAt": "x"}
+    assert "resumedFrom" not in progress_to_status({"progress": rec})["progress"]
+    out = progress_to_status({"progress": rec | {"resumedFrom": 6}})
+    assert out["progress"]["resumedFrom"] == 6
+
+
 def test_progress_to_status_outputs():
     out = progress_to_status(
         {

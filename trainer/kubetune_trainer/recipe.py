@@ -65,6 +65,9 @@ class Recipe:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{self.rank}-"))
         self.t_start = time.monotonic()
         self.metrics: list[dict] = []
+        # The committed step this attempt continued from (None: started fresh);
+        # recorded in progress.json and on the first metrics row after it.
+        self.resumed_from: Optional[int] = None
         self.state = {
             "step": 0,
             "best": None,
@@ -116,6 +119,7 @@ class Recipe:
             eta_seconds=eta,
             tokens_per_second=self.tokens_per_second,
             last_checkpoint=self.last_ckpt,
+            resumed_from=self.resumed_from,
             attempt=self.cfg.attempt,
             message=message or self.notice,
             updated_at=now(),
@@ -239,7 +243,7 @@ class Recipe:
             random.setstate(saved["python"])
             if self.use_gpu and saved.get("cuda") is not None:
                 torch.cuda.set_rng_state(saved["cuda"])
-        self.start_step = step
+        self.start_step = self.resumed_from = step
         self.last_ckpt = contract.CheckpointPointer(step=step, uri=self.storage.uri(rel))
         shutil.rmtree(local, ignore_errors=True)
         self.log(f"resumed from committed checkpoint step {step} ({self.last_ckpt.uri})")
@@ -433,6 +437,10 @@ class Recipe:
                 self.log(f"step {step}: eval loss {result['eval_loss']:.4f}")
                 self.early_stopping(result)
             if row is not None and self.rank == 0:
+                if self.resumed_from is not None and all(
+                    r.get("resumed_from") != self.resumed_from for r in self.metrics
+                ):
+                    row["resumed_from"] = self.resumed_from
                 self.metrics.append(row)
                 self.write_metrics()
                 self.log(

@@ -63,7 +63,9 @@ def _job(name: str, bucket, steps: int, every: int) -> dict:
                 "gpusPerWorker": 0,
                 "cpuPerWorker": "350m",
                 "memoryPerWorker": "2560Mi",
-                "head": {"cpu": "700m", "memory": "2Gi"},
+                # The head holds the driver and Ray Train's controller besides
+                # Ray's own processes: at 2Gi Ray's memory monitor killed them.
+                "head": {"cpu": "700m", "memory": "3Gi"},
             },
             "distributed": {"zeroStage": 2},
             "output": {"uri": f"s3://{bucket.bucket}/runs"} | access,
@@ -83,6 +85,14 @@ def staged(cluster, kubetune_operator, cluster_ns, cluster_s3, tmp_path):
     s3.fs.put(str(quickstart.prepare_data(ROOT)), f"{s3.bucket}/data/train.jsonl")
     s3_secret(cluster.plane, cluster_ns, s3)
     return cluster.plane, cluster_ns, s3
+
+
+def _wait(plane, name: str, ns: str, pred, what: str, timeout: float = JOB_TIMEOUT) -> dict:
+    """wait_status that stops early when the job has Failed (and says why)."""
+    st = wait_status(plane, name, ns, lambda s: pred(s) or s.get("phase") == "Failed",
+                     timeout, what)  # fmt: skip
+    assert pred(st), f"{name} Failed while waiting for {what}: {st.get('message')}"
+    return st
 
 
 def _pods(plane, ns: str) -> str:
@@ -125,7 +135,7 @@ def test_lora_zero2_on_two_worker_pods(staged, tmp_path):
     def training(st: dict) -> bool:
         return (st.get("progress") or {}).get("step", 0) >= 1
 
-    wait_status(plane, "pods", ns, training, JOB_TIMEOUT, "the first training step")
+    _wait(plane, "pods", ns, training, "the first training step")
     first_step = time.monotonic() - t0
     pods = _pods(plane, ns)
     EVIDENCE.mkdir(parents=True, exist_ok=True)
@@ -151,9 +161,7 @@ def test_lora_zero2_on_two_worker_pods(staged, tmp_path):
 def test_worker_pod_deleted_after_a_checkpoint_resumes_from_it(staged):
     plane, ns, s3 = staged
     apply(plane, ns, _job("fault", s3, steps=LONG, every=20))
-    st = wait_status(
-        plane, "fault", ns, lambda s: s.get("checkpoints"), JOB_TIMEOUT, "a committed checkpoint"
-    )
+    st = _wait(plane, "fault", ns, lambda s: s.get("checkpoints"), "a committed checkpoint")
     committed = max(c["step"] for c in st["checkpoints"])
     workers = names(plane, "pod", ns, "ray.io/node-type=worker")
     assert len(workers) == 2, workers
@@ -188,7 +196,7 @@ def _metrics(s3, st: dict) -> list[dict]:
 def test_suspend_mid_run_removes_the_pods_and_resume_continues(staged):
     plane, ns, s3 = staged
     apply(plane, ns, _job("pause", s3, steps=LONG, every=20))
-    wait_status(plane, "pause", ns, lambda s: s.get("checkpoints"), JOB_TIMEOUT, "a checkpoint")
+    _wait(plane, "pause", ns, lambda s: s.get("checkpoints"), "a committed checkpoint")
     plane.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p",
                   '{"spec":{"suspend":true}}')  # fmt: skip
     wait_until(

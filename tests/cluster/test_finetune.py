@@ -21,8 +21,8 @@ from operator_support import apply, condition, get, names, s3_secret, status, wa
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT = 900
-# Long enough (a minute or more of steps here) that a fault lands mid-run.
-LONG = 240
+# Long enough that a fault lands mid-run: here ~0.5 steps/s, a checkpoint every 20.
+LONG = 100
 EVIDENCE = ROOT / ".cache" / "cluster-tier"
 
 

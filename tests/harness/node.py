@@ -476,7 +476,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         repo = ref.rsplit(":", 1)[0]
         stale = [i for i in have if i.rsplit(":", 1)[0] == repo and i != ref]
         if stale:
-            self.ctr("images", "rm", *stale, check=False)
+            # --sync: containerd frees the layers and snapshots now, not at some
+            # later garbage collection (each trainer image is ~12 GB unpacked).
+            self.ctr("images", "rm", "--sync", *stale, check=False)
         return time.monotonic() - t0
 
     def _kubelet(self) -> None:

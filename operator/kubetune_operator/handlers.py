@@ -1,17 +1,18 @@
 """kopf wiring only: every decision lives in the pure modules (decide, children, ...)
 and in reconciler (I/O).
 
-One daemon per FineTuneJob runs the reconcile loop; change handlers and
-RayJob events only wake it, so reconciles of one job never overlap.
+The FineTuneJob and RayJob watch streams feed the watch cache and wake jobs in
+the one scheduler (a due-time queue and a few workers, never two reconciles of
+one job at once). The handlers here are raw event handlers, which persist
+nothing: no kopf progress or diff-base annotations are written per job. The
+only kopf-managed handler is the deletion one, behind the operator's finalizer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import Mapping
 
 import kopf
 
@@ -19,10 +20,12 @@ from kubetune_api import models
 from kubetune_api.storage import redact_uris
 
 from . import metrics
+from .cache import WatchCache
 from .children import Settings
 from .names import LABEL_JOB_UID
 from .reconciler import _API_THREADS as API_THREADS
 from .reconciler import Api, KubeRayMissing, Reconciler, Timing
+from .scheduler import Scheduler
 
 KOPF_PREFIX = "kopf.kubetune.io"
 COMPONENT = "kubetune-operator"  # events say "From kubetune-operator"
@@ -30,8 +33,25 @@ FINALIZER = "kubetune.io/finalizer"
 DELETE_WAIT_RETRIES = 30  # x DELETE_WAIT_SECONDS: then the garbage collector finishes
 DELETE_WAIT_SECONDS = 2.0
 
+# Enough to keep the API pool busy; a reconcile waits on API calls, not the CPU.
+RECONCILE_WORKERS = 8
+
+log = logging.getLogger("kubetune.operator")
 _state: dict = {}
-_wakers: dict[str, asyncio.Event] = {}
+_backoff: dict[str, float] = {}  # uid -> the next error backoff, only while failing
+
+
+class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """No diff base at all: no handler here compares an old spec with a new one
+    (watch events drive the reconciles), so storing kopf's
+    `last-handled-configuration` would only cost a PATCH per job. Every event
+    reads as unchanged to kopf, which is all the deletion handler needs."""
+
+    def fetch(self, *, body):
+        return self.build(body=body)
+
+    def store(self, *, body, patch, essence) -> None:
+        return None
 
 
 def settings_from_env() -> tuple[Settings, Timing]:
@@ -95,7 +115,7 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     # A structural status schema prunes kopf's status.kopf: keep its state in
     # annotations under our own prefix, with our own finalizer.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = NoDiffBase(
         prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = FINALIZER
@@ -106,9 +126,13 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     if timeout:
         settings.watching.server_timeout = int(float(timeout))
     job_settings, timing = settings_from_env()
+    cache = WatchCache()
+    scheduler = Scheduler(_run, workers=RECONCILE_WORKERS)
     _state["timing"] = timing
+    _state["cache"] = cache
+    _state["scheduler"] = scheduler
     _state["reconciler"] = Reconciler(
-        Api(_api_client()), job_settings, timing, _event, wake=_wake_if_watched
+        Api(_api_client()), job_settings, timing, _event, wake=_wake_known, cache=cache
     )
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "0") or 0)
     if port and not _state.get("metrics_serving"):
@@ -122,22 +146,61 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     )
 
 
-def _plain(obj):
-    """kopf's read-only body views → plain dicts and lists the reconciler may change."""
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return obj
+def _scheduler() -> Scheduler:
+    """The scheduler, its workers started on first use: from inside a watch
+    handler, so they inherit kopf's per-task context that `kopf.event` needs."""
+    scheduler: Scheduler = _state["scheduler"]
+    if not scheduler.started:
+        scheduler.start()
+    return scheduler
 
 
-def _wake(uid: str) -> None:
-    _wakers.setdefault(uid, asyncio.Event()).set()
+def _wake_known(uid: str) -> None:
+    if "scheduler" in _state and _state["cache"].job(uid) is not None:
+        _scheduler().wake(uid)
 
 
-def _wake_if_watched(uid: str) -> None:
-    if uid in _wakers:
-        _wakers[uid].set()
+def _forget(uid: str) -> None:
+    _state["cache"].drop_job(uid)
+    _state["scheduler"].forget(uid)
+    _state["reconciler"].forget(uid)
+    _backoff.pop(uid, None)
+    metrics.forget(uid)
+
+
+async def _run(uid: str):
+    """One reconcile, for the scheduler: errors become a backoff, never an end."""
+    reconciler: Reconciler = _state["reconciler"]
+    timing: Timing = _state["timing"]
+    try:
+        delay = await reconciler.reconcile(uid)
+    except KubeRayMissing:
+        metrics.ERRORS.labels(kind="kuberay_missing").inc()
+        backoff = _backoff.get(uid, 1.0)
+        log.warning("RayJob CRD not found; retrying in %.0fs", backoff)
+    except Exception:  # noqa: BLE001 - one job's trouble must not stop the others
+        metrics.ERRORS.labels(kind="unexpected").inc()
+        backoff = _backoff.get(uid, 1.0)
+        job = _state["cache"].job(uid) or {"metadata": {}}
+        meta = job["metadata"]
+        log.exception(
+            "reconcile of %s/%s failed; retrying in %.0fs",
+            meta.get("namespace"),
+            meta.get("name"),
+            backoff,
+        )
+    else:
+        _backoff.pop(uid, None)
+        return delay
+    _backoff[uid] = min(backoff * 2, timing.crd_backoff_max)
+    return backoff
+
+
+@kopf.on.cleanup()
+async def stop_scheduler(**_) -> None:
+    scheduler = _state.pop("scheduler", None)
+    if scheduler is not None:
+        await scheduler.stop()
 
 
 @kopf.on.probe(id="reconciler")
@@ -145,62 +208,31 @@ def reconciler_ready(**_) -> bool:
     return "reconciler" in _state
 
 
-@kopf.on.create(models.GROUP, models.VERSION, models.PLURAL, backoff=1)
-@kopf.on.update(models.GROUP, models.VERSION, models.PLURAL, backoff=1)
-@kopf.on.resume(models.GROUP, models.VERSION, models.PLURAL, backoff=1)
-def on_change(uid: str, **_) -> None:
-    _wake(uid)
-
-
 @kopf.on.event(models.GROUP, models.VERSION, models.PLURAL)
-async def on_job_event(type, body, name: str, namespace: str, uid: str, **_) -> None:
-    # A new job's first reconcile runs straight from its watch event, before
-    # kopf's finalizer round trip and the daemon's start: the RayJob's creation
-    # waits for nothing but its own API calls.
-    reconciler: Reconciler | None = _state.get("reconciler")
-    if reconciler is None or type not in ("ADDED", None):
+async def on_job_event(type, body, uid: str, **_) -> None:
+    # A new job is reconciled straight from its ADDED event: the RayJob's
+    # creation waits for nothing but its own API calls (kopf's finalizer patch
+    # runs beside it). Events that bring nothing newer than the cache (our own
+    # status writes, already stored) wake nothing.
+    if "scheduler" not in _state:
         return
-    if (body.get("status") or {}).get("rayJobName") or body["metadata"].get("deletionTimestamp"):
+    if type == "DELETED":
+        _forget(uid)
         return
-    try:
-        await reconciler.reconcile(namespace, name, uid, _plain(body))
-    except Exception:  # noqa: BLE001 - the daemon's loop retries with backoff
-        metrics.ERRORS.labels(kind="first_reconcile").inc()
+    if _state["cache"].put_job(body):
+        _scheduler().wake(uid)
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={LABEL_JOB_UID: kopf.PRESENT})
-def on_rayjob_event(labels, **_) -> None:
-    uid = labels.get(LABEL_JOB_UID)
-    if uid in _wakers:
-        _wakers[uid].set()
-
-
-@kopf.daemon(models.GROUP, models.VERSION, models.PLURAL, id="reconcile", cancellation_timeout=2.0)
-async def reconcile_loop(name: str, namespace: str, uid: str, stopped, logger, **_) -> None:
-    reconciler: Reconciler = _state["reconciler"]
-    timing: Timing = _state["timing"]
-    wake = _wakers.setdefault(uid, asyncio.Event())
-    backoff = 1.0
-    try:
-        while not stopped:
-            wake.clear()
-            try:
-                delay = await reconciler.reconcile(namespace, name, uid)
-                backoff = 1.0
-            except KubeRayMissing:
-                metrics.ERRORS.labels(kind="kuberay_missing").inc()
-                logger.warning("RayJob CRD not found; retrying in %.0fs", backoff)
-                delay, backoff = backoff, min(backoff * 2, timing.crd_backoff_max)
-            except Exception:  # noqa: BLE001 - one job's trouble must not end its loop
-                metrics.ERRORS.labels(kind="unexpected").inc()
-                logger.exception("reconcile failed; retrying in %.0fs", backoff)
-                delay, backoff = backoff, min(backoff * 2, timing.crd_backoff_max)
-            if delay <= 0:
-                continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=delay)
-    finally:
-        _wakers.pop(uid, None)
+async def on_rayjob_event(type, body, labels, name: str, namespace: str, **_) -> None:
+    if "scheduler" not in _state:
+        return
+    cache: WatchCache = _state["cache"]
+    if type == "DELETED":
+        cache.drop_rayjob(namespace, name)
+    elif not cache.put_rayjob(body):
+        return
+    _wake_known(labels.get(LABEL_JOB_UID))
 
 
 @kopf.on.delete(models.GROUP, models.VERSION, models.PLURAL, backoff=2)
@@ -222,3 +254,4 @@ async def stop_ray_job(name: str, namespace: str, uid: str, status, logger, **_)
         )
     reconciler.forget(uid)
     metrics.forget(uid)
+    _backoff.pop(uid, None)

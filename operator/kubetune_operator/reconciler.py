@@ -1,5 +1,5 @@
-"""One reconcile of one FineTuneJob: observe (the job, its RayJob, its Kueue
-queue, the last storage read) → decide (pure, `decide.py`) → act (create,
+"""One reconcile of one FineTuneJob: observe (the job and its RayJob from the
+watch cache, its Kueue queue, the last storage read) → decide (pure, `decide.py`) → act (create,
 patch or delete children) → write status once.
 
 Order matters for restarts: child names are written into status before the
@@ -32,6 +32,7 @@ from kubetune_api.storage import job_prefix, redact_uris, split_uri, strip_useri
 from kubetune_api.validation import SpecError
 
 from . import metrics, storage_reader
+from .cache import WatchCache
 from .children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
 from .decide import decide, ttl_remaining
@@ -80,8 +81,8 @@ class Api:
                 return None
             raise
 
-    def patch_job_status(self, ns: str, name: str, status: dict) -> None:
-        self.custom.patch_namespaced_custom_object_status(
+    def patch_job_status(self, ns: str, name: str, status: dict) -> Optional[Body]:
+        return self.custom.patch_namespaced_custom_object_status(
             models.GROUP, models.VERSION, ns, models.PLURAL, name, {"status": status}
         )
 
@@ -241,8 +242,10 @@ class Reconciler:
         timing: Timing,
         event: EventFn,
         wake: Optional[WakeFn] = None,
+        cache: Optional[WatchCache] = None,
     ):
         self.api = api
+        self.cache = cache if cache is not None else WatchCache()
         self.settings = settings
         self.timing = timing
         self.event = event
@@ -250,8 +253,10 @@ class Reconciler:
         self._storage: dict[str, StorageView] = {}
         self._store_slots: dict[str, asyncio.Semaphore] = {}
         self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
-        self._checked_cache: dict[str, tuple[tuple, list, Optional[Body]]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._checked_cache: dict[str, tuple[tuple, list]] = {}
+        # The attempt whose ConfigMap is known to exist: ConfigMaps are not
+        # watched, so this saves a GET per reconcile (a restart checks once).
+        self._cm_done: dict[str, int] = {}
 
     async def _call(self, fn, *args):
         metrics.API_CALLS.labels(call=fn.__name__).inc()
@@ -278,7 +283,11 @@ class Reconciler:
             meta = job["metadata"]
             # A merge patch: keys we dropped must be sent as null to go away.
             patch = {k: None for k in old if k not in new} | new
-            await self._call(self.api.patch_job_status, meta["namespace"], meta["name"], patch)
+            written = await self._call(
+                self.api.patch_job_status, meta["namespace"], meta["name"], patch
+            )
+            if written:
+                self.cache.put_job(written)
             before = (old.get("phase"), old.get("reason"))
             after = (new.get("phase"), new.get("reason"))
             if before != after and new.get("phase"):
@@ -293,27 +302,34 @@ class Reconciler:
         job["status"] = new
         return new
 
-    async def reconcile(
-        self, ns: str, name: str, uid: str = "", job: Optional[Body] = None
-    ) -> float:
-        """Bring one FineTuneJob a step closer; return seconds until the next look.
-
-        `job`: a body known to be current (the watch's ADDED event of a new job),
-        saving the fresh read. Reconciles of one job never overlap (`uid` lock)."""
+    async def reconcile(self, uid: str) -> Optional[float]:
+        """Bring one FineTuneJob a step closer; return seconds until the next look
+        (None: the job is gone). The caller (the scheduler) never runs two
+        reconciles of one job at once."""
         started = time.perf_counter()
-        lock = self._locks.setdefault(uid or f"{ns}/{name}", asyncio.Lock())
         try:
-            async with lock:
-                return await self._reconcile(ns, name, job)
+            return await self._reconcile(uid)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
-    async def _reconcile(self, ns: str, name: str, job: Optional[Body] = None) -> float:
-        # A fresh (quorum) read: the watch may not have delivered our last write yet.
+    async def _rayjob(self, ns: str, name: str) -> Optional[Body]:
+        """From the watch cache; a GET only for one the watch has not shown yet
+        (an operator just started, or a RayJob deleted by someone else)."""
+        rayjob = self.cache.rayjob(ns, name)
+        if rayjob is None:
+            rayjob = await self._call(self.api.get_rayjob, ns, name)
+            if rayjob is not None:
+                self.cache.put_rayjob(rayjob)
+        return rayjob
+
+    async def _reconcile(self, uid: str) -> Optional[float]:
+        # The watch cache holds our own last write too (see _write_status).
+        job = self.cache.job(uid)
         if job is None:
-            job = await self._call(self.api.get_job, ns, name)
-        if job is None or job["metadata"].get("deletionTimestamp"):
+            return None
+        if job["metadata"].get("deletionTimestamp"):
             return self.timing.idle_seconds
+        ns = job["metadata"]["namespace"]
         old = copy.deepcopy(job.get("status") or {})
         status = copy.deepcopy(old)
         now = _now()
@@ -355,30 +371,47 @@ class Reconciler:
             status |= child_names(job, attempts) | {"attempts": attempts}
         attempts = int(status["attempts"])
 
-        # 2. Children, create-if-absent (a fresh job tries the create first: one
-        # round trip instead of a read and a create).
-        assert cm is not None
-        await self._call(self.api.ensure_configmap, cm, fresh)
-        rayjob = None if fresh else await self._call(self.api.get_rayjob, ns, status["rayJobName"])
-        created = False
-        if rayjob is None:
-            try:
+        # 2. Children, create-if-absent (a fresh job tries the creates first: one
+        # round trip each instead of a read and a create). The ConfigMap and the
+        # RayJob are created side by side: KubeRay needs only the RayJob, and the
+        # Ray Pods wait for the ConfigMap volume by themselves.
+        cm_call = None
+        if self._cm_done.get(uid) != attempts:
+            if cm is None:
+                cm = spec_to_configmap(job, self.settings, attempts)
+            cm_call = asyncio.ensure_future(self._call(self.api.ensure_configmap, cm, fresh))
+        try:
+            rayjob = None if fresh else await self._rayjob(ns, status["rayJobName"])
+            created, missing = False, rayjob is None
+            if missing:
                 rayjob, created = await self._call(
                     self.api.create_rayjob, spec_to_rayjob(job, self.settings, attempts)
                 )
-            except KubeRayMissing:
-                status["conditions"] = set_condition(
-                    status["conditions"],
-                    Cond.KubeRayAvailable,
-                    "False",
-                    Reason.RayJobCRDNotFound,
-                    "the ray.io/v1 RayJob API is not served by this cluster: install the KubeRay "
-                    "operator and its CRDs; retrying with backoff",
-                    now,
-                    gen,
-                )
-                await self._write_status(job, old, status)
-                raise
+                if rayjob is not None:
+                    self.cache.put_rayjob(rayjob)
+        except KubeRayMissing:
+            if cm_call is not None:
+                await asyncio.gather(cm_call, return_exceptions=True)
+            status["conditions"] = set_condition(
+                status["conditions"],
+                Cond.KubeRayAvailable,
+                "False",
+                Reason.RayJobCRDNotFound,
+                "the ray.io/v1 RayJob API is not served by this cluster: install the KubeRay "
+                "operator and its CRDs; retrying with backoff",
+                now,
+                gen,
+            )
+            await self._write_status(job, old, status)
+            raise
+        except BaseException:
+            if cm_call is not None:
+                await asyncio.gather(cm_call, return_exceptions=True)
+            raise
+        if cm_call is not None:
+            await cm_call
+            self._cm_done[uid] = attempts
+        if missing:
             if created:
                 self.event(
                     job,
@@ -392,6 +425,7 @@ class Reconciler:
             patch = rayjob_patch(job, rayjob)
             if patch:
                 rayjob = await self._call(self.api.patch_rayjob, ns, status["rayJobName"], patch)
+                self.cache.put_rayjob(rayjob)
         if get_condition(status, Cond.KubeRayAvailable):
             status["conditions"] = set_condition(
                 status["conditions"],
@@ -438,9 +472,12 @@ class Reconciler:
         return self.timing.poll_seconds
 
     def _checked(self, job: Body, attempts: int) -> tuple[list, Optional[Body]]:
-        """Validate and render the config once per (generation, labels, attempt):
-        the spec only changes with the generation, so every other reconcile
-        reuses the answer instead of parsing the spec again."""
+        """Validate (and render the config, which can fail too) once per
+        (generation, labels, attempt): the spec only changes with the
+        generation, so every other reconcile reuses the answer instead of
+        parsing the spec again. Only the errors are kept (a rendered ConfigMap
+        per job would be most of the operator's memory at a thousand jobs); the
+        ConfigMap rendered by this call is handed back for this reconcile."""
         meta = job["metadata"]
         key = (
             meta.get("generation"),
@@ -449,7 +486,7 @@ class Reconciler:
         )
         cached = self._checked_cache.get(meta["uid"])
         if cached and cached[0] == key:
-            return cached[1], copy.deepcopy(cached[2])
+            return cached[1], None
         errors = validate_job(job, self.settings.default_output_uri)
         cm = None
         if not errors:
@@ -457,8 +494,8 @@ class Reconciler:
                 cm = spec_to_configmap(job, self.settings, attempts)
             except SpecError as exc:
                 errors = exc.errors
-        self._checked_cache[meta["uid"]] = (key, errors, cm)
-        return errors, copy.deepcopy(cm)
+        self._checked_cache[meta["uid"]] = (key, errors)
+        return errors, cm
 
     # ------------------------------------------------------------------ Kueue
 
@@ -661,7 +698,7 @@ class Reconciler:
         """The job is gone: drop its storage view (a running read ends on its own)."""
         self._storage.pop(uid, None)
         self._checked_cache.pop(uid, None)
-        self._locks.pop(uid, None)
+        self._cm_done.pop(uid, None)
 
     async def stop(self, ns: str, name: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).

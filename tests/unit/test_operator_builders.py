@@ -388,10 +388,10 @@ def test_importing_the_package_registers_the_handlers():
         "from kopf._core.intents import registries\n"
         "r = registries.get_default_registry()\n"
         "ids = {h.id for h in r._changing.get_all_handlers()}\n"
-        "ids |= {h.id for h in r._spawning.get_all_handlers()}\n"
+        "ids |= {h.id for h in r._watching.get_all_handlers()}\n"
         "print(sorted(ids))\n"
         "assert kubetune_operator.__file__, 'a namespace package registers nothing'\n"
-        "assert {'reconcile', 'stop_ray_job'} <= ids, ids\n"
+        "assert {'on_job_event', 'on_rayjob_event', 'stop_ray_job'} <= ids, ids\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr

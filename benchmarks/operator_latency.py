@@ -6,11 +6,12 @@ memory next to KubeRay's.
     .venv/bin/python benchmarks/operator_latency.py --background 500 --samples 40 --rss-at 1000
 
 Background FineTuneJobs are created suspended (so are their RayJobs): they
-are present for both operators, every one has its reconcile loop in kubetune,
-but KubeRay builds no Ray cluster for them, which a 2-core machine could not
-hold at this count. Round trips per create: the reconciler's own API calls
-(its `kubetune_api_calls_total` metric) and every write to the FineTuneJob
-(ours and kopf's, as MODIFIED watch events).
+are present for both operators and every one is in kubetune's watch cache and
+scheduler, but KubeRay builds no Ray cluster for them, which a 2-core machine
+could not hold at this count. Round trips per create: the reconciler's own API
+calls (its `kubetune_api_calls_total` metric) and every write to the
+FineTuneJob (ours and kopf's finalizer, as MODIFIED watch events); Kubernetes
+Events are posted by both operators and counted by neither.
 
 Starts the harness's real parts (etcd, kube-apiserver, kube-controller-manager,
 KubeRay) and `kubetune operator` as a process. Latency is measured client

@@ -50,7 +50,7 @@ KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
 
 @dataclass
 class Timing:
-    poll_seconds: float = 10.0  # how often a live job re-reads RayJob + storage
+    poll_seconds: float = 10.0  # how often a live job is looked at without an event
     idle_seconds: float = 300.0  # finished jobs: a slow heartbeat only
     crd_backoff_max: float = 60.0
     storage_timeout_seconds: float = 20.0  # then StorageReadable=False, whatever the store does

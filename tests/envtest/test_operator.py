@@ -561,8 +561,16 @@ def test_kopf_run_module_runs_the_same_operator(kube, namespace, tmp_path):
         rj = _wait_rayjob(kube, "viakopf", namespace)
         assert rj["metadata"]["labels"]["kubetune.io/job-name"] == "viakopf"
         wait_phase(kube, "viakopf", namespace, "Starting")
-        ann = get(kube, "finetunejob", "viakopf", namespace)["metadata"].get("annotations", {})
-        assert any(k.startswith("kopf.kubetune.io/") for k in ann), ann
+        # The startup settings applied under `kopf run` too: our finalizer name
+        # (kopf's default is kopf.zalando.org/KopfFinalizerMarker).
+        wait_until(
+            lambda: (
+                FINALIZER
+                in get(kube, "finetunejob", "viakopf", namespace)["metadata"].get("finalizers", [])
+            ),
+            30,
+            what="the operator's own finalizer",
+        )
     finally:
         op.stop()
         print(op.log_tail(80))

@@ -247,7 +247,7 @@ def main() -> int:
                 f"{args.rss_at} FineTuneJobs with their RayJobs",
             )
             present = args.rss_at
-        time.sleep(5)
+        time.sleep(15)  # settled: both operators have handled every event
         ours_rss = rss_mib(op.proc.pid)
         ray_rss = rss_mib(kuberay.server.proc.pid)
         total = present + args.samples

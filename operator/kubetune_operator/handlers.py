@@ -19,7 +19,7 @@ import kopf
 from kubetune_api import models
 from kubetune_api.storage import redact_uris
 
-from . import metrics
+from . import memory, metrics
 from .cache import WatchCache
 from .children import Settings
 from .names import LABEL_JOB_UID
@@ -125,6 +125,7 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     timeout = os.environ.get("KUBETUNE_WATCH_SERVER_TIMEOUT")
     if timeout:
         settings.watching.server_timeout = int(float(timeout))
+    memory.limit_arenas()
     job_settings, timing = settings_from_env()
     cache = WatchCache()
     scheduler = Scheduler(_run, workers=RECONCILE_WORKERS)
@@ -152,6 +153,7 @@ def _scheduler() -> Scheduler:
     scheduler: Scheduler = _state["scheduler"]
     if not scheduler.started:
         scheduler.start()
+        _state["trim"] = asyncio.get_running_loop().create_task(memory.trim_periodically())
     return scheduler
 
 
@@ -198,6 +200,9 @@ async def _run(uid: str):
 
 @kopf.on.cleanup()
 async def stop_scheduler(**_) -> None:
+    trim = _state.pop("trim", None)
+    if trim is not None:
+        trim.cancel()
     scheduler = _state.pop("scheduler", None)
     if scheduler is not None:
         await scheduler.stop()

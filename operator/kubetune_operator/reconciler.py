@@ -441,9 +441,11 @@ class Reconciler:
         # storage read (a new one starts in the background; nothing waits for it).
         status |= rayjob_to_status(rayjob)
         queue_problem = None
-        if rayjob_state(job, rayjob) == RayJobState.QUEUED:
+        queued = rayjob_state(job, rayjob) == RayJobState.QUEUED
+        if queued:
             queue_problem = await self._queue_problem(job)
-        if trainer_may_have_written(job, rayjob, attempts):
+        reading = trainer_may_have_written(job, rayjob, attempts)
+        if reading:
             self._start_storage_read(job)
         status = self._show_storage(job, status, now, gen)
 
@@ -469,7 +471,12 @@ class Reconciler:
         await self._write_status(job, old, status)
         if status["phase"] in TERMINAL:
             return await self._finished(job, copy.deepcopy(status), status, now)
-        return self.timing.poll_seconds
+        # Only the clock needs a poll: storage to read again, a deadline, a
+        # LocalQueue (not watched). Everything else arrives as a watch event,
+        # so a job that waits (suspended, starting) costs nothing in between.
+        if reading or queued or job["spec"].get("activeDeadlineSeconds"):
+            return self.timing.poll_seconds
+        return self.timing.idle_seconds
 
     def _checked(self, job: Body, attempts: int) -> tuple[list, Optional[Body]]:
         """Validate (and render the config, which can fail too) once per

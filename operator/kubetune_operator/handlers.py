@@ -215,16 +215,20 @@ def reconciler_ready(**_) -> bool:
 
 @kopf.on.event(models.GROUP, models.VERSION, models.PLURAL)
 async def on_job_event(type, body, uid: str, **_) -> None:
-    # A new job is reconciled straight from its ADDED event: the RayJob's
-    # creation waits for nothing but its own API calls (kopf's finalizer patch
-    # runs beside it). Events that bring nothing newer than the cache (our own
-    # status writes, already stored) wake nothing.
+    # A new job is reconciled straight from its ADDED event, in kopf's task for
+    # it: the RayJob's create is sent before kopf's finalizer patch and waits
+    # for nothing but its own API calls. Events that bring nothing newer than
+    # the cache (our own status writes, already stored) wake nothing.
     if "scheduler" not in _state:
         return
     if type == "DELETED":
         _forget(uid)
         return
-    if _state["cache"].put_job(body):
+    if not _state["cache"].put_job(body):
+        return
+    if type == "ADDED" and not (body.get("status") or {}).get("rayJobName"):
+        await _scheduler().run_now(uid)
+    else:
         _scheduler().wake(uid)
 
 

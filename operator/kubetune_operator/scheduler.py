@@ -68,6 +68,17 @@ class Scheduler:
         heapq.heappush(self._heap, (when, uid))
         self._changed.set()
 
+    async def run_now(self, uid: str) -> None:
+        """Run `uid` in the caller's task, now (a new job's first reconcile, from
+        its watch event: no hand-over to a worker, and kopf's own write for the
+        event waits until the RayJob's create is sent). If it is running
+        already, it runs once more right after instead."""
+        if uid in self._running:
+            self._again.add(uid)
+            return
+        self._due.pop(uid, None)  # its heap entry goes stale
+        await self._run_one(uid)
+
     def forget(self, uid: str) -> None:
         self._due.pop(uid, None)
         self._again.discard(uid)
@@ -98,19 +109,22 @@ class Scheduler:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=wait)
                 continue
-            self._running.add(uid)
-            delay: Optional[float] = None
-            try:
-                delay = await self._run(uid)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - run() handles its own; a worker must not die
-                log.exception("reconcile of %s failed", uid)
-                delay = 1.0
-            finally:
-                self._running.discard(uid)
-            if uid in self._again:
-                self._again.discard(uid)
-                delay = 0.0
-            if delay is not None:
-                self.after(uid, delay)
+            await self._run_one(uid)
+
+    async def _run_one(self, uid: str) -> None:
+        self._running.add(uid)
+        delay: Optional[float] = None
+        try:
+            delay = await self._run(uid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - run() handles its own; a worker must not die
+            log.exception("reconcile of %s failed", uid)
+            delay = 1.0
+        finally:
+            self._running.discard(uid)
+        if uid in self._again:
+            self._again.discard(uid)
+            delay = 0.0
+        if delay is not None:
+            self.after(uid, delay)

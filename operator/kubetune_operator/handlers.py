@@ -44,11 +44,16 @@ _backoff: dict[str, float] = {}  # uid -> the next error backoff, only while fai
 class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
     """No diff base at all: no handler here compares an old spec with a new one
     (watch events drive the reconciles), so storing kopf's
-    `last-handled-configuration` would only cost a PATCH per job. Every event
-    reads as unchanged to kopf, which is all the deletion handler needs."""
+    `last-handled-configuration` would only cost a PATCH per job, and building
+    it would deep-copy every watched body (FineTuneJobs and RayJobs) twice per
+    event. Every event reads as unchanged to kopf, which is all the deletion
+    handler needs."""
+
+    def build(self, *, body, extra_fields=None):
+        return {}
 
     def fetch(self, *, body):
-        return self.build(body=body)
+        return {}
 
     def store(self, *, body, patch, essence) -> None:
         return None

@@ -193,10 +193,10 @@ def main() -> int:
         w1.ready.wait()
         writes.ready.wait()
         time.sleep(1)
-        # Wait (up to a minute) until the background has settled (KubeRay's
-        # status updates of the background RayJobs make status writes); what
-        # is left of it is measured and taken out below.
-        for _ in range(12):
+        # Wait (up to three minutes) until the background has settled (KubeRay's
+        # status updates of the background RayJobs make status writes; a loaded
+        # machine needs minutes); what is left of it is measured and taken out.
+        for _ in range(36):
             idle0, t_idle = api_calls(op), time.perf_counter()
             time.sleep(5)
             background_rate = (api_calls(op) - idle0) / (time.perf_counter() - t_idle)

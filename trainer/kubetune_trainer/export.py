@@ -63,7 +63,8 @@ def portable_config(cfg: dict) -> dict:
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         kind = scaling.get("rope_type", "default")
         if kind != "default" and out.get("rope_scaling") is None:
-            out["rope_scaling"] = {**scaling, "type": kind}  # 4.x before 4.45 reads "type"
+            # only keys 5 also knows: it folds rope_scaling back into rope_parameters
+            out["rope_scaling"] = scaling
         if "partial_rotary_factor" in rope:
             out.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
     if "dtype" in cfg:

@@ -107,10 +107,13 @@ def make_portable(folder: Path) -> None:
             _write(folder / "special_tokens_map.json", special_tokens_map(tok_cfg))
 
 
-def merge_adapter(model_path: str, spec, adapter_dir: Path, out: Path) -> None:
+def merge_adapter(
+    model_path: str, spec, adapter_dir: Path, out: Path, parent_adapter: str | None = None
+) -> None:
     """The base model with the adapter merged, as safetensors in the training
     precision, with the tokenizer, chat template, special tokens and generation
-    config, loadable by transformers 4.x and 5.
+    config, loadable by transformers 4.x and 5. `parent_adapter`: merged into the
+    base first, as training merged it before continuing.
 
     The merge itself runs in fp32 on the CPU (W + BA rounded once, at the end),
     then the weights are cast: a bf16 model is half the bytes of fp32 and what
@@ -130,6 +133,8 @@ def merge_adapter(model_path: str, spec, adapter_dir: Path, out: Path) -> None:
     if m.gguf_file:
         kwargs["gguf_file"] = m.gguf_file
     base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if parent_adapter:
+        base = PeftModel.from_pretrained(base, parent_adapter).merge_and_unload()
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     dtype = torch_dtype(spec.hyperparameters.precision)
     merged = merged.to(dtype)

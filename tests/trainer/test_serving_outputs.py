@@ -104,15 +104,23 @@ def _assert_alike(v5: dict, v4: dict, atol: float) -> None:
     assert v4["greedy"] == v5["greedy"] and len(v5["greedy"]) > 0
 
 
-def test_merged_smollm2_is_bf16_and_loads_alike_in_transformers_4(compat_python, tmp_path):
-    from safetensors import safe_open
-
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """An adapter on the shipped SmolLM2-135M-Instruct and the model it merges into."""
     from kubetune_trainer import export
 
     H.prepare_quickstart()
-    adapter = _make_adapter(H.SMOL, tmp_path / "adapter")
-    merged = tmp_path / "merged"
+    root = tmp_path_factory.mktemp("smol")
+    adapter = _make_adapter(H.SMOL, root / "adapter")
+    merged = root / "merged"
     export.merge_adapter(str(H.SMOL), _spec(H.SMOL), adapter, merged)
+    return adapter, merged
+
+
+def test_merged_smollm2_is_bf16_and_loads_alike_in_transformers_4(compat_python, smol, tmp_path):
+    from safetensors import safe_open
+
+    adapter, merged = smol
 
     with safe_open(merged / "model.safetensors", "pt") as f:
         dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118

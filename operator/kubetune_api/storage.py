@@ -8,7 +8,8 @@ Everything a job produces lives under one prefix, `job_prefix(...)`:
     {prefix}/checkpoints/step-00000200/...     checkpoint files
     {prefix}/checkpoints/step-00000200/manifest.json   CheckpointManifest, written LAST
     {prefix}/outputs.json                      OutputsRecord, once the job is done
-    {prefix}/adapter/ , {prefix}/merged/       final artifacts
+    {prefix}/adapter/ , {prefix}/merged/       final artifacts (a full fine-tune: model/),
+                                               each described in outputs.json's `artifacts`
     {prefix}/loss.png                          loss curve
 
 A checkpoint exists only once its manifest exists: a crash mid-upload leaves
@@ -35,6 +36,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 ADAPTER = "adapter"
 MERGED = "merged"
+FULL_MODEL = "model"
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
@@ -171,6 +173,32 @@ class CheckpointManifest(_Model):
     created_at: str
 
 
+class OutputKind(str, Enum):
+    adapter = "adapter"  # LoRA weights; load on top of the base model
+    merged = "merged"  # the base model with the adapter merged in
+    full = "full"  # a full fine-tune's model
+
+
+class OutputFormat(str, Enum):
+    # config.json, safetensors weights, tokenizer files, generation_config.json:
+    # AutoModelForCausalLM / vLLM / KServe's Hugging Face runtime load the folder
+    huggingface = "huggingface-safetensors"
+    # adapter_config.json + adapter_model.safetensors: peft, vLLM's --lora-modules
+    peft_lora = "peft-lora-safetensors"
+
+
+class ServableOutput(_Model):
+    """One folder a serving engine can load, as outputs.json's `artifacts` lists it."""
+
+    kind: OutputKind
+    uri: str
+    format: OutputFormat
+    precision: str = Field(description="dtype of the saved weights: bf16, fp16 or fp32.")
+    base_model: str = Field(description="The model the job started from (id@revision or URI).")
+    lora_rank: Optional[int] = Field(None, description="Adapters: r (vLLM's --max-lora-rank).")
+    files: list[str] = Field(default_factory=list, description="Paths relative to uri.")
+
+
 class OutputsRecord(_Model):
     adapter: Optional[str] = None
     merged_model: Optional[str] = None
@@ -183,6 +211,20 @@ class OutputsRecord(_Model):
     final_train_loss: Optional[float] = None
     steps: Optional[int] = None
     stopped_early: bool = False
+    artifacts: list[ServableOutput] = Field(
+        default_factory=list, description="What each saved folder is and how to load it."
+    )
+
+
+def outputs_record(record: OutputsRecord, sections: Mapping[str, object]) -> OutputsRecord:
+    """outputs.json: the training summary plus named sections, one per part of the
+    trainer that produced something (`artifacts`, ...). A new section is a new
+    field of OutputsRecord and one more entry in the trainer's dict; an unknown
+    name is refused rather than written where no reader looks."""
+    unknown = sorted(set(sections) - set(OutputsRecord.model_fields))
+    if unknown:
+        raise ValueError(f"outputs.json has no section {unknown}: add it to OutputsRecord")
+    return OutputsRecord.model_validate({**record.model_dump(), **sections})
 
 
 # ---------------------------------------------------------------------------- credentials

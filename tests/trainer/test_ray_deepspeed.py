@@ -56,6 +56,20 @@ def _read(config, name):
     return _json(path) if os.path.exists(path) else None
 
 
+def _generates(folder: str) -> None:
+    """A saved model folder loads with plain transformers and completes a chat."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+
+
 def test_two_workers_zero2_records_and_retention(ray_local, tiny, tmp_path):
     model, data = tiny
     cfg = H.trainer_config(
@@ -136,15 +150,35 @@ def test_zero3_offload_lora_adapter_has_real_tensors_and_merges(ray_local, tiny,
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained
 
     merged_dir = outputs["mergedModel"].removeprefix("file://")
-    assert os.path.exists(os.path.join(merged_dir, "model.safetensors"))
-    assert os.path.exists(os.path.join(merged_dir, "tokenizer.json"))
+    for name in ("tokenizer.json", "special_tokens_map.json", "generation_config.json"):
+        assert os.path.exists(os.path.join(merged_dir, name)), name
+    # saved in the training precision (bf16), described in outputs.json
+    weights = load_file(os.path.join(merged_dir, "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    kinds = {a["kind"]: a for a in outputs["artifacts"]}
+    assert sorted(kinds) == ["adapter", "merged"]
+    assert kinds["merged"]["uri"] == outputs["mergedModel"]
+    assert kinds["merged"]["format"] == "huggingface-safetensors"
+    assert (
+        kinds["adapter"]["format"] == "peft-lora-safetensors" and kinds["adapter"]["loraRank"] == 4
+    )
+    assert all(a["precision"] == "bf16" and a["baseModel"] == str(model) for a in kinds.values())
+    assert "model.safetensors" in kinds["merged"]["files"]
+    assert "adapter_model.safetensors" in kinds["adapter"]["files"]
+
     x = torch.tensor([[1, 5, 200, 3000, 17, 42]])
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         a, b = with_adapter(input_ids=x).logits, merged(input_ids=x).logits
-    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+        # the fp32 merge, rounded once to bf16
+        rounded = with_adapter.merge_and_unload().to(torch.bfloat16).float()
+        c = rounded(input_ids=x).logits
+        out = merged.generate(input_ids=x, max_new_tokens=4, do_sample=False)
+    assert torch.allclose(b, c, atol=1e-5), (b - c).abs().max()
+    assert torch.allclose(a, b, atol=0.05), (a - b).abs().max()  # bf16 rounding only
+    assert out.shape[1] == x.shape[1] + 4
 
 
 def test_full_finetune_zero1_learns_and_stops_early(ray_local, tiny, tmp_path):
@@ -186,6 +220,10 @@ def test_full_finetune_zero1_learns_and_stops_early(ray_local, tiny, tmp_path):
     outputs = _read(cfg, "outputs.json")
     assert outputs["model"].endswith("/model")
     assert os.path.exists(_local(cfg, "model", "model.safetensors"))
+    [full] = outputs["artifacts"]
+    assert full["kind"] == "full" and full["uri"] == outputs["model"]
+    assert full["precision"] == "fp32" and "special_tokens_map.json" in full["files"]
+    _generates(_local(cfg, "model"))
     # no accuracy gain of 0.5 between two evaluations: stops at the second one
     assert outputs["stoppedEarly"] is True and outputs["steps"] == 10
     assert outputs["finalEvalLoss"] < outputs["initialEvalLoss"] - 1.0

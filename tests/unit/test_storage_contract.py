@@ -69,3 +69,36 @@ def test_trainer_config_needs_an_output_somewhere():
         spec_to_trainer_config(job)
     config = spec_to_trainer_config(job, default_output_uri="file:///tmp/runs")
     assert config["storagePrefix"] == "file:///tmp/runs/default/quickstart/local"
+
+
+def test_outputs_record_sections_are_declared_fields():
+    from kubetune_api.storage import OutputsRecord, ServableOutput, outputs_record
+
+    merged = ServableOutput(
+        kind="merged",
+        uri="s3://b/p/merged",
+        format="huggingface-safetensors",
+        precision="bf16",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        files=["config.json", "model.safetensors"],
+    )
+    record = outputs_record(
+        OutputsRecord(merged_model=merged.uri, steps=3), {"artifacts": [merged]}
+    )
+    doc = record.to_dict()
+    assert doc["mergedModel"] == "s3://b/p/merged" and doc["steps"] == 3
+    assert doc["artifacts"] == [
+        {
+            "kind": "merged",
+            "uri": "s3://b/p/merged",
+            "format": "huggingface-safetensors",
+            "precision": "bf16",
+            "baseModel": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "files": ["config.json", "model.safetensors"],
+        }
+    ]
+    assert OutputsRecord.model_validate(json.loads(json.dumps(doc))) == record  # round trip
+    with pytest.raises(ValueError, match="no section"):
+        outputs_record(OutputsRecord(), {"evaluation": {}})
+    with pytest.raises(ValueError, match="kind"):
+        outputs_record(OutputsRecord(), {"artifacts": [{**doc["artifacts"][0], "kind": "gguf"}]})

@@ -28,6 +28,7 @@ from kubetune_api import load_trainer_config
 from kubetune_api import storage as contract
 
 from . import data as D
+from . import export
 from . import model as M
 from .storage import BackgroundWriter, JobStorage, now
 
@@ -365,6 +366,7 @@ class Recipe:
             if self.rank == 0:
                 module.save_pretrained(str(path), safe_serialization=True)
                 self.tokenizer.save_pretrained(str(path))
+                export.make_portable(path)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -484,27 +486,33 @@ class Recipe:
             stopped_early=self.state["stopped_early"],
         )
         local = self.tmp / "final"
+        artifacts: list[contract.ServableOutput] = []
+
+        def publish(kind: contract.OutputKind, rel: str) -> str:
+            self.storage.upload_dir(local / rel, rel)
+            uri = self.storage.uri(rel)
+            artifacts.append(export.describe(kind.value, uri, self.spec, local / rel))
+            return uri
+
         if self.spec.method.type == "full":
-            self.save_full_model(local / "model")
+            self.save_full_model(local / contract.FULL_MODEL)
             if self.rank == 0:
-                self.storage.upload_dir(local / "model", "model")
-                outputs.model = self.storage.uri("model")
+                outputs.model = publish(contract.OutputKind.full, contract.FULL_MODEL)
         else:
             self.save_adapter(local / contract.ADAPTER)
             if self.rank == 0:
                 self.tokenizer.save_pretrained(str(local / contract.ADAPTER))
-                self.storage.upload_dir(local / contract.ADAPTER, contract.ADAPTER)
-                outputs.adapter = self.storage.uri(contract.ADAPTER)
+                export.finish_adapter(local / contract.ADAPTER)
+                outputs.adapter = publish(contract.OutputKind.adapter, contract.ADAPTER)
                 if self.spec.output.merge_adapter:
                     self.progress(contract.TrainPhase.saving, "merging the adapter")
-                    merge_adapter(
+                    export.merge_adapter(
                         self.model_path,
                         self.spec,
                         local / contract.ADAPTER,
                         local / contract.MERGED,
                     )
-                    self.storage.upload_dir(local / contract.MERGED, contract.MERGED)
-                    outputs.merged_model = self.storage.uri(contract.MERGED)
+                    outputs.merged_model = publish(contract.OutputKind.merged, contract.MERGED)
         if self.rank == 0:
             if plot_loss(self.metrics, local / contract.LOSS_CURVE):
                 self.storage.fs.put_file(
@@ -512,30 +520,11 @@ class Recipe:
                 )
                 outputs.loss_curve = self.storage.uri(contract.LOSS_CURVE)
             self.writer.flush()
-            self.storage.write_record(contract.OUTPUTS, outputs)
+            sections = {"artifacts": artifacts}
+            self.storage.write_record(contract.OUTPUTS, contract.outputs_record(outputs, sections))
             self.progress(contract.TrainPhase.succeeded)
         self.barrier()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def merge_adapter(model_path: str, spec, adapter_dir: Path, out: Path) -> None:
-    """The base model (full precision, on CPU) with the adapter merged, as safetensors."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    m = spec.model
-    kwargs = {
-        "revision": m.revision,
-        "trust_remote_code": m.trust_remote_code,
-        "dtype": torch.float32,
-    }
-    if m.gguf_file:
-        kwargs["gguf_file"] = m.gguf_file
-    base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out))
 
 
 def plot_loss(rows: list[dict], path: Path) -> bool:

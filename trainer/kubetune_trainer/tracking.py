@@ -149,6 +149,7 @@ class MlflowTracker:
             tracking_uri=settings.tracking_uri, reachable=False, updated_at=now()
         )
         self.artifact_uri: Optional[str] = None
+        self.closing = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kubetune-mlflow", daemon=True)
         self.thread.start()
 
@@ -179,19 +180,27 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED", wait: float = CLOSE_SECONDS) -> None:
         """End the run; wait at most `wait` seconds, then leave the thread behind."""
-        self._put(("end", status))
-        self._put(("stop",))
-        self.thread.join(timeout=wait)
+        deadline = time.monotonic() + wait
+        if not self.disabled:
+            try:  # the end of the run is worth a wait for room, within the bound
+                self.queue.put(("end", status), timeout=wait)
+            except queue.Full:
+                self.dropped += 1
+        self.closing.set()
+        self.thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.thread.is_alive():
             self._fail(f"gave up after {wait:g}s waiting for the tracking server")
 
     # ---------------------------------------------------------------- the thread
     def _run(self) -> None:
         while True:
-            item = self.queue.get()
-            if item[0] == "stop":
-                self._state()
-                return
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if self.closing.is_set():
+                    self._state()
+                    return
+                continue
             if self.disabled or (item[0] != "start" and not self.record.run_id):
                 continue
             try:

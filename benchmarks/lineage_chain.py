@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import common
@@ -89,13 +90,21 @@ def kubetune_run(work: Path, job: dict, timeout: float = 900) -> str:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     kubetune = Path(sys.executable).parent / "kubetune"
-    proc = subprocess.run(
-        [str(kubetune), "run", path.name],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    for attempt in (1, 2):
+        proc = subprocess.run(
+            [str(kubetune), "run", path.name],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        # Ray gives its raylet a fixed 30 s to register; on a loaded machine a
+        # fresh local Ray right after the previous one can miss it. The CLI
+        # says so and that running again tries again: that is what a person does.
+        if attempt == 1 and "the local Ray did not start" in proc.stderr:
+            time.sleep(10)
+            continue
+        break
     if proc.returncode != 0:
         raise RuntimeError(
             f"{name}: kubetune run exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

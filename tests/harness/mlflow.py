@@ -70,7 +70,7 @@ class MlflowServer:
             log_dir,
         )
 
-    def start(self, timeout: float = 180) -> MlflowServer:
+    def start(self, timeout: float = 420) -> MlflowServer:
         self.server.start()
 
         def ready() -> bool:

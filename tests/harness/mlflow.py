@@ -78,6 +78,15 @@ class MlflowServer:
                 return r.status == 200
 
         self.server.wait_ready(ready, timeout, "ready (/health)")
+
+        # The backend store is opened (and its schema migrated) on the first API
+        # request, which can take many seconds: ready means that is done.
+        def store_ready() -> bool:
+            url = f"{self.url}/api/2.0/mlflow/experiments/search?max_results=1"
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status == 200
+
+        self.server.wait_ready(store_ready, timeout, "ready (its store answers)")
         return self
 
     def stop(self) -> None:

@@ -3,7 +3,8 @@
 Everything goes through one bounded queue drained by a daemon thread: the
 training step only enqueues (never waits on the network), a full queue drops
 the event and counts it, every request has a timeout, and after a few failures
-in a row the tracker stops trying for the rest of the run. The state (run id,
+in a row (or a run that could not be started in as many tries) the tracker
+stops trying for the rest of the run. The state (run id,
 URL, whether the server answered and why not) goes to tracking.json, which the
 operator shows as status.tracking and the TrackingReachable condition.
 """
@@ -226,7 +227,19 @@ class MlflowTracker:
         except Exception as exc:  # noqa: BLE001
             self.say(f"could not write {contract.TRACKING}: {exc}")
 
-    def _do_start(self, run_name, params, tags, run_id) -> None:
+    def _do_start(self, *args) -> None:
+        """A few tries: a server just started may take a while to answer its first
+        request; a refused connection fails each try at once."""
+        for attempt in range(1, MAX_FAILURES + 1):
+            try:
+                return self._start(*args)
+            except TrackingError as exc:
+                if attempt == MAX_FAILURES or self.closing.is_set():
+                    raise
+                self._fail(str(exc)[:1000])
+                time.sleep(1.0)
+
+    def _start(self, run_name, params, tags, run_id) -> None:
         c = self.client
         exp = c.experiment_id(self.settings.experiment)
         run = None

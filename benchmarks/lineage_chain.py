@@ -6,7 +6,8 @@ keep of set 1?).
     .venv/bin/python benchmarks/lineage_chain.py            # SmolLM2-135M, ~3 min on 2 CPUs
     .venv/bin/python benchmarks/lineage_chain.py --steps 20 --work /tmp/chain
 
-tests/trainer/test_lineage.py runs the same chain on a tiny model.
+tests/trainer/test_lineage.py runs the same chain on a tiny model. Both jobs run
+in this process on one local Ray, as `kubetune run` runs them after its checks.
 """
 
 from __future__ import annotations
@@ -79,42 +80,48 @@ def chain_jobs(model: str, data: dict[str, tuple[str, str]], steps: int, lr: flo
     return [job("chain-a", *data["set1"]), job("chain-b", *data["set2"], fromJob="chain-a")]
 
 
-def kubetune_run(work: Path, job: dict, timeout: float = 900) -> str:
-    """`kubetune run` in its own process (a fresh local Ray each time), from
-    `work`; its console output; raises when it fails."""
-    import subprocess
+def start_ray() -> None:
+    """One local Ray for both jobs (a fit costs ~15 s of Ray start otherwise)."""
+    import ray
 
-    import yaml
+    from kubetune_trainer.driver import ensure_env
 
-    name = job["metadata"]["name"]
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    kubetune = Path(sys.executable).parent / "kubetune"
-    for attempt in (1, 2):
-        proc = subprocess.run(
-            [str(kubetune), "run", path.name],
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        # Ray gives its raylet a fixed 30 s to register; on a loaded machine a
-        # fresh local Ray right after the previous one can miss it. The CLI
-        # says so and that running again tries again: that is what a person does.
-        if attempt == 1 and "the local Ray did not start" in proc.stderr:
-            time.sleep(10)
-            continue
-        break
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{name}: kubetune run exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc.stdout
+    ensure_env()
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception:  # noqa: BLE001
+        # Ray gives its raylet a fixed 30 s to register, which a loaded machine
+        # can miss; once more, as `kubetune run` advises.
+        ray.shutdown()
+        time.sleep(5)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def train(work: Path, job: dict) -> tuple[Path, str]:
+    """What `kubetune run` does after its checks, on the Ray this process holds:
+    fromJob resolved under work/runs, then the driver. (prefix, its summary)."""
+    from kubetune_api import load_trainer_config, spec_to_trainer_config
+    from kubetune_trainer.driver import run
+    from kubetune_trainer.local import local_parent, summary
+    from kubetune_trainer.storage import JobStorage
+
+    out = (work / "runs").as_uri()
+    parent, problem = local_parent(job, out)
+    if problem:
+        raise RuntimeError(problem)
+    config = load_trainer_config(spec_to_trainer_config(job, default_output_uri=out, parent=parent))
+    errors: list[str] = []
+    if run(config, quiet=True, log=errors.append) != 0:
+        raise RuntimeError(f"{job['metadata']['name']} failed: {' '.join(errors)}")
+    storage = JobStorage(config.storage_prefix)
+    return Path(storage.root), summary(storage)
 
 
 def run_chain(work: Path, model: str, steps: int, lr: float, set1: list, set2: list) -> dict:
-    """Run both jobs with `kubetune run` under work/runs; returns their
-    prefixes, run records and outputs."""
+    """Train both jobs (one local Ray) under work/runs; returns their prefixes,
+    run records and outputs."""
     n1, n2 = len(set1) // 8, len(set2) // 8
     data = {
         "set1": (
@@ -127,11 +134,10 @@ def run_chain(work: Path, model: str, steps: int, lr: float, set1: list, set2: l
         ),
     }
     result: dict = {"data": data, "jobs": {}}
+    start_ray()
     for job in chain_jobs(model, data, steps, lr):
-        name = job["metadata"]["name"]
-        console = kubetune_run(work, job)
-        prefix = work / "runs" / "default" / name / "local"
-        result["jobs"][name] = {
+        prefix, console = train(work, job)
+        result["jobs"][job["metadata"]["name"]] = {
             "prefix": prefix,
             "run": json.loads((prefix / "run.json").read_text()),
             "outputs": json.loads((prefix / "outputs.json").read_text()),

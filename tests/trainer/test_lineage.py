@@ -1,7 +1,8 @@
 """Lineage and continuing a fine-tune, on a local Ray with a tiny model.
 
-A chain of two `kubetune run` jobs (benchmarks/lineage_chain.py, the same code
-the benchmark prints its table with): chain-a on data set 1, chain-b
+A chain of two jobs run as `kubetune run` runs them after its checks, on one
+local Ray (benchmarks/lineage_chain.py, the same code the benchmark prints its
+table with): chain-a on data set 1, chain-b
 `fromJob: chain-a` on data set 2. Their run records link; chain-b starts
 from chain-a's adapter (its loss before training is chain-a's) and learns set
 2. The same inputs under another job name hash the same; a parent that has
@@ -30,7 +31,10 @@ def chain(tmp_path_factory):
     result = C.run_chain(work, model, 8, 1e-2, H.chat_rows(64), C.data_set_2(64))
     table = C.losses(model, result)
     C.print_report(result, table)  # the table, with -s
-    return work, model, result, table
+    yield work, model, result, table
+    import ray
+
+    ray.shutdown()
 
 
 def test_run_records_link_the_chain(chain):

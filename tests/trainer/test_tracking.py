@@ -1,7 +1,8 @@
 """MLflow tracking against a real MLflow server (the PyPI package in its own
 venv, SQLite store, local artifact root), read back with MLflow's own client;
-and a server that is down, which must not fail the run. Two Ray fits (each
-`kubetune run` in its own process) and one blackholed server without Ray.
+and a server that is down, which must not fail the run. Two Ray fits on one
+local Ray (as `kubetune run` runs a job after its checks) and one blackholed
+server without Ray.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ def work(tmp_path_factory):
     H.tiny_model(work / "models/tiny")
     (work / "data").mkdir()
     H.write_jsonl(work / "data/chat.jsonl", H.chat_rows(48))
-    return work
+    C.start_ray()
+    yield work
+    import ray
+
+    ray.shutdown()
 
 
 def _job(work, name: str, tracking_uri: str) -> dict:
-    job = H.job(work / "models/tiny", work / "data/chat.jsonl", "runs", name=name)
-    del job["metadata"]["uid"]  # `kubetune run` writes under .../local
+    job = H.job(work / "models/tiny", work / "data/chat.jsonl", "unused", name=name)
+    del job["metadata"]["uid"]  # as `kubetune run`: under ./runs/default/NAME/local
+    del job["spec"]["output"]
     job["spec"]["tracking"] = {"mlflow": {"trackingUri": tracking_uri, "experiment": "kt-tests"}}
     return job
 
@@ -52,7 +58,7 @@ def _prefix(work, name: str):
 
 
 def test_the_mlflow_run_of_a_kubetune_run(work, mlflow_server):
-    console = C.kubetune_run(work, _job(work, "tracked", mlflow_server.url))
+    _, console = C.train(work, _job(work, "tracked", mlflow_server.url))
     prefix = _prefix(work, "tracked")
     tracking = json.loads((prefix / "tracking.json").read_text())
     assert tracking["reachable"] is True, tracking
@@ -85,7 +91,7 @@ def test_the_mlflow_run_of_a_kubetune_run(work, mlflow_server):
 
 def test_a_tracking_server_that_is_down_does_not_fail_the_run(work):
     down = f"http://{LOOPBACK}:{free_port()}"  # nothing listens there
-    console = C.kubetune_run(work, _job(work, "untracked", down))
+    _, console = C.train(work, _job(work, "untracked", down))
     prefix = _prefix(work, "untracked")
     assert json.loads((prefix / "progress.json").read_text())["phase"] == "Succeeded"
     assert json.loads((prefix / "outputs.json").read_text())["steps"] == 6

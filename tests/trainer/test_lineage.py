@@ -103,6 +103,7 @@ def test_from_checkpoint_finds_the_adapter_and_its_run_record(chain):
     ckpt = a["prefix"] / "checkpoints" / "step-00000008"
     job = C.chain_jobs(model, result["data"], 8, 1e-2)[1]
     job["spec"]["model"] = {"uri": model, "fromCheckpoint": str(ckpt), "mergeParent": True}
+    job["spec"]["output"] = {"uri": str(work / "runs")}
     config = H.trainer_config(job | {"metadata": {"name": "c", "uid": "u"}})
     parent = P.resolve(config)
     assert parent.kind == "adapter" and parent.merge
@@ -124,14 +125,17 @@ def test_merge_parent_starts_a_new_adapter_on_the_merged_model(chain):
     from kubetune_trainer import model as M
     from kubetune_trainer import parent as P
 
-    _, model, result, _ = chain
+    work, model, result, _ = chain
     a = result["jobs"]["chain-a"]
     job = C.chain_jobs(model, result["data"], 8, 1e-2)[1]
     job["spec"]["model"] = {"uri": model, "fromJob": "chain-a", "mergeParent": True}
     parent_ref = {"name": "chain-a", "uid": "local", "uri": a["prefix"].as_uri()}
     from kubetune_api import load_trainer_config, spec_to_trainer_config
 
-    config = load_trainer_config(spec_to_trainer_config(job, parent=parent_ref))
+    out = (work / "runs").as_uri()
+    config = load_trainer_config(
+        spec_to_trainer_config(job, default_output_uri=out, parent=parent_ref)
+    )
     parent = P.resolve(config)
     merged = M.load_model(config.spec, model, False, parent)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)

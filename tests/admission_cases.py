@@ -35,6 +35,8 @@ FULL_SPEC: dict[str, Any] = {
         "endpoint": "https://minio.example:9000",
         "region": "us-east-1",
         "secretRef": {"name": "s3-creds"},
+        "fromJob": "chat-v1",
+        "mergeParent": True,
     },
     "dataset": {
         "train": {"uri": "s3://bucket/train.jsonl"},
@@ -107,6 +109,13 @@ FULL_SPEC: dict[str, Any] = {
         "endpoint": "https://minio.example:9000",
         "region": "us-east-1",
         "secretRef": {"name": "s3-creds"},
+    },
+    "tracking": {
+        "mlflow": {
+            "trackingUri": "https://mlflow.example:5000",
+            "experiment": "chat",
+            "secretRef": {"name": "mlflow-creds"},
+        }
     },
     "suspend": False,
     "backoffLimit": 3,
@@ -491,6 +500,43 @@ def _written() -> list[Case]:
     add("top:unknown-field", job(name="t-unknown", extra=1), "extra")
     add("top:spec-list", job(spec=[], name="t-spec-list"), "spec")
     add("top:spec-missing", {**API, "metadata": {"name": "t-nospec"}}, "spec")
+
+    # continuing from a parent, and tracking
+    def model(**fields) -> dict:
+        spec = copy.deepcopy(FULL_SPEC)
+        spec["model"] = {k: v for k, v in {**spec["model"], **fields}.items() if v is not None}
+        return job(spec)
+
+    add("parent:checkpoint", model(fromJob=None, fromCheckpoint="s3://bucket/ft/a/checkpoints"))
+    add("parent:continue-adapter", model(mergeParent=False))
+    add(
+        "parent:both",
+        model(fromCheckpoint="s3://bucket/a/checkpoints/step-00000200"),
+        "spec.model.fromCheckpoint",
+    )
+    add("parent:merge-without-parent", model(fromJob=None), "spec.model.mergeParent")
+    add("parent:job-name-invalid", model(fromJob="Chat_V1"), "spec.model.fromJob")
+    add(
+        "parent:checkpoint-credentials",
+        model(fromJob=None, fromCheckpoint="s3://KEY:SECRET@bucket/a"),
+        "spec.model.fromCheckpoint",
+    )
+    add("parent:no-base-model", model(name=None, revision=None, ggufFile=None), "spec.model")
+    qlora = copy.deepcopy(FULL_SPEC)
+    qlora["method"]["type"] = "qlora"
+    add("parent:merge-into-qlora", job(qlora), "spec.model.mergeParent")
+    for cid, mlflow, where in (
+        ("tracking:uri-not-http", {"trackingUri": "ftp://mlflow.example"}, "trackingUri"),
+        ("tracking:uri-credentials", {"trackingUri": "https://u:p@mlflow.example"}, "trackingUri"),
+        ("tracking:uri-missing", {"experiment": "chat"}, "trackingUri"),
+        (
+            "tracking:secret-name-invalid",
+            {"trackingUri": "http://m", "secretRef": {"name": "A_B"}},
+            "secretRef.name",
+        ),
+    ):
+        add(cid, mutate("spec.tracking.mlflow", mlflow), f"spec.tracking.mlflow.{where}")
+    add("tracking:none", mutate("spec.tracking", DELETE))
     # cross-field rules through every generated mutation stay covered by rules tests;
     # here: the values a person is likely to try
     add(
@@ -707,6 +753,9 @@ _safe(("yaml:small-alias",), "an alias used once: an ordinary YAML feature")
 _safe(("yaml:utf16",), "UTF-16 with a byte-order mark is read by both")
 _safe(("yaml:binary-tag",), "annotations are free text; the bytes arrive decoded")
 _safe(("rule:lora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
+_safe(("parent:checkpoint",), "a checkpoint URI as the parent, with the base model named")
+_safe(("parent:continue-adapter",), "fromJob without mergeParent: the parent's adapter continues")
+_safe(("tracking:none",), "tracking is optional")
 
 
 def safe_reason(case: Case) -> Optional[str]:
@@ -727,6 +776,8 @@ GENERATED_SAFE: dict[str, str] = {
     ":at-max": "the bound is inclusive: the value is in range",
     "uri:space-inside": "spaces are legal in object keys and file names",
     "ggufFile:space-inside": "spaces are legal in file names",
+    "fromCheckpoint:space-inside": "spaces are legal in object keys and file names",
+    "experiment:space-inside": "MLflow experiment names may hold spaces",
     "tolerations[0].value:empty": "Kubernetes allows an empty toleration value: it matches "
     "taints that have no value",
 }

@@ -76,6 +76,11 @@ PriorityClassName = Annotated[
     checks.dns_subdomain("PriorityClass", "high-priority"),
 ]
 ImageRef = Annotated[str, Field(max_length=checks.IMAGE_MAX), checks.IMAGE]
+JobName = Annotated[
+    str,
+    Field(max_length=checks.DNS_SUBDOMAIN_MAX),
+    checks.dns_subdomain("FineTuneJob in the same namespace", "chat-v1"),
+]
 ResourceName = Annotated[str, Field(max_length=checks.QUALIFIED_NAME_MAX), checks.GPU_RESOURCE_NAME]
 LabelValue = Annotated[str, Field(max_length=checks.LABEL_VALUE_MAX), checks.LABEL_VALUE]
 
@@ -134,6 +139,24 @@ class ModelSource(StorageAccess):
     )
     token_secret_ref: Optional[SecretRef] = Field(
         None, description="Secret with key HF_TOKEN, for gated or private Hugging Face models."
+    )
+    from_job: Optional[JobName] = Field(
+        None,
+        description="Continue from a FineTuneJob in the same namespace that has Succeeded: "
+        "its adapter (or fully fine-tuned model) is the starting point, on top of the base "
+        "model named by name or uri. Set at most one of fromJob or fromCheckpoint.",
+    )
+    from_checkpoint: Optional[StorageUri] = Field(
+        None,
+        description="Continue from a committed checkpoint (a checkpoints/step-N folder with "
+        "its manifest.json), a job's storage prefix, or a folder holding a peft adapter or a "
+        "Hugging Face model. Read with this model's endpoint and secretRef.",
+    )
+    merge_parent: bool = Field(
+        False,
+        description="With fromJob or fromCheckpoint: merge the parent's adapter into the "
+        "base model first and train a new adapter on the result. Off: keep training the "
+        "parent's adapter (lora). A full fine-tune always merges it.",
     )
 
 
@@ -426,6 +449,29 @@ class Output(StorageAccess):
     )
 
 
+class MlflowTracking(_Model):
+    """An MLflow tracking server. Credentials come only from a Secret: key
+    MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."""
+
+    tracking_uri: EndpointUri = Field(
+        description="The tracking server's URL, e.g. http://mlflow.mlflow.svc:5000."
+    )
+    experiment: SpecText = Field(
+        "kubetune", description="Experiment name; created when it does not exist."
+    )
+    secret_ref: Optional[SecretRef] = Field(
+        None, description="Secret holding the tracking server's credentials."
+    )
+
+
+class Tracking(_Model):
+    mlflow: Optional[MlflowTracking] = Field(
+        None,
+        description="Log params, metrics and artifacts to MLflow. A server that is down never "
+        "fails or slows training: the TrackingReachable condition says why.",
+    )
+
+
 class FineTuneJobSpec(_Model):
     """What to fine-tune, on which data, how, and where the results go. Only
     suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished can
@@ -453,6 +499,7 @@ class FineTuneJobSpec(_Model):
         default_factory=Checkpointing, description="Checkpoint cadence and retention."
     )
     output: Output = Field(default_factory=Output, description="Where results go.")
+    tracking: Optional[Tracking] = Field(None, description="Experiment tracking.")
     suspend: bool = Field(
         False,
         description="Stop the Ray cluster and keep the job; resume later from the last "
@@ -538,6 +585,31 @@ class Outputs(_Model):
     loss_curve: Optional[Uri] = None
 
 
+class ParentStatus(_Model):
+    """The parent this job continues from, fixed when the job starts."""
+
+    name: Optional[Name] = Field(None, description="The parent FineTuneJob (fromJob).")
+    uid: Optional[Text] = None
+    uri: Optional[Uri] = Field(None, description="The parent's storage prefix or checkpoint.")
+
+
+class LineageStatus(_Model):
+    """A summary of run.json (the run record under the job's prefix)."""
+
+    run_record: Optional[Uri] = None
+    spec_hash: Optional[Text] = None
+    data_hash: Optional[Text] = Field(None, description="Hash of the dataset files' hashes.")
+    base_model: Optional[Text] = None
+    parent: Optional[Text] = None
+    image: Optional[Text] = None
+
+
+class TrackingStatus(_Model):
+    run_id: Optional[Text] = None
+    experiment_id: Optional[Text] = None
+    url: Optional[Uri] = None
+
+
 class FineTuneJobStatus(_Model):
     phase: Optional[Phase] = None
     conditions: list[Condition] = Field(default_factory=list, max_length=LIST_MAX)
@@ -555,6 +627,9 @@ class FineTuneJobStatus(_Model):
     metrics: Optional[Metrics] = None
     checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=LIST_MAX)
     outputs: Optional[Outputs] = None
+    parent: Optional[ParentStatus] = None
+    lineage: Optional[LineageStatus] = None
+    tracking: Optional[TrackingStatus] = None
 
 
 class ObjectMeta(BaseModel):

@@ -58,6 +58,35 @@ RULES: list[Rule] = [
         python=lambda m: _has(m, "name") != _has(m, "uri"),
     ),
     Rule(
+        "one-parent",
+        ("model",),
+        "set at most one of model.fromJob (a FineTuneJob) or model.fromCheckpoint (a "
+        "checkpoint URI): remove one of them",
+        cel="!(has(self.fromJob) && has(self.fromCheckpoint))",
+        python=lambda m: not (_has(m, "fromJob") and _has(m, "fromCheckpoint")),
+        field="fromCheckpoint",
+    ),
+    Rule(
+        "merge-parent-needs-parent",
+        ("model",),
+        "model.mergeParent merges a parent's adapter: name it with model.fromJob or "
+        "model.fromCheckpoint, or remove mergeParent",
+        cel="!self.mergeParent || has(self.fromJob) || has(self.fromCheckpoint)",
+        python=lambda m: (
+            not m.get("mergeParent") or _has(m, "fromJob") or _has(m, "fromCheckpoint")
+        ),
+        field="mergeParent",
+    ),
+    Rule(
+        "merge-parent-not-qlora",
+        (),
+        "model.mergeParent cannot merge into a 4-bit base model: use method.type lora, or "
+        "continue the parent's adapter (mergeParent false)",
+        cel="!self.model.mergeParent || self.method.type != 'qlora'",
+        python=lambda s: not s["model"]["mergeParent"] or s["method"]["type"] != "qlora",
+        field="model.mergeParent",
+    ),
+    Rule(
         "train-source",
         ("dataset", "train"),
         "set exactly one of dataset.train.uri (a file or folder) or dataset.train.name "
@@ -182,6 +211,7 @@ IMMUTABLE_FIELDS = (
     "earlyStopping",
     "checkpointing",
     "output",
+    "tracking",
 )
 MUTABLE_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
 

@@ -8,6 +8,8 @@ Everything a job produces lives under one prefix, `job_prefix(...)`:
     {prefix}/checkpoints/step-00000200/...     checkpoint files
     {prefix}/checkpoints/step-00000200/manifest.json   CheckpointManifest, written LAST
     {prefix}/outputs.json                      OutputsRecord, once the job is done
+    {prefix}/run.json                          RunRecord (lineage), when training starts
+    {prefix}/tracking.json                     TrackingRecord, when MLflow tracking is on
     {prefix}/adapter/ , {prefix}/merged/       final artifacts (a full fine-tune: model/),
                                                each described in outputs.json's `artifacts`
     {prefix}/loss.png                          loss curve
@@ -31,6 +33,8 @@ PROGRESS = "progress.json"
 METRICS = "metrics.jsonl"
 OUTPUTS = "outputs.json"
 CONFIG = "config.json"
+RUN_RECORD = "run.json"
+TRACKING = "tracking.json"
 LOSS_CURVE = "loss.png"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -225,6 +229,80 @@ def outputs_record(record: OutputsRecord, sections: Mapping[str, object]) -> Out
     if unknown:
         raise ValueError(f"outputs.json has no section {unknown}: add it to OutputsRecord")
     return OutputsRecord.model_validate({**record.model_dump(), **sections})
+
+
+class FileHash(_Model):
+    uri: str
+    sha256: str
+    bytes: int
+
+
+class RowCounts(_Model):
+    rows: int = Field(description="Rows read.")
+    used: int = Field(description="Rows trained or evaluated on.")
+    dropped: int = Field(description="Rows rejected (bad format, nothing left to learn).")
+    truncated: int = Field(description="Used rows cut at maxSeqLength.")
+
+
+class DataLineage(_Model):
+    train: list[FileHash] = Field(default_factory=list)
+    validation: list[FileHash] = Field(default_factory=list)
+    train_name: Optional[str] = Field(None, description="A datasets name instead of files.")
+    validation_name: Optional[str] = None
+    split: dict = Field(
+        default_factory=dict,
+        description="How evaluation data was chosen: a validation source, or validationSplit "
+        "of train with the seed.",
+    )
+    train_rows: Optional[RowCounts] = None
+    validation_rows: Optional[RowCounts] = None
+    hash: str = Field(description="sha256 over the files' hashes and the split.")
+
+
+class ModelLineage(_Model):
+    name: Optional[str] = None
+    revision: Optional[str] = None
+    uri: Optional[str] = None
+    sha256: Optional[str] = Field(
+        None, description="Of the model folder's files (names and contents)."
+    )
+
+
+class ParentLineage(_Model):
+    job: Optional[dict] = Field(None, description="{name, namespace, uid} of a fromJob parent.")
+    uri: str = Field(description="What was loaded: the parent's adapter or model folder.")
+    kind: str = Field(description="adapter or model")
+    merged: bool = Field(False, description="The adapter was merged into the base first.")
+    run_record: Optional[str] = Field(None, description="The parent's run.json, when it has one.")
+    spec_hash: Optional[str] = None
+
+
+class RunRecord(_Model):
+    """Lineage of one job: what went in, with which software. Two jobs trained on
+    the same inputs have the same hashes."""
+
+    job: dict = Field(description="{name, namespace, uid}")
+    spec_hash: str = Field(description="sha256 of the resolved spec's training fields.")
+    dataset: DataLineage
+    base_model: ModelLineage
+    parent: Optional[ParentLineage] = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    image: str = Field(description="The trainer image, or local for `kubetune run`.")
+    attempt: int = 1
+    created_at: str
+
+
+class TrackingRecord(_Model):
+    """Where the job's MLflow run is, and whether the server answered."""
+
+    tracking_uri: str
+    experiment_id: Optional[str] = None
+    run_id: Optional[str] = None
+    url: Optional[str] = None
+    reachable: bool = False
+    message: Optional[str] = None
+    dropped: int = Field(0, description="Events dropped because the queue was full.")
+    updated_at: str
 
 
 # ---------------------------------------------------------------------------- credentials

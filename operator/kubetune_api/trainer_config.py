@@ -25,6 +25,15 @@ class JobRef(_Model):
     uid: str
 
 
+class ParentSource(_Model):
+    """Where a continued job starts from: fromJob resolved by the operator (or by
+    `kubetune run` under its output folder) to the parent's storage prefix, or
+    fromCheckpoint as written."""
+
+    job: Optional[JobRef] = Field(None, description="The parent FineTuneJob (fromJob).")
+    uri: str = Field(description="The parent's storage prefix, or the checkpoint URI.")
+
+
 class TrainerConfig(_Model):
     api_version: Literal["kubetune.io/v1alpha1"] = models.API_VERSION
     kind: Literal["TrainerConfig"] = TRAINER_CONFIG_KIND
@@ -32,14 +41,19 @@ class TrainerConfig(_Model):
     storage_prefix: str = Field(description="{output.uri}/{namespace}/{name}/{uid}")
     attempt: int = Field(1, ge=1, description="1 + retries so far; the trainer resumes anyway.")
     spec: FineTuneJobSpec = Field(description="The resolved spec (defaults filled in).")
+    parent: Optional[ParentSource] = Field(None, description="What this job continues from.")
 
 
 def spec_to_trainer_config(
     job: models.FineTuneJob | dict,
     default_output_uri: Optional[str] = None,
     attempt: int = 1,
+    parent: Optional[dict] = None,
 ) -> dict:
-    """Pure: a FineTuneJob (model or dict) → the trainer config as a plain dict."""
+    """Pure: a FineTuneJob (model or dict) → the trainer config as a plain dict.
+
+    `parent` ({name, uid, uri}): the job that spec.model.fromJob names, resolved
+    by the caller (only the caller can look it up)."""
     if isinstance(job, dict):
         job = models.FineTuneJob.model_validate({**job, "status": None})
     spec = resolve_spec(job.spec)
@@ -51,11 +65,32 @@ def spec_to_trainer_config(
     meta = job.metadata
     namespace = meta.namespace or "default"
     uid = meta.uid or "local"
+    source = None
+    if spec.model.from_job:
+        if not parent or not parent.get("uri"):
+            raise SpecError(
+                [
+                    FieldError(
+                        "spec.model.fromJob",
+                        f"FineTuneJob {spec.model.from_job} is not resolved",
+                        "wait until it has Succeeded",
+                    )
+                ]
+            )
+        source = ParentSource(
+            job=JobRef(
+                name=spec.model.from_job, namespace=namespace, uid=parent.get("uid") or "local"
+            ),
+            uri=parent["uri"],
+        )
+    elif spec.model.from_checkpoint:
+        source = ParentSource(uri=spec.model.from_checkpoint)
     config = TrainerConfig(
         job=JobRef(name=meta.name, namespace=namespace, uid=uid),
         storage_prefix=job_prefix(output_uri, namespace, meta.name, uid),
         attempt=attempt,
         spec=spec,
+        parent=source,
     )
     return config.to_dict()
 

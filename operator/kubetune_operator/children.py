@@ -49,6 +49,7 @@ def spec_to_configmap(job: Body, settings: Settings, attempt: int) -> Body:
         | {"metadata": {k: meta[k] for k in ("name", "namespace", "uid")}},
         default_output_uri=settings.default_output_uri,
         attempt=attempt,
+        parent=(job.get("status") or {}).get("parent"),  # resolved before the children
     )
     return {
         "apiVersion": "v1",
@@ -98,6 +99,16 @@ def trainer_env(job: Body, attempt: int) -> list[dict]:
     env += _secret_env("MODEL", spec.get("model"))
     env += _secret_env("DATASET", spec.get("dataset"))
     env += _secret_env("OUTPUT", spec.get("output"))
+    mlflow = (spec.get("tracking") or {}).get("mlflow") or {}
+    if mlflow.get("secretRef"):
+        # a token, or a user and password: whichever the Secret holds
+        for key in (
+            "MLFLOW_TRACKING_TOKEN",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+        ):
+            ref = {"name": mlflow["secretRef"]["name"], "key": key, "optional": True}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     token = (spec.get("model") or {}).get("tokenSecretRef")
     if token:
         env.append(
@@ -119,12 +130,14 @@ def _pod_template(
     component: str,
 ) -> dict:
     res = job["spec"].get("resources") or {}
+    image = res.get("image") or settings.trainer_image
     pod_spec: dict[str, Any] = {
         "containers": [
             {
                 "name": container,
-                "image": res.get("image") or settings.trainer_image,
-                "env": trainer_env(job, attempt),
+                "image": image,
+                # the run record names the image it ran in
+                "env": [*trainer_env(job, attempt), {"name": "KUBETUNE_IMAGE", "value": image}],
                 "resources": resources,
                 "volumeMounts": [
                     {"name": "kubetune-config", "mountPath": CONFIG_MOUNT, "readOnly": True}

@@ -90,4 +90,44 @@ def progress_to_status(snapshot: Optional[dict], keep_last: int = 3) -> dict[str
             metrics.setdefault("displayLoss", f"{metrics['trainLoss']:.4f}")
         if rec_out.get("finalEvalLoss") is not None:
             out.setdefault("metrics", {}).setdefault("evalLoss", _round(rec_out["finalEvalLoss"]))
+    if snapshot.get("runRecord"):
+        out["lineage"] = lineage_summary(snapshot["runRecord"], snapshot.get("prefix"))
+    track = snapshot.get("tracking")
+    if track and track.get("runId"):
+        out["tracking"] = {
+            k: track[k] for k in ("runId", "experimentId", "url") if track.get(k) is not None
+        }
     return out
+
+
+def lineage_summary(record: dict, prefix: Optional[str]) -> dict[str, Any]:
+    """run.json → status.lineage: the hashes and names to compare jobs at a glance."""
+    base = record.get("baseModel") or {}
+    parent = record.get("parent") or {}
+    pjob = parent.get("job") or {}
+    summary = {
+        "runRecord": f"{prefix.rstrip('/')}/run.json" if prefix else None,
+        "specHash": record.get("specHash"),
+        "dataHash": (record.get("dataset") or {}).get("hash"),
+        "baseModel": base.get("name") or base.get("uri"),
+        "parent": (
+            f"FineTuneJob {pjob['name']} ({parent.get('uri')})"
+            if pjob.get("name")
+            else parent.get("uri")
+        ),
+        "image": record.get("image"),
+    }
+    return {k: str(v)[:256] for k, v in summary.items() if v}
+
+
+def tracking_condition(snapshot: Optional[dict]) -> Optional[tuple[bool, str]]:
+    """(reachable, message) from tracking.json, or None when there is no tracking."""
+    track = (snapshot or {}).get("tracking")
+    if not track:
+        return None
+    if track.get("reachable"):
+        return True, f"MLflow run {track.get('runId')} at {track.get('url')}"
+    return False, (
+        f"{track.get('trackingUri')}: {track.get('message') or 'no answer'}; training goes on "
+        "without tracking (hint: check spec.tracking.mlflow.trackingUri and that the server is up)"
+    )

@@ -37,7 +37,8 @@ from .children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
 from .decide import decide, ttl_remaining
 from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, Body, child_names
-from .progress import progress_to_status
+from .parent import from_job, resolve_parent
+from .progress import progress_to_status, tracking_condition
 from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
 from .states import TERMINAL, Action, Cond, RayJobState, Reason
 from .validate import spec_error_status, validate_job
@@ -361,6 +362,14 @@ class Reconciler:
         if status.get("phase") in TERMINAL:
             return await self._finished(job, old, status, now)
 
+        # 0. The parent (spec.model.fromJob), resolved once and kept in status:
+        # a retry must continue from the same one even if it is deleted later.
+        if cm is None:
+            waiting = await self._parent(job, old, status, now, gen)
+            if waiting is not None:
+                return waiting
+            errors, cm = self._checked(job, attempts)
+
         # 1. Child names. The first attempt's names derive from the job's name
         # alone, so they need no write before the create: an operator killed
         # right after it derives the same names and finds the children. A retry
@@ -486,23 +495,56 @@ class Reconciler:
         per job would be most of the operator's memory at a thousand jobs); the
         ConfigMap rendered by this call is handed back for this reconcile."""
         meta = job["metadata"]
+        parent = (job.get("status") or {}).get("parent")
         key = (
             meta.get("generation"),
             json.dumps(meta.get("labels") or {}, sort_keys=True),
             attempts,
+            json.dumps(parent, sort_keys=True),
         )
         cached = self._checked_cache.get(meta["uid"])
         if cached and cached[0] == key:
             return cached[1], None
         errors = validate_job(job, self.settings.default_output_uri)
         cm = None
-        if not errors:
+        if not errors and (parent or not from_job(job)):  # else: resolve the parent first
             try:  # a spec that cannot render (no output URI anywhere) is invalid too
                 cm = spec_to_configmap(job, self.settings, attempts)
             except SpecError as exc:
                 errors = exc.errors
         self._checked_cache[meta["uid"]] = (key, errors)
         return errors, cm
+
+    # ------------------------------------------------------------------ parent
+
+    async def _parent(self, job: Body, old: dict, status: dict, now, gen) -> Optional[float]:
+        """Resolve spec.model.fromJob into status.parent (and the body `job`);
+        None when resolved, else the seconds until the next look (status written)."""
+        ns = job["metadata"]["namespace"]
+        parent_job = await self._call(self.api.get_job, ns, from_job(job))
+        parent, problem = resolve_parent(job, parent_job, self.settings.default_output_uri)
+        conds = list(status.get("conditions") or [])
+        if problem is None:
+            status["parent"] = parent
+            status["conditions"] = set_condition(
+                conds,
+                Cond.ParentReady,
+                "True",
+                Reason.ParentResolved,
+                f"continuing from FineTuneJob {parent['name']} at {parent['uri']}",
+                now,
+                gen,
+            )
+            job["status"] = {**(job.get("status") or {}), "parent": parent}
+            return None
+        phase, reason, message = problem
+        status["conditions"] = set_condition(
+            conds, Cond.ParentReady, "False", reason, message, now, gen
+        )
+        status = with_phase(status, phase, reason, message, now, gen)
+        status["observedGeneration"] = gen
+        await self._write_status(job, old, status)
+        return self.timing.idle_seconds if phase in TERMINAL else self.timing.poll_seconds
 
     # ------------------------------------------------------------------ Kueue
 
@@ -648,6 +690,18 @@ class Reconciler:
             return status
         keep = (job["spec"].get("checkpointing") or {}).get("keepLast", 3)
         status |= progress_to_status(view.snapshot, keep)
+        tracked = tracking_condition(view.snapshot)
+        if tracked is not None:
+            ok, message = tracked
+            status["conditions"] = set_condition(
+                status["conditions"],
+                Cond.TrackingReachable,
+                "True" if ok else "False",
+                Reason.TrackingRunStarted if ok else Reason.TrackingUnreachable,
+                message,
+                now,
+                gen,
+            )
         if status.get("checkpoints"):
             last = status["checkpoints"][-1]
             status["conditions"] = set_condition(

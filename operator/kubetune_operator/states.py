@@ -54,6 +54,8 @@ class Cond(str, Enum):
     StorageReadable = "StorageReadable"
     KubeRayAvailable = "KubeRayAvailable"
     ChildrenDeleted = "ChildrenDeleted"
+    ParentReady = "ParentReady"
+    TrackingReachable = "TrackingReachable"
 
 
 # The condition that is True while the job is in a phase (Pending has none).
@@ -102,3 +104,11 @@ class Reason(str, Enum):
     RayJobCRDNotFound = "RayJobCRDNotFound"
     TTLExpired = "TTLExpired"
     RayJobCreated = "RayJobCreated"
+    # spec.model.fromJob
+    ParentResolved = "ParentResolved"
+    ParentNotFound = "ParentNotFound"
+    ParentNotSucceeded = "ParentNotSucceeded"
+    ParentFailed = "ParentFailed"
+    # spec.tracking
+    TrackingRunStarted = "TrackingRunStarted"
+    TrackingUnreachable = "TrackingUnreachable"

@@ -196,4 +196,6 @@ def read_snapshot(
             for c in _checkpoints(fs, path, keep_checkpoints)
         ],
         "outputs": _read_json(fs, storage.join(path, storage.OUTPUTS)),
+        "runRecord": _read_json(fs, storage.join(path, storage.RUN_RECORD)),
+        "tracking": _read_json(fs, storage.join(path, storage.TRACKING)),
     }

@@ -34,6 +34,17 @@ BREAKERS = {
         "earlyStopping": {"enabled": True},
         "evaluation": {"enabled": False},
     },
+    "one-parent": {
+        **BASE,
+        "model": {"name": "org/model", "fromJob": "a", "fromCheckpoint": "s3://b/c"},
+    },
+    "merge-parent-needs-parent": {**BASE, "model": {"name": "org/model", "mergeParent": True}},
+    "merge-parent-not-qlora": {
+        **BASE,
+        "model": {"name": "org/model", "fromJob": "a", "mergeParent": True},
+        "method": {"type": "qlora"},
+        "resources": {"gpusPerWorker": 1},
+    },
     "merge-needs-adapter": {
         **BASE,
         "method": {"type": "full"},

@@ -155,6 +155,10 @@ def run(
             report = check_data(config.spec)
             if not quiet:
                 print(f"kubetune: {report}", flush=True)
+        if config.parent is not None:  # a parent that cannot be used fails before Ray
+            from .parent import locate
+
+            locate(config)
         storage.write_json(contract.CONFIG, config.to_dict())
         import ray
 

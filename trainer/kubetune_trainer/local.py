@@ -253,6 +253,13 @@ def summary(storage) -> str:
             lines.append(f"  {label + ':':<14}{P.display(out[key])}")
     if out.get("stoppedEarly"):
         lines.append("  stopped early (no improvement)")
+    if storage.read_json(contract.RUN_RECORD):
+        lines.append(f"  {'run record:':<14}{P.display(storage.uri(contract.RUN_RECORD))}")
+    track = storage.read_json(contract.TRACKING)
+    if track and track.get("reachable"):
+        lines.append(f"  {'mlflow run:':<14}{track.get('url')}")
+    elif track:
+        lines.append(f"  {'mlflow:':<14}not reachable: {track.get('message')}")
     return "\n".join(lines)
 
 
@@ -334,6 +341,28 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
     return f"kubetune run: stopped by {name}{at}; {where}; resume with: {command}"
 
 
+def local_parent(job: dict, default_out: str) -> tuple[Optional[dict], Optional[str]]:
+    """spec.model.fromJob on this machine: the job of that name that `kubetune run`
+    finished under the same output folder; (parent, None) or (None, the problem)."""
+    from .storage import JobStorage
+
+    spec = job.get("spec") or {}
+    name = (spec.get("model") or {}).get("fromJob")
+    if not name:
+        return None, None
+    namespace = (job.get("metadata") or {}).get("namespace") or "default"
+    out = (spec.get("output") or {}).get("uri") or default_out
+    prefix = contract.job_prefix(out, namespace, name, "local")
+    phase = (JobStorage(prefix).read_json(contract.PROGRESS) or {}).get("phase")
+    if phase != contract.TrainPhase.succeeded.value:
+        found = f"it is {phase}" if phase else "no run of it was found"
+        return None, (
+            f"spec.model.fromJob: FineTuneJob {name} has not Succeeded under "
+            f"{P.display(prefix)} ({found}): run it first with `kubetune run`"
+        )
+    return {"name": name, "uid": "local", "uri": prefix}, None
+
+
 def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """`kubetune run`: 0 done, 1 training failed, 2 invalid job or preflight,
     3 data error in the workers, 128+signal when stopped."""
@@ -359,7 +388,13 @@ def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO
         return EXIT_INVALID
     output = P.resolve(opts.output or "runs", base)
     default_out = output if "://" in output else Path(output).as_uri()
-    config = load_trainer_config(spec_to_trainer_config(job, default_output_uri=default_out))
+    parent, problem = local_parent(job, default_out)
+    if problem:
+        err.write(f"  {problem}\nkubetune run: nothing was trained\n")
+        return EXIT_INVALID
+    config = load_trainer_config(
+        spec_to_trainer_config(job, default_output_uri=default_out, parent=parent)
+    )
     storage = JobStorage(config.storage_prefix, config.spec.output)
     bar = opts.progress is not False and out.isatty()
     console = Console(out, bar)

@@ -67,8 +67,14 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def load_model(spec, path: str, use_gpu: bool):
-    """The model ready for DeepSpeed: base weights, peft adapters when lora/qlora."""
+def load_model(spec, path: str, use_gpu: bool, parent=None):
+    """The model ready for DeepSpeed: base weights, peft adapters when lora/qlora.
+
+    `parent` (kubetune_trainer.parent.Parent): a fully fine-tuned parent's
+    weights replace the base; a parent adapter is merged into the base first
+    (parent.merge) or becomes the adapter that training continues."""
+    if parent is not None and parent.kind == "model":
+        path = parent.local
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,11 +100,17 @@ def load_model(spec, path: str, use_gpu: bool):
         )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False  # training; also lets packed position ids work
+    adapter = parent.local if parent is not None and parent.kind == "adapter" else None
+    if adapter and parent.merge:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        adapter = None
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method.type == "full":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if method.type == "qlora":
         model = prepare_model_for_kbit_training(
@@ -106,6 +118,9 @@ def load_model(spec, path: str, use_gpu: bool):
         )
     elif hp.gradient_checkpointing:
         model.enable_input_require_grads()
+    if adapter:
+        # the parent's own LoRA config (rank, targets) comes with it
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     lc = method.lora
     targets = lc.target_modules
     model = get_peft_model(

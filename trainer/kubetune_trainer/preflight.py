@@ -68,7 +68,7 @@ def resolve_job_paths(job: dict, base: Path) -> dict:
     if not isinstance(spec, dict):
         return job
     for section, keys in (
-        ("model", [("uri",)]),
+        ("model", [("uri",), ("fromCheckpoint",)]),
         ("dataset", [("train", "uri"), ("validation", "uri")]),
         ("output", [("uri",)]),
     ):

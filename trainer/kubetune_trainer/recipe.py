@@ -29,7 +29,10 @@ from kubetune_api import storage as contract
 
 from . import data as D
 from . import export
+from . import lineage as L
 from . import model as M
+from . import parent as P
+from . import tracking as T
 from .storage import BackgroundWriter, JobStorage, now
 
 TAG = "ds"  # DeepSpeed's tag inside every checkpoint folder
@@ -81,6 +84,9 @@ class Recipe:
         }
         self.last_ckpt: Optional[contract.CheckpointPointer] = None
         self.notice: Optional[str] = None
+        self.parent: Optional[P.Parent] = None
+        self.run_record: Optional[contract.RunRecord] = None
+        self.tracker: Optional[T.MlflowTracker] = None
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -130,6 +136,8 @@ class Recipe:
     def write_metrics(self) -> None:
         rows = list(self.metrics)  # a snapshot: the list grows while the writer works
         self.writer.submit(contract.METRICS, lambda: self.storage.write_metrics(rows))
+        if self.tracker is not None:
+            self.tracker.log_rows(rows)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -139,9 +147,11 @@ class Recipe:
 
         set_seed(self.hp.seed)  # the same adapter init on every rank and every attempt
         self.model_path = M.resolve_model_path(self.spec.model)
+        self.parent = P.resolve(self.cfg)
         self.tokenizer = M.load_tokenizer(self.spec, self.model_path)
         self.setup_data()
-        model = M.load_model(self.spec, self.model_path, self.use_gpu)
+        self.setup_records()
+        model = M.load_model(self.spec, self.model_path, self.use_gpu, self.parent)
         self.head = M.LabelledHead(model)
         total_params, trainable = M.count_parameters(model)
         gpu_mem = torch.cuda.get_device_properties(0).total_memory if self.use_gpu else None
@@ -186,6 +196,7 @@ class Recipe:
         if prepared.val_report:
             self.log(prepared.val_report.summary("validation"))
         self.train_ex, self.val_ex = prepared.train, prepared.val
+        self.prepared_reports = (prepared.train_report, prepared.val_report)
         self.train_seqs = D.sequences(self.train_ex, ds.max_seq_length, ds.packing, hp.seed)
         self.val_seqs = D.sequences(self.val_ex, ds.max_seq_length, ds.packing, hp.seed)
         per_micro = hp.batch_size * self.world
@@ -196,6 +207,27 @@ class Recipe:
         self.tokens_per_second = None
         self.start_step = 0
         self.t_train = time.monotonic()
+
+    def setup_records(self) -> None:
+        """Rank 0: run.json (lineage) and the MLflow run, before the first step."""
+        if self.rank != 0:
+            return
+        self.run_record = L.run_record(
+            self.cfg,
+            self.model_path,
+            self.prepared_reports[0],
+            self.prepared_reports[1],
+            self.parent.lineage() if self.parent else None,
+        )
+        P.check_base(self.parent, self.run_record.base_model)
+        record = self.run_record
+        self.writer.submit(
+            contract.RUN_RECORD, lambda: self.storage.write_record(contract.RUN_RECORD, record)
+        )
+        if self.parent is not None:
+            how = "merged into the base" if self.parent.merge else "continued"
+            self.log(f"starting from the parent {self.parent.kind} {self.parent.uri} ({how})")
+        self.tracker = T.start_for_job(self.cfg, self.storage, record, self.log)
 
     def micro_batch(self, m: int) -> tuple[dict, int]:
         """Micro-batch number m (counted from the start of training) of this rank:
@@ -506,11 +538,13 @@ class Recipe:
                 outputs.adapter = publish(contract.OutputKind.adapter, contract.ADAPTER)
                 if self.spec.output.merge_adapter:
                     self.progress(contract.TrainPhase.saving, "merging the adapter")
+                    parent = self.parent
                     export.merge_adapter(
-                        self.model_path,
+                        parent.local if parent and parent.kind == "model" else self.model_path,
                         self.spec,
                         local / contract.ADAPTER,
                         local / contract.MERGED,
+                        parent.local if parent and parent.merge else None,
                     )
                     outputs.merged_model = publish(contract.OutputKind.merged, contract.MERGED)
         if self.rank == 0:
@@ -521,8 +555,21 @@ class Recipe:
                 outputs.loss_curve = self.storage.uri(contract.LOSS_CURVE)
             self.writer.flush()
             sections = {"artifacts": artifacts}
-            self.storage.write_record(contract.OUTPUTS, contract.outputs_record(outputs, sections))
+            outputs = contract.outputs_record(outputs, sections)
+            self.storage.write_record(contract.OUTPUTS, outputs)
             self.progress(contract.TrainPhase.succeeded)
+            loss_png = local / contract.LOSS_CURVE
+            T.finish_for_job(
+                self.tracker,
+                self.storage,
+                outputs,
+                {
+                    contract.LOSS_CURVE: loss_png if loss_png.exists() else None,
+                    contract.RUN_RECORD: json.dumps(self.run_record.to_dict(), indent=2).encode(),
+                    contract.OUTPUTS: json.dumps(outputs.to_dict(), indent=2).encode(),
+                },
+            )
+            self.tracker = None
         self.barrier()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -560,6 +607,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         recipe.resume()
         recipe.train()
         recipe.finish()
+    except BaseException:
+        if recipe.tracker is not None:
+            recipe.tracker.close("FAILED")
+        raise
     finally:
         # pending records are stored before Ray reports this worker done or failed,
         # so the driver's Failed record is never overwritten by a late one

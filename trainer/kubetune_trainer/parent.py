@@ -1,0 +1,145 @@
+"""What a continued job starts from (spec.model.fromJob / fromCheckpoint):
+find the parent's adapter or model under the URI the trainer config names,
+fetch it like a base model, and check that it was trained on this job's base."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+from kubetune_api import storage as contract
+
+from .storage import filesystem, to_uri
+
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
+
+
+class ParentError(ValueError):
+    """The parent cannot be used; the message names the field and the fix."""
+
+
+@dataclass
+class Parent:
+    kind: str  # "adapter" or "model"
+    uri: str  # the folder loaded
+    local: str  # that folder on this machine
+    merge: bool  # merge the adapter into the base before training
+    job: Optional[dict] = None
+    run_record_uri: Optional[str] = None
+    run_record: Optional[dict] = None
+
+    def lineage(self) -> contract.ParentLineage:
+        return contract.ParentLineage(
+            job=self.job,
+            uri=self.uri,
+            kind=self.kind,
+            merged=self.merge and self.kind == "adapter",
+            run_record=self.run_record_uri,
+            spec_hash=(self.run_record or {}).get("specHash"),
+        )
+
+
+def _read_json(fs, path: str) -> Optional[dict]:
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _field(config) -> str:
+    return "spec.model.fromJob" if config.parent.job else "spec.model.fromCheckpoint"
+
+
+def locate(config, environ=None) -> tuple[str, Optional[str]]:
+    """(the folder to load, the parent's run.json URI or None)."""
+    src, access = config.parent, config.spec.model
+    uri = to_uri(src.uri).rstrip("/")
+    fs, path = filesystem(uri, access, "MODEL", environ)
+    path = path.rstrip("/")
+    field = _field(config)
+
+    def has(rel: str) -> bool:
+        return fs.exists(contract.join(path, rel))
+
+    if has(contract.OUTPUTS):  # a finished job's prefix
+        out = _read_json(fs, contract.join(path, contract.OUTPUTS)) or {}
+        target = out.get("adapter") or out.get("model")
+        if not target:
+            raise ParentError(f"{field}: {uri}/outputs.json names no adapter or model")
+        record = contract.join(uri, contract.RUN_RECORD) if has(contract.RUN_RECORD) else None
+        return target, record
+    step = contract.parse_checkpoint_dir(path)
+    if step is not None:
+        if not has(contract.MANIFEST):
+            raise ParentError(
+                f"{field}: checkpoint step {step} at {uri} is not committed (no manifest.json): "
+                "use a committed one"
+            )
+        if not has(f"{contract.ADAPTER}/{ADAPTER_CONFIG}"):
+            raise ParentError(
+                f"{field}: {uri} is a full fine-tune's checkpoint (DeepSpeed shards only): "
+                "continue from the finished job instead (fromJob, or its model/ folder)"
+            )
+        prefix = uri.rsplit("/", 2)[0]  # {prefix}/checkpoints/step-N
+        pfs, ppath = filesystem(prefix, access, "MODEL", environ)
+        record = contract.join(prefix, contract.RUN_RECORD)
+        found = pfs.exists(contract.join(ppath.rstrip("/"), contract.RUN_RECORD))
+        return contract.join(uri, contract.ADAPTER), record if found else None
+    if has(ADAPTER_CONFIG) or has(MODEL_CONFIG):
+        return uri, None
+    if has(contract.PROGRESS):
+        raise ParentError(f"{field}: the job at {uri} has not finished (no outputs.json yet)")
+    raise ParentError(
+        f"{field}: nothing to continue from at {uri}: name a finished job's prefix, a "
+        "committed checkpoint folder, or a folder with a peft adapter or a model"
+    )
+
+
+def resolve(config, environ=None) -> Optional[Parent]:
+    """The parent, fetched into the local cache (None when the job has none)."""
+    if config.parent is None:
+        return None
+    from .model import resolve_model_path
+
+    target, record_uri = locate(config, environ)
+    m = config.spec.model
+    source = SimpleNamespace(
+        name=None, uri=target, endpoint=m.endpoint, region=m.region, secret_ref=m.secret_ref
+    )
+    local = resolve_model_path(source, environ)
+    fs, path = filesystem(to_uri(local), None, "MODEL", environ)
+    if fs.exists(contract.join(path, ADAPTER_CONFIG)):
+        kind = "adapter"
+    elif fs.exists(contract.join(path, MODEL_CONFIG)):
+        kind = "model"
+    else:
+        raise ParentError(f"{_field(config)}: {target} holds neither a peft adapter nor a model")
+    record = None
+    if record_uri:
+        rfs, rpath = filesystem(record_uri, m, "MODEL", environ)
+        record = _read_json(rfs, rpath)
+    merge = kind == "adapter" and (m.merge_parent or config.spec.method.type == "full")
+    job = config.parent.job.to_dict() if config.parent.job else None
+    return Parent(kind, target, local, merge, job, record_uri, record)
+
+
+def check_base(parent: Parent, base) -> None:
+    """An adapter applies only to the base it was trained on: refuse another one
+    (same shapes would load silently and produce a wrong model)."""
+    if parent is None or parent.kind != "adapter" or not parent.run_record:
+        return
+    theirs = parent.run_record.get("baseModel") or {}
+    ours = base.to_dict()
+    keys = ("name", "revision") if ours.get("name") else ("sha256",)
+    if any(theirs.get(k) != ours.get(k) for k in keys):
+        was = theirs.get("name") or theirs.get("uri") or "another model"
+        now = ours.get("name") or ours.get("uri")
+        raise ParentError(
+            f"spec.model: the parent's adapter was trained on {was} "
+            f"({', '.join(f'{k} {theirs.get(k)}' for k in keys)}), this job names {now}: set "
+            "spec.model.name or uri to the parent's base model"
+        )

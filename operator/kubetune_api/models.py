@@ -260,7 +260,7 @@ class DpoConfig(_Model):
     label_smoothing: float = Field(
         0.0,
         ge=0,
-        lt=0.5,
+        le=0.5,
         description="Assumed fraction of pairs whose preference label is flipped "
         "(conservative DPO; sigmoid loss only).",
     )
@@ -443,7 +443,9 @@ class Generation(_Model):
         1.0, gt=0, le=10, description="Sampling temperature (doSample only)."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (doSample only).")
-    seed: int = Field(0, ge=0, le=INT32_MAX, description="Seed for the example choice and sampling.")
+    seed: int = Field(
+        0, ge=0, le=INT32_MAX, description="Seed for the example choice and sampling."
+    )
 
 
 class Evaluation(_Model):

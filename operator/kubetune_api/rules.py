@@ -85,8 +85,9 @@ RULES: list[Rule] = [
         "method.objective dpo trains on pairs: set dataset.format to preference (rows of "
         "prompt, chosen, rejected), or method.objective to sft",
         cel="self.method.objective != 'dpo' || self.dataset.format == 'preference'",
-        python=lambda s: s["method"]["objective"] != "dpo"
-        or s["dataset"]["format"] == "preference",
+        python=lambda s: (
+            s["method"]["objective"] != "dpo" or s["dataset"]["format"] == "preference"
+        ),
         field="dataset.format",
     ),
     Rule(
@@ -95,8 +96,9 @@ RULES: list[Rule] = [
         "dataset.format preference is trained with method.objective dpo: set it, or use a "
         "supervised format (chat, prompt-completion, ...)",
         cel="self.dataset.format != 'preference' || self.method.objective == 'dpo'",
-        python=lambda s: s["dataset"]["format"] != "preference"
-        or s["method"]["objective"] == "dpo",
+        python=lambda s: (
+            s["dataset"]["format"] != "preference" or s["method"]["objective"] == "dpo"
+        ),
         field="method.objective",
     ),
     Rule(
@@ -125,11 +127,13 @@ RULES: list[Rule] = [
         cel="self.method.objective == 'dpo' ? !(self.earlyStopping.metric in "
         "['eval_perplexity', 'eval_token_accuracy']) : !(self.earlyStopping.metric in "
         "['eval_reward_accuracy', 'eval_reward_margin'])",
-        python=lambda s: s["earlyStopping"]["metric"]
-        not in (
-            ("eval_perplexity", "eval_token_accuracy")
-            if s["method"]["objective"] == "dpo"
-            else ("eval_reward_accuracy", "eval_reward_margin")
+        python=lambda s: (
+            s["earlyStopping"]["metric"]
+            not in (
+                ("eval_perplexity", "eval_token_accuracy")
+                if s["method"]["objective"] == "dpo"
+                else ("eval_reward_accuracy", "eval_reward_margin")
+            )
         ),
         field="earlyStopping.metric",
     ),
@@ -140,10 +144,12 @@ RULES: list[Rule] = [
         "dataset.test or a dataset.validationSplit above 0",
         cel="!has(self.evaluation.generation) || has(self.dataset.validation) || "
         "has(self.dataset.test) || self.dataset.validationSplit > 0.0",
-        python=lambda s: not _has(s["evaluation"], "generation")
-        or _has(s["dataset"], "validation")
-        or _has(s["dataset"], "test")
-        or s["dataset"]["validationSplit"] > 0,
+        python=lambda s: (
+            not _has(s["evaluation"], "generation")
+            or _has(s["dataset"], "validation")
+            or _has(s["dataset"], "test")
+            or s["dataset"]["validationSplit"] > 0
+        ),
         field="evaluation.generation",
     ),
     Rule(
@@ -152,8 +158,9 @@ RULES: list[Rule] = [
         "evaluation.generation needs prompts and reference answers: dataset.format text has "
         "neither; remove evaluation.generation or use a format with prompts",
         cel="!has(self.evaluation.generation) || self.dataset.format != 'text'",
-        python=lambda s: not _has(s["evaluation"], "generation")
-        or s["dataset"]["format"] != "text",
+        python=lambda s: (
+            not _has(s["evaluation"], "generation") or s["dataset"]["format"] != "text"
+        ),
         field="evaluation.generation",
     ),
     Rule(

@@ -154,6 +154,16 @@ class MetricsRow(_Model):
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None
+    # objective dpo: means over the pairs since the previous row (rewards are
+    # beta x the log-probability gained over the reference model)
+    rewards_chosen: Optional[float] = None
+    rewards_rejected: Optional[float] = None
+    reward_accuracy: Optional[float] = None
+    reward_margin: Optional[float] = None
+    eval_rewards_chosen: Optional[float] = None
+    eval_rewards_rejected: Optional[float] = None
+    eval_reward_accuracy: Optional[float] = None
+    eval_reward_margin: Optional[float] = None
     resumed_from: Optional[int] = Field(
         None, description="On the first row after a resume: the checkpoint step resumed from."
     )

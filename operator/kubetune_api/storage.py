@@ -193,6 +193,14 @@ class OutputsRecord(_Model):
     final_train_loss: Optional[float] = None
     steps: Optional[int] = None
     stopped_early: bool = False
+    test_metrics: Optional[dict[str, float]] = Field(
+        None, description="Metrics on dataset.test, computed once after training."
+    )
+    generation: Optional[dict] = Field(
+        None,
+        description="evaluation.generation: examples per split, scores before and after "
+        "training per split (exact_match, rouge_l, bleu, chrf) and the samples file.",
+    )
 
 
 # ---------------------------------------------------------------------------- credentials

@@ -320,25 +320,98 @@ def test_full_dpo_learns_stores_the_reference_and_resumes_on_it(ray_local, tiny,
         assert again[step]["rewardMargin"] == pytest.approx(rows[step]["rewardMargin"], rel=1e-3)
 
 
-def test_lora_dpo_two_workers_zero2_packed(ray_local, tiny, tmp_path):
+def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, tiny, tmp_path):
+    from kubetune_trainer import generation as G
+    from kubetune_trainer import local
+    from kubetune_trainer.storage import JobStorage
+
     model, data = tiny
-    cfg = H.trainer_config(
-        _dpo_job(
-            model,
-            data,
-            tmp_path,
-            method={"type": "lora", "objective": "dpo", "lora": {"r": 4, "alpha": 8}},
-            hyperparameters={"maxSteps": 4, "learningRate": 5e-3, "batchSize": 2},
-            resources={"workers": 2},
-            distributed={"zeroStage": 2},
-            evaluation={"everySteps": 4},
-            checkpointing={"everySteps": 4},
-        )
+    test = H.write_jsonl(tmp_path / "test.jsonl", preference_rows(48)[40:])
+    j = _dpo_job(
+        model,
+        data,
+        tmp_path,
+        method={"type": "lora", "objective": "dpo", "lora": {"r": 4, "alpha": 8}},
+        hyperparameters={"maxSteps": 4, "learningRate": 5e-3, "batchSize": 2},
+        resources={"workers": 2},
+        distributed={"zeroStage": 2},
+        evaluation={"everySteps": 4, "generation": {"examples": 3, "maxNewTokens": 6}},
+        checkpointing={"everySteps": 4},
     )
+    j["spec"]["dataset"]["test"] = {"uri": str(test)}
+    cfg = H.trainer_config(j)
     _run(cfg)
     rows = _rows(cfg)
-    assert not os.path.exists(_local(cfg, DPO.REFERENCE))  # the adapter-less model is the reference
+    assert not os.path.exists(_local(cfg, DPO.REFERENCE))  # the adapter-less model is it
     assert rows[0]["evalRewardMargin"] == pytest.approx(0.0, abs=1e-4)
     assert rows[4]["evalRewardMargin"] != rows[0]["evalRewardMargin"]
     assert all(0.0 <= rows[s]["rewardAccuracy"] <= 1.0 for s in range(1, 5))
-    assert os.path.exists(_local(cfg, "adapter", "adapter_model.safetensors"))
+
+    with open(_local(cfg, "outputs.json")) as f:
+        out = json.load(f)
+    assert set(out["testMetrics"]) == {
+        "test_loss",
+        "test_rewards_chosen",
+        "test_rewards_rejected",
+        "test_reward_accuracy",
+        "test_reward_margin",
+    }
+    gen = out["generation"]
+    assert gen["examples"] == {"validation": 3, "test": 3}
+    with open(_local(cfg, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 6 and {s["split"] for s in samples} == {"validation", "test"}
+    # "before" is what the base model says, "after" what base + the saved adapter say
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    settings = cfg.spec.evaluation.generation
+    prompts = [s["prompt"] for s in samples]
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    assert [s["before"] for s in samples] == G.generate(base, tok, prompts, settings)
+    tuned = PeftModel.from_pretrained(base, _local(cfg, "adapter"))
+    assert [s["after"] for s in samples] == G.generate(tuned, tok, prompts, settings)
+    for split in ("validation", "test"):
+        refs = [s["reference"] for s in samples if s["split"] == split]
+        for when in ("before", "after"):
+            answers = [s[when] for s in samples if s["split"] == split]
+            assert gen[f"{split}_{when}"] == G.score(answers, refs)
+    text = local.summary(JobStorage(cfg.storage_prefix))
+    assert "answers to 3 validation prompts" in text and "rouge_l" in text
+    assert text.count("reference: ") == 3
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def test_generation_scores_against_hand_computed_values():
+    from kubetune_trainer import generation as G
+
+    same = G.score(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same == {
+        "exact_match": 1.0,
+        "rouge_l": 1.0,
+        "bleu": pytest.approx(100.0),
+        "chrf": pytest.approx(100.0),
+    }
+    part = G.score(["the cat sat", "dog"], ["the cat sat on the mat", "dog"])
+    # LCS 3 of 3 and of 6 words: F1 = 2 * 1 * 0.5 / 1.5; the second pair is exact
+    assert part["exact_match"] == 0.5
+    assert part["rouge_l"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert G.score(["zzz"], ["the cat"])["bleu"] == 0.0
+    # corpus BLEU has no 4-gram in three words: sacrebleu scores it 0, not 100
+    assert G.score(["the cat sat"], ["the cat sat"])["bleu"] == 0.0
+
+
+def test_generation_picks_the_same_prompts_with_their_references():
+    from kubetune_trainer import generation as G
+
+    rows = H.chat_rows(30) + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    a, b = G.pick(rows, "chat", 5, 3), G.pick(rows, "chat", 5, 3)
+    assert a == b and len(a) == 5 and G.pick(rows, "chat", 5, 4) != a
+    for prompt, ref in a:
+        assert prompt[-1]["role"] == "user" and ref.strip()
+        assert any(r["messages"][: len(prompt) + 1][-1]["content"] == ref for r in rows[:30])
+    pairs = G.pick(preference_rows(6, messages=False), "preference", 2, 0)
+    assert all(isinstance(p, str) and r for p, r in pairs)

@@ -253,6 +253,9 @@ def summary(storage) -> str:
             lines.append(f"  {label + ':':<14}{P.display(out[key])}")
     if out.get("stoppedEarly"):
         lines.append("  stopped early (no improvement)")
+    from .generation import summary_lines
+
+    lines += summary_lines(out, storage)
     return "\n".join(lines)
 
 

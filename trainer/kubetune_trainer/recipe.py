@@ -499,6 +499,10 @@ class Recipe:
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> None:
+        # every rank takes part (ZeRO-3); reported once, never used for stopping
+        test = self.evaluate(self.test_ex, self.test_seqs, "test") if self.test_ex else None
+        if test:
+            self.log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         outputs = contract.OutputsRecord(
             metrics=self.storage.uri(contract.METRICS),
             final_checkpoint=self.last_ckpt,
@@ -509,6 +513,7 @@ class Recipe:
             stopped_early=self.state["stopped_early"],
         )
         local = self.tmp / "final"
+        final_dir = local / ("model" if self.spec.method.type == "full" else contract.ADAPTER)
         if self.spec.method.type == "full":
             self.save_full_model(local / "model")
             if self.rank == 0:
@@ -536,6 +541,11 @@ class Recipe:
                     str(local / contract.LOSS_CURVE), self.storage.path(contract.LOSS_CURVE)
                 )
                 outputs.loss_curve = self.storage.uri(contract.LOSS_CURVE)
+            from . import generation
+
+            if self.spec.evaluation.generation:
+                self.progress(contract.TrainPhase.evaluating, "answering held-out prompts")
+            generation.add_outputs(outputs, test, generation.run(self, final_dir, local))
             self.writer.flush()
             self.storage.write_record(contract.OUTPUTS, outputs)
             self.progress(contract.TrainPhase.succeeded)

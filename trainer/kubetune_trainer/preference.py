@@ -90,10 +90,11 @@ def _tokenize_answer(prompt, answer, tokenizer) -> tuple[list[int], list[int]]:
 
 
 def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
-    """Chosen then rejected, one after the other (what a packed pair holds)."""
-    c_ids, c_labels = _tokenize_answer(norm["prompt"], norm["chosen"], tokenizer)
-    r_ids, r_labels = _tokenize_answer(norm["prompt"], norm["rejected"], tokenizer)
-    return c_ids + r_ids, c_labels + r_labels
+    """The longer of the two answers with its prompt: each is cut to maxSeqLength on
+    its own, so this is the length that counts against it."""
+    chosen = _tokenize_answer(norm["prompt"], norm["chosen"], tokenizer)
+    rejected = _tokenize_answer(norm["prompt"], norm["rejected"], tokenizer)
+    return max(chosen, rejected, key=lambda t: len(t[0]))
 
 
 def build_pairs(rows: list, tokenizer, max_len: int) -> tuple[list[D.Example], D.DataReport]:

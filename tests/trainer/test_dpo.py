@@ -274,7 +274,9 @@ def _rows(config) -> dict[int, dict]:
         return {r["step"]: r for r in map(json.loads, f)}
 
 
-def test_full_dpo_learns_stores_the_reference_and_resumes_on_it(ray_local, tiny, tmp_path):
+def test_full_dpo_zero3_two_workers_learns_stores_the_reference_and_resumes_on_it(
+    ray_local, tiny, tmp_path
+):
     model, data = tiny
     cfg = H.trainer_config(
         _dpo_job(
@@ -282,7 +284,9 @@ def test_full_dpo_learns_stores_the_reference_and_resumes_on_it(ray_local, tiny,
             data,
             tmp_path,
             method={"type": "full", "objective": "dpo", "dpo": {"beta": 0.5}},
-            hyperparameters={"maxSteps": 8, "learningRate": 2e-3, "batchSize": 4},
+            hyperparameters={"maxSteps": 8, "learningRate": 2e-3, "batchSize": 2},
+            resources={"workers": 2},
+            distributed={"zeroStage": 3},
             evaluation={"everySteps": 4},
             checkpointing={"everySteps": 4, "keepLast": 3},
         )

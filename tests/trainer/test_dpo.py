@@ -307,9 +307,10 @@ def test_full_dpo_zero3_two_workers_learns_stores_the_reference_and_resumes_on_i
     first = sum(rows[s]["rewardMargin"] for s in (1, 2)) / 2
     last = sum(rows[s]["rewardMargin"] for s in (7, 8)) / 2
     assert last > first + 0.1, (first, last)
-    assert rows[8]["rewardAccuracy"] >= 0.75
-    assert rows[8]["evalRewardMargin"] > rows[0]["evalRewardMargin"]
-    assert rows[8]["loss"] < math.log(2)
+    assert rows[7]["rewardAccuracy"] + rows[8]["rewardAccuracy"] >= 1.0
+    margins = [rows[s]["evalRewardMargin"] for s in (0, 4, 8)]
+    assert margins == sorted(margins) and margins[2] > margins[0] + 0.1, margins
+    assert rows[8]["evalLoss"] < rows[0]["evalLoss"] == pytest.approx(math.log(2), abs=1e-4)
 
     # lose the last checkpoint: the next attempt resumes at step 4 on the stored reference
     mtime = os.stat(ref_path).st_mtime_ns

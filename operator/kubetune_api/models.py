@@ -598,6 +598,11 @@ class Metrics(_Model):
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None
+    # objective dpo: share of pairs whose chosen answer gained more, and the mean gap
+    reward_accuracy: Optional[float] = None
+    reward_margin: Optional[float] = None
+    eval_reward_accuracy: Optional[float] = None
+    eval_reward_margin: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")

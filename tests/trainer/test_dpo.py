@@ -420,3 +420,19 @@ def test_generation_picks_the_same_prompts_with_their_references():
         assert any(r["messages"][: len(prompt) + 1][-1]["content"] == ref for r in rows[:30])
     pairs = G.pick(preference_rows(6, messages=False), "preference", 2, 0)
     assert all(isinstance(p, str) and r for p, r in pairs)
+
+
+def test_kubetune_run_console_shows_rewards():
+    from kubetune_trainer.local import Watcher
+
+    row = {
+        "step": 4,
+        "loss": 0.52,
+        "reward_accuracy": 0.75,
+        "reward_margin": 0.61,
+        "eval_loss": 0.49,
+        "eval_reward_accuracy": 0.625,
+    }
+    line = Watcher._row_line(row, 8, None)
+    assert "loss 0.5200" in line and "reward acc 0.75" in line and "margin 0.610" in line
+    assert "eval 0.4900" in line and "eval reward acc 0.62" in line

@@ -185,6 +185,8 @@ class Recipe:
         self.log(prepared.train_report.summary("train"))
         if prepared.val_report:
             self.log(prepared.val_report.summary("validation"))
+        if prepared.test_report:
+            self.log(prepared.test_report.summary("test"))
         self.prepared = prepared
         self.train_ex, self.val_ex = prepared.train, prepared.val
         self.test_ex = prepared.test

@@ -41,6 +41,7 @@ FULL_SPEC: dict[str, Any] = {
     "dataset": {
         "train": {"uri": "s3://bucket/train.jsonl"},
         "validation": {"name": "org/chats", "split": "test"},
+        "test": {"uri": "s3://bucket/test.jsonl"},
         "validationSplit": 0.05,
         "format": "chat",
         "maxSeqLength": 2048,
@@ -50,6 +51,7 @@ FULL_SPEC: dict[str, Any] = {
         "secretRef": {"name": "s3-creds"},
     },
     "method": {
+        "objective": "sft",
         "type": "lora",
         "lora": {
             "r": 16,
@@ -94,7 +96,19 @@ FULL_SPEC: dict[str, Any] = {
         "priorityClassName": "high-priority",
         "image": "ghcr.io/kubetune/kubetune-trainer:0.1.0",
     },
-    "evaluation": {"enabled": True, "everySteps": 100, "maxBatches": 20},
+    "evaluation": {
+        "enabled": True,
+        "everySteps": 100,
+        "maxBatches": 20,
+        "generation": {
+            "examples": 16,
+            "maxNewTokens": 128,
+            "doSample": True,
+            "temperature": 0.7,
+            "topP": 0.9,
+            "seed": 3,
+        },
+    },
     "earlyStopping": {
         "enabled": True,
         "metric": "eval_loss",
@@ -169,6 +183,21 @@ DELETE = object()
 
 def mutate(path: str, value: Any) -> dict:
     return _set(job(), path, value)
+
+
+def dpo_job() -> dict:
+    """FULL_SPEC as a preference-tuning job: every DPO field set."""
+    doc = job()
+    spec = doc["spec"]
+    spec["dataset"]["format"] = "preference"
+    spec["method"]["objective"] = "dpo"
+    spec["method"]["dpo"] = {"beta": 0.1, "lossType": "sigmoid", "labelSmoothing": 0.1}
+    spec["earlyStopping"].update({"metric": "eval_reward_accuracy", "mode": "max"})
+    return doc
+
+
+def mutate_dpo(path: str, value: Any) -> dict:
+    return _set(dpo_job(), path, value)
 
 
 # ---------------------------------------------------------------------------- generated
@@ -273,6 +302,15 @@ def spec_cases() -> list[Case]:
         if path.count(".") >= 2 and not path.endswith("]"):
             cases.append(Case(f"{path[5:]}:absent", mutate(path, DELETE)))
             cases.append(Case(f"{path[5:]}:null", mutate(path, None)))
+    dpo = dpo_job()["spec"]
+    for path, node in _leaves(spec_schema(), "spec", dpo):
+        if not path.startswith("spec.method.dpo"):
+            continue  # the rest is covered on FULL_SPEC above
+        for label, value in _variants(node):
+            cases.append(Case(f"{path[5:]}:{label}", mutate_dpo(path, value)))
+        if path.count(".") >= 3:
+            cases.append(Case(f"{path[5:]}:absent", mutate_dpo(path, DELETE)))
+            cases.append(Case(f"{path[5:]}:null", mutate_dpo(path, None)))
     return cases
 
 
@@ -537,6 +575,50 @@ def _written() -> list[Case]:
     ):
         add(cid, mutate("spec.tracking.mlflow", mlflow), f"spec.tracking.mlflow.{where}")
     add("tracking:none", mutate("spec.tracking", DELETE))
+    # objectives and the data they train on
+    add("dpo:ok", dpo_job())
+    add("dpo:chat-data", _set(dpo_job(), "spec.dataset.format", "chat"), "spec.dataset.format")
+    add(
+        "dpo:preference-data-sft",
+        _set(dpo_job(), "spec.method.objective", "sft"),
+        "spec.method",
+    )
+    add(
+        "dpo:settings-on-sft",
+        mutate("spec.method.dpo", {"beta": 0.1}),
+        "spec.method.dpo",
+    )
+    add(
+        "dpo:smoothing-on-hinge",
+        _set(dpo_job(), "spec.method.dpo.lossType", "hinge"),
+        "spec.method.dpo.labelSmoothing",
+    )
+    add("dpo:beta-zero", _set(dpo_job(), "spec.method.dpo.beta", 0), "spec.method.dpo.beta")
+    add(
+        "dpo:loss-unknown",
+        _set(dpo_job(), "spec.method.dpo.lossType", "kto"),
+        "spec.method.dpo.lossType",
+    )
+    add(
+        "dpo:perplexity-early-stopping",
+        _set(dpo_job(), "spec.earlyStopping.metric", "eval_perplexity"),
+        "spec.earlyStopping.metric",
+    )
+    add(
+        "sft:reward-early-stopping",
+        mutate("spec.earlyStopping.metric", "eval_reward_margin"),
+        "spec.earlyStopping.metric",
+    )
+    no_held_out = mutate("spec.dataset.validationSplit", 0)
+    del no_held_out["spec"]["dataset"]["validation"]
+    del no_held_out["spec"]["dataset"]["test"]
+    add("generation:no-held-out", no_held_out, "spec.evaluation.generation")
+    add(
+        "generation:text-format",
+        mutate("spec.dataset.format", "text"),
+        "spec.evaluation.generation",
+    )
+    add("dataset:test-both", mutate("spec.dataset.test.name", "org/x"), "spec.dataset.test")
     # cross-field rules through every generated mutation stay covered by rules tests;
     # here: the values a person is likely to try
     add(
@@ -756,6 +838,7 @@ _safe(("rule:lora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
 _safe(("parent:checkpoint",), "a checkpoint URI as the parent, with the base model named")
 _safe(("parent:continue-adapter",), "fromJob without mergeParent: the parent's adapter continues")
 _safe(("tracking:none",), "tracking is optional")
+_safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid baseline")
 
 
 def safe_reason(case: Case) -> Optional[str]:

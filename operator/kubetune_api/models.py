@@ -169,6 +169,7 @@ class DatasetFormat(str, Enum):
     chat = "chat"
     alpaca = "alpaca"
     sharegpt = "sharegpt"
+    preference = "preference"
 
 
 class DataSource(_Model):
@@ -190,6 +191,11 @@ class Dataset(StorageAccess):
     validation: Optional[DataSource] = Field(
         None, description="Held-out data. Without it, validationSplit of train is held out."
     )
+    test: Optional[DataSource] = Field(
+        None,
+        description="Test data, in the same format: evaluated once after training, never used "
+        "for early stopping or checkpoint selection.",
+    )
     validation_split: float = Field(
         0.05,
         ge=0.0,
@@ -202,7 +208,8 @@ class Dataset(StorageAccess):
         description="Row format. text: {text}; prompt-completion: {prompt, completion}; "
         "chat: {messages: [{role, content}]}, rendered with the model's chat template, loss "
         "on assistant turns only; alpaca: {instruction, input, output}; sharegpt: "
-        "{conversations: [{from, value}]}.",
+        "{conversations: [{from, value}]}; preference (method.objective dpo): {prompt, "
+        "chosen, rejected} as text or as chat messages, loss on the responses only.",
     )
     max_seq_length: int = Field(
         2048,
@@ -249,7 +256,49 @@ class QuantizationConfig(_Model):
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
 
 
+class Objective(str, Enum):
+    sft = "sft"
+    dpo = "dpo"
+
+
+class DpoLossType(str, Enum):
+    sigmoid = "sigmoid"
+    hinge = "hinge"
+    ipo = "ipo"
+
+
+class DpoConfig(_Model):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference model: lower lets the "
+        "policy move further from it.",
+    )
+    loss_type: DpoLossType = Field(
+        DpoLossType.sigmoid,
+        description="sigmoid: the DPO paper's loss; hinge: the SLiC hinge; ipo: the IPO "
+        "squared loss on length-averaged log-probabilities.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Assumed fraction of pairs whose preference label is flipped "
+        "(conservative DPO; sigmoid loss only).",
+    )
+
+
 class Method(_Model):
+    objective: Objective = Field(
+        Objective.sft,
+        description="sft: next-token loss on the responses; dpo: direct preference "
+        "optimization on dataset.format preference (the reference model is the base model: "
+        "the adapter disabled, or log-probabilities computed once before full fine-tuning).",
+    )
+    dpo: Optional[DpoConfig] = Field(
+        None, description="DPO settings (objective dpo only; defaults apply when unset)."
+    )
     type: MethodType = Field(
         MethodType.lora,
         description="lora: low-rank adapters; qlora: LoRA on a 4-bit base model (GPU only); "
@@ -404,6 +453,24 @@ class Resources(_Model):
     )
 
 
+class Generation(_Model):
+    """Evaluation by generation: the model answers held-out prompts before and after
+    training; the answers are scored against the references."""
+
+    examples: int = Field(
+        16, ge=1, le=10_000, description="Held-out examples answered (the first n, seeded)."
+    )
+    max_new_tokens: int = Field(128, ge=1, le=32_768, description="Tokens generated per answer.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature (doSample only)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (doSample only).")
+    seed: int = Field(
+        0, ge=0, le=INT32_MAX, description="Seed for the example choice and sampling."
+    )
+
+
 class Evaluation(_Model):
     enabled: bool = Field(True, description="Evaluate on the held-out data.")
     every_steps: Optional[int] = Field(
@@ -415,12 +482,25 @@ class Evaluation(_Model):
     max_batches: Optional[int] = Field(
         None, ge=1, le=1_000_000, description="Cap on batches per evaluation (default: all)."
     )
+    generation: Optional[Generation] = Field(
+        None,
+        description="Also generate answers to held-out prompts before and after training and "
+        "score them (exact match, ROUGE-L, BLEU, chrF); the test split too when set.",
+    )
 
 
 class EarlyStopping(_Model):
     enabled: bool = Field(False, description="Stop when the metric stops improving.")
-    metric: Literal["eval_loss", "eval_perplexity", "eval_token_accuracy"] = Field(
-        "eval_loss", description="Metric watched."
+    metric: Literal[
+        "eval_loss",
+        "eval_perplexity",
+        "eval_token_accuracy",
+        "eval_reward_accuracy",
+        "eval_reward_margin",
+    ] = Field(
+        "eval_loss",
+        description="Metric watched. eval_perplexity and eval_token_accuracy: objective sft; "
+        "eval_reward_accuracy and eval_reward_margin: objective dpo.",
     )
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement.")
@@ -565,6 +645,11 @@ class Metrics(_Model):
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None
+    # objective dpo: share of pairs whose chosen answer gained more, and the mean gap
+    reward_accuracy: Optional[float] = None
+    reward_margin: Optional[float] = None
+    eval_reward_accuracy: Optional[float] = None
+    eval_reward_margin: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")

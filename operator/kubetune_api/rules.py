@@ -102,6 +102,97 @@ RULES: list[Rule] = [
         python=lambda d: d is None or _has(d, "uri") != _has(d, "name"),
     ),
     Rule(
+        "test-source",
+        ("dataset", "test"),
+        "set exactly one of dataset.test.uri or dataset.test.name",
+        cel="has(self.uri) != has(self.name)",
+        python=lambda d: d is None or _has(d, "uri") != _has(d, "name"),
+    ),
+    Rule(
+        "dpo-needs-preference-data",
+        (),
+        "method.objective dpo trains on pairs: set dataset.format to preference (rows of "
+        "prompt, chosen, rejected), or method.objective to sft",
+        cel="self.method.objective != 'dpo' || self.dataset.format == 'preference'",
+        python=lambda s: (
+            s["method"]["objective"] != "dpo" or s["dataset"]["format"] == "preference"
+        ),
+        field="dataset.format",
+    ),
+    Rule(
+        "preference-data-needs-dpo",
+        (),
+        "dataset.format preference is trained with method.objective dpo: set it, or use a "
+        "supervised format (chat, prompt-completion, ...)",
+        cel="self.dataset.format != 'preference' || self.method.objective == 'dpo'",
+        python=lambda s: (
+            s["dataset"]["format"] != "preference" or s["method"]["objective"] == "dpo"
+        ),
+        field="method.objective",
+    ),
+    Rule(
+        "dpo-settings-need-dpo",
+        ("method",),
+        "method.dpo applies to objective dpo only: remove it, or set method.objective to dpo",
+        cel="!has(self.dpo) || self.objective == 'dpo'",
+        python=lambda m: not _has(m, "dpo") or m.get("objective") == "dpo",
+        field="dpo",
+    ),
+    Rule(
+        "label-smoothing-needs-sigmoid",
+        ("method", "dpo"),
+        "labelSmoothing applies to the sigmoid loss only: set lossType to sigmoid or "
+        "labelSmoothing to 0",
+        cel="self.labelSmoothing == 0.0 || self.lossType == 'sigmoid'",
+        python=lambda d: d is None or d["labelSmoothing"] == 0 or d["lossType"] == "sigmoid",
+        field="labelSmoothing",
+    ),
+    Rule(
+        "early-stopping-metric-fits-objective",
+        (),
+        "earlyStopping.metric must be one the objective reports: eval_loss, "
+        "eval_reward_accuracy or eval_reward_margin for dpo; eval_loss, eval_perplexity or "
+        "eval_token_accuracy for sft",
+        cel="self.method.objective == 'dpo' ? !(self.earlyStopping.metric in "
+        "['eval_perplexity', 'eval_token_accuracy']) : !(self.earlyStopping.metric in "
+        "['eval_reward_accuracy', 'eval_reward_margin'])",
+        python=lambda s: (
+            s["earlyStopping"]["metric"]
+            not in (
+                ("eval_perplexity", "eval_token_accuracy")
+                if s["method"]["objective"] == "dpo"
+                else ("eval_reward_accuracy", "eval_reward_margin")
+            )
+        ),
+        field="earlyStopping.metric",
+    ),
+    Rule(
+        "generation-needs-held-out-data",
+        (),
+        "evaluation.generation answers held-out prompts: give dataset.validation, "
+        "dataset.test or a dataset.validationSplit above 0",
+        cel="!has(self.evaluation.generation) || has(self.dataset.validation) || "
+        "has(self.dataset.test) || self.dataset.validationSplit > 0.0",
+        python=lambda s: (
+            not _has(s["evaluation"], "generation")
+            or _has(s["dataset"], "validation")
+            or _has(s["dataset"], "test")
+            or s["dataset"]["validationSplit"] > 0
+        ),
+        field="evaluation.generation",
+    ),
+    Rule(
+        "generation-needs-prompts",
+        (),
+        "evaluation.generation needs prompts and reference answers: dataset.format text has "
+        "neither; remove evaluation.generation or use a format with prompts",
+        cel="!has(self.evaluation.generation) || self.dataset.format != 'text'",
+        python=lambda s: (
+            not _has(s["evaluation"], "generation") or s["dataset"]["format"] != "text"
+        ),
+        field="evaluation.generation",
+    ),
+    Rule(
         "epochs-xor-max-steps",
         ("hyperparameters",),
         "set either epochs or maxSteps, not both: remove one of them",

@@ -160,6 +160,16 @@ class MetricsRow(_Model):
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None
+    # objective dpo: means over the pairs since the previous row (rewards are
+    # beta x the log-probability gained over the reference model)
+    rewards_chosen: Optional[float] = None
+    rewards_rejected: Optional[float] = None
+    reward_accuracy: Optional[float] = None
+    reward_margin: Optional[float] = None
+    eval_rewards_chosen: Optional[float] = None
+    eval_rewards_rejected: Optional[float] = None
+    eval_reward_accuracy: Optional[float] = None
+    eval_reward_margin: Optional[float] = None
     resumed_from: Optional[int] = Field(
         None, description="On the first row after a resume: the checkpoint step resumed from."
     )
@@ -215,6 +225,14 @@ class OutputsRecord(_Model):
     final_train_loss: Optional[float] = None
     steps: Optional[int] = None
     stopped_early: bool = False
+    test_metrics: Optional[dict[str, float]] = Field(
+        None, description="Metrics on dataset.test, computed once after training."
+    )
+    generation: Optional[dict] = Field(
+        None,
+        description="evaluation.generation: examples per split, scores before and after "
+        "training per split (exact_match, rouge_l, bleu, chrf) and the samples file.",
+    )
     artifacts: list[ServableOutput] = Field(
         default_factory=list, description="What each saved folder is and how to load it."
     )

@@ -594,6 +594,9 @@ def validate_document(doc: Any) -> Result:
 
 
 DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+# Preference tuning moves a model that already answers well: far smaller steps
+# (TRL's DPOTrainer defaults to 1e-6 for full fine-tuning).
+DEFAULT_DPO_LEARNING_RATE = {"lora": 5e-5, "qlora": 5e-5, "full": 1e-6}
 
 
 def resolve_spec(spec: models.FineTuneJobSpec | dict) -> models.FineTuneJobSpec:
@@ -612,8 +615,11 @@ def resolve_spec(spec: models.FineTuneJobSpec | dict) -> models.FineTuneJobSpec:
     method = spec.method.type
     if hp.epochs is None and hp.max_steps is None:
         hp.epochs = 1.0
+    dpo = spec.method.objective == "dpo"
     if hp.learning_rate is None:
-        hp.learning_rate = DEFAULT_LEARNING_RATE[method]
+        hp.learning_rate = (DEFAULT_DPO_LEARNING_RATE if dpo else DEFAULT_LEARNING_RATE)[method]
+    if dpo and spec.method.dpo is None:
+        spec.method.dpo = models.DpoConfig()
     if method in ("lora", "qlora") and spec.method.lora is None:
         spec.method.lora = models.LoraConfig()
     if method == "qlora" and spec.method.quantization is None:

@@ -44,6 +44,10 @@ def progress_to_status(snapshot: Optional[dict], keep_last: int = 3) -> dict[str
             ("evalLoss", "evalLoss"),
             ("evalPerplexity", "evalPerplexity"),
             ("evalTokenAccuracy", "evalTokenAccuracy"),
+            ("rewardAccuracy", "rewardAccuracy"),
+            ("rewardMargin", "rewardMargin"),
+            ("evalRewardAccuracy", "evalRewardAccuracy"),
+            ("evalRewardMargin", "evalRewardMargin"),
             ("tokensPerSecond", "tokensPerSecond"),
             ("learningRate", "learningRate"),
         ):

@@ -10,7 +10,7 @@ MINIMAL = {"model": {"name": "org/model"}, "dataset": {"train": {"uri": "s3://b/
 
 def test_minimal_spec_gets_documented_defaults():
     spec = models.FineTuneJobSpec.model_validate(apply_defaults(MINIMAL)).to_dict()
-    assert spec["method"] == {"type": "lora"}
+    assert spec["method"] == {"objective": "sft", "type": "lora"}
     assert spec["dataset"]["format"] == "chat"
     assert spec["dataset"]["maxSeqLength"] == 2048
     assert spec["dataset"]["packing"] is True
@@ -92,3 +92,16 @@ def test_status_phase_terminality():
     assert not any(
         models.Phase(p).is_terminal for p in ("Pending", "Queued", "Running", "Suspended")
     )
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 5e-5), ("full", 1e-6)])
+def test_dpo_gets_its_settings_and_a_smaller_learning_rate(method, lr):
+    spec = resolve_spec(
+        {
+            **MINIMAL,
+            "dataset": {**MINIMAL["dataset"], "format": "preference"},
+            "method": {"objective": "dpo", "type": method},
+        }
+    )
+    assert spec.hyperparameters.learning_rate == lr
+    assert spec.method.dpo.to_dict() == {"beta": 0.1, "lossType": "sigmoid", "labelSmoothing": 0.0}

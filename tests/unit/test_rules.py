@@ -50,7 +50,44 @@ BREAKERS = {
         "method": {"type": "full"},
         "output": {"mergeAdapter": True, "uri": "s3://o"},
     },
+    "test-source": {**BASE, "dataset": {**BASE["dataset"], "test": {}}},
+    "dpo-needs-preference-data": {**BASE, "method": {"objective": "dpo"}},
+    "preference-data-needs-dpo": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "preference"},
+    },
+    "dpo-settings-need-dpo": {**BASE, "method": {"dpo": {"beta": 0.2}}},
+    "label-smoothing-needs-sigmoid": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "preference"},
+        "method": {"objective": "dpo", "dpo": {"lossType": "hinge", "labelSmoothing": 0.1}},
+    },
+    "early-stopping-metric-fits-objective": {
+        **BASE,
+        "earlyStopping": {"enabled": True, "metric": "eval_reward_margin", "mode": "max"},
+    },
+    "generation-needs-held-out-data": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "validationSplit": 0},
+        "evaluation": {"generation": {}},
+    },
+    "generation-needs-prompts": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "text"},
+        "evaluation": {"generation": {"examples": 4}},
+    },
 }
+
+
+def test_dpo_spec_with_every_setting_breaks_no_rule():
+    spec = {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "preference", "test": {"uri": "s3://b/x"}},
+        "method": {"objective": "dpo", "dpo": {"beta": 0.5, "labelSmoothing": 0.1}},
+        "earlyStopping": {"enabled": True, "metric": "eval_reward_accuracy", "mode": "max"},
+        "evaluation": {"generation": {"examples": 4, "maxNewTokens": 16}},
+    }
+    assert validate_spec(spec).ok, validate_spec(spec).errors
 
 
 def test_every_python_rule_has_a_breaking_example():

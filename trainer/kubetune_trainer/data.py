@@ -45,6 +45,7 @@ EXPECTED_KEYS = {
     "chat": "messages",
     "alpaca": "instruction, output [, input]",
     "sharegpt": "conversations",
+    "preference": "prompt, chosen, rejected",
 }
 
 
@@ -231,6 +232,10 @@ def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
         return _messages(msgs, "conversations")
     if fmt == "chat":
         return _messages(row.get("messages"), "messages")
+    if fmt == "preference":
+        from . import preference
+
+        return preference.normalize(row)
     return None, f"unknown format {fmt!r}"
 
 
@@ -266,6 +271,10 @@ def _template(tokenizer, messages, generation_prompt=False) -> str:
 
 def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
     eos = tokenizer.eos_token_id
+    if "chosen" in norm:
+        from . import preference
+
+        return preference.tokenize(norm, tokenizer)
     if "text" in norm:
         ids = tokenizer(norm["text"], add_special_tokens=False)["input_ids"] + [eos]
         return ids, list(ids)
@@ -296,6 +305,10 @@ def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
 def build_examples(
     rows: list, fmt: str, tokenizer, max_len: int
 ) -> tuple[list[Example], DataReport]:
+    if fmt == "preference":
+        from . import preference
+
+        return preference.build_pairs(rows, tokenizer, max_len)
     report = DataReport(rows=len(rows))
     label = rows.label if isinstance(rows, Rows) else (lambda i: f"row {i + 1}")
     out = []
@@ -421,6 +434,11 @@ class Prepared:
     val: list[Example]
     train_report: DataReport
     val_report: Optional[DataReport]
+    test: list[Example] = field(default_factory=list)
+    test_report: Optional[DataReport] = None
+    # the held-out rows, normalised, for evaluation by generation
+    val_rows: list = field(default_factory=list)
+    test_rows: list = field(default_factory=list)
 
 
 def prepare(spec, tokenizer, environ=None) -> Prepared:
@@ -437,4 +455,10 @@ def prepare(spec, tokenizer, environ=None) -> Prepared:
     val, val_report = [], None
     if val_rows:
         val, val_report = build_examples(val_rows, ds.format, tokenizer, ds.max_seq_length)
-    return Prepared(train, val, train_report, val_report)
+    prepared = Prepared(train, val, train_report, val_report, val_rows=val_rows)
+    if ds.test is not None:
+        prepared.test_rows = read_rows(ds.test, ds, environ)
+        prepared.test, prepared.test_report = build_examples(
+            prepared.test_rows, ds.format, tokenizer, ds.max_seq_length
+        )
+    return prepared

@@ -41,6 +41,8 @@ def check_data(spec) -> str:
     text = prepared.train_report.summary("train")
     if prepared.val_report:
         text += "\n" + prepared.val_report.summary("validation")
+    if prepared.test_report:
+        text += "\n" + prepared.test_report.summary("test")
     return text
 
 

@@ -214,8 +214,13 @@ class Watcher:
             parts.append(f"lr {row['learning_rate']:.2e}")
         if row.get("tokens_per_second") is not None:
             parts.append(f"{row['tokens_per_second']:.0f} tok/s")
+        if row.get("reward_accuracy") is not None:
+            parts.append(f"reward acc {row['reward_accuracy']:.2f}")
+            parts.append(f"margin {row['reward_margin']:.3f}")
         if row.get("eval_loss") is not None:
             parts.append(f"eval {row['eval_loss']:.4f}")
+        if row.get("eval_reward_accuracy") is not None:
+            parts.append(f"eval reward acc {row['eval_reward_accuracy']:.2f}")
         if total and row["step"] < total and eta is not None:
             parts.append(f"eta {_fmt_time(eta)}")
         return "  ".join(parts)
@@ -260,6 +265,9 @@ def summary(storage) -> str:
         lines.append(f"  {'mlflow run:':<14}{track.get('url')}")
     elif track:
         lines.append(f"  {'mlflow:':<14}not reachable: {track.get('message')}")
+    from .generation import summary_lines
+
+    lines += summary_lines(out, storage)
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from . import export
 from . import lineage as L
 from . import model as M
 from . import parent as P
+from . import preference as PF
 from . import tracking as T
 from .storage import BackgroundWriter, JobStorage, now
 
@@ -195,10 +196,21 @@ class Recipe:
         self.log(prepared.train_report.summary("train"))
         if prepared.val_report:
             self.log(prepared.val_report.summary("validation"))
+        if prepared.test_report:
+            self.log(prepared.test_report.summary("test"))
+        self.prepared = prepared
         self.train_ex, self.val_ex = prepared.train, prepared.val
         self.prepared_reports = (prepared.train_report, prepared.val_report)
-        self.train_seqs = D.sequences(self.train_ex, ds.max_seq_length, ds.packing, hp.seed)
-        self.val_seqs = D.sequences(self.val_ex, ds.max_seq_length, ds.packing, hp.seed)
+        self.test_ex = prepared.test
+        self.dpo = None
+        if self.spec.method.objective == "dpo":
+            from .dpo import Dpo
+
+            self.dpo = Dpo(self)
+        units = PF.sequences if self.dpo else D.sequences
+        self.train_seqs = units(self.train_ex, ds.max_seq_length, ds.packing, hp.seed)
+        self.val_seqs = units(self.val_ex, ds.max_seq_length, ds.packing, hp.seed)
+        self.test_seqs = units(self.test_ex, ds.max_seq_length, ds.packing, hp.seed)
         per_micro = hp.batch_size * self.world
         self.micro_per_epoch = max(1, len(self.train_seqs) // per_micro)
         self.steps_per_epoch = max(1, self.micro_per_epoch // hp.gradient_accumulation_steps)
@@ -241,9 +253,8 @@ class Recipe:
         n = len(order)
         base = k * hp.batch_size * self.world + self.rank * hp.batch_size
         seqs = [self.train_seqs[order[(base + j) % n]] for j in range(hp.batch_size)]
-        batch = D.collate(
-            self.train_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing
-        )
+        collate = PF.collate if self.dpo else D.collate
+        batch = collate(self.train_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing)
         tokens = sum(len(self.train_ex[i].input_ids) for s in seqs for i in s)
         return {k2: v.to(self.device) for k2, v in batch.items()}, tokens
 
@@ -282,12 +293,16 @@ class Recipe:
         self.log(f"resumed from committed checkpoint step {step} ({self.last_ckpt.uri})")
 
     # ------------------------------------------------------------------ evaluate
-    def evaluate(self) -> dict:
+    def evaluate(self, examples=None, seqs=None, split: str = "validation") -> dict:
         import torch
         import torch.nn.functional as F
 
+        if examples is None:
+            examples, seqs = self.val_ex, self.val_seqs
+        if self.dpo:
+            return self.dpo.evaluate(examples, seqs, split)
         bs = self.hp.batch_size
-        n = math.ceil(len(self.val_seqs) / bs)
+        n = math.ceil(len(seqs) / bs)
         if self.spec.evaluation.max_batches:
             n = min(n, self.spec.evaluation.max_batches)
         per_rank = math.ceil(n / self.world)
@@ -297,9 +312,9 @@ class Recipe:
             for j in range(per_rank):
                 b = j * self.world + self.rank
                 weight = 1.0 if b < n else 0.0  # ZeRO-3: every rank runs the same forwards
-                seqs = self.val_seqs[(b % n) * bs : (b % n) * bs + bs]
+                part = seqs[(b % n) * bs : (b % n) * bs + bs]
                 batch = D.collate(
-                    self.val_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing
+                    examples, part, self.tokenizer.pad_token_id, self.spec.dataset.packing
                 )
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 logits, target = self.head.logits(self.engine, batch)
@@ -405,6 +420,10 @@ class Recipe:
         hp, ev = self.hp, self.spec.evaluation
         accum = hp.gradient_accumulation_steps
         eval_every = ev.every_steps or self.spec.checkpointing.every_steps
+        if self.dpo:
+            from .dpo import reference_splits
+
+            self.dpo.prepare_reference(reference_splits(self))
         if (
             self.eval_enabled
             and self.state["step"] == 0
@@ -425,7 +444,7 @@ class Recipe:
             step = self.state["step"]
             for a in range(accum):
                 batch, n_tok = self.micro_batch(step * accum + a)
-                loss = self.head.loss(self.engine, batch)
+                loss = self.dpo.loss(batch) if self.dpo else self.head.loss(self.engine, batch)
                 self.engine.backward(loss)
                 self.engine.step()
                 loss_sum, n_losses = loss_sum + loss.detach(), n_losses + 1
@@ -450,6 +469,8 @@ class Recipe:
                     "tokens": self.state["tokens"],
                     "time": now(),
                 }
+                if self.dpo:
+                    row.update(self.dpo.pop_metrics())
                 loss_sum, n_losses, tokens, t_log = 0.0, 0, 0, time.monotonic()
             if self.eval_enabled and (step % eval_every == 0 or last):
                 self.progress(contract.TrainPhase.evaluating)
@@ -477,9 +498,15 @@ class Recipe:
                     row["resumed_from"] = self.resumed_from
                 self.metrics.append(row)
                 self.write_metrics()
+                reward = (
+                    f" reward acc {row['reward_accuracy']:.2f} margin {row['reward_margin']:.3f}"
+                    if row.get("reward_accuracy") is not None
+                    else ""
+                )
                 self.log(
-                    f"step {step}/{self.total_steps} loss {row.get('loss', float('nan')):.4f} "
-                    f"lr {row.get('learning_rate') or 0:.2e} tok/s {self.tokens_per_second}"
+                    f"step {step}/{self.total_steps} loss {row.get('loss', float('nan')):.4f}"
+                    f"{reward} lr {row.get('learning_rate') or 0:.2e} "
+                    f"tok/s {self.tokens_per_second}"
                 )
             stop = self.state["stopped_early"]
             if step % self.spec.checkpointing.every_steps == 0 or last or stop:
@@ -508,6 +535,10 @@ class Recipe:
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> None:
+        # every rank takes part (ZeRO-3); reported once, never used for stopping
+        test = self.evaluate(self.test_ex, self.test_seqs, "test") if self.test_ex else None
+        if test:
+            self.log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         outputs = contract.OutputsRecord(
             metrics=self.storage.uri(contract.METRICS),
             final_checkpoint=self.last_ckpt,
@@ -526,6 +557,9 @@ class Recipe:
             artifacts.append(export.describe(kind.value, uri, self.spec, local / rel))
             return uri
 
+        final_dir = local / (
+            contract.FULL_MODEL if self.spec.method.type == "full" else contract.ADAPTER
+        )
         if self.spec.method.type == "full":
             self.save_full_model(local / contract.FULL_MODEL)
             if self.rank == 0:
@@ -553,6 +587,11 @@ class Recipe:
                     str(local / contract.LOSS_CURVE), self.storage.path(contract.LOSS_CURVE)
                 )
                 outputs.loss_curve = self.storage.uri(contract.LOSS_CURVE)
+            from . import generation
+
+            if self.spec.evaluation.generation:
+                self.progress(contract.TrainPhase.evaluating, "answering held-out prompts")
+            generation.add_outputs(outputs, test, generation.run(self, final_dir, local))
             self.writer.flush()
             sections = {"artifacts": artifacts}
             outputs = contract.outputs_record(outputs, sections)

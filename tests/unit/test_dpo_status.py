@@ -1,0 +1,26 @@
+"""DPO's reward metrics travel from metrics.jsonl to the FineTuneJob's status."""
+
+from kubetune_api import models
+from kubetune_operator.progress import progress_to_status
+
+
+def test_reward_metrics_reach_status_latest_row_wins():
+    rows = [
+        {"step": 0, "evalLoss": 0.6931, "evalRewardAccuracy": 0.0, "evalRewardMargin": 0.0},
+        {"step": 2, "loss": 0.70, "rewardAccuracy": 0.25, "rewardMargin": -0.1},
+        {
+            "step": 4,
+            "loss": 0.52,
+            "rewardAccuracy": 0.75,
+            "rewardMargin": 0.61,
+            "evalLoss": 0.49,
+            "evalRewardAccuracy": 0.625,
+            "evalRewardMargin": 0.587,
+        },
+    ]
+    status = progress_to_status({"prefix": "s3://b/p", "metrics": rows})
+    m = status["metrics"]
+    assert (m["rewardAccuracy"], m["rewardMargin"]) == (0.75, 0.61)
+    assert (m["evalRewardAccuracy"], m["evalRewardMargin"]) == (0.625, 0.587)
+    assert m["displayLoss"] == "0.5200"
+    models.FineTuneJobStatus.model_validate(status)  # the CRD's status schema takes it

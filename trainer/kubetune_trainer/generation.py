@@ -1,0 +1,228 @@
+"""Evaluation by generation: what the model says, before and after training.
+
+The same held-out prompts (the first `examples` of a seeded shuffle of the usable
+rows) are answered by the base model and by the fine-tuned one, with the same
+decoding settings, and the answers are scored against the references with
+maintained libraries: exact match, ROUGE-L F1 (rouge-score), corpus BLEU and
+chrF (sacrebleu). Rank 0 does it after the final weights are saved, from the
+saved files, so ZeRO sharding never gets in the way; the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+from . import data as D
+
+SAMPLES = "samples.jsonl"
+
+
+def prompt_and_reference(norm: dict) -> Optional[tuple[object, str]]:
+    """(prompt: text or messages, reference answer) of a normalised row, or None."""
+    if "chosen" in norm:
+        chosen = norm["chosen"]
+        if isinstance(chosen, str):
+            return norm["prompt"], chosen
+        return norm["prompt"], chosen[-1]["content"]
+    if "completion" in norm:
+        return norm["prompt"], norm["completion"]
+    if "messages" in norm:
+        msgs = norm["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        if last == 0:
+            return None
+        return msgs[:last], msgs[last]["content"]
+    return None
+
+
+def pick(rows: list, fmt: str, n: int, seed: int) -> list[tuple[object, str]]:
+    """The first n usable rows of a seeded shuffle: the same ones on every run."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for i in order:
+        norm, _why = D.normalize(rows[i], fmt)
+        pair = prompt_and_reference(norm) if norm else None
+        if pair and pair[1].strip():
+            out.append(pair)
+            if len(out) == n:
+                break
+    return out
+
+
+def render(prompt, tokenizer) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return D._template(tokenizer, prompt, generation_prompt=True)
+
+
+def generate(model, tokenizer, prompts: list, settings) -> list[str]:
+    """One prompt at a time: no padding, so the answers do not depend on the batch."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    answers = []
+    for k, prompt in enumerate(prompts):
+        ids = tokenizer(render(prompt, tokenizer), add_special_tokens=False, return_tensors="pt")
+        ids = ids["input_ids"].to(device)
+        kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+            torch.manual_seed(settings.seed + k)
+        else:  # greedy: say so, whatever the model's generation_config prefers
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+                **kwargs,
+            )
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+def score(predictions: list[str], references: list[str]) -> dict:
+    """exact_match and rouge_l in [0, 1]; bleu and chrf on sacrebleu's 0-100 scale."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    n = max(len(predictions), 1)
+    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = sum(
+        scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
+    )
+    return {
+        "exact_match": exact / n,
+        "rouge_l": rouge / n,
+        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
+    }
+
+
+def load_base(path: str, spec, use_gpu: bool, saved: bool = False):
+    """The base model (or, saved=True, a folder the trainer wrote) for generating."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = spec.model
+    kwargs = {"trust_remote_code": m.trust_remote_code}
+    kwargs["dtype"] = torch.bfloat16 if use_gpu else torch.float32
+    if not saved:
+        kwargs["revision"] = m.revision
+        if m.gguf_file:
+            kwargs["gguf_file"] = m.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to("cuda") if use_gpu else model
+
+
+def load_final(model_path: str, spec, final_dir: Path, use_gpu: bool):
+    if spec.method.type == "full":
+        return load_base(str(final_dir), spec, use_gpu, saved=True)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(model_path, spec, use_gpu), str(final_dir))
+
+
+def add_outputs(outputs, test_metrics: Optional[dict], generation: Optional[dict]) -> None:
+    """The evaluation's keys of outputs.json: test-split metrics and generation scores."""
+    if test_metrics:
+        outputs.test_metrics = {k.replace("eval_", "test_", 1): v for k, v in test_metrics.items()}
+    if generation:
+        outputs.generation = generation
+
+
+def run(recipe, final_dir: Path, local: Path) -> Optional[dict]:
+    """Rank 0: answers before and after on the validation (and test) prompts; writes
+    samples.jsonl beside the outputs; returns the record for outputs.json."""
+    settings = recipe.spec.evaluation.generation
+    if settings is None:
+        return None
+    fmt = recipe.spec.dataset.format
+    sets = {
+        "validation": pick(recipe.prepared.val_rows, fmt, settings.examples, settings.seed),
+        "test": pick(recipe.prepared.test_rows, fmt, settings.examples, settings.seed),
+    }
+    sets = {k: v for k, v in sets.items() if v}
+    if not sets:
+        recipe.log("evaluation.generation: no held-out prompt with a reference answer")
+        return None
+    answers: dict[str, dict[str, list[str]]] = {k: {} for k in sets}
+    for when, load in (
+        ("before", lambda: load_base(recipe.model_path, recipe.spec, recipe.use_gpu)),
+        ("after", lambda: load_final(recipe.model_path, recipe.spec, final_dir, recipe.use_gpu)),
+    ):
+        model = load()
+        for split, pairs in sets.items():
+            answers[split][when] = generate(
+                model, recipe.tokenizer, [p for p, _ in pairs], settings
+            )
+        del model
+    record: dict = {"examples": {k: len(v) for k, v in sets.items()}}
+    lines = []
+    for split, pairs in sets.items():
+        refs = [r for _, r in pairs]
+        for when in ("before", "after"):
+            record[f"{split}_{when}"] = score(answers[split][when], refs)
+        for k, (prompt, ref) in enumerate(pairs):
+            lines.append(
+                json.dumps(
+                    {
+                        "split": split,
+                        "prompt": prompt,
+                        "reference": ref,
+                        "before": answers[split]["before"][k],
+                        "after": answers[split]["after"][k],
+                    }
+                )
+            )
+    path = local / SAMPLES
+    path.write_text("".join(line + "\n" for line in lines))
+    recipe.storage.fs.put_file(str(path), recipe.storage.path(SAMPLES))
+    record["samples"] = recipe.storage.uri(SAMPLES)
+    return record
+
+
+def _short(text, width: int = 70) -> str:
+    if not isinstance(text, str):  # messages: the last turn is the question
+        text = text[-1]["content"] if text else ""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def summary_lines(outputs: dict, storage, samples: int = 3) -> list[str]:
+    """`kubetune run`'s end: test metrics, a before/after table, a few answers."""
+    lines = []
+    test = outputs.get("testMetrics")
+    if test:
+        lines.append("  test split: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    gen = outputs.get("generation")
+    if not gen:
+        return lines
+    for split, n in gen.get("examples", {}).items():
+        before, after = gen.get(f"{split}_before"), gen.get(f"{split}_after")
+        if not before or not after:
+            continue
+        lines.append(f"  answers to {n} {split} prompts     before    after")
+        for key in ("exact_match", "rouge_l", "bleu", "chrf"):
+            lines.append(f"    {key:<28}{before[key]:>8.3f} {after[key]:>8.3f}")
+    try:
+        with storage.fs.open(storage.path(SAMPLES), "r") as f:
+            rows = [json.loads(line) for _, line in zip(range(samples), f, strict=False)]
+    except FileNotFoundError:
+        rows = []
+    for row in rows:
+        lines.append(f"  prompt:    {_short(row['prompt'])}")
+        lines.append(f"  reference: {_short(row['reference'])}")
+        lines.append(f"  before:    {_short(row['before'])}")
+        lines.append(f"  after:     {_short(row['after'])}")
+    if gen.get("samples"):
+        lines.append(f"  {'samples:':<14}{gen['samples']}")
+    return lines

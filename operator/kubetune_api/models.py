@@ -627,6 +627,22 @@ class Outputs(_Model):
     loss_curve: Optional[Uri] = None
 
 
+class SweepStatus(_Model):
+    metric: Optional[Text] = None
+    trials: int = Field(0, description="Trials planned.")
+    finished: int = Field(0, description="Trials trained to their last step.")
+    stopped: int = Field(0, description="Trials stopped early (their metric trailed).")
+    running: int = 0
+    failed: int = 0
+    steps_trained: int = Field(0, description="Steps trained, all trials together.")
+    best_trial: Optional[Text] = None
+    best_params: dict[str, float] = Field(
+        default_factory=dict, max_length=LIST_MAX, description="The best trial's values."
+    )
+    best_metric: Optional[float] = None
+    display: Optional[Text] = Field(None, description="e.g. 'eval_loss 1.2345' for kubectl get.")
+
+
 class FineTuneJobStatus(_Model):
     phase: Optional[Phase] = None
     conditions: list[Condition] = Field(default_factory=list, max_length=LIST_MAX)
@@ -644,6 +660,9 @@ class FineTuneJobStatus(_Model):
     metrics: Optional[Metrics] = None
     checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=LIST_MAX)
     outputs: Optional[Outputs] = None
+    sweep: Optional[SweepStatus] = Field(
+        None, description="A sweep's trials; outputs are the best trial's."
+    )
 
 
 class ObjectMeta(BaseModel):

@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_api import storage
 from kubetune_api.models import StorageAccess
+from kubetune_api.sweep import SWEEP
 
 METRICS_TAIL_BYTES = 64 * 1024
 
@@ -196,4 +197,5 @@ def read_snapshot(
             for c in _checkpoints(fs, path, keep_checkpoints)
         ],
         "outputs": _read_json(fs, storage.join(path, storage.OUTPUTS)),
+        "sweep": _read_json(fs, storage.join(path, SWEEP)),
     }

@@ -23,10 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+
 from kubetune_api import load_trainer_config
 from kubetune_api import storage as contract
 from kubetune_api import sweep as S
 
+from .recipe import HALT
 from .storage import JobStorage, now
 
 POLL_SECONDS = 1.0
@@ -64,7 +68,7 @@ def trial_config(config, params: dict[str, Any]):
     """The trainer config of one trial: the job's, with its values and its prefix."""
     data = config.to_dict()
     data["spec"] = S.apply_params(data["spec"], params)
-    data["storage_prefix"] = S.trial_prefix(config.storage_prefix, S.trial_id(params))
+    data["storagePrefix"] = S.trial_prefix(config.storage_prefix, S.trial_id(params))
     return load_trainer_config(data)
 
 
@@ -89,6 +93,11 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
     def send_new(extra: Optional[dict] = None) -> None:
         nonlocal sent
         rows = eval_rows(storage, metric)
+        if extra is None:
+            # The last evaluation waits until the trial is done: a stop decided on it
+            # would kill the trial while it saves its outputs.
+            total = (storage.read_json(contract.PROGRESS) or {}).get("totalSteps")
+            rows = [r for r in rows if total and r["step"] < total]
         for row in rows[sent:]:
             tune.report({"step": row["step"], metric: row[metric], "trial": tid})
         sent = len(rows)
@@ -100,7 +109,7 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
     if done is not None:
         send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": done.get("steps")})
         return
-    if tid in stopped:
+    if tid in stopped or storage.read_json(HALT) is not None:
         send_new({STATE_KEY: S.TrialState.stopped.value})
         return
     failure: dict = {}
@@ -118,7 +127,10 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
         send_new()
     if "exc" in failure:
         raise failure["exc"]
-    out = storage.read_json(contract.OUTPUTS) or {}
+    out = storage.read_json(contract.OUTPUTS)
+    if out is None:  # halted by the scheduler
+        send_new({STATE_KEY: S.TrialState.stopped.value})
+        return
     send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": out.get("steps")})
 
 
@@ -171,6 +183,10 @@ class Book:
                 rec.total_steps = result["total_steps"]
             self.write()
 
+    def trial_storage(self, params: dict) -> JobStorage:
+        prefix = S.trial_prefix(self.config.storage_prefix, S.trial_id(params))
+        return JobStorage(prefix, self.config.spec.output)
+
     def best(self) -> Optional[S.TrialRecord]:
         done = [r for r in self.record.records if r.state == S.TrialState.finished]
         best = None
@@ -213,39 +229,78 @@ class Book:
         )
 
 
-def _callback(book: Book, trial_storage):
-    from ray.tune import Callback
+# The driver's live books, by storage prefix (see Recorder).
+_BOOKS: dict[str, Book] = {}
 
-    class Recorder(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            book.update(_params(trial.config), state=S.TrialState.running)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            book.result(_params(trial.config), result)
+class Recorder(Callback):
+    """Tune's trial events → the book (sweep.json). Module-level, holding only a
+    key: Tune pickles its callbacks, and the book holds a lock and a filesystem."""
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            params = _params(trial.config)
-            last = trial.last_result or {}
-            outputs = trial_storage(params).read_json(contract.OUTPUTS)
-            if outputs is not None:
-                state = S.TrialState.finished
-            else:
-                state = S.TrialState(last.get(STATE_KEY, S.TrialState.stopped.value))
-            changes: dict = {"state": state, "stopped_early": state == S.TrialState.stopped}
-            if outputs is not None:
-                changes["step"] = outputs.get("steps") or 0
-                changes["total_steps"] = outputs.get("steps")
-            book.update(params, **changes)
+    def __init__(self, key: str):
+        self.key = key
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            err = getattr(trial, "error_msg", None) or "the trial failed"
-            book.update(
-                _params(trial.config),
-                state=S.TrialState.failed,
-                message=str(err).strip().splitlines()[-1][:500],
+    @property
+    def book(self) -> Book:
+        return _BOOKS[self.key]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.book.update(_params(trial.config), state=S.TrialState.running)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.book.result(_params(trial.config), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        params = _params(trial.config)
+        last = trial.last_result or {}
+        outputs = self.book.trial_storage(params).read_json(contract.OUTPUTS)
+        if outputs is not None:
+            state = S.TrialState.finished
+        else:
+            state = S.TrialState(last.get(STATE_KEY, S.TrialState.stopped.value))
+        changes: dict = {"state": state, "stopped_early": state == S.TrialState.stopped}
+        if outputs is not None:
+            changes["step"] = outputs.get("steps") or 0
+            changes["total_steps"] = outputs.get("steps")
+        self.book.update(params, **changes)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        err = "the trial failed"
+        try:  # the error's last line (the exception), from Tune's error file
+            lines = Path(trial.error_file).read_text().strip().splitlines()
+            err = next(line for line in reversed(lines) if line.strip() and "WARNING" not in line)
+        except Exception:  # noqa: BLE001  (no file: the generic words)
+            pass
+        self.book.update(
+            _params(trial.config),
+            state=S.TrialState.failed,
+            message=str(err).strip().splitlines()[-1][:500],
+        )
+
+
+class HaltingASHA(ASHAScheduler):
+    """ASHA that stops a trial by asking it (HALT under the trial's prefix) rather
+    than by killing its actor: the trial's Ray Train run then ends on its own and
+    gives back its placement group (a killed run's group outlives it when the
+    Ray dashboard is off, and holds its CPUs)."""
+
+    def __init__(self, key: str, **kwargs):
+        super().__init__(**kwargs)
+        self.key = key
+        self.halted: set[str] = set()
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision != self.STOP or result.get(STATE_KEY):
+            return decision
+        params = _params(trial.config)
+        tid = S.trial_id(params)
+        if tid not in self.halted:
+            self.halted.add(tid)
+            _BOOKS[self.key].trial_storage(params).write_json(
+                HALT, {"step": result.get("step"), "reason": "ASHA", "time": now()}
             )
-
-    return Recorder()
+        return self.CONTINUE
 
 
 def cpus_per_worker(spec, available: int) -> int:
@@ -259,7 +314,7 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
     """Run every trial (Ray must be up), then make the best trial's output the job's."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from .model import cache_root
 
@@ -270,10 +325,9 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
     prior_data = storage.read_json(S.SWEEP)
     prior = S.SweepRecord.model_validate(prior_data) if prior_data else None
     book = Book(config, storage, prior)
+    key = config.storage_prefix
+    _BOOKS[key] = book
     stopped = [r.id for r in book.record.records if r.state == S.TrialState.stopped]
-
-    def trial_storage(params: dict) -> JobStorage:
-        return JobStorage(S.trial_prefix(config.storage_prefix, S.trial_id(params)), spec.output)
 
     if sweep.algorithm == "random":
         plan = S.random_plan(sweep, spec.hyperparameters.seed)
@@ -294,7 +348,8 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
     es = sweep.early_stopping
     if es.enabled:
         grace = es.grace_period or spec.evaluation.every_steps or spec.checkpointing.every_steps
-        scheduler = ASHAScheduler(
+        scheduler = HaltingASHA(
+            key,
             time_attr="step",
             metric=sweep.metric,
             mode=mode,
@@ -311,7 +366,9 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
         _run_trial(tune_config, job, stopped, cpus)
 
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 0}),
+        # A trial only waits on its TorchTrainer: no CPU of its own, so parallelTrials x
+        # workers fill the cluster. Ray refuses an empty bundle: a token of memory.
+        tune.with_resources(trainable, {"cpu": 0, "memory": 2**20}),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             num_samples=num_samples,
@@ -324,11 +381,14 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
             name=f"kubetune-sweep-{config.job.namespace}-{config.job.name}-{config.job.uid}"
             f"-{int(time.time())}",
             storage_path=storage_path or str(cache_root() / "ray_results"),
-            callbacks=[_callback(book, trial_storage)],
+            callbacks=[Recorder(key)],
             verbose=0,
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        _BOOKS.pop(key, None)
     return finish(config, book, storage)
 
 

@@ -18,7 +18,7 @@ import trainer_helpers as H
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(1200)]
 
 
-def _sweep_job(tmp: Path, name: str, sweep: dict, **hp) -> dict:
+def _sweep_job(tmp: Path, name: str, sweep: dict, ckpt: int = 2, **hp) -> dict:
     model = H.tiny_model(tmp / "model")
     data = tmp / "chat.jsonl"
     if not data.exists():
@@ -30,7 +30,7 @@ def _sweep_job(tmp: Path, name: str, sweep: dict, **hp) -> dict:
         name=name,
         hyperparameters={"maxSteps": 8, "logEverySteps": 2, **hp},
         evaluation={"everySteps": 2, "maxBatches": 2},
-        checkpointing={"everySteps": 2, "keepLast": 2},
+        checkpointing={"everySteps": ckpt, "keepLast": 2},
     )
     j["spec"]["sweep"] = sweep
     return j
@@ -47,21 +47,28 @@ def _read(path: Path) -> dict:
 def test_four_trials_two_at_a_time_asha_stops_the_trailing_ones(tmp_path):
     import ray
 
+    from kubetune_api import sweep as S
     from kubetune_trainer.driver import run
 
     lrs = [3e-3, 1e-6, 2e-3, 2e-6]  # two that learn, two that barely move
-    j = _sweep_job(
-        tmp_path,
-        "asha",
-        {
-            "trials": 4,
-            "parallelTrials": 2,
-            "parameters": {
-                "hyperparameters.learningRate": {"distribution": "choice", "values": lrs}
-            },
-            "earlyStopping": {"gracePeriod": 2, "reductionFactor": 2},
-        },
+    sweep = {
+        "trials": 4,
+        "parallelTrials": 2,
+        "parameters": {"hyperparameters.learningRate": {"distribution": "choice", "values": lrs}},
+        "earlyStopping": {"gracePeriod": 2, "reductionFactor": 2},
+    }
+    # The seed whose plan trains the two learners first: the two that follow reach
+    # the first rung behind both, which ASHA must stop (a first pair alone can pass).
+    steps = 20  # room for a stop to land before a trailing trial ends
+    j = _sweep_job(tmp_path, "asha", sweep, ckpt=10, maxSteps=steps)
+    cfg = H.trainer_config(j)
+    seed = next(
+        s
+        for s in range(100)
+        if {p["hyperparameters.learningRate"] for p in S.random_plan(cfg.spec.sweep, s)[:2]}
+        == {3e-3, 2e-3}
     )
+    j = _sweep_job(tmp_path, "asha", sweep, ckpt=10, maxSteps=steps, seed=seed)
     cfg = H.trainer_config(j)
     try:
         rc = run(cfg, ray_init={"num_cpus": 2, "include_dashboard": False}, check=False)
@@ -78,11 +85,11 @@ def test_four_trials_two_at_a_time_asha_stops_the_trailing_ones(tmp_path):
     stopped = [r for r in records if r["state"] == "Stopped"]
     assert stopped, f"ASHA stopped no trial: {records}"
     for r in stopped:
-        assert r["stoppedEarly"] and r["step"] < 8, r
+        assert r["stoppedEarly"] and r["step"] < steps, r
         trial = prefix / "trials" / r["id"]
         assert (trial / "halt.json").exists() and not (trial / "outputs.json").exists()
     finished = [r for r in records if r["state"] == "Finished"]
-    assert finished and all(r["step"] == 8 for r in finished)
+    assert finished and all(r["step"] == steps for r in finished)
     best = min(finished, key=lambda r: r["bestMetric"])
     assert sweep["bestTrial"] == best["id"] and sweep["bestMetric"] == best["bestMetric"]
     assert best["params"]["hyperparameters.learningRate"] >= 1e-3  # a learning one won
@@ -93,7 +100,7 @@ def test_four_trials_two_at_a_time_asha_stops_the_trailing_ones(tmp_path):
     outputs = _read(prefix / "outputs.json")
     assert outputs["adapter"] == (trial / "adapter").as_uri()
     assert (trial / "adapter" / "adapter_model.safetensors").stat().st_size > 0
-    assert sweep["stepsTrained"] == sum(r["step"] for r in records) < 4 * 8
+    assert sweep["stepsTrained"] == sum(r["step"] for r in records) < 4 * steps
     assert (prefix / "sweep.png").stat().st_size > 0
     assert _read(prefix / "progress.json")["phase"] == "Succeeded"
 

@@ -253,7 +253,8 @@ class Recorder(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         params = _params(trial.config)
         last = trial.last_result or {}
-        outputs = self.book.trial_storage(params).read_json(contract.OUTPUTS)
+        tstore = self.book.trial_storage(params)
+        outputs = tstore.read_json(contract.OUTPUTS)
         if outputs is not None:
             state = S.TrialState.finished
         else:
@@ -262,6 +263,10 @@ class Recorder(Callback):
         if outputs is not None:
             changes["step"] = outputs.get("steps") or 0
             changes["total_steps"] = outputs.get("steps")
+        else:  # a stopped trial trains on to its next logged step
+            progress = tstore.read_json(contract.PROGRESS) or {}
+            changes["step"] = max(int(last.get("step") or 0), int(progress.get("step") or 0))
+            changes["total_steps"] = progress.get("totalSteps")
         self.book.update(params, **changes)
 
     def on_trial_error(self, iteration, trials, trial, **info):

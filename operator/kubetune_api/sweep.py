@@ -101,7 +101,7 @@ def better(a: Optional[float], b: Optional[float], mode: str) -> bool:
     return a < b if mode == "min" else a > b
 
 
-def _cast(path: str, value: float) -> Any:
+def cast(path: str, value: float) -> Any:
     return int(round(value)) if BY_PATH[path].integer else float(value)
 
 
@@ -117,7 +117,7 @@ def sample(sweep: Sweep, rng: random.Random) -> dict[str, Any]:
             v = math.exp(rng.uniform(math.log(p.low), math.log(p.high)))
         else:
             v = rng.randint(int(p.low), int(p.high))
-        out[path] = _cast(path, v)
+        out[path] = cast(path, v)
     return out
 
 
@@ -149,7 +149,7 @@ def apply_params(spec: dict, params: dict[str, Any]) -> dict:
             if not isinstance(node.get(key), dict):
                 node[key] = {}  # e.g. method.lora unset: its defaults, then this value
             node = node[key]
-        node[leaf] = _cast(path, value)
+        node[leaf] = cast(path, value)
     return out
 
 

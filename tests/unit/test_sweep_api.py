@@ -110,3 +110,46 @@ def test_status_counts_trials_and_shows_the_best():
     from kubetune_api.models import FineTuneJobStatus
 
     FineTuneJobStatus.model_validate(status)
+
+
+def test_kubetune_run_prints_each_trial_change_and_a_ranking(tmp_path):
+    import io
+
+    from kubetune_trainer.local import Console, summary
+    from kubetune_trainer.storage import JobStorage
+    from kubetune_trainer.sweep_console import SweepWatcher
+
+    storage = JobStorage(tmp_path.as_uri())
+    record = S.SweepRecord(
+        metric="eval_loss",
+        mode="min",
+        trials=3,
+        parallel_trials=2,
+        algorithm="random",
+        records=[
+            S.TrialRecord(id="ta", params={"method.lora.r": 8}, state="Running", step=2),
+            S.TrialRecord(id="tb", params={"method.lora.r": 16}, state="Running", step=2),
+        ],
+    )
+    storage.write_record(S.SWEEP, record)
+    out = io.StringIO()
+    watcher = SweepWatcher(storage, Console(out, bar=False))
+    watcher.poll()
+    watcher.poll()  # nothing changed: nothing printed
+    record.records[0].state, record.records[0].step = "Finished", 8
+    record.records[0].metric = record.records[0].best_metric = 1.5
+    record.records[1].state, record.records[1].best_metric = "Stopped", 2.5
+    record.records.append(S.TrialRecord(id="tc", params={"method.lora.r": 4}, step=0))
+    record.best_trial = "ta"
+    storage.write_record(S.SWEEP, record)
+    watcher.poll()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("kubetune run: sweep of 3 trials, 2 at a time")
+    assert [line.split()[0] for line in lines[1:]] == ["ta", "tb", "ta", "tb", "tc"]
+    assert "r=8" in lines[3] and "eval_loss 1.5000" in lines[3] and lines[3].endswith("Finished")
+    text = summary(storage)
+    ranked = [
+        line.split()[1] for line in text.splitlines() if line.strip()[:2].strip(".").isdigit()
+    ]
+    assert ranked == ["ta", "tb", "tc"]
+    assert "<- output" in text.splitlines()[1]

@@ -341,7 +341,7 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
     else:
         from ray.tune.search.optuna import OptunaSearch
 
-        known = [{_key(k): v for k, v in r.params.items()} for r in book.record.records]
+        known = [{_key(k): S.cast(k, v) for k, v in r.params.items()} for r in book.record.records]
         param_space = _domains(sweep)
         search_alg = OptunaSearch(
             metric=sweep.metric,

@@ -131,6 +131,22 @@ FULL_SPEC: dict[str, Any] = {
             "secretRef": {"name": "mlflow-creds"},
         }
     },
+    "sweep": {
+        "parameters": {
+            "hyperparameters.learningRate": {
+                "distribution": "logUniform",
+                "low": 1e-5,
+                "high": 1e-3,
+            },
+            "method.lora.r": {"distribution": "choice", "values": [8, 16, 32]},
+        },
+        "metric": "eval_loss",
+        "mode": "min",
+        "trials": 8,
+        "parallelTrials": 2,
+        "algorithm": "tpe",
+        "earlyStopping": {"enabled": True, "gracePeriod": 20, "reductionFactor": 3},
+    },
     "suspend": False,
     "backoffLimit": 3,
     "activeDeadlineSeconds": 86400,
@@ -619,6 +635,110 @@ def _written() -> list[Case]:
         "spec.evaluation.generation",
     )
     add("dataset:test-both", mutate("spec.dataset.test.name", "org/x"), "spec.dataset.test")
+    # sweeps: what can be searched, and over which values
+    sw = "spec.sweep"
+    params = f"{sw}.parameters"
+
+    def sweep(**parameters: Any) -> dict:
+        return mutate(params, parameters)
+
+    def dist(kind: str, **fields: Any) -> dict:
+        return {"distribution": kind, **fields}
+
+    add("sweep:model-name", sweep(**{"model.name": dist("choice", values=[1])}), params)
+    add("sweep:resources", sweep(**{"resources.workers": dist("intRange", low=1, high=4)}), params)
+    add(
+        "sweep:unknown-path",
+        sweep(**{"hyperparameters.lr": dist("uniform", low=0.1, high=0.2)}),
+        params,
+    )
+    add("sweep:seed", sweep(**{"hyperparameters.seed": dist("choice", values=[1, 2])}), params)
+    add("sweep:empty", sweep(), params)
+    lr = "hyperparameters.learningRate"
+    add("sweep:lr-above-1", sweep(**{lr: dist("uniform", low=0.1, high=2)}), params)
+    add("sweep:lr-zero-choice", sweep(**{lr: dist("choice", values=[0, 1e-4])}), params)
+    add("sweep:lr-int-range", sweep(**{lr: dist("intRange", low=1, high=2)}), params)
+    add("sweep:log-low-zero", sweep(**{lr: dist("logUniform", low=0, high=1e-3)}), f"{params}")
+    add("sweep:low-above-high", sweep(**{lr: dist("uniform", low=1e-3, high=1e-5)}), params)
+    add("sweep:low-equals-high", sweep(**{lr: dist("uniform", low=1e-3, high=1e-3)}), params)
+    add("sweep:choice-with-low", sweep(**{lr: dist("choice", values=[1e-4], low=1e-5)}), params)
+    add("sweep:range-without-high", sweep(**{lr: dist("uniform", low=1e-5)}), params)
+    add(
+        "sweep:range-with-values",
+        sweep(**{lr: dist("logUniform", low=1e-5, high=1e-3, values=[1e-4])}),
+        params,
+    )
+    add("sweep:choice-empty", sweep(**{lr: dist("choice", values=[])}), params)
+    add("sweep:distribution-unknown", sweep(**{lr: dist("normal", low=1e-5, high=1e-3)}), params)
+    add("sweep:distribution-missing", sweep(**{lr: {"low": 1e-5, "high": 1e-3}}), params)
+    add("sweep:r-fraction", sweep(**{"method.lora.r": dist("choice", values=[8, 12.5])}), params)
+    add("sweep:r-uniform", sweep(**{"method.lora.r": dist("uniform", low=4, high=64)}), params)
+    add("sweep:r-zero", sweep(**{"method.lora.r": dist("intRange", low=0, high=8)}), params)
+    add(
+        "sweep:r-range-fraction",
+        sweep(**{"method.lora.r": dist("intRange", low=4.5, high=8)}),
+        params,
+    )
+    add(
+        "sweep:batch-too-big",
+        sweep(**{"hyperparameters.batchSize": dist("choice", values=[8, 5000])}),
+        params,
+    )
+    add(
+        "sweep:warmup-above-half",
+        sweep(**{"hyperparameters.warmupRatio": dist("uniform", low=0, high=0.6)}),
+        params,
+    )
+    add(
+        "sweep:dropout-one",
+        sweep(**{"method.lora.dropout": dist("choice", values=[0.1, 1])}),
+        params,
+    )
+    add(
+        "sweep:value-negative",
+        sweep(**{"hyperparameters.weightDecay": dist("choice", values=[-0.1])}),
+        params,
+    )
+    add("sweep:parallel-above-trials", mutate(f"{sw}.parallelTrials", 9), f"{sw}.parallelTrials")
+    add("sweep:trials-zero", mutate(f"{sw}.trials", 0), f"{sw}.trials")
+    add("sweep:algorithm-grid", mutate(f"{sw}.algorithm", "grid"), f"{sw}.algorithm")
+    add("sweep:metric-train-loss", mutate(f"{sw}.metric", "train_loss"), f"{sw}.metric")
+    add(
+        "sweep:grace-zero",
+        mutate(f"{sw}.earlyStopping.gracePeriod", 0),
+        f"{sw}.earlyStopping.gracePeriod",
+    )
+    add(
+        "sweep:reduction-one",
+        mutate(f"{sw}.earlyStopping.reductionFactor", 1),
+        f"{sw}.earlyStopping.reductionFactor",
+    )
+    no_eval = mutate("spec.evaluation.enabled", False)
+    no_eval["spec"]["earlyStopping"]["enabled"] = False
+    add("sweep:without-evaluation", no_eval, f"{sw}.metric")
+    no_data = mutate("spec.dataset.validation", DELETE)
+    no_data["spec"]["dataset"]["validationSplit"] = 0.0
+    no_data["spec"]["earlyStopping"]["enabled"] = False
+    add("sweep:without-eval-data", no_data, f"{sw}.metric")
+    full = mutate("spec.method", {"type": "full"})
+    full["spec"]["output"]["mergeAdapter"] = False
+    add("sweep:lora-on-full", full, params)
+    full_ok = copy.deepcopy(full)
+    full_ok["spec"]["sweep"]["parameters"].pop("method.lora.r")
+    add("sweep:full-lr-only", full_ok, None)  # a full fine-tune sweeps its learning rate
+    every = {
+        "hyperparameters.learningRate": dist("logUniform", low=1e-6, high=1),
+        "hyperparameters.batchSize": dist("intRange", low=1, high=4096),
+        "hyperparameters.warmupRatio": dist("uniform", low=0, high=0.5),
+        "hyperparameters.weightDecay": dist("choice", values=[0, 1]),
+        "hyperparameters.gradientAccumulationSteps": dist("choice", values=[1, 4096]),
+        "method.lora.r": dist("choice", values=[1, 1024]),
+        "method.lora.alpha": dist("intRange", low=1, high=4096),
+        "method.lora.dropout": dist("uniform", low=0, high=0.99),
+    }
+    add("sweep:every-field-at-its-bounds", sweep(**every), None)
+    no_mode = mutate(f"{sw}.mode", DELETE)
+    add("sweep:mode-default", no_mode, None)
     # cross-field rules through every generated mutation stay covered by rules tests;
     # here: the values a person is likely to try
     add(
@@ -839,6 +959,14 @@ _safe(("parent:checkpoint",), "a checkpoint URI as the parent, with the base mod
 _safe(("parent:continue-adapter",), "fromJob without mergeParent: the parent's adapter continues")
 _safe(("tracking:none",), "tracking is optional")
 _safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid baseline")
+_safe(
+    ("sweep:full-lr-only",), "a full fine-tune's learning rate can be swept; only LoRA's fields not"
+)
+_safe(
+    ("sweep:every-field-at-its-bounds",),
+    "every sweepable field over its whole range: each value is one its field accepts",
+)
+_safe(("sweep:mode-default",), "mode follows the metric: min for losses, max for accuracy")
 
 
 def safe_reason(case: Case) -> Optional[str]:

@@ -226,6 +226,7 @@ def build_crd() -> dict[str, Any]:
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display"},
             {"name": "Loss", "type": "string", "jsonPath": ".status.metrics.displayLoss"},
+            {"name": "Best", "type": "string", "jsonPath": ".status.sweep.display"},
             {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
             {
                 "name": "Workers",

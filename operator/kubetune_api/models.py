@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from . import checks
+from . import checks, sweep_space
 from .checks import PRINTABLE
 
 GROUP = "kubetune.io"
@@ -552,6 +552,90 @@ class Tracking(_Model):
     )
 
 
+# ---------------------------------------------------------------------------- sweep
+
+
+class SweepParameter(_Model):
+    """One searched field: a list of values (choice) or a range."""
+
+    distribution: Literal["choice", "uniform", "logUniform", "intRange"] = Field(
+        description="choice: one of values; uniform: any number from low to high; "
+        "logUniform: the same on a log scale (learning rates); intRange: a whole number "
+        "from low to high, both included."
+    )
+    values: Optional[
+        Annotated[
+            list[Annotated[float, Field(ge=0, le=sweep_space.VALUE_MAX)]],
+            Field(min_length=1, max_length=LIST_MAX),
+        ]
+    ] = Field(None, description="The values to choose from (choice only).")
+    low: Optional[float] = Field(
+        None, ge=0, le=sweep_space.VALUE_MAX, description="Lower end of the range."
+    )
+    high: Optional[float] = Field(
+        None, ge=0, le=sweep_space.VALUE_MAX, description="Upper end of the range."
+    )
+
+
+SweepParameterItem = Annotated[(SweepParameter, *sweep_space.PARAMETER_CHECKS)]
+SweepParameters = Annotated[(dict[str, SweepParameterItem], *sweep_space.PARAMETERS_CHECKS)]
+
+
+class SweepEarlyStopping(_Model):
+    enabled: bool = Field(True, description="Stop trials whose metric trails the others' (ASHA).")
+    grace_period: Optional[int] = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Steps every trial trains before it can be stopped (default: up to its "
+        "first evaluation).",
+    )
+    reduction_factor: int = Field(
+        3,
+        ge=2,
+        le=16,
+        description="At each rung (grace period, then that times this factor, ...) only the "
+        "best 1/reductionFactor of the trials go on.",
+    )
+
+
+class Sweep(_Model):
+    """A hyperparameter search inside the job: Ray Tune runs `trials` trainings of
+    this spec, each with its own values of `parameters`, and the best trial's
+    output becomes the job's output."""
+
+    parameters: SweepParameters = Field(
+        min_length=1,
+        max_length=sweep_space.PARAMETERS_MAX,
+        description="Spec fields to search, by dotted path, each with a distribution. "
+        f"Sweepable: {sweep_space.SWEEPABLE_TEXT}.",
+    )
+    metric: Literal["eval_loss", "eval_perplexity", "eval_token_accuracy"] = Field(
+        "eval_loss", description="Evaluation metric that ranks the trials."
+    )
+    mode: Optional[Literal["min", "max"]] = Field(
+        None,
+        description="Whether lower or higher is better (default: min for losses, max for "
+        "accuracy).",
+    )
+    trials: int = Field(8, ge=1, le=1000, description="Trials in all.")
+    parallel_trials: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Trials at once; the Ray cluster gets parallelTrials x resources.workers "
+        "workers.",
+    )
+    algorithm: Literal["random", "tpe"] = Field(
+        "random",
+        description="random: independent draws (seeded by hyperparameters.seed); tpe: "
+        "Optuna's Tree-structured Parzen Estimator, which learns from finished trials.",
+    )
+    early_stopping: SweepEarlyStopping = Field(
+        default_factory=SweepEarlyStopping, description="Early termination of bad trials."
+    )
+
+
 class FineTuneJobSpec(_Model):
     """What to fine-tune, on which data, how, and where the results go. Only
     suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished can
@@ -580,6 +664,11 @@ class FineTuneJobSpec(_Model):
     )
     output: Output = Field(default_factory=Output, description="Where results go.")
     tracking: Optional[Tracking] = Field(None, description="Experiment tracking.")
+    sweep: Optional[Sweep] = Field(
+        None,
+        description="Search hyperparameters: several trials of this spec, the best one's "
+        "output kept. See docs/sweeps.md.",
+    )
     suspend: bool = Field(
         False,
         description="Stop the Ray cluster and keep the job; resume later from the last "
@@ -695,6 +784,22 @@ class TrackingStatus(_Model):
     url: Optional[Uri] = None
 
 
+class SweepStatus(_Model):
+    metric: Optional[Text] = None
+    trials: int = Field(0, description="Trials planned.")
+    finished: int = Field(0, description="Trials trained to their last step.")
+    stopped: int = Field(0, description="Trials stopped early (their metric trailed).")
+    running: int = 0
+    failed: int = 0
+    steps_trained: int = Field(0, description="Steps trained, all trials together.")
+    best_trial: Optional[Text] = None
+    best_params: dict[str, float] = Field(
+        default_factory=dict, max_length=LIST_MAX, description="The best trial's values."
+    )
+    best_metric: Optional[float] = None
+    display: Optional[Text] = Field(None, description="e.g. 'eval_loss 1.2345' for kubectl get.")
+
+
 class FineTuneJobStatus(_Model):
     phase: Optional[Phase] = None
     conditions: list[Condition] = Field(default_factory=list, max_length=LIST_MAX)
@@ -715,6 +820,9 @@ class FineTuneJobStatus(_Model):
     parent: Optional[ParentStatus] = None
     lineage: Optional[LineageStatus] = None
     tracking: Optional[TrackingStatus] = None
+    sweep: Optional[SweepStatus] = Field(
+        None, description="A sweep's trials; outputs are the best trial's."
+    )
 
 
 class ObjectMeta(BaseModel):

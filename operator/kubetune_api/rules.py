@@ -279,6 +279,44 @@ RULES: list[Rule] = [
         field="earlyStopping.enabled",
     ),
     Rule(
+        "sweep-parallel-within-trials",
+        ("sweep",),
+        "parallelTrials cannot exceed trials: set parallelTrials to trials or fewer",
+        cel="self.parallelTrials <= self.trials",
+        python=lambda w: w["parallelTrials"] <= w["trials"],
+        field="parallelTrials",
+    ),
+    Rule(
+        "sweep-needs-evaluation",
+        (),
+        "a sweep ranks trials on an evaluation metric: set evaluation.enabled to true and "
+        "give dataset.validation or a dataset.validationSplit above 0",
+        cel="!has(self.sweep) || (self.evaluation.enabled && "
+        "(has(self.dataset.validation) || self.dataset.validationSplit > 0.0))",
+        python=lambda s: (
+            not _has(s, "sweep")
+            or (
+                s["evaluation"]["enabled"]
+                and (_has(s["dataset"], "validation") or s["dataset"]["validationSplit"] > 0)
+            )
+        ),
+        field="sweep.metric",
+    ),
+    Rule(
+        "sweep-lora-needs-adapter",
+        (),
+        "method.lora.* can be swept for lora and qlora only: remove those parameters, or "
+        "set method.type to lora",
+        cel="!has(self.sweep) || self.method.type != 'full' || "
+        "self.sweep.parameters.all(k, !k.startsWith('method.lora.'))",
+        python=lambda s: (
+            not _has(s, "sweep")
+            or s["method"]["type"] != "full"
+            or not any(k.startswith("method.lora.") for k in s["sweep"]["parameters"])
+        ),
+        field="sweep.parameters",
+    ),
+    Rule(
         "merge-needs-adapter",
         (),
         "output.mergeAdapter applies to lora and qlora: a full fine-tune already saves the "
@@ -303,6 +341,7 @@ IMMUTABLE_FIELDS = (
     "checkpointing",
     "output",
     "tracking",
+    "sweep",
 )
 MUTABLE_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
 

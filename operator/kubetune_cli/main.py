@@ -57,7 +57,12 @@ def _validate_one(name: str, index: int, doc: Any, warnings: list[str]) -> dict:
         return _report(name, index, [error], warnings, shown)
     local_errors, local_warnings = local_findings(doc, name) if result.ok else ([], [])
     errors = result.errors + [FieldError(**e) for e in local_errors]
-    return _report(name, index, errors, warnings + result.warnings + local_warnings, shown)
+    report = _report(name, index, errors, warnings + result.warnings + local_warnings, shown)
+    if not errors and result.job is not None and result.job.spec.sweep is not None:
+        from kubetune_api.sweep import describe
+
+        report["sweep"] = describe(result.job.spec)
+    return report
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -95,6 +100,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print("  " + str(FieldError(**e)))
             for w in r["warnings"]:
                 print(f"  warning: {w}")
+            for line in r.get("sweep", []):
+                print(f"  {line}")
         total = sum(len(r["errors"]) for r in reports)
         print(f"{len(reports) - len(failed)} valid, {len(failed)} invalid, {total} error(s)")
     if unreadable:

@@ -170,7 +170,8 @@ def spec_to_rayjob(job: Body, settings: Settings, attempt: int) -> Body:
     worker_limits = dict(worker_requests)
     if res["gpusPerWorker"] > 0:
         worker_limits[res["gpuResourceName"]] = str(res["gpusPerWorker"])
-    workers = res["workers"]
+    # a sweep trains parallelTrials trials at once, each on resources.workers workers
+    workers = res["workers"] * ((spec.get("sweep") or {}).get("parallelTrials") or 1)
     suspend = bool(spec.get("suspend")) or bool(
         job["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
     )

@@ -101,6 +101,34 @@ def progress_to_status(snapshot: Optional[dict], keep_last: int = 3) -> dict[str
         out["tracking"] = {
             k: track[k] for k in ("runId", "experimentId", "url") if track.get(k) is not None
         }
+    sweep = snapshot.get("sweep")
+    if sweep:
+        out |= sweep_to_status(sweep, out.get("progress"))
+    return out
+
+
+def sweep_to_status(sweep: dict, progress: Optional[dict]) -> dict[str, Any]:
+    """sweep.json → status.sweep, and the progress column in trials."""
+    states = [r.get("state") for r in sweep.get("records") or []]
+    status: dict[str, Any] = {
+        "metric": sweep.get("metric"),
+        "trials": int(sweep.get("trials") or 0),
+        "finished": states.count("Finished"),
+        "stopped": states.count("Stopped"),
+        "running": states.count("Running"),
+        "failed": states.count("Failed"),
+        "stepsTrained": int(sweep.get("stepsTrained") or 0),
+    }
+    if sweep.get("bestTrial"):
+        status["bestTrial"] = sweep["bestTrial"]
+        status["bestParams"] = {k: float(v) for k, v in (sweep.get("bestParams") or {}).items()}
+    if sweep.get("bestMetric") is not None:
+        status["bestMetric"] = _round(sweep["bestMetric"])
+        status["display"] = f"{sweep.get('metric')} {sweep['bestMetric']:.4f}"
+    out: dict[str, Any] = {"sweep": {k: v for k, v in status.items() if v is not None}}
+    if progress is not None:
+        done = status["finished"] + status["stopped"]
+        out["progress"] = {**progress, "display": f"{done}/{status['trials']} trials"}
     return out
 
 

@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_api import storage
 from kubetune_api.models import StorageAccess
+from kubetune_api.sweep import SWEEP
 
 METRICS_TAIL_BYTES = 64 * 1024
 
@@ -198,4 +199,5 @@ def read_snapshot(
         "outputs": _read_json(fs, storage.join(path, storage.OUTPUTS)),
         "runRecord": _read_json(fs, storage.join(path, storage.RUN_RECORD)),
         "tracking": _read_json(fs, storage.join(path, storage.TRACKING)),
+        "sweep": _read_json(fs, storage.join(path, SWEEP)),
     }

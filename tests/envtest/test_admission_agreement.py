@@ -65,6 +65,9 @@ def _mentions(server_text: str, path: str) -> bool:
         # metadata is decoded into ObjectMeta before any schema: Go names the struct field
         field = path.split(".")[1]
         candidates |= {f"ObjectMeta.{field}", f"the {field} of the provided object"}
+    # below a map entry the server writes the key as a field (parameters.KEY.values)
+    # where the CLI brackets it (parameters[KEY].values): keys of a sweep hold dots
+    candidates.add(re.sub(r"\[([^\]\d][^\]]*)\]", r".\1", path))
     # map keys: the server names the map (spec.resources.nodeSelector, metadata.labels)
     trimmed = re.sub(r"(\[[^\]]*\]|\.[^.\[]+)$", "", path)
     if trimmed:

@@ -7,6 +7,10 @@ from kubetune_api.validation import validate_spec
 
 BASE = {"model": {"name": "org/model"}, "dataset": {"train": {"uri": "s3://b/t.jsonl"}}}
 
+_LR_SWEEP = {
+    "hyperparameters.learningRate": {"distribution": "logUniform", "low": 1e-5, "high": 1e-3}
+}
+
 # rule id -> a spec that breaks it (and breaks nothing else)
 BREAKERS = {
     "model-source": {**BASE, "model": {"name": "a", "uri": "s3://b/m"}},
@@ -44,6 +48,20 @@ BREAKERS = {
         "model": {"name": "org/model", "fromJob": "a", "mergeParent": True},
         "method": {"type": "qlora"},
         "resources": {"gpusPerWorker": 1},
+    },
+    "sweep-parallel-within-trials": {
+        **BASE,
+        "sweep": {"parameters": _LR_SWEEP, "trials": 2, "parallelTrials": 3},
+    },
+    "sweep-needs-evaluation": {
+        **BASE,
+        "sweep": {"parameters": _LR_SWEEP},
+        "evaluation": {"enabled": False},
+    },
+    "sweep-lora-needs-adapter": {
+        **BASE,
+        "method": {"type": "full"},
+        "sweep": {"parameters": {"method.lora.r": {"distribution": "choice", "values": [8]}}},
     },
     "merge-needs-adapter": {
         **BASE,

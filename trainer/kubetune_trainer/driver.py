@@ -91,8 +91,15 @@ def worker_threads(spec, available: int | None = None) -> int:
     return n
 
 
-def fit(config, *, num_cpus_per_worker: int | None = None, storage_path: str | None = None):
-    """Run the TorchTrainer on the Ray cluster this process is connected to."""
+def fit(
+    config,
+    *,
+    num_cpus_per_worker: int | None = None,
+    storage_path: str | None = None,
+    name: str | None = None,
+):
+    """Run the TorchTrainer on the Ray cluster this process is connected to.
+    `name` tells apart the runs of one job (a sweep's trials)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -115,7 +122,8 @@ def fit(config, *, num_cpus_per_worker: int | None = None, storage_path: str | N
             num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
-            name=f"kubetune-{config.job.namespace}-{config.job.name}-{config.job.uid}",
+            name=f"kubetune-{config.job.namespace}-{config.job.name}-{config.job.uid}"
+            + (f"-{name}" if name else ""),
             storage_path=storage_path or str(cache_root() / "ray_results"),
         ),
     )
@@ -166,7 +174,12 @@ def run(
 
         if not ray.is_initialized():
             ray.init(**(ray_init or {}))
-        fit(config)
+        if config.spec.sweep is not None:
+            from .sweep import fit_sweep
+
+            fit_sweep(config)
+        else:
+            fit(config)
     except Exception as exc:  # noqa: BLE001  (reported, then the exit code says failed)
         if stopping is not None and stopping.is_set():
             return STOPPED

@@ -243,6 +243,18 @@ class Watcher:
 def summary(storage) -> str:
     out = storage.read_json(contract.OUTPUTS) or {}
     lines = [f"kubetune run: finished {out.get('steps')} steps; results in {_where(storage)}"]
+    from kubetune_api import sweep as S
+
+    record = storage.read_json(S.SWEEP)
+    if record:
+        from .sweep_console import ranking
+
+        lines = ranking(record) + [
+            f"kubetune run: the best trial ({record.get('bestTrial')}) is the output; "
+            f"results in {_where(storage)}"
+        ]
+        if storage.fs.exists(storage.path(S.SWEEP_PLOT)):
+            lines.append(f"  {'sweep plot:':<14}{P.display(storage.uri(S.SWEEP_PLOT))}")
     before, after = out.get("initialEvalLoss"), out.get("finalEvalLoss")
     if before is not None and after is not None:
         verdict = "better" if after < before else "NOT better"
@@ -492,8 +504,14 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
         )
 
     worker = threading.Thread(target=train, name="kubetune-fit", daemon=True)
+    if config.spec.sweep is not None:
+        from .sweep_console import SweepWatcher
+
+        watcher = SweepWatcher(storage, console)
+    else:
+        watcher = Watcher(storage, console, resumed)
     try:
-        with Watcher(storage, console, resumed):
+        with watcher:
             worker.start()
             while worker.is_alive():
                 worker.join(0.2)

@@ -37,6 +37,7 @@ from . import tracking as T
 from .storage import BackgroundWriter, JobStorage, now
 
 TAG = "ds"  # DeepSpeed's tag inside every checkpoint folder
+HALT = "halt.json"  # see Recipe.halt_requested
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -84,6 +85,7 @@ class Recipe:
             "stopped_early": False,
         }
         self.last_ckpt: Optional[contract.CheckpointPointer] = None
+        self.halted = False  # a sweep stopped this trial: no outputs
         self.notice: Optional[str] = None
         self.parent: Optional[P.Parent] = None
         self.run_record: Optional[contract.RunRecord] = None
@@ -508,6 +510,10 @@ class Recipe:
                     f"{reward} lr {row.get('learning_rate') or 0:.2e} "
                     f"tok/s {self.tokens_per_second}"
                 )
+            if row is not None and not last and self.halt_requested():
+                self.halted = True
+                self.log(f"stopped by the sweep at step {step}: its metric trails the others'")
+                break
             stop = self.state["stopped_early"]
             if step % self.spec.checkpointing.every_steps == 0 or last or stop:
                 self.save_checkpoint()
@@ -516,6 +522,14 @@ class Recipe:
             if stop:
                 self.log(f"early stopping at step {step}")
                 break
+
+    def halt_requested(self) -> bool:
+        """A sweep's scheduler asks a trial to stop by writing HALT under its prefix
+        (kubetune_trainer.sweep); every rank agrees on the answer at the same step."""
+        seen = 0.0
+        if self.rank == 0:
+            seen = float(self.storage.read_json(HALT) is not None)
+        return self.allreduce([seen])[0] > 0
 
     def early_stopping(self, result: dict) -> None:
         es = self.spec.early_stopping
@@ -645,7 +659,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         recipe.setup()
         recipe.resume()
         recipe.train()
-        recipe.finish()
+        if recipe.halted:
+            recipe.writer.flush()
+            if recipe.tracker is not None:
+                recipe.tracker.close("KILLED")
+                recipe.tracker = None
+        else:
+            recipe.finish()
     except BaseException:
         if recipe.tracker is not None:
             recipe.tracker.close("FAILED")

@@ -15,7 +15,12 @@ import pytest
 import trainer_helpers as H
 from test_serving_outputs import PROBE, _make_adapter, _spec
 
-pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [
+    pytest.mark.trainer,
+    pytest.mark.slow,
+    pytest.mark.serving_engine,
+    pytest.mark.timeout(1800),
+]
 
 
 def test_vllm_serves_the_merged_model_and_the_adapter(tmp_path):

@@ -364,11 +364,14 @@ class Reconciler:
 
         # 0. The parent (spec.model.fromJob), resolved once and kept in status:
         # a retry must continue from the same one even if it is deleted later.
-        if cm is None:
+        if from_job(job) and not status.get("parent"):
             waiting = await self._parent(job, old, status, now, gen)
             if waiting is not None:
                 return waiting
             errors, cm = self._checked(job, attempts)
+            if errors:
+                await self._write_status(job, old, spec_error_status(status, errors, now, gen))
+                return self.timing.idle_seconds
 
         # 1. Child names. The first attempt's names derive from the job's name
         # alone, so they need no write before the create: an operator killed

@@ -32,6 +32,11 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(1800)]
 
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 PREFLIGHT_SECONDS = 60  # far below a Ray start on this tier's machines; the line says the real time
+# The interrupted run gets SIGINT once step 10's checkpoint is committed and stops
+# about 2 steps later; the resume trains on to STEPS with an evaluation at EVAL_AT.
+# Room for a slow stop: the first run would train until step 40, and a newest
+# checkpoint of step 20 still leaves the evaluation at step 30 to the resume.
+STEPS, EVAL_AT = 40, 30
 
 
 def _job(name: str, **spec) -> dict:
@@ -49,14 +54,14 @@ def _job(name: str, **spec) -> dict:
             },
             "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
             "hyperparameters": {
-                "maxSteps": 120,
+                "maxSteps": STEPS,
                 "batchSize": 4,
                 "precision": "fp32",
                 "logEverySteps": 1,
             },
             "distributed": {"zeroStage": 2},
             "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "1"},
-            "evaluation": {"everySteps": 60, "maxBatches": 2},
+            "evaluation": {"everySteps": EVAL_AT, "maxBatches": 2},
             "checkpointing": {"everySteps": 10, "keepLast": 2},
             "output": {"uri": "out"},
         },
@@ -223,7 +228,7 @@ def test_validate_reports_broken_data_and_warns_on_missing_paths(workdir):
     assert f"warning: spec.model.uri: no such folder: {workdir / 'models/nope'}" in proc.stdout
 
 
-STEP_LINE = re.compile(r"^step (\d+)/120  loss \d+\.\d{4}  lr \d\.\d\de[-+]\d\d  \d+ tok/s")
+STEP_LINE = re.compile(rf"^step (\d+)/{STEPS}  loss \d+\.\d{{4}}  lr \d\.\d\de[-+]\d\d  \d+ tok/s")
 
 
 def test_relative_paths_sigint_then_resume(workdir):
@@ -259,6 +264,7 @@ def test_relative_paths_sigint_then_resume(workdir):
     assert committed["phase"] == "Interrupted", committed
     step = committed["lastCheckpoint"]["step"]
     assert step >= 10 and (prefix / f"checkpoints/step-{step:08d}/manifest.json").exists()
+    assert step < EVAL_AT, f"stopped {step - 10}+ steps after the SIGINT: {first}"
     assert f"last committed checkpoint: step {step} in {prefix}/checkpoints/" in stop[0]
     assert stop[0].rstrip().endswith(f"resume with: kubetune run {job_file}"), stop[0]
     assert "file://" not in first and "\r" not in first
@@ -269,12 +275,12 @@ def test_relative_paths_sigint_then_resume(workdir):
     assert proc2.returncode == 0, second
     assert f"kubetune run: resumed from step {step} ({prefix}/checkpoints/" in second
     steps = [int(m.group(1)) for m in map(STEP_LINE.match, proc2.stdout.splitlines()) if m]
-    assert steps == list(range(step + 1, 121)), second  # one plain line per log step
-    assert re.search(r"^step 60/120 .* eval \d+\.\d{4}", proc2.stdout, re.M), second
+    assert steps == list(range(step + 1, STEPS + 1)), second  # one plain line per log step
+    assert re.search(rf"^step {EVAL_AT}/{STEPS} .* eval \d+\.\d{{4}}", proc2.stdout, re.M), second
     assert "\r" not in second and "file://" not in second
     assert f"adapter:      {prefix}/adapter" in proc2.stdout
     assert (prefix / "adapter/adapter_model.safetensors").exists()
-    assert json.loads((prefix / "outputs.json").read_text())["steps"] == 120
+    assert json.loads((prefix / "outputs.json").read_text())["steps"] == STEPS
     # everything under the working directory's out/, nothing beside the job file
     assert not (workdir.parent / "jobs/out").exists()
 

@@ -3,9 +3,14 @@ held-out set, and one held-out loss function used for every contender."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +116,102 @@ def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> 
             total += F.cross_entropy(logits[mask], target[mask], reduction="sum").item()
             count += mask.sum().item()
     return total / count if count else math.nan
+
+
+# ------------------------------------------------------------------ one process per contender
+RESULT = "KUBETUNE-BENCH-RESULT "
+
+
+def isolated(script: str, name: str, **kwargs) -> tuple[dict, float]:
+    """Run `script`'s contender `name(**kwargs)` in a fresh Python process (see
+    `child_main`) and return (its JSON result, peak memory in GiB). The peak is
+    the largest sum of resident memory over the child and every process it
+    started (its Ray head and workers included), sampled 4 times a second. A
+    contender in its own process leaves nothing behind for the next one: memory
+    that a round's models, Ray actors or allocator caches hold is returned to
+    the system when the process ends."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(script).resolve()), "--child", name, json.dumps(kwargs)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(script).resolve().parent),
+    )
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                return
+            rss = 0
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+            peak[0] = max(peak[0], rss)
+            done.wait(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    result = None
+    for line in proc.stdout:
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT) :])
+        else:
+            sys.stdout.write(line)
+    rc = proc.wait()
+    done.set()
+    sampler.join()
+    if rc != 0 or result is None:
+        raise SystemExit(f"{Path(script).name}: contender {name} failed (exit {rc})")
+    return result, peak[0] / 2**30
+
+
+def child_main(contenders: dict) -> bool:
+    """In a process started by `isolated`: run the named contender, print its
+    result as one JSON line, and return True. Otherwise return False."""
+    if len(sys.argv) != 4 or sys.argv[1] != "--child":
+        return False
+    result = contenders[sys.argv[2]](**json.loads(sys.argv[3]))
+    print(RESULT + json.dumps(result), flush=True)
+    return True
+
+
+def ray_init() -> dict:
+    """Arguments for the local Ray a contender's kubetune run starts."""
+    return {"num_cpus": os.cpu_count(), "include_dashboard": False, "log_to_driver": False}
+
+
+def steady_tokens_per_second(prefix: Path, steps: int) -> tuple[float, int]:
+    """(useful tokens / s over steps 2..N, those tokens) from a run's metrics.jsonl
+    (logged every step; step 1 is warm-up)."""
+    rows = [json.loads(x) for x in (prefix / "metrics.jsonl").open()]
+    rows = [r for r in rows if r.get("loss") is not None]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), rows
+    tokens = rows[-1]["tokens"] - rows[0]["tokens"]
+    pairs = zip(rows, rows[1:], strict=False)
+    seconds = sum((b["tokens"] - a["tokens"]) / b["tokensPerSecond"] for a, b in pairs)
+    return tokens / seconds, tokens
+
+
+class StepClock:
+    """A transformers TrainerCallback (built lazily, so importing common stays
+    cheap) timing optimizer steps 2..N."""
+
+    def __new__(cls, steps: int):
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            seconds = math.nan
+
+            def on_step_end(self, a, state, control, **kw):
+                if state.global_step == 1:
+                    self.t = time.perf_counter()
+                if state.global_step == steps:
+                    self.seconds = time.perf_counter() - self.t
+
+        return Clock()

@@ -3,14 +3,15 @@ the steps the sweep trained vs running every trial to the end.
 
 On the shipped quickstart (SmolLM2-135M-Instruct + LoRA, chatterbot
 conversations): a sweep of --trials trials (random search over learning rate,
-LoRA rank and warmup; ASHA stops the trials that trail at each rung) and one
-job with kubetune's defaults (learning rate 2e-4, r 16), both --steps steps.
-Both adapters are scored by one function on the same held-out conversations
-(benchmarks/common.py). Trials that ASHA stops train fewer steps: the sweep's
-cost is printed next to trials x steps, what running every trial to the end
-costs.
+LoRA rank and warmup, or Optuna's TPE with --algorithm tpe; ASHA stops the
+trials that trail at each rung) and one job with kubetune's defaults (learning
+rate 2e-4, r 16), both --steps steps. Both adapters are scored by one function
+on the same held-out conversations (benchmarks/common.py). Trials that ASHA
+stops train fewer steps: the sweep's cost is printed next to trials x steps,
+what running every trial to the end costs.
 
     .venv/bin/python benchmarks/sweep.py [--trials 8] [--steps 24] [--parallel 1]
+                                         [--algorithm random|tpe]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _run(job: dict) -> Path:
     return Path(cfg.storage_prefix.removeprefix("file://"))
 
 
-def jobs(train: Path, val: Path, out: Path, steps: int, trials: int, parallel: int):
+def jobs(train: Path, val: Path, out: Path, steps: int, trials: int, parallel: int, algorithm: str):
     common = {
         "dataset": {"validation": {"uri": str(val)}},
         "hyperparameters": {"maxSteps": steps, "logEverySteps": 2},
@@ -54,7 +55,7 @@ def jobs(train: Path, val: Path, out: Path, steps: int, trials: int, parallel: i
     sweep["spec"]["sweep"] = {
         "trials": trials,
         "parallelTrials": parallel,
-        "algorithm": "random",
+        "algorithm": algorithm,
         "parameters": {
             "hyperparameters.learningRate": {
                 "distribution": "logUniform",
@@ -74,6 +75,7 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--algorithm", choices=["random", "tpe"], default="random")
     args = p.parse_args()
     C.prepare()
     train_rows, val_rows = C.split()
@@ -81,7 +83,9 @@ def main() -> int:
     train, val = work / "train.jsonl", work / "val.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     val.write_text("".join(json.dumps(r) + "\n" for r in val_rows))
-    defaults, sweep = jobs(train, val, work / "out", args.steps, args.trials, args.parallel)
+    defaults, sweep = jobs(
+        train, val, work / "out", args.steps, args.trials, args.parallel, args.algorithm
+    )
 
     t0 = time.monotonic()
     default_prefix = _run(defaults)
@@ -103,7 +107,8 @@ def main() -> int:
 
     print()
     print(
-        f"sweep of {len(record['records'])} trials (random, ASHA), {args.steps} steps each, "
+        f"sweep of {len(record['records'])} trials ({args.algorithm}, ASHA), "
+        f"{args.steps} steps each, "
         f"vs kubetune's defaults; held-out loss on {len(val_rows)} conversations"
     )
     for r in sorted(record["records"], key=lambda r: r.get("bestMetric") or 1e9):

@@ -7,7 +7,9 @@ kubetune's padded run trains on (kubetune's epoch order, sequential sampler),
 so the padded comparison is batch for batch. Reported tokens/s count useful
 (non-pad) tokens only, over steps 2..N (step 1 is warm-up). The three run in
 interleaved rounds and each reports its best round (noise on a shared machine
-only ever slows a run down).
+only ever slows a run down). Every run of every contender is a fresh Python
+process (its own local Ray for kubetune): nothing one round held is left for the
+next, and the peak memory of each contender's process tree is printed.
 
 The default data is chat of varied lengths (`--data varied`): chatterbot
 exchanges chained into multi-turn conversations, log-normal in the number of
@@ -25,7 +27,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import common as C
@@ -33,32 +34,29 @@ import common as C
 SEED = 42
 
 
-def ours(train: Path, out: Path, name: str, packing: bool, args) -> float:
-    """kubetune's trainer (Ray Train + DeepSpeed ZeRO-2, 1 worker): useful
-    tokens / seconds over steps 2..N, from its metrics.jsonl."""
+def ours(train: str, out: str, name: str, packing: bool, args: dict) -> dict:
+    """kubetune's trainer (Ray Train + DeepSpeed ZeRO-2, 1 worker) in this process:
+    useful tokens / seconds over steps 2..N, from its metrics.jsonl."""
     from kubetune_api import load_trainer_config, spec_to_trainer_config
-    from kubetune_trainer.__main__ import run
+    from kubetune_trainer.driver import ensure_env, run
 
+    args = argparse.Namespace(**args)
+    ensure_env()
     cfg = load_trainer_config(
         spec_to_trainer_config(
             C.job(
-                train,
-                out.as_uri(),
+                Path(train),
+                Path(out).as_uri(),
                 name,
                 dataset={"packing": packing, "maxSeqLength": args.max_length},
                 hyperparameters={"maxSteps": args.steps, "batchSize": args.batch, "seed": SEED},
             )
         )
     )
-    assert run(cfg, quiet=True) == 0
+    assert run(cfg, ray_init=C.ray_init(), quiet=True) == 0
     prefix = Path(cfg.storage_prefix.removeprefix("file://"))
-    rows = [json.loads(x) for x in (prefix / "metrics.jsonl").open()]
-    rows = [r for r in rows if r.get("loss") is not None]
-    assert [r["step"] for r in rows] == list(range(1, args.steps + 1)), rows
-    tokens = rows[-1]["tokens"] - rows[0]["tokens"]
-    pairs = zip(rows, rows[1:], strict=False)
-    seconds = sum((b["tokens"] - a["tokens"]) / b["tokensPerSecond"] for a, b in pairs)
-    return tokens / seconds
+    tps, _ = C.steady_tokens_per_second(prefix, args.steps)
+    return {"tps": tps}
 
 
 def reference_batches(rows: list, args):
@@ -75,14 +73,21 @@ def reference_batches(rows: list, args):
     return tok, examples, report, used
 
 
-def hf_trainer(tok, used: list, args) -> float:
-    """transformers.Trainer, same LoRA model, the same padded batches in the same order."""
+def rows_of(data: str) -> list:
+    return C.varied_chats() if data == "varied" else C.chat_rows()
+
+
+def hf_trainer(args: dict) -> dict:
+    """transformers.Trainer in this process, same LoRA model, the same padded
+    batches in the same order."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from kubetune_trainer import data as D
 
+    args = argparse.Namespace(**args)
+    tok, _examples, _report, used = reference_batches(rows_of(args.data), args)
     torch.set_num_threads(os.cpu_count())
     model = AutoModelForCausalLM.from_pretrained(C.MODEL, dtype=torch.bfloat16)
     model.config.use_cache = False
@@ -102,14 +107,7 @@ def hf_trainer(tok, used: list, args) -> float:
         exs = [D.Example(i["input_ids"], i["labels"]) for i in items]
         return D.collate(exs, [[j] for j in range(len(exs))], tok.pad_token_id, packing=False)
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step == 1:
-                self.t = time.perf_counter()
-            if state.global_step == args.steps:
-                self.seconds = time.perf_counter() - self.t
-
-    clock = Clock()
+    clock = C.StepClock(args.steps)
     out = tempfile.mkdtemp(prefix="hf-trainer-")
     targs = TrainingArguments(
         output_dir=out,
@@ -132,7 +130,7 @@ def hf_trainer(tok, used: list, args) -> float:
     ).train()
     shutil.rmtree(out, ignore_errors=True)
     tokens = sum(len(e.input_ids) for e in used[args.batch :])
-    return tokens / clock.seconds
+    return {"tps": tokens / clock.seconds}
 
 
 def describe(examples, report, used, args) -> str:
@@ -167,39 +165,44 @@ def main() -> int:
     )
     args = p.parse_args()
     C.prepare()
-    rows = C.varied_chats() if args.data == "varied" else C.chat_rows()
-    tok, examples, report, used = reference_batches(rows, args)
+    rows = rows_of(args.data)
+    shared = {k: getattr(args, k) for k in ("steps", "batch", "max_length", "data")}
     if args.reference_only:
-        print(f"transformers Trainer (padded) {hf_trainer(tok, used, args):.1f} tokens/s")
+        got, peak = C.isolated(__file__, "trainer", args=shared)
+        print(f"transformers Trainer (padded) {got['tps']:.1f} tokens/s, peak {peak:.1f} GiB")
         return 0
-    from kubetune_trainer.__main__ import ensure_env
-
-    ensure_env()
-    import ray
+    _tok, examples, report, used = reference_batches(rows, args)
 
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    runs = {"reference": [], "padded": [], "packed": []}
+    names = ("reference", "padded", "packed")
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    peaks: dict[str, list[float]] = {k: [] for k in names}
     try:
         train = work / "train.jsonl"
         train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        try:
-            for r in range(args.rounds):  # interleaved, so a slow spell hits every contender
-                out = work / f"out-{r}"
-                runs["padded"].append(ours(train, out, "padded", packing=False, args=args))
-                runs["packed"].append(ours(train, out, "packed", packing=True, args=args))
-                runs["reference"].append(hf_trainer(tok, used, args))
-                print(
-                    f"round {r + 1}: Trainer {runs['reference'][-1]:.1f}, kubetune padded "
-                    f"{runs['padded'][-1]:.1f}, packed {runs['packed'][-1]:.1f} useful tokens/s",
-                    flush=True,
-                )
-        finally:
-            ray.shutdown()
+        for r in range(args.rounds):  # interleaved, so a slow spell hits every contender
+            out = str(work / f"out-{r}")
+            for key, (name, kwargs) in {
+                "padded": ("kubetune", {"packing": False}),
+                "packed": ("kubetune", {"packing": True}),
+                "reference": ("trainer", {}),
+            }.items():
+                if name == "kubetune":
+                    kwargs.update(train=str(train), out=out, name=key)
+                got, peak = C.isolated(__file__, name, args=shared, **kwargs)
+                runs[key].append(got["tps"])
+                peaks[key].append(peak)
+            print(
+                f"round {r + 1}: Trainer {runs['reference'][-1]:.1f}, kubetune padded "
+                f"{runs['padded'][-1]:.1f}, packed {runs['packed'][-1]:.1f} useful tokens/s; "
+                "peak memory " + ", ".join(f"{k} {peaks[k][-1]:.1f}" for k in names) + " GiB",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # best of the rounds for every contender: on a shared machine noise only slows things down
-    reference, padded, packed = (max(runs[k]) for k in ("reference", "padded", "packed"))
+    reference, padded, packed = (max(runs[k]) for k in names)
+    peak = {k: max(peaks[k]) for k in names}
     print()
     print(
         f"model SmolLM2-135M-Instruct, LoRA r=16 all-linear, bf16, batch {args.batch}, "
@@ -213,8 +216,14 @@ def main() -> int:
     print(f"kubetune ÷ Trainer (padded)          {padded / reference:10.2f}   (target >= 1.0)")
     print(f"kubetune packed ÷ Trainer            {packed / reference:10.2f}")
     print(f"packing ÷ padding (useful tokens/s)  {packed / padded:10.2f}   (target >= 2)")
+    print(
+        "peak memory, each contender's process tree (Ray's included), largest round: "
+        f"Trainer {peak['reference']:.1f} GiB, kubetune padded {peak['padded']:.1f} GiB, "
+        f"packed {peak['packed']:.1f} GiB"
+    )
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    if not C.child_main({"kubetune": ours, "trainer": hf_trainer}):
+        raise SystemExit(main())

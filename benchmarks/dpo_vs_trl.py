@@ -130,6 +130,11 @@ def trl(train: str, out: str, steps: int, setting: str) -> dict:
     rows = [json.loads(line) for line in Path(train).read_text().splitlines()]
     order = D.epoch_order(len(rows), SEED, 0)
     used = [rows[order[j % len(rows)]] for j in range(steps * 4)]
+    # TRL's conversational rows hold the answers as messages too
+    used = [
+        {**r, **{k: [{"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}}
+        for r in used
+    ]
     settings = dict(
         output_dir=out,
         max_steps=steps,
@@ -148,7 +153,7 @@ def trl(train: str, out: str, steps: int, setting: str) -> dict:
         settings.update(
             learning_rate=EQUAL["learning_rate"],
             lr_scheduler_type=EQUAL["scheduler"],
-            warmup_ratio=EQUAL["warmup_ratio"],
+            warmup_steps=EQUAL["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
             max_length=EQUAL["max_length"],
             bf16=True,
             gradient_checkpointing=False,

@@ -385,6 +385,8 @@ def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, ti
     text = local.summary(JobStorage(cfg.storage_prefix))
     assert "answers to 3 validation prompts" in text and "rouge_l" in text
     assert text.count("reference: ") == 3
+    # local files print as plain paths, like every other line of the summary
+    assert f"samples:      {_local(cfg, 'samples.jsonl')}" in text and "file://" not in text
 
 
 # ---------------------------------------------------------------------------- generation

@@ -197,8 +197,9 @@ def _short(text, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def summary_lines(outputs: dict, storage, samples: int = 3) -> list[str]:
-    """`kubetune run`'s end: test metrics, a before/after table, a few answers."""
+def summary_lines(outputs: dict, storage, samples: int = 3, show=str) -> list[str]:
+    """`kubetune run`'s end: test metrics, a before/after table, a few answers;
+    `show` writes a URI the way the rest of the summary does."""
     lines = []
     test = outputs.get("testMetrics")
     if test:
@@ -224,5 +225,5 @@ def summary_lines(outputs: dict, storage, samples: int = 3) -> list[str]:
         lines.append(f"  before:    {_short(row['before'])}")
         lines.append(f"  after:     {_short(row['after'])}")
     if gen.get("samples"):
-        lines.append(f"  {'samples:':<14}{gen['samples']}")
+        lines.append(f"  {'samples:':<14}{show(gen['samples'])}")
     return lines

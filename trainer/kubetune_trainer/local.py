@@ -279,7 +279,7 @@ def summary(storage) -> str:
         lines.append(f"  {'mlflow:':<14}not reachable: {track.get('message')}")
     from .generation import summary_lines
 
-    lines += summary_lines(out, storage)
+    lines += summary_lines(out, storage, show=P.display)
     return "\n".join(lines)
 
 

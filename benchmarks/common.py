@@ -122,8 +122,8 @@ def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> 
 RESULT = "KUBETUNE-BENCH-RESULT "
 
 
-def isolated(script: str, name: str, **kwargs) -> tuple[dict, float]:
-    """Run `script`'s contender `name(**kwargs)` in a fresh Python process (see
+def isolated(script: str, contender: str, /, **kwargs) -> tuple[dict, float]:
+    """Run `script`'s `contender(**kwargs)` in a fresh Python process (see
     `child_main`) and return (its JSON result, peak memory in GiB). The peak is
     the largest sum of resident memory over the child and every process it
     started (its Ray head and workers included), sampled 4 times a second. A
@@ -133,7 +133,7 @@ def isolated(script: str, name: str, **kwargs) -> tuple[dict, float]:
     import psutil
 
     proc = subprocess.Popen(
-        [sys.executable, str(Path(script).resolve()), "--child", name, json.dumps(kwargs)],
+        [sys.executable, str(Path(script).resolve()), "--child", contender, json.dumps(kwargs)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=str(Path(script).resolve().parent),
@@ -167,7 +167,7 @@ def isolated(script: str, name: str, **kwargs) -> tuple[dict, float]:
     done.set()
     sampler.join()
     if rc != 0 or result is None:
-        raise SystemExit(f"{Path(script).name}: contender {name} failed (exit {rc})")
+        raise SystemExit(f"{Path(script).name}: contender {contender} failed (exit {rc})")
     return result, peak[0] / 2**30
 
 

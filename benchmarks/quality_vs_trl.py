@@ -56,7 +56,7 @@ def ours(train: Path, out: Path, steps: int) -> str:
             )
         )
     )
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(**C.ray_init())
     try:
         assert run(cfg, quiet=True) == 0
     finally:

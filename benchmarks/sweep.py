@@ -35,7 +35,7 @@ def _run(job: dict) -> Path:
 
     ensure_env()
     cfg = load_trainer_config(spec_to_trainer_config(job))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(**C.ray_init())
     try:
         assert run(cfg, quiet=True) == 0
     finally:

@@ -450,7 +450,7 @@ class Reconciler:
             )
 
         # 3. Observe: KubeRay's status, the Kueue queue while queued, and the last
-        # storage read (a new one starts in the background; nothing waits for it).
+        # storage read (a new one starts in the background; the reconcile never waits for it).
         status |= rayjob_to_status(rayjob)
         queue_problem = None
         queued = rayjob_state(job, rayjob) == RayJobState.QUEUED
@@ -475,7 +475,22 @@ class Reconciler:
             await self._write_status(job, old, status)  # the new name first, then the delete
             await self._call(self.api.delete_rayjob, ns, failed_name)
             return 0.0
-        # 5. Act, then write status once.
+        # 5. Act, then write status once. A Ray job that just ended shows its
+        # final records together with its terminal phase: whoever waits for
+        # `Succeeded` (kubectl wait, a pipeline) reads the last step and the
+        # outputs, not the poll before them. The phase waits for one storage read
+        # that starts after the end; it is bounded by the storage timeout, and a
+        # store that does not answer gets the phase with StorageReadable=False.
+        if (
+            decision.phase in TERMINAL
+            and decision.action is not Action.STOP_AND_DELETE
+            and old.get("phase") not in TERMINAL
+            and reading
+            and not self._final_read_landed(job)
+        ):
+            status["observedGeneration"] = gen
+            await self._write_status(job, old, status)
+            return self.timing.poll_seconds  # the read wakes the job when it lands
         if decision.action is Action.STOP_AND_DELETE:
             await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
         status = with_phase(status, decision.phase, decision.reason, decision.message, now, gen)
@@ -621,6 +636,16 @@ class Reconciler:
         if final:
             view.final_started = True
         view.task = asyncio.get_running_loop().create_task(self._storage_read(job, prefix, view))
+
+    def _final_read_landed(self, job: Body) -> bool:
+        """Whether a storage read started after the Ray job ended has landed;
+        starts one if none has (behind a read in flight). Never waits."""
+        if self._prefix(job) is None:
+            return True  # nothing to read
+        view = self._storage.setdefault(job["metadata"]["uid"], StorageView())
+        if not view.final_started:
+            self._start_storage_read(job, final=True)
+        return view.final_done
 
     async def _storage_read(self, job: Body, prefix: str, view: StorageView) -> None:
         spec, meta = job["spec"], job["metadata"]

@@ -21,8 +21,13 @@ from operator_support import apply, condition, get, names, s3_secret, status, wa
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT = 900
-# Long enough that a fault lands mid-run: here ~0.5 steps/s, a checkpoint every 20.
-LONG = 100
+# Long enough that a fault lands mid-run: here ~3 steps/s, a checkpoint every 20,
+# and the status shows a checkpoint up to a poll (10 s, ~30 steps) after it.
+LONG = 160
+# A suspended run trains on while the operator's poll, the patch and KubeRay's
+# delete go through, and the pods' grace period (30 s) runs out. Measured here:
+# suspended when the status showed checkpoint 20, the trainer reached step 143.
+SUSPENDED_RUN = 400
 EVIDENCE = ROOT / ".cache" / "cluster-tier"
 
 
@@ -166,18 +171,22 @@ def test_worker_pod_deleted_after_a_checkpoint_resumes_from_it(staged):
     workers = names(plane, "pod", ns, "ray.io/node-type=worker")
     assert len(workers) == 2, workers
     plane.kubectl("delete", "pod", workers[0], "-n", ns, "--grace-period=0", "--force")
-    print(f"deleted {workers[0]} after checkpoint {committed}")
+    reached = _trainer_progress(s3, st)
+    print(f"deleted {workers[0]} after checkpoint {committed}, at step {reached['step']}")
+    assert reached["step"] < LONG and reached["phase"] != "Succeeded", (
+        f"the run trained to the end before the pod went ({reached}): raise LONG"
+    )
 
     st = _wait_succeeded(plane, "fault", ns)
     _assert_resumed(plane, ns, s3, st, committed)
 
 
-def _assert_resumed(plane, ns: str, s3, st: dict, committed: int) -> None:
-    """The job finished every step once, continuing from a committed checkpoint at
-    or after `committed`, shown in status and in metrics.jsonl; one RayJob left."""
-    assert st["progress"]["step"] == LONG, st["progress"]
+def _assert_resumed(plane, ns: str, s3, st: dict, committed: int, total: int = LONG) -> None:
+    """The job finished all `total` steps once, continuing from a committed checkpoint
+    at or after `committed`, shown in status and in metrics.jsonl; one RayJob left."""
+    assert st["progress"]["step"] == total, st["progress"]
     resumed = st["progress"].get("resumedFrom")
-    assert resumed is not None and committed <= resumed < LONG, st["progress"]
+    assert resumed is not None and committed <= resumed < total, st["progress"]
     rows = _metrics(s3, st)
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), steps  # every step logged once, none repeated
@@ -185,6 +194,13 @@ def _assert_resumed(plane, ns: str, s3, st: dict, committed: int) -> None:
     rayjobs = names(plane, "rayjob", ns)
     assert len(rayjobs) == 1, rayjobs
     print(f"resumed from step {resumed} (attempt {st.get('attempts')}), rayjobs {rayjobs}")
+
+
+def _trainer_progress(s3, st: dict) -> dict:
+    """What the trainer itself last wrote, not the operator's last read of it: a
+    fault that lands after the last step says nothing about resuming."""
+    prefix = st["checkpoints"][-1]["uri"].removeprefix("s3://").rsplit("/checkpoints/", 1)[0]
+    return json.loads(s3.fs.cat(f"{prefix}/progress.json"))
 
 
 def _metrics(s3, st: dict) -> list[dict]:
@@ -195,7 +211,7 @@ def _metrics(s3, st: dict) -> list[dict]:
 
 def test_suspend_mid_run_removes_the_pods_and_resume_continues(staged):
     plane, ns, s3 = staged
-    apply(plane, ns, _job("pause", s3, steps=LONG, every=20))
+    apply(plane, ns, _job("pause", s3, steps=SUSPENDED_RUN, every=20))
     _wait(plane, "pause", ns, lambda s: s.get("checkpoints"), "a committed checkpoint")
     plane.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p",
                   '{"spec":{"suspend":true}}')  # fmt: skip
@@ -204,10 +220,15 @@ def test_suspend_mid_run_removes_the_pods_and_resume_continues(staged):
     )
     st = wait_status(plane, "pause", ns, lambda s: s.get("phase") == "Suspended", 120)
     at = max(c["step"] for c in st["checkpoints"])
+    reached = _trainer_progress(s3, st)
+    print(f"suspended: status had checkpoint {at}, the trainer reached step {reached['step']}")
+    assert reached["step"] < SUSPENDED_RUN and reached["phase"] != "Succeeded", (
+        f"the run trained to the end before its pods went ({reached}): raise SUSPENDED_RUN"
+    )
     plane.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p",
                   '{"spec":{"suspend":false}}')  # fmt: skip
     st = _wait_succeeded(plane, "pause", ns)
-    _assert_resumed(plane, ns, s3, st, at)
+    _assert_resumed(plane, ns, s3, st, at, total=SUSPENDED_RUN)
 
 
 def test_pods_that_can_never_be_created_fail_with_the_reason(staged):

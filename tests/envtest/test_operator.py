@@ -7,6 +7,7 @@ status patches)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -158,10 +159,23 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     row = kube.kubectl("get", "ftj", "tune", "-n", namespace, "--no-headers").stdout.split()
     assert row[:4] == ["tune", "Running", "10/20", "2.0000"], row
 
+    # Every status the API server stores from here on, as a watch sees it.
+    watch = subprocess.Popen(
+        [kube.kubectl_bin, f"--kubeconfig={kube.kubeconfig}", "get", "ftj", "tune", "-n",
+         namespace, "-w", "-o", 'jsonpath={.status.phase} {.status.progress.display}{"\\n"}'],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1)  # the watch is open
+    # The trainer's last writes, then the Ray job ends before the next poll.
     _write(
         s3,
         f"{prefix}/outputs.json",
         {"adapter": f"s3://{s3.bucket}/{prefix}/adapter", "finalTrainLoss": 1.8, "steps": 20},
+    )
+    _write(
+        s3,
+        f"{prefix}/progress.json",
+        {"phase": "Succeeded", "step": 20, "totalSteps": 20, "attempt": 1, "updatedAt": "x"},
     )
     rayjob_finished(kube, "tune", namespace)
     out = kube.kubectl(
@@ -174,8 +188,14 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
         timeout=70,
     )
     assert "condition met" in out.stdout
-    # Success never waits on storage: the final read lands just after it.
-    st = wait_status(kube, "tune", namespace, lambda s: s.get("outputs", {}).get("adapter"), 30)
+    # Succeeded comes with the final records: what a pipeline reads right after
+    # `kubectl wait` is the last step and the outputs, not the poll before them.
+    st = status(kube, "tune", namespace)
+    assert st["progress"]["display"] == "20/20", st["progress"]
+    watch.terminate()
+    seen = watch.communicate(timeout=10)[0].splitlines()
+    succeeded = [line for line in seen if line.startswith("Succeeded")]
+    assert succeeded and all(line == "Succeeded 20/20" for line in succeeded), seen
     assert st["phase"] == "Succeeded" and st["completionTime"] and st["startTime"]
     assert st["outputs"]["adapter"].endswith("/adapter")
     reasons = [e["reason"] for e in events(kube, namespace, "tune")]

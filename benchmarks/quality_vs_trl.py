@@ -6,7 +6,8 @@ optimizer steps, the same training conversations; both are scored by one
 function (mean loss over assistant tokens of the same held-out conversations).
 kubetune runs its defaults too (lr 2e-4 cosine for LoRA, packing); TRL runs
 SFTConfig's defaults (lr 2e-5, linear, no packing). TRL is a benchmark-only
-dependency.
+dependency. Each contender, and the scoring, runs in a fresh process
+(common.isolated), which prints its peak memory.
 
     .venv/bin/python benchmarks/quality_vs_trl.py [--steps 20]
 """
@@ -39,7 +40,7 @@ def base(dtype):
     return m
 
 
-def ours(train: Path, out: Path, steps: int) -> str:
+def ours(train: str, out: str, steps: int) -> dict:
     from kubetune_api import load_trainer_config, spec_to_trainer_config
     from kubetune_trainer.__main__ import ensure_env, run
 
@@ -49,8 +50,8 @@ def ours(train: Path, out: Path, steps: int) -> str:
     cfg = load_trainer_config(
         spec_to_trainer_config(
             C.job(
-                train,
-                out.as_uri(),
+                Path(train),
+                Path(out).as_uri(),
                 "quality",
                 hyperparameters={"maxSteps": steps, "logEverySteps": 5},
             )
@@ -61,10 +62,14 @@ def ours(train: Path, out: Path, steps: int) -> str:
         assert run(cfg, quiet=True) == 0
     finally:
         ray.shutdown()
-    return str(Path(cfg.storage_prefix.removeprefix("file://")) / "adapter")
+    return {"adapter": str(Path(cfg.storage_prefix.removeprefix("file://")) / "adapter")}
 
 
-def trl(train_rows: list, out: Path, steps: int) -> str:
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def trl(train: str, out: str, steps: int) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -84,25 +89,30 @@ def trl(train_rows: list, out: Path, steps: int) -> str:
     trainer = SFTTrainer(
         model=base(torch.float32),
         args=args,
-        train_dataset=Dataset.from_list(train_rows),
+        train_dataset=Dataset.from_list(_rows(train)),
         peft_config=lora(),
     )
     trainer.train()
-    trainer.model.save_pretrained(str(out / "adapter"))
-    return str(out / "adapter")
+    trainer.model.save_pretrained(str(Path(out) / "adapter"))
+    return {"adapter": str(Path(out) / "adapter")}
 
 
-def score(adapter: str | None, val_rows) -> float:
+def score(heldout: str, adapters: list) -> list[float]:
+    """Held-out loss of the base model (None) and of each adapter, in order."""
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     torch.set_num_threads(os.cpu_count())
     tok = AutoTokenizer.from_pretrained(C.MODEL)
-    model = base(torch.float32)
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
-    return C.heldout_loss(model, tok, val_rows)
+    val_rows = _rows(heldout)
+    losses = []
+    for adapter in adapters:
+        model = base(torch.float32)
+        if adapter:
+            model = PeftModel.from_pretrained(model, adapter)
+        losses.append(C.heldout_loss(model, tok, val_rows))
+    return losses
 
 
 def main() -> int:
@@ -112,14 +122,23 @@ def main() -> int:
     C.prepare()
     train_rows, val_rows = C.split()
     work = Path(tempfile.mkdtemp(prefix="kubetune-quality-"))
-    train = work / "train.jsonl"
+    train, heldout = work / "train.jsonl", work / "heldout.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    ours_adapter = ours(train, work / "ours", args.steps)
-    trl_adapter = trl(train_rows, work / "trl", args.steps)
-    before = score(None, val_rows)
-    after_ours = score(ours_adapter, val_rows)
-    after_trl = score(trl_adapter, val_rows)
-    shutil.rmtree(work, ignore_errors=True)
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in val_rows))
+    adapters, peaks = {}, {}
+    try:
+        for name in ("kubetune", "trl"):
+            run, peaks[name] = C.isolated(
+                __file__, name, train=str(train), out=str(work / name), steps=args.steps
+            )
+            adapters[name] = run["adapter"]
+            print(f"{name}: trained, peak {peaks[name]:.1f} GiB", flush=True)
+        losses, peaks["scoring"] = C.isolated(
+            __file__, "score", heldout=str(heldout), adapters=[None, *adapters.values()]
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    before, after_ours, after_trl = losses
     print()
     print(
         f"held-out loss (assistant tokens, {len(val_rows)} conversations) after {args.steps} "
@@ -129,8 +148,13 @@ def main() -> int:
     print(f"  kubetune (defaults)            {after_ours:.4f}")
     print(f"  TRL SFTTrainer (defaults)      {after_trl:.4f}")
     print(f"  kubetune - TRL                 {after_ours - after_trl:+.4f}  (lower is better)")
+    print(
+        "peak memory of each process tree: "
+        + ", ".join(f"{k} {v:.1f} GiB" for k, v in peaks.items())
+    )
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    if not C.child_main({"kubetune": ours, "trl": trl, "score": score}):
+        raise SystemExit(main())

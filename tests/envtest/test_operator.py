@@ -33,14 +33,6 @@ from operator_support import (
 pytestmark = pytest.mark.envtest
 
 
-@pytest.fixture
-def operator(kube, namespace, tmp_path):
-    op = OperatorProcess(kube, [namespace], tmp_path).start()
-    yield op
-    op.stop()
-    print(f"--- operator log ({op.log_path})\n{op.log_tail(120)}")
-
-
 def _wait_rayjob(kube, name, namespace, rj_name=None, timeout=60) -> dict:
     st = wait_status(
         kube, name, namespace, lambda s: s.get("rayJobName"), timeout, "the RayJob name in status"

@@ -11,7 +11,6 @@ import json
 import pytest
 
 from operator_support import (
-    OperatorProcess,
     apply,
     condition,
     finetunejob,
@@ -25,14 +24,6 @@ from operator_support import (
 )
 
 pytestmark = pytest.mark.envtest
-
-
-@pytest.fixture
-def operator(kube, namespace, tmp_path):
-    op = OperatorProcess(kube, [namespace], tmp_path).start()
-    yield op
-    op.stop()
-    print(f"--- operator log ({op.log_path})\n{op.log_tail(120)}")
 
 
 def _child(s3, name: str, parent: str) -> dict:

@@ -33,14 +33,6 @@ pytestmark = pytest.mark.envtest
 POLL = 1.0  # KUBETUNE_POLL_SECONDS in OperatorProcess
 
 
-@pytest.fixture
-def operator(kube, namespace, tmp_path):
-    op = OperatorProcess(kube, [namespace], tmp_path).start()
-    yield op
-    op.stop()
-    print(f"--- operator log ({op.log_path})\n{op.log_tail(120)}")
-
-
 def test_missing_priority_class_ends_failed_naming_it(kube, kuberay, namespace, operator):
     job = finetunejob("pc")
     job["spec"]["resources"]["priorityClassName"] = "gold-does-not-exist"

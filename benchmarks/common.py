@@ -28,9 +28,18 @@ def prepare() -> None:
     quickstart.prepare_data(REPO)
 
 
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def chat_rows() -> list[dict]:
     """The chatterbot conversations, one exchange each, in file (topic) order."""
-    return [json.loads(line) for line in DATA.read_text().splitlines()]
+    return read_jsonl(DATA)
 
 
 def split(n_val: int = 150, seed: int = 0):

@@ -29,7 +29,6 @@ memory of each process tree is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -127,7 +126,7 @@ def trl(train: str, out: str, steps: int, setting: str) -> dict:
     from kubetune_trainer import data as D
 
     torch.set_num_threads(os.cpu_count())
-    rows = [json.loads(line) for line in Path(train).read_text().splitlines()]
+    rows = C.read_jsonl(train)
     order = D.epoch_order(len(rows), SEED, 0)
     used = [rows[order[j % len(rows)]] for j in range(steps * 4)]
     # TRL's conversational rows hold the answers as messages too
@@ -196,7 +195,7 @@ def score(heldout: str, adapters: list) -> dict:
     from kubetune_trainer import preference as PF
 
     torch.set_num_threads(os.cpu_count())
-    rows = [json.loads(line) for line in Path(heldout).read_text().splitlines()]
+    rows = C.read_jsonl(heldout)
     tok = _tokenizer()
     examples, report = PF.build_pairs(rows, tok, EQUAL["max_length"])
     assert report.usable == len(rows), report
@@ -252,9 +251,8 @@ def main() -> int:
     train_rows = usable(train_rows, EQUAL["max_length"])
     val_rows = usable(val_rows, EQUAL["max_length"])
     work = Path(tempfile.mkdtemp(prefix="kubetune-dpo-"))
-    train, heldout = work / "train.jsonl", work / "heldout.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    heldout.write_text("".join(json.dumps(r) + "\n" for r in val_rows))
+    train = C.write_jsonl(work / "train.jsonl", train_rows)
+    heldout = C.write_jsonl(work / "heldout.jsonl", val_rows)
     runs, peaks = {}, {}
     try:
         for setting in ("equal", "defaults"):

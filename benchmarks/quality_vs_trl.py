@@ -15,7 +15,6 @@ dependency. Each contender, and the scoring, runs in a fresh process
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -65,10 +64,6 @@ def ours(train: str, out: str, steps: int) -> dict:
     return {"adapter": str(Path(cfg.storage_prefix.removeprefix("file://")) / "adapter")}
 
 
-def _rows(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def trl(train: str, out: str, steps: int) -> dict:
     import torch
     from datasets import Dataset
@@ -89,7 +84,7 @@ def trl(train: str, out: str, steps: int) -> dict:
     trainer = SFTTrainer(
         model=base(torch.float32),
         args=args,
-        train_dataset=Dataset.from_list(_rows(train)),
+        train_dataset=Dataset.from_list(C.read_jsonl(train)),
         peft_config=lora(),
     )
     trainer.train()
@@ -105,7 +100,7 @@ def score(heldout: str, adapters: list) -> list[float]:
 
     torch.set_num_threads(os.cpu_count())
     tok = AutoTokenizer.from_pretrained(C.MODEL)
-    val_rows = _rows(heldout)
+    val_rows = C.read_jsonl(heldout)
     losses = []
     for adapter in adapters:
         model = base(torch.float32)
@@ -122,9 +117,8 @@ def main() -> int:
     C.prepare()
     train_rows, val_rows = C.split()
     work = Path(tempfile.mkdtemp(prefix="kubetune-quality-"))
-    train, heldout = work / "train.jsonl", work / "heldout.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    heldout.write_text("".join(json.dumps(r) + "\n" for r in val_rows))
+    train = C.write_jsonl(work / "train.jsonl", train_rows)
+    heldout = C.write_jsonl(work / "heldout.jsonl", val_rows)
     adapters, peaks = {}, {}
     try:
         for name in ("kubetune", "trl"):

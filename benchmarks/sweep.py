@@ -80,9 +80,8 @@ def main() -> int:
     C.prepare()
     train_rows, val_rows = C.split()
     work = Path(tempfile.mkdtemp(prefix="kubetune-sweep-"))
-    train, val = work / "train.jsonl", work / "val.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    val.write_text("".join(json.dumps(r) + "\n" for r in val_rows))
+    train = C.write_jsonl(work / "train.jsonl", train_rows)
+    val = C.write_jsonl(work / "val.jsonl", val_rows)
     defaults, sweep = jobs(
         train, val, work / "out", args.steps, args.trials, args.parallel, args.algorithm
     )

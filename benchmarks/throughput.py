@@ -23,7 +23,6 @@ and alike: little padding to remove, so little for packing to win).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -178,8 +177,7 @@ def main() -> int:
     runs: dict[str, list[float]] = {k: [] for k in names}
     peaks: dict[str, list[float]] = {k: [] for k in names}
     try:
-        train = work / "train.jsonl"
-        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        train = C.write_jsonl(work / "train.jsonl", rows)
         for r in range(args.rounds):  # interleaved, so a slow spell hits every contender
             out = str(work / f"out-{r}")
             for key, (name, kwargs) in {

@@ -148,7 +148,7 @@ async def create_file(request: web.Request) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         raise bad_request("Upload files as multipart/form-data with fields file and purpose")
     reader = await request.multipart()
-    purpose, filename, size = None, None, 0
+    purpose, filename, size, expires = None, None, 0, {}
     with tempfile.NamedTemporaryFile(prefix="kubetune-upload-") as tmp:
         while (part := await reader.next()) is not None:
             if part.name == "purpose":
@@ -166,8 +166,10 @@ async def create_file(request: web.Request) -> web.Response:
                             code="file_too_large",
                         )
                     tmp.write(chunk)
+            elif part.name in ("expires_after[anchor]", "expires_after[seconds]"):
+                expires[part.name[len("expires_after[") : -1]] = (await part.text()).strip()
             else:
-                await part.release()  # expires_after: files stay until deleted
+                await part.release()
         tmp.flush()
         if filename is None:
             raise bad_request("Missing required parameter: 'file'", "file")
@@ -176,6 +178,8 @@ async def create_file(request: web.Request) -> web.Response:
                 f"purpose {purpose!r} is not supported here: this server takes fine-tune files",
                 "purpose",
             )
+
+        expires_at = _expires_at(expires)
 
         def check_and_store():
             with open(tmp.name, "rb") as f:
@@ -189,7 +193,7 @@ async def create_file(request: web.Request) -> web.Response:
                 "filename": filename,
                 "purpose": purpose,
                 "status": "processed",
-                "expires_at": None,
+                "expires_at": expires_at,
                 "status_details": None,
                 "format": checked.format,
                 "rows": checked.rows,
@@ -203,13 +207,37 @@ async def create_file(request: web.Request) -> web.Response:
     return json_response(_public(record))
 
 
+EXPIRES_MIN, EXPIRES_MAX = 3600, 30 * 24 * 3600  # OpenAI's bounds
+
+
+def _expires_at(expires: dict) -> Optional[int]:
+    if not expires:
+        return None
+    if expires.get("anchor") != "created_at":
+        raise bad_request("expires_after[anchor] must be created_at", "expires_after.anchor")
+    try:
+        seconds = int(expires.get("seconds", ""))
+    except ValueError:
+        seconds = 0
+    if not EXPIRES_MIN <= seconds <= EXPIRES_MAX:
+        raise bad_request(
+            f"expires_after[seconds] must be from {EXPIRES_MIN} to {EXPIRES_MAX}",
+            "expires_after.seconds",
+        )
+    return int(time.time()) + seconds
+
+
+def _expired(record: dict) -> bool:
+    return bool(record.get("expires_at")) and record["expires_at"] <= time.time()
+
+
 async def _file(app: App, namespace: str, file_id: str) -> dict:
     try:
         mapping.check_file_id(file_id)
     except ApiError:
         raise not_found(f"No such File object: {file_id}", "id") from None
     record = await _run(app.store.get, namespace, file_id)
-    if record is None:
+    if record is None or _expired(record):
         raise not_found(f"No such File object: {file_id}", "id")
     return record
 
@@ -224,7 +252,9 @@ async def list_files(request: web.Request) -> web.Response:
         raise bad_request("order must be asc or desc", "order")
     limit = mapping.parse_limit(q.get("limit"), 10000, 10000)
     records = await _run(app.store.list, ctx.namespace)
-    records = [r for r in records if not purpose or r.get("purpose") == purpose]
+    records = [
+        r for r in records if (not purpose or r.get("purpose") == purpose) and not _expired(r)
+    ]
     records.sort(key=lambda r: (r.get("created_at", 0), r["id"]), reverse=order == "desc")
     return json_response(mapping.page([_public(r) for r in records], q.get("after"), limit))
 
@@ -332,7 +362,7 @@ async def create_job(request: web.Request) -> web.Response:
         if fid is None:
             continue
         record = await _run(app.store.get, ctx.namespace, fid)
-        if record is None:
+        if record is None or _expired(record):
             raise bad_request(
                 f"invalid {param}: no file {fid} in namespace {ctx.namespace}",
                 param,
@@ -491,6 +521,16 @@ async def job_checkpoints(request: web.Request) -> web.Response:
     return json_response(mapping.page(checkpoints, request.query.get("after"), limit))
 
 
+async def unsupported(request: web.Request) -> web.Response:
+    raise ApiError(
+        404,
+        f"{request.method} {request.path} is not supported by kubetune's API: checkpoint "
+        "permissions (sharing across organizations) and graders have no counterpart on a "
+        "cluster (see docs/openai-compatible.md)",
+        code="unsupported",
+    )
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -516,6 +556,8 @@ def make_app(state: App) -> web.Application:
             web.post(jobs + "/{id}/resume", resume_job),
             web.get(jobs + "/{id}/events", job_events),
             web.get(jobs + "/{id}/checkpoints", job_checkpoints),
+            web.route("*", "/v1/fine_tuning/checkpoints/{tail:.*}", unsupported),
+            web.route("*", "/v1/fine_tuning/alpha/{tail:.*}", unsupported),
         ]
     )
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -354,3 +355,37 @@ def test_openai_preference_rows_become_the_trainers_preference_rows():
     same = row | {"non_preferred_output": row["preferred_output"]}
     with pytest.raises(M.ApiError, match="line 1: 'chosen' and 'rejected' are the same"):
         datafile.check(_lines(same), "pref.jsonl")
+
+
+def test_the_docs_table_covers_every_method_and_create_field_of_the_pinned_client():
+    import inspect
+    from pathlib import Path
+
+    from openai.resources import files
+    from openai.resources.fine_tuning import checkpoints, jobs
+    from openai.resources.fine_tuning.alpha import graders
+    from openai.types.fine_tuning import FineTuningJob, job_create_params
+
+    doc = (Path(__file__).resolve().parents[2] / "docs/openai-compatible.md").read_text()
+    resources = {
+        "files": files.Files,
+        "fine_tuning.jobs": jobs.Jobs,
+        "fine_tuning.jobs.checkpoints": jobs.Checkpoints,
+        "fine_tuning.checkpoints.permissions": checkpoints.Permissions,
+        "fine_tuning.alpha.graders": graders.Graders,
+    }
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    for prefix, cls in resources.items():
+        for name, _ in inspect.getmembers(cls, inspect.isfunction):
+            if name.startswith("_") or name.startswith("with_"):
+                continue
+            assert any(
+                re.search(rf"`{re.escape(prefix)}\.([a-z_/]*\b{name}\b[a-z_/]*)[(`]", row)
+                for row in rows
+            ), f"{prefix}.{name} is not in docs/openai-compatible.md's table"
+    for field in job_create_params.JobCreateParams.__annotations__:
+        assert any(row.startswith(f"| `{field}") for row in rows), field
+    for field in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta", "reinforcement"):
+        assert field in doc, field
+    for field in FineTuningJob.model_fields:
+        assert f"`{field}`" in doc, f"job field {field} is not in docs/openai-compatible.md"

@@ -711,7 +711,8 @@ def job_events(job: dict, kube_events: list[dict], metrics: list[dict]) -> list[
             )
         )
     state = openai_status(job)
-    end = unix(status.get("completionTime")) or start
+    # The closing messages are the newest, whenever the operator's own events landed.
+    end = max([unix(status.get("completionTime")) or start] + [t for t, _, _ in out])
     big = 1 << 40
     if state == "succeeded":
         model = job_fine_tuned_model(job)
@@ -723,7 +724,7 @@ def job_events(job: dict, kube_events: list[dict], metrics: list[dict]) -> list[
         text = f"The job failed: {status.get('reason') or ''}: {status.get('message') or ''}"
         out.append((end, big, _event(f"{uid}/failed", end, text.rstrip(": "), "error")))
     elif state == "cancelled":
-        when = unix((meta.get("annotations") or {}).get(ANN_CANCELLED)) or end
+        when = max(unix((meta.get("annotations") or {}).get(ANN_CANCELLED)) or end, end)
         out.append((when, big, _event(f"{uid}/cancelled", when, "The job was cancelled")))
     out.sort(key=lambda t: (t[0], t[1]), reverse=True)
     return [e for _, _, e in out]

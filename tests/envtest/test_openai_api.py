@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -24,6 +25,7 @@ import yaml
 from kubernetes import client
 
 from harness import free_port, wait_until
+from kubetune_openai.mapping import rfc3339
 from operator_support import (
     _die_with_parent,
     get,
@@ -256,7 +258,7 @@ def test_openai_client_runs_a_job_and_continues_it(kube, namespace, s3, operator
 
     ftj = get(kube, "finetunejob", job.id, namespace)
     spec = ftj["spec"]
-    assert spec["model"] == {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert spec["model"]["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (
         spec["dataset"]["train"]["uri"] == f"{api.files_uri}/{namespace}/{upload.id}/upload.jsonl"
     )
@@ -284,9 +286,10 @@ def test_openai_client_runs_a_job_and_continues_it(kube, namespace, s3, operator
         f"{prefix}/progress.json",
         progress | {"attempt": 1, "updatedAt": "2026-01-01T00:00:00Z"},
     )
+    now = time.time()
     rows = [
-        {"step": 5, "loss": 2.5, "time": "2026-01-01T00:00:05Z"},
-        {"step": 10, "loss": 2.0, "evalLoss": 2.2, "tokens": 640, "time": "2026-01-01T00:00:10Z"},
+        {"step": 5, "loss": 2.5, "time": rfc3339(now)},
+        {"step": 10, "loss": 2.0, "evalLoss": 2.2, "tokens": 640, "time": rfc3339(now + 1)},
     ]
     _write(s3, f"{prefix}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     _write(s3, f"{prefix}/checkpoints/step-00000010/model.bin", "x")
@@ -296,11 +299,11 @@ def test_openai_client_runs_a_job_and_continues_it(kube, namespace, s3, operator
         {"step": 10, "files": ["model.bin"], "evalLoss": 2.2, "createdAt": "2026-01-01T00:00:10Z"},
     )
     running = wait_until(
-        lambda: (j := ai.fine_tuning.jobs.retrieve(job.id)).status == "running" and j,
+        lambda: (j := ai.fine_tuning.jobs.retrieve(job.id)).estimated_finish and j,
         60,
-        what="status running",
+        what="an estimated finish (progress.json read)",
     )
-    assert running.estimated_finish is not None and running.finished_at is None
+    assert running.status == "running" and running.finished_at is None
     wait_status(kube, job.id, namespace, lambda s: s.get("checkpoints"), 60, "checkpoints")
 
     events = wait_until(
@@ -353,7 +356,7 @@ def test_openai_client_runs_a_job_and_continues_it(kube, namespace, s3, operator
     second = ai.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=upload.id)
     assert second.model == done.fine_tuned_model and second.id != job.id
     model = get(kube, "finetunejob", second.id, namespace)["spec"]["model"]
-    assert model == {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "fromJob": job.id}
+    assert model["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and model["fromJob"] == job.id
     st = wait_status(kube, second.id, namespace, lambda s: s.get("parent"), 60, "the parent")
     assert st["parent"]["name"] == job.id and st["parent"]["uid"] == uid
     assert [j.id for j in ai.fine_tuning.jobs.list(limit=1)] == [second.id, job.id]  # pages

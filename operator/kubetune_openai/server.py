@@ -410,8 +410,6 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = mapping.parse_limit(q.get("limit"), 20)
     jobs = await _run(ctx.caller.list, ctx.namespace)
     jobs = [j for j in mapping.newest_first(jobs) if mapping.matches_metadata(j, wanted)]
-    if q.get("after"):
-        mapping.job_name(q["after"])
     # Only the page is turned into job objects (each resolves its spec).
     ids = [{"id": j["metadata"]["name"], "job": j} for j in jobs]
     out = mapping.page(ids, q.get("after"), limit)

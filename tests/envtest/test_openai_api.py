@@ -361,6 +361,14 @@ def test_openai_client_runs_a_job_and_continues_it(kube, namespace, s3, operator
     assert st["parent"]["name"] == job.id and st["parent"]["uid"] == uid
     assert [j.id for j in ai.fine_tuning.jobs.list(limit=1)] == [second.id, job.id]  # pages
 
+    # ... or from one of its checkpoints: model.fromCheckpoint.
+    third = ai.fine_tuning.jobs.create(
+        model=ckpt.fine_tuned_model_checkpoint, training_file=upload.id
+    )
+    model = get(kube, "finetunejob", third.id, namespace)["spec"]["model"]
+    assert model["fromCheckpoint"] == f"s3://{s3.bucket}/{prefix}/checkpoints/step-00000010"
+    assert "fromJob" not in model and model["secretRef"] == {"name": "s3-creds"}
+
     ai.fine_tuning.jobs.pause(second.id)
     assert get(kube, "finetunejob", second.id, namespace)["spec"]["suspend"] is True
     wait_until(
@@ -393,3 +401,41 @@ def test_callers_without_rbac_or_token_are_refused(kube, namespace, api):
         api.client("not-a-token").fine_tuning.jobs.list()
     with pytest.raises(openai.NotFoundError):
         api.client(api.pipeline).fine_tuning.jobs.retrieve("ftjob-doesnotexist")
+
+
+def test_dpo_from_an_openai_preference_file(kube, namespace, s3, api):
+    ai = api.client(api.pipeline)
+    row = {
+        "input": {"messages": [{"role": "user", "content": "Capital of France?"}]},
+        "preferred_output": [{"role": "assistant", "content": "Paris."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Lyon, I think."}],
+    }
+    pref = ai.files.create(file=("pref.jsonl", _jsonl([row] * 3)), purpose="fine-tune")
+    chat = ai.files.create(file=("chat.jsonl", _jsonl(CHAT)), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="holds chat rows; method dpo"):
+        ai.fine_tuning.jobs.create(model="smollm2", training_file=chat.id, method={"type": "dpo"})
+    job = ai.fine_tuning.jobs.create(
+        model="smollm2",
+        training_file=pref.id,
+        validation_file=pref.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": "auto"}}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
+    spec = get(kube, "finetunejob", job.id, namespace)["spec"]
+    assert spec["method"]["objective"] == "dpo" and spec["method"]["dpo"]["beta"] == 0.25
+    assert spec["dataset"]["format"] == "preference"
+    train = spec["dataset"]["train"]["uri"]
+    assert train == f"{api.files_uri}/{namespace}/{pref.id}/train.jsonl"
+    assert spec["dataset"]["validation"]["uri"] == train
+    # The trainer reads its own preference rows; the caller gets back what it sent.
+    stored = s3.fs.cat_file(train[len("s3://") :]).decode().splitlines()
+    assert json.loads(stored[0]) == {
+        "prompt": row["input"]["messages"],
+        "chosen": row["preferred_output"],
+        "rejected": row["non_preferred_output"],
+    }
+    assert ai.files.content(pref.id).content == _jsonl([row] * 3)
+    ai.files.delete(chat.id)
+    assert [f.id for f in ai.files.list()] == [pref.id]
+    with pytest.raises(openai.NotFoundError):
+        ai.files.retrieve(chat.id)

@@ -389,3 +389,12 @@ def test_the_docs_table_covers_every_method_and_create_field_of_the_pinned_clien
         assert field in doc, field
     for field in FineTuningJob.model_fields:
         assert f"`{field}`" in doc, f"job field {field} is not in docs/openai-compatible.md"
+
+
+def test_kubetune_api_says_which_settings_are_missing(monkeypatch, capsys):
+    from kubetune_cli.main import main
+
+    for name in ("KUBETUNE_API_FILES_URI", "KUBETUNE_API_OUTPUT_URI"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["api", "--files-uri", "s3://b/files"]) == 2
+    assert "set --output-uri" in capsys.readouterr().err

@@ -398,3 +398,18 @@ def test_kubetune_api_says_which_settings_are_missing(monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     assert main(["api", "--files-uri", "s3://b/files"]) == 2
     assert "set --output-uri" in capsys.readouterr().err
+
+
+def test_expires_after_is_checked_and_honoured():
+    import time
+
+    from kubetune_openai import server
+
+    assert server._expires_at({}) is None
+    at = server._expires_at({"anchor": "created_at", "seconds": "3600"})
+    assert abs(at - (time.time() + 3600)) < 5
+    for bad in ({"anchor": "now", "seconds": "3600"}, {"anchor": "created_at", "seconds": "60"}):
+        with pytest.raises(M.ApiError, match="expires_after"):
+            server._expires_at(bad)
+    assert server._expired({"expires_at": int(time.time()) - 1})
+    assert not server._expired({"expires_at": None}) and not server._expired({"expires_at": at})

@@ -435,9 +435,12 @@ class Reconciler:
             if cm_call is not None:
                 await cm_call
         except ownership.ChildConflict as exc:
-            if cm_call is not None:
-                await asyncio.gather(cm_call, return_exceptions=True)
-            return await self._conflict(job, old, status, exc, created, now, gen)
+            conflicts = [exc]
+            if cm_call is not None:  # the ConfigMap may be taken too: name both
+                (cm_result,) = await asyncio.gather(cm_call, return_exceptions=True)
+                if isinstance(cm_result, ownership.ChildConflict) and cm_result is not exc:
+                    conflicts.append(cm_result)
+            return await self._conflict(job, old, status, conflicts, now, gen)
         except KubeRayMissing:
             if cm_call is not None:
                 await asyncio.gather(cm_call, return_exceptions=True)
@@ -546,8 +549,7 @@ class Reconciler:
         job: Body,
         old: dict,
         status: dict,
-        exc: ownership.ChildConflict,
-        created: bool,
+        conflicts: list[ownership.ChildConflict],
         now: datetime,
         gen,
     ) -> float:
@@ -556,20 +558,23 @@ class Reconciler:
         wait. Anyone else's: the job fails with NameConflict, and its own RayJob,
         if it made one, goes (its pods would mount a ConfigMap that is not ours)."""
         meta = job["metadata"]
-        if exc.owner is ownership.Owner.PREVIOUS:
-            message = ownership.waiting_message(exc)
+        foreign = [c for c in conflicts if c.owner is not ownership.Owner.PREVIOUS]
+        if not foreign:
+            message = "; ".join(ownership.waiting_message(c) for c in conflicts)
             log.info("%s/%s: %s", meta["namespace"], meta["name"], message)
             status = with_phase(status, Phase.Pending, Reason.Creating, message, now, gen)
             status["observedGeneration"] = gen
             await self._write_status(job, old, status)
             return self.timing.poll_seconds
-        if exc.kind == "ConfigMap" and status.get("rayJobName"):
+        kinds = {c.kind for c in foreign}
+        if "ConfigMap" in kinds and "RayJob" not in kinds and status.get("rayJobName"):
             await self._call(self.api.delete_rayjob, meta["namespace"], status["rayJobName"], job)
-        if exc.kind == "RayJob":
-            status.pop("rayJobName", None)  # not ours: nothing of it is shown or deleted
-        else:
+        # Not ours: nothing of them is shown, and TTL cleanup does not name them.
+        if "RayJob" in kinds:
+            status.pop("rayJobName", None)
+        if "ConfigMap" in kinds:
             status.pop("configMapName", None)
-        message = ownership.conflict_message(exc, job)
+        message = "; ".join(ownership.conflict_message(c, job) for c in foreign)
         status = with_phase(status, Phase.Failed, Reason.NameConflict, message, now, gen)
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
@@ -841,21 +846,25 @@ class Reconciler:
             and remaining <= 0
             and not get_condition(status, Cond.ChildrenDeleted)
         ):
+            deleted = []
             if status.get("rayJobName"):
                 await self._call(self.api.delete_rayjob, ns, status["rayJobName"], job)
+                deleted.append(f"RayJob {status['rayJobName']}")
             if status.get("configMapName"):
                 await self._call(self.api.delete_configmap, ns, status["configMapName"], job)
+                deleted.append(f"ConfigMap {status['configMapName']}")
+            what = " and ".join(deleted) or "nothing (the job made no children)"
             status["conditions"] = set_condition(
                 status["conditions"],
                 Cond.ChildrenDeleted,
                 "True",
                 Reason.TTLExpired,
-                "ttlSecondsAfterFinished passed: the RayJob and ConfigMap were deleted; the "
+                f"ttlSecondsAfterFinished passed: deleted {what}, where the job owns it; the "
                 "FineTuneJob and its storage stay",
                 now,
                 gen,
             )
-            self.event(job, "Normal", Reason.TTLExpired, "deleted the RayJob and ConfigMap")
+            self.event(job, "Normal", Reason.TTLExpired, f"deleted {what}")
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
         if not view.final_done:

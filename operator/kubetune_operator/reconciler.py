@@ -744,14 +744,24 @@ class Reconciler:
             ref = (output.get("secretRef") or {}).get("name")
             if ref:
                 secret = await self._call(self.api.read_secret, meta["namespace"], ref)
-            store = storage_reader.store_key(prefix, output)
-            view.snapshot = await asyncio.wait_for(
-                self._read_bounded(
-                    store, storage_reader.read_snapshot, prefix, output, secret, keep
-                ),
-                timeout=self.timing.storage_timeout_seconds,
-            )
-            view.problem = None
+            if ref and not all(secret.get(k) for k in storage_reader.KEY_PAIR):
+                # Without the pair the client would fall back to the operator's own
+                # credentials, at an endpoint the job chose: never.
+                view.problem = (
+                    Reason.StorageReadFailed,
+                    f"Secret {ref} (spec.output.secretRef) has no "
+                    f"{' and '.join(storage_reader.KEY_PAIR)}: the operator reads a job's "
+                    "storage with the job's own keys only (hint: add both keys to the Secret)",
+                )
+            else:
+                store = storage_reader.store_key(prefix, output)
+                view.snapshot = await asyncio.wait_for(
+                    self._read_bounded(
+                        store, storage_reader.read_snapshot, prefix, output, secret, keep
+                    ),
+                    timeout=self.timing.storage_timeout_seconds,
+                )
+                view.problem = None
         except asyncio.TimeoutError:
             metrics.ERRORS.labels(kind="storage_timeout").inc()
             view.problem = (

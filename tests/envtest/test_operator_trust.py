@@ -3,9 +3,10 @@
 - no confused deputy: with the operator's own AWS credentials in its
   environment, a job whose output endpoint is a server of the job author's
   choosing (a recording HTTP server here) gets no request signed with them;
-  the job fails, and its status names the allowlist. The same server does get
-  the reads of a job that names its own keys, so the recorder is shown to
-  record;
+  the job fails, and its status names the allowlist. Nor does a job whose
+  Secret lacks the keys (the client must not fall back to the operator's). The
+  same server does get the reads of a job that names its own keys, so the
+  recorder is shown to record;
 - ownership: a RayJob and a ConfigMap that someone else made under a job's
   child names make the job fail with NameConflict, and both are unchanged
   (resourceVersion and content) after the job's TTL has passed.
@@ -30,6 +31,7 @@ from operator_support import (
     names,
     rayjob_running,
     wait_phase,
+    wait_status,
 )
 
 pytestmark = pytest.mark.envtest
@@ -103,8 +105,16 @@ def test_operator_never_signs_a_request_to_a_tenants_endpoint(kube, namespace, r
             "endpoint": endpoint,
             "secretRef": {"name": "own-keys"},
         }
+        # A Secret without the key pair must not make the client fall back to
+        # the operator's own credentials either.
+        kube.kubectl(
+            "create", "secret", "generic", "hollow", "-n", namespace, "--from-literal=x=y"
+        )  # fmt: skip
+        hollow = finetunejob("hollow")
+        hollow["spec"]["output"] = own["spec"]["output"] | {"secretRef": {"name": "hollow"}}
         apply(kube, namespace, deputy)
         apply(kube, namespace, own)
+        apply(kube, namespace, hollow)
 
         st = wait_phase(kube, "deputy", namespace, "Failed")
         assert st["reason"] == "EndpointNotAllowed", st
@@ -116,14 +126,27 @@ def test_operator_never_signs_a_request_to_a_tenants_endpoint(kube, namespace, r
         assert "deputy-config" not in names(kube, "configmaps", namespace)
 
         # The job with its own keys is read from the same server, signed with its key.
-        wait_until(lambda: get(kube, "rayjob", "own", namespace), 60, what="RayJob own")
-        rayjob_running(kube, "own", namespace)
+        for name in ("own", "hollow"):
+            wait_until(lambda n=name: get(kube, "rayjob", n, namespace), 60, what=f"RayJob {name}")
+            rayjob_running(kube, name, namespace)
         wait_until(
             lambda: any(JOB_KEY_ID in json.dumps(r["headers"]) for r in recorder.seen),
             60,
             what="a read signed with the job's own key at the recording server",
         )
-        time.sleep(3)  # three more polls of both jobs
+        st = wait_status(
+            kube,
+            "hollow",
+            namespace,
+            lambda s: (condition(s, "StorageReadable") or {}).get("status") == "False",
+            60,
+            "hollow's StorageReadable=False",
+        )
+        assert (
+            "has no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            in (condition(st, "StorageReadable")["message"])
+        )
+        time.sleep(3)  # three more polls of every job
         assert wait_phase(kube, "deputy", namespace, "Failed")["reason"] == "EndpointNotAllowed"
     finally:
         op.stop()

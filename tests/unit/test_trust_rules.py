@@ -113,3 +113,23 @@ def test_ownership():
         )
     assert err.value.owner is Owner.FOREIGN and "Deployment x (uid u-9)" in err.value.owners
     assert describe_owners({}) == "no owner"
+
+
+def test_kubetune_validate_warns_about_an_endpoint_without_a_secret():
+    """`kubetune validate` cannot see a cluster's allowlist, so it warns, never refuses."""
+    from kubetune_api.validation import validate_document
+
+    doc = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "chat"},
+        "spec": {
+            "model": {"name": "org/model"},
+            "dataset": {"train": {"uri": "s3://b/train.jsonl"}, "format": "chat"},
+            "output": {"uri": "s3://b/runs", "endpoint": "http://minio.team-a:9000"},
+        },
+    }
+    result = validate_document(doc)
+    assert result.ok and any("storage.endpointAllowlist" in w for w in result.warnings)
+    doc["spec"]["output"]["secretRef"] = {"name": "s3-creds"}
+    assert not [w for w in validate_document(doc).warnings if "endpointAllowlist" in w]

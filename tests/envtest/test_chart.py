@@ -331,4 +331,4 @@ def test_endpoint_allowlist_default_is_the_operators(helm):
     assert env(_render(helm)).split(",") == list(DEFAULT_ALLOWLIST)
     custom = _render(helm, "--set", "storage.endpointAllowlist={http://minio.s3.svc:9000}")
     assert env(custom) == "http://minio.s3.svc:9000"
-    assert env(_render(helm, "--set", "storage.endpointAllowlist={}")) == ""
+    assert env(_render(helm, "--set-json", "storage.endpointAllowlist=[]")) == ""

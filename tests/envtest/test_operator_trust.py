@@ -9,7 +9,8 @@
   recorder is shown to record;
 - ownership: a RayJob and a ConfigMap that someone else made under a job's
   child names make the job fail with NameConflict, and both are unchanged
-  (resourceVersion and content) after the job's TTL has passed.
+  (resourceVersion and content) after the job's TTL has passed; a job deleted
+  and re-created under its name gets children of its own.
 """
 
 from __future__ import annotations
@@ -200,6 +201,47 @@ def test_objects_with_a_childs_name_are_never_adopted(kube, namespace, tmp_path)
             what="the job's TTL cleanup",
         )
         time.sleep(2)  # two more reconciles after the cleanup
+
+        # Deleted and re-created under the same name: the earlier job's ConfigMap
+        # is the garbage collector's (held here by a finalizer, so the test sees
+        # the wait); the new job waits for it, then makes its own.
+        kube.kubectl(
+            "create", "-n", namespace, "-f", "-",
+            input=json.dumps({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": "again-config",
+                    "finalizers": ["example.com/hold"],
+                    "ownerReferences": [{
+                        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                        "name": "again", "uid": "0d1e2a3d-0000-4000-8000-000000000000",
+                    }],
+                },
+                "data": {"config.json": "{}"},
+            }),
+        )  # fmt: skip
+        apply(kube, namespace, finetunejob("again"))
+        uid = get(kube, "finetunejob", "again", namespace)["metadata"]["uid"]
+        st = wait_status(
+            kube, "again", namespace,
+            lambda s: "garbage collector" in (s.get("message") or ""), 60, "the wait",
+        )  # fmt: skip
+        assert st["phase"] == "Pending" and "again-config" in st["message"], st
+        kube.kubectl(
+            "patch", "configmap", "again-config", "-n", namespace, "--type=merge",
+            "-p", '{"metadata":{"finalizers":null}}',
+        )  # fmt: skip
+
+        def own_configmap():
+            cm = get(kube, "configmap", "again-config", namespace) or {}
+            refs = (cm.get("metadata") or {}).get("ownerReferences") or []
+            return cm if [r["uid"] for r in refs] == [uid] else None
+
+        again_cm = wait_until(own_configmap, 60, what="the new job's own ConfigMap")
+        assert f"/again/{uid}" in again_cm["data"]["config.json"]
+        rj = get(kube, "rayjob", "again", namespace)
+        assert [r["uid"] for r in rj["metadata"]["ownerReferences"]] == [uid]
     finally:
         op.stop()
         print(f"--- operator log ({op.log_path})\n{op.log_tail(80)}")

@@ -1,5 +1,5 @@
 """A sweep: Ray Tune runs the trials, each one the same Ray Train + DeepSpeed
-run a job makes (driver.fit), on its own prefix `trials/{id}/`.
+run a job makes (launch.fit), on its own prefix `trials/{id}/`.
 
 Each Tune trial is a small function (no CPU of its own) that starts a
 TorchTrainer for its parameter values and, while it trains, reads the trial's
@@ -30,7 +30,8 @@ from kubetune_api import load_trainer_config
 from kubetune_api import storage as contract
 from kubetune_api import sweep as S
 
-from .recipe import HALT
+from .launch import fit, worker_threads
+from .model import cache_root
 from .storage import JobStorage, now
 
 POLL_SECONDS = 1.0
@@ -80,8 +81,6 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
     """One Tune trial (runs in a Tune actor)."""
     from ray import tune
 
-    from .driver import fit
-
     config = load_trainer_config(job)
     metric = config.spec.sweep.metric
     params = _params(tune_config)
@@ -109,7 +108,7 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
     if done is not None:
         send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": done.get("steps")})
         return
-    if tid in stopped or storage.read_json(HALT) is not None:
+    if tid in stopped or storage.read_json(contract.HALT) is not None:
         send_new({STATE_KEY: S.TrialState.stopped.value})
         return
     failure: dict = {}
@@ -284,7 +283,7 @@ class Recorder(Callback):
 
 
 class HaltingASHA(ASHAScheduler):
-    """ASHA that stops a trial by asking it (HALT under the trial's prefix) rather
+    """ASHA that stops a trial by asking it (contract.HALT under the trial's prefix) rather
     than by killing its actor: the trial's Ray Train run then ends on its own and
     gives back its placement group (a killed run's group outlives it when the
     Ray dashboard is off, and holds its CPUs)."""
@@ -303,14 +302,12 @@ class HaltingASHA(ASHAScheduler):
         if tid not in self.halted:
             self.halted.add(tid)
             _BOOKS[self.key].trial_storage(params).write_json(
-                HALT, {"step": result.get("step"), "reason": "ASHA", "time": now()}
+                contract.HALT, {"step": result.get("step"), "reason": "ASHA", "time": now()}
             )
         return self.CONTINUE
 
 
 def cpus_per_worker(spec, available: int) -> int:
-    from .driver import worker_threads
-
     workers = spec.resources.workers * spec.sweep.parallel_trials
     return max(1, min(worker_threads(spec), available // max(workers, 1)))
 
@@ -320,8 +317,6 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
-
-    from .model import cache_root
 
     spec = config.spec
     sweep = spec.sweep

@@ -379,6 +379,19 @@ def local_parent(job: dict, default_out: str) -> tuple[Optional[dict], Optional[
     return {"name": name, "uid": "local", "uri": prefix}, None
 
 
+def main(args) -> int:
+    """`kubetune run` (registered as the CLI's `run` command): the parsed arguments
+    become a typed LocalRun."""
+    return run_local(
+        LocalRun(
+            file=args.file,
+            name=args.name,
+            output=args.output,
+            progress=False if args.no_progress else None,
+        )
+    )
+
+
 def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """`kubetune run`: 0 done, 1 training failed, 2 invalid job or preflight,
     3 data error in the workers, 128+signal when stopped."""

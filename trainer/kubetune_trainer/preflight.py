@@ -425,3 +425,12 @@ def validate_findings(doc: Any, base: Path, job_dir: Optional[Path] = None) -> R
             kept.append(err)
     report.errors = kept
     return report
+
+
+def local_findings(doc: Any, file: str) -> tuple[list[dict], list[str]]:
+    """`kubetune validate`'s look at what this machine can see (registered under the
+    CLI's kubetune.validate_checks): local model folders and data files of one valid
+    document, the checks that need no tokenizer. (errors as FieldError dicts, warnings)"""
+    job_dir = None if file == "-" else Path(file).resolve().parent
+    report = validate_findings(doc, Path.cwd(), job_dir)
+    return [e.to_dict() for e in report.errors], report.warnings

@@ -1,10 +1,13 @@
-"""Data: read rows, normalise the five formats, tokenize with loss masks, pack, batch.
+"""Data: read rows, normalise the formats, tokenize with loss masks, pack, batch.
 
-Every format becomes one of three shapes before tokenizing:
+The five supervised formats become one of three shapes before tokenizing:
   {"text": str}                               loss on every token
   {"prompt": str, "completion": str}          loss on the completion
   {"messages": [{"role", "content"}, ...]}    the model's chat template, loss on
                                               assistant turns only
+The preference format becomes {"prompt", "chosen", "rejected"} (text or messages);
+its examples are built by the objective that trains on pairs (objectives/dpo.py):
+prepare() takes the objective's example builder and never imports one.
 Rows that cannot be used are counted by reason, with a few examples, and a
 dataset without a usable row raises DataError before any training starts.
 """

@@ -68,12 +68,12 @@ def _failed(exc: Exception, storage, config, say) -> int:
         )
         say(f"kubetune: data error: {exc}")
         return 3
-    prev = storage.read_json(contract.PROGRESS) or {}
+    prev = storage.read_record(contract.PROGRESS, contract.ProgressRecord)
     storage.write_progress(
         contract.ProgressRecord(
             phase=contract.TrainPhase.failed,
-            step=prev.get("step", 0),
-            total_steps=prev.get("totalSteps"),
+            step=prev.step if prev else 0,
+            total_steps=prev.total_steps if prev else None,
             attempt=config.attempt,
             message=f"{type(exc).__name__}: {exc}"[:4000],
             updated_at=now(),

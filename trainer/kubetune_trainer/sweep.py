@@ -95,7 +95,8 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
         if extra is None:
             # The last evaluation waits until the trial is done: a stop decided on it
             # would kill the trial while it saves its outputs.
-            total = (storage.read_json(contract.PROGRESS) or {}).get("totalSteps")
+            progress = storage.read_record(contract.PROGRESS, contract.ProgressRecord)
+            total = progress.total_steps if progress else None
             rows = [r for r in rows if total and r["step"] < total]
         for row in rows[sent:]:
             tune.report({"step": row["step"], metric: row[metric], "trial": tid})
@@ -104,9 +105,9 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
             last = rows[-1] if rows else {"step": 0, metric: float("nan")}
             tune.report({"step": last["step"], metric: last[metric], "trial": tid, **extra})
 
-    done = storage.read_json(contract.OUTPUTS)
+    done = storage.read_record(contract.OUTPUTS, contract.OutputsRecord)
     if done is not None:
-        send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": done.get("steps")})
+        send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": done.steps})
         return
     if tid in stopped or storage.read_json(contract.HALT) is not None:
         send_new({STATE_KEY: S.TrialState.stopped.value})
@@ -126,11 +127,11 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
         send_new()
     if "exc" in failure:
         raise failure["exc"]
-    out = storage.read_json(contract.OUTPUTS)
+    out = storage.read_record(contract.OUTPUTS, contract.OutputsRecord)
     if out is None:  # halted by the scheduler
         send_new({STATE_KEY: S.TrialState.stopped.value})
         return
-    send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": out.get("steps")})
+    send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": out.steps})
 
 
 class Book:
@@ -253,19 +254,19 @@ class Recorder(Callback):
         params = _params(trial.config)
         last = trial.last_result or {}
         tstore = self.book.trial_storage(params)
-        outputs = tstore.read_json(contract.OUTPUTS)
+        outputs = tstore.read_record(contract.OUTPUTS, contract.OutputsRecord)
         if outputs is not None:
             state = S.TrialState.finished
         else:
             state = S.TrialState(last.get(STATE_KEY, S.TrialState.stopped.value))
         changes: dict = {"state": state, "stopped_early": state == S.TrialState.stopped}
         if outputs is not None:
-            changes["step"] = outputs.get("steps") or 0
-            changes["total_steps"] = outputs.get("steps")
+            changes["step"] = outputs.steps or 0
+            changes["total_steps"] = outputs.steps
         else:  # a stopped trial trains on to its next logged step
-            progress = tstore.read_json(contract.PROGRESS) or {}
-            changes["step"] = max(int(last.get("step") or 0), int(progress.get("step") or 0))
-            changes["total_steps"] = progress.get("totalSteps")
+            progress = tstore.read_record(contract.PROGRESS, contract.ProgressRecord)
+            changes["step"] = max(int(last.get("step") or 0), progress.step if progress else 0)
+            changes["total_steps"] = progress.total_steps if progress else None
         self.book.update(params, **changes)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -322,8 +323,7 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
     sweep = spec.sweep
     mode = S.metric_mode(sweep)
     storage = JobStorage(config.storage_prefix, spec.output)
-    prior_data = storage.read_json(S.SWEEP)
-    prior = S.SweepRecord.model_validate(prior_data) if prior_data else None
+    prior = storage.read_record(S.SWEEP, S.SweepRecord)
     book = Book(config, storage, prior)
     key = config.storage_prefix
     _BOOKS[key] = book
@@ -399,7 +399,9 @@ def finish(config, book: Book, storage: JobStorage) -> S.SweepRecord:
         why = f": {failed[0].message}" if failed and failed[0].message else ""
         raise RuntimeError(f"no trial of the sweep finished ({len(failed)} failed{why})")
     tstore = JobStorage(S.trial_prefix(config.storage_prefix, best.id), config.spec.output)
-    outputs = contract.OutputsRecord.model_validate(tstore.read_json(contract.OUTPUTS) or {})
+    outputs = (
+        tstore.read_record(contract.OUTPUTS, contract.OutputsRecord) or contract.OutputsRecord()
+    )
     local = Path(os.environ.get("TMPDIR", "/tmp")) / f"kubetune-sweep-{os.getpid()}.png"
     rows = {r.id: _trial_rows(config, r.id) for r in book.record.records}
     if plot_sweep(book.record, rows, local):

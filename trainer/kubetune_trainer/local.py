@@ -24,7 +24,9 @@ from typing import Optional, TextIO
 
 import yaml
 
+from kubetune_api import load_trainer_config, spec_to_trainer_config
 from kubetune_api import storage as contract
+from kubetune_api import sweep as S
 from kubetune_api.validation import validate_document
 
 from . import preflight as P
@@ -247,8 +249,6 @@ class Watcher:
 def summary(storage) -> str:
     out = storage.read_json(contract.OUTPUTS) or {}
     lines = [f"kubetune run: finished {out.get('steps')} steps; results in {_where(storage)}"]
-    from kubetune_api import sweep as S
-
     record = storage.read_json(S.SWEEP)
     if record:
         lines = ranking(record) + [
@@ -396,8 +396,6 @@ def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO
     """`kubetune run`: 0 done, 1 training failed, 2 invalid job or preflight,
     3 data error in the workers, 128+signal when stopped."""
     out, err = out or sys.stdout, err or sys.stderr
-    from kubetune_api import load_trainer_config, spec_to_trainer_config
-
     t0 = time.monotonic()
     base = (opts.base or Path.cwd()).resolve()
     try:

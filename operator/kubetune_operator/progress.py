@@ -6,25 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-from kubetune_api.storage import RunRecord
+from pydantic.alias_generators import to_camel
+
+from kubetune_api.models import Metrics
+from kubetune_api.storage import MetricsRow, RunRecord
 from kubetune_api.sweep import SweepRecord
 
 from .storage_reader import StorageSnapshot
 
 Snapshot = Union[StorageSnapshot, Mapping[str, Any], None]
 
-# metrics.jsonl's fields (MetricsRow) → status.metrics (later rows win)
-ROW_TO_STATUS = (
-    ("loss", "trainLoss"),
-    ("eval_loss", "evalLoss"),
-    ("eval_perplexity", "evalPerplexity"),
-    ("eval_token_accuracy", "evalTokenAccuracy"),
-    ("reward_accuracy", "rewardAccuracy"),
-    ("reward_margin", "rewardMargin"),
-    ("eval_reward_accuracy", "evalRewardAccuracy"),
-    ("eval_reward_margin", "evalRewardMargin"),
-    ("tokens_per_second", "tokensPerSecond"),
-    ("learning_rate", "learningRate"),
+# metrics.jsonl's fields (MetricsRow) → status.metrics (models.Metrics): the train
+# loss, and every field the two share (each objective's metrics among them)
+ROW_TO_STATUS = (("loss", "trainLoss"),) + tuple(
+    (name, to_camel(name)) for name in Metrics.model_fields if name in MetricsRow.model_fields
 )
 
 

@@ -79,7 +79,7 @@ def _tokenizer():
 
 def usable(rows: list[dict], max_length: int) -> list[dict]:
     """The rows kubetune trains on (pair k of its examples is row k of this list)."""
-    from kubetune_trainer import preference as PF
+    from kubetune_trainer.objectives import dpo as PF
 
     tok = _tokenizer()
     return [r for r in rows if PF.build_pairs([r], tok, max_length)[1].usable == 1]
@@ -192,7 +192,7 @@ def score(heldout: str, adapters: list) -> dict:
     from transformers import AutoModelForCausalLM
 
     from kubetune_trainer import data as D
-    from kubetune_trainer import preference as PF
+    from kubetune_trainer.objectives import dpo as PF
 
     torch.set_num_threads(os.cpu_count())
     rows = C.read_jsonl(heldout)

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from . import checks, sweep_space
+from . import checks, objectives, sweep_space
 from .checks import PRINTABLE
 
 GROUP = "kubetune.io"
@@ -261,9 +261,8 @@ class QuantizationConfig(_Model):
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
 
 
-class Objective(str, Enum):
-    sft = "sft"
-    dpo = "dpo"
+# One member per row of the objectives table.
+Objective = Enum("Objective", {name: name for name in objectives.NAMES}, type=str)
 
 
 class DpoLossType(str, Enum):
@@ -296,10 +295,7 @@ class DpoConfig(_Model):
 
 class Method(_Model):
     objective: Objective = Field(
-        Objective.sft,
-        description="sft: next-token loss on the responses; dpo: direct preference "
-        "optimization on dataset.format preference (the reference model is the base model: "
-        "the adapter disabled, or log-probabilities computed once before full fine-tuning).",
+        Objective(objectives.DEFAULT), description=objectives.enum_description()
     )
     dpo: Optional[DpoConfig] = Field(
         None, description="DPO settings (objective dpo only; defaults apply when unset)."
@@ -496,16 +492,8 @@ class Evaluation(_Model):
 
 class EarlyStopping(_Model):
     enabled: bool = Field(False, description="Stop when the metric stops improving.")
-    metric: Literal[
-        "eval_loss",
-        "eval_perplexity",
-        "eval_token_accuracy",
-        "eval_reward_accuracy",
-        "eval_reward_margin",
-    ] = Field(
-        "eval_loss",
-        description="Metric watched. eval_perplexity and eval_token_accuracy: objective sft; "
-        "eval_reward_accuracy and eval_reward_margin: objective dpo.",
+    metric: Literal[objectives.metric_names()] = Field(  # every objective's metrics
+        "eval_loss", description=objectives.early_stopping_description()
     )
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement.")

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .objectives import OBJECTIVES, metric_names, words
+
 Spec = dict[str, Any]
 
 
@@ -47,6 +49,95 @@ def _stage(d: dict) -> Any:
 
 def _gpus(spec: Spec) -> int:
     return spec["resources"]["gpusPerWorker"]
+
+
+def _one_of(expr: str, values: tuple[str, ...]) -> str:
+    quoted = [f"'{v}'" for v in values]
+    return f"{expr} == {quoted[0]}" if len(values) == 1 else f"{expr} in [{', '.join(quoted)}]"
+
+
+def objective_rules() -> list[Rule]:
+    """The rules that come from the objectives table (objectives.OBJECTIVES): per
+    objective its formats, the formats only it trains on, its settings block;
+    then the early-stopping metric each one reports."""
+    out: list[Rule] = []
+    for row in OBJECTIVES:
+        name, formats = row.name, row.formats
+        if row.format_message:
+            out.append(
+                Rule(
+                    f"{name}-needs-{'-'.join(formats)}-data",
+                    (),
+                    row.format_message,
+                    cel=f"self.method.objective != '{name}' || "
+                    + _one_of("self.dataset.format", formats),
+                    python=lambda s, name=name, formats=formats: (
+                        s["method"]["objective"] != name or s["dataset"]["format"] in formats
+                    ),
+                    field="dataset.format",
+                )
+            )
+        for fmt in row.owned_formats:
+            out.append(
+                Rule(
+                    f"{fmt}-data-needs-{name}",
+                    (),
+                    row.owned_message,
+                    cel=f"self.dataset.format != '{fmt}' || self.method.objective == '{name}'",
+                    python=lambda s, name=name, fmt=fmt: (
+                        s["dataset"]["format"] != fmt or s["method"]["objective"] == name
+                    ),
+                    field="method.objective",
+                )
+            )
+        if row.settings:
+            key = row.settings
+            out.append(
+                Rule(
+                    f"{key}-settings-need-{name}",
+                    ("method",),
+                    f"method.{key} applies to objective {name} only: remove it, or set "
+                    f"method.objective to {name}",
+                    cel=f"!has(self.{key}) || self.objective == '{name}'",
+                    python=lambda m, key=key, name=name: (
+                        not _has(m, key) or m.get("objective") == name
+                    ),
+                    field=key,
+                )
+            )
+            for extra in row.settings_rules:
+                out.append(Rule(path=("method", key), **extra))
+    # earlyStopping.metric: the metrics each objective does not report are refused
+    every = metric_names()
+    others = {
+        row.name: tuple(m for m in every if m not in {x.name for x in row.metrics})
+        for row in OBJECTIVES
+    }
+    first, *rest = OBJECTIVES
+    order = [*rest, first]  # the first row (sft, the default) is the CEL's else branch
+    cel = (
+        "!(self.earlyStopping.metric in [" + ", ".join(f"'{m}'" for m in others[first.name]) + "])"
+    )
+    for row in reversed(rest):
+        banned = ", ".join(f"'{m}'" for m in others[row.name])
+        cel = (
+            f"self.method.objective == '{row.name}' ? "
+            f"!(self.earlyStopping.metric in [{banned}]) : {cel}"
+        )
+    reports = "; ".join(
+        f"{words([m.name for m in row.metrics], 'or')} for {row.name}" for row in order
+    )
+    out.append(
+        Rule(
+            "early-stopping-metric-fits-objective",
+            (),
+            f"earlyStopping.metric must be one the objective reports: {reports}",
+            cel=cel,
+            python=lambda s: s["earlyStopping"]["metric"] not in others[s["method"]["objective"]],
+            field="earlyStopping.metric",
+        )
+    )
+    return out
 
 
 RULES: list[Rule] = [
@@ -108,64 +199,7 @@ RULES: list[Rule] = [
         cel="has(self.uri) != has(self.name)",
         python=lambda d: d is None or _has(d, "uri") != _has(d, "name"),
     ),
-    Rule(
-        "dpo-needs-preference-data",
-        (),
-        "method.objective dpo trains on pairs: set dataset.format to preference (rows of "
-        "prompt, chosen, rejected), or method.objective to sft",
-        cel="self.method.objective != 'dpo' || self.dataset.format == 'preference'",
-        python=lambda s: (
-            s["method"]["objective"] != "dpo" or s["dataset"]["format"] == "preference"
-        ),
-        field="dataset.format",
-    ),
-    Rule(
-        "preference-data-needs-dpo",
-        (),
-        "dataset.format preference is trained with method.objective dpo: set it, or use a "
-        "supervised format (chat, prompt-completion, ...)",
-        cel="self.dataset.format != 'preference' || self.method.objective == 'dpo'",
-        python=lambda s: (
-            s["dataset"]["format"] != "preference" or s["method"]["objective"] == "dpo"
-        ),
-        field="method.objective",
-    ),
-    Rule(
-        "dpo-settings-need-dpo",
-        ("method",),
-        "method.dpo applies to objective dpo only: remove it, or set method.objective to dpo",
-        cel="!has(self.dpo) || self.objective == 'dpo'",
-        python=lambda m: not _has(m, "dpo") or m.get("objective") == "dpo",
-        field="dpo",
-    ),
-    Rule(
-        "label-smoothing-needs-sigmoid",
-        ("method", "dpo"),
-        "labelSmoothing applies to the sigmoid loss only: set lossType to sigmoid or "
-        "labelSmoothing to 0",
-        cel="self.labelSmoothing == 0.0 || self.lossType == 'sigmoid'",
-        python=lambda d: d is None or d["labelSmoothing"] == 0 or d["lossType"] == "sigmoid",
-        field="labelSmoothing",
-    ),
-    Rule(
-        "early-stopping-metric-fits-objective",
-        (),
-        "earlyStopping.metric must be one the objective reports: eval_loss, "
-        "eval_reward_accuracy or eval_reward_margin for dpo; eval_loss, eval_perplexity or "
-        "eval_token_accuracy for sft",
-        cel="self.method.objective == 'dpo' ? !(self.earlyStopping.metric in "
-        "['eval_perplexity', 'eval_token_accuracy']) : !(self.earlyStopping.metric in "
-        "['eval_reward_accuracy', 'eval_reward_margin'])",
-        python=lambda s: (
-            s["earlyStopping"]["metric"]
-            not in (
-                ("eval_perplexity", "eval_token_accuracy")
-                if s["method"]["objective"] == "dpo"
-                else ("eval_reward_accuracy", "eval_reward_margin")
-            )
-        ),
-        field="earlyStopping.metric",
-    ),
+    *objective_rules(),
     Rule(
         "generation-needs-held-out-data",
         (),

@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 ADAPTER = "adapter"
 MERGED = "merged"
 FULL_MODEL = "model"
+HALT = "halt.json"  # a sweep asks a trial to stop (written by the sweep, read by the recipe)
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 

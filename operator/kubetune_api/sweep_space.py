@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .checks import Check
+from .objectives import metric_mode
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ PARAMETERS_CHECKS = (KNOWN_PATHS, *(_bounds_check(s) for s in SWEEPABLE))
 
 
 def mode_for(metric: str, mode: Optional[str]) -> str:
-    """Lower is better for losses, higher for accuracy, unless mode says."""
+    """The metric's direction in the objectives table (lower is better for losses,
+    higher for accuracies), unless mode says."""
     if mode:
         return mode
-    return "max" if metric.endswith("accuracy") else "min"
+    return metric_mode(metric) or "min"

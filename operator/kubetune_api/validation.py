@@ -17,11 +17,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from . import checks, models
+from . import checks, models, objectives
 from .crd import spec_schema
 from .rules import check_rules
 
@@ -607,12 +607,6 @@ def validate_document(doc: Any) -> Result:
     return result
 
 
-DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
-# Preference tuning moves a model that already answers well: far smaller steps
-# (TRL's DPOTrainer defaults to 1e-6 for full fine-tuning).
-DEFAULT_DPO_LEARNING_RATE = {"lora": 5e-5, "qlora": 5e-5, "full": 1e-6}
-
-
 def resolve_spec(spec: models.FineTuneJobSpec | dict) -> models.FineTuneJobSpec:
     """Fill the defaults that depend on other fields. Raises SpecError."""
     if isinstance(spec, dict):
@@ -629,11 +623,13 @@ def resolve_spec(spec: models.FineTuneJobSpec | dict) -> models.FineTuneJobSpec:
     method = spec.method.type
     if hp.epochs is None and hp.max_steps is None:
         hp.epochs = 1.0
-    dpo = spec.method.objective == "dpo"
+    row = objectives.BY_NAME[models.Objective(spec.method.objective).value]
     if hp.learning_rate is None:
-        hp.learning_rate = (DEFAULT_DPO_LEARNING_RATE if dpo else DEFAULT_LEARNING_RATE)[method]
-    if dpo and spec.method.dpo is None:
-        spec.method.dpo = models.DpoConfig()
+        hp.learning_rate = row.learning_rate[method]
+    if row.settings and getattr(spec.method, row.settings) is None:
+        setting = models.Method.model_fields[row.settings].annotation
+        block = next(a for a in get_args(setting) if a is not type(None))
+        setattr(spec.method, row.settings, block())
     if method in ("lora", "qlora") and spec.method.lora is None:
         spec.method.lora = models.LoraConfig()
     if method == "qlora" and spec.method.quantization is None:

@@ -20,8 +20,8 @@ from kubetune_api.validation import FieldError, short, validate_document
 from kubetune_openai import cli as api_command
 
 from . import run as run_command
+from .commands import run_registered, validate_checks
 from .loader import load_documents
-from .local_checks import local_findings
 
 
 def _read(name: str) -> tuple[Optional[bytes], Optional[FieldError]]:
@@ -56,7 +56,7 @@ def _validate_one(name: str, index: int, doc: Any, warnings: list[str]) -> dict:
             "please report this with the file",
         )
         return _report(name, index, [error], warnings, shown)
-    local_errors, local_warnings = local_findings(doc, name) if result.ok else ([], [])
+    local_errors, local_warnings = validate_checks(doc, name) if result.ok else ([], [])
     errors = result.errors + [FieldError(**e) for e in local_errors]
     report = _report(name, index, errors, warnings + result.warnings + local_warnings, shown)
     if not errors and result.job is not None and result.job.spec.sweep is not None:
@@ -142,16 +142,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    try:
-        from kubetune_operator.cli import run_operator
-    except ImportError as exc:
-        print(
-            f"kubetune operator needs the operator extra ({exc.name} is missing): "
-            "pip install 'kubetune[operator]'",
-            file=sys.stderr,
-        )
-        return 2
-    return run_operator(args)
+    return run_registered("operator", args, "operator extra: pip install 'kubetune[operator]'")
 
 
 def build_parser() -> argparse.ArgumentParser:

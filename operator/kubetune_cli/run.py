@@ -1,10 +1,11 @@
-"""`kubetune run`: its arguments and help. The work is kubetune_trainer.local's,
-which gets a typed LocalRun, never this module's argparse namespace."""
+"""`kubetune run`: its arguments and help. The work is the command registered as
+`run` (kubetune_trainer.local.main, through an entry point: see commands.py)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .commands import run_registered
 
 DESCRIPTION = """\
 Run a FineTuneJob on this machine with a local Ray, no cluster needed.
@@ -61,20 +62,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        from kubetune_trainer.local import LocalRun, run_local
-    except ImportError as exc:
-        print(
-            f"kubetune run needs the trainer extra ({exc.name} is missing): "
-            "pip install 'kubetune[trainer]' or run scripts/setup.sh",
-            file=sys.stderr,
-        )
-        return 2
-    return run_local(
-        LocalRun(
-            file=args.file,
-            name=args.name,
-            output=args.output,
-            progress=False if args.no_progress else None,
-        )
+    return run_registered(
+        "run", args, "trainer extra: pip install 'kubetune[trainer]' or run scripts/setup.sh"
     )

@@ -21,13 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from kubetune_api import models, storage
-from kubetune_api.validation import (
-    DEFAULT_DPO_LEARNING_RATE,
-    DEFAULT_LEARNING_RATE,
-    SpecError,
-    resolve_spec,
-)
+from kubetune_api import models, objectives, storage
+from kubetune_api.validation import SpecError, resolve_spec
 
 JOB_PREFIX = "ftjob-"
 FILE_PREFIX = "file-"
@@ -451,7 +446,7 @@ def build_job(
     spec = deep_merge(defaults, spec)
     if "learning_rate_multiplier" in req.hyperparameters:
         kind = (spec.get("method") or {}).get("type", "lora")
-        table = DEFAULT_DPO_LEARNING_RATE if req.method == "dpo" else DEFAULT_LEARNING_RATE
+        table = objectives.BY_NAME["dpo" if req.method == "dpo" else "sft"].learning_rate
         lr = table.get(kind, table["lora"]) * req.hyperparameters["learning_rate_multiplier"]
         spec["hyperparameters"]["learningRate"] = float(f"{lr:.6g}")
     record = req.record() | {"base": base_id}
@@ -519,7 +514,7 @@ def effective_hyperparameters(job: dict, method: str) -> dict:
     except (SpecError, ValueError, TypeError):
         return {k: asked.get(k, "auto") for k in _METHOD_HYPER.get(method, ())}
     hp = spec.hyperparameters
-    table = DEFAULT_DPO_LEARNING_RATE if method == "dpo" else DEFAULT_LEARNING_RATE
+    table = objectives.BY_NAME["dpo" if method == "dpo" else "sft"].learning_rate
     default_lr = table.get(spec.method.type, table["lora"])
     out = {
         "n_epochs": _number(hp.epochs) if hp.epochs is not None else "auto",

@@ -1,130 +1,149 @@
-"""Storage snapshot (what the trainer wrote) → status.progress, .metrics,
-.checkpoints and .outputs."""
+"""Storage snapshot (what the trainer wrote, in the contract's models) →
+status.progress, .metrics, .checkpoints, .outputs, .lineage, .tracking, .sweep."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+from pydantic.alias_generators import to_camel
+
+from kubetune_api.models import Metrics
+from kubetune_api.storage import MetricsRow, RunRecord
+from kubetune_api.sweep import SweepRecord
+
+from .storage_reader import StorageSnapshot
+
+Snapshot = Union[StorageSnapshot, Mapping[str, Any], None]
+
+# metrics.jsonl's fields (MetricsRow) → status.metrics (models.Metrics): the train
+# loss, and every field the two share (each objective's metrics among them)
+ROW_TO_STATUS = (("loss", "trainLoss"),) + tuple(
+    (name, to_camel(name)) for name in Metrics.model_fields if name in MetricsRow.model_fields
+)
 
 
 def _round(x: Optional[float], digits: int = 6) -> Optional[float]:
     return None if x is None else round(float(x), digits)
 
 
-def progress_to_status(snapshot: Optional[dict], keep_last: int = 3) -> dict[str, Any]:
+def as_snapshot(snapshot: Snapshot) -> Optional[StorageSnapshot]:
+    """The typed snapshot (a mapping in the contract's shape is parsed into it)."""
+    if snapshot is None or isinstance(snapshot, StorageSnapshot):
+        return snapshot
+    return StorageSnapshot.model_validate(snapshot)
+
+
+def progress_to_status(snapshot: Snapshot, keep_last: int = 3) -> dict[str, Any]:
     """What the trainer wrote under the job's prefix → status.progress, .metrics,
     .checkpoints, .outputs. `snapshot` comes from storage_reader.read_snapshot."""
-    if not snapshot:
+    snap = as_snapshot(snapshot)
+    if not snap:
         return {}
     out: dict[str, Any] = {}
-    if snapshot.get("prefix"):
-        out["outputs"] = {"prefix": snapshot["prefix"]}
-    rec = snapshot.get("progress")
+    if snap.prefix:
+        out["outputs"] = {"prefix": snap.prefix}
+    rec = snap.progress
     if rec:
-        step = int(rec.get("step") or 0)
-        total = rec.get("totalSteps")
+        step = int(rec.step or 0)
+        total = rec.total_steps
         progress: dict[str, Any] = {"step": step}
         if total:
             progress["totalSteps"] = int(total)
-        for key in ("epoch", "percent"):
-            if rec.get(key) is not None:
-                progress[key] = _round(rec[key], 4)
+        if rec.epoch is not None:
+            progress["epoch"] = _round(rec.epoch, 4)
+        if rec.percent is not None:
+            progress["percent"] = _round(rec.percent, 4)
         if progress.get("percent") is None and total:
             progress["percent"] = round(100.0 * step / int(total), 2)
-        if rec.get("etaSeconds") is not None:
-            progress["etaSeconds"] = int(rec["etaSeconds"])
-        if rec.get("resumedFrom") is not None:
-            progress["resumedFrom"] = int(rec["resumedFrom"])
+        if rec.eta_seconds is not None:
+            progress["etaSeconds"] = int(rec.eta_seconds)
+        if rec.resumed_from is not None:
+            progress["resumedFrom"] = int(rec.resumed_from)
         progress["display"] = f"{step}/{total}" if total else str(step)
         out["progress"] = progress
-    rows = snapshot.get("metrics") or []
     metrics: dict[str, Any] = {}
-    for row in rows:  # oldest first: later rows win
-        for src, dst in (
-            ("loss", "trainLoss"),
-            ("evalLoss", "evalLoss"),
-            ("evalPerplexity", "evalPerplexity"),
-            ("evalTokenAccuracy", "evalTokenAccuracy"),
-            ("rewardAccuracy", "rewardAccuracy"),
-            ("rewardMargin", "rewardMargin"),
-            ("evalRewardAccuracy", "evalRewardAccuracy"),
-            ("evalRewardMargin", "evalRewardMargin"),
-            ("tokensPerSecond", "tokensPerSecond"),
-            ("learningRate", "learningRate"),
-        ):
-            if row.get(src) is not None:
-                metrics[dst] = _round(row[src])
-    if rec and rec.get("tokensPerSecond") is not None:
-        metrics["tokensPerSecond"] = _round(rec["tokensPerSecond"])
+    for row in snap.metrics:  # oldest first: later rows win
+        for src, dst in ROW_TO_STATUS:
+            if getattr(row, src) is not None:
+                metrics[dst] = _round(getattr(row, src))
+    if rec and rec.tokens_per_second is not None:
+        metrics["tokensPerSecond"] = _round(rec.tokens_per_second)
     if "trainLoss" in metrics:
         metrics["displayLoss"] = f"{metrics['trainLoss']:.4f}"
     elif "evalLoss" in metrics:
         metrics["displayLoss"] = f"{metrics['evalLoss']:.4f}"
     if metrics:
         out["metrics"] = metrics
-    cps = sorted(snapshot.get("checkpoints") or [], key=lambda c: c["step"])
+    cps = sorted(snap.checkpoints, key=lambda c: c.step)
     if cps:
         out["checkpoints"] = [
             {
                 k: v
                 for k, v in {
-                    "step": c["step"],
-                    "uri": c["uri"],
-                    "evalLoss": _round(c.get("evalLoss")),
-                    "time": c.get("createdAt"),
+                    "step": c.step,
+                    "uri": c.uri,
+                    "evalLoss": _round(c.eval_loss),
+                    "time": c.created_at,
                 }.items()
                 if v is not None
             }
             for c in cps[-keep_last:]
         ]
-    rec_out = snapshot.get("outputs")
-    if rec_out:
+    done = snap.outputs
+    if done:
         outputs = out.setdefault("outputs", {})
-        for src, dst in (
-            ("adapter", "adapter"),
-            ("mergedModel", "mergedModel"),
-            ("model", "mergedModel"),
-            ("metrics", "metrics"),
-            ("lossCurve", "lossCurve"),
+        for value, dst in (
+            (done.adapter, "adapter"),
+            (done.merged_model, "mergedModel"),
+            (done.model, "mergedModel"),
+            (done.metrics, "metrics"),
+            (done.loss_curve, "lossCurve"),
         ):
-            if rec_out.get(src) and dst not in outputs:
-                outputs[dst] = rec_out[src]
-        if rec_out.get("finalTrainLoss") is not None:
+            if value and dst not in outputs:
+                outputs[dst] = value
+        if done.final_train_loss is not None:
             metrics = out.setdefault("metrics", {})
-            metrics.setdefault("trainLoss", _round(rec_out["finalTrainLoss"]))
+            metrics.setdefault("trainLoss", _round(done.final_train_loss))
             metrics.setdefault("displayLoss", f"{metrics['trainLoss']:.4f}")
-        if rec_out.get("finalEvalLoss") is not None:
-            out.setdefault("metrics", {}).setdefault("evalLoss", _round(rec_out["finalEvalLoss"]))
-    if snapshot.get("runRecord"):
-        out["lineage"] = lineage_summary(snapshot["runRecord"], snapshot.get("prefix"))
-    track = snapshot.get("tracking")
-    if track and track.get("runId"):
+        if done.final_eval_loss is not None:
+            out.setdefault("metrics", {}).setdefault("evalLoss", _round(done.final_eval_loss))
+    if snap.run_record:
+        out["lineage"] = lineage_summary(snap.run_record, snap.prefix)
+    track = snap.tracking
+    if track and track.run_id:
         out["tracking"] = {
-            k: track[k] for k in ("runId", "experimentId", "url") if track.get(k) is not None
+            k: v
+            for k, v in (
+                ("runId", track.run_id),
+                ("experimentId", track.experiment_id),
+                ("url", track.url),
+            )
+            if v is not None
         }
-    sweep = snapshot.get("sweep")
-    if sweep:
-        out |= sweep_to_status(sweep, out.get("progress"))
+    if snap.sweep:
+        out |= sweep_to_status(snap.sweep, out.get("progress"))
     return out
 
 
-def sweep_to_status(sweep: dict, progress: Optional[dict]) -> dict[str, Any]:
+def sweep_to_status(sweep: SweepRecord, progress: Optional[dict]) -> dict[str, Any]:
     """sweep.json → status.sweep, and the progress column in trials."""
-    states = [r.get("state") for r in sweep.get("records") or []]
+    states = [r.state for r in sweep.records]
     status: dict[str, Any] = {
-        "metric": sweep.get("metric"),
-        "trials": int(sweep.get("trials") or 0),
+        "metric": sweep.metric,
+        "trials": int(sweep.trials or 0),
         "finished": states.count("Finished"),
         "stopped": states.count("Stopped"),
         "running": states.count("Running"),
         "failed": states.count("Failed"),
-        "stepsTrained": int(sweep.get("stepsTrained") or 0),
+        "stepsTrained": int(sweep.steps_trained or 0),
     }
-    if sweep.get("bestTrial"):
-        status["bestTrial"] = sweep["bestTrial"]
-        status["bestParams"] = {k: float(v) for k, v in (sweep.get("bestParams") or {}).items()}
-    if sweep.get("bestMetric") is not None:
-        status["bestMetric"] = _round(sweep["bestMetric"])
-        status["display"] = f"{sweep.get('metric')} {sweep['bestMetric']:.4f}"
+    if sweep.best_trial:
+        status["bestTrial"] = sweep.best_trial
+        status["bestParams"] = {k: float(v) for k, v in (sweep.best_params or {}).items()}
+    if sweep.best_metric is not None:
+        status["bestMetric"] = _round(sweep.best_metric)
+        status["display"] = f"{sweep.metric} {sweep.best_metric:.4f}"
     out: dict[str, Any] = {"sweep": {k: v for k, v in status.items() if v is not None}}
     if progress is not None:
         done = status["finished"] + status["stopped"]
@@ -132,34 +151,35 @@ def sweep_to_status(sweep: dict, progress: Optional[dict]) -> dict[str, Any]:
     return out
 
 
-def lineage_summary(record: dict, prefix: Optional[str]) -> dict[str, Any]:
+def lineage_summary(record: RunRecord, prefix: Optional[str]) -> dict[str, Any]:
     """run.json → status.lineage: the hashes and names to compare jobs at a glance."""
-    base = record.get("baseModel") or {}
-    parent = record.get("parent") or {}
-    pjob = parent.get("job") or {}
+    base = record.base_model
+    parent = record.parent
+    pjob = (parent.job if parent else None) or {}
     summary = {
         "runRecord": f"{prefix.rstrip('/')}/run.json" if prefix else None,
-        "specHash": record.get("specHash"),
-        "dataHash": (record.get("dataset") or {}).get("hash"),
-        "baseModel": base.get("name") or base.get("uri"),
+        "specHash": record.spec_hash,
+        "dataHash": record.dataset.hash,
+        "baseModel": base.name or base.uri,
         "parent": (
-            f"FineTuneJob {pjob['name']} ({parent.get('uri')})"
+            f"FineTuneJob {pjob['name']} ({parent.uri})"
             if pjob.get("name")
-            else parent.get("uri")
+            else (parent.uri if parent else None)
         ),
-        "image": record.get("image"),
+        "image": record.image,
     }
     return {k: str(v)[:256] for k, v in summary.items() if v}
 
 
-def tracking_condition(snapshot: Optional[dict]) -> Optional[tuple[bool, str]]:
+def tracking_condition(snapshot: Snapshot) -> Optional[tuple[bool, str]]:
     """(reachable, message) from tracking.json, or None when there is no tracking."""
-    track = (snapshot or {}).get("tracking")
+    snap = as_snapshot(snapshot)
+    track = snap.tracking if snap else None
     if not track:
         return None
-    if track.get("reachable"):
-        return True, f"MLflow run {track.get('runId')} at {track.get('url')}"
+    if track.reachable:
+        return True, f"MLflow run {track.run_id} at {track.url}"
     return False, (
-        f"{track.get('trackingUri')}: {track.get('message') or 'no answer'}; training goes on "
+        f"{track.tracking_uri}: {track.message or 'no answer'}; training goes on "
         "without tracking (hint: check spec.tracking.mlflow.trackingUri and that the server is up)"
     )

@@ -254,7 +254,7 @@ class StorageView:
 
     task: Optional[asyncio.Task] = None
     started: float = 0.0  # monotonic time the running/last read started
-    snapshot: Optional[dict] = None
+    snapshot: Optional[storage_reader.StorageSnapshot] = None
     problem: Optional[tuple[Reason, str]] = None  # (reason, message) of the last read
     fresh: bool = False  # a result not shown in status yet
     final_started: bool = False  # a read started after the job finished
@@ -805,7 +805,7 @@ class Reconciler:
                 Cond.StorageReadable,
                 "True",
                 Reason.Read,
-                f"read {view.snapshot['prefix']}",
+                f"read {view.snapshot.prefix}",
                 now,
                 gen,
             )

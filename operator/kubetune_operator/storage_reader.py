@@ -1,6 +1,9 @@
 """Read what the trainer wrote under a job's storage prefix (the contract in
 kubetune_api.storage): progress.json, the tail of metrics.jsonl, committed
-checkpoint manifests, outputs.json.
+checkpoint manifests, outputs.json, run.json, tracking.json and sweep.json,
+each parsed into the contract's model the trainer wrote it with
+(StorageSnapshot). A file that is not there, is half written or does not fit
+its model reads as absent; the next poll reads it again.
 
 Credentials come from the output's Secret, read through the Kubernetes API by
 the caller and passed in as a mapping; they are never logged or stored.
@@ -15,16 +18,24 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, ValidationError
 
 from kubetune_api import storage
-from kubetune_api.models import StorageAccess
-from kubetune_api.sweep import SWEEP
+from kubetune_api.models import StorageAccess, _Model
+from kubetune_api.storage import (
+    CheckpointManifest,
+    MetricsRow,
+    OutputsRecord,
+    ProgressRecord,
+    RunRecord,
+    TrackingRecord,
+)
+from kubetune_api.sweep import SWEEP, SweepRecord
 
 METRICS_TAIL_BYTES = 64 * 1024
 
 # Manifests are written once and never change: cache them by URI.
-_manifest_cache: dict[str, dict] = {}
+_manifest_cache: dict[str, CheckpointManifest] = {}
 _cache_lock = threading.Lock()
 
 
@@ -116,25 +127,43 @@ def filesystem(
         return fs
 
 
-def camel(record: Any) -> Any:
-    """Top-level keys in the contract's camelCase, whichever case the writer used
-    (the models accept both; the status speaks camelCase)."""
-    if not isinstance(record, dict):
-        return record
-    return {to_camel(k): v for k, v in record.items()}
+class CommittedCheckpoint(CheckpointManifest):
+    """A committed checkpoint as read back: its manifest and where it is."""
+
+    uri: str
 
 
-def _read_json(fs, path: str) -> Optional[dict]:
+class StorageSnapshot(_Model):
+    """Everything the status shows from a job's prefix, in the contract's models."""
+
+    prefix: Optional[str] = None
+    progress: Optional[ProgressRecord] = None
+    metrics: list[MetricsRow] = []  # the tail, oldest first
+    checkpoints: list[CommittedCheckpoint] = []  # the newest committed ones, oldest first
+    outputs: Optional[OutputsRecord] = None
+    run_record: Optional[RunRecord] = None
+    tracking: Optional[TrackingRecord] = None
+    sweep: Optional[SweepRecord] = None
+
+
+def _parse(model: type[BaseModel], data: Any):
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None  # not the contract's shape (yet): read as absent
+
+
+def _read_json(fs, path: str, model: type[BaseModel]):
     try:
         with fs.open(path, "rb") as f:
-            return camel(json.loads(f.read()))
+            return _parse(model, json.loads(f.read()))
     except FileNotFoundError:
         return None
     except ValueError:
         return None  # a torn write; the next poll reads the rewritten file
 
 
-def _metrics_tail(fs, path: str, limit: int) -> list[dict]:
+def _metrics_tail(fs, path: str, limit: int) -> list[MetricsRow]:
     try:
         size = fs.size(path)
     except FileNotFoundError:
@@ -149,13 +178,15 @@ def _metrics_tail(fs, path: str, limit: int) -> list[dict]:
     rows = []
     for line in lines[-limit:]:
         try:
-            rows.append(camel(json.loads(line)))
+            row = _parse(MetricsRow, json.loads(line))
         except ValueError:
             continue  # a half-appended last line
+        if row is not None:
+            rows.append(row)
     return rows
 
 
-def _checkpoints(fs, prefix: str, keep: int) -> list[dict]:
+def _checkpoints(fs, prefix: str, keep: int) -> list[tuple[int, str, CheckpointManifest]]:
     root = storage.join(prefix, storage.CHECKPOINTS)
     try:
         entries = fs.ls(root, detail=False)
@@ -168,12 +199,12 @@ def _checkpoints(fs, prefix: str, keep: int) -> list[dict]:
         with _cache_lock:
             manifest = _manifest_cache.get(uri)
         if manifest is None:
-            manifest = _read_json(fs, storage.join(uri, storage.MANIFEST))
+            manifest = _read_json(fs, storage.join(uri, storage.MANIFEST), CheckpointManifest)
             if manifest is None:
                 continue  # not committed (yet)
             with _cache_lock:
                 _manifest_cache[uri] = manifest
-        found.append({**manifest, "step": step, "uri": uri})
+        found.append((step, uri, manifest))
         if len(found) >= keep:
             break
     return list(reversed(found))
@@ -186,22 +217,26 @@ def read_snapshot(
     keep_checkpoints: int = 3,
     metrics_rows: int = 50,
     schemes: tuple[str, ...] = READABLE_SCHEMES,
-) -> dict[str, Any]:
-    """Everything the status shows from storage, as plain dicts (camelCase).
+) -> StorageSnapshot:
+    """Everything the status shows from storage, typed.
     `schemes` widens what may be read (tests read a local folder)."""
     fs = filesystem(prefix, access, secret_data, schemes)
     scheme, path = storage.split_uri(prefix)
     clean = f"{scheme}://{path}" if "://" in prefix else path
-    return {
-        "prefix": clean,
-        "progress": _read_json(fs, storage.join(path, storage.PROGRESS)),
-        "metrics": _metrics_tail(fs, storage.join(path, storage.METRICS), metrics_rows),
-        "checkpoints": [
-            {**c, "uri": f"{scheme}://{c['uri']}" if "://" in prefix else c["uri"]}
-            for c in _checkpoints(fs, path, keep_checkpoints)
+    return StorageSnapshot(
+        prefix=clean,
+        progress=_read_json(fs, storage.join(path, storage.PROGRESS), ProgressRecord),
+        metrics=_metrics_tail(fs, storage.join(path, storage.METRICS), metrics_rows),
+        checkpoints=[
+            CommittedCheckpoint(
+                **manifest.model_dump(exclude={"step"}),
+                step=step,  # the folder's name says which step it is
+                uri=f"{scheme}://{uri}" if "://" in prefix else uri,
+            )
+            for step, uri, manifest in _checkpoints(fs, path, keep_checkpoints)
         ],
-        "outputs": _read_json(fs, storage.join(path, storage.OUTPUTS)),
-        "runRecord": _read_json(fs, storage.join(path, storage.RUN_RECORD)),
-        "tracking": _read_json(fs, storage.join(path, storage.TRACKING)),
-        "sweep": _read_json(fs, storage.join(path, SWEEP)),
-    }
+        outputs=_read_json(fs, storage.join(path, storage.OUTPUTS), OutputsRecord),
+        run_record=_read_json(fs, storage.join(path, storage.RUN_RECORD), RunRecord),
+        tracking=_read_json(fs, storage.join(path, storage.TRACKING), TrackingRecord),
+        sweep=_read_json(fs, storage.join(path, SWEEP), SweepRecord),
+    )

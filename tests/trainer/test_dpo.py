@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import trainer_helpers as H
 
 from kubetune_trainer import data as D
-from kubetune_trainer import dpo as DPO
-from kubetune_trainer import preference as P
+from kubetune_trainer.objectives import dpo as DPO
+from kubetune_trainer.objectives import dpo as P
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(900)]
 
@@ -91,7 +91,7 @@ def test_bad_preference_rows_are_counted_with_examples(tok):
         ]
     )
     rows = D.parse_text(text, "prefs.jsonl")
-    ex, report = D.build_examples(rows, "preference", tok, 64)
+    ex, report = P.build_examples(rows, "preference", tok, 64)
     assert (report.rows, report.usable, len(ex)) == (7, 1, 2)
     assert report.bad == {
         "missing 'chosen' or 'rejected'": 1,
@@ -105,7 +105,7 @@ def test_bad_preference_rows_are_counted_with_examples(tok):
     assert "prefs.jsonl line 2: missing 'chosen' or 'rejected'" in summary
     assert "prefs.jsonl line 4: invalid JSON" in summary
     with pytest.raises(D.DataError, match="no usable rows"):
-        D.require_usable(D.build_examples(rows[1:3], "preference", tok, 64)[1], "train")
+        D.require_usable(P.build_examples(rows[1:3], "preference", tok, 64)[1], "train")
 
 
 def test_a_prompt_longer_than_max_length_leaves_nothing_to_learn(tok):
@@ -314,7 +314,7 @@ def test_full_dpo_zero3_two_workers_learns_stores_the_reference_and_resumes_on_i
 
 
 def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, tiny, tmp_path):
-    from kubetune_trainer import generation as G
+    from kubetune_trainer import evalgen as G
     from kubetune_trainer import local
     from kubetune_trainer.storage import JobStorage
 
@@ -381,7 +381,7 @@ def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, ti
 
 
 def test_generation_scores_against_hand_computed_values():
-    from kubetune_trainer import generation as G
+    from kubetune_trainer import evalgen as G
 
     same = G.score(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert same == {
@@ -400,7 +400,7 @@ def test_generation_scores_against_hand_computed_values():
 
 
 def test_generation_picks_the_same_prompts_with_their_references():
-    from kubetune_trainer import generation as G
+    from kubetune_trainer import evalgen as G
 
     rows = H.chat_rows(30) + [{"messages": [{"role": "user", "content": "no answer"}]}]
     a, b = G.pick(rows, "chat", 5, 3), G.pick(rows, "chat", 5, 3)

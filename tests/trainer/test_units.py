@@ -73,7 +73,7 @@ def test_deepspeed_config_from_spec():
 
 
 def test_lr_schedule_warmup_then_decay():
-    from kubetune_trainer.recipe import lr_lambda
+    from kubetune_trainer.worker import lr_lambda
 
     cos = lr_lambda("cosine", warmup=4, total=20)
     assert cos(0) < cos(3) < 1.0 and cos(4) == pytest.approx(1.0)

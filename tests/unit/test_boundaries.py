@@ -1,9 +1,13 @@
 """Source roots are not packages, and each package imports only what it may."""
 
 import ast
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +98,65 @@ def test_test_module_names_are_unique_across_tiers():
     # two tests/*/test_x.py would break collection of the whole suite.
     names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter with the contracts of root/pyproject.toml, on root's sources."""
+    code = (
+        "import sys; from importlinter.cli import lint_imports; "
+        "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{root / 'operator'}{os.pathsep}{root / 'trainer'}"}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env
+    )
+
+
+def test_import_contracts_hold():
+    # pyproject.toml [tool.importlinter]: kubetune_api below the operator, the trainer
+    # and the CLI; the CLI never imports the trainer or the operator; the trainer's
+    # modules in layers (no cycles); objectives independent of each other.
+    proc = _lint_imports(REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout and "4 kept" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("path", "line", "contract"),
+    [
+        # a cycle: data would import the recipe that imports it
+        (
+            "trainer/kubetune_trainer/data.py",
+            "from . import recipe",
+            "the trainer's modules import only downwards",
+        ),
+        # one objective leaning on another
+        (
+            "trainer/kubetune_trainer/objectives/sft.py",
+            "from . import dpo",
+            "an objective imports no other objective",
+        ),
+        # an arrow back up: the API importing the operator
+        (
+            "operator/kubetune_api/models.py",
+            "import kubetune_operator.names",
+            "the API package is below",
+        ),
+        # the CLI importing the trainer instead of running its registered command
+        (
+            "operator/kubetune_cli/run.py",
+            "import kubetune_trainer.local",
+            "the CLI reaches the trainer and the operator only through entry points",
+        ),
+    ],
+)
+def test_import_contracts_fail_on_a_wrong_arrow(tmp_path, path, line, contract):
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    for root in ("operator", "trainer"):
+        shutil.copytree(REPO / root, tmp_path / root, ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / path
+    target.write_text(target.read_text() + f"\n{line}  # noqa\n")
+    proc = _lint_imports(tmp_path)
+    assert proc.returncode != 0, proc.stdout
+    broken = [ln for ln in proc.stdout.splitlines() if "BROKEN" in ln]
+    assert len(broken) >= 1 and any(contract in ln for ln in broken), proc.stdout

@@ -92,12 +92,18 @@ def test_children_take_the_parent_from_status_and_credentials_by_reference():
 
 
 def test_run_record_and_tracking_become_status():
-    record = {
+    record = {  # a run.json as the trainer writes it (kubetune_api.storage.RunRecord)
+        "job": {"name": "second", "namespace": "team", "uid": "uid-2"},
         "specHash": "s" * 64,
         "dataset": {"hash": "d" * 64},
         "baseModel": {"name": "org/model", "revision": "main"},
-        "parent": {"job": {"name": "first"}, "uri": "s3://old/ft/team/first/uid-1/adapter"},
+        "parent": {
+            "job": {"name": "first"},
+            "uri": "s3://old/ft/team/first/uid-1/adapter",
+            "kind": "adapter",
+        },
         "image": "reg/trainer:1",
+        "createdAt": "2026-01-01T00:00:00Z",
     }
     tracking = {
         "trackingUri": "http://mlflow:5000",
@@ -105,6 +111,7 @@ def test_run_record_and_tracking_become_status():
         "experimentId": "3",
         "url": "http://mlflow:5000/#/experiments/3/runs/abc",
         "reachable": True,
+        "updatedAt": "2026-01-01T00:00:00Z",
     }
     snap = {"prefix": "s3://out/ft/team/second/uid-2", "runRecord": record, "tracking": tracking}
     status = progress_to_status(snap)

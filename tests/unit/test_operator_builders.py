@@ -315,9 +315,9 @@ def test_status_fits_the_crd_status_model():
     status |= progress_to_status(
         {
             "prefix": "s3://p",
-            "progress": {"step": 3, "totalSteps": 9},
+            "progress": {"phase": "Training", "step": 3, "totalSteps": 9, "updatedAt": "x"},
             "metrics": [{"step": 3, "loss": 1.0}],
-            "checkpoints": [{"step": 3, "uri": "s3://p/c"}],
+            "checkpoints": [{"step": 3, "uri": "s3://p/c", "createdAt": "x"}],
         }
     )
     status = with_phase(status, "Running", "Training", "m", NOW, 1)

@@ -102,3 +102,36 @@ def test_outputs_record_sections_are_declared_fields():
         outputs_record(OutputsRecord(), {"evaluation": {}})
     with pytest.raises(ValueError, match="kind"):
         outputs_record(OutputsRecord(), {"artifacts": [{**doc["artifacts"][0], "kind": "gguf"}]})
+
+
+def test_what_the_trainer_writes_the_operator_reads_as_the_same_models(tmp_path):
+    """One contract typed both ways: kubetune_trainer.storage writes the records of
+    kubetune_api.storage, kubetune_operator.storage_reader parses them back into the
+    same models (equal values); a record that does not fit its model reads as absent."""
+    from kubetune_api import storage as contract
+    from kubetune_operator.storage_reader import read_snapshot
+    from kubetune_trainer.storage import JobStorage
+
+    prefix = str(tmp_path / "ns" / "job" / "uid")
+    store = JobStorage(prefix)
+    progress = contract.ProgressRecord(
+        phase=contract.TrainPhase.training, step=4, total_steps=8, updated_at="t0"
+    )
+    store.write_progress(progress)
+    rows = [{"step": 2, "loss": 3.5, "tokens_per_second": 10.0}, {"step": 4, "eval_loss": 3.1}]
+    store.write_metrics(rows)
+    manifest = contract.CheckpointManifest(step=4, files=["a"], eval_loss=3.1, created_at="t1")
+    store.write_record(f"{store.checkpoint_rel(4)}/{contract.MANIFEST}", manifest)
+    outputs = contract.OutputsRecord(adapter=store.uri(contract.ADAPTER), steps=8)
+    store.write_record(contract.OUTPUTS, outputs)
+
+    snap = read_snapshot(prefix, None, {}, schemes=("file",))
+    assert snap.progress == progress
+    assert snap.metrics == [contract.MetricsRow.model_validate(r) for r in rows]
+    assert [c.model_dump(exclude={"uri"}) for c in snap.checkpoints] == [manifest.model_dump()]
+    assert snap.checkpoints[0].uri.endswith("checkpoints/step-00000004")
+    assert snap.outputs == outputs
+    assert snap.run_record is None and snap.tracking is None and snap.sweep is None
+
+    store.write_json(contract.PROGRESS, {"phase": "NoSuchPhase", "updatedAt": "t2"})
+    assert read_snapshot(prefix, None, {}, schemes=("file",)).progress is None

@@ -97,7 +97,7 @@ def test_status_counts_trials_and_shows_the_best():
     }
     snapshot = {
         "prefix": "s3://b/p",
-        "progress": {"phase": "Training", "step": 2, "totalSteps": 4},
+        "progress": {"phase": "Training", "step": 2, "totalSteps": 4, "updatedAt": "x"},
         "sweep": sweep,
     }
     status = progress_to_status(snapshot)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .config import read_config
 from .driver import ensure_env, run  # noqa: F401  (the entry's names, kept importable)
 
 
@@ -27,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     args = p.parse_args(argv)
-    from .config import read_config
-
     ensure_env()
     config = read_config(args.config)
     init = {"address": args.ray_address} if args.ray_address else {"num_cpus": args.num_cpus}

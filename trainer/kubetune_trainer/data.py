@@ -1,10 +1,13 @@
-"""Data: read rows, normalise the five formats, tokenize with loss masks, pack, batch.
+"""Data: read rows, normalise the formats, tokenize with loss masks, pack, batch.
 
-Every format becomes one of three shapes before tokenizing:
+The five supervised formats become one of three shapes before tokenizing:
   {"text": str}                               loss on every token
   {"prompt": str, "completion": str}          loss on the completion
   {"messages": [{"role", "content"}, ...]}    the model's chat template, loss on
                                               assistant turns only
+The preference format becomes {"prompt", "chosen", "rejected"} (text or messages);
+its examples are built by the objective that trains on pairs (objectives/dpo.py):
+prepare() takes the objective's example builder and never imports one.
 Rows that cannot be used are counted by reason, with a few examples, and a
 dataset without a usable row raises DataError before any training starts.
 """
@@ -16,6 +19,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .storage import filesystem, to_uri
 
 IGNORE = -100
 _ROLES = {
@@ -162,8 +167,6 @@ def read_rows(source, access=None, environ=None) -> Rows:
 
         ds = datasets.load_dataset(source.name, split=source.split)
         return Rows(ds)
-    from .storage import filesystem, to_uri
-
     uri = to_uri(source.uri)
     fs, path = filesystem(uri, access, "DATASET", environ)
     if fs.isdir(path):
@@ -233,9 +236,7 @@ def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
     if fmt == "chat":
         return _messages(row.get("messages"), "messages")
     if fmt == "preference":
-        from . import preference
-
-        return preference.normalize(row)
+        return _preference(row)
     return None, f"unknown format {fmt!r}"
 
 
@@ -257,10 +258,60 @@ def _messages(msgs, name: str) -> tuple[Optional[dict], Optional[str]]:
     return {"messages": out}, None
 
 
+def _answer(value: Any) -> Optional[list]:
+    """A response as a list of messages, or None when it is neither text nor messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}] if value.strip() else None
+    if isinstance(value, list) and value:
+        return value
+    return None
+
+
+def _preference(row: Any) -> tuple[Optional[dict], Optional[str]]:
+    """Preference rows: plain text ({"prompt": str, "chosen": str, "rejected": str})
+    or chat messages ({"prompt": [messages], "chosen": [messages] or str, ...});
+    with messages the prompt may be left out when chosen and rejected are whole
+    conversations that share every turn but the last answer."""
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        return None, "missing 'chosen' or 'rejected'"
+    if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
+        if not chosen.strip() or not rejected.strip():
+            return None, "empty 'chosen' or 'rejected'"
+        if chosen == rejected:
+            return None, "'chosen' and 'rejected' are the same"
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+    c, r = _answer(chosen), _answer(rejected)
+    if c is None or r is None:
+        return None, "'chosen' and 'rejected' must be non-empty text or message lists"
+    if prompt is None:
+        # implicit prompt: the turns both conversations share
+        n = 0
+        while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
+            n += 1
+        prompt, c, r = c[:n], c[n:], r[n:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}] if prompt.strip() else []
+    if not isinstance(prompt, list) or not prompt:
+        return None, "missing 'prompt' (text or messages)"
+    whole = []
+    for part in (prompt, c, r):
+        # the shared check wants an assistant turn, which a prompt need not have
+        filler = [{"role": "assistant", "content": "x"}] if part is prompt else []
+        norm, why = _messages(part + filler, "messages")
+        if norm is None:
+            return None, why
+        whole.append(norm["messages"][: len(part)])
+    prompt, c, r = whole
+    if c == r:
+        return None, "'chosen' and 'rejected' are the same"
+    return {"prompt": prompt, "chosen": c, "rejected": r}, None
+
+
 # ---------------------------------------------------------------------------- tokenize
 
 
-def _template(tokenizer, messages, generation_prompt=False) -> str:
+def template(tokenizer, messages, generation_prompt=False) -> str:
     return tokenizer.apply_chat_template(
         messages,
         tokenize=False,
@@ -270,11 +321,9 @@ def _template(tokenizer, messages, generation_prompt=False) -> str:
 
 
 def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """One sequence of a text, prompt-completion or messages row (loss mask included);
+    a preference row's answers are tokenized by the objective that trains on pairs."""
     eos = tokenizer.eos_token_id
-    if "chosen" in norm:
-        from . import preference
-
-        return preference.tokenize(norm, tokenizer)
     if "text" in norm:
         ids = tokenizer(norm["text"], add_special_tokens=False)["input_ids"] + [eos]
         return ids, list(ids)
@@ -283,13 +332,13 @@ def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
         c = tokenizer(norm["completion"], add_special_tokens=False)["input_ids"] + [eos]
         return p + c, [IGNORE] * len(p) + c
     msgs = norm["messages"]
-    full = _template(tokenizer, msgs)
+    full = template(tokenizer, msgs)
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        before = _template(tokenizer, msgs[:i], generation_prompt=True) if i else ""
-        upto = _template(tokenizer, msgs[: i + 1])
+        before = template(tokenizer, msgs[:i], generation_prompt=True) if i else ""
+        upto = template(tokenizer, msgs[: i + 1])
         if not (full.startswith(upto) and upto.startswith(before)):
             raise DataError("the chat template does not render conversations prefix by prefix")
         spans.append((len(before), len(upto)))
@@ -305,10 +354,8 @@ def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
 def build_examples(
     rows: list, fmt: str, tokenizer, max_len: int
 ) -> tuple[list[Example], DataReport]:
-    if fmt == "preference":
-        from . import preference
-
-        return preference.build_pairs(rows, tokenizer, max_len)
+    """One example per usable row (the pairs of preference rows are the DPO
+    objective's: kubetune_trainer.objectives.dpo.build_pairs)."""
     report = DataReport(rows=len(rows))
     label = rows.label if isinstance(rows, Rows) else (lambda i: f"row {i + 1}")
     out = []
@@ -441,7 +488,9 @@ class Prepared:
     test_rows: list = field(default_factory=list)
 
 
-def prepare(spec, tokenizer, environ=None) -> Prepared:
+def prepare(spec, tokenizer, environ=None, build=build_examples) -> Prepared:
+    """The three splits of spec.dataset as examples. `build(rows, format, tokenizer,
+    max_len)` is the objective's example builder (default: one example per row)."""
     ds = spec.dataset
     rows = read_rows(ds.train, ds, environ)
     if ds.validation is not None:
@@ -450,15 +499,15 @@ def prepare(spec, tokenizer, environ=None) -> Prepared:
         train_rows, val_rows = split_validation(
             rows, ds.validation_split, spec.hyperparameters.seed
         )
-    train, train_report = build_examples(train_rows, ds.format, tokenizer, ds.max_seq_length)
+    train, train_report = build(train_rows, ds.format, tokenizer, ds.max_seq_length)
     require_usable(train_report, "train")
     val, val_report = [], None
     if val_rows:
-        val, val_report = build_examples(val_rows, ds.format, tokenizer, ds.max_seq_length)
+        val, val_report = build(val_rows, ds.format, tokenizer, ds.max_seq_length)
     prepared = Prepared(train, val, train_report, val_report, val_rows=val_rows)
     if ds.test is not None:
         prepared.test_rows = read_rows(ds.test, ds, environ)
-        prepared.test, prepared.test_report = build_examples(
+        prepared.test, prepared.test_report = build(
             prepared.test_rows, ds.format, tokenizer, ds.max_seq_length
         )
     return prepared

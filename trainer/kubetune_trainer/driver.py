@@ -10,7 +10,7 @@ committed checkpoint.
 
 from __future__ import annotations
 
-import math
+import hashlib
 import os
 import sys
 import threading
@@ -18,13 +18,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kubetune_api import storage as contract
+
+from . import data as D
+from . import model as M
+from . import objectives
+from .data import DataError
+from .launch import fit
+from .parent import locate
+from .storage import JobStorage, now
+
 
 def ensure_env() -> None:
     """Before Ray starts (workers inherit it). DeepSpeed JIT-compiles ops into
     TORCH_EXTENSIONS_DIR; the build depends on the Python environment, so each
     environment gets its own folder (two venvs sharing one rebuild it in turn
     and wait on each other's lock)."""
-    import hashlib
 
     root = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
@@ -33,11 +42,8 @@ def ensure_env() -> None:
 
 def check_data(spec) -> str:
     """Load and tokenize the data once on the driver: fail fast and say why."""
-    from . import data as D
-    from . import model as M
-
     tok = M.load_tokenizer(spec, M.resolve_model_path(spec.model))
-    prepared = D.prepare(spec, tok)
+    prepared = D.prepare(spec, tok, build=objectives.for_spec(spec).build_examples)
     text = prepared.train_report.summary("train")
     if prepared.val_report:
         text += "\n" + prepared.val_report.summary("validation")
@@ -51,11 +57,6 @@ STOPPED = 130  # the caller stopped the run (see run's `stopping`)
 
 def _failed(exc: Exception, storage, config, say) -> int:
     """The Failed record and one line; the exit code: 3 for data, else 1."""
-    from kubetune_api import storage as contract
-
-    from .data import DataError
-    from .storage import now
-
     if isinstance(exc, DataError):
         storage.write_progress(
             contract.ProgressRecord(
@@ -67,12 +68,12 @@ def _failed(exc: Exception, storage, config, say) -> int:
         )
         say(f"kubetune: data error: {exc}")
         return 3
-    prev = storage.read_json(contract.PROGRESS) or {}
+    prev = storage.read_record(contract.PROGRESS, contract.ProgressRecord)
     storage.write_progress(
         contract.ProgressRecord(
             phase=contract.TrainPhase.failed,
-            step=prev.get("step", 0),
-            total_steps=prev.get("totalSteps"),
+            step=prev.step if prev else 0,
+            total_steps=prev.total_steps if prev else None,
             attempt=config.attempt,
             message=f"{type(exc).__name__}: {exc}"[:4000],
             updated_at=now(),
@@ -80,54 +81,6 @@ def _failed(exc: Exception, storage, config, say) -> int:
     )
     say(f"kubetune: training failed: {type(exc).__name__}: {exc}")
     return 1
-
-
-def worker_threads(spec, available: int | None = None) -> int:
-    cpu = spec.resources.cpu_per_worker
-    n = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-    n = max(1, math.floor(n))
-    if available:
-        n = min(n, max(1, available // spec.resources.workers))
-    return n
-
-
-def fit(
-    config,
-    *,
-    num_cpus_per_worker: int | None = None,
-    storage_path: str | None = None,
-    name: str | None = None,
-):
-    """Run the TorchTrainer on the Ray cluster this process is connected to.
-    `name` tells apart the runs of one job (a sweep's trials)."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .model import cache_root
-    from .recipe import train_loop_per_worker
-
-    spec = config.spec
-    res = spec.resources
-    use_gpu = res.gpus_per_worker > 0
-    cpus = num_cpus_per_worker or worker_threads(spec, int(ray.cluster_resources().get("CPU", 0)))
-    per_worker = {"CPU": cpus}
-    if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"trainer_config": config.to_dict(), "threads": cpus},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker
-        ),
-        run_config=RunConfig(
-            name=f"kubetune-{config.job.namespace}-{config.job.name}-{config.job.uid}"
-            + (f"-{name}" if name else ""),
-            storage_path=storage_path or str(cache_root() / "ray_results"),
-        ),
-    )
-    return trainer.fit()
 
 
 def run(
@@ -145,10 +98,6 @@ def run(
     caller is shutting Ray down on purpose: the errors that follow are not a
     failure, and the caller writes the record."""
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    from kubetune_api import storage as contract
-
-    from .storage import JobStorage, now
-
     ensure_env()
     storage = JobStorage(config.storage_prefix, config.spec.output)
     t0 = time.monotonic()
@@ -166,8 +115,6 @@ def run(
             if not quiet:
                 print(f"kubetune: {report}", flush=True)
         if config.parent is not None:  # a parent that cannot be used fails before Ray
-            from .parent import locate
-
             locate(config)
         storage.write_json(contract.CONFIG, config.to_dict())
         import ray
@@ -175,7 +122,7 @@ def run(
         if not ray.is_initialized():
             ray.init(**(ray_init or {}))
         if config.spec.sweep is not None:
-            from .sweep import fit_sweep
+            from .sweep import fit_sweep  # Ray Tune: loaded only for a sweep
 
             fit_sweep(config)
         else:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from kubetune_api import storage as contract
 
+from .model import torch_dtype
+
 SPECIAL_TOKENS = (
     "bos_token",
     "eos_token",
@@ -121,8 +123,6 @@ def merge_adapter(
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .model import torch_dtype
 
     m = spec.model
     kwargs = {

@@ -24,10 +24,16 @@ from typing import Optional, TextIO
 
 import yaml
 
+from kubetune_api import load_trainer_config, spec_to_trainer_config
 from kubetune_api import storage as contract
+from kubetune_api import sweep as S
 from kubetune_api.validation import validate_document
 
 from . import preflight as P
+from .driver import ensure_env, run
+from .evalgen import summary_lines
+from .storage import JobStorage, now
+from .sweep_console import SweepWatcher, ranking
 
 EXIT_INVALID = 2  # the job file or a preflight check: nothing ran
 
@@ -243,12 +249,8 @@ class Watcher:
 def summary(storage) -> str:
     out = storage.read_json(contract.OUTPUTS) or {}
     lines = [f"kubetune run: finished {out.get('steps')} steps; results in {_where(storage)}"]
-    from kubetune_api import sweep as S
-
     record = storage.read_json(S.SWEEP)
     if record:
-        from .sweep_console import ranking
-
         lines = ranking(record) + [
             f"kubetune run: the best trial ({record.get('bestTrial')}) is the output; "
             f"results in {_where(storage)}"
@@ -277,8 +279,6 @@ def summary(storage) -> str:
         lines.append(f"  {'mlflow run:':<14}{track.get('url')}")
     elif track:
         lines.append(f"  {'mlflow:':<14}not reachable: {track.get('message')}")
-    from .generation import summary_lines
-
     lines += summary_lines(out, storage, show=P.display)
     return "\n".join(lines)
 
@@ -323,8 +323,6 @@ class _Signals:
 def _record_interruption(storage, config, signum: int, command: str) -> str:
     """progress.json says Interrupted (with the last committed checkpoint); the
     returned line says where that checkpoint is and how to resume."""
-    from .storage import now
-
     prev = storage.read_json(contract.PROGRESS) or {}
     committed = storage.committed_checkpoints()
     pointer = None
@@ -364,8 +362,6 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
 def local_parent(job: dict, default_out: str) -> tuple[Optional[dict], Optional[str]]:
     """spec.model.fromJob on this machine: the job of that name that `kubetune run`
     finished under the same output folder; (parent, None) or (None, the problem)."""
-    from .storage import JobStorage
-
     spec = job.get("spec") or {}
     name = (spec.get("model") or {}).get("fromJob")
     if not name:
@@ -383,14 +379,23 @@ def local_parent(job: dict, default_out: str) -> tuple[Optional[dict], Optional[
     return {"name": name, "uid": "local", "uri": prefix}, None
 
 
+def main(args) -> int:
+    """`kubetune run` (registered as the CLI's `run` command): the parsed arguments
+    become a typed LocalRun."""
+    return run_local(
+        LocalRun(
+            file=args.file,
+            name=args.name,
+            output=args.output,
+            progress=False if args.no_progress else None,
+        )
+    )
+
+
 def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """`kubetune run`: 0 done, 1 training failed, 2 invalid job or preflight,
     3 data error in the workers, 128+signal when stopped."""
     out, err = out or sys.stdout, err or sys.stderr
-    from kubetune_api import load_trainer_config, spec_to_trainer_config
-
-    from .storage import JobStorage
-
     t0 = time.monotonic()
     base = (opts.base or Path.cwd()).resolve()
     try:
@@ -472,8 +477,6 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
 
     import ray
 
-    from .driver import ensure_env, run
-
     ensure_env()
     # A caller that already holds a Ray (a notebook, a test session) keeps it.
     own_ray = not ray.is_initialized()
@@ -507,8 +510,6 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
 
     worker = threading.Thread(target=train, name="kubetune-fit", daemon=True)
     if config.spec.sweep is not None:
-        from .sweep_console import SweepWatcher
-
         watcher = SweepWatcher(storage, console)
     else:
         watcher = Watcher(storage, console, resumed)

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from .data import IGNORE
 from .storage import filesystem
 
 
@@ -230,8 +231,6 @@ class LabelledHead:
         """(logits, targets) of the labelled positions: forward(**inputs) runs the
         model (or the DeepSpeed engine) on the batch without its labels."""
         import torch.nn.functional as F
-
-        from .data import IGNORE
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         target = batch["labels"][:, 1:]

@@ -11,6 +11,7 @@ from typing import Optional
 
 from kubetune_api import storage as contract
 
+from .model import resolve_model_path
 from .storage import filesystem, to_uri
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -103,8 +104,6 @@ def resolve(config, environ=None) -> Optional[Parent]:
     """The parent, fetched into the local cache (None when the job has none)."""
     if config.parent is None:
         return None
-    from .model import resolve_model_path
-
     target, record_uri = locate(config, environ)
     m = config.spec.model
     source = SimpleNamespace(

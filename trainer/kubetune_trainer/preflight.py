@@ -28,6 +28,8 @@ from typing import Any, Optional
 from kubetune_api.validation import FieldError
 
 from . import data as D
+from . import model as M
+from . import objectives
 
 SAMPLE_ROWS = 200  # rows tokenized for the length distribution
 MAX_EXAMPLES = 3  # bad rows quoted per data source
@@ -310,8 +312,6 @@ def load_tokenizer(spec, path: str):
     """The tokenizer the workers load. A folder whose tokenizer is the generic fast
     one loads without importing torch (AutoTokenizer builds the same object),
     which keeps the check to a few seconds."""
-    from . import model as M
-
     m = spec.model
     folder = Path(path)
     config = folder / "tokenizer_config.json"
@@ -338,8 +338,6 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 def check_tokens(spec, usable: dict, report: Report) -> None:
     """Tokenizer loads, the template renders, the sample's lengths against maxSeqLength."""
-    from . import model as M
-
     if spec.model.uri and not is_local(spec.model.uri):
         return  # fetched by the workers; nothing to read here
     try:
@@ -355,6 +353,7 @@ def check_tokens(spec, usable: dict, report: Report) -> None:
         )
         return
     max_len = spec.dataset.max_seq_length
+    objective = objectives.for_spec(spec)
     for part, rows in usable.items():
         if not rows:
             continue
@@ -362,7 +361,7 @@ def check_tokens(spec, usable: dict, report: Report) -> None:
         lengths, failed = [], []
         for where, norm in sample:
             try:
-                ids, _labels = D.tokenize(norm, tok)
+                ids, _labels = objective.tokenize(norm, tok)
             except Exception as exc:  # noqa: BLE001  (a template error names the row)
                 failed.append(f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
@@ -426,3 +425,12 @@ def validate_findings(doc: Any, base: Path, job_dir: Optional[Path] = None) -> R
             kept.append(err)
     report.errors = kept
     return report
+
+
+def local_findings(doc: Any, file: str) -> tuple[list[dict], list[str]]:
+    """`kubetune validate`'s look at what this machine can see (registered under the
+    CLI's kubetune.validate_checks): local model folders and data files of one valid
+    document, the checks that need no tokenizer. (errors as FieldError dicts, warnings)"""
+    job_dir = None if file == "-" else Path(file).resolve().parent
+    report = validate_findings(doc, Path.cwd(), job_dir)
+    return [e.to_dict() for e in report.errors], report.warnings

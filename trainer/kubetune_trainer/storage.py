@@ -73,6 +73,12 @@ class JobStorage:
         except FileNotFoundError:
             return None
 
+    def read_record(self, rel: str, model):
+        """A record of the storage contract (kubetune_api.storage), parsed into its
+        model; None when it is not there."""
+        data = self.read_json(rel)
+        return None if data is None else model.model_validate(data)
+
     def write_json(self, rel: str, data: dict) -> None:
         self.write_text(rel, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -1,5 +1,5 @@
 """A sweep: Ray Tune runs the trials, each one the same Ray Train + DeepSpeed
-run a job makes (driver.fit), on its own prefix `trials/{id}/`.
+run a job makes (launch.fit), on its own prefix `trials/{id}/`.
 
 Each Tune trial is a small function (no CPU of its own) that starts a
 TorchTrainer for its parameter values and, while it trains, reads the trial's
@@ -30,7 +30,8 @@ from kubetune_api import load_trainer_config
 from kubetune_api import storage as contract
 from kubetune_api import sweep as S
 
-from .recipe import HALT
+from .launch import fit, worker_threads
+from .model import cache_root
 from .storage import JobStorage, now
 
 POLL_SECONDS = 1.0
@@ -80,8 +81,6 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
     """One Tune trial (runs in a Tune actor)."""
     from ray import tune
 
-    from .driver import fit
-
     config = load_trainer_config(job)
     metric = config.spec.sweep.metric
     params = _params(tune_config)
@@ -96,7 +95,8 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
         if extra is None:
             # The last evaluation waits until the trial is done: a stop decided on it
             # would kill the trial while it saves its outputs.
-            total = (storage.read_json(contract.PROGRESS) or {}).get("totalSteps")
+            progress = storage.read_record(contract.PROGRESS, contract.ProgressRecord)
+            total = progress.total_steps if progress else None
             rows = [r for r in rows if total and r["step"] < total]
         for row in rows[sent:]:
             tune.report({"step": row["step"], metric: row[metric], "trial": tid})
@@ -105,11 +105,11 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
             last = rows[-1] if rows else {"step": 0, metric: float("nan")}
             tune.report({"step": last["step"], metric: last[metric], "trial": tid, **extra})
 
-    done = storage.read_json(contract.OUTPUTS)
+    done = storage.read_record(contract.OUTPUTS, contract.OutputsRecord)
     if done is not None:
-        send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": done.get("steps")})
+        send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": done.steps})
         return
-    if tid in stopped or storage.read_json(HALT) is not None:
+    if tid in stopped or storage.read_json(contract.HALT) is not None:
         send_new({STATE_KEY: S.TrialState.stopped.value})
         return
     failure: dict = {}
@@ -127,11 +127,11 @@ def _run_trial(tune_config: dict, job: dict, stopped: list[str], cpus: int) -> N
         send_new()
     if "exc" in failure:
         raise failure["exc"]
-    out = storage.read_json(contract.OUTPUTS)
+    out = storage.read_record(contract.OUTPUTS, contract.OutputsRecord)
     if out is None:  # halted by the scheduler
         send_new({STATE_KEY: S.TrialState.stopped.value})
         return
-    send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": out.get("steps")})
+    send_new({STATE_KEY: S.TrialState.finished.value, "total_steps": out.steps})
 
 
 class Book:
@@ -254,19 +254,19 @@ class Recorder(Callback):
         params = _params(trial.config)
         last = trial.last_result or {}
         tstore = self.book.trial_storage(params)
-        outputs = tstore.read_json(contract.OUTPUTS)
+        outputs = tstore.read_record(contract.OUTPUTS, contract.OutputsRecord)
         if outputs is not None:
             state = S.TrialState.finished
         else:
             state = S.TrialState(last.get(STATE_KEY, S.TrialState.stopped.value))
         changes: dict = {"state": state, "stopped_early": state == S.TrialState.stopped}
         if outputs is not None:
-            changes["step"] = outputs.get("steps") or 0
-            changes["total_steps"] = outputs.get("steps")
+            changes["step"] = outputs.steps or 0
+            changes["total_steps"] = outputs.steps
         else:  # a stopped trial trains on to its next logged step
-            progress = tstore.read_json(contract.PROGRESS) or {}
-            changes["step"] = max(int(last.get("step") or 0), int(progress.get("step") or 0))
-            changes["total_steps"] = progress.get("totalSteps")
+            progress = tstore.read_record(contract.PROGRESS, contract.ProgressRecord)
+            changes["step"] = max(int(last.get("step") or 0), progress.step if progress else 0)
+            changes["total_steps"] = progress.total_steps if progress else None
         self.book.update(params, **changes)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -284,7 +284,7 @@ class Recorder(Callback):
 
 
 class HaltingASHA(ASHAScheduler):
-    """ASHA that stops a trial by asking it (HALT under the trial's prefix) rather
+    """ASHA that stops a trial by asking it (contract.HALT under the trial's prefix) rather
     than by killing its actor: the trial's Ray Train run then ends on its own and
     gives back its placement group (a killed run's group outlives it when the
     Ray dashboard is off, and holds its CPUs)."""
@@ -303,14 +303,12 @@ class HaltingASHA(ASHAScheduler):
         if tid not in self.halted:
             self.halted.add(tid)
             _BOOKS[self.key].trial_storage(params).write_json(
-                HALT, {"step": result.get("step"), "reason": "ASHA", "time": now()}
+                contract.HALT, {"step": result.get("step"), "reason": "ASHA", "time": now()}
             )
         return self.CONTINUE
 
 
 def cpus_per_worker(spec, available: int) -> int:
-    from .driver import worker_threads
-
     workers = spec.resources.workers * spec.sweep.parallel_trials
     return max(1, min(worker_threads(spec), available // max(workers, 1)))
 
@@ -321,14 +319,11 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from .model import cache_root
-
     spec = config.spec
     sweep = spec.sweep
     mode = S.metric_mode(sweep)
     storage = JobStorage(config.storage_prefix, spec.output)
-    prior_data = storage.read_json(S.SWEEP)
-    prior = S.SweepRecord.model_validate(prior_data) if prior_data else None
+    prior = storage.read_record(S.SWEEP, S.SweepRecord)
     book = Book(config, storage, prior)
     key = config.storage_prefix
     _BOOKS[key] = book
@@ -404,7 +399,9 @@ def finish(config, book: Book, storage: JobStorage) -> S.SweepRecord:
         why = f": {failed[0].message}" if failed and failed[0].message else ""
         raise RuntimeError(f"no trial of the sweep finished ({len(failed)} failed{why})")
     tstore = JobStorage(S.trial_prefix(config.storage_prefix, best.id), config.spec.output)
-    outputs = contract.OutputsRecord.model_validate(tstore.read_json(contract.OUTPUTS) or {})
+    outputs = (
+        tstore.read_record(contract.OUTPUTS, contract.OutputsRecord) or contract.OutputsRecord()
+    )
     local = Path(os.environ.get("TMPDIR", "/tmp")) / f"kubetune-sweep-{os.getpid()}.png"
     rows = {r.id: _trial_rows(config, r.id) for r in book.record.records}
     if plot_sweep(book.record, rows, local):

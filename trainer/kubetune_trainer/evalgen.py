@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from . import data as D
 
@@ -56,7 +57,7 @@ def pick(rows: list, fmt: str, n: int, seed: int) -> list[tuple[object, str]]:
 def render(prompt, tokenizer) -> str:
     if isinstance(prompt, str):
         return prompt
-    return D._template(tokenizer, prompt, generation_prompt=True)
+    return D.template(tokenizer, prompt, generation_prompt=True)
 
 
 def generate(model, tokenizer, prompts: list, settings) -> list[str]:
@@ -131,39 +132,31 @@ def load_final(model_path: str, spec, final_dir: Path, use_gpu: bool):
     return PeftModel.from_pretrained(load_base(model_path, spec, use_gpu), str(final_dir))
 
 
-def add_outputs(outputs, test_metrics: Optional[dict], generation: Optional[dict]) -> None:
-    """The evaluation's keys of outputs.json: test-split metrics and generation scores."""
-    if test_metrics:
-        outputs.test_metrics = {k.replace("eval_", "test_", 1): v for k, v in test_metrics.items()}
-    if generation:
-        outputs.generation = generation
-
-
-def run(recipe, final_dir: Path, local: Path) -> Optional[dict]:
-    """Rank 0: answers before and after on the validation (and test) prompts; writes
-    samples.jsonl beside the outputs; returns the record for outputs.json."""
-    settings = recipe.spec.evaluation.generation
+def run(
+    settings,
+    held_out: dict[str, list],
+    fmt: str,
+    tokenizer,
+    models: dict[str, Callable[[], Any]],
+    storage,
+    local: Path,
+    log: Callable[[str], None],
+) -> Optional[dict]:
+    """Rank 0: answers before and after on the held-out prompts (`held_out`: split ->
+    rows; `models`: "before"/"after" -> a loader); writes samples.jsonl beside the
+    outputs; returns the record for outputs.json."""
     if settings is None:
         return None
-    fmt = recipe.spec.dataset.format
-    sets = {
-        "validation": pick(recipe.prepared.val_rows, fmt, settings.examples, settings.seed),
-        "test": pick(recipe.prepared.test_rows, fmt, settings.examples, settings.seed),
-    }
+    sets = {k: pick(rows, fmt, settings.examples, settings.seed) for k, rows in held_out.items()}
     sets = {k: v for k, v in sets.items() if v}
     if not sets:
-        recipe.log("evaluation.generation: no held-out prompt with a reference answer")
+        log("evaluation.generation: no held-out prompt with a reference answer")
         return None
     answers: dict[str, dict[str, list[str]]] = {k: {} for k in sets}
-    for when, load in (
-        ("before", lambda: load_base(recipe.model_path, recipe.spec, recipe.use_gpu)),
-        ("after", lambda: load_final(recipe.model_path, recipe.spec, final_dir, recipe.use_gpu)),
-    ):
-        model = load()
+    for when in ("before", "after"):
+        model = models[when]()
         for split, pairs in sets.items():
-            answers[split][when] = generate(
-                model, recipe.tokenizer, [p for p, _ in pairs], settings
-            )
+            answers[split][when] = generate(model, tokenizer, [p for p, _ in pairs], settings)
         del model
     record: dict = {"examples": {k: len(v) for k, v in sets.items()}}
     lines = []
@@ -185,8 +178,8 @@ def run(recipe, final_dir: Path, local: Path) -> Optional[dict]:
             )
     path = local / SAMPLES
     path.write_text("".join(line + "\n" for line in lines))
-    recipe.storage.fs.put_file(str(path), recipe.storage.path(SAMPLES))
-    record["samples"] = recipe.storage.uri(SAMPLES)
+    storage.fs.put_file(str(path), storage.path(SAMPLES))
+    record["samples"] = storage.uri(SAMPLES)
     return record
 
 

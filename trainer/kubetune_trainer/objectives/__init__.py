@@ -1,0 +1,21 @@
+"""Training objectives, found by the name in spec.method.objective.
+
+Each objective is one module implementing base.Objective; the API side's
+objectives table (kubetune_api.objectives) holds the same names. A test checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+from .base import Objective, Splits, TrainContext
+from .dpo import Dpo
+from .sft import Sft
+
+REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo}
+
+__all__ = ["REGISTRY", "Objective", "Splits", "TrainContext", "for_spec"]
+
+
+def for_spec(spec) -> Objective:
+    """The objective a (resolved) spec trains with."""
+    return REGISTRY[spec.method.objective](spec)

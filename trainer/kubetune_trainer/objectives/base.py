@@ -1,0 +1,84 @@
+"""The protocol every training objective implements, and what it is handed.
+
+An objective is the part of training that differs between SFT, DPO and the
+objectives after them: how normalised rows become examples, what a batch unit
+is and how a micro-batch is collated, the loss, the statistics it adds to a
+metrics row, how it evaluates a split, and an optional setup for a second model
+(a reference or a teacher). The recipe calls these and never asks which
+objective it runs. The API side's row for the objective
+(kubetune_api.objectives) names the formats it accepts, its metrics and its
+default learning rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+from ..data import DataReport, Example
+from ..storage import JobStorage
+from ..worker import Worker
+
+Splits = dict[str, tuple[list[Example], list[list[int]]]]  # split -> (examples, units)
+
+
+@dataclass
+class TrainContext:
+    """What an objective may use while training: passed in, never the recipe."""
+
+    worker: Worker
+    storage: JobStorage
+    log: Callable[[str], None]
+    progress: Callable[..., None]  # (TrainPhase, message): progress.json while it works
+    model_path: str
+    pad_id: int
+    packing: bool
+    batch_size: int
+    max_batches: Optional[int]
+    start_step: int  # the committed step this attempt continues from (0: fresh)
+
+
+class Objective(Protocol):
+    name: str
+
+    # data: no engine needed (the driver's data check calls these too)
+    def build_examples(
+        self, rows: list, fmt: str, tokenizer: Any, max_len: int
+    ) -> tuple[list[Example], DataReport]: ...
+
+    def tokenize(self, norm: dict, tokenizer: Any) -> tuple[list[int], list[int]]:
+        """The tokens of one normalised row that count against maxSeqLength."""
+        ...
+
+    def units(
+        self, examples: list[Example], max_len: int, packing: bool, seed: int
+    ) -> list[list[int]]:
+        """Batch units (lists of example indices): what a micro-batch is made of."""
+        ...
+
+    def collate(
+        self, examples: list[Example], units: list[list[int]], pad_id: int, packing: bool
+    ) -> dict: ...
+
+    # training: every rank calls these at the same points
+    def setup(self, ctx: TrainContext, splits: Splits) -> None:
+        """Before the first step (and after a resume): keep ctx; load or score a
+        second model if the objective has one."""
+        ...
+
+    def loss(self, batch: dict) -> Any:
+        """The loss of one micro-batch already on the device (a scalar tensor)."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Its statistics since the last metrics row, reduced over every rank."""
+        ...
+
+    def evaluate(self, examples: list[Example], units: list[list[int]], split: str) -> dict:
+        """eval_loss and its own eval_* metrics on a split, reduced over every rank."""
+        ...
+
+    def describe(self, row: dict) -> str:
+        """Its part of a training log line (may be empty)."""
+        ...

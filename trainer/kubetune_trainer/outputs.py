@@ -1,0 +1,168 @@
+"""The end of a run: outputs.json, built by a list of finishers.
+
+Each finisher adds one part of outputs.json (its keys of OutputsRecord) and
+returns them; every rank calls every finisher (ZeRO-3 gathers need them all),
+and only rank 0's sections are written. A new thing to produce at the end is
+one more finisher in FINISHERS and, if it is a new key, one more field of
+kubetune_api.storage.OutputsRecord.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune_api import storage as contract
+
+from . import evalgen, export
+from .checkpoint import save_adapter
+from .storage import JobStorage
+from .worker import Worker
+
+
+@dataclass
+class Finish:
+    """What the finishers read; they take nothing else from the run."""
+
+    worker: Worker
+    storage: JobStorage
+    spec: Any
+    tokenizer: Any
+    model_path: str
+    parent: Any  # kubetune_trainer.parent.Parent or None
+    local: Path  # a scratch folder for the files before upload
+    metrics: list[dict]
+    held_out: dict[str, list]  # split -> rows, for evaluation by generation
+    test: Optional[Callable[[], Optional[dict]]]  # the objective's test-split evaluation
+    log: Callable[[str], None]
+    progress: Callable[..., None]
+    final_dir: Optional[Path] = None  # set by final_weights
+    sections: dict = field(default_factory=dict)
+
+
+def test_metrics(f: Finish) -> dict:
+    """dataset.test, evaluated once after training; reported, never used for stopping."""
+    test = f.test() if f.test else None
+    if not test:
+        return {}
+    f.log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    return {"test_metrics": {k.replace("eval_", "test_", 1): v for k, v in test.items()}}
+
+
+def save_full_model(f: Finish, path: Path) -> None:
+    module = f.worker.engine.module
+    with f.worker.gathered(list(module.parameters())):
+        if f.worker.rank == 0:
+            module.save_pretrained(str(path), safe_serialization=True)
+            f.tokenizer.save_pretrained(str(path))
+            export.make_portable(path)
+
+
+def final_weights(f: Finish) -> dict:
+    """The adapter (and the merged model), or the full model: uploaded and described."""
+    out: dict = {}
+    artifacts: list[contract.ServableOutput] = []
+
+    def publish(kind: contract.OutputKind, rel: str) -> str:
+        f.storage.upload_dir(f.local / rel, rel)
+        uri = f.storage.uri(rel)
+        artifacts.append(export.describe(kind.value, uri, f.spec, f.local / rel))
+        return uri
+
+    full = f.spec.method.type == "full"
+    f.final_dir = f.local / (contract.FULL_MODEL if full else contract.ADAPTER)
+    rank0 = f.worker.rank == 0
+    if full:
+        save_full_model(f, f.final_dir)
+        if rank0:
+            out["model"] = publish(contract.OutputKind.full, contract.FULL_MODEL)
+    else:
+        save_adapter(f.worker, f.final_dir)
+        if rank0:
+            f.tokenizer.save_pretrained(str(f.final_dir))
+            export.finish_adapter(f.final_dir)
+            out["adapter"] = publish(contract.OutputKind.adapter, contract.ADAPTER)
+            if f.spec.output.merge_adapter:
+                f.progress(contract.TrainPhase.saving, "merging the adapter")
+                parent = f.parent
+                export.merge_adapter(
+                    parent.local if parent and parent.kind == "model" else f.model_path,
+                    f.spec,
+                    f.final_dir,
+                    f.local / contract.MERGED,
+                    parent.local if parent and parent.merge else None,
+                )
+                out["merged_model"] = publish(contract.OutputKind.merged, contract.MERGED)
+    out["artifacts"] = artifacts
+    return out
+
+
+def loss_curve(f: Finish) -> dict:
+    if f.worker.rank != 0:
+        return {}
+    path = f.local / contract.LOSS_CURVE
+    if not plot_loss(f.metrics, path):
+        return {}
+    f.storage.fs.put_file(str(path), f.storage.path(contract.LOSS_CURVE))
+    return {"loss_curve": f.storage.uri(contract.LOSS_CURVE)}
+
+
+def generation(f: Finish) -> dict:
+    """evaluation.generation: answers before and after training (rank 0)."""
+    settings = f.spec.evaluation.generation
+    if f.worker.rank != 0:
+        return {}
+    if settings:
+        f.progress(contract.TrainPhase.evaluating, "answering held-out prompts")
+    use_gpu = f.worker.use_gpu
+    record = evalgen.run(
+        settings,
+        f.held_out,
+        f.spec.dataset.format,
+        f.tokenizer,
+        {
+            "before": lambda: evalgen.load_base(f.model_path, f.spec, use_gpu),
+            "after": lambda: evalgen.load_final(f.model_path, f.spec, f.final_dir, use_gpu),
+        },
+        f.storage,
+        f.local,
+        f.log,
+    )
+    return {"generation": record} if record else {}
+
+
+FINISHERS: list[Callable[[Finish], dict]] = [test_metrics, final_weights, loss_curve, generation]
+
+
+def finish(f: Finish, summary: contract.OutputsRecord) -> contract.OutputsRecord:
+    """Run every finisher (every rank); outputs.json's record (rank 0's is the one)."""
+    for finisher in FINISHERS:
+        f.sections.update(finisher(f))
+    return contract.outputs_record(summary, f.sections)
+
+
+def plot_loss(rows: list[dict], path: Path) -> bool:
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=False), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=False), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return True

@@ -23,6 +23,7 @@ RECORD = "file.json"
 UPLOAD = "upload.jsonl"
 TRAIN = "train.jsonl"
 METRICS_TAIL_BYTES = 4 * 1024 * 1024
+METRICS_ROWS = 100_000
 
 
 class Store:
@@ -112,24 +113,10 @@ class Store:
     # ------------------------------------------------------------------ metrics
 
     def metrics(self, prefix: str) -> list[dict]:
-        """Rows of metrics.jsonl under a job prefix (its last few MiB), camelCase keys."""
-        from kubetune_operator.storage_reader import camel
+        """Rows of metrics.jsonl under a job prefix (its last few MiB), read as the
+        storage contract's MetricsRow, as dicts with its camelCase keys."""
+        from kubetune_operator.storage_reader import metrics_tail
 
         _, path = storage.split_uri(storage.join(prefix, storage.METRICS))
-        try:
-            size = self.fs.size(path)
-        except FileNotFoundError:
-            return []
-        start = max(0, size - METRICS_TAIL_BYTES)
-        with self.fs.open(path, "rb") as f:
-            f.seek(start)
-            lines = f.read().decode("utf-8", "replace").splitlines()
-        if start:
-            lines = lines[1:]
-        rows = []
-        for line in lines:
-            try:
-                rows.append(camel(json.loads(line)))
-            except ValueError:
-                continue  # a half-appended last line
-        return rows
+        rows = metrics_tail(self.fs, path, limit=METRICS_ROWS, tail_bytes=METRICS_TAIL_BYTES)
+        return [r.model_dump(by_alias=True, exclude_none=True) for r in rows]

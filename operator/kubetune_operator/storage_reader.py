@@ -163,13 +163,17 @@ def _read_json(fs, path: str, model: type[BaseModel]):
         return None  # a torn write; the next poll reads the rewritten file
 
 
-def _metrics_tail(fs, path: str, limit: int) -> list[MetricsRow]:
+def metrics_tail(
+    fs, path: str, limit: int, tail_bytes: int = METRICS_TAIL_BYTES
+) -> list[MetricsRow]:
+    """The last `limit` rows of a metrics.jsonl within its last `tail_bytes`, typed;
+    a row that is not the contract's shape (or a half-appended line) is left out."""
     try:
         size = fs.size(path)
     except FileNotFoundError:
         return []
     with fs.open(path, "rb") as f:
-        start = max(0, size - METRICS_TAIL_BYTES)
+        start = max(0, size - tail_bytes)
         f.seek(start)
         data = f.read()
     lines = data.decode("utf-8", "replace").splitlines()
@@ -226,7 +230,7 @@ def read_snapshot(
     return StorageSnapshot(
         prefix=clean,
         progress=_read_json(fs, storage.join(path, storage.PROGRESS), ProgressRecord),
-        metrics=_metrics_tail(fs, storage.join(path, storage.METRICS), metrics_rows),
+        metrics=metrics_tail(fs, storage.join(path, storage.METRICS), metrics_rows),
         checkpoints=[
             CommittedCheckpoint(
                 **manifest.model_dump(exclude={"step"}),

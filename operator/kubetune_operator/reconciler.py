@@ -17,6 +17,7 @@ import base64
 import copy
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from kubetune_api.validation import SpecError
 
 from . import metrics, storage_reader
 from .cache import WatchCache
-from .children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
+from .children import Settings, job_guards, rayjob_patch, spec_to_configmap, spec_to_rayjob
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
 from .decide import decide, ttl_remaining
 from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, Body, child_names
@@ -70,6 +71,7 @@ class Api:
     def __init__(self, api_client: client.ApiClient):
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.net = client.NetworkingV1Api(api_client)
 
     # FineTuneJob
     def get_job(self, ns: str, name: str) -> Optional[Body]:
@@ -120,6 +122,26 @@ class Api:
                 ns,
                 {"metadata": {"annotations": cm["metadata"]["annotations"]}, "data": cm["data"]},
             )
+
+    def ensure_children(self, cm: Body, guards: list[Body], fresh: bool = False) -> None:
+        self.ensure_guards(guards)
+        self.ensure_configmap(cm, fresh)
+
+    def ensure_guards(self, objs: list[Body]) -> None:
+        """Create-if-absent the token Secret and NetworkPolicy; one that exists is
+        left alone (the token never changes under running pods)."""
+        for obj in objs:
+            ns = obj["metadata"]["namespace"]
+            create = (
+                self.core.create_namespaced_secret
+                if obj["kind"] == "Secret"
+                else self.net.create_namespaced_network_policy
+            )
+            try:
+                create(ns, obj)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
 
     def delete_configmap(self, ns: str, name: str) -> None:
         try:
@@ -391,7 +413,8 @@ class Reconciler:
         if self._cm_done.get(uid) != attempts:
             if cm is None:
                 cm = spec_to_configmap(job, self.settings, attempts)
-            cm_call = asyncio.ensure_future(self._call(self.api.ensure_configmap, cm, fresh))
+            guards = job_guards(job, self.settings, secrets.token_urlsafe(32))
+            cm_call = asyncio.ensure_future(self._call(self.api.ensure_children, cm, guards, fresh))
         try:
             rayjob = None if fresh else await self._rayjob(ns, status["rayJobName"])
             created, missing = False, rayjob is None

@@ -68,7 +68,11 @@ class Recipe:
         self.use_gpu = self.spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
         self.storage = JobStorage(self.cfg.storage_prefix, self.spec.output)
         self.writer = BackgroundWriter()  # rank 0's progress and metrics, off the step
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{self.rank}-"))
+        # Checkpoints are staged here before upload: in a pod, the scratch volume
+        # the operator mounts (sized by spec.resources.scratchPerWorker).
+        scratch = os.environ.get("KUBETUNE_SCRATCH_DIR") or None
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{self.rank}-", dir=scratch))
+        self.log(f"staging checkpoints in {self.tmp}")
         self.t_start = time.monotonic()
         self.metrics: list[dict] = []
         # The committed step this attempt continued from (None: started fresh);

@@ -67,8 +67,9 @@ def _job(name: str, bucket, steps: int, every: int) -> dict:
             "checkpointing": {"everySteps": every, "keepLast": 10},
             "evaluation": {"enabled": True, "maxBatches": 2},
             # A head and two workers on a 2-core node, beside KubeRay's submitter
-            # (100m), KubeRay's operator (100m) and kubetune's. Ray's head does not start in time below ~0.5 CPU
-            # (limits equal requests: CFS throttles it); each worker counts as 1 Ray CPU.
+            # (100m), KubeRay's operator (100m) and kubetune's. Ray's head does not
+            # start in time below ~0.5 CPU (limits equal requests: CFS throttles it);
+            # each worker counts as 1 Ray CPU.
             "resources": {
                 "workers": 2,
                 "gpusPerWorker": 0,

@@ -197,6 +197,10 @@ def _set(doc: dict, path: str, value: Any) -> dict:
 DELETE = object()
 
 
+_URI_FIELDS = ("model.uri", "dataset.train.uri", "dataset.validation.uri", "output.uri")
+_ENDPOINT_FIELDS = ("model.endpoint", "dataset.endpoint", "output.endpoint")
+
+
 def mutate(path: str, value: Any) -> dict:
     return _set(job(), path, value)
 
@@ -447,8 +451,7 @@ def _written() -> list[Case]:
         add(f"secret:{field}:uppercase", mutate(f"spec.{field}.name", "S3"), f"spec.{field}.name")
         add(f"secret:{field}:dot-start", mutate(f"spec.{field}.name", ".s3"), f"spec.{field}.name")
     # URIs
-    uris = ("model.uri", "dataset.train.uri", "dataset.validation.uri", "output.uri")
-    for field in uris:
+    for field in _URI_FIELDS:
 
         def at(value: Any, field: str = field) -> dict:
             doc = job()
@@ -461,6 +464,10 @@ def _written() -> list[Case]:
         where = f"spec.{field}"
         add(f"uri:{field}:credentials", at("s3://AKIAEXAMPLE:secret@bucket/x"), where)
         add(f"uri:{field}:user-only", at("gs://user@bucket/x"), where)
+        presigned = "s3://bucket/x?X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=ab12"
+        add(f"uri:{field}:query-presigned", at(presigned), where)
+        add(f"uri:{field}:query-token", at("gs://bucket/x?alt=media&TOKEN=ya29.abc"), where)
+        add(f"uri:{field}:query-harmless", at("s3://bucket/x?tokenizer=yes"))
         add(f"uri:{field}:no-bucket", at("s3://"), where)
         add(f"uri:{field}:no-bucket-path", at("s3:///data/x"), where)
         add(f"uri:{field}:http", at("http://example.com/x"), where)
@@ -471,7 +478,7 @@ def _written() -> list[Case]:
         add(f"uri:{field}:huge", at("s3://bucket/" + "x" * HUGE), where)
     add("uri:output-relative", mutate("spec.output.uri", "runs/out"), "spec.output.uri")
     add("uri:output-dot-relative", mutate("spec.output.uri", "./out"), "spec.output.uri")
-    for field in ("model.endpoint", "dataset.endpoint", "output.endpoint"):
+    for field in _ENDPOINT_FIELDS:
         where = f"spec.{field}"
         add(
             f"endpoint:{field}:credentials",
@@ -479,6 +486,17 @@ def _written() -> list[Case]:
             where,
         )
         add(f"endpoint:{field}:s3-scheme", mutate(where, "s3://minio.example"), where)
+        add(
+            f"endpoint:{field}:query-sig",
+            mutate(where, "https://minio.example/?sv=1&sig=abc"),
+            where,
+        )
+        add(
+            f"endpoint:{field}:query-key",
+            mutate(where, "https://minio.example/?api_key=abc"),
+            where,
+        )
+        add(f"endpoint:{field}:query-harmless", mutate(where, "https://minio.example/?keys=1"))
         add(f"endpoint:{field}:no-scheme", mutate(where, "minio.example:9000"), where)
     # empty names and splits
     add("model:name-empty", mutate("spec.model.name", ""), "spec.model.name")
@@ -582,6 +600,11 @@ def _written() -> list[Case]:
     for cid, mlflow, where in (
         ("tracking:uri-not-http", {"trackingUri": "ftp://mlflow.example"}, "trackingUri"),
         ("tracking:uri-credentials", {"trackingUri": "https://u:p@mlflow.example"}, "trackingUri"),
+        (
+            "tracking:uri-query-token",
+            {"trackingUri": "https://mlflow.example/?access_token=abc"},
+            "trackingUri",
+        ),
         ("tracking:uri-missing", {"experiment": "chat"}, "trackingUri"),
         (
             "tracking:secret-name-invalid",
@@ -958,6 +981,12 @@ _safe(("rule:lora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
 _safe(("parent:checkpoint",), "a checkpoint URI as the parent, with the base model named")
 _safe(("parent:continue-adapter",), "fromJob without mergeParent: the parent's adapter continues")
 _safe(("tracking:none",), "tracking is optional")
+_safe(
+    tuple(f"uri:{f}:query-harmless" for f in _URI_FIELDS)
+    + tuple(f"endpoint:{f}:query-harmless" for f in _ENDPOINT_FIELDS),
+    "a query parameter whose name only starts like a credential's (tokenizer=, keys=) is "
+    "no credential: names are matched whole",
+)
 _safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid baseline")
 _safe(
     ("sweep:full-lr-only",), "a full fine-tune's learning rate can be swept; only LoRA's fields not"

@@ -239,6 +239,49 @@ NO_CREDENTIALS = Check(
     python=lambda v: isinstance(v, str) and re.match(_USERINFO_RE, v) is None,
 )
 
+# Query parameters that carry a credential: presigned S3 and GCS URLs, Azure SAS
+# signatures, bearer tokens and API keys. Matched by whole parameter name, any case.
+QUERY_CREDENTIAL_NAMES = (
+    "x-amz-credential",
+    "x-amz-signature",
+    "x-amz-security-token",
+    "x-goog-credential",
+    "x-goog-signature",
+    "sig",
+    "signature",
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "private_token",
+    "key",
+    "api_key",
+    "apikey",
+    "access_key",
+    "accesskey",
+    "secret",
+    "secret_key",
+    "client_secret",
+    "password",
+    "passwd",
+    "pwd",
+    "auth",
+    "authorization",
+    "credential",
+    "credentials",
+)
+_QUERY_CREDENTIAL_RE = (
+    "^[^?#]*[?]([^#]*&)?(?i:" + "|".join(QUERY_CREDENTIAL_NAMES).replace("-", "[-]") + ")="
+)
+
+NO_QUERY_CREDENTIALS = Check(
+    cel=f"!self.matches({_cel_str(_QUERY_CREDENTIAL_RE)})",
+    message="must not carry credentials in its query string (X-Amz-Signature=, sig=, token=, "
+    "key=, ...: a presigned or tokened URL): they would show in status, events and logs; "
+    "put the keys in a Secret and name it in secretRef",
+    python=lambda v: isinstance(v, str) and re.match(_QUERY_CREDENTIAL_RE, v) is None,
+)
+
 STORAGE_SCHEME = Check(
     cel=f"!self.matches({_cel_str(_SCHEME_RE)}) || self.matches('^({_schemes})://')",
     message="unsupported URI scheme: use s3://, gs://, gcs://, file://, hf:// or a path "
@@ -273,7 +316,7 @@ ENDPOINT = Check(
     python=_fullmatch("^https?://[^/?#@ ]+([/?#].*)?$"),
 )
 
-STORAGE_URI = (PRINTABLE, NOT_BLANK, NO_CREDENTIALS, STORAGE_SCHEME, BUCKET)
+STORAGE_URI = (PRINTABLE, NOT_BLANK, NO_CREDENTIALS, NO_QUERY_CREDENTIALS, STORAGE_SCHEME, BUCKET)
 
 # ---------------------------------------------------------------------------- tolerations
 

@@ -63,7 +63,12 @@ DatasetId = Annotated[str, Field(max_length=TEXT_MAX), checks.hf_repo_id("Huggin
 StorageUri = Annotated[(str, Field(max_length=URI_MAX), *checks.STORAGE_URI)]
 OutputUri = Annotated[(str, Field(max_length=URI_MAX), *checks.STORAGE_URI, checks.ABSOLUTE_OUTPUT)]
 EndpointUri = Annotated[
-    str, Field(max_length=URI_MAX), PRINTABLE, checks.NO_CREDENTIALS, checks.ENDPOINT
+    str,
+    Field(max_length=URI_MAX),
+    PRINTABLE,
+    checks.NO_CREDENTIALS,
+    checks.NO_QUERY_CREDENTIALS,
+    checks.ENDPOINT,
 ]
 SecretName = Annotated[
     str,

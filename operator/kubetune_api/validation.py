@@ -554,6 +554,20 @@ def validate_spec(spec: Any) -> Result:
         result.warnings.append(
             "spec.output.uri is not set: required on a cluster; `kubetune run` writes to ./runs"
         )
+    if (
+        parsed is not None
+        and not result.errors
+        and parsed.output.endpoint
+        and parsed.output.secret_ref is None
+    ):
+        # The operator's allowlist is the cluster's setting, out of this check's sight.
+        result.warnings.append(
+            "spec.output.endpoint is set without spec.output.secretRef: on a cluster the "
+            "operator reads the job's progress with its own identity only from endpoints on "
+            "its allowlist (the chart's storage.endpointAllowlist; public AWS S3 and GCS by "
+            "default), else the job fails with EndpointNotAllowed: name a Secret with the "
+            "store's keys in spec.output.secretRef (docs/security.md)"
+        )
     return result
 
 

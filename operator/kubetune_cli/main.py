@@ -17,6 +17,7 @@ import yaml
 from kubetune_api import __name__ as _api  # noqa: F401  (import check: the API is installed)
 from kubetune_api.reference import api_reference_markdown
 from kubetune_api.validation import FieldError, short, validate_document
+from kubetune_openai import cli as api_command
 
 from . import run as run_command
 from .loader import load_documents
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_crd)
 
     run_command.add_parser(sub)
+    api_command.add_parser(sub)
 
     p = sub.add_parser(
         "operator", help="run the operator (same as `kopf run -m kubetune_operator`)"

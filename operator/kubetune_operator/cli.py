@@ -16,6 +16,12 @@ def run_operator(args: argparse.Namespace) -> int:
     level = os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper()  # the chart's logLevel
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SystemExit(f"KUBETUNE_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+    from .endpoints import ENV, Allowlist
+
+    try:  # a bad allowlist stops the operator here, with the entry named
+        Allowlist.from_env(os.environ.get(ENV))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     # kopf's own loggers follow the same level (kopf run's --verbose/--quiet do the same).
     logging.getLogger("kopf").setLevel(level)

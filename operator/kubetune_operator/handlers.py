@@ -22,6 +22,8 @@ from kubetune_api.storage import redact_uris
 from . import memory, metrics
 from .cache import WatchCache
 from .children import Settings
+from .endpoints import ENV as ALLOWLIST_ENV
+from .endpoints import Allowlist
 from .names import LABEL_JOB_UID
 from .reconciler import _API_THREADS as API_THREADS
 from .reconciler import Api, KubeRayMissing, Reconciler, Timing
@@ -141,7 +143,13 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     _state["cache"] = cache
     _state["scheduler"] = scheduler
     _state["reconciler"] = Reconciler(
-        Api(_api_client()), job_settings, timing, _event, wake=_wake_known, cache=cache
+        Api(_api_client()),
+        job_settings,
+        timing,
+        _event,
+        wake=_wake_known,
+        cache=cache,
+        allowlist=Allowlist.from_env(os.environ.get(ALLOWLIST_ENV)),
     )
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "0") or 0)
     if port and not _state.get("metrics_serving"):
@@ -259,7 +267,7 @@ async def stop_ray_job(name: str, namespace: str, uid: str, status, logger, **_)
     # logs as an error on every try.
     reconciler: Reconciler = _state["reconciler"]
     for attempt in range(DELETE_WAIT_RETRIES):
-        if await reconciler.stop(namespace, name, dict(status or {})):
+        if await reconciler.stop(namespace, name, uid, dict(status or {})):
             break
         if attempt == 0:
             logger.info("waiting for RayJob %s to stop and go", (status or {}).get("rayJobName"))

@@ -32,16 +32,17 @@ from kubetune_api import models
 from kubetune_api.storage import job_prefix, redact_uris, split_uri, strip_userinfo
 from kubetune_api.validation import SpecError
 
-from . import metrics, storage_reader
+from . import metrics, ownership, storage_reader
 from .cache import WatchCache
 from .children import Settings, job_guards, rayjob_patch, spec_to_configmap, spec_to_rayjob
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
 from .decide import decide, ttl_remaining
+from .endpoints import Allowlist, endpoint_problem
 from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, Body, child_names
 from .parent import from_job, resolve_parent
 from .progress import progress_to_status, tracking_condition
 from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
-from .states import TERMINAL, Action, Cond, RayJobState, Reason
+from .states import TERMINAL, Action, Cond, Phase, RayJobState, Reason
 from .validate import spec_error_status, validate_job
 
 log = logging.getLogger("kubetune.operator")
@@ -90,9 +91,10 @@ class Api:
         )
 
     # ConfigMap
-    def ensure_configmap(self, cm: Body, fresh: bool = False) -> None:
+    def ensure_configmap(self, cm: Body, job: Body, fresh: bool = False) -> None:
         """Create-if-absent; a retry's attempt annotation and config are patched in.
-        `fresh`: most likely absent, so try the create first."""
+        `fresh`: most likely absent, so try the create first. Raises ChildConflict
+        for a ConfigMap of that name that is not the job's (left untouched)."""
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
         if fresh:
             try:
@@ -114,6 +116,7 @@ class Api:
                 if exc.status != 409:
                     raise
             return
+        ownership.check("ConfigMap", ns, name, live.metadata, job)
         want_attempt = cm["metadata"]["annotations"][LABEL_ATTEMPT]
         have_attempt = (live.metadata.annotations or {}).get(LABEL_ATTEMPT)
         if have_attempt != want_attempt:  # a retry: the config carries the attempt
@@ -123,31 +126,49 @@ class Api:
                 {"metadata": {"annotations": cm["metadata"]["annotations"]}, "data": cm["data"]},
             )
 
-    def ensure_children(self, cm: Body, guards: list[Body], fresh: bool = False) -> None:
-        self.ensure_guards(guards)
-        self.ensure_configmap(cm, fresh)
+    def ensure_children(self, cm: Body, job: Body, guards: list[Body], fresh: bool) -> None:
+        self.ensure_guards(guards, job)
+        self.ensure_configmap(cm, job, fresh)
 
-    def ensure_guards(self, objs: list[Body]) -> None:
-        """Create-if-absent the token Secret and NetworkPolicy; one that exists is
-        left alone (the token never changes under running pods)."""
+    def ensure_guards(self, objs: list[Body], job: Body) -> None:
+        """Create-if-absent the token Secret and NetworkPolicy; one of the job's
+        that exists is left alone (the token never changes under running pods).
+        Raises ChildConflict for one of that name that is not the job's: a token
+        someone else chose, or their policy, would open the job's Ray cluster."""
         for obj in objs:
-            ns = obj["metadata"]["namespace"]
-            create = (
-                self.core.create_namespaced_secret
-                if obj["kind"] == "Secret"
-                else self.net.create_namespaced_network_policy
-            )
+            ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+            secret = obj["kind"] == "Secret"
             try:
-                create(ns, obj)
+                if secret:
+                    self.core.create_namespaced_secret(ns, obj)
+                else:
+                    self.net.create_namespaced_network_policy(ns, obj)
+                continue
             except ApiException as exc:
                 if exc.status != 409:
                     raise
+            if secret:
+                live = self.core.read_namespaced_secret(name, ns)
+            else:
+                live = self.net.read_namespaced_network_policy(name, ns)
+            ownership.check(obj["kind"], ns, name, live.metadata, job)
 
-    def delete_configmap(self, ns: str, name: str) -> None:
+    def delete_configmap(self, ns: str, name: str, job: Body) -> None:
+        """Only the job's own: a ConfigMap of that name that someone else made is
+        never deleted (the uid precondition also covers one re-created since)."""
         try:
-            self.core.delete_namespaced_config_map(name, ns)
+            live = self.core.read_namespaced_config_map(name, ns)
+            if ownership.owner_of(live.metadata, job) is not ownership.Owner.OURS:
+                return
+            self.core.delete_namespaced_config_map(
+                name,
+                ns,
+                body=client.V1DeleteOptions(
+                    preconditions=client.V1Preconditions(uid=live.metadata.uid)
+                ),
+            )
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status not in (404, 409):
                 raise
 
     # RayJob
@@ -161,17 +182,21 @@ class Api:
                 return None
             raise
 
-    def create_rayjob(self, rayjob: Body) -> tuple[Body, bool]:
-        """(the RayJob, whether this call created it)."""
-        ns = rayjob["metadata"]["namespace"]
+    def create_rayjob(self, rayjob: Body, job: Body) -> tuple[Body, bool]:
+        """(the RayJob, whether this call created it). Raises ChildConflict for a
+        RayJob of that name that is not the job's."""
+        ns, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
         try:
             made = self.custom.create_namespaced_custom_object(
                 RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, rayjob
             )
             return made, True
         except ApiException as exc:
-            if exc.status == 409:  # made by an earlier run of this operator
-                return self.get_rayjob(ns, rayjob["metadata"]["name"]), False
+            if exc.status == 409:  # made by an earlier run of this operator, or not ours
+                live = self.get_rayjob(ns, name)
+                if live is not None:
+                    ownership.check("RayJob", ns, name, live["metadata"], job)
+                return live, False
             if exc.status == 404:  # the namespace exists (the job is in it): no such API
                 raise KubeRayMissing(str(exc.reason)) from exc
             raise
@@ -181,18 +206,26 @@ class Api:
             RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name, patch
         )
 
-    def delete_rayjob(self, ns: str, name: str) -> None:
+    def delete_rayjob(self, ns: str, name: str, job: Body) -> None:
+        """Only the job's own: a RayJob of that name that someone else made is
+        never deleted (the uid precondition also covers one re-created since)."""
         try:
+            live = self.get_rayjob(ns, name)
+            if not ownership.owned(live, job):
+                return
             self.custom.delete_namespaced_custom_object(
                 RAY_GROUP,
                 RAY_VERSION,
                 ns,
                 RAY_PLURAL,
                 name,
-                body=client.V1DeleteOptions(propagation_policy="Background"),
+                body=client.V1DeleteOptions(
+                    propagation_policy="Background",
+                    preconditions=client.V1Preconditions(uid=live["metadata"]["uid"]),
+                ),
             )
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status not in (404, 409):
                 raise
 
     def local_queue(self, ns: str, name: str) -> str:
@@ -266,8 +299,10 @@ class Reconciler:
         event: EventFn,
         wake: Optional[WakeFn] = None,
         cache: Optional[WatchCache] = None,
+        allowlist: Optional[Allowlist] = None,
     ):
         self.api = api
+        self.allowlist = allowlist if allowlist is not None else Allowlist.from_env(None)
         self.cache = cache if cache is not None else WatchCache()
         self.settings = settings
         self.timing = timing
@@ -414,16 +449,30 @@ class Reconciler:
             if cm is None:
                 cm = spec_to_configmap(job, self.settings, attempts)
             guards = job_guards(job, self.settings, secrets.token_urlsafe(32))
-            cm_call = asyncio.ensure_future(self._call(self.api.ensure_children, cm, guards, fresh))
+            cm_call = asyncio.ensure_future(
+                self._call(self.api.ensure_children, cm, job, guards, fresh)
+            )
+        created = False
         try:
             rayjob = None if fresh else await self._rayjob(ns, status["rayJobName"])
-            created, missing = False, rayjob is None
+            if rayjob is not None:
+                ownership.check("RayJob", ns, status["rayJobName"], rayjob["metadata"], job)
+            missing = rayjob is None
             if missing:
                 rayjob, created = await self._call(
-                    self.api.create_rayjob, spec_to_rayjob(job, self.settings, attempts)
+                    self.api.create_rayjob, spec_to_rayjob(job, self.settings, attempts), job
                 )
                 if rayjob is not None:
                     self.cache.put_rayjob(rayjob)
+            if cm_call is not None:
+                await cm_call
+        except ownership.ChildConflict as exc:
+            conflicts = [exc]
+            if cm_call is not None:  # the ConfigMap may be taken too: name both
+                (cm_result,) = await asyncio.gather(cm_call, return_exceptions=True)
+                if isinstance(cm_result, ownership.ChildConflict) and cm_result is not exc:
+                    conflicts.append(cm_result)
+            return await self._conflict(job, old, status, conflicts, now, gen)
         except KubeRayMissing:
             if cm_call is not None:
                 await asyncio.gather(cm_call, return_exceptions=True)
@@ -444,7 +493,6 @@ class Reconciler:
                 await asyncio.gather(cm_call, return_exceptions=True)
             raise
         if cm_call is not None:
-            await cm_call
             self._cm_done[uid] = attempts
         if missing:
             if created:
@@ -496,7 +544,7 @@ class Reconciler:
             status = with_phase(status, decision.phase, decision.reason, decision.message, now, gen)
             status["observedGeneration"] = gen
             await self._write_status(job, old, status)  # the new name first, then the delete
-            await self._call(self.api.delete_rayjob, ns, failed_name)
+            await self._call(self.api.delete_rayjob, ns, failed_name, job)
             return 0.0
         # 5. Act, then write status once. A Ray job that just ended shows its
         # final records together with its terminal phase: whoever waits for
@@ -515,7 +563,7 @@ class Reconciler:
             await self._write_status(job, old, status)
             return self.timing.poll_seconds  # the read wakes the job when it lands
         if decision.action is Action.STOP_AND_DELETE:
-            await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
+            await self._call(self.api.delete_rayjob, ns, status["rayJobName"], job)
         status = with_phase(status, decision.phase, decision.reason, decision.message, now, gen)
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
@@ -526,6 +574,44 @@ class Reconciler:
         # so a job that waits (suspended, starting) costs nothing in between.
         if reading or queued or job["spec"].get("activeDeadlineSeconds"):
             return self.timing.poll_seconds
+        return self.timing.idle_seconds
+
+    async def _conflict(
+        self,
+        job: Body,
+        old: dict,
+        status: dict,
+        conflicts: list[ownership.ChildConflict],
+        now: datetime,
+        gen,
+    ) -> float:
+        """An object with a child's name that is not the job's: never touched.
+        Left by an earlier job of the same name, it is the garbage collector's:
+        wait. Anyone else's: the job fails with NameConflict, and its own RayJob,
+        if it made one, goes (its pods would mount a ConfigMap, or use a Ray token,
+        that is not ours)."""
+        meta = job["metadata"]
+        foreign = [c for c in conflicts if c.owner is not ownership.Owner.PREVIOUS]
+        if not foreign:
+            message = "; ".join(ownership.waiting_message(c) for c in conflicts)
+            log.info("%s/%s: %s", meta["namespace"], meta["name"], message)
+            status = with_phase(status, Phase.Pending, Reason.Creating, message, now, gen)
+            status["observedGeneration"] = gen
+            await self._write_status(job, old, status)
+            return self.timing.poll_seconds
+        kinds = {c.kind for c in foreign}
+        used_by_pods = {"ConfigMap", "Secret", "NetworkPolicy"}
+        if kinds & used_by_pods and "RayJob" not in kinds and status.get("rayJobName"):
+            await self._call(self.api.delete_rayjob, meta["namespace"], status["rayJobName"], job)
+        # Not ours: nothing of them is shown, and TTL cleanup does not name them.
+        if "RayJob" in kinds:
+            status.pop("rayJobName", None)
+        if "ConfigMap" in kinds:
+            status.pop("configMapName", None)
+        message = "; ".join(ownership.conflict_message(c, job) for c in foreign)
+        status = with_phase(status, Phase.Failed, Reason.NameConflict, message, now, gen)
+        status["observedGeneration"] = gen
+        await self._write_status(job, old, status)
         return self.timing.idle_seconds
 
     def _checked(self, job: Body, attempts: int) -> tuple[list, Optional[Body]]:
@@ -547,6 +633,11 @@ class Reconciler:
         if cached and cached[0] == key:
             return cached[1], None
         errors = validate_job(job, self.settings.default_output_uri)
+        if not errors and not (job.get("status") or {}).get("rayJobName"):
+            # Before any child exists: a job refused here never runs. One that
+            # already runs (the allowlist changed since) only loses its reads.
+            problem = endpoint_problem(job, self.allowlist)
+            errors = [problem] if problem else []
         cm = None
         if not errors and (parent or not from_job(job)):  # else: resolve the parent first
             try:  # a spec that cannot render (no output URI anywhere) is invalid too
@@ -643,6 +734,12 @@ class Reconciler:
         prefix = self._prefix(job)
         if prefix is None:
             return
+        problem = endpoint_problem(job, self.allowlist)
+        if problem is not None:  # never signed with the operator's identity
+            view.problem = (Reason.EndpointNotAllowed, str(problem))
+            view.fresh = True
+            view.final_started = view.final_done = True
+            return
         scheme, _ = split_uri(prefix)
         if scheme not in storage_reader.READABLE_SCHEMES:
             readable = ", ".join(s + "://" for s in storage_reader.READABLE_SCHEMES)
@@ -681,14 +778,24 @@ class Reconciler:
             ref = (output.get("secretRef") or {}).get("name")
             if ref:
                 secret = await self._call(self.api.read_secret, meta["namespace"], ref)
-            store = storage_reader.store_key(prefix, output)
-            view.snapshot = await asyncio.wait_for(
-                self._read_bounded(
-                    store, storage_reader.read_snapshot, prefix, output, secret, keep
-                ),
-                timeout=self.timing.storage_timeout_seconds,
-            )
-            view.problem = None
+            if ref and not all(secret.get(k) for k in storage_reader.KEY_PAIR):
+                # Without the pair the client would fall back to the operator's own
+                # credentials, at an endpoint the job chose: never.
+                view.problem = (
+                    Reason.StorageReadFailed,
+                    f"Secret {ref} (spec.output.secretRef) has no "
+                    f"{' and '.join(storage_reader.KEY_PAIR)}: the operator reads a job's "
+                    "storage with the job's own keys only (hint: add both keys to the Secret)",
+                )
+            else:
+                store = storage_reader.store_key(prefix, output)
+                view.snapshot = await asyncio.wait_for(
+                    self._read_bounded(
+                        store, storage_reader.read_snapshot, prefix, output, secret, keep
+                    ),
+                    timeout=self.timing.storage_timeout_seconds,
+                )
+                view.problem = None
         except asyncio.TimeoutError:
             metrics.ERRORS.labels(kind="storage_timeout").inc()
             view.problem = (
@@ -783,21 +890,25 @@ class Reconciler:
             and remaining <= 0
             and not get_condition(status, Cond.ChildrenDeleted)
         ):
+            deleted = []
             if status.get("rayJobName"):
-                await self._call(self.api.delete_rayjob, ns, status["rayJobName"])
+                await self._call(self.api.delete_rayjob, ns, status["rayJobName"], job)
+                deleted.append(f"RayJob {status['rayJobName']}")
             if status.get("configMapName"):
-                await self._call(self.api.delete_configmap, ns, status["configMapName"])
+                await self._call(self.api.delete_configmap, ns, status["configMapName"], job)
+                deleted.append(f"ConfigMap {status['configMapName']}")
+            what = " and ".join(deleted) or "nothing (the job made no children)"
             status["conditions"] = set_condition(
                 status["conditions"],
                 Cond.ChildrenDeleted,
                 "True",
                 Reason.TTLExpired,
-                "ttlSecondsAfterFinished passed: the RayJob and ConfigMap were deleted; the "
+                f"ttlSecondsAfterFinished passed: deleted {what}, where the job owns it; the "
                 "FineTuneJob and its storage stay",
                 now,
                 gen,
             )
-            self.event(job, "Normal", Reason.TTLExpired, "deleted the RayJob and ConfigMap")
+            self.event(job, "Normal", Reason.TTLExpired, f"deleted {what}")
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
         if not view.final_done:
@@ -812,15 +923,16 @@ class Reconciler:
         self._checked_cache.pop(uid, None)
         self._cm_done.pop(uid, None)
 
-    async def stop(self, ns: str, name: str, status: dict) -> bool:
+    async def stop(self, ns: str, name: str, uid: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).
-        True once it is gone."""
+        True once it is gone, or when that name is not the job's (never touched)."""
         rj_name = status.get("rayJobName")
         if not rj_name:
             return True
+        job = {"metadata": {"namespace": ns, "name": name, "uid": uid}}
         rayjob = await self._call(self.api.get_rayjob, ns, rj_name)
-        if rayjob is None:
+        if not ownership.owned(rayjob, job):
             return True
         if not rayjob["metadata"].get("deletionTimestamp"):
-            await self._call(self.api.delete_rayjob, ns, rj_name)
+            await self._call(self.api.delete_rayjob, ns, rj_name, job)
         return await self._call(self.api.get_rayjob, ns, rj_name) is None

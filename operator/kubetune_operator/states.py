@@ -93,6 +93,10 @@ class Reason(str, Enum):
     InvalidImage = "InvalidImage"
     ImagePullBackOff = "ImagePullBackOff"
     PodConfigError = "PodConfigError"
+    # an object with a child's name that the job does not own
+    NameConflict = "NameConflict"
+    # spec.output.endpoint off the allowlist, with no secretRef
+    EndpointNotAllowed = "EndpointNotAllowed"
     # standalone conditions
     SpecValid = "SpecValid"
     CheckpointCommitted = "CheckpointCommitted"

@@ -28,6 +28,10 @@ _manifest_cache: dict[str, dict] = {}
 _cache_lock = threading.Lock()
 
 
+# The keys a job's Secret must hold for the operator to read its storage.
+KEY_PAIR = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
 def secret_environ(role: str, secret_data: Mapping[str, str]) -> dict[str, str]:
     """A Secret's (decoded) keys → the role's KUBETUNE_* credential variables."""
     env = {}

@@ -38,16 +38,19 @@ def spec_error_status(status: dict, errors: list[FieldError], now: datetime, gen
         ". A FineTuneJob's spec cannot be edited: fix the manifest, then delete and re-create "
         "the job (kubectl delete ftj NAME; kubectl apply -f FILE)"
     )
+    # Only the operator's own rules (its endpoint allowlist) have a reason of their own.
+    allowlist_only = all(e.rule == Reason.EndpointNotAllowed for e in errors)
+    reason = Reason.EndpointNotAllowed if allowlist_only else Reason.InvalidSpec
     out = dict(status)
     out["conditions"] = set_condition(
         list(out.get("conditions") or []),
         Cond.Validated,
         "False",
-        Reason.InvalidSpec,
+        reason,
         message,
         now,
         generation,
     )
-    out = with_phase(out, Phase.Failed, Reason.InvalidSpec, message, now, generation)
+    out = with_phase(out, Phase.Failed, reason, message, now, generation)
     out["observedGeneration"] = generation
     return out

@@ -7,8 +7,8 @@ Every job runs in a namespace that enforces the `restricted` Pod Security
 Standard; its Ray cluster answers only holders of the job's token (a probe pod
 from another namespace is refused) and a NetworkPolicy names who may reach it.
 
-Faults: a worker pod deleted after a committed checkpoint, `spec.suspend`
-mid-run, and a spec whose pods Kubernetes refuses to create.
+Faults: a worker pod deleted after a committed checkpoint and `spec.suspend`
+mid-run (one job, both in turn), and a spec whose pods Kubernetes refuses to create.
 """
 
 from __future__ import annotations
@@ -27,13 +27,21 @@ from operator_support import apply, condition, get, names, s3_secret, status, wa
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT = 900
-# Long enough that a fault lands mid-run: here ~3 steps/s, a checkpoint every 20,
-# and the status shows a checkpoint up to a poll (10 s, ~30 steps) after it.
-LONG = 160
-# A suspended run trains on while the operator's poll, the patch and KubeRay's
-# delete go through, and the pods' grace period (30 s) runs out. Measured here:
-# suspended when the status showed checkpoint 20, the trainer reached step 143.
-SUSPENDED_RUN = 400
+# The fault run's length, sized from the measured step rate so that both faults
+# land mid-run and no more steps are trained than that needs:
+# - the tiny model trains at ~3.3 steps/s in these pods (350m CPU per worker);
+# - the status shows a checkpoint up to one poll (10 s) after the trainer commits it;
+# - a deleted worker stops the run at once; the retry resumes from the checkpoint;
+# - a suspended run trains on while the operator's poll, the patch and KubeRay's
+#   delete go through and the pods' grace period (30 s) runs out: measured here,
+#   suspended when the status showed checkpoint 20, the trainer reached step 143
+#   (~37 s of training).
+STEP_RATE = 3.3  # steps/s
+EVERY = 20  # steps between checkpoints
+POLL_S, SUSPEND_LAG_S = 10, 37
+# First fault at the first checkpoint (+ a poll); the retry's first new checkpoint
+# (+ a poll); then the suspend's lag; half as much again as a margin.
+FAULT_RUN = int(round(1.5 * (2 * (EVERY + STEP_RATE * POLL_S) + STEP_RATE * SUSPEND_LAG_S), -1))
 EVIDENCE = ROOT / ".cache" / "cluster-tier"
 
 
@@ -362,9 +370,16 @@ def _assert_probe_refused(plane, probe_ns: str, probe: str) -> None:
     assert codes == {"none": 401, "wrong": 403, "token": 200}, codes
 
 
-def test_worker_pod_deleted_after_a_checkpoint_resumes_from_it(staged):
+def test_a_deleted_worker_and_a_suspend_each_resume_from_a_committed_checkpoint(staged):
+    """Two faults in one run (one job start less than a run per fault): a worker
+    pod deleted after a committed checkpoint, then `spec.suspend` mid-run once the
+    retry has committed one of its own. Each time the run continues from a
+    committed checkpoint at or after the one the status showed, and trains every
+    step once."""
     plane, ns, s3 = staged
-    apply(plane, ns, _job("fault", s3, steps=LONG, every=20))
+    apply(plane, ns, _job("fault", s3, steps=FAULT_RUN, every=EVERY))
+
+    # Fault 1: a worker pod deleted after a committed checkpoint.
     st = _wait(plane, "fault", ns, lambda s: s.get("checkpoints"), "a committed checkpoint")
     committed = max(c["step"] for c in st["checkpoints"])
     workers = names(plane, "pod", ns, "ray.io/node-type=worker")
@@ -372,24 +387,51 @@ def test_worker_pod_deleted_after_a_checkpoint_resumes_from_it(staged):
     plane.kubectl("delete", "pod", workers[0], "-n", ns, "--grace-period=0", "--force")
     reached = _trainer_progress(s3, st)
     print(f"deleted {workers[0]} after checkpoint {committed}, at step {reached['step']}")
-    assert reached["step"] < LONG and reached["phase"] != "Succeeded", (
-        f"the run trained to the end before the pod went ({reached}): raise LONG"
+    assert reached["step"] < FAULT_RUN and reached["phase"] != "Succeeded", (
+        f"the run trained to the end before the pod went ({reached}): raise FAULT_RUN"
     )
 
+    # The retry resumes from it and commits a checkpoint of its own.
+    def resumed_and_checkpointed(s: dict) -> bool:
+        back = (s.get("progress") or {}).get("resumedFrom")
+        return bool(back) and max(c["step"] for c in s.get("checkpoints") or [{"step": 0}]) > back
+
+    st = _wait(plane, "fault", ns, resumed_and_checkpointed, "a checkpoint after the retry")
+    first = st["progress"]["resumedFrom"]
+    assert committed <= first < FAULT_RUN, st["progress"]
+
+    # Fault 2: suspended mid-run, the pods removed, then resumed.
+    plane.kubectl("patch", "ftj", "fault", "-n", ns, "--type=merge", "-p",
+                  '{"spec":{"suspend":true}}')  # fmt: skip
+    wait_until(
+        lambda: not names(plane, "pod", ns, "ray.io/is-ray-node=yes"), 180, what="pods removed"
+    )
+    st = wait_status(plane, "fault", ns, lambda s: s.get("phase") == "Suspended", 120)
+    at = max(c["step"] for c in st["checkpoints"])
+    reached = _trainer_progress(s3, st)
+    print(f"suspended: status had checkpoint {at}, the trainer reached step {reached['step']}")
+    assert reached["step"] < FAULT_RUN and reached["phase"] != "Succeeded", (
+        f"the run trained to the end before its pods went ({reached}): raise FAULT_RUN"
+    )
+    plane.kubectl("patch", "ftj", "fault", "-n", ns, "--type=merge", "-p",
+                  '{"spec":{"suspend":false}}')  # fmt: skip
     st = _wait_succeeded(plane, "fault", ns)
-    _assert_resumed(plane, ns, s3, st, committed)
+    _assert_resumed(plane, ns, s3, st, at, total=FAULT_RUN, earlier=[first])
 
 
-def _assert_resumed(plane, ns: str, s3, st: dict, committed: int, total: int = LONG) -> None:
-    """The job finished all `total` steps once, continuing from a committed checkpoint
-    at or after `committed`, shown in status and in metrics.jsonl; one RayJob left."""
+def _assert_resumed(
+    plane, ns: str, s3, st: dict, committed: int, total: int, earlier: list[int]
+) -> None:
+    """The job finished all `total` steps once, its last resume continuing from a
+    committed checkpoint at or after `committed` (after the `earlier` resumes), shown
+    in status and in metrics.jsonl; one RayJob left."""
     assert st["progress"]["step"] == total, st["progress"]
     resumed = st["progress"].get("resumedFrom")
     assert resumed is not None and committed <= resumed < total, st["progress"]
     rows = _metrics(s3, st)
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), steps  # every step logged once, none repeated
-    assert [r["resumedFrom"] for r in rows if r.get("resumedFrom")] == [resumed], rows
+    assert [r["resumedFrom"] for r in rows if r.get("resumedFrom")] == [*earlier, resumed], rows
     rayjobs = names(plane, "rayjob", ns)
     assert len(rayjobs) == 1, rayjobs
     print(f"resumed from step {resumed} (attempt {st.get('attempts')}), rayjobs {rayjobs}")
@@ -406,28 +448,6 @@ def _metrics(s3, st: dict) -> list[dict]:
     prefix = st["outputs"]["adapter"].removeprefix("s3://").rsplit("/", 1)[0]
     text = s3.fs.cat(f"{prefix}/metrics.jsonl").decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def test_suspend_mid_run_removes_the_pods_and_resume_continues(staged):
-    plane, ns, s3 = staged
-    apply(plane, ns, _job("pause", s3, steps=SUSPENDED_RUN, every=20))
-    _wait(plane, "pause", ns, lambda s: s.get("checkpoints"), "a committed checkpoint")
-    plane.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p",
-                  '{"spec":{"suspend":true}}')  # fmt: skip
-    wait_until(
-        lambda: not names(plane, "pod", ns, "ray.io/is-ray-node=yes"), 180, what="pods removed"
-    )
-    st = wait_status(plane, "pause", ns, lambda s: s.get("phase") == "Suspended", 120)
-    at = max(c["step"] for c in st["checkpoints"])
-    reached = _trainer_progress(s3, st)
-    print(f"suspended: status had checkpoint {at}, the trainer reached step {reached['step']}")
-    assert reached["step"] < SUSPENDED_RUN and reached["phase"] != "Succeeded", (
-        f"the run trained to the end before its pods went ({reached}): raise SUSPENDED_RUN"
-    )
-    plane.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p",
-                  '{"spec":{"suspend":false}}')  # fmt: skip
-    st = _wait_succeeded(plane, "pause", ns)
-    _assert_resumed(plane, ns, s3, st, at, total=SUSPENDED_RUN)
 
 
 def test_pods_that_can_never_be_created_fail_with_the_reason(staged):

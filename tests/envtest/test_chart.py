@@ -45,7 +45,7 @@ NAMESPACED_RULES = {
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "create", "patch", "delete"},
     ("", "secrets"): {"get", "create"},
-    ("networking.k8s.io", "networkpolicies"): {"create"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create"},
     ("kueue.x-k8s.io", "localqueues"): {"get"},
     ("", "events"): {"create"},
 }
@@ -71,6 +71,19 @@ def _render(helm, *args: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def _operator_cluster_roles(docs: list[dict]) -> list[dict]:
+    """The operator's ClusterRoles, not the aggregated ones for people."""
+    return [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRole"
+        and not any(k.startswith(AGGREGATE) for k in d["metadata"]["labels"])
+    ]
+
+
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
 def _rules(obj: dict) -> dict[tuple[str, str], set[str]]:
     table: dict[tuple[str, str], set[str]] = {}
     for rule in obj["rules"]:
@@ -94,6 +107,8 @@ def test_values_schema_rejects_bad_values(helm):
         ["--set", "logLevel=LOUD"],
         ["--set", "watch.namespaces={Bad_Name}"],
         ["--set", "unknownKey=1"],
+        ["--set", "storage.endpointAllowlist={ftp://host}"],
+        ["--set", "storage.endpointAllowlist={https://host/path}"],
     ):
         proc = helm("template", "kt", str(CHART), *bad, check=False)
         assert proc.returncode != 0, bad
@@ -145,14 +160,14 @@ def test_deployment_is_hardened_and_single_active(helm):
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm):
     docs = _render(helm)
-    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    (role,) = _operator_cluster_roles(docs)
     assert _rules(role) == {**NAMESPACED_RULES, **CLUSTER_RULES}
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
 
 
 def test_namespaced_rbac_gives_roles_only_where_watched(helm):
     docs = _render(helm, *VALUE_SETS["namespaced"])
-    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    (role,) = _operator_cluster_roles(docs)
     assert _rules(role) == CLUSTER_RULES
     roles = {d["metadata"]["namespace"]: _rules(d) for d in docs if d["kind"] == "Role"}
     assert roles == {"team-a": NAMESPACED_RULES, "team-b": NAMESPACED_RULES}
@@ -267,3 +282,56 @@ def test_install_into_the_real_api_server_and_rbac_denies_the_rest(helm, kube, n
     assert not can("create", "nodes", ns=None)
     helm("uninstall", release, "-n", namespace)
     assert kube.kubectl("get", "clusterrole", f"{release}-kubetune", check=False).returncode != 0
+
+
+def test_people_roles_aggregate_into_edit_and_view(helm):
+    docs = _render(helm)
+    people = {
+        d["metadata"]["name"]: d
+        for d in docs
+        if d["kind"] == "ClusterRole" and d not in _operator_cluster_roles(docs)
+    }
+    assert set(people) == {"kt-kubetune-edit", "kt-kubetune-view"}
+    edit, view = people["kt-kubetune-edit"], people["kt-kubetune-view"]
+    aggregates = lambda role: {  # noqa: E731
+        k.removeprefix(AGGREGATE)
+        for k, v in role["metadata"]["labels"].items()
+        if v == "true" and k.startswith(AGGREGATE)
+    }
+    assert aggregates(edit) == {"edit", "admin"} and aggregates(view) == {"view"}
+    assert _rules(edit) == {
+        ("kubetune.io", "finetunejobs"): {
+            "create",
+            "delete",
+            "deletecollection",
+            "get",
+            "list",
+            "patch",
+            "update",
+            "watch",
+        }
+    }
+    # Status is the operator's: nobody's role writes it.
+    assert _rules(view) == {
+        ("kubetune.io", "finetunejobs"): {"get", "list", "watch"},
+        ("kubetune.io", "finetunejobs/status"): {"get", "list", "watch"},
+    }
+    off = _render(helm, "--set", "rbac.aggregateToDefaultRoles=false")
+    assert not [
+        d for d in off if d["kind"] == "ClusterRole" and d not in _operator_cluster_roles(off)
+    ]
+
+
+def test_endpoint_allowlist_default_is_the_operators(helm):
+    """The chart's default allowlist and the operator's built-in one are the same list."""
+    from kubetune_operator.endpoints import DEFAULT_ALLOWLIST, ENV
+
+    def env(docs):
+        deploy = next(d for d in docs if d["kind"] == "Deployment")
+        container = deploy["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}[ENV]
+
+    assert env(_render(helm)).split(",") == list(DEFAULT_ALLOWLIST)
+    custom = _render(helm, "--set", "storage.endpointAllowlist={http://minio.s3.svc:9000}")
+    assert env(custom) == "http://minio.s3.svc:9000"
+    assert env(_render(helm, "--set-json", "storage.endpointAllowlist=[]")) == ""

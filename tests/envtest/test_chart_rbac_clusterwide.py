@@ -55,3 +55,50 @@ def test_chart_rbac_as_the_operator(
     args = ["auth", "can-i", verb, resource, f"--as={sa}"] + ([scope] if scope else [])
     out = kube.kubectl(*args, check=False)
     assert out.stdout.strip() == allowed, f"{' '.join(args)}: {out.stdout}{out.stderr}"
+
+
+def test_people_bound_to_edit_create_jobs_and_to_view_only_read(
+    kube, namespace, release, kubetune_crd
+):
+    """The chart's kubetune-edit/-view join Kubernetes' `edit`/`view` (the real
+    aggregation controller), so ordinary RoleBindings to those roles are enough."""
+    from harness import wait_until
+    from operator_support import finetunejob
+
+    def aggregated(role: str) -> bool:
+        rules = json.loads(kube.kubectl("get", "clusterrole", role, "-o", "json").stdout)["rules"]
+        return any("finetunejobs" in (r.get("resources") or []) for r in rules)
+
+    for role in ("edit", "view", "admin"):
+        wait_until(lambda role=role: aggregated(role), 30, what=f"finetunejobs in {role}")
+    for user, role in (("alice", "edit"), ("bob", "view")):
+        kube.kubectl(
+            "create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}",
+            f"--user={user}", "-n", namespace,
+        )  # fmt: skip
+
+    def can(user: str, verb: str, *extra: str, ns: str = namespace) -> bool:
+        args = ["auth", "can-i", verb, "finetunejobs.kubetune.io", *extra, f"--as={user}"]
+        return kube.kubectl(*args, "-n", ns, check=False).stdout.strip() == "yes"
+
+    for verb in ("create", "delete", "patch", "update", "get", "list", "watch"):
+        assert can("alice", verb), verb
+    for verb in ("get", "list", "watch"):
+        assert can("bob", verb), verb
+    for verb in ("create", "delete", "patch", "update", "deletecollection"):
+        assert not can("bob", verb), verb
+    for user in ("alice", "bob"):  # status is the operator's
+        assert not can(user, "patch", "--subresource=status"), user
+        assert not can(user, "create", ns="default"), user  # bound in one namespace only
+
+    # And for real: the API server takes alice's job and refuses bob's.
+    job = json.dumps(finetunejob("by-alice"))
+    made = kube.kubectl("create", "-n", namespace, "-f", "-", "--as=alice", input=job)
+    assert made.returncode == 0, made.stderr
+    denied = kube.kubectl(
+        "create", "-n", namespace, "-f", "-", "--as=bob", input=job.replace("alice", "bob"),
+        check=False,
+    )  # fmt: skip
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), denied.stderr
+    seen = kube.kubectl("get", "ftj", "by-alice", "-n", namespace, "--as=bob", check=False)
+    assert seen.returncode == 0, seen.stderr

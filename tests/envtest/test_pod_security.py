@@ -1,7 +1,8 @@
 """Every pod template the operator renders is admitted by the real API server's
 PodSecurity admission under `restricted` (server-side dry run: no kubelet needed),
 including the init container KubeRay adds to workers, which copies the Ray
-container's securityContext and mounts."""
+container's securityContext and mounts; and the job's Ray token is never one
+that someone else put there."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import wait_until
 from kubetune_operator.children import Settings, spec_to_rayjob
+from operator_support import OperatorProcess, apply, finetunejob, get, wait_phase
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "crds" / "examples"
 
@@ -72,3 +75,26 @@ def test_restricted_namespace_refuses_a_pod_without_the_context(kube, namespace)
         check=False,
     )  # fmt: skip
     assert out.returncode != 0 and "restricted" in out.stderr, out.stderr
+
+
+def test_a_token_secret_someone_else_made_is_never_used(kube, namespace, tmp_path):
+    """A Secret with the job's token name made first by someone else (who knows
+    that token) would open the job's Ray cluster: the job fails NameConflict, its
+    RayJob is deleted, and the Secret is left as it was."""
+    kube.kubectl(
+        "create", "secret", "generic", "stolen-ray-token", "-n", namespace,
+        "--from-literal=auth_token=known-to-someone",
+    )  # fmt: skip
+    before = get(kube, "secret", "stolen-ray-token", namespace)
+    op = OperatorProcess(kube, [namespace], tmp_path).start()
+    try:
+        apply(kube, namespace, finetunejob("stolen"))
+        st = wait_phase(kube, "stolen", namespace, "Failed")
+        assert st["reason"] == "NameConflict", st
+        assert "Secret stolen-ray-token" in st["message"], st["message"]
+        wait_until(lambda: not get(kube, "rayjob", "stolen", namespace), 30, what="RayJob gone")
+        after = get(kube, "secret", "stolen-ray-token", namespace)
+        assert after["data"] == before["data"]
+        assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    finally:
+        op.stop()

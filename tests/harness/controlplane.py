@@ -1,8 +1,9 @@
 """A real control plane: etcd + kube-apiserver (RBAC) + kube-controller-manager.
 
 kube-controller-manager runs only the controllers the tests need: garbage
-collection of owned objects, namespace deletion, and the service-account
-controllers (a ``default`` ServiceAccount and token secrets per namespace).
+collection of owned objects, namespace deletion, the service-account
+controllers (a ``default`` ServiceAccount and token secrets per namespace) and
+ClusterRole aggregation (the chart's roles for people join ``edit``/``view``).
 There is no scheduler and no kubelet: pods stay Pending. Given a ``network``
 (see node.py), the plane is set up for a real node instead: it listens on the
 node address that the harness creates, publishes itself as the ``kubernetes``
@@ -200,7 +201,9 @@ class ControlPlane:
             + (
                 "*"
                 if self.network
-                else "garbagecollector,namespace,serviceaccount,serviceaccount-token"
+                # clusterrole-aggregation: the chart's roles for people join `edit`/`view`
+                else "garbagecollector,namespace,serviceaccount,serviceaccount-token,"
+                "clusterrole-aggregation"
             ),
             *(
                 [

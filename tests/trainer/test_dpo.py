@@ -230,18 +230,6 @@ def test_adapter_disabled_scores_like_a_frozen_copy_of_the_base(tok):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    from kubetune_trainer.__main__ import ensure_env
-
-    ensure_env()
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-dpo")
     model = H.tiny_model(root / "model")

@@ -25,16 +25,13 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, _ray_session):
     work = tmp_path_factory.mktemp("chain")
     model = str(H.tiny_model(work / "models/tiny"))
     result = C.run_chain(work, model, 8, 1e-2, H.chat_rows(64), C.data_set_2(64))
     table = C.losses(model, result)
     C.print_report(result, table)  # the table, with -s
-    yield work, model, result, table
-    import ray
-
-    ray.shutdown()
+    return work, model, result, table
 
 
 def test_run_records_link_the_chain(chain):

@@ -1,7 +1,7 @@
 """The trainer on a local Ray: 2 workers, DeepSpeed ZeRO-2 and ZeRO-3 with offload,
 records under the prefix, adapters with real tensors, merged == adapter logits.
 
-One `ray.init(num_cpus=2)` for the module; each test is one Ray fit of a tiny
+The tier's one local Ray (tests/trainer/conftest.py); each test is one Ray fit of a tiny
 model built from config.
 """
 
@@ -14,18 +14,6 @@ import pytest
 import trainer_helpers as H
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from kubetune_trainer.__main__ import ensure_env
-
-    ensure_env()
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import yaml
 pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-def test_kubetune_run_quickstart_short(tmp_path, monkeypatch, capsys):
+def test_kubetune_run_quickstart_short(ray_local, tmp_path, monkeypatch, capsys):
     from kubetune_trainer.local import LocalRun, run_local
 
     H.prepare_quickstart()

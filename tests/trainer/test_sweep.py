@@ -44,9 +44,7 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_four_trials_two_at_a_time_asha_stops_the_trailing_ones(tmp_path):
-    import ray
-
+def test_four_trials_two_at_a_time_asha_stops_the_trailing_ones(ray_local, tmp_path):
     from kubetune_api import sweep as S
     from kubetune_trainer.driver import run
 
@@ -70,10 +68,7 @@ def test_four_trials_two_at_a_time_asha_stops_the_trailing_ones(tmp_path):
     )
     j = _sweep_job(tmp_path, "asha", sweep, ckpt=10, maxSteps=steps, seed=seed)
     cfg = H.trainer_config(j)
-    try:
-        rc = run(cfg, ray_init={"num_cpus": 2, "include_dashboard": False}, check=False)
-    finally:
-        ray.shutdown()
+    rc = run(cfg, check=False)
     assert rc == 0
     prefix = _prefix(cfg)
     sweep = _read(prefix / "sweep.json")

@@ -33,16 +33,13 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, _ray_session):
     work = tmp_path_factory.mktemp("tracking")
     H.tiny_model(work / "models/tiny")
     (work / "data").mkdir()
     H.write_jsonl(work / "data/chat.jsonl", H.chat_rows(48))
     C.start_ray()
-    yield work
-    import ray
-
-    ray.shutdown()
+    return work
 
 
 def _job(work, name: str, tracking_uri: str) -> dict:

@@ -37,6 +37,10 @@ def test_checkpoints_metrics_progress_on_s3(s3, tmp_path, monkeypatch):
     )
     dumped = json.dumps(cfg.to_dict())
     assert s3.secret_key not in dumped and s3.access_key not in dumped
+    # A Ray of its own, started after the credentials are in the environment: they
+    # reach the workers only that way (as in a pod), which the tier's shared Ray,
+    # started before, cannot show. The next test that needs the shared one starts it.
+    ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert run(cfg, quiet=True) == 0

@@ -21,6 +21,7 @@ FORBIDDEN = {
         "fsspec",
     },
     "operator/kubetune_operator": {"torch", "ray", "deepspeed", "transformers", "peft"},
+    "operator/kubetune_openai": {"torch", "ray", "deepspeed", "transformers", "peft", "kopf"},
     "trainer/kubetune_trainer": {"kopf", "kubernetes"},
 }
 

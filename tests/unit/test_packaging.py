@@ -97,6 +97,8 @@ def test_operator_image_install_has_the_operator_and_no_training_stack(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     check = (
         "import importlib.util as u; import kopf, kubernetes, kubetune_api, kubetune_cli; "
+        # `kubetune api` (its upload checks are the trainer package's, without torch)
+        "import kubetune_openai.server, kubetune_openai.datafile, kubetune_trainer.data; "
         "print([m for m in ('torch', 'ray', 'deepspeed', 'transformers') if u.find_spec(m)])"
     )
     out = subprocess.run([str(venv / "bin/python"), "-c", check], capture_output=True, text=True)

@@ -475,8 +475,10 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     from .driver import ensure_env, run
 
     ensure_env()
+    # A caller that already holds a Ray (a notebook, a test session) keeps it.
+    own_ray = not ray.is_initialized()
     try:
-        if not ray.is_initialized():
+        if own_ray:
             ray.init(
                 num_cpus=os.cpu_count(),
                 include_dashboard=False,
@@ -519,7 +521,8 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
         stopping.set()
         raise
     finally:
-        ray.shutdown()
+        if own_ray or stopping.is_set():
+            ray.shutdown()
     rc = result.get("rc", 1)
     if rc != 0:
         console.say(

@@ -61,6 +61,28 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _origin(url: str) -> tuple[str, str, Optional[int]]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
+    """urllib forwards every header on a redirect, Authorization included, to
+    whatever host the Location names. The tracking server's credentials go to
+    the tracking server only: a redirect to another scheme, host or port loses
+    the header."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginAuth)
+
+
 class MlflowClient:
     """The few REST calls kubetune needs, with a timeout on each."""
 
@@ -84,7 +106,7 @@ class MlflowClient:
             self.base + path, data=body, method=method, headers={**self.headers, **(headers or {})}
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 data = resp.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:300].decode("utf-8", "replace")

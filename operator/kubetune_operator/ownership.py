@@ -1,0 +1,104 @@
+"""Whose is an object that has a child's name?
+
+The operator creates its children with deterministic names, so someone else
+can create an object with such a name first. The operator changes, reads the
+status of, or deletes only objects whose ownerReferences name the job's uid:
+anything else with a child's name ends the job `Failed`/NameConflict, and the
+object is left exactly as it is.
+
+One exception waits instead of failing: an object owned by an earlier
+FineTuneJob of the same name (deleted and re-created). The earlier job is
+gone (names are unique), so the garbage collector is about to delete the
+object; the new job waits for that, and never uses or deletes it itself.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Optional
+
+from kubetune_api import models
+
+from .names import Body
+
+
+class Owner(str, Enum):
+    OURS = "ours"
+    PREVIOUS = "previous"  # an earlier job of the same name: the garbage collector's
+    FOREIGN = "foreign"
+
+
+class ChildConflict(Exception):
+    """An object with a child's name that is not the job's."""
+
+    def __init__(self, kind: str, namespace: str, name: str, owner: Owner, owners: str):
+        super().__init__(f"{kind} {namespace}/{name}")
+        self.kind, self.namespace, self.name = kind, namespace, name
+        self.owner, self.owners = owner, owners
+
+
+def _refs(meta: Any) -> list[dict]:
+    if isinstance(meta, dict):
+        refs = meta.get("ownerReferences") or meta.get("owner_references") or []
+    else:  # a kubernetes client model (V1ObjectMeta)
+        refs = getattr(meta, "owner_references", None) or []
+    out = []
+    for r in refs:
+        if not isinstance(r, dict):
+            r = {"apiVersion": r.api_version, "kind": r.kind, "name": r.name, "uid": r.uid}
+        out.append({"apiVersion": r.get("apiVersion") or r.get("api_version"), **r})
+    return out
+
+
+def owner_of(meta: Any, job: Body) -> Owner:
+    """Whether an object (its metadata, as a dict or a client model) is this job's."""
+    jmeta = job["metadata"]
+    refs = _refs(meta)
+    if any(r.get("uid") == jmeta["uid"] for r in refs):
+        return Owner.OURS
+    for r in refs:
+        if (
+            r.get("kind") == models.KIND
+            and str(r.get("apiVersion") or "").split("/")[0] == models.GROUP
+            and r.get("name") == jmeta["name"]
+        ):
+            return Owner.PREVIOUS
+    return Owner.FOREIGN
+
+
+def describe_owners(meta: Any) -> str:
+    refs = _refs(meta)
+    if not refs:
+        return "no owner"
+    return "owned by " + ", ".join(
+        f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in refs
+    )
+
+
+def check(kind: str, namespace: str, name: str, meta: Any, job: Body) -> None:
+    """Raise ChildConflict unless the object is the job's."""
+    owner = owner_of(meta, job)
+    if owner is not Owner.OURS:
+        raise ChildConflict(kind, namespace, name, owner, describe_owners(meta))
+
+
+def conflict_message(exc: ChildConflict, job: Body) -> str:
+    return (
+        f"{exc.kind} {exc.name} already exists in namespace {exc.namespace} and does not "
+        f"belong to this FineTuneJob ({exc.owners}): kubetune never changes, uses or deletes "
+        f"an object it did not create (hint: delete or rename that {exc.kind}, or create the "
+        f"job under another name; then re-create the job)"
+    )
+
+
+def waiting_message(exc: ChildConflict) -> str:
+    return (
+        f"waiting for the garbage collector to delete {exc.kind} {exc.name}, left by an "
+        f"earlier FineTuneJob of the same name ({exc.owners})"
+    )
+
+
+def owned(obj: Optional[Body], job: Body) -> bool:
+    return obj is not None and owner_of(obj.get("metadata") or {}, job) is Owner.OURS

@@ -3,7 +3,7 @@
 # archives that `ctr -n k8s.io images import FILE` loads into containerd.
 #
 #   bash scripts/build-images.sh                  # operator trainer pause
-#   bash scripts/build-images.sh trainer base     # any of: operator trainer pause base
+#   bash scripts/build-images.sh trainer base     # any of: operator trainer pause base kuberay
 #
 # - base: Debian bookworm (the release of the Dockerfile's default
 #   python:3.11-slim-bookworm) from Debian's packages with debootstrap, with
@@ -13,6 +13,9 @@
 #   Install steps use the host network, this machine's CA bundle as a build
 #   secret (never a layer) and the host's uv cache as the build cache mount.
 # - pause: the pod sandbox image, a static C program (scripts/images/pause.c).
+# - kuberay: KubeRay's operator, the static ray-operator binary that
+#   scripts/build-test-bins.sh builds (KUBETUNE_KUBERAY_BIN, else that script's
+#   kuberay part), alone in an image as /manager, the path KubeRay's manifests run.
 #
 # Every image's tag is a hash of what goes into it, so an unchanged input
 # reuses its archive and any change rebuilds it; archives and buildah images
@@ -49,8 +52,8 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(operator trainer pause)
 for t in "${targets[@]}"; do
   case $t in
-    operator | trainer | pause | base) ;;
-    *) die "unknown image '$t': choose from operator, trainer, pause, base" ;;
+    operator | trainer | pause | base | kuberay) ;;
+    *) die "unknown image '$t': choose from operator, trainer, pause, base, kuberay" ;;
   esac
 done
 
@@ -243,12 +246,41 @@ pause_tag() {
   ) | short_hash
 }
 
+# --- kuberay ----------------------------------------------------------------
+kuberay_bin() {
+  local bin=${KUBETUNE_KUBERAY_BIN:-}
+  if [ -z "$bin" ]; then
+    bin=$(bash scripts/build-test-bins.sh kuberay | tail -n 1)/ray-operator
+  fi
+  [ -x "$bin" ] || die "ray-operator binary $bin not found: bash scripts/build-test-bins.sh kuberay"
+  echo "$bin"
+}
+
+build_kuberay() {
+  local ref=$1 ctr
+  ctr=$(buildah from scratch)
+  working+=("$ctr")
+  buildah copy --quiet --chmod 0755 "$ctr" "$(kuberay_bin)" /manager >/dev/null
+  # KubeRay's manifests run /manager as a non-root user (runAsNonRoot).
+  buildah config --entrypoint '["/manager"]' --user 65532:65532 --os linux --arch amd64 \
+    --label org.opencontainers.image.description="KubeRay ray-operator (kubetune test image)" "$ctr"
+  buildah commit --quiet --rm "$ctr" "$ref" >/dev/null
+}
+
+kuberay_tag() {
+  (
+    declare -f build_kuberay
+    sha256sum <"$(kuberay_bin)"
+  ) | short_hash
+}
+
 # --- main -------------------------------------------------------------------
 lines=()
 for t in "${targets[@]}"; do
   case $t in
     base) tag=$base_tag ;;
     pause) tag=$(pause_tag) ;;
+    kuberay) tag=$(kuberay_tag) ;;
     *) tag=$(dockerfile_tag "$t") ;;
   esac
   ref=$prefix-$t:$tag
@@ -260,6 +292,7 @@ for t in "${targets[@]}"; do
     case $t in
       base) ensure_base ;;
       pause) image_exists "$ref" || build_pause "$ref" ;;
+      kuberay) image_exists "$ref" || build_kuberay "$ref" ;;
       *)
         if ! image_exists "$ref"; then
           ensure_base

@@ -437,6 +437,11 @@ class Resources(_Model):
     )
     cpu_per_worker: Quantity = Field("8", description="CPU per worker pod.")
     memory_per_worker: Quantity = Field("64Gi", description="Memory per worker pod.")
+    scratch_per_worker: Quantity = Field(
+        "20Gi",
+        description="Local disk per worker pod where checkpoints are staged before upload: "
+        "an emptyDir of this size limit, requested as ephemeral-storage.",
+    )
     head: HeadResources = Field(default_factory=HeadResources, description="Ray head pod.")
     node_selector: Annotated[dict[str, LabelValue], checks.NODE_SELECTOR] = Field(
         default_factory=dict,

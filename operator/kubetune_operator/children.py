@@ -22,13 +22,33 @@ from .names import (
     KUEUE_PREFIX,
     KUEUE_QUEUE_LABEL,
     LABEL_ATTEMPT,
+    LABEL_JOB_UID,
     Body,
     child_names,
     configmap_name,
     kueue_labels,
     labels,
+    network_policy_name,
     owner_reference,
+    ray_token_name,
 )
+
+# Where the pods write: the root filesystem is read-only, so Ray's session files
+# (/tmp/ray), DeepSpeed's compiled ops and Hugging Face's cache (both under /tmp
+# in the trainer image), the home directory and the checkpoint staging area are
+# emptyDirs.
+HOME_DIR = "/home/kubetune"
+SCRATCH_DIR = "/var/kubetune/scratch"
+SCRATCH_ENV = "KUBETUNE_SCRATCH_DIR"
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay reads from authOptions.secretName
+RAY_DASHBOARD_PORT = 8265
+SUBMITTER_CONTAINER = "ray-job-submitter"  # KubeRay's name for it
+# KubeRay's defaults for the submitter (which the template replaces), but 100m CPU
+# requested instead of 500m: `ray job submit` only submits and follows the logs.
+SUBMITTER_RESOURCES = {
+    "requests": {"cpu": "100m", "memory": "200Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi"},
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,13 @@ class Settings:
     ray_version: str = "2.60.0"
     default_output_uri: Optional[str] = None
     rayjob_ttl_seconds: int = 0  # KubeRay deletes the RayCluster this long after the job ends
+    # Every Ray pod runs as this numeric uid (the trainer image's user), whatever
+    # user a job's own image declares.
+    run_as_user: int = 10001
+    # A NetworkPolicy per job: only its own pods, and the KubeRay operator (this
+    # peer, JSON: a NetworkPolicyPeer) on the dashboard port, reach its Ray pods.
+    network_policy: bool = True
+    ray_operator_peer: Optional[str] = None
 
 
 def spec_to_configmap(job: Body, settings: Settings, attempt: int) -> Body:
@@ -120,6 +147,43 @@ def trainer_env(job: Body, attempt: int) -> list[dict]:
     return env
 
 
+def pod_security_context(settings: Settings) -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "runAsGroup": settings.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context(settings: Settings) -> dict:
+    """The `restricted` Pod Security Standard, per container: KubeRay copies it to
+    the init container it adds (wait-gcs-ready)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "runAsGroup": settings.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _writable(scratch: Optional[str] = None, shm: Optional[str] = None) -> tuple[list, list]:
+    """(volumes, mounts) for what the pod writes; scratch and /dev/shm with size limits."""
+    vols = [("tmp", "/tmp", {}), ("home", HOME_DIR, {})]
+    if shm:
+        # NCCL and data loaders outgrow the runtime's 64 MiB /dev/shm; it counts
+        # against the container's memory, so it never exceeds the pod's memory.
+        vols.append(("dshm", "/dev/shm", {"medium": "Memory", "sizeLimit": shm}))
+    if scratch:
+        vols.append(("scratch", SCRATCH_DIR, {"sizeLimit": scratch}))
+    volumes = [{"name": n, "emptyDir": e} for n, _, e in vols]
+    mounts = [{"name": n, "mountPath": p} for n, p, _ in vols]
+    return volumes, mounts
+
+
 def _pod_template(
     job: Body,
     settings: Settings,
@@ -128,23 +192,36 @@ def _pod_template(
     container: str,
     resources: dict,
     component: str,
+    scratch: Optional[str] = None,
 ) -> dict:
     res = job["spec"].get("resources") or {}
     image = res.get("image") or settings.trainer_image
+    volumes, mounts = _writable(scratch, shm=resources["limits"]["memory"])
+    env = [*trainer_env(job, attempt), {"name": "KUBETUNE_IMAGE", "value": image}]
+    env.append({"name": "HOME", "value": HOME_DIR})
+    if scratch:
+        env.append({"name": SCRATCH_ENV, "value": SCRATCH_DIR})
     pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(settings),
         "containers": [
             {
                 "name": container,
                 "image": image,
                 # the run record names the image it ran in
-                "env": [*trainer_env(job, attempt), {"name": "KUBETUNE_IMAGE", "value": image}],
+                "env": env,
                 "resources": resources,
+                "securityContext": container_security_context(settings),
                 "volumeMounts": [
-                    {"name": "kubetune-config", "mountPath": CONFIG_MOUNT, "readOnly": True}
+                    {"name": "kubetune-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+                    *mounts,
                 ],
             }
         ],
-        "volumes": [{"name": "kubetune-config", "configMap": {"name": names["configMapName"]}}],
+        "volumes": [
+            {"name": "kubetune-config", "configMap": {"name": names["configMapName"]}},
+            *volumes,
+        ],
     }
     if res.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(sorted(res["nodeSelector"].items()))
@@ -153,6 +230,81 @@ def _pod_template(
     if res.get("priorityClassName"):
         pod_spec["priorityClassName"] = res["priorityClassName"]
     return {"metadata": {"labels": labels(job, component)}, "spec": pod_spec}
+
+
+def _submitter_template(job: Body, settings: Settings) -> dict:
+    """KubeRay's submitter pod (`ray job submit`) under the same restrictions;
+    KubeRay fills in its command, the dashboard address and the token."""
+    res = job["spec"].get("resources") or {}
+    volumes, mounts = _writable()
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "restartPolicy": "Never",
+        "securityContext": pod_security_context(settings),
+        "containers": [
+            {
+                "name": SUBMITTER_CONTAINER,
+                "image": res.get("image") or settings.trainer_image,
+                "env": [{"name": "HOME", "value": HOME_DIR}],
+                "resources": copy.deepcopy(SUBMITTER_RESOURCES),
+                "securityContext": container_security_context(settings),
+                "volumeMounts": mounts,
+            }
+        ],
+        "volumes": volumes,
+    }
+    for key in ("nodeSelector", "tolerations", "priorityClassName"):
+        if res.get(key):
+            pod_spec[key] = copy.deepcopy(res[key])
+    return {"metadata": {"labels": labels(job, "ray-submitter")}, "spec": pod_spec}
+
+
+def spec_to_ray_token_secret(job: Body, token: str) -> Body:
+    """The job's Ray auth token: KubeRay hands it to the Ray pods and the
+    submitter, and sends it on its own dashboard calls. Owned by the job, so it
+    lives as long as the job, across attempts."""
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": ray_token_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": labels(job, "ray-token"),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "stringData": {RAY_TOKEN_KEY: token},
+    }
+
+
+def spec_to_network_policy(job: Body, settings: Settings) -> Optional[Body]:
+    """Ingress to the job's pods only from the job's own pods (head, workers,
+    submitter) and, on the dashboard port, from the KubeRay operator. None when
+    the chart turned policies off."""
+    if not settings.network_policy:
+        return None
+    meta = job["metadata"]
+    own = {"matchLabels": {LABEL_JOB_UID: meta["uid"]}}
+    ingress: list[dict] = [{"from": [{"podSelector": own}]}]
+    if settings.ray_operator_peer:
+        ingress.append(
+            {
+                "from": [json.loads(settings.ray_operator_peer)],
+                "ports": [{"protocol": "TCP", "port": RAY_DASHBOARD_PORT}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": network_policy_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": labels(job, "ray-network-policy"),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
 
 
 def spec_to_rayjob(job: Body, settings: Settings, attempt: int) -> Body:
@@ -168,6 +320,8 @@ def spec_to_rayjob(job: Body, settings: Settings, attempt: int) -> Body:
     }
     worker_requests = {"cpu": res["cpuPerWorker"], "memory": res["memoryPerWorker"]}
     worker_limits = dict(worker_requests)
+    # the scratch volume's size limit, requested so the scheduler picks a node with the disk
+    worker_requests["ephemeral-storage"] = res["scratchPerWorker"]
     if res["gpusPerWorker"] > 0:
         worker_limits[res["gpuResourceName"]] = str(res["gpusPerWorker"])
     # a sweep trains parallelTrials trials at once, each on resources.workers workers
@@ -192,8 +346,12 @@ def spec_to_rayjob(job: Body, settings: Settings, attempt: int) -> Body:
             # Kueue admits a queued job by flipping this; the operator only ever
             # sets it to true (spec.suspend) while a queue label is present.
             "suspend": suspend,
+            "submitterPodTemplate": _submitter_template(job, settings),
             "rayClusterSpec": {
                 "rayVersion": settings.ray_version,
+                # Ray's token authentication (Ray >= 2.52): the dashboard, job API and
+                # GCS refuse callers without the job's token.
+                "authOptions": {"mode": "token", "secretName": ray_token_name(meta["name"])},
                 "headGroupSpec": {
                     # Training runs on workers only: the head schedules, never trains.
                     "rayStartParams": {"num-cpus": "0"},
@@ -216,6 +374,7 @@ def spec_to_rayjob(job: Body, settings: Settings, attempt: int) -> Body:
                             "ray-worker",
                             {"requests": worker_requests, "limits": worker_limits},
                             "ray-worker",
+                            scratch=res["scratchPerWorker"],
                         ),
                     }
                 ],
@@ -243,3 +402,10 @@ def rayjob_patch(job: Body, rayjob: Body) -> Optional[dict]:
     if changed or gone:
         patch["metadata"] = {"labels": changed | gone}
     return patch or None
+
+
+def job_guards(job: Body, settings: Settings, token: str) -> list[Body]:
+    """What closes the job's Ray cluster: its token Secret (`token` is used only
+    when the Secret does not exist yet) and, when enabled, its NetworkPolicy."""
+    policy = spec_to_network_policy(job, settings)
+    return [spec_to_ray_token_secret(job, token)] + ([policy] if policy else [])

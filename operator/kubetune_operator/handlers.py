@@ -68,6 +68,9 @@ def settings_from_env() -> tuple[Settings, Timing]:
         ray_version=env.get("KUBETUNE_RAY_VERSION", Settings.ray_version),
         default_output_uri=env.get("KUBETUNE_DEFAULT_OUTPUT_URI") or None,
         rayjob_ttl_seconds=int(env.get("KUBETUNE_RAYJOB_TTL_SECONDS", Settings.rayjob_ttl_seconds)),
+        run_as_user=int(env.get("KUBETUNE_RUN_AS_USER", Settings.run_as_user)),
+        network_policy=env.get("KUBETUNE_NETWORK_POLICY", "true").lower() != "false",
+        ray_operator_peer=env.get("KUBETUNE_RAY_OPERATOR_PEER") or None,
     )
     timing = Timing(
         poll_seconds=float(env.get("KUBETUNE_POLL_SECONDS", Timing.poll_seconds)),

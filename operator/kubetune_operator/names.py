@@ -101,3 +101,14 @@ def owner_reference(job: Body) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def ray_token_name(job_name: str) -> str:
+    """The Secret with the job's Ray auth token (KubeRay's authOptions.secretName)."""
+    suffix = "-ray-token"
+    return _dns1035(job_name, CONFIGMAP_NAME_MAX - len(suffix)) + suffix
+
+
+def network_policy_name(job_name: str) -> str:
+    suffix = "-ray"
+    return _dns1035(job_name, CONFIGMAP_NAME_MAX - len(suffix)) + suffix

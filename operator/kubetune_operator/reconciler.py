@@ -17,6 +17,7 @@ import base64
 import copy
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from kubetune_api.validation import SpecError
 
 from . import metrics, ownership, storage_reader
 from .cache import WatchCache
-from .children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
+from .children import Settings, job_guards, rayjob_patch, spec_to_configmap, spec_to_rayjob
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
 from .decide import decide, ttl_remaining
 from .endpoints import Allowlist, endpoint_problem
@@ -71,6 +72,7 @@ class Api:
     def __init__(self, api_client: client.ApiClient):
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.net = client.NetworkingV1Api(api_client)
 
     # FineTuneJob
     def get_job(self, ns: str, name: str) -> Optional[Body]:
@@ -123,6 +125,33 @@ class Api:
                 ns,
                 {"metadata": {"annotations": cm["metadata"]["annotations"]}, "data": cm["data"]},
             )
+
+    def ensure_children(self, cm: Body, job: Body, guards: list[Body], fresh: bool) -> None:
+        self.ensure_guards(guards, job)
+        self.ensure_configmap(cm, job, fresh)
+
+    def ensure_guards(self, objs: list[Body], job: Body) -> None:
+        """Create-if-absent the token Secret and NetworkPolicy; one of the job's
+        that exists is left alone (the token never changes under running pods).
+        Raises ChildConflict for one of that name that is not the job's: a token
+        someone else chose, or their policy, would open the job's Ray cluster."""
+        for obj in objs:
+            ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+            secret = obj["kind"] == "Secret"
+            try:
+                if secret:
+                    self.core.create_namespaced_secret(ns, obj)
+                else:
+                    self.net.create_namespaced_network_policy(ns, obj)
+                continue
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            if secret:
+                live = self.core.read_namespaced_secret(name, ns)
+            else:
+                live = self.net.read_namespaced_network_policy(name, ns)
+            ownership.check(obj["kind"], ns, name, live.metadata, job)
 
     def delete_configmap(self, ns: str, name: str, job: Body) -> None:
         """Only the job's own: a ConfigMap of that name that someone else made is
@@ -419,7 +448,10 @@ class Reconciler:
         if self._cm_done.get(uid) != attempts:
             if cm is None:
                 cm = spec_to_configmap(job, self.settings, attempts)
-            cm_call = asyncio.ensure_future(self._call(self.api.ensure_configmap, cm, job, fresh))
+            guards = job_guards(job, self.settings, secrets.token_urlsafe(32))
+            cm_call = asyncio.ensure_future(
+                self._call(self.api.ensure_children, cm, job, guards, fresh)
+            )
         created = False
         try:
             rayjob = None if fresh else await self._rayjob(ns, status["rayJobName"])
@@ -556,7 +588,8 @@ class Reconciler:
         """An object with a child's name that is not the job's: never touched.
         Left by an earlier job of the same name, it is the garbage collector's:
         wait. Anyone else's: the job fails with NameConflict, and its own RayJob,
-        if it made one, goes (its pods would mount a ConfigMap that is not ours)."""
+        if it made one, goes (its pods would mount a ConfigMap, or use a Ray token,
+        that is not ours)."""
         meta = job["metadata"]
         foreign = [c for c in conflicts if c.owner is not ownership.Owner.PREVIOUS]
         if not foreign:
@@ -567,7 +600,8 @@ class Reconciler:
             await self._write_status(job, old, status)
             return self.timing.poll_seconds
         kinds = {c.kind for c in foreign}
-        if "ConfigMap" in kinds and "RayJob" not in kinds and status.get("rayJobName"):
+        used_by_pods = {"ConfigMap", "Secret", "NetworkPolicy"}
+        if kinds & used_by_pods and "RayJob" not in kinds and status.get("rayJobName"):
             await self._call(self.api.delete_rayjob, meta["namespace"], status["rayJobName"], job)
         # Not ours: nothing of them is shown, and TTL cleanup does not name them.
         if "RayJob" in kinds:

@@ -35,9 +35,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="package")
 def cluster_images() -> dict:
-    """kubetune's operator and trainer images, built from the Dockerfile (cached)."""
+    """kubetune's operator and trainer images, built from the Dockerfile, and
+    KubeRay's operator image from the binary the harness builds (all cached)."""
     t0 = time.monotonic()
-    images = project_images(("operator", "trainer"))
+    images = project_images(("operator", "trainer", "kuberay"))
     print(f"images ready in {time.monotonic() - t0:.0f}s: {images}")
     return images
 
@@ -47,6 +48,7 @@ def cluster(cluster_images, request):
     c = Cluster()
     c.start()
     c.import_images(cluster_images)
+    c.deploy_kuberay()
     print("cluster timings:", json.dumps({k: round(v, 1) for k, v in c.timings.items()}))
     yield c
     if KEEP:
@@ -88,8 +90,9 @@ def kubetune_operator(cluster):
 
 @pytest.fixture
 def cluster_ns(cluster):
-    name = "ftj-" + secrets.token_hex(3)
-    cluster.plane.kubectl("create", "namespace", name)
+    """The jobs' namespace, enforcing `restricted`: the API server refuses any pod
+    the operator or KubeRay makes that does not pass it."""
+    name = cluster.restricted_namespace("ftj-")
     yield name
     cluster.plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 

@@ -1,7 +1,11 @@
 """FineTuneJobs on a real one-node cluster: `kubectl apply` → kubetune's operator
-(a Pod from the chart) → KubeRay starts a head and two workers from the trainer
-image → Ray Train + DeepSpeed ZeRO-2 train LoRA across the pods (gloo) → data,
-checkpoints and the adapter in S3 → `kubectl wait --for=condition=Succeeded`.
+(a Pod from the chart) → KubeRay (a Pod too) starts a head and two workers from the
+trainer image → Ray Train + DeepSpeed ZeRO-2 train LoRA across the pods (gloo) →
+data, checkpoints and the adapter in S3 → `kubectl wait --for=condition=Succeeded`.
+
+Every job runs in a namespace that enforces the `restricted` Pod Security
+Standard; its Ray cluster answers only holders of the job's token (a probe pod
+from another namespace is refused) and a NetworkPolicy names who may reach it.
 
 Faults: a worker pod deleted after a committed checkpoint and `spec.suspend`
 mid-run (one job, both in turn), and a spec whose pods Kubernetes refuses to create.
@@ -10,11 +14,13 @@ mid-run (one job, both in turn), and a spec whose pods Kubernetes refuses to cre
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
+from harness.kuberay import KUBERAY_NAMESPACE
 from harness.procs import wait_until
 from model_fixtures import tiny_model
 from operator_support import apply, condition, get, names, s3_secret, status, wait_status
@@ -69,13 +75,16 @@ def _job(name: str, bucket, steps: int, every: int) -> dict:
             "checkpointing": {"everySteps": every, "keepLast": 10},
             "evaluation": {"enabled": True, "maxBatches": 2},
             # A head and two workers on a 2-core node, beside KubeRay's submitter
-            # (500m) and the operator. Ray's head does not start in time below ~0.5 CPU
-            # (limits equal requests: CFS throttles it); each worker counts as 1 Ray CPU.
+            # (100m), KubeRay's operator (100m) and kubetune's. Ray's head does not
+            # start in time below ~0.5 CPU (limits equal requests: CFS throttles it);
+            # each worker counts as 1 Ray CPU.
             "resources": {
                 "workers": 2,
                 "gpusPerWorker": 0,
                 "cpuPerWorker": "350m",
                 "memoryPerWorker": "2560Mi",
+                # checkpoint staging: a 1Gi emptyDir, requested as ephemeral-storage
+                "scratchPerWorker": "1Gi",
                 # The head holds the driver and Ray Train's controller besides
                 # Ray's own processes: at 2Gi Ray's memory monitor killed them.
                 "head": {"cpu": "700m", "memory": "3Gi"},
@@ -139,10 +148,12 @@ def _adapter_loads(s3, uri: str, model_dir: Path, tmp: Path) -> None:
     assert out.logits.shape[-1] == base.config.vocab_size
 
 
-def test_lora_zero2_on_two_worker_pods(staged, tmp_path):
+def test_lora_zero2_on_two_worker_pods(cluster, staged, tmp_path):
     plane, ns, s3 = staged
     t0 = time.monotonic()
     apply(plane, ns, _job("pods", s3, steps=6, every=3))
+    # From another namespace, while the job runs: its Ray job API without the token.
+    probe_ns, probe = _start_probe(cluster, ns)
 
     # The head, both workers and the operator, all running from kubetune's images.
     def training(st: dict) -> bool:
@@ -158,6 +169,10 @@ def test_lora_zero2_on_two_worker_pods(staged, tmp_path):
     assert sum("-head-" in ln for ln in running) == 1, pods
     assert sum("-workers-" in ln for ln in running) == 2, pods
     assert any(ln.startswith("kubetune-system ") for ln in running), pods
+    assert any(ln.startswith(f"{KUBERAY_NAMESPACE} ") for ln in running), pods  # KubeRay
+    live = _assert_restricted_pods(plane, ns)
+    _assert_staged_on_scratch(plane, ns, live)
+    _assert_network_policy(plane, ns, get(plane, "finetunejob", "pods", ns))
 
     st = _wait_succeeded(plane, "pods", ns)
     (EVIDENCE / "status-final.json").write_text(json.dumps(st, indent=1))
@@ -169,6 +184,190 @@ def test_lora_zero2_on_two_worker_pods(staged, tmp_path):
     assert st["outputs"]["adapter"].startswith(f"s3://{s3.bucket}/runs/{ns}/pods/")
     _adapter_loads(s3, st["outputs"]["adapter"], ROOT / ".cache/models/tiny-llama-e2e", tmp_path)
     assert len(names(plane, "rayjob", ns)) <= 1
+    _assert_probe_refused(plane, probe_ns, probe)
+
+
+# --- restricted pods, closed Ray clusters ------------------------------------
+
+SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+SCRATCH = "/var/kubetune/scratch"
+
+
+def _assert_restricted_pods(plane, ns: str) -> dict[str, dict]:
+    """The live pods (as KubeRay and the Job controller made them, and the API
+    server admitted them under `restricted`): security fields, no ServiceAccount
+    token, writable paths as emptyDirs. Returns them by role."""
+    items = json.loads(plane.kubectl("get", "pods", "-n", ns, "-o", "json").stdout)["items"]
+    by_role: dict[str, dict] = {}
+    for pod in items:
+        role = pod["metadata"]["labels"].get("app.kubernetes.io/component")
+        by_role.setdefault(role, pod)
+        spec, name = pod["spec"], pod["metadata"]["name"]
+        assert spec.get("automountServiceAccountToken") is False, name
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c.get("securityContext") or {}
+            assert sc.get("allowPrivilegeEscalation") is False, (name, c["name"])
+            assert sc.get("capabilities") == {"drop": ["ALL"]}, (name, c["name"])
+            assert sc.get("runAsUser") == 10001, (name, c["name"])
+            assert sc.get("readOnlyRootFilesystem") is True, (name, c["name"])
+            mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+            assert not any(m.startswith(SA_TOKEN_PATH) for m in mounts), (name, mounts)
+        for v in spec.get("volumes", []):
+            assert set(v) & {"emptyDir", "configMap"}, (name, v)  # no projected SA token
+    assert {"ray-head", "ray-worker", "ray-submitter"} <= set(by_role), sorted(by_role)
+    worker = by_role["ray-worker"]["spec"]
+    vols = {v["name"]: v for v in worker["volumes"]}
+    assert vols["scratch"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2560Mi"}
+    requests = worker["containers"][0]["resources"]["requests"]
+    assert requests["ephemeral-storage"] == "1Gi", requests
+    print("restricted pods:", {r: p["metadata"]["name"] for r, p in by_role.items()})
+    return by_role
+
+
+def _assert_staged_on_scratch(plane, ns: str, pods: dict[str, dict]) -> None:
+    """Rank 0 says where it stages checkpoints; the line reaches the submitter's
+    log (Ray forwards worker output to the job's driver, which the submitter follows)."""
+    submitter = pods["ray-submitter"]["metadata"]["name"]
+    want = f"staging checkpoints in {SCRATCH}/kubetune-rank0-"
+
+    def logged() -> str | None:
+        out = plane.kubectl("logs", submitter, "-n", ns, check=False).stdout
+        return next((ln for ln in out.splitlines() if want in ln), None)
+
+    line = wait_until(logged, 120, interval=2, what=f"'{want}' in {submitter}'s log")
+    print(f"submitter log: {line.strip()}")
+
+
+def _assert_network_policy(plane, ns: str, job: dict) -> None:
+    """The job's NetworkPolicy as the API server stores it, and what its selectors
+    select among the live pods: the job's own (head, workers, submitter) and KubeRay's
+    operator, nothing else. (This node's CNI, the bridge plugin, does not enforce
+    policies; Calico or Cilium do.)"""
+    uid = job["metadata"]["uid"]
+    [pol_name] = names(plane, "networkpolicy", ns)
+    pol = get(plane, "networkpolicy", pol_name, ns)
+    assert pol["metadata"]["ownerReferences"][0]["uid"] == uid
+    spec = pol["spec"]
+    own = {"matchLabels": {"kubetune.io/job-uid": uid}}
+    assert spec["podSelector"] == own and spec["policyTypes"] == ["Ingress"], spec
+    [mine, kuberay] = spec["ingress"]
+    assert mine == {"from": [{"podSelector": own}]}, mine
+    assert kuberay["ports"] == [{"port": 8265, "protocol": "TCP"}], kuberay
+    [peer] = kuberay["from"]
+
+    def selected(sel: dict, namespace: str) -> list[str]:
+        labels = ",".join(f"{k}={v}" for k, v in sel["matchLabels"].items())
+        return names(plane, "pod", namespace, labels)
+
+    every_pod = set(names(plane, "pod", ns))
+    assert set(selected(own, ns)) == every_pod and len(every_pod) >= 4, every_pod
+    ns_labels = peer["namespaceSelector"]["matchLabels"]
+    assert ns_labels == {"kubernetes.io/metadata.name": KUBERAY_NAMESPACE}, peer
+    assert len(selected(peer["podSelector"], KUBERAY_NAMESPACE)) == 1, peer
+    for other in ("kubetune-system", "default"):
+        assert not selected(peer["podSelector"], other), (other, peer)
+    secret = get(plane, "secret", f"{job['metadata']['name']}-ray-token", ns)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
+
+
+PROBE = textwrap.dedent(
+    """
+    import json, os, time, urllib.error, urllib.request
+    url = "http://" + os.environ["DASHBOARD"] + "/api/jobs/"
+    def call(token):
+        req = urllib.request.Request(url)
+        if token:
+            req.add_header("Authorization", "Bearer " + token)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+    deadline, codes = time.time() + 600, None
+    while time.time() < deadline:
+        try:
+            codes = {"none": call(None), "wrong": call("x" * 43), "token": call(os.environ["T"])}
+            if codes["token"] == 200:
+                break
+        except OSError as e:  # not up yet: DNS, connection refused, reset
+            codes = {"error": repr(e)}
+        time.sleep(1)
+    print(json.dumps(codes))
+    """
+)
+
+
+def _start_probe(cluster, ns: str) -> tuple[str, str]:
+    """A pod in another (restricted) namespace that calls the job's Ray job API
+    (port 8265) without a token, with a wrong one, and with the job's token (which
+    the test copies in, to show that the refusals are the token's doing)."""
+    plane, image = cluster.plane, cluster.images["trainer"]
+    rayjob = wait_until(lambda: names(plane, "rayjob", ns), 120, what="the RayJob")[0]
+    dashboard = wait_until(
+        lambda: ((get(plane, "rayjob", rayjob, ns) or {}).get("status") or {}).get("dashboardURL"),
+        300, interval=1, what="the RayJob's dashboardURL",
+    )  # fmt: skip
+    data = wait_until(
+        lambda: (get(plane, "secret", "pods-ray-token", ns) or {}).get("data"), 120,
+        what="the job's Ray token Secret",
+    )  # fmt: skip
+    probe_ns = cluster.restricted_namespace("probe-")
+    restricted = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    objs = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "copied-token"},
+         "data": {"T": data["auth_token"]}},
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "probe"},
+            "spec": {
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": False,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "probe", "image": image, "imagePullPolicy": "Never",
+                    "command": ["python", "-c", PROBE],
+                    "env": [
+                        {"name": "DASHBOARD", "value": dashboard},
+                        {"name": "T", "valueFrom": {"secretKeyRef": {"name": "copied-token",
+                                                                     "key": "T"}}},
+                    ],
+                    "resources": {"requests": {"cpu": "20m", "memory": "64Mi"},
+                                  "limits": {"memory": "256Mi"}},
+                    "securityContext": restricted,
+                }],
+            },
+        },
+    ]  # fmt: skip
+    items = {"apiVersion": "v1", "kind": "List", "items": objs}
+    plane.kubectl("apply", "-n", probe_ns, "-f", "-", input=json.dumps(items))
+    print(f"probe pod started in {probe_ns} against {dashboard}")
+    return probe_ns, "probe"
+
+
+def _assert_probe_refused(plane, probe_ns: str, probe: str) -> None:
+    def done() -> str | None:
+        phase = ((get(plane, "pod", probe, probe_ns) or {}).get("status") or {}).get("phase")
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    phase = wait_until(done, 300, interval=2, what="the probe pod to finish")
+    out = plane.kubectl("logs", probe, "-n", probe_ns, check=False).stdout
+    plane.kubectl("delete", "namespace", probe_ns, "--wait=false", check=False)
+    assert phase == "Succeeded", out
+    codes = json.loads(out.strip().splitlines()[-1])
+    (EVIDENCE / "probe.json").write_text(json.dumps(codes))
+    print(f"Ray job API from another namespace: {codes}")
+    assert codes == {"none": 401, "wrong": 403, "token": 200}, codes
 
 
 def test_a_deleted_worker_and_a_suspend_each_resume_from_a_committed_checkpoint(staged):

@@ -44,7 +44,8 @@ NAMESPACED_RULES = {
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "create", "patch", "delete"},
-    ("", "secrets"): {"get"},
+    ("", "secrets"): {"get", "create"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create"},
     ("kueue.x-k8s.io", "localqueues"): {"get"},
     ("", "events"): {"create"},
 }
@@ -265,7 +266,9 @@ def test_install_into_the_real_api_server_and_rbac_denies_the_rest(helm, kube, n
     denied = [
         ("list", "secrets"),
         ("watch", "secrets"),
-        ("create", "secrets"),
+        ("update", "secrets"),
+        ("delete", "secrets"),
+        ("patch", "networkpolicies.networking.k8s.io"),
         ("create", "pods"),
         ("delete", "finetunejobs.kubetune.io"),
         ("create", "finetunejobs.kubetune.io"),

@@ -6,6 +6,7 @@ status patches)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
@@ -92,6 +93,21 @@ def test_create_makes_configmap_and_rayjob(kube, namespace, s3, operator):
     assert s3.secret_key not in json.dumps(rj)
     reasons = {e["reason"] for e in events(kube, namespace, "chat")}
     assert "RayJobCreated" in reasons
+
+    # The Ray cluster is closed: a token Secret and a NetworkPolicy, both the job's.
+    assert rj["spec"]["rayClusterSpec"]["authOptions"] == {
+        "mode": "token",
+        "secretName": "chat-ray-token",
+    }
+    token = wait_until(lambda: get(kube, "secret", "chat-ray-token", namespace), 30, what="token")
+    assert token["metadata"]["ownerReferences"] == [owner]
+    assert len(base64.b64decode(token["data"]["auth_token"])) >= 40
+    assert token["data"]["auth_token"] not in json.dumps(rj) + json.dumps(cm)
+    pol = wait_until(lambda: get(kube, "networkpolicy", "chat-ray", namespace), 30, what="policy")
+    assert pol["metadata"]["ownerReferences"] == [owner]
+    own = {"matchLabels": {"kubetune.io/job-uid": job["metadata"]["uid"]}}
+    assert pol["spec"]["podSelector"] == own
+    assert pol["spec"]["ingress"][0] == {"from": [{"podSelector": own}]}
 
 
 FINALIZER = "kubetune.io/finalizer"
@@ -561,6 +577,14 @@ def test_kuberay_accepts_our_rayjob_and_builds_the_cluster(kube, kuberay, namesp
     c = head_pod["spec"]["containers"][0]
     env = {e["name"] for e in c["env"]}
     assert {"KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID", "KUBETUNE_JOB_UID"} <= env
+    # KubeRay hands the job's token to Ray, from the Secret the operator made
+    token = {e["name"]: e for e in c["env"]}["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token == {"name": "real-ray-token", "key": "auth_token"} | (
+        {"optional": token["optional"]} if "optional" in token else {}
+    )
+    assert {e["name"]: e.get("value") for e in c["env"]}["RAY_AUTH_MODE"] == "token"
+    assert head_pod["spec"]["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
     st = wait_status(kube, "real", namespace, lambda s: s.get("rayClusterName") == cluster, 60)
     assert st["phase"] in ("Starting", "Pending")
     assert rj["status"]["jobDeploymentStatus"] in ("Initializing", "Running", "Waiting")

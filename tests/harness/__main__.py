@@ -50,7 +50,9 @@ def cmd_up_node(args: argparse.Namespace) -> int:
     try:
         cluster.start(with_kuberay=not args.no_kuberay, with_s3=not args.no_s3)
         if args.images:
-            cluster.import_images(project_images())
+            cluster.import_images(project_images(("operator", "trainer", "kuberay")))
+            if not args.no_kuberay:
+                cluster.deploy_kuberay()
         for what, secs in cluster.timings.items():
             print(f"{what}: {secs:.1f}s")
         print(f"run dir {cluster.dir} (logs in {cluster.log_dir})")

@@ -2,15 +2,16 @@
 the node itself (node.py), the KubeRay operator, an S3 server the pods reach on
 the node address, helm, and the project's images imported into containerd.
 
-Only the KubeRay operator runs out of the cluster (as in the envtest tier); it
-reaches the Ray dashboards through the API server's Service proxy
-(``--use-kubernetes-proxy``), since the host does not resolve cluster DNS.
-kubetune's operator and trainer run only in pods.
+The KubeRay operator runs as a Pod (kuberay.deploy_kuberay: KubeRay's own
+manifests for the pinned version, the image built from the binary the harness
+builds), so its calls to the Ray dashboards cross the pod network, as in
+production. kubetune's operator and trainer run only in pods.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -18,10 +19,12 @@ from pathlib import Path
 
 from .controlplane import ControlPlane
 from .helm import Helm
-from .kuberay import KubeRayOperator, kuberay_crd_files
+from .kuberay import KUBERAY_NAMESPACE, deploy_kuberay, kuberay_crd_files
 from .node import ClusterNetwork, Node
 from .s3 import S3Server
 from .session import kubetune_crd_files
+
+RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 
 
 class Cluster:
@@ -36,13 +39,15 @@ class Cluster:
         self.net = net or ClusterNetwork()
         self.plane: ControlPlane | None = None
         self.node: Node | None = None
-        self.kuberay: KubeRayOperator | None = None
+        self.kuberay: list[dict] | None = None  # KubeRay's objects, once deployed
         self.s3: S3Server | None = None
         self._helm: Helm | None = None
         self.timings: dict[str, float] = {}
         self.images: dict[str, str] = {}
 
     def start(self, with_kuberay: bool = True, with_s3: bool = True) -> Cluster:
+        """Control plane, node and S3; KubeRay's CRDs when `with_kuberay` (its
+        operator starts with deploy_kuberay once the images are imported)."""
         t0 = time.monotonic()
         try:
             self.plane = ControlPlane(self.dir / "kube", self.log_dir, network=self.net)
@@ -55,10 +60,6 @@ class Cluster:
             self.timings["control plane + CRDs"] = time.monotonic() - t0
             self.node.start()
             self.timings["node Ready"] = time.monotonic() - t0
-            if with_kuberay:
-                self.kuberay = KubeRayOperator(
-                    self.plane.kubeconfig, self.log_dir, ("--use-kubernetes-proxy",)
-                ).start()
             if with_s3:
                 self.s3 = S3Server(self.dir / "s3", self.log_dir, host=self.net.node_ip).start()
             self.timings["cluster up"] = time.monotonic() - t0
@@ -80,14 +81,33 @@ class Cluster:
             self.timings[f"import {name}"] = secs
             self.images[name] = ref
 
+    def restricted_namespace(self, prefix: str) -> str:
+        """A fresh namespace whose pods must pass the `restricted` Pod Security Standard."""
+        name = prefix + secrets.token_hex(3)
+        self.plane.kubectl("create", "namespace", name)
+        self.plane.kubectl(
+            "label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted"
+        )
+        return name
+
+    def deploy_kuberay(self) -> None:
+        """KubeRay's operator as a Pod in ray-system, from the imported `kuberay` image."""
+        t0 = time.monotonic()
+        self.kuberay = deploy_kuberay(self.plane, self.images["kuberay"])
+        self.timings["KubeRay operator Available"] = time.monotonic() - t0
+
     def stop(self) -> list[str]:
         """Everything stopped, the host put back; returns what could not be undone."""
         problems: list[str] = []
-        if self.kuberay is not None:
-            self.kuberay.stop()
         if self.node is not None and self.plane is not None:
             # Controllers first, so nothing re-creates the pods being drained.
             self.plane.stop_controllers()
+            if self.kuberay is not None and self.node.servers:
+                # KubeRay next: it would re-create the Ray pods being drained.
+                self.plane.kubectl(
+                    "delete", "pods", "--all", "-n", KUBERAY_NAMESPACE, "--grace-period=1",
+                    "--timeout=60s", check=False, timeout=90,
+                )  # fmt: skip
             if self.node.servers:
                 self.node.drain()
             self.node.stop()

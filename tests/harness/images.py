@@ -7,6 +7,7 @@ with ``imagePullPolicy: Never`` (or IfNotPresent: they are already there).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,13 +18,18 @@ BUILD_IMAGES = "bash scripts/build-images.sh"
 
 def project_images(names: tuple[str, ...] = ("operator", "trainer")) -> dict[str, tuple[str, Path]]:
     """{target: (image ref, archive)} from scripts/build-images.sh (cached by
-    the hash of what goes into each image, so a second call takes seconds)."""
+    the hash of what goes into each image, so a second call takes seconds).
+    `kuberay` packs the ray-operator binary the harness already built."""
+    env = dict(os.environ)
+    if "kuberay" in names:
+        env["KUBETUNE_KUBERAY_BIN"] = str(bins.find("ray-operator"))
     proc = subprocess.run(
         ["bash", str(bins.REPO_ROOT / "scripts" / "build-images.sh"), *names],
         capture_output=True,
         text=True,
         check=False,
         timeout=3600,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(

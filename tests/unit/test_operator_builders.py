@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_operator.children import Settings, rayjob_patch, spec_to_configmap, spec_to_rayjob
+from kubetune_operator.children import (
+    Settings,
+    job_guards,
+    rayjob_patch,
+    spec_to_configmap,
+    spec_to_network_policy,
+    spec_to_rayjob,
+)
 from kubetune_operator.conditions import rfc3339, set_condition, with_phase
 from kubetune_operator.decide import decide, ttl_remaining
 from kubetune_operator.names import configmap_name, rayjob_name
@@ -113,9 +120,10 @@ def test_rayjob_shape_from_resources():
     assert c["resources"]["limits"] == {"cpu": "6", "memory": "40Gi", "nvidia.com/gpu": "2"}
     assert pod["nodeSelector"] == {"pool": "a100"} and pod["priorityClassName"] == "train"
     assert pod["tolerations"][0]["key"] == "gpu"
-    assert pod["volumes"] == [
-        {"name": "kubetune-config", "configMap": {"name": "support-bot-config"}}
-    ]
+    assert pod["volumes"][0] == {
+        "name": "kubetune-config",
+        "configMap": {"name": "support-bot-config"},
+    }
     env = {e["name"]: e for e in c["env"]}
     ref = env["KUBETUNE_OUTPUT_AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "team-s3", "key": "AWS_SECRET_ACCESS_KEY", "optional": False}
@@ -130,6 +138,123 @@ def test_rayjob_shape_from_resources():
     assert all(
         o["uid"] == "0b7c-uid" and o["controller"] for o in rj["metadata"]["ownerReferences"]
     )
+
+
+def _pods(rj: dict) -> dict[str, dict]:
+    """Every pod template of a RayJob: head, worker group, submitter."""
+    cluster = rj["spec"]["rayClusterSpec"]
+    return {
+        "head": cluster["headGroupSpec"]["template"],
+        "worker": cluster["workerGroupSpecs"][0]["template"],
+        "submitter": rj["spec"]["submitterPodTemplate"],
+    }
+
+
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@pytest.mark.parametrize("example", EXAMPLE_FILES)
+def test_every_pod_passes_the_restricted_pod_security_standard(example):
+    job = _job(example)
+    job["spec"].setdefault("resources", {})["image"] = "someone/else:1"  # a user image too
+    for role, tpl in _pods(spec_to_rayjob(job, SETTINGS, 1)).items():
+        pod = tpl["spec"]
+        assert pod["automountServiceAccountToken"] is False, role
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }, role
+        assert "hostNetwork" not in pod and "hostPID" not in pod, role
+        for c in pod["containers"]:
+            assert c["securityContext"] == RESTRICTED_CONTAINER, (role, c["name"])
+            assert c["image"] == "someone/else:1"
+            assert "ports" not in c or all("hostPort" not in p for p in c["ports"])
+        # the read-only root leaves these writable, each an emptyDir
+        vols = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert (
+            vols[mounts["/tmp"]]["emptyDir"] == {}
+            and vols[mounts["/home/kubetune"]]["emptyDir"] == {}
+        )
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["HOME"] == "/home/kubetune", role
+        assert all(set(v) <= {"name", "emptyDir", "configMap"} for v in vols.values()), role
+    assert _pods(spec_to_rayjob(job, SETTINGS, 1))["submitter"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_shm_and_scratch_are_sized_from_the_spec():
+    job = _job("lora-minimal.yaml")
+    job["spec"]["resources"] = {
+        "memoryPerWorker": "40Gi",
+        "scratchPerWorker": "100Gi",
+        "head": {"memory": "6Gi"},
+    }
+    pods = _pods(spec_to_rayjob(job, SETTINGS, 1))
+    worker = pods["worker"]["spec"]
+    vols = {v["name"]: v["emptyDir"] for v in worker["volumes"] if "emptyDir" in v}
+    assert vols["dshm"] == {"medium": "Memory", "sizeLimit": "40Gi"}
+    assert vols["scratch"] == {"sizeLimit": "100Gi"}
+    c = worker["containers"][0]
+    assert c["resources"]["requests"]["ephemeral-storage"] == "100Gi"
+    assert "ephemeral-storage" not in c["resources"]["limits"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["dshm"] == "/dev/shm"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KUBETUNE_SCRATCH_DIR"] == mounts["scratch"]
+    # the head trains nothing: /dev/shm from its own memory, no scratch
+    head = pods["head"]["spec"]
+    hvols = {v["name"]: v["emptyDir"] for v in head["volumes"] if "emptyDir" in v}
+    assert hvols["dshm"] == {"medium": "Memory", "sizeLimit": "6Gi"} and "scratch" not in hvols
+    # the default, when the spec says nothing
+    default = _pods(spec_to_rayjob(_job("lora-minimal.yaml"), SETTINGS, 1))["worker"]["spec"]
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": "20Gi"}} in default["volumes"]
+
+
+def test_ray_token_auth_and_the_token_secret():
+    job = _job("lora-minimal.yaml")
+    rj = spec_to_rayjob(job, SETTINGS, 2)
+    auth = rj["spec"]["rayClusterSpec"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": "lora-minimal-ray-token"}
+    secret, policy = job_guards(job, SETTINGS, token="t0k")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == auth["secretName"]
+    assert secret["stringData"] == {"auth_token": "t0k"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "0b7c-uid"
+    # the token never appears in the RayJob or the trainer config
+    assert "t0k" not in json.dumps(rj) + json.dumps(spec_to_configmap(job, SETTINGS, 2))
+    assert policy["kind"] == "NetworkPolicy"
+
+
+def test_network_policy_admits_only_the_job_and_kuberay():
+    job = _job("lora-minimal.yaml")
+    peer = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+    }
+    settings = Settings(ray_operator_peer=json.dumps(peer))
+    pol = spec_to_network_policy(job, settings)
+    own = {"matchLabels": {"kubetune.io/job-uid": "0b7c-uid"}}
+    assert pol["spec"]["podSelector"] == own
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    assert pol["spec"]["ingress"] == [
+        {"from": [{"podSelector": own}]},
+        {"from": [peer], "ports": [{"protocol": "TCP", "port": 8265}]},
+    ]
+    assert pol["metadata"]["ownerReferences"][0]["uid"] == "0b7c-uid"
+    # every pod of the job (the submitter's too) carries the label the policy selects
+    for tpl in _pods(spec_to_rayjob(job, settings, 1)).values():
+        assert tpl["metadata"]["labels"]["kubetune.io/job-uid"] == "0b7c-uid"
+    assert spec_to_network_policy(job, Settings(network_policy=False)) is None
+    assert len(job_guards(job, Settings(network_policy=False), "t")) == 1
 
 
 def test_hf_token_secret_becomes_env():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -51,7 +52,11 @@ class Recipe:
         self.objective = objectives.for_spec(self.spec)
         self.storage = JobStorage(self.cfg.storage_prefix, self.spec.output)
         self.writer = BackgroundWriter()  # rank 0's progress and metrics, off the step
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{self.rank}-"))
+        # Checkpoints are staged here before upload: in a pod, the scratch volume
+        # the operator mounts (sized by spec.resources.scratchPerWorker).
+        scratch = os.environ.get("KUBETUNE_SCRATCH_DIR") or None
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{self.rank}-", dir=scratch))
+        self.log(f"staging checkpoints in {self.tmp}")
         self.checkpoints = Checkpoints(
             self.worker,
             self.storage,

@@ -11,35 +11,20 @@ node's own environment (tests/trainer/test_trainer_s3.py).
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import pytest
 
-
-def start_ray() -> None:
-    """The shared local Ray, if it is not up already (idempotent)."""
-    import ray
-
-    from kubetune_trainer.driver import ensure_env
-
-    if ray.is_initialized():
-        return
-    ensure_env()  # before Ray starts: its workers inherit the environment
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    except Exception:  # noqa: BLE001
-        # Ray gives its raylet a fixed 30 s to register, which a loaded machine
-        # can miss; once more, as `kubetune run` advises.
-        ray.shutdown()
-        time.sleep(5)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+# The same start the lineage benchmark uses: idempotent, the environment set before
+# Ray starts (its workers inherit it), one retry on a loaded machine.
+from lineage_chain import start_ray  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def _ray_session():
     yield
-    import sys
-
     if "ray" in sys.modules:
         sys.modules["ray"].shutdown()
 

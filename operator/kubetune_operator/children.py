@@ -68,6 +68,16 @@ class Settings:
     ray_operator_peer: Optional[str] = None
 
 
+def _child_metadata(job: Body, name: str, component: str) -> Body:
+    """A child's metadata: its name, the job's namespace, labels and ownership."""
+    return {
+        "name": name,
+        "namespace": job["metadata"]["namespace"],
+        "labels": labels(job, component),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
 def spec_to_configmap(job: Body, settings: Settings, attempt: int) -> Body:
     """The trainer config (no secrets: credentials travel as env) in a ConfigMap."""
     meta = job["metadata"]
@@ -81,13 +91,8 @@ def spec_to_configmap(job: Body, settings: Settings, attempt: int) -> Body:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": configmap_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": labels(job, "trainer-config"),
-            "annotations": {LABEL_ATTEMPT: str(attempt)},
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": _child_metadata(job, configmap_name(meta["name"]), "trainer-config")
+        | {"annotations": {LABEL_ATTEMPT: str(attempt)}},
         "data": {CONFIG_FILE: json.dumps(redact_uris(config), indent=2, sort_keys=True) + "\n"},
     }
 
@@ -268,12 +273,7 @@ def spec_to_ray_token_secret(job: Body, token: str) -> Body:
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": {
-            "name": ray_token_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": labels(job, "ray-token"),
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": _child_metadata(job, ray_token_name(meta["name"]), "ray-token"),
         "stringData": {RAY_TOKEN_KEY: token},
     }
 
@@ -297,12 +297,7 @@ def spec_to_network_policy(job: Body, settings: Settings) -> Optional[Body]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {
-            "name": network_policy_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": labels(job, "ray-network-policy"),
-            "ownerReferences": [owner_reference(job)],
-        },
+        "metadata": _child_metadata(job, network_policy_name(meta["name"]), "ray-network-policy"),
         "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": ingress},
     }
 

@@ -108,6 +108,28 @@ tree_hash() {
 
 image_exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
 
+# Free space a target's build needs (GiB): the trainer's CUDA venv is ~5.5 GB,
+# written once as the build's layer, once as the committed image and once as
+# the archive. A build that runs out halfway fails deep inside a commit; this
+# says so first, with where the space went.
+need_space() {
+  local target=$1 need have dir
+  case $target in
+    trainer) need=20 ;;
+    *) need=4 ;;
+  esac
+  for dir in "$(buildah info --format '{{.store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)" "$images"; do
+    mkdir -p "$dir"
+    have=$(($(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1048576))
+    if [ "$have" -lt "$need" ]; then
+      log "building $target needs ~${need} GiB free on $dir's filesystem; it has ${have} GiB."
+      log "largest users there:"
+      du -xsh "$images" "$(dirname "$images")"/* /var/lib/containers /tmp/* 2>/dev/null | sort -h | tail -n 8 >&2 || true
+      die "free space on $dir (old images: buildah rmi --prune; old test runs: /tmp/pytest-of-$(id -un))"
+    fi
+  done
+}
+
 # Removes archives and buildah images of NAME whose tag is not KEEP.
 remove_stale() {
   local name=$1 keep=$2 ref
@@ -216,7 +238,7 @@ dockerfile_tag() {
 build_target() {
   local target=$1 ref=$2
   local args=(
-    bud --target "$target" --tag "$ref" --file Dockerfile
+    bud --target "$target" --tag "$ref" --file Dockerfile --force-rm
     --build-arg "PYTHON_IMAGE=$base_ref" --pull=never
     --network host --secret "id=ca-bundle,src=$ca_bundle"
   )
@@ -295,6 +317,10 @@ for t in "${targets[@]}"; do
       kuberay) image_exists "$ref" || build_kuberay "$ref" ;;
       *)
         if ! image_exists "$ref"; then
+          # The older hash's archive and image go first: the trainer's build
+          # needs its own room (see need_space), not room beside the last one.
+          remove_stale "$t" "$tag"
+          need_space "$t"
           ensure_base
           log "building $ref (buildah bud --target $t)"
           build_target "$t" "$ref"

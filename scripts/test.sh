@@ -34,8 +34,11 @@ if [ -n "$images_pid" ] && ! wait "$images_pid"; then
   echo "test: scripts/build-images.sh failed; the cluster tier will say why. Last lines:"
   tail -n 20 "$KUBETUNE_CACHE/build-images.log"
 fi
-if [ $# -eq 0 ]; then
-  set -- -m "not serving_engine"
-fi
 # The slowest tests close the report: where the suite's minutes go, for every run.
+if [ $# -eq 0 ] && [ "${KUBETUNE_LANES:-1}" != 0 ]; then
+  # Every tier, as two pytest runs side by side (scripts/lanes.py says which
+  # tiers share a lane and why); KUBETUNE_LANES=0 runs them one after another.
+  exec .venv/bin/python scripts/lanes.py "$KUBETUNE_CACHE" -- -m "not serving_engine"
+fi
+[ $# -gt 0 ] || set -- -m "not serving_engine"
 exec .venv/bin/python -m pytest --durations=30 "$@"

@@ -468,17 +468,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         tags of the same repository (stale builds). Returns the seconds it took."""
         t0 = time.monotonic()
         have = self.images()
+        repo = ref.rsplit(":", 1)[0]
+        stale = [i for i in have if i.rsplit(":", 1)[0] == repo and i != ref]
+        if stale:
+            # Before the import, and --sync: containerd frees the old build's
+            # layers and snapshots now (each trainer image is ~12 GB unpacked),
+            # so the new one never needs room beside it.
+            self.ctr("images", "rm", "--sync", *stale, check=False)
         if ref not in have:
             self.ctr("images", "import", "--no-unpack=false", "--snapshotter", "overlayfs",
                      str(archive), timeout=1200)  # fmt: skip
             if ref not in self.images():
                 raise NodeError(f"importing {archive} did not create {ref}")
-        repo = ref.rsplit(":", 1)[0]
-        stale = [i for i in have if i.rsplit(":", 1)[0] == repo and i != ref]
-        if stale:
-            # --sync: containerd frees the layers and snapshots now, not at some
-            # later garbage collection (each trainer image is ~12 GB unpacked).
-            self.ctr("images", "rm", "--sync", *stale, check=False)
         return time.monotonic() - t0
 
     def _kubelet(self) -> None:

@@ -97,6 +97,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# A build that failed or was killed halfway leaves its working container (the
+# trainer's holds ~6 GB); under the lock, any container of ours is such a one.
+leftover=$(buildah containers --format '{{.ContainerID}} {{.ImageName}}' 2>/dev/null \
+  | awk -v p="$prefix-" 'index($2, p) == 1 {print $1}')
+for c in $leftover; do
+  log "removing the working container $c a stopped build left"
+  buildah rm "$c" >/dev/null || true
+done
+
 short_hash() { sha256sum | cut -c1-16; }
 
 # Files under the given paths as the build context sees them (.dockerignore
@@ -238,7 +247,7 @@ dockerfile_tag() {
 build_target() {
   local target=$1 ref=$2
   local args=(
-    bud --target "$target" --tag "$ref" --file Dockerfile --force-rm
+    bud --target "$target" --tag "$ref" --file Dockerfile
     --build-arg "PYTHON_IMAGE=$base_ref" --pull=never
     --network host --secret "id=ca-bundle,src=$ca_bundle"
   )

@@ -217,26 +217,42 @@ _BYTE_FIELDS = (
     "resources.scratchPerWorker",
     "resources.head.memory",
 )
-# bucket names no object store holds (S3's rules for s3://, Cloud Storage's for gs://)
-_BAD_BUCKETS = {
+# Bucket names no object store holds (S3's rules for s3://, Cloud Storage's for gs://
+# and gcs://), and borderline ones they do; tests/unit/test_field_checks.py uses them too.
+BAD_BUCKETS = {
     "short": "s3://ab/x",
     "long": "s3://" + "a" * 64 + "/x",
     "uppercase": "s3://Fine-Tunes/x",
     "underscore": "s3://fine_tunes/x",
     "dot-start": "s3://.bucket/x",
+    "dot-end": "s3://bucket./x",
+    "dash-start": "s3://-bucket/x",
     "dash-end": "s3://bucket-/x",
     "two-dots": "s3://my..bucket/x",
     "dash-dot": "s3://my-.bucket/x",
+    "dot-dash": "s3://my.-bucket/x",
     "ip": "s3://192.168.5.4/x",
     "gs-uppercase": "gs://Data/x",
-    "gs-goog": "gs://goog-data/x",
+    "gs-short": "gs://ab/x",
+    "gs-long-without-dots": "gs://" + "a" * 64 + "/x",
     "gs-part-64": "gcs://a." + "b" * 64 + "/x",
+    "gs-223-with-dots": "gs://" + ".".join(["a" * 55] * 4) + "ab/x",
+    "gs-underscore-end": "gs://data_/x",
+    "gs-two-dots": "gcs://a..b/x",
+    "gs-ip": "gs://10.0.0.1/x",
+    "gs-goog": "gs://goog-data/x",
+    "gs-google": "gs://my-google-data/x",
 }
-_GOOD_BUCKETS = {
+GOOD_BUCKETS = {
     "three": "s3://abc/x",
     "sixty-three": "s3://" + "a" * 63 + "/x",
     "dotted": "s3://my.data-1.example/x",
+    "no-path": "s3://my-bucket",
+    "digits": "s3://123/x",
+    "not-an-ip": "s3://1.2.3/x",
     "gs-underscore": "gs://my_bucket/x",
+    "gs-222-with-dots": "gs://" + ".".join(["a" * 63] * 3) + "." + "b" * 30 + "/x",
+    "gcs-scheme": "gcs://my-bucket/x",
 }
 _ENDPOINT_FIELDS = ("model.endpoint", "dataset.endpoint", "output.endpoint")
 
@@ -531,9 +547,9 @@ def _written() -> list[Case]:
         add(f"uri:{field}:empty", at(""), where)
         add(f"uri:{field}:huge", at("s3://bucket/" + "x" * HUGE), where)
         add(f"uri:{field}:fragment-token", at("s3://bucket/x#access_token=abc"), where)
-        for label, uri in _BAD_BUCKETS.items():
+        for label, uri in BAD_BUCKETS.items():
             add(f"uri:{field}:bucket-{label}", at(uri), where)
-        for label, uri in _GOOD_BUCKETS.items():
+        for label, uri in GOOD_BUCKETS.items():
             add(f"uri:{field}:bucket-ok-{label}", at(uri))
     add("uri:output-relative", mutate("spec.output.uri", "runs/out"), "spec.output.uri")
     add("uri:output-dot-relative", mutate("spec.output.uri", "./out"), "spec.output.uri")
@@ -1154,7 +1170,7 @@ _safe(
     "0.5Gi is 512Mi of memory or disk (and 0.5Gi CPUs a great many): more than zero, whole bytes",
 )
 _safe(
-    tuple(f"uri:{f}:bucket-ok-{label}" for f in _URI_FIELDS for label in _GOOD_BUCKETS),
+    tuple(f"uri:{f}:bucket-ok-{label}" for f in _URI_FIELDS for label in GOOD_BUCKETS),
     "bucket names the stores hold: 3 and 63 characters, dotted names, '_' on Cloud Storage",
 )
 

@@ -504,7 +504,8 @@ def _written() -> list[Case]:
         bytes_ = field in _BYTE_FIELDS
         add(f"quantity:{field}:fraction", mutate(where, "0.5"), where if bytes_ else None)
         add(f"quantity:{field}:milli", mutate(where, "500m"), where if bytes_ else None)
-        add(f"quantity:{field}:fraction-with-unit", mutate(where, "0.5Gi"))
+        if bytes_:
+            add(f"quantity:{field}:fraction-with-unit", mutate(where, "0.5Gi"))
     for field in (
         "model.secretRef",
         "model.tokenSecretRef",
@@ -1166,8 +1167,8 @@ _safe(
     "half a CPU (0.5 or 500m) is a CPU request Kubernetes schedules",
 )
 _safe(
-    tuple(f"quantity:{f}:fraction-with-unit" for f in _QUANTITY_FIELDS),
-    "0.5Gi is 512Mi of memory or disk (and 0.5Gi CPUs a great many): more than zero, whole bytes",
+    tuple(f"quantity:{f}:fraction-with-unit" for f in _BYTE_FIELDS),
+    "0.5Gi is 512Mi of memory or disk: whole bytes, more than zero",
 )
 _safe(
     tuple(f"uri:{f}:bucket-ok-{label}" for f in _URI_FIELDS for label in GOOD_BUCKETS),

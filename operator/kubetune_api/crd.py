@@ -98,9 +98,12 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
 def _model_of(annotation: Any) -> Any:
     """The model class of X or Optional[X] (an optional block, e.g. sweep: when it is
     set, its own nested blocks get their defaults too), else None."""
-    options = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
-    if len(options) == 1 and isinstance(options[0], type) and issubclass(options[0], BaseModel):
-        return options[0]
+    args = get_args(annotation)
+    if type(None) in args:  # Optional[X]; not list[X] or dict[str, X]
+        args = tuple(a for a in args if a is not type(None))
+        annotation = args[0] if len(args) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
     return None
 
 

@@ -197,7 +197,63 @@ def _set(doc: dict, path: str, value: Any) -> dict:
 DELETE = object()
 
 
-_URI_FIELDS = ("model.uri", "dataset.train.uri", "dataset.validation.uri", "output.uri")
+_URI_FIELDS = (
+    "model.uri",
+    "model.fromCheckpoint",
+    "dataset.train.uri",
+    "dataset.validation.uri",
+    "dataset.test.uri",
+    "output.uri",
+)
+_QUANTITY_FIELDS = (
+    "resources.cpuPerWorker",
+    "resources.memoryPerWorker",
+    "resources.scratchPerWorker",
+    "resources.head.cpu",
+    "resources.head.memory",
+)
+_BYTE_FIELDS = (
+    "resources.memoryPerWorker",
+    "resources.scratchPerWorker",
+    "resources.head.memory",
+)
+# Bucket names no object store holds (S3's rules for s3://, Cloud Storage's for gs://
+# and gcs://), and borderline ones they do; tests/unit/test_field_checks.py uses them too.
+BAD_BUCKETS = {
+    "short": "s3://ab/x",
+    "long": "s3://" + "a" * 64 + "/x",
+    "uppercase": "s3://Fine-Tunes/x",
+    "underscore": "s3://fine_tunes/x",
+    "dot-start": "s3://.bucket/x",
+    "dot-end": "s3://bucket./x",
+    "dash-start": "s3://-bucket/x",
+    "dash-end": "s3://bucket-/x",
+    "two-dots": "s3://my..bucket/x",
+    "dash-dot": "s3://my-.bucket/x",
+    "dot-dash": "s3://my.-bucket/x",
+    "ip": "s3://192.168.5.4/x",
+    "gs-uppercase": "gs://Data/x",
+    "gs-short": "gs://ab/x",
+    "gs-long-without-dots": "gs://" + "a" * 64 + "/x",
+    "gs-part-64": "gcs://a." + "b" * 64 + "/x",
+    "gs-223-with-dots": "gs://" + ".".join(["a" * 55] * 4) + "ab/x",
+    "gs-underscore-end": "gs://data_/x",
+    "gs-two-dots": "gcs://a..b/x",
+    "gs-ip": "gs://10.0.0.1/x",
+    "gs-goog": "gs://goog-data/x",
+    "gs-google": "gs://my-google-data/x",
+}
+GOOD_BUCKETS = {
+    "three": "s3://abc/x",
+    "sixty-three": "s3://" + "a" * 63 + "/x",
+    "dotted": "s3://my.data-1.example/x",
+    "no-path": "s3://my-bucket",
+    "digits": "s3://123/x",
+    "not-an-ip": "s3://1.2.3/x",
+    "gs-underscore": "gs://my_bucket/x",
+    "gs-222-with-dots": "gs://" + ".".join(["a" * 63] * 3) + "." + "b" * 30 + "/x",
+    "gcs-scheme": "gcs://my-bucket/x",
+}
 _ENDPOINT_FIELDS = ("model.endpoint", "dataset.endpoint", "output.endpoint")
 
 
@@ -437,6 +493,19 @@ def _written() -> list[Case]:
     add("quantity:cpu-number", mutate(f"{res}.cpuPerWorker", 8), f"{res}.cpuPerWorker")
     add("quantity:memory-unit", mutate(f"{res}.memoryPerWorker", "64GB"), f"{res}.memoryPerWorker")
     add("quantity:negative", mutate(f"{res}.head.cpu", "-1"), f"{res}.head.cpu")
+    # a pod with none of it cannot run the trainer; memory in thousandths of a byte
+    for field in _QUANTITY_FIELDS:
+        where = f"spec.{field}"
+        add(f"quantity:{field}:zero", mutate(where, "0"), where)
+        add(f"quantity:{field}:zero-unit", mutate(where, "0Gi"), where)
+        add(f"quantity:{field}:zero-fraction", mutate(where, "0.0"), where)
+        add(f"quantity:{field}:zero-milli", mutate(where, "000m"), where)
+        # half a CPU, or half a byte
+        bytes_ = field in _BYTE_FIELDS
+        add(f"quantity:{field}:fraction", mutate(where, "0.5"), where if bytes_ else None)
+        add(f"quantity:{field}:milli", mutate(where, "500m"), where if bytes_ else None)
+        if bytes_:
+            add(f"quantity:{field}:fraction-with-unit", mutate(where, "0.5Gi"))
     for field in (
         "model.secretRef",
         "model.tokenSecretRef",
@@ -457,6 +526,8 @@ def _written() -> list[Case]:
             doc = job()
             if field == "model.uri":
                 doc["spec"]["model"].pop("name")
+            if field == "model.fromCheckpoint":
+                doc["spec"]["model"].pop("fromJob")
             if field == "dataset.validation.uri":
                 doc["spec"]["dataset"]["validation"] = {}
             return _set(doc, f"spec.{field}", value)
@@ -476,6 +547,11 @@ def _written() -> list[Case]:
         add(f"uri:{field}:newline", at("s3://bucket/x\ny"), where)
         add(f"uri:{field}:empty", at(""), where)
         add(f"uri:{field}:huge", at("s3://bucket/" + "x" * HUGE), where)
+        add(f"uri:{field}:fragment-token", at("s3://bucket/x#access_token=abc"), where)
+        for label, uri in BAD_BUCKETS.items():
+            add(f"uri:{field}:bucket-{label}", at(uri), where)
+        for label, uri in GOOD_BUCKETS.items():
+            add(f"uri:{field}:bucket-ok-{label}", at(uri))
     add("uri:output-relative", mutate("spec.output.uri", "runs/out"), "spec.output.uri")
     add("uri:output-dot-relative", mutate("spec.output.uri", "./out"), "spec.output.uri")
     for field in _ENDPOINT_FIELDS:
@@ -497,6 +573,11 @@ def _written() -> list[Case]:
             where,
         )
         add(f"endpoint:{field}:query-harmless", mutate(where, "https://minio.example/?keys=1"))
+        add(
+            f"endpoint:{field}:fragment-token",
+            mutate(where, "https://minio.example/#/callback?token=abc"),
+            where,
+        )
         add(f"endpoint:{field}:no-scheme", mutate(where, "minio.example:9000"), where)
     # empty names and splits
     add("model:name-empty", mutate("spec.model.name", ""), "spec.model.name")
@@ -603,6 +684,11 @@ def _written() -> list[Case]:
         (
             "tracking:uri-query-token",
             {"trackingUri": "https://mlflow.example/?access_token=abc"},
+            "trackingUri",
+        ),
+        (
+            "tracking:uri-fragment-token",
+            {"trackingUri": "https://mlflow.example/#access_token=abc"},
             "trackingUri",
         ),
         ("tracking:uri-missing", {"experiment": "chat"}, "trackingUri"),
@@ -762,6 +848,64 @@ def _written() -> list[Case]:
     add("sweep:every-field-at-its-bounds", sweep(**every), None)
     no_mode = mutate(f"{sw}.mode", DELETE)
     add("sweep:mode-default", no_mode, None)
+    # a mode against its metric's direction (the objectives table's)
+    es = "spec.earlyStopping"
+    add("es:loss-maximised", mutate(f"{es}.mode", "max"), f"{es}.mode")
+    accuracy = mutate(f"{es}.metric", "eval_token_accuracy")
+    add("es:accuracy-minimised", accuracy, f"{es}.mode")
+    add("es:accuracy-mode-default", _set(copy.deepcopy(accuracy), f"{es}.mode", DELETE))
+    add("es:accuracy-maximised", _set(copy.deepcopy(accuracy), f"{es}.mode", "max"))
+    add("dpo:reward-minimised", _set(dpo_job(), f"{es}.mode", "min"), f"{es}.mode")
+    add("sweep:loss-maximised", mutate(f"{sw}.mode", "max"), f"{sw}.mode")
+    add(
+        "sweep:perplexity-maximised",
+        _set(mutate(f"{sw}.metric", "eval_perplexity"), f"{sw}.mode", "max"),
+        f"{sw}.mode",
+    )
+    add("sweep:accuracy-minimised", mutate(f"{sw}.metric", "eval_token_accuracy"), f"{sw}.mode")
+    # a metric the job's objective never reports
+    add(
+        "sweep:dpo-metric-on-sft",
+        _set(copy.deepcopy(no_mode), f"{sw}.metric", "eval_reward_accuracy"),
+        f"{sw}.metric",
+    )
+    dpo_sweep = _set(dpo_job(), f"{sw}.mode", DELETE)
+    add(
+        "dpo:sweep-perplexity",
+        _set(copy.deepcopy(dpo_sweep), f"{sw}.metric", "eval_perplexity"),
+        f"{sw}.metric",
+    )
+    add(
+        "dpo:sweep-reward-accuracy",
+        _set(copy.deepcopy(dpo_sweep), f"{sw}.metric", "eval_reward_accuracy"),
+    )
+
+    # ASHA's grace period (given or defaulted) against the steps: Ray refuses
+    # grace_period > max_t when the sweep starts, on a running cluster
+    def steps(n: int, *changes: tuple[str, Any]) -> dict:
+        doc = mutate("spec.hyperparameters.epochs", DELETE)
+        _set(doc, "spec.hyperparameters.maxSteps", n)
+        for path, value in changes:
+            _set(doc, path, value)
+        return doc
+
+    grace = f"{sw}.earlyStopping.gracePeriod"
+    add("asha:grace-above-max-steps", steps(19), grace)
+    add("asha:grace-equals-max-steps", steps(20))
+    add(
+        "asha:grace-from-evaluation-above-max-steps",
+        steps(99, (grace, DELETE)),  # evaluation.everySteps 100
+        grace,
+    )
+    add(
+        "asha:grace-from-checkpoints-above-max-steps",
+        steps(150, (grace, DELETE), ("spec.evaluation.everySteps", DELETE)),  # every 200
+        grace,
+    )
+    add(
+        "asha:grace-above-max-steps-without-early-termination",
+        steps(10, (f"{sw}.earlyStopping.enabled", False)),
+    )
     # cross-field rules through every generated mutation stay covered by rules tests;
     # here: the values a person is likely to try
     add(
@@ -791,8 +935,8 @@ def all_doc_cases() -> list[Case]:
 
 _HEAD = "apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata:\n  name: {name}\n"
 _SPEC = (
-    "spec:\n  model: {{name: org/model}}\n  dataset: {{train: {{uri: 's3://b/t.jsonl'}}}}\n"
-    "  output: {{uri: 's3://b/out'}}\n"
+    "spec:\n  model: {{name: org/model}}\n  dataset: {{train: {{uri: 's3://bucket/t.jsonl'}}}}\n"
+    "  output: {{uri: 's3://bucket/out'}}\n"
 )
 
 
@@ -897,7 +1041,7 @@ def yaml_cases() -> list[Case]:
     )
     bomb = "".join("    " + line + "\n" for line in _bomb().decode().splitlines())
     add("yaml:alias-bomb", _file("y19", "  x:\n" + bomb), "(yaml")
-    add("yaml:small-alias", _file("y20", "  output: &o {uri: 's3://b/out'}\n"))
+    add("yaml:small-alias", _file("y20", "  output: &o {uri: 's3://bucket/out'}\n"))
     add(
         "yaml:not-utf8",
         _file("y21", '  model: {name: "org/\xff"}\n').replace("\xff".encode(), b"\xff"),
@@ -996,6 +1140,40 @@ _safe(
     "every sweepable field over its whole range: each value is one its field accepts",
 )
 _safe(("sweep:mode-default",), "mode follows the metric: min for losses, max for accuracy")
+_safe(
+    ("es:accuracy-mode-default",),
+    "mode follows the metric: max for an accuracy (the objectives table's direction)",
+)
+_safe(("es:accuracy-maximised",), "an accuracy maximised: the metric's own direction")
+_safe(
+    ("dpo:sweep-reward-accuracy",),
+    "a DPO sweep ranks on a metric DPO reports, maximised as the table says",
+)
+_safe(
+    ("asha:grace-equals-max-steps",),
+    "Ray's ASHAScheduler takes a grace period up to max_t, the trial's steps",
+)
+_safe(
+    ("asha:grace-above-max-steps-without-early-termination",),
+    "without early termination there is no ASHA and no grace period",
+)
+_safe(
+    tuple(
+        f"quantity:{f}:{kind}"
+        for f in _QUANTITY_FIELDS
+        if f not in _BYTE_FIELDS
+        for kind in ("fraction", "milli")
+    ),
+    "half a CPU (0.5 or 500m) is a CPU request Kubernetes schedules",
+)
+_safe(
+    tuple(f"quantity:{f}:fraction-with-unit" for f in _BYTE_FIELDS),
+    "0.5Gi is 512Mi of memory or disk: whole bytes, more than zero",
+)
+_safe(
+    tuple(f"uri:{f}:bucket-ok-{label}" for f in _URI_FIELDS for label in GOOD_BUCKETS),
+    "bucket names the stores hold: 3 and 63 characters, dotted names, '_' on Cloud Storage",
+)
 
 
 def safe_reason(case: Case) -> Optional[str]:

@@ -70,6 +70,11 @@ def _fullmatch(pattern: str) -> Callable[[str], bool]:
     return lambda v: isinstance(v, str) and compiled.fullmatch(v) is not None
 
 
+def _prefix(pattern: str) -> Callable[[str], bool]:
+    compiled = re.compile(pattern.removeprefix("^"))
+    return lambda v: isinstance(v, str) and compiled.match(v) is not None
+
+
 def _cel_str(text: str) -> str:
     """A CEL raw string literal holding `text` (a regular expression)."""
     assert "'" not in text
@@ -201,6 +206,30 @@ GPU_RESOURCE_NAME = Check(
     python=lambda v: is_qualified_name(v) and "/" in v and "kubernetes.io/" not in v,
 )
 
+# ---------------------------------------------------------------------------- quantities
+
+# On a value that already has a quantity's form (digits, an optional fraction and
+# suffix: the field's pattern): zero in any spelling (0, 0.0, 0Gi, 000m).
+_ZERO_QUANTITY_RE = r"^0+(\.0+)?[A-Za-z]*$"
+
+POSITIVE_QUANTITY = Check(
+    cel=f"!self.matches({_cel_str(_ZERO_QUANTITY_RE)})",
+    message="must be more than zero: a pod with none of it cannot run the trainer; give "
+    'an amount, e.g. "8" CPUs or "64Gi" of memory',
+    python=lambda v: not (isinstance(v, str) and _fullmatch(_ZERO_QUANTITY_RE)(v)),
+)
+
+# Sizes in bytes below one byte: m is thousandths (128m is 0.128 bytes, always a slip
+# for Mi), and a fraction without a unit is a fraction of a byte.
+_SUB_BYTE_RE = "^([0-9]+([.][0-9]+)?m|[0-9]+[.][0-9]+)$"
+
+BYTES_QUANTITY = Check(
+    cel=f"!self.matches({_cel_str(_SUB_BYTE_RE)})",
+    message="is a size in bytes: m means thousandths (128m is 0.128 bytes) and a number "
+    'without a unit counts bytes: write Mi or Gi, e.g. "512Mi" or "64Gi"',
+    python=lambda v: not (isinstance(v, str) and _fullmatch(_SUB_BYTE_RE)(v)),
+)
+
 # ---------------------------------------------------------------------------- images
 
 # The reference grammar of container images (github.com/distribution/reference):
@@ -270,15 +299,17 @@ QUERY_CREDENTIAL_NAMES = (
     "credential",
     "credentials",
 )
+# In the query or in the fragment (an OAuth redirect's #access_token=, a single-page
+# app's #/callback?token=): whatever follows the path shows in status as well.
 _QUERY_CREDENTIAL_RE = (
-    "^[^?#]*[?]([^#]*&)?(?i:" + "|".join(QUERY_CREDENTIAL_NAMES).replace("-", "[-]") + ")="
+    "^[^?#]*[?#](.*[?&#])?(?i:" + "|".join(QUERY_CREDENTIAL_NAMES).replace("-", "[-]") + ")="
 )
 
 NO_QUERY_CREDENTIALS = Check(
     cel=f"!self.matches({_cel_str(_QUERY_CREDENTIAL_RE)})",
-    message="must not carry credentials in its query string (X-Amz-Signature=, sig=, token=, "
-    "key=, ...: a presigned or tokened URL): they would show in status, events and logs; "
-    "put the keys in a Secret and name it in secretRef",
+    message="must not carry credentials in its query string or fragment (X-Amz-Signature=, "
+    "sig=, token=, key=, ...: a presigned or tokened URL): they would show in status, events "
+    "and logs; put the keys in a Secret and name it in secretRef",
     python=lambda v: isinstance(v, str) and re.match(_QUERY_CREDENTIAL_RE, v) is None,
 )
 
@@ -294,11 +325,69 @@ STORAGE_SCHEME = Check(
 
 BUCKET = Check(
     cel=f"!self.matches('^(s3|gs|gcs)://') || self.matches({_cel_str(_BUCKET_RE)})",
-    message="an object-store URI needs a bucket: write s3://BUCKET/path (letters, digits, "
-    "'.', '-' and '_' in the bucket name)",
+    message="an object-store URI needs a bucket name, then /path: write s3://BUCKET/path "
+    "(letters, digits, '.', '-' and '_' in the bucket name)",
     python=lambda v: (
         isinstance(v, str) and (re.match("(s3|gs|gcs)://", v) is None or _fullmatch(_BUCKET_RE)(v))
     ),
+)
+
+# Bucket names the stores create and serve. A URI with user:password@ is refused
+# by NO_CREDENTIALS (one error, not two), and one with no bucket by BUCKET.
+#
+# S3 (AWS, and MinIO, Ceph and R2 alike): 3 to 63 characters; dot-separated parts
+# of lowercase letters, digits and '-', each starting and ending with a letter or
+# digit (so no leading, trailing or doubled '.', no '-.' or '.-'); not an IP address.
+_S3_NAME = "[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_S3_BUCKET_RULES = (
+    (True, rf"^s3://{_S3_NAME}(\.{_S3_NAME})*(/.*)?$"),
+    (True, "^s3://[^/]{3,63}(/.*)?$"),
+    (False, r"^s3://[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+(/.*)?$"),
+)
+# GCS: lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or
+# digit, no '..'; 3 to 63 characters, or up to 222 with dots and at most 63 between
+# them; not an IP address; not starting with goog, not containing google.
+_GCS_NAME = "[a-z0-9]([a-z0-9_-]*[a-z0-9])?"
+_GCS_BUCKET_RULES = (
+    (True, rf"^gc?s://{_GCS_NAME}(\.{_GCS_NAME})*(/.*)?$"),
+    (True, "^gc?s://[^/]{3,222}(/.*)?$"),
+    (False, "^gc?s://([^/]*[.])?[^/.]{64}"),
+    (False, r"^gc?s://[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+(/.*)?$"),
+    (False, "^gc?s://(goog|[^/]*google)"),
+)
+
+
+def _bucket_check(scheme_re: str, rules: tuple[tuple[bool, str], ...], message: str) -> Check:
+    skip = f"!self.matches('{scheme_re}') || self.matches({_cel_str(_USERINFO_RE)}) || "
+    skip += f"!self.matches({_cel_str(_BUCKET_RE)})"
+    cel = " && ".join(f"{'' if must else '!'}self.matches({_cel_str(rx)})" for must, rx in rules)
+    # RE2's $ is the end of the text, Python's may sit before a final newline: fullmatch
+    tests = [(must, _fullmatch(rx) if rx.endswith("$") else _prefix(rx)) for must, rx in rules]
+
+    def python(v: Any) -> bool:
+        if not isinstance(v, str) or re.match(scheme_re, v) is None:
+            return True
+        if re.match(_USERINFO_RE, v) or not _fullmatch(_BUCKET_RE)(v):
+            return True
+        return all(test(v) == must for must, test in tests)
+
+    return Check(cel=f"{skip} || ({cel})", message=message, python=python)
+
+
+S3_BUCKET = _bucket_check(
+    "^s3://",
+    _S3_BUCKET_RULES,
+    "the bucket is not one S3 (or MinIO, Ceph, R2) can hold: 3 to 63 lowercase letters, "
+    "digits, '.' and '-', each dot-separated part starting and ending with a letter or "
+    "digit, not an IP address: rename it, e.g. s3://my-bucket/path",
+)
+GCS_BUCKET = _bucket_check(
+    "^gc?s://",
+    _GCS_BUCKET_RULES,
+    "the bucket is not one Cloud Storage can hold: 3 to 63 lowercase letters, digits, '-', "
+    "'_' and '.' (up to 222 with dots, 63 between them), starting and ending with a letter "
+    "or digit, not an IP address, not starting with goog or containing google: rename "
+    "it, e.g. gs://my-bucket/path",
 )
 
 ABSOLUTE_OUTPUT = Check(
@@ -316,7 +405,16 @@ ENDPOINT = Check(
     python=_fullmatch("^https?://[^/?#@ ]+([/?#].*)?$"),
 )
 
-STORAGE_URI = (PRINTABLE, NOT_BLANK, NO_CREDENTIALS, NO_QUERY_CREDENTIALS, STORAGE_SCHEME, BUCKET)
+STORAGE_URI = (
+    PRINTABLE,
+    NOT_BLANK,
+    NO_CREDENTIALS,
+    NO_QUERY_CREDENTIALS,
+    STORAGE_SCHEME,
+    BUCKET,
+    S3_BUCKET,
+    GCS_BUCKET,
+)
 
 # ---------------------------------------------------------------------------- tolerations
 

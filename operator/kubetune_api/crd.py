@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
@@ -95,6 +95,18 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _model_of(annotation: Any) -> Any:
+    """The model class of X or Optional[X] (an optional block, e.g. sweep: when it is
+    set, its own nested blocks get their defaults too), else None."""
+    args = get_args(annotation)
+    if type(None) in args:  # Optional[X]; not list[X] or dict[str, X]
+        args = tuple(a for a in args if a is not type(None))
+        annotation = args[0] if len(args) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
 def _default_nested_objects(schema: dict[str, Any], model: type[BaseModel]) -> None:
     """Fields built by default_factory get `default: {}` so the API server fills
     in their own defaults, and CEL rules can rely on them being present."""
@@ -103,8 +115,8 @@ def _default_nested_objects(schema: dict[str, Any], model: type[BaseModel]) -> N
         prop = schema.get("properties", {}).get(alias)
         if prop is None:
             continue
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        annotation = _model_of(field.annotation)
+        if annotation is not None:
             if field.default_factory is not None:
                 prop["default"] = {}
             _default_nested_objects(prop, annotation)

@@ -419,12 +419,15 @@ Quantity = Annotated[
         max_length=64,
         pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$",
     ),
+    checks.POSITIVE_QUANTITY,
 ]
+# memory and disk: bytes, where m (thousandths) is never meant
+ByteQuantity = Annotated[Quantity, checks.BYTES_QUANTITY]
 
 
 class HeadResources(_Model):
     cpu: Quantity = Field("2", description="CPU for the Ray head pod.")
-    memory: Quantity = Field("8Gi", description="Memory for the Ray head pod.")
+    memory: ByteQuantity = Field("8Gi", description="Memory for the Ray head pod.")
 
 
 class Resources(_Model):
@@ -436,8 +439,8 @@ class Resources(_Model):
         "nvidia.com/gpu", description="Extended resource name of the GPUs."
     )
     cpu_per_worker: Quantity = Field("8", description="CPU per worker pod.")
-    memory_per_worker: Quantity = Field("64Gi", description="Memory per worker pod.")
-    scratch_per_worker: Quantity = Field(
+    memory_per_worker: ByteQuantity = Field("64Gi", description="Memory per worker pod.")
+    scratch_per_worker: ByteQuantity = Field(
         "20Gi",
         description="Local disk per worker pod where checkpoints are staged before upload: "
         "an emptyDir of this size limit, requested as ephemeral-storage.",
@@ -498,9 +501,13 @@ class Evaluation(_Model):
 class EarlyStopping(_Model):
     enabled: bool = Field(False, description="Stop when the metric stops improving.")
     metric: Literal[objectives.metric_names()] = Field(  # every objective's metrics
-        "eval_loss", description=objectives.early_stopping_description()
+        "eval_loss", description=objectives.metric_description("Metric watched.")
     )
-    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    mode: Optional[Literal["min", "max"]] = Field(
+        None,
+        description="Whether lower or higher is better (default: the metric's direction, min "
+        "for losses, max for accuracies and rewards; given, it must match it).",
+    )
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement.")
     min_delta: float = Field(
         0.0, ge=0, le=1000, description="Smallest change that counts as improvement."
@@ -586,7 +593,8 @@ class SweepEarlyStopping(_Model):
         ge=1,
         le=10_000_000,
         description="Steps every trial trains before it can be stopped (default: up to its "
-        "first evaluation).",
+        "first evaluation, evaluation.everySteps, else checkpointing.everySteps); given or "
+        "defaulted, at most hyperparameters.maxSteps.",
     )
     reduction_factor: int = Field(
         3,
@@ -608,13 +616,14 @@ class Sweep(_Model):
         description="Spec fields to search, by dotted path, each with a distribution. "
         f"Sweepable: {sweep_space.SWEEPABLE_TEXT}.",
     )
-    metric: Literal["eval_loss", "eval_perplexity", "eval_token_accuracy"] = Field(
-        "eval_loss", description="Evaluation metric that ranks the trials."
+    metric: Literal[objectives.metric_names()] = Field(  # every objective's metrics
+        "eval_loss",
+        description=objectives.metric_description("Evaluation metric that ranks the trials."),
     )
     mode: Optional[Literal["min", "max"]] = Field(
         None,
-        description="Whether lower or higher is better (default: min for losses, max for "
-        "accuracy).",
+        description="Whether lower or higher is better (default: the metric's direction, min "
+        "for losses, max for accuracies and rewards; given, it must match it).",
     )
     trials: int = Field(8, ge=1, le=1000, description="Trials in all.")
     parallel_trials: int = Field(

@@ -116,11 +116,12 @@ def enum_description() -> str:
     return "; ".join(f"{row.name}: {row.summary}" for row in OBJECTIVES) + "."
 
 
-def early_stopping_description() -> str:
+def metric_description(lead: str) -> str:
+    """A metric field's description: `lead`, then which objective reports which metric."""
     shared = set.intersection(*({m.name for m in row.metrics} for row in OBJECTIVES))
     parts = []
     for row in OBJECTIVES:
         own = [m.name for m in row.metrics if m.name not in shared]
         if own:
             parts.append(f"{words(own)}: objective {row.name}")
-    return "Metric watched. " + "; ".join(parts) + "."
+    return f"{lead} " + "; ".join(parts) + "."

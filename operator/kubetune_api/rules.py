@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .objectives import OBJECTIVES, metric_names, words
+from .objectives import OBJECTIVES, metric_mode, metric_names, words
+from .sweep_space import grace_period, grace_period_cel
 
 Spec = dict[str, Any]
 
@@ -59,7 +60,8 @@ def _one_of(expr: str, values: tuple[str, ...]) -> str:
 def objective_rules() -> list[Rule]:
     """The rules that come from the objectives table (objectives.OBJECTIVES): per
     objective its formats, the formats only it trains on, its settings block;
-    then the early-stopping metric each one reports."""
+    then, for early stopping and for a sweep, the metrics each one reports and
+    their direction."""
     out: list[Rule] = []
     for row in OBJECTIVES:
         name, formats = row.name, row.formats
@@ -107,7 +109,21 @@ def objective_rules() -> list[Rule]:
             )
             for extra in row.settings_rules:
                 out.append(Rule(path=("method", key), **extra))
-    # earlyStopping.metric: the metrics each objective does not report are refused
+    out += metric_rules("earlyStopping", "early-stopping", always=True)
+    out += metric_rules("sweep", "sweep", always=False)
+    return out
+
+
+def _metrics_cel(var: str, metrics: tuple[str, ...]) -> str:
+    return f"{var} in [" + ", ".join(f"'{m}'" for m in metrics) + "]"
+
+
+def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
+    """Two rules on a metric field (spec.<block>.metric and .mode), both from the
+    objectives table: the metric is one the job's objective reports, and a mode
+    given with it is the metric's direction (a loss is minimised, an accuracy or a
+    reward maximised). `always`: the block is always there (a default); else the
+    rules hold only when it is set."""
     every = metric_names()
     others = {
         row.name: tuple(m for m in every if m not in {x.name for x in row.metrics})
@@ -115,29 +131,48 @@ def objective_rules() -> list[Rule]:
     }
     first, *rest = OBJECTIVES
     order = [*rest, first]  # the first row (sft, the default) is the CEL's else branch
-    cel = (
-        "!(self.earlyStopping.metric in [" + ", ".join(f"'{m}'" for m in others[first.name]) + "])"
-    )
+    var = f"self.{block}.metric"
+    cel = f"!({_metrics_cel(var, others[first.name])})"
     for row in reversed(rest):
-        banned = ", ".join(f"'{m}'" for m in others[row.name])
         cel = (
             f"self.method.objective == '{row.name}' ? "
-            f"!(self.earlyStopping.metric in [{banned}]) : {cel}"
+            f"!({_metrics_cel(var, others[row.name])}) : {cel}"
         )
+    if not always:
+        cel = f"!has(self.{block}) || ({cel})"
     reports = "; ".join(
         f"{words([m.name for m in row.metrics], 'or')} for {row.name}" for row in order
     )
-    out.append(
+    highest = tuple(m for m in every if metric_mode(m) == "max")
+    lowest = tuple(m for m in every if metric_mode(m) == "min")
+    return [
         Rule(
-            "early-stopping-metric-fits-objective",
+            f"{slug}-metric-fits-objective",
             (),
-            f"earlyStopping.metric must be one the objective reports: {reports}",
+            f"{block}.metric must be one the objective reports: {reports}",
             cel=cel,
-            python=lambda s: s["earlyStopping"]["metric"] not in others[s["method"]["objective"]],
-            field="earlyStopping.metric",
-        )
-    )
-    return out
+            python=lambda s: (
+                (not always and not _has(s, block))
+                or s[block]["metric"] not in others[s["method"]["objective"]]
+            ),
+            field=f"{block}.metric",
+        ),
+        Rule(
+            f"{slug}-mode-fits-metric",
+            (block,),
+            f"{block}.mode must be the metric's direction: min for {words(lowest)} (lower "
+            f"is better), max for {words(highest)} (higher is better): remove mode (it "
+            "follows the metric), or set it to match",
+            cel=f"!has(self.mode) || self.mode == "
+            f"({_metrics_cel('self.metric', highest)} ? 'max' : 'min')",
+            python=lambda b: (
+                b.get("mode") is None
+                or metric_mode(b["metric"]) is None  # an unknown metric: the enum says so
+                or b["mode"] == metric_mode(b["metric"])
+            ),
+            field="mode",
+        ),
+    ]
 
 
 RULES: list[Rule] = [
@@ -335,6 +370,25 @@ RULES: list[Rule] = [
             )
         ),
         field="sweep.metric",
+    ),
+    Rule(
+        "sweep-grace-period-within-max-steps",
+        (),
+        "sweep.earlyStopping.gracePeriod (when unset: evaluation.everySteps, else "
+        "checkpointing.everySteps) must be at most hyperparameters.maxSteps: Ray's ASHA "
+        "refuses to wait longer than a trial trains; set gracePeriod (or "
+        "evaluation.everySteps) to maxSteps or fewer, raise maxSteps, or set "
+        "sweep.earlyStopping.enabled to false",
+        cel="!has(self.sweep) || !self.sweep.earlyStopping.enabled || "
+        f"!has(self.hyperparameters.maxSteps) || {grace_period_cel()} <= "
+        "self.hyperparameters.maxSteps",
+        python=lambda s: (
+            not _has(s, "sweep")
+            or not s["sweep"]["earlyStopping"]["enabled"]
+            or not _has(s["hyperparameters"], "maxSteps")
+            or grace_period(s) <= s["hyperparameters"]["maxSteps"]
+        ),
+        field="sweep.earlyStopping.gracePeriod",
     ),
     Rule(
         "sweep-lora-needs-adapter",

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
+from . import sweep_space
 from .models import FineTuneJobSpec, Sweep, _Model
 from .storage import OutputsRecord, join
 from .sweep_space import BY_PATH, mode_for
@@ -90,6 +91,11 @@ def trial_prefix(prefix: str, tid: str) -> str:
 
 def metric_mode(sweep: Sweep) -> str:
     return mode_for(sweep.metric, sweep.mode)
+
+
+def grace_period(spec: FineTuneJobSpec) -> int:
+    """Steps every trial trains before ASHA may stop it (sweep_space.GRACE_PERIOD_FROM)."""
+    return sweep_space.grace_period(spec.to_dict())
 
 
 def better(a: Optional[float], b: Optional[float], mode: str) -> bool:
@@ -176,9 +182,8 @@ def describe(spec: FineTuneJobSpec) -> list[str]:
         f"{sweep.parallel_trials * spec.resources.workers} worker(s)"
     ]
     if es.enabled:
-        grace = es.grace_period or "the first evaluation"
         lines.append(
-            f"  early termination (ASHA): after {grace} step(s), keep the best "
+            f"  early termination (ASHA): after {grace_period(spec)} step(s), keep the best "
             f"1/{es.reduction_factor} at each rung"
         )
     for path, p in sorted(sweep.parameters.items()):

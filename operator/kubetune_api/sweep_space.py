@@ -171,6 +171,38 @@ def _bounds_check(s: Sweepable) -> Check:
 PARAMETERS_CHECKS = (KNOWN_PATHS, *(_bounds_check(s) for s in SWEEPABLE))
 
 
+# ASHA's grace period, the steps every trial trains before it can be stopped: the
+# first of these that is set (a trial's first evaluation when gracePeriod is not
+# given; evaluations default to each checkpoint). Ray's ASHAScheduler refuses a
+# grace period above the trial's steps (max_t), once the cluster is up: the rule
+# "sweep-grace-period-within-max-steps" (kubetune_api.rules) refuses it at the door.
+GRACE_PERIOD_FROM = (
+    "sweep.earlyStopping.gracePeriod",
+    "evaluation.everySteps",
+    "checkpointing.everySteps",
+)
+
+
+def grace_period(spec: dict) -> Optional[int]:
+    """ASHA's grace period for a camelCase spec with its defaults applied."""
+    for path in GRACE_PERIOD_FROM:
+        node: Any = spec
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+def grace_period_cel(var: str = "self") -> str:
+    """The same, as a CEL expression on the spec `var`."""
+    *given, last = GRACE_PERIOD_FROM
+    text = f"{var}.{last}"
+    for path in reversed(given):
+        text = f"has({var}.{path}) ? {var}.{path} : {text}"
+    return f"({text})"
+
+
 def mode_for(metric: str, mode: Optional[str]) -> str:
     """The metric's direction in the objectives table (lower is better for losses,
     higher for accuracies), unless mode says."""

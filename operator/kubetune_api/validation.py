@@ -21,7 +21,7 @@ from typing import Any, Optional, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from . import checks, models, objectives
+from . import checks, models, objectives, sweep_space
 from .crd import spec_schema
 from .rules import check_rules
 
@@ -630,6 +630,8 @@ def resolve_spec(spec: models.FineTuneJobSpec | dict) -> models.FineTuneJobSpec:
         setting = models.Method.model_fields[row.settings].annotation
         block = next(a for a in get_args(setting) if a is not type(None))
         setattr(spec.method, row.settings, block())
+    es = spec.early_stopping
+    es.mode = sweep_space.mode_for(es.metric, es.mode)
     if method in ("lora", "qlora") and spec.method.lora is None:
         spec.method.lora = models.LoraConfig()
     if method == "qlora" and spec.method.quantization is None:

@@ -179,3 +179,38 @@ def test_a_killed_sweep_continues_without_training_finished_trials_again(tmp_pat
     rows = [json.loads(line) for line in resumed.read_text().splitlines()]
     assert any(r.get("resumedFrom") for r in rows), "the running trial started over"
     assert rows[-1]["step"] == 8
+
+
+@pytest.mark.parametrize("steps, ok", [(100, True), (99, False)])
+def test_the_admission_rule_on_the_grace_period_is_rays_own(steps, ok):
+    """A spec both doors accept builds the trainer's ASHA; one they refuse is one Ray
+    itself refuses (grace_period <= max_t), which would show only on a started cluster.
+    The grace period is defaulted here: the first evaluation, step 100."""
+    from kubetune_api import sweep as S
+    from kubetune_api.models import FineTuneJobSpec
+    from kubetune_api.validation import validate_spec
+    from kubetune_trainer.sweep import HaltingASHA
+
+    choice = {"distribution": "choice", "values": [2]}
+    spec = {
+        "model": {"name": "org/model"},
+        "dataset": {"train": {"uri": "s3://bucket/t.jsonl"}},
+        "hyperparameters": {"maxSteps": steps},
+        "evaluation": {"everySteps": 100},
+        "sweep": {"parameters": {"hyperparameters.batchSize": choice}},
+    }
+    assert validate_spec(spec).ok is ok
+    # what the trainer would compute, had the spec got through
+    grace = S.grace_period(FineTuneJobSpec.model_validate(spec))
+    assert grace == 100
+
+    def build():
+        return HaltingASHA(
+            "k", time_attr="step", metric="eval_loss", mode="min", max_t=steps, grace_period=grace
+        )
+
+    if ok:
+        build()
+    else:
+        with pytest.raises(AssertionError, match="grace_period"):
+            build()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from admission_cases import (
     FULL_SPEC,
+    SAFE,
     Case,
     all_doc_cases,
     cli_verdict,
@@ -48,6 +49,7 @@ def test_cli_verdict(case: Case):
         assert case.refuse is None, f"{case.id}: accepted, must be refused at {case.refuse}"
         assert safe_reason(case), f"{case.id}: accepted: refuse it or say in SAFE why it is safe"
         return
+    assert case.id not in SAFE, f"{case.id}: SAFE says it is accepted: {verdict.messages}"
     assert verdict.paths and all(verdict.paths), verdict.messages
     if case.refuse:
         assert any(p.startswith(case.refuse) for p in verdict.paths), (case.refuse, verdict)

@@ -5,7 +5,7 @@ import pytest
 from kubetune_api import models
 from kubetune_api.validation import SpecError, apply_defaults, resolve_spec, validate_spec
 
-MINIMAL = {"model": {"name": "org/model"}, "dataset": {"train": {"uri": "s3://b/train.jsonl"}}}
+MINIMAL = {"model": {"name": "org/model"}, "dataset": {"train": {"uri": "s3://bucket/train.jsonl"}}}
 
 
 def test_minimal_spec_gets_documented_defaults():

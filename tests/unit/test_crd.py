@@ -96,6 +96,20 @@ def test_nested_objects_default_to_their_filled_defaults():
         assert isinstance(spec[name]["default"], dict), name
     assert "default" not in spec["model"] and "default" not in spec["dataset"]
     assert set(_root()["properties"]["spec"]["required"]) == {"model", "dataset"}
+    # an optional block's own blocks too: set, a sweep has its early termination
+    assert spec["sweep"]["properties"]["earlyStopping"]["default"] == {
+        "enabled": True,
+        "reductionFactor": 3,
+    }
+    assert "default" not in spec["sweep"]
+
+
+def test_every_default_has_its_fields_type():
+    """The API server refuses a CRD whose default does not fit its own schema."""
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool}
+    for path, node in _walk(_root()):
+        if "default" in node and node.get("type") in kinds:
+            assert isinstance(node["default"], kinds[node["type"]]), path
 
 
 def test_names_printer_columns_and_status_subresource():

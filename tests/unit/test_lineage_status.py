@@ -14,7 +14,7 @@ from kubetune_operator.states import Phase, Reason
 
 SPEC = {
     "model": {"name": "org/model", "fromJob": "first"},
-    "dataset": {"train": {"uri": "s3://b/new.jsonl"}},
+    "dataset": {"train": {"uri": "s3://bucket/new.jsonl"}},
     "output": {"uri": "s3://out/ft"},
     "tracking": {
         "mlflow": {"trackingUri": "http://mlflow:5000", "secretRef": {"name": "mlflow-creds"}}
@@ -73,9 +73,9 @@ def test_trainer_config_carries_the_resolved_parent_only():
     config = load_trainer_config(spec_to_trainer_config(_job(), parent=parent))
     assert config.parent.uri == parent["uri"]
     assert config.parent.job.to_dict() == {"name": "first", "namespace": "team", "uid": "uid-1"}
-    ckpt = {**SPEC, "model": {"name": "org/model", "fromCheckpoint": "s3://b/c/step-00000010"}}
+    ckpt = {**SPEC, "model": {"name": "org/model", "fromCheckpoint": "s3://bucket/c/step-00000010"}}
     config = load_trainer_config(spec_to_trainer_config(_job(spec=ckpt)))
-    assert config.parent.uri == "s3://b/c/step-00000010" and config.parent.job is None
+    assert config.parent.uri == "s3://bucket/c/step-00000010" and config.parent.job is None
 
 
 def test_children_take_the_parent_from_status_and_credentials_by_reference():

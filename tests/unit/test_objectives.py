@@ -38,8 +38,8 @@ def test_enum_metrics_and_formats_come_from_the_table():
 def test_default_learning_rate_and_settings_block_per_objective():
     base = {
         "model": {"name": "org/m"},
-        "dataset": {"train": {"uri": "s3://b/t.jsonl"}},
-        "output": {"uri": "s3://b/out"},
+        "dataset": {"train": {"uri": "s3://bucket/t.jsonl"}},
+        "output": {"uri": "s3://bucket/out"},
     }
     for row in objectives.OBJECTIVES:
         fmt = row.formats[0]

@@ -15,10 +15,12 @@ from kubetune_openai import mapping as M
 
 FILE = "file-" + "a" * 24
 PREF = "file-" + "b" * 24
-SETTINGS = M.Settings("s3://b/files", "s3://b/runs", "http://s3:9000", "us-east-1", "creds")
+SETTINGS = M.Settings(
+    "s3://bucket/files", "s3://bucket/runs", "http://s3:9000", "us-east-1", "creds"
+)
 FILES = {
-    FILE: {"format": "chat", "uri": "s3://b/files/ns/f/upload.jsonl"},
-    PREF: {"format": "preference", "uri": "s3://b/files/ns/p/train.jsonl"},
+    FILE: {"format": "chat", "uri": "s3://bucket/files/ns/f/upload.jsonl"},
+    PREF: {"format": "preference", "uri": "s3://bucket/files/ns/p/train.jsonl"},
 }
 BASE = {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 CHAT_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -64,7 +66,7 @@ def test_a_supervised_request_becomes_a_valid_finetunejob():
     spec = job["spec"]
     assert spec["model"] == BASE and spec["resources"] == {"workers": 2}
     assert spec["dataset"] == {
-        "train": {"uri": "s3://b/files/ns/f/upload.jsonl"},
+        "train": {"uri": "s3://bucket/files/ns/f/upload.jsonl"},
         "format": "chat",
         "endpoint": "http://s3:9000",
         "region": "us-east-1",
@@ -79,7 +81,7 @@ def test_a_supervised_request_becomes_a_valid_finetunejob():
         "seed": 7,
         "learningRate": pytest.approx(1e-4),
     }
-    assert spec["output"]["uri"] == "s3://b/runs"
+    assert spec["output"]["uri"] == "s3://bucket/runs"
     assert job["metadata"]["labels"] == {M.LABEL_API: "v1"}
     obj = M.job_object(job)
     assert obj["hyperparameters"] == {
@@ -266,8 +268,13 @@ def test_checkpoints_come_from_status_with_their_step_metrics():
     job = _job({"suffix": "s"})
     job["status"] = {
         "checkpoints": [
-            {"step": 10, "uri": "s3://b/runs/c10", "evalLoss": 2.2, "time": "2026-01-01T00:00:10Z"},
-            {"step": 20, "uri": "s3://b/runs/c20"},
+            {
+                "step": 10,
+                "uri": "s3://bucket/runs/c10",
+                "evalLoss": 2.2,
+                "time": "2026-01-01T00:00:10Z",
+            },
+            {"step": 20, "uri": "s3://bucket/runs/c20"},
         ]
     }
     ckpts = M.job_checkpoints(job, [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.5}])
@@ -280,12 +287,12 @@ def test_checkpoints_come_from_status_with_their_step_metrics():
     }
     assert ckpts[1]["created_at"] == 1767225610
     assert ckpts[0]["fine_tuned_model_checkpoint"].endswith(":ckpt-step-20")
-    assert M.checkpoint_uri(job, 20) == "s3://b/runs/c20" and M.checkpoint_uri(job, 30) is None
+    assert M.checkpoint_uri(job, 20) == "s3://bucket/runs/c20" and M.checkpoint_uri(job, 30) is None
 
 
 def test_the_server_reads_metrics_only_under_its_own_output_uri():
     job = _job({})
-    assert M.job_prefix(SETTINGS, job) == f"s3://b/runs/team-a/{job['metadata']['name']}/u-1"
+    assert M.job_prefix(SETTINGS, job) == f"s3://bucket/runs/team-a/{job['metadata']['name']}/u-1"
     job["spec"]["output"]["uri"] = "s3://someone-else/runs"
     assert M.job_prefix(SETTINGS, job) is None
 
@@ -396,7 +403,7 @@ def test_kubetune_api_says_which_settings_are_missing(monkeypatch, capsys):
 
     for name in ("KUBETUNE_API_FILES_URI", "KUBETUNE_API_OUTPUT_URI"):
         monkeypatch.delenv(name, raising=False)
-    assert main(["api", "--files-uri", "s3://b/files"]) == 2
+    assert main(["api", "--files-uri", "s3://bucket/files"]) == 2
     assert "set --output-uri" in capsys.readouterr().err
 
 

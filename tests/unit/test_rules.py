@@ -3,9 +3,9 @@
 import pytest
 
 from kubetune_api.rules import IMMUTABLE_FIELDS, MUTABLE_FIELDS, RULES
-from kubetune_api.validation import validate_spec
+from kubetune_api.validation import resolve_spec, validate_spec
 
-BASE = {"model": {"name": "org/model"}, "dataset": {"train": {"uri": "s3://b/t.jsonl"}}}
+BASE = {"model": {"name": "org/model"}, "dataset": {"train": {"uri": "s3://bucket/t.jsonl"}}}
 
 _LR_SWEEP = {
     "hyperparameters.learningRate": {"distribution": "logUniform", "low": 1e-5, "high": 1e-3}
@@ -13,7 +13,7 @@ _LR_SWEEP = {
 
 # rule id -> a spec that breaks it (and breaks nothing else)
 BREAKERS = {
-    "model-source": {**BASE, "model": {"name": "a", "uri": "s3://b/m"}},
+    "model-source": {**BASE, "model": {"name": "a", "uri": "s3://bucket/m"}},
     "train-source": {**BASE, "dataset": {"train": {}}},
     "validation-source": {**BASE, "dataset": {**BASE["dataset"], "validation": {}}},
     "epochs-xor-max-steps": {**BASE, "hyperparameters": {"epochs": 1, "maxSteps": 2}},
@@ -40,7 +40,7 @@ BREAKERS = {
     },
     "one-parent": {
         **BASE,
-        "model": {"name": "org/model", "fromJob": "a", "fromCheckpoint": "s3://b/c"},
+        "model": {"name": "org/model", "fromJob": "a", "fromCheckpoint": "s3://bucket/c"},
     },
     "merge-parent-needs-parent": {**BASE, "model": {"name": "org/model", "mergeParent": True}},
     "merge-parent-not-qlora": {
@@ -66,7 +66,7 @@ BREAKERS = {
     "merge-needs-adapter": {
         **BASE,
         "method": {"type": "full"},
-        "output": {"mergeAdapter": True, "uri": "s3://o"},
+        "output": {"mergeAdapter": True, "uri": "s3://bucket"},
     },
     "test-source": {**BASE, "dataset": {**BASE["dataset"], "test": {}}},
     "dpo-needs-preference-data": {**BASE, "method": {"objective": "dpo"}},
@@ -84,6 +84,22 @@ BREAKERS = {
         **BASE,
         "earlyStopping": {"enabled": True, "metric": "eval_reward_margin", "mode": "max"},
     },
+    "early-stopping-mode-fits-metric": {
+        **BASE,
+        "earlyStopping": {"metric": "eval_token_accuracy", "mode": "min"},
+    },
+    "sweep-metric-fits-objective": {
+        **BASE,
+        "sweep": {"parameters": _LR_SWEEP, "metric": "eval_reward_margin"},
+    },
+    "sweep-mode-fits-metric": {**BASE, "sweep": {"parameters": _LR_SWEEP, "mode": "max"}},
+    # the grace period defaulted: no gracePeriod, no evaluation.everySteps, so the
+    # checkpoint cadence (200) against 100 steps
+    "sweep-grace-period-within-max-steps": {
+        **BASE,
+        "hyperparameters": {"maxSteps": 100},
+        "sweep": {"parameters": _LR_SWEEP},
+    },
     "generation-needs-held-out-data": {
         **BASE,
         "dataset": {**BASE["dataset"], "validationSplit": 0},
@@ -100,7 +116,7 @@ BREAKERS = {
 def test_dpo_spec_with_every_setting_breaks_no_rule():
     spec = {
         **BASE,
-        "dataset": {**BASE["dataset"], "format": "preference", "test": {"uri": "s3://b/x"}},
+        "dataset": {**BASE["dataset"], "format": "preference", "test": {"uri": "s3://bucket/x"}},
         "method": {"objective": "dpo", "dpo": {"beta": 0.5, "labelSmoothing": 0.1}},
         "earlyStopping": {"enabled": True, "metric": "eval_reward_accuracy", "mode": "max"},
         "evaluation": {"generation": {"examples": 4, "maxNewTokens": 16}},
@@ -159,3 +175,89 @@ def test_immutable_and_mutable_fields_cover_the_whole_spec():
     aliases = {f.alias for f in FineTuneJobSpec.model_fields.values()}
     assert set(IMMUTABLE_FIELDS) | set(MUTABLE_FIELDS) == aliases
     assert not set(IMMUTABLE_FIELDS) & set(MUTABLE_FIELDS)
+
+
+def _sweep_job(steps: int, **blocks) -> dict:
+    spec = {**BASE, "hyperparameters": {"maxSteps": steps}, "sweep": {"parameters": _LR_SWEEP}}
+    for key, value in blocks.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec
+
+
+@pytest.mark.parametrize(
+    "steps, blocks, ok",
+    [
+        # gracePeriod, when given, is what counts (even with evaluations beyond maxSteps)
+        (100, {"sweep": {"parameters": _LR_SWEEP, "earlyStopping": {"gracePeriod": 100}}}, True),
+        (100, {"sweep": {"parameters": _LR_SWEEP, "earlyStopping": {"gracePeriod": 101}}}, False),
+        # else the first evaluation, else the first checkpoint
+        (100, {"evaluation": {"everySteps": 50}}, True),
+        (100, {"evaluation": {"everySteps": 150}, "checkpointing": {"everySteps": 20}}, False),
+        (100, {"checkpointing": {"everySteps": 100}}, True),
+        (99, {"checkpointing": {"everySteps": 100}}, False),
+        # no early termination: no grace period to fit
+        (10, {"sweep": {"parameters": _LR_SWEEP, "earlyStopping": {"enabled": False}}}, True),
+    ],
+)
+def test_the_asha_grace_period_fits_the_steps_given_or_defaulted(steps, blocks, ok):
+    errors = validate_spec(_sweep_job(steps, **blocks)).errors
+    assert [e.rule for e in errors] == ([] if ok else ["sweep-grace-period-within-max-steps"])
+
+
+def test_the_grace_period_is_not_checked_against_epochs():
+    """With epochs the steps depend on the data's size, which neither door sees."""
+    spec = {**_sweep_job(1), "hyperparameters": {"epochs": 1}}
+    assert validate_spec(spec).ok
+
+
+@pytest.mark.parametrize(
+    "block, metric, mode, ok",
+    [
+        ("earlyStopping", "eval_loss", "min", True),
+        ("earlyStopping", "eval_loss", "max", False),  # a loss maximised
+        ("earlyStopping", "eval_perplexity", "max", False),
+        ("earlyStopping", "eval_token_accuracy", "min", False),  # an accuracy minimised
+        ("earlyStopping", "eval_token_accuracy", None, True),  # mode follows the metric
+        ("sweep", "eval_token_accuracy", "max", True),
+        ("sweep", "eval_token_accuracy", "min", False),
+        ("sweep", "eval_perplexity", "max", False),
+        ("sweep", "eval_perplexity", None, True),
+    ],
+)
+def test_a_mode_must_be_its_metrics_direction(block, metric, mode, ok):
+    spec = {**BASE, "sweep": {"parameters": _LR_SWEEP}} if block == "sweep" else dict(BASE)
+    spec[block] = {**spec.get(block, {}), "metric": metric}
+    if mode:
+        spec[block]["mode"] = mode
+    errors = validate_spec(spec).errors
+    want = (
+        []
+        if ok
+        else [f"{'early-stopping' if block == 'earlyStopping' else 'sweep'}-mode-fits-metric"]
+    )
+    assert [e.rule for e in errors] == want
+
+
+@pytest.mark.parametrize(
+    "objective, metric, ok",
+    [
+        ("dpo", "eval_reward_accuracy", True),
+        ("dpo", "eval_loss", True),
+        ("dpo", "eval_perplexity", False),  # SFT's metric: a DPO evaluation never reports it
+        ("sft", "eval_token_accuracy", True),
+        ("sft", "eval_reward_margin", False),
+    ],
+)
+def test_a_sweep_ranks_on_a_metric_its_objective_reports(objective, metric, ok):
+    spec = {**BASE, "sweep": {"parameters": _LR_SWEEP, "metric": metric}}
+    if objective == "dpo":
+        spec["method"] = {"objective": "dpo"}
+        spec["dataset"] = {**BASE["dataset"], "format": "preference"}
+    errors = validate_spec(spec).errors
+    assert [e.rule for e in errors] == ([] if ok else ["sweep-metric-fits-objective"])
+
+
+def test_resolve_fills_the_early_stopping_mode_from_the_metric():
+    spec = {**BASE, "earlyStopping": {"metric": "eval_token_accuracy"}}
+    assert resolve_spec(spec).early_stopping.mode == "max"
+    assert resolve_spec(BASE).early_stopping.mode == "min"

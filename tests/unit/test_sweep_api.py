@@ -12,7 +12,7 @@ from kubetune_operator.progress import progress_to_status
 
 SPEC = {
     "model": {"name": "org/model"},
-    "dataset": {"train": {"uri": "s3://b/t.jsonl"}},
+    "dataset": {"train": {"uri": "s3://bucket/t.jsonl"}},
     "hyperparameters": {"seed": 3},
     "sweep": {
         "trials": 6,
@@ -96,7 +96,7 @@ def test_status_counts_trials_and_shows_the_best():
         "stepsTrained": 14,
     }
     snapshot = {
-        "prefix": "s3://b/p",
+        "prefix": "s3://bucket/p",
         "progress": {"phase": "Training", "step": 2, "totalSteps": 4, "updatedAt": "x"},
         "sweep": sweep,
     }

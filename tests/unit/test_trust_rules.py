@@ -74,14 +74,16 @@ def _job(output: dict) -> dict:
 
 
 def test_endpoint_problem_only_without_the_jobs_own_credentials():
-    hostile = {"uri": "s3://b/runs", "endpoint": "http://10.0.0.9:8080"}
+    hostile = {"uri": "s3://bucket/runs", "endpoint": "http://10.0.0.9:8080"}
     problem = endpoint_problem(_job(hostile), DEFAULT)
     assert problem is not None and problem.path == "spec.output.endpoint"
     assert "s3.*.amazonaws.com" in problem.message and "storage.endpointAllowlist" in str(problem)
     with_secret = hostile | {"secretRef": {"name": "s3-creds"}}
     assert endpoint_problem(_job(with_secret), DEFAULT) is None
-    assert endpoint_problem(_job({"uri": "s3://b/runs"}), DEFAULT) is None  # the default endpoint
-    aws = {"uri": "s3://b/runs", "endpoint": "https://s3.eu-west-1.amazonaws.com"}
+    assert (
+        endpoint_problem(_job({"uri": "s3://bucket/runs"}), DEFAULT) is None
+    )  # the default endpoint
+    aws = {"uri": "s3://bucket/runs", "endpoint": "https://s3.eu-west-1.amazonaws.com"}
     assert endpoint_problem(_job(aws), DEFAULT) is None
 
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -125,8 +127,8 @@ def test_kubetune_validate_warns_about_an_endpoint_without_a_secret():
         "metadata": {"name": "chat"},
         "spec": {
             "model": {"name": "org/model"},
-            "dataset": {"train": {"uri": "s3://b/train.jsonl"}, "format": "chat"},
-            "output": {"uri": "s3://b/runs", "endpoint": "http://minio.team-a:9000"},
+            "dataset": {"train": {"uri": "s3://bucket/train.jsonl"}, "format": "chat"},
+            "output": {"uri": "s3://bucket/runs", "endpoint": "http://minio.team-a:9000"},
         },
     }
     result = validate_document(doc)

@@ -23,6 +23,7 @@ from typing import Optional
 
 from kubetune_api import load_trainer_config
 from kubetune_api import storage as contract
+from kubetune_api.sweep_space import mode_for
 
 from . import data as D
 from . import lineage as L
@@ -369,8 +370,10 @@ class Recipe:
             return
         value = result[es.metric]
         best = self.state["best"]
+        # resolve_spec fills the mode; an unresolved spec still goes the metric's way
+        mode = mode_for(es.metric, es.mode)
         better = best is None or (
-            value < best - es.min_delta if es.mode == "min" else value > best + es.min_delta
+            value < best - es.min_delta if mode == "min" else value > best + es.min_delta
         )
         if better:
             self.state["best"], self.state["bad_evals"] = value, 0

@@ -347,14 +347,13 @@ def fit_sweep(config, *, storage_path: Optional[str] = None) -> S.SweepRecord:
         num_samples = sweep.trials
     es = sweep.early_stopping
     if es.enabled:
-        grace = es.grace_period or spec.evaluation.every_steps or spec.checkpointing.every_steps
         scheduler = HaltingASHA(
             key,
             time_attr="step",
             metric=sweep.metric,
             mode=mode,
             max_t=spec.hyperparameters.max_steps or 10_000_000,
-            grace_period=grace,
+            grace_period=S.grace_period(spec),
             reduction_factor=es.reduction_factor,
         )
     else:

@@ -42,7 +42,7 @@ from pathlib import Path
 from . import bins
 from .certs import issue_cert
 from .images import project_images
-from .procs import LOOPBACK, Server, free_port, run, wait_until
+from .procs import LOOPBACK, CommandError, Server, free_port, run, wait_until
 
 CNI_BIN_DIR = Path("/usr/lib/cni")
 INSTALL = "bash scripts/install-node-packages.sh"
@@ -475,12 +475,37 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             # layers and snapshots now (each trainer image is ~12 GB unpacked),
             # so the new one never needs room beside it.
             self.ctr("images", "rm", "--sync", *stale, check=False)
+        self._remove_orphan_ids()
         if ref not in have:
             self.ctr("images", "import", "--no-unpack=false", "--snapshotter", "overlayfs",
                      str(archive), timeout=1200)  # fmt: skip
             if ref not in self.images():
                 raise NodeError(f"importing {archive} did not create {ref}")
         return time.monotonic() - t0
+
+    def _remove_orphan_ids(self) -> None:
+        """The kubelet's image service adds a second name to every image it has
+        seen, `sha256:<config digest>`; removing an old build's tag leaves that
+        name holding the old layers (~12 GB a trainer build, found when a run
+        filled the disk). Removes each such name no tagged image has as its
+        config. Best effort: a failure here never fails an import."""
+        try:
+            rows = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:]]
+            named = {r[0]: r[2] for r in rows if len(r) > 2 and not r[0].startswith("sha256:")}
+            ids = {r[0] for r in rows if r and r[0].startswith("sha256:")}
+            keep = {self._config_digest(d) for d in named.values()}
+            orphans = sorted(ids - keep)
+            if orphans and None not in keep:
+                self.ctr("images", "rm", "--sync", *orphans, check=False)
+        except (CommandError, NodeError, ValueError, KeyError, IndexError,
+                subprocess.TimeoutExpired) as exc:  # fmt: skip
+            print(f"node: leaving old image names in place ({exc})")
+
+    def _config_digest(self, digest: str):
+        doc = json.loads(self.ctr("content", "get", digest).stdout)
+        if "manifests" in doc:  # an index: its first manifest's config
+            doc = json.loads(self.ctr("content", "get", doc["manifests"][0]["digest"]).stdout)
+        return doc.get("config", {}).get("digest")
 
     def _kubelet(self) -> None:
         n, cp = self.net, self.plane

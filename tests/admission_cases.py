@@ -150,6 +150,7 @@ FULL_SPEC: dict[str, Any] = {
     "suspend": False,
     "backoffLimit": 3,
     "activeDeadlineSeconds": 86400,
+    "startTimeoutSeconds": 1800,
     "ttlSecondsAfterFinished": 3600,
 }
 
@@ -622,6 +623,16 @@ def _written() -> list[Case]:
         "range:deadline-int32",
         mutate("spec.activeDeadlineSeconds", 2**31),
         "spec.activeDeadlineSeconds",
+    )
+    add(
+        "range:start-timeout-negative",
+        mutate("spec.startTimeoutSeconds", -1),
+        "spec.startTimeoutSeconds",
+    )
+    add(
+        "range:start-timeout-int32",
+        mutate("spec.startTimeoutSeconds", 2**31),
+        "spec.startTimeoutSeconds",
     )
     # metadata as Kubernetes checks it
     add("meta:name-underscore", job(name="my_job"), "metadata.name")

@@ -645,8 +645,8 @@ class Sweep(_Model):
 
 class FineTuneJobSpec(_Model):
     """What to fine-tune, on which data, how, and where the results go. Only
-    suspend, backoffLimit, activeDeadlineSeconds and ttlSecondsAfterFinished can
-    change after creation."""
+    suspend, backoffLimit, activeDeadlineSeconds, startTimeoutSeconds and
+    ttlSecondsAfterFinished can change after creation."""
 
     model: ModelSource = Field(description="The base model.")
     dataset: Dataset = Field(description="Training and evaluation data.")
@@ -686,6 +686,15 @@ class FineTuneJobSpec(_Model):
     )
     active_deadline_seconds: Optional[int] = Field(
         None, ge=1, le=INT32_MAX, description="Fail the job after this many seconds of running."
+    )
+    start_timeout_seconds: Optional[int] = Field(
+        None,
+        ge=0,
+        le=INT32_MAX,
+        description="Fail the job when its Ray pods are not all running this many seconds "
+        "after it starts (or resumes, or retries), with the scheduler's reason in the "
+        "message; 0: wait as long as it takes. Default: the operator's "
+        "(KUBETUNE_START_TIMEOUT_SECONDS, the chart's startTimeoutSeconds).",
     )
     ttl_seconds_after_finished: Optional[int] = Field(
         None,

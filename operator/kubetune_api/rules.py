@@ -431,7 +431,13 @@ IMMUTABLE_FIELDS = (
     "tracking",
     "sweep",
 )
-MUTABLE_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
+MUTABLE_FIELDS = (
+    "suspend",
+    "backoffLimit",
+    "activeDeadlineSeconds",
+    "startTimeoutSeconds",
+    "ttlSecondsAfterFinished",
+)
 
 for _name in IMMUTABLE_FIELDS:
     RULES.append(

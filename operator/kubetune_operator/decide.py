@@ -9,10 +9,10 @@ from typing import Optional
 
 from kubetune_api import models
 
-from .conditions import parse_time
+from .conditions import get_condition, parse_time
 from .names import KUEUE_QUEUE_LABEL, Body
 from .rayjob_status import RECREATE, pod_trouble, rayjob_state
-from .states import TERMINAL, Action, Phase, RayJobState, Reason
+from .states import TERMINAL, Action, Cond, Phase, RayJobState, Reason
 
 
 def _default(model, name: str):
@@ -36,12 +36,19 @@ class Decision:
 
 
 def decide(
-    job: Body, rayjob: Optional[Body], now: datetime, queue_problem: Optional[str] = None
+    job: Body,
+    rayjob: Optional[Body],
+    now: datetime,
+    queue_problem: Optional[str] = None,
+    start_timeout: int = 0,
 ) -> Decision:
     """The one switch on the state of the job's current RayJob.
 
     `queue_problem` is what the operator found wrong with the job's Kueue
-    queue (None when it exists or could not be checked). Storage is never an
+    queue (None when it exists or could not be checked). `start_timeout` is
+    the operator-wide start limit in seconds (0: none), which the job's
+    spec.startTimeoutSeconds overrides. What the scheduler said about the Ray
+    pods arrives in the job's PodsScheduled condition. Storage is never an
     input: a slow store cannot delay a deadline, a retry or a success."""
     spec = job["spec"]
     status = job.get("status") or {}
@@ -102,16 +109,43 @@ def decide(
     if state is RayJobState.RUNNING:
         return Decision(Phase.Running, Reason.Training, "the Ray job is running")
     trouble = pod_trouble(rayjob)
-    if trouble is not None:
-        if trouble.terminal:
-            # Delete the RayJob: KubeRay would retry the refused Pods forever.
-            return Decision(Phase.Failed, trouble.reason, trouble.message, Action.STOP_AND_DELETE)
-        return Decision(Phase.Starting, trouble.reason, trouble.message)
-    return Decision(
-        Phase.Starting,
-        Reason.RayClusterStarting,
-        "waiting for the Ray cluster and job to start",
+    if trouble is not None and trouble.terminal:
+        # Delete the RayJob: KubeRay would retry the refused Pods forever.
+        return Decision(Phase.Failed, trouble.reason, trouble.message, Action.STOP_AND_DELETE)
+    waiting = Decision(
+        Phase.Starting, Reason.RayClusterStarting, "waiting for the Ray cluster and job to start"
     )
+    scheduled = get_condition(status, Cond.PodsScheduled)
+    if trouble is not None:
+        waiting = Decision(Phase.Starting, trouble.reason, trouble.message)
+    elif scheduled and scheduled.get("status") == "False":
+        waiting = Decision(Phase.Starting, Reason.Unschedulable, scheduled.get("message") or "")
+    limit = spec.get("startTimeoutSeconds")
+    limit = int(start_timeout if limit is None else limit)
+    since = starting_since(job, rayjob)
+    if limit > 0 and since is not None and (now - since).total_seconds() > limit:
+        # Delete the RayJob: its waiting pods hold quota and the autoscaler's attention.
+        return Decision(
+            Phase.Failed,
+            Reason.StartTimeout,
+            f"the job did not start within startTimeoutSeconds ({limit}s): {waiting.message}",
+            Action.STOP_AND_DELETE,
+        )
+    return waiting
+
+
+def starting_since(job: Body, rayjob: Optional[Body]) -> Optional[datetime]:
+    """When the current wait for the Ray pods began: the later of the job's
+    entering Starting (after creation, a resume or Kueue's admission) and the
+    current RayJob's creation (a retry's new Ray cluster); None before either."""
+    cond = get_condition(job.get("status") or {}, Cond.Starting)
+    if not cond or cond.get("status") != "True":
+        return None  # not Starting yet: this reconcile is the first look
+    times = [
+        parse_time(cond.get("lastTransitionTime")),
+        parse_time(((rayjob or {}).get("metadata") or {}).get("creationTimestamp")),
+    ]
+    return max((t for t in times if t is not None), default=None)
 
 
 def ttl_remaining(job: Body, now: datetime) -> Optional[float]:

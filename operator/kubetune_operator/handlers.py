@@ -79,6 +79,9 @@ def settings_from_env() -> tuple[Settings, Timing]:
         storage_timeout_seconds=float(
             env.get("KUBETUNE_STORAGE_TIMEOUT_SECONDS", Timing.storage_timeout_seconds)
         ),
+        start_timeout_seconds=int(
+            env.get("KUBETUNE_START_TIMEOUT_SECONDS", Timing.start_timeout_seconds)
+        ),
     )
     return settings, timing
 

@@ -32,7 +32,7 @@ from kubetune_api import models
 from kubetune_api.storage import job_prefix, redact_uris, split_uri, strip_userinfo
 from kubetune_api.validation import SpecError
 
-from . import metrics, ownership, storage_reader
+from . import metrics, ownership, pods, storage_reader
 from .cache import WatchCache
 from .children import Settings, job_guards, rayjob_patch, spec_to_configmap, spec_to_rayjob
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
@@ -57,6 +57,9 @@ class Timing:
     idle_seconds: float = 300.0  # finished jobs: a slow heartbeat only
     crd_backoff_max: float = 60.0
     storage_timeout_seconds: float = 20.0  # then StorageReadable=False, whatever the store does
+    # The start limit of a job without spec.startTimeoutSeconds (0: none): a
+    # job whose Ray pods are not all running this long after it starts fails.
+    start_timeout_seconds: int = 3600
 
 
 QUEUE_CHECK_SECONDS = 30.0  # how long a LocalQueue lookup is trusted
@@ -246,6 +249,24 @@ class Api:
             # A 404 for a missing object names it; one for a missing API does not.
             return "missing" if details.get("name") == name else "no-api"
 
+    def list_pending_pods(self, ns: str, selector: str) -> Optional[list[Body]]:
+        """One page (at most pods.POD_LIST_LIMIT) of the Pending pods that match
+        `selector`, as plain dicts; None when the look-up is not allowed (say
+        nothing: e.g. an RBAC without pods list)."""
+        try:
+            resp = self.core.list_namespaced_pod(
+                ns,
+                label_selector=selector,
+                field_selector=pods.PENDING_PODS,
+                limit=pods.POD_LIST_LIMIT,
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            if exc.status in (401, 403):
+                return None
+            raise
+        return json.loads(resp.data).get("items") or []
+
     def read_secret(self, ns: str, name: str) -> dict[str, str]:
         secret = self.core.read_namespaced_secret(name, ns)
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
@@ -315,6 +336,9 @@ class Reconciler:
         # The attempt whose ConfigMap is known to exist: ConfigMaps are not
         # watched, so this saves a GET per reconcile (a restart checks once).
         self._cm_done: dict[str, int] = {}
+        # uid -> (monotonic time of the last pod list, the RayCluster, what it
+        # found): the Ray pods of a starting job are listed at most once a poll.
+        self._pods_seen: dict[str, tuple[float, str, Optional[pods.Unschedulable]]] = {}
 
     async def _call(self, fn, *args):
         metrics.API_CALLS.labels(call=fn.__name__).inc()
@@ -524,7 +548,10 @@ class Reconciler:
         # storage read (a new one starts in the background; the reconcile never waits for it).
         status |= rayjob_to_status(rayjob)
         queue_problem = None
-        queued = rayjob_state(job, rayjob) == RayJobState.QUEUED
+        state = rayjob_state(job, rayjob)
+        queued = state is RayJobState.QUEUED
+        starting = state is RayJobState.STARTING
+        status = await self._show_scheduling(job, state, status, now, gen)
         if queued:
             queue_problem = await self._queue_problem(job)
         reading = trainer_may_have_written(job, rayjob, attempts)
@@ -534,7 +561,7 @@ class Reconciler:
 
         # 4. Decide.
         job_view = {**job, "status": status}
-        decision = decide(job_view, rayjob, now, queue_problem)
+        decision = decide(job_view, rayjob, now, queue_problem, self.timing.start_timeout_seconds)
         if decision.action is Action.RETRY:
             failed_name = status["rayJobName"]
             attempts += 1
@@ -570,9 +597,10 @@ class Reconciler:
         if status["phase"] in TERMINAL:
             return await self._finished(job, copy.deepcopy(status), status, now)
         # Only the clock needs a poll: storage to read again, a deadline, a
-        # LocalQueue (not watched). Everything else arrives as a watch event,
-        # so a job that waits (suspended, starting) costs nothing in between.
-        if reading or queued or job["spec"].get("activeDeadlineSeconds"):
+        # LocalQueue and the pods of a starting job (neither watched).
+        # Everything else arrives as a watch event, so a job that waits
+        # suspended costs nothing in between.
+        if reading or queued or starting or job["spec"].get("activeDeadlineSeconds"):
             return self.timing.poll_seconds
         return self.timing.idle_seconds
 
@@ -677,6 +705,69 @@ class Reconciler:
         status["observedGeneration"] = gen
         await self._write_status(job, old, status)
         return self.timing.idle_seconds if phase in TERMINAL else self.timing.poll_seconds
+
+    # ------------------------------------------------------------------ pods
+
+    async def _show_scheduling(
+        self, job: Body, state: RayJobState, status: dict, now: datetime, gen
+    ) -> dict:
+        """The PodsScheduled condition: while the job starts, what the scheduler
+        says about its Ray pods (their list is read at most once a poll, only
+        the job's pending ones); True again once it runs."""
+        cond = get_condition(status, Cond.PodsScheduled)
+        conds = list(status.get("conditions") or [])
+        if state is RayJobState.RUNNING and cond and cond["status"] != "True":
+            status["conditions"] = set_condition(
+                conds,
+                Cond.PodsScheduled,
+                "True",
+                Reason.Scheduled,
+                "every Ray pod is placed on a node",
+                now,
+                gen,
+            )
+        cluster = status.get("rayClusterName")
+        uid = job["metadata"]["uid"]
+        if state is not RayJobState.STARTING or not cluster:
+            self._pods_seen.pop(uid, None)
+            return status
+        seen = self._pods_seen.get(uid)
+        if (
+            seen is None
+            or seen[1] != cluster
+            or time.monotonic() - seen[0] >= self.timing.poll_seconds * 0.9
+        ):
+            listed = await self._call(
+                self.api.list_pending_pods,
+                job["metadata"]["namespace"],
+                pods.ray_pod_selector(job, cluster),
+            )
+            if listed is None:  # not allowed to look: say nothing
+                return status
+            seen = (time.monotonic(), cluster, pods.pods_to_unschedulable(listed))
+            self._pods_seen[uid] = seen
+        found = seen[2]
+        if found is not None:
+            status["conditions"] = set_condition(
+                conds,
+                Cond.PodsScheduled,
+                "False",
+                Reason.Unschedulable,
+                found.message,
+                now,
+                gen,
+            )
+        elif cond and cond["status"] != "True":
+            status["conditions"] = set_condition(
+                conds,
+                Cond.PodsScheduled,
+                "True",
+                Reason.Scheduled,
+                "every Ray pod is placed on a node",
+                now,
+                gen,
+            )
+        return status
 
     # ------------------------------------------------------------------ Kueue
 
@@ -922,6 +1013,7 @@ class Reconciler:
         self._storage.pop(uid, None)
         self._checked_cache.pop(uid, None)
         self._cm_done.pop(uid, None)
+        self._pods_seen.pop(uid, None)
 
     async def stop(self, ns: str, name: str, uid: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).

@@ -54,6 +54,7 @@ class Cond(str, Enum):
     StorageReadable = "StorageReadable"
     KubeRayAvailable = "KubeRayAvailable"
     ChildrenDeleted = "ChildrenDeleted"
+    PodsScheduled = "PodsScheduled"
     ParentReady = "ParentReady"
     TrackingReachable = "TrackingReachable"
 
@@ -86,6 +87,7 @@ class Reason(str, Enum):
     RayJobValidationFailed = "RayJobValidationFailed"
     BackoffLimitExceeded = "BackoffLimitExceeded"
     DeadlineExceeded = "DeadlineExceeded"
+    StartTimeout = "StartTimeout"
     # KubeRay could not get the Ray pods running
     PriorityClassNotFound = "PriorityClassNotFound"
     PodCreationFailed = "PodCreationFailed"
@@ -93,6 +95,9 @@ class Reason(str, Enum):
     InvalidImage = "InvalidImage"
     ImagePullBackOff = "ImagePullBackOff"
     PodConfigError = "PodConfigError"
+    # the scheduler finds no node for a Ray pod (PodsScheduled=False)
+    Unschedulable = "Unschedulable"
+    Scheduled = "Scheduled"
     # an object with a child's name that the job does not own
     NameConflict = "NameConflict"
     # spec.output.endpoint off the allowlist, with no secretRef

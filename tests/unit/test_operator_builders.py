@@ -733,9 +733,57 @@ DECISION_CASES = {
 }
 
 
+# Rows that need more status than the defaults (the job has waited in Starting
+# for 100s; the scheduler's word on its pods).
+_STARTING_100S = {
+    "type": "Starting",
+    "status": "True",
+    "reason": "RayClusterStarting",
+    "lastTransitionTime": rfc3339(NOW - timedelta(seconds=100)),
+}
+_UNSCHEDULABLE = {
+    "type": "PodsScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "no node can take the job's pods: Ray worker group workers: 0/1 nodes are "
+    "available: 1 Insufficient memory. (hint: ...)",
+}
+DECISION_CASES |= {
+    "unschedulable": ({}, {}, _cluster(), None, [_STARTING_100S, _UNSCHEDULABLE]),
+    "unschedulable-past-start-limit": (
+        {"startTimeoutSeconds": 60},
+        {},
+        _cluster(),
+        None,
+        [_STARTING_100S, _UNSCHEDULABLE],
+    ),
+    "starting-past-start-limit": (
+        {"startTimeoutSeconds": 60},
+        {},
+        _cluster(),
+        None,
+        [_STARTING_100S],
+    ),
+    "quota-exceeded-past-start-limit": (
+        {"startTimeoutSeconds": 60},
+        {},
+        _cluster(_NO_PC | {"message": 'pods "h" is forbidden: exceeded quota: q'}),
+        None,
+        [_STARTING_100S],
+    ),
+    "unschedulable-within-start-limit": (
+        {"startTimeoutSeconds": 600},
+        {},
+        _cluster(),
+        None,
+        [_STARTING_100S, _UNSCHEDULABLE],
+    ),
+}
+
+
 def test_decision_table_matches_golden():
     table = {}
-    for case, (spec, labels, rayjob, queue_problem) in DECISION_CASES.items():
+    for case, (spec, labels, rayjob, queue_problem, *conditions) in DECISION_CASES.items():
         job = {
             "metadata": {"name": "tune", "labels": labels},
             "spec": {"backoffLimit": 3} | spec,
@@ -743,6 +791,7 @@ def test_decision_table_matches_golden():
                 "attempts": 1,
                 "rayJobName": "tune",
                 "startTime": rfc3339(NOW - timedelta(seconds=100)),
+                "conditions": conditions[0] if conditions else [],
             },
         }
         d = decide(job, rayjob, NOW, queue_problem)

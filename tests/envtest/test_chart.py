@@ -45,6 +45,7 @@ NAMESPACED_RULES = {
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "create", "patch", "delete"},
     ("", "secrets"): {"get", "create"},
+    ("", "pods"): {"list"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create"},
     ("kueue.x-k8s.io", "localqueues"): {"get"},
     ("", "events"): {"create"},

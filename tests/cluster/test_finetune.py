@@ -461,3 +461,30 @@ def test_pods_that_can_never_be_created_fail_with_the_reason(staged):
     failed = condition(st, "Failed")
     assert failed and failed["status"] == "True" and failed["message"], st
     assert get(plane, "finetunejob", "never", ns)
+
+
+def test_a_worker_no_node_can_take_says_why_then_fails_at_the_start_limit(
+    cluster, kubetune_operator, cluster_ns, cluster_s3
+):
+    plane, ns, s3 = cluster.plane, cluster_ns, cluster_s3
+    s3_secret(plane, ns, s3)
+    limit = 60
+    job = _job("huge", s3, steps=2, every=2)
+    job["spec"]["resources"]["memoryPerWorker"] = "1Ti"  # more than the node has
+    job["spec"]["startTimeoutSeconds"] = limit
+    apply(plane, ns, job)
+    created = time.monotonic()
+
+    def refused(s):
+        cond = condition(s, "PodsScheduled") or {}
+        return cond.get("status") == "False" and "Insufficient memory" in cond.get("message", "")
+
+    st = _wait(plane, "huge", ns, refused, "the scheduler's reason in status", timeout=60)
+    print(f"PodsScheduled=False {time.monotonic() - created:.1f}s after the job was created")
+    assert st["phase"] == "Starting" and st["reason"] == "Unschedulable", st
+    assert "Ray worker group workers: 0/1 nodes are available" in st["message"], st
+    st = wait_status(plane, "huge", ns, lambda s: s.get("phase") == "Failed", limit + 60, "Failed")
+    print(f"Failed {time.monotonic() - created:.1f}s after the job was created (limit {limit}s)")
+    assert st["reason"] == "StartTimeout", st
+    assert "Insufficient memory" in st["message"] and f"({limit}s)" in st["message"], st
+    wait_until(lambda: get(plane, "rayjob", "huge", ns) is None, 60, what="RayJob deleted")

@@ -715,47 +715,34 @@ class Reconciler:
         says about its Ray pods (their list is read at most once a poll, only
         the job's pending ones); True again once it runs."""
         cond = get_condition(status, Cond.PodsScheduled)
-        conds = list(status.get("conditions") or [])
-        if state is RayJobState.RUNNING and cond and cond["status"] != "True":
-            status["conditions"] = set_condition(
-                conds,
-                Cond.PodsScheduled,
-                "True",
-                Reason.Scheduled,
-                "every Ray pod is placed on a node",
-                now,
-                gen,
-            )
         cluster = status.get("rayClusterName")
         uid = job["metadata"]["uid"]
-        if state is not RayJobState.STARTING or not cluster:
+        found = None
+        if state is RayJobState.STARTING and cluster:
+            seen = self._pods_seen.get(uid)
+            if (
+                seen is None
+                or seen[1] != cluster
+                or time.monotonic() - seen[0] >= self.timing.poll_seconds * 0.9
+            ):
+                listed = await self._call(
+                    self.api.list_pending_pods,
+                    job["metadata"]["namespace"],
+                    pods.ray_pod_selector(job, cluster),
+                )
+                if listed is None:  # not allowed to look: say nothing
+                    return status
+                seen = (time.monotonic(), cluster, pods.pods_to_unschedulable(listed))
+                self._pods_seen[uid] = seen
+            found = seen[2]
+        else:
             self._pods_seen.pop(uid, None)
-            return status
-        seen = self._pods_seen.get(uid)
-        if (
-            seen is None
-            or seen[1] != cluster
-            or time.monotonic() - seen[0] >= self.timing.poll_seconds * 0.9
-        ):
-            listed = await self._call(
-                self.api.list_pending_pods,
-                job["metadata"]["namespace"],
-                pods.ray_pod_selector(job, cluster),
-            )
-            if listed is None:  # not allowed to look: say nothing
+            if state is not RayJobState.RUNNING:
                 return status
-            seen = (time.monotonic(), cluster, pods.pods_to_unschedulable(listed))
-            self._pods_seen[uid] = seen
-        found = seen[2]
+        conds = list(status.get("conditions") or [])
         if found is not None:
             status["conditions"] = set_condition(
-                conds,
-                Cond.PodsScheduled,
-                "False",
-                Reason.Unschedulable,
-                found.message,
-                now,
-                gen,
+                conds, Cond.PodsScheduled, "False", Reason.Unschedulable, found.message, now, gen
             )
         elif cond and cond["status"] != "True":
             status["conditions"] = set_condition(
@@ -763,7 +750,7 @@ class Reconciler:
                 Cond.PodsScheduled,
                 "True",
                 Reason.Scheduled,
-                "every Ray pod is placed on a node",
+                "no Ray pod waits for a node",
                 now,
                 gen,
             )

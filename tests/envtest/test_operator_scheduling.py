@@ -16,7 +16,8 @@ from datetime import datetime
 
 import pytest
 
-from harness import Server, find, free_port, wait_until
+from harness import wait_until
+from harness.node import scheduler_server
 from operator_support import apply, condition, finetunejob, get, wait_phase, wait_status
 
 pytestmark = pytest.mark.envtest
@@ -50,22 +51,7 @@ def scheduler(kube, tmp_path_factory):
     kube.kubectl(
         "patch", "node", NODE, "--subresource=status", "--type=merge", "-p", json.dumps(patch)
     )
-    kc = kube.kubeconfig
-    server = Server(
-        "kube-scheduler",
-        [
-            find("kube-scheduler"),
-            f"--kubeconfig={kc}",
-            f"--authentication-kubeconfig={kc}",
-            f"--authorization-kubeconfig={kc}",
-            "--authentication-skip-lookup=true",
-            "--leader-elect=false",
-            f"--secure-port={free_port()}",
-            "--bind-address=127.0.0.1",
-            "--v=1",
-        ],
-        tmp_path_factory.mktemp("scheduler"),
-    ).start()
+    server = scheduler_server(kube.kubeconfig, tmp_path_factory.mktemp("scheduler")).start()
     yield server
     server.stop()
     kube.kubectl("delete", "node", NODE, "--wait=false", check=False)

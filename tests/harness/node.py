@@ -90,6 +90,26 @@ class NodeError(RuntimeError):
     pass
 
 
+def scheduler_server(kubeconfig: Path, log_dir: Path) -> Server:
+    """The real kube-scheduler against a control plane (not started yet)."""
+    kc = kubeconfig
+    return Server(
+        "kube-scheduler",
+        [
+            bins.find("kube-scheduler"),
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            "--authentication-skip-lookup=true",
+            "--leader-elect=false",
+            f"--secure-port={free_port()}",
+            f"--bind-address={LOOPBACK}",
+            "--v=1",
+        ],
+        log_dir,
+    )
+
+
 def check_host() -> None:
     """Fails with the command to run when the host cannot run a node."""
     if os.geteuid() != 0:
@@ -602,24 +622,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                          self.log_dir)).start()  # fmt: skip
 
     def _scheduler(self) -> None:
-        kc = self.plane.kubeconfig
-        self._add(
-            Server(
-                "kube-scheduler",
-                [
-                    bins.find("kube-scheduler"),
-                    f"--kubeconfig={kc}",
-                    f"--authentication-kubeconfig={kc}",
-                    f"--authorization-kubeconfig={kc}",
-                    "--authentication-skip-lookup=true",
-                    "--leader-elect=false",
-                    f"--secure-port={free_port()}",
-                    f"--bind-address={LOOPBACK}",
-                    "--v=1",
-                ],
-                self.log_dir,
-            )
-        ).start()
+        self._add(scheduler_server(self.plane.kubeconfig, self.log_dir)).start()
 
     def _coredns(self) -> None:
         n = self.net

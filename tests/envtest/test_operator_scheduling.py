@@ -39,6 +39,10 @@ def scheduler(kube, tmp_path_factory):
         "spec": {"taints": [TAINT]},
     }
     kube.kubectl("apply", "-f", "-", input=json.dumps(node))
+    # The API server's admission adds node.kubernetes.io/not-ready to a new Node;
+    # the node lifecycle controller (not run here) would lift it once Ready.
+    taints = json.dumps({"spec": {"taints": [TAINT]}})
+    kube.kubectl("patch", "node", NODE, "--type=merge", "-p", taints)
     ready = {
         "type": "Ready",
         "status": "True",

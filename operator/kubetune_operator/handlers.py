@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import kopf
 
@@ -152,9 +153,8 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
         allowlist=Allowlist.from_env(os.environ.get(ALLOWLIST_ENV)),
     )
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "0") or 0)
-    if port and not _state.get("metrics_serving"):
+    if port:
         metrics.serve(port)
-        _state["metrics_serving"] = True
     logger.info(
         "kubetune operator: image %s, ray %s, poll %ss",
         job_settings.trainer_image,
@@ -186,10 +186,22 @@ def _forget(uid: str) -> None:
     metrics.forget(uid)
 
 
+def act_only_while(leading: Callable[[], bool]) -> None:
+    """Leader election (`kubetune operator --leader-elect`): reconcile only while
+    `leading()` says this replica holds the Lease. The Lease thread stops the
+    process when it is lost; this closes the gap until it does (a process that
+    was frozen past its renew deadline acts on nothing when it wakes)."""
+    _state["leading"] = leading
+
+
 async def _run(uid: str):
     """One reconcile, for the scheduler: errors become a backoff, never an end."""
     reconciler: Reconciler = _state["reconciler"]
     timing: Timing = _state["timing"]
+    leading = _state.get("leading")
+    if leading is not None and not leading():
+        log.debug("not the leader (the Lease is not renewed): reconcile of %s skipped", uid)
+        return timing.poll_seconds
     try:
         delay = await reconciler.reconcile(uid)
     except KubeRayMissing:

@@ -66,6 +66,11 @@ class KubeRayMissing(Exception):
     """The ray.io/v1 RayJob API is not served: KubeRay's CRDs are not installed."""
 
 
+class StaleStatus(Exception):
+    """The FineTuneJob changed since the version this reconcile read: its status
+    write was refused (409), nothing after it ran, and the job is read again."""
+
+
 class Api:
     """The few Kubernetes calls the operator makes (blocking; run in threads)."""
 
@@ -85,9 +90,16 @@ class Api:
                 return None
             raise
 
-    def patch_job_status(self, ns: str, name: str, status: dict) -> Optional[Body]:
+    def patch_job_status(
+        self, ns: str, name: str, status: dict, resource_version: Optional[str] = None
+    ) -> Optional[Body]:
+        """A merge patch of the status; with `resource_version`, the API server
+        refuses it (409 Conflict) when the job has changed since that version."""
+        body: dict = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return self.custom.patch_namespaced_custom_object_status(
-            models.GROUP, models.VERSION, ns, models.PLURAL, name, {"status": status}
+            models.GROUP, models.VERSION, ns, models.PLURAL, name, body
         )
 
     # ConfigMap
@@ -341,11 +353,29 @@ class Reconciler:
             meta = job["metadata"]
             # A merge patch: keys we dropped must be sent as null to go away.
             patch = {k: None for k in old if k not in new} | new
-            written = await self._call(
-                self.api.patch_job_status, meta["namespace"], meta["name"], patch
-            )
+            # Fenced by the version this reconcile decided on: a write from a stale
+            # view (a late replica, a body older than someone else's write) is
+            # refused instead of clobbering a newer status, and the actions that
+            # follow it (a retry's delete and create) never run.
+            try:
+                written = await self._call(
+                    self.api.patch_job_status,
+                    meta["namespace"],
+                    meta["name"],
+                    patch,
+                    meta.get("resourceVersion"),
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    metrics.STATUS_CONFLICTS.inc()
+                    raise StaleStatus(meta.get("resourceVersion")) from None
+                raise
             if written:
                 self.cache.put_job(written)
+                # A second write in this reconcile (a job that just finished) is
+                # fenced by this one's answer. A new dict: the cache shares the old.
+                version = written["metadata"]["resourceVersion"]
+                job["metadata"] = {**meta, "resourceVersion": version}
             before = (old.get("phase"), old.get("reason"))
             after = (new.get("phase"), new.get("reason"))
             if before != after and new.get("phase"):
@@ -367,8 +397,29 @@ class Reconciler:
         started = time.perf_counter()
         try:
             return await self._reconcile(uid)
+        except StaleStatus as exc:
+            return await self._reread(uid, str(exc))
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    async def _reread(self, uid: str, version: str) -> Optional[float]:
+        """After a refused status write: the job's current body into the cache
+        (the watch would bring it too, a little later), then look again now."""
+        job = self.cache.job(uid)
+        if job is None:
+            return None
+        meta = job["metadata"]
+        log.debug(
+            "%s/%s changed since version %s: status not written, reading it again",
+            meta["namespace"],
+            meta["name"],
+            version,
+        )
+        fresh = await self._call(self.api.get_job, meta["namespace"], meta["name"])
+        if fresh is None or fresh["metadata"].get("uid") != uid:
+            return None  # deleted (the watch's DELETED event forgets it)
+        self.cache.put_job(fresh)
+        return 0.0
 
     async def _rayjob(self, ns: str, name: str) -> Optional[Body]:
         """From the watch cache; a GET only for one the watch has not shown yet

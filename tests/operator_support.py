@@ -30,8 +30,11 @@ class OperatorProcess:
         log_dir: Path,
         extra_env: dict | None = None,
         via_kopf: bool = False,
+        lease_namespace: str | None = None,
     ):
         self.via_kopf = via_kopf  # `kopf run -m kubetune_operator` instead of `kubetune operator`
+        # `--leader-elect` with the Lease in this namespace: one of several replicas.
+        self.lease_namespace = lease_namespace
         self.kube = kube
         self.namespaces = namespaces
         self.log_path = log_dir / f"operator-{'-'.join(namespaces)[:60]}.log"
@@ -63,6 +66,8 @@ class OperatorProcess:
         args += ["--standalone", f"--liveness=http://127.0.0.1:{self.health_port}/healthz"]
         for ns in self.namespaces:
             args += ["--namespace", ns]
+        if self.lease_namespace:
+            args += ["--leader-elect", "--lease-namespace", self.lease_namespace]
         self.starts += 1
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it
         log.write(f"\n===== start {self.starts}\n")

@@ -277,6 +277,9 @@ async def stop_ray_job(name: str, namespace: str, uid: str, status, logger, **_)
     # Waiting for the RayJob to go is the normal path of a delete: it loops here
     # (logged at info) instead of raising kopf's TemporaryError, which kopf
     # logs as an error on every try.
+    leading = _state.get("leading")
+    if leading is not None and not leading():
+        raise kopf.TemporaryError("not the leader: the Lease is not renewed", delay=5)
     reconciler: Reconciler = _state["reconciler"]
     for attempt in range(DELETE_WAIT_RETRIES):
         if await reconciler.stop(namespace, name, uid, dict(status or {})):

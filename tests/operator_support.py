@@ -31,10 +31,12 @@ class OperatorProcess:
         extra_env: dict | None = None,
         via_kopf: bool = False,
         lease_namespace: str | None = None,
+        lease_name: str | None = None,
     ):
         self.via_kopf = via_kopf  # `kopf run -m kubetune_operator` instead of `kubetune operator`
         # `--leader-elect` with the Lease in this namespace: one of several replicas.
         self.lease_namespace = lease_namespace
+        self.lease_name = lease_name
         self.kube = kube
         self.namespaces = namespaces
         self.log_path = log_dir / f"operator-{'-'.join(namespaces)[:60]}.log"
@@ -68,6 +70,7 @@ class OperatorProcess:
             args += ["--namespace", ns]
         if self.lease_namespace:
             args += ["--leader-elect", "--lease-namespace", self.lease_namespace]
+            args += ["--lease-name", self.lease_name] if self.lease_name else []
         self.starts += 1
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it
         log.write(f"\n===== start {self.starts}\n")

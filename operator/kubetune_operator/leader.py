@@ -9,22 +9,24 @@ The rules, with `duration` = the Lease's leaseDurationSeconds (15 s),
   Lease has no holder (released). Clocks of different machines are never
   compared: renewTime is written for people, not read for decisions.
 - The leader renews every `deadline / 2` (retrying every `retry` after a failed
-  try). It stops acting once `deadline` has passed since the start of its last
-  successful renewal: kopf is told to stop, the process exits non-zero within
-  a second, and the pod restarts as a standby.
+  try). From `deadline` after the start of its last successful renewal it
+  acts on nothing (the reconcile guard reads the same clock), a watchdog tells
+  kopf to stop, and the process exits non-zero within 0.6 s: the pod restarts
+  as a standby. A try that hangs counts as failed (each call has a timeout).
 - Every write to the Lease (create, renew, take-over, release) carries the
   resourceVersion it read, so of two replicas racing only one wins.
 
 Why two leaders never act at once: the leader's last successful renewal was
-sent at s, so it stops acting by s + deadline + 1 s. A standby saw that
-record at o >= s and takes over no earlier than o + duration. deadline + 1 s
-< duration keeps the gap (`LeaseTiming.check`).
+sent at s, so it has stopped by s + deadline + 0.6 s. A standby saw that
+record at o >= s and takes over no earlier than o + duration; `check` keeps
+duration - deadline >= 1 s.
 
 Failover after a leader dies without releasing (SIGKILL, node loss): the
-survivor holds the Lease within duration + 2 * retry of the last renewal
-(<= 19 s with the defaults), then starts kopf. A leader that stops cleanly
-(SIGTERM: a rolling update, a drain) releases the Lease, and a standby takes it
-within `retry`.
+standby sees its last renewal within `retry`, waits `duration` from then and
+looks every `retry`, so it holds the Lease at most duration + 2 * retry after
+the death (19 s with the defaults; at least duration - deadline / 2 = 10 s),
+then starts kopf. A leader that stops cleanly (SIGTERM: a rolling update, a
+drain) releases the Lease, and a standby takes it within `retry`.
 
 The pure part (what to do with what was read) is `LeaseClock` and
 `may_acquire`; `LeaderElector` does the API calls (blocking, in its own thread,
@@ -58,7 +60,12 @@ SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 ENV_DURATION = "KUBETUNE_LEASE_DURATION_SECONDS"
 ENV_DEADLINE = "KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS"
 ENV_RETRY = "KUBETUNE_LEASE_RETRY_SECONDS"
-EXIT_GRACE_SECONDS = 1.0  # from losing the Lease to a hard exit, whatever kopf is doing
+# From the renew deadline to a hard exit, whatever kopf is doing: the watchdog's
+# tick plus the grace. A deadline at least 1 s below the lease duration keeps
+# it before any standby's take-over.
+WATCHDOG_TICK_SECONDS = 0.1
+EXIT_GRACE_SECONDS = 0.5
+MIN_GAP_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,9 @@ class LeaseTiming:
         the variable to change."""
         if min(self.duration, self.deadline, self.retry) <= 0:
             raise ValueError(f"{ENV_DURATION}, {ENV_DEADLINE} and {ENV_RETRY} must be > 0")
-        if self.deadline + EXIT_GRACE_SECONDS >= self.duration:
+        if self.duration - self.deadline < MIN_GAP_SECONDS:
             raise ValueError(
-                f"{ENV_DEADLINE}={self.deadline:g} must be at least {EXIT_GRACE_SECONDS:g}s "
+                f"{ENV_DEADLINE}={self.deadline:g} must be at least {MIN_GAP_SECONDS:g}s "
                 f"below {ENV_DURATION}={self.duration:g}: a leader must have stopped before a "
                 "standby may take over"
             )
@@ -179,6 +186,8 @@ class LeaderElector:
         self._stop = threading.Event()
         self._holder: Optional[str] = None
         self._version: Optional[str] = None
+        # No call waits forever: a try that times out is one failed try.
+        self._timeout = max(1.0, timing.deadline / 2)
 
     # ---------------------------------------------------------------- state
 
@@ -194,7 +203,7 @@ class LeaderElector:
     def _read(self) -> Optional[dict]:
         try:
             return self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, self.name
+                GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=self._timeout
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -227,7 +236,7 @@ class LeaderElector:
                     "spec": self._spec(acquire=True, transitions=0),
                 }
                 written = self.custom.create_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, body
+                    GROUP, VERSION, self.namespace, PLURAL, body, _request_timeout=self._timeout
                 )
             else:
                 spec = lease.get("spec") or {}
@@ -256,7 +265,13 @@ class LeaderElector:
                     | self._spec(acquire, transitions + (1 if acquire and holder else 0)),
                 }
                 written = self.custom.replace_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, self.name, body
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    self.name,
+                    body,
+                    _request_timeout=self._timeout,
                 )
         except ApiException as exc:
             if exc.status == 409:  # someone else wrote first: read again next time
@@ -299,35 +314,32 @@ class LeaderElector:
                 )
             self._stop.wait(self.timing.retry)
 
-    def renew_forever(self, on_lost: Callable[[], None]) -> threading.Thread:
-        """Start the renewal thread; `on_lost` runs once if the Lease is lost."""
+    def renew_forever(self, on_lost: Callable[[], None]) -> None:
+        """Start renewing (one thread) and watching the deadline (another: a
+        renewal stuck in a slow API call must not delay the stop). `on_lost`
+        runs once, from the watchdog, when the Lease is lost."""
 
-        def loop() -> None:
+        def renew() -> None:
             wait = self.timing.renew_every
-            while not self._stop.wait(wait):
+            while not self._stop.wait(wait) and not self.lost.is_set():
                 try:
-                    ok = self.try_once()
+                    ok = self.try_once()  # another holder: lost, inside
                 except Exception as exc:  # noqa: BLE001 - counted against the deadline
                     log.warning("leader election: renewing Lease failed: %s", exc)
                     ok = False
-                if self.lost.is_set():
-                    break
-                if ok:
-                    wait = self.timing.renew_every
-                    continue
-                metrics.LEASE_RENEW_FAILURES.inc()
-                if not self.leading:
-                    self._lose(f"no renewal for {self.timing.deadline:g}s")
-                    break
-                # Retry before the deadline, never sleeping past it.
-                left = self.timing.deadline - (self.monotonic() - (self.renewed_at or 0.0))
-                wait = max(0.05, min(self.timing.retry, left))
-            if self.lost.is_set():
-                on_lost()
+                if not ok:
+                    metrics.LEASE_RENEW_FAILURES.inc()
+                wait = self.timing.renew_every if ok else self.timing.retry
 
-        thread = threading.Thread(target=loop, name="kubetune-lease", daemon=True)
-        thread.start()
-        return thread
+        def watch() -> None:
+            while not self._stop.wait(WATCHDOG_TICK_SECONDS):
+                if self.lost.is_set() or not self.leading:
+                    self._lose(f"no renewal for {self.timing.deadline:g}s")
+                    on_lost()
+                    return
+
+        for target, name in ((renew, "kubetune-lease"), (watch, "kubetune-lease-watchdog")):
+            threading.Thread(target=target, name=name, daemon=True).start()
 
     def _lose(self, why: str) -> None:
         if not self.lost.is_set():
@@ -359,7 +371,7 @@ class LeaderElector:
             spec["leaseDurationSeconds"] = 1
             lease["spec"] = spec
             self.custom.replace_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, self.name, lease
+                GROUP, VERSION, self.namespace, PLURAL, self.name, lease, _request_timeout=2
             )
             log.info("leader election: released Lease %s/%s", self.namespace, self.name)
         except Exception as exc:  # noqa: BLE001 - the standby then waits out the duration

@@ -14,6 +14,8 @@ from kubetune_operator.leader import (
     ENV_DURATION,
     ENV_RETRY,
     EXIT_GRACE_SECONDS,
+    MIN_GAP_SECONDS,
+    WATCHDOG_TICK_SECONDS,
     LeaseClock,
     LeaseTiming,
     may_acquire,
@@ -52,8 +54,10 @@ def test_defaults_and_the_failover_bound():
     assert (timing.duration, timing.deadline, timing.retry) == (15, 10, 2)
     assert timing.renew_every == 5
     assert timing.failover_bound == 19
-    # A leader stops (deadline, then the hard exit) before any standby may take over.
-    assert timing.deadline + EXIT_GRACE_SECONDS < timing.duration
+    # A leader stops (deadline, the watchdog's tick, the hard exit) before any
+    # standby may take over, with the smallest gap the check lets through.
+    assert WATCHDOG_TICK_SECONDS + EXIT_GRACE_SECONDS < MIN_GAP_SECONDS
+    LeaseTiming(duration=11, deadline=10, retry=2).check()
 
 
 def test_from_env_reads_the_three_settings():

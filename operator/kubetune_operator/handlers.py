@@ -155,6 +155,8 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "0") or 0)
     if port:
         metrics.serve(port)
+    if "leading" not in _state:  # no leader election: this replica acts alone
+        metrics.LEADER.set(1)
     logger.info(
         "kubetune operator: image %s, ray %s, poll %ss",
         job_settings.trainer_image,

@@ -225,8 +225,11 @@ class LeaderElector:
     def try_once(self) -> bool:
         """One look at the Lease: create it, renew it, or take it over when
         allowed. True when this replica holds it after the call."""
-        started = self.monotonic()
+        started = self.monotonic()  # the leader's deadline counts from before its write
         lease = self._read()
+        # A standby's wait counts from after the read: the record it saw was
+        # written before this, so a slow answer never shortens the wait.
+        read_at = self.monotonic()
         try:
             if lease is None:
                 body = {
@@ -242,14 +245,14 @@ class LeaderElector:
                 spec = lease.get("spec") or {}
                 holder = spec.get("holderIdentity")
                 version = lease["metadata"]["resourceVersion"]
-                self.clock.observe(version, started)
+                self.clock.observe(version, read_at)
                 self._holder = holder
                 duration = float(spec.get("leaseDurationSeconds") or self.timing.duration)
                 if holder != self.me:
                     if self.renewed_at is not None:
                         self._lose(f"the Lease is held by {holder or 'nobody'} now")
                         return False
-                    if not may_acquire(holder, self.me, self.clock, duration, started):
+                    if not may_acquire(holder, self.me, self.clock, duration, read_at):
                         return False
                 transitions = int(spec.get("leaseTransitions") or 0)
                 acquire = holder != self.me

@@ -7,6 +7,7 @@ and the status going on. And a status write from a stale view is refused
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -111,17 +112,29 @@ def test_lease_one_holder_takeover_only_after_the_duration_and_release(kube, nam
         api_client.close()
 
 
-def test_leader_killed_mid_job_one_rayjob_per_attempt_and_failover_bound(kube, namespace, tmp_path):
-    from kubetune_operator.leader import LeaseTiming
-
-    bound = LeaseTiming().failover_bound  # the chart's defaults: 15 s lease, 2 s retry
-    a = _replica(kube, namespace, tmp_path, "op-a").start()
-    b = _replica(kube, namespace, tmp_path, "op-b")
+@contextlib.contextmanager
+def _two_replicas(kube, namespace, tmp_path, env: dict | None = None):
+    """op-a starts first and leads; op-b starts next and stands by."""
+    a = _replica(kube, namespace, tmp_path, "op-a", env).start()
+    b = _replica(kube, namespace, tmp_path, "op-b", env)
     try:
         wait_until(lambda: _holder(kube, namespace).startswith("op-a_"), 30, what="op-a leads")
         b.start()
         wait_until(lambda: "standby as op-b_" in b.log_path.read_text(), 30, what="op-b waits")
+        yield a, b
+    finally:
+        for op in (a, b):
+            if op.proc and op.proc.poll() is None:
+                op.proc.send_signal(signal.SIGCONT)
+            op.stop()
+            print(f"--- {op.log_path}\n{op.log_tail(40)}")
 
+
+def test_leader_killed_mid_job_one_rayjob_per_attempt_and_failover_bound(kube, namespace, tmp_path):
+    from kubetune_operator.leader import LeaseTiming
+
+    bound = LeaseTiming().failover_bound  # the chart's defaults: 15 s lease, 2 s retry
+    with _two_replicas(kube, namespace, tmp_path) as (a, b):
         apply(kube, namespace, finetunejob("ha"))  # backoffLimit 1: one retry
         wait_until(lambda: get(kube, "rayjob", "ha", namespace), 60, what="RayJob ha")
         rayjob_running(kube, "ha", namespace)
@@ -158,26 +171,20 @@ def test_leader_killed_mid_job_one_rayjob_per_attempt_and_failover_bound(kube, n
             f"(bound {bound:g}s), the retry written after {acted:.1f}s"
         )
         assert took_lease <= bound + 2  # + the test's own polling of the Lease
-    finally:
-        for op in (a, b):
-            op.stop()
-            print(f"--- {op.log_path}\n{op.log_tail(40)}")
 
 
-def test_a_frozen_leader_wakes_up_stopped_and_acts_on_nothing(kube, namespace, tmp_path):
-    """SIGSTOP past the Lease (a stalled node, a long GC pause): the standby takes
+def test_a_frozen_leader_wakes_up_stopped_and_a_clean_stop_hands_over(kube, namespace, tmp_path):
+    """SIGSTOP past the Lease (a stalled node, a long pause): the standby takes
     over; the old leader, woken, finds its renew deadline passed and exits 1
-    without a write (its pod would restart as a standby)."""
+    without a write. Restarted (as its pod would be), it stands by; the new
+    leader's clean stop (SIGTERM: a rolling update, a drain) hands it the Lease
+    at once."""
     fast = {
         "KUBETUNE_LEASE_DURATION_SECONDS": "4",
         "KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS": "2.5",
         "KUBETUNE_LEASE_RETRY_SECONDS": "0.5",
     }
-    a = _replica(kube, namespace, tmp_path, "op-a", fast).start()
-    b = _replica(kube, namespace, tmp_path, "op-b", fast)
-    try:
-        wait_until(lambda: _holder(kube, namespace).startswith("op-a_"), 30, what="op-a leads")
-        b.start()
+    with _two_replicas(kube, namespace, tmp_path, fast) as (a, b):
         apply(kube, namespace, finetunejob("frozen"))
         wait_until(lambda: get(kube, "rayjob", "frozen", namespace), 60, what="RayJob frozen")
         wait_phase(kube, "frozen", namespace, "Starting")
@@ -193,31 +200,18 @@ def test_a_frozen_leader_wakes_up_stopped_and_acts_on_nothing(kube, namespace, t
         assert _holder(kube, namespace).startswith("op-b_")
         assert names(kube, "rayjob", namespace) == ["frozen"]
         assert status(kube, "frozen", namespace)["phase"] == "Running"
-    finally:
-        for op in (a, b):
-            if op.proc and op.proc.poll() is None:
-                op.proc.send_signal(signal.SIGCONT)
-            op.stop()
-            print(f"--- {op.log_path}\n{op.log_tail(40)}")
 
-
-def test_clean_stop_hands_the_lease_over_at_once(kube, namespace, tmp_path):
-    a = _replica(kube, namespace, tmp_path, "op-a").start()
-    b = _replica(kube, namespace, tmp_path, "op-b")
-    try:
-        wait_until(lambda: _holder(kube, namespace).startswith("op-a_"), 30, what="op-a leads")
-        b.start()
-        wait_until(lambda: "standby as op-b_" in b.log_path.read_text(), 30, what="op-b waits")
+        a.start()
+        wait_until(lambda: "standby as op-a_" in a.log_path.read_text(), 30, what="op-a waits")
         stopped = time.monotonic()
-        a.stop()  # SIGTERM, as in a rolling update or a drain
-        assert a.proc.returncode == 0
-        wait_until(lambda: _holder(kube, namespace).startswith("op-b_"), 10, what="op-b leads")
+        b.stop()
+        assert b.proc.returncode == 0
+        wait_until(lambda: _holder(kube, namespace).startswith("op-a_"), 10, what="op-a leads")
         handed = time.monotonic() - stopped
-        print(f"clean stop: Lease handed over {handed:.1f}s after SIGTERM")
-        assert handed < 10  # far below the 15 s lease: the leader released it
-    finally:
-        for op in (a, b):
-            op.stop()
+        print(f"clean stop: the Lease changed hands {handed:.1f}s after SIGTERM")
+        assert handed < 4  # below the lease duration: released, not waited out
+        rayjob_finished(kube, "frozen", namespace)
+        wait_phase(kube, "frozen", namespace, "Succeeded")  # written by op-a again
 
 
 def test_a_stale_status_write_is_refused_not_clobbering(kube, namespace):

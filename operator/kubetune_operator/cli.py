@@ -5,6 +5,7 @@ Lease acts (leader.py)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import threading
@@ -32,15 +33,20 @@ def run_operator(args: argparse.Namespace) -> int:
     logging.getLogger("kopf").setLevel(level)
     liveness = getattr(args, "liveness", None)
     elector = None
-    stop_flag = None
+    # kopf's stop flag: an asyncio future of the loop kopf runs in (a
+    # threading.Event would leave a thread blocked on it after a SIGTERM).
+    loop = stop_flag = None
     if getattr(args, "leader_elect", False):
         elector = _elector(args)
-        stop_flag = threading.Event()
         _wait_for_the_lease(elector, liveness)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        stop_flag = loop.create_future()
         handlers.act_only_while(lambda: elector.leading)
-        elector.renew_forever(on_lost=lambda: _stop_acting(stop_flag))
+        elector.renew_forever(on_lost=lambda: _stop_acting(loop, stop_flag))
     try:
         kopf.run(
+            loop=loop,
             standalone=bool(getattr(args, "standalone", False)),
             clusterwide=not namespaces,
             namespaces=namespaces,
@@ -94,13 +100,17 @@ def _wait_for_the_lease(elector, liveness) -> None:
         health.stop()  # kopf serves the same endpoint from now on
 
 
-def _stop_acting(stop_flag: threading.Event) -> None:
+def _stop_acting(loop: asyncio.AbstractEventLoop, stop_flag: asyncio.Future) -> None:
     """The Lease is lost: another replica may lead soon. kopf is told to stop
-    and the process ends within a second whatever it is doing (nothing it could
-    still finish is worth a second leader)."""
+    and the process ends within EXIT_GRACE_SECONDS whatever it is doing
+    (nothing it could still finish is worth a second leader)."""
     from .leader import EXIT_GRACE_SECONDS
 
-    stop_flag.set()
+    def stop() -> None:
+        if not stop_flag.done():
+            stop_flag.set_result("the leader Lease is lost")
+
+    loop.call_soon_threadsafe(stop)
     timer = threading.Timer(EXIT_GRACE_SECONDS, os._exit, args=(1,))
     timer.daemon = True
     timer.start()

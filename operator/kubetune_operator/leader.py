@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import http.server
 import logging
+import math
 import os
 import secrets
 import socket
@@ -214,7 +215,8 @@ class LeaderElector:
         now = micro_time()
         spec = {
             "holderIdentity": self.me,
-            "leaseDurationSeconds": int(round(self.timing.duration)),
+            # Whole seconds, rounded up: a standby never waits less than configured.
+            "leaseDurationSeconds": math.ceil(self.timing.duration),
             "renewTime": now,
             "leaseTransitions": transitions,
         }
@@ -304,7 +306,10 @@ class LeaderElector:
                     return
             except Exception as exc:  # noqa: BLE001 - the API server may come back
                 log.warning(
-                    "leader election: cannot read Lease %s/%s: %s", self.namespace, self.name, exc
+                    "leader election: cannot read Lease %s/%s: %s",
+                    self.namespace,
+                    self.name,
+                    _brief(exc),
                 )
             if self._holder != said:
                 said = self._holder
@@ -328,7 +333,7 @@ class LeaderElector:
                 try:
                     ok = self.try_once()  # another holder: lost, inside
                 except Exception as exc:  # noqa: BLE001 - counted against the deadline
-                    log.warning("leader election: renewing Lease failed: %s", exc)
+                    log.warning("leader election: renewing Lease failed: %s", _brief(exc))
                     ok = False
                 if not ok:
                     metrics.LEASE_RENEW_FAILURES.inc()
@@ -378,9 +383,15 @@ class LeaderElector:
             )
             log.info("leader election: released Lease %s/%s", self.namespace, self.name)
         except Exception as exc:  # noqa: BLE001 - the standby then waits out the duration
-            log.warning("leader election: could not release the Lease: %s", exc)
+            log.warning("leader election: could not release the Lease: %s", _brief(exc))
         finally:
             metrics.LEADER.set(0)
+
+
+def _brief(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason or ''}".strip()
+    return f"{type(exc).__name__}: {exc}"
 
 
 class StandbyHealth:

@@ -42,7 +42,7 @@ def run_operator(args: argparse.Namespace) -> int:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         stop_flag = loop.create_future()
-        handlers.act_only_while(lambda: elector.leading)
+        handlers.act_only_while(lambda: elector.leading, elector.release)
         elector.renew_forever(on_lost=lambda: _stop_acting(loop, stop_flag))
     try:
         kopf.run(
@@ -55,7 +55,7 @@ def run_operator(args: argparse.Namespace) -> int:
         )
     finally:
         if elector is not None and not elector.lost.is_set():
-            elector.release()  # a clean stop: a standby takes over within its retry period
+            elector.release()  # if kopf's cleanup did not: a standby takes over at once
     if elector is not None and elector.lost.is_set():
         return 1  # restarted by Kubernetes, as a standby
     return 0

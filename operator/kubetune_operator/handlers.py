@@ -35,6 +35,7 @@ COMPONENT = "kubetune-operator"  # events say "From kubetune-operator"
 FINALIZER = "kubetune.io/finalizer"
 DELETE_WAIT_RETRIES = 30  # x DELETE_WAIT_SECONDS: then the garbage collector finishes
 DELETE_WAIT_SECONDS = 2.0
+HAND_BACK_WAIT_SECONDS = 5.0  # a clean stop waits this long for reconciles in flight
 
 # Enough to keep the API pool busy; a reconcile waits on API calls, not the CPU.
 RECONCILE_WORKERS = 8
@@ -188,12 +189,15 @@ def _forget(uid: str) -> None:
     metrics.forget(uid)
 
 
-def act_only_while(leading: Callable[[], bool]) -> None:
+def act_only_while(leading: Callable[[], bool], hand_back: Callable[[], None]) -> None:
     """Leader election (`kubetune operator --leader-elect`): reconcile only while
     `leading()` says this replica holds the Lease. The Lease thread stops the
     process when it is lost; this closes the gap until it does (a process that
-    was frozen past its renew deadline acts on nothing when it wakes)."""
+    was frozen past its renew deadline acts on nothing when it wakes). On a
+    clean stop, `hand_back()` releases the Lease as soon as nothing here acts
+    any more, not after kopf's own shutdown (which waits up to 5 s for its tasks)."""
     _state["leading"] = leading
+    _state["hand_back"] = hand_back
 
 
 async def _run(uid: str):
@@ -236,6 +240,14 @@ async def stop_scheduler(**_) -> None:
     scheduler = _state.pop("scheduler", None)
     if scheduler is not None:
         await scheduler.stop()
+    hand_back = _state.pop("hand_back", None)
+    if hand_back is not None:
+        _state["leading"] = lambda: False  # from now on nothing here reconciles
+        loop = asyncio.get_running_loop()
+        end = loop.time() + HAND_BACK_WAIT_SECONDS
+        while scheduler is not None and scheduler.running() and loop.time() < end:
+            await asyncio.sleep(0.05)  # a new job's first reconcile, in kopf's event task
+        await loop.run_in_executor(None, hand_back)
 
 
 @kopf.on.probe(id="reconciler")

@@ -187,6 +187,8 @@ class LeaderElector:
         self._stop = threading.Event()
         self._holder: Optional[str] = None
         self._version: Optional[str] = None
+        self._released = False
+        self._release_lock = threading.Lock()
         # No call waits forever: a try that times out is one failed try.
         self._timeout = max(1.0, timing.deadline / 2)
 
@@ -368,8 +370,10 @@ class LeaderElector:
         """A clean stop: hand the Lease back so a standby takes it within `retry`
         (only if it is still ours: the write carries the version last written)."""
         self._stop.set()
-        if self.renewed_at is None or self.lost.is_set() or self._version is None:
-            return
+        with self._release_lock:
+            if self._released or self.renewed_at is None or self.lost.is_set():
+                return
+            self._released = True
         try:
             lease = self._read()
             if not lease or (lease.get("spec") or {}).get("holderIdentity") != self.me:

@@ -204,12 +204,13 @@ def test_a_frozen_leader_wakes_up_stopped_and_a_clean_stop_hands_over(kube, name
         a.start()
         wait_until(lambda: "standby as op-a_" in a.log_path.read_text(), 30, what="op-a waits")
         stopped = time.monotonic()
-        b.stop()
-        assert b.proc.returncode == 0
+        b.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: _holder(kube, namespace).startswith("op-a_"), 10, what="op-a leads")
         handed = time.monotonic() - stopped
         print(f"clean stop: the Lease changed hands {handed:.1f}s after SIGTERM")
         assert handed < 4  # below the lease duration: released, not waited out
+        assert b.proc.wait(20) == 0
+        assert "released Lease" in b.log_path.read_text()
         rayjob_finished(kube, "frozen", namespace)
         wait_phase(kube, "frozen", namespace, "Succeeded")  # written by op-a again
 

@@ -85,6 +85,23 @@ _fs_cache: LruCache[tuple, Any] = LruCache(FS_CACHE_ENTRIES, FS_IDLE_SECONDS)
 _fs_lock = threading.Lock()  # one filesystem per key, even when two reads open it at once
 
 
+_session: Any = None
+
+
+def _shared_session():
+    """One botocore session for every filesystem (under _fs_lock): each session
+    loads S3's service model, ~12 MiB apiece, where a client on a shared one
+    costs ~1.5 MiB. Credentials are per client (create_client's keys), so
+    sharing the session shares no job's keys; s3fs creates clients on its one
+    event-loop thread, so the session is never used from two threads at once."""
+    global _session
+    if _session is None:
+        import aiobotocore.session
+
+        _session = aiobotocore.session.AioSession()
+    return _session
+
+
 class SchemeNotReadable(Exception):
     """The operator has no reader for this URI scheme."""
 
@@ -137,7 +154,7 @@ def filesystem(
                 "max_pool_connections": MAX_CONNECTIONS_PER_STORE,
             },
         }
-        fs = fsspec.filesystem(protocol, **opts)
+        fs = fsspec.filesystem(protocol, session=_shared_session(), **opts)
         # s3fs retries timeouts 5 times on top of botocore: a hung store would
         # hold a thread for minutes. The next poll is the retry.
         fs.retries = 1

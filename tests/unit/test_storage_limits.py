@@ -114,9 +114,7 @@ def test_an_oversized_record_is_named_and_the_rest_is_read(tmp_path, monkeypatch
     )
     snap = storage_reader.read_snapshot(str(prefix), None, {}, schemes=("file",))
     assert snap.progress is None
-    assert [(t.path, t.cap) for t in snap.too_large] == [
-        (str(prefix / "progress.json"), 64 * 1024)
-    ]
+    assert [(t.path, t.cap) for t in snap.too_large] == [(str(prefix / "progress.json"), 64 * 1024)]
     assert snap.outputs is not None and snap.outputs.adapter == "s3://b/adapter"
     assert snap.metrics[-1].step == 4999 and len(snap.metrics) == 50  # the tail only
     message = storage_reader.too_large_message(snap)
@@ -142,3 +140,22 @@ def test_metrics_tail_reads_only_its_tail_bytes(tmp_path):
     rows = storage_reader.metrics_tail(Counting(), str(path), limit=10, tail_bytes=1024)
     assert [r.step for r in rows] == list(range(1990, 2000))
     assert reads == [1024]
+
+
+def test_filesystems_are_one_per_store_and_keys_bounded_on_one_session(monkeypatch):
+    monkeypatch.setattr(storage_reader, "_fs_cache", LruCache(2))
+    keys = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+
+    def fs(port: int, key: str = "k"):
+        access = {"endpoint": f"http://127.0.0.1:{port}", "secretRef": {"name": "s"}}
+        return storage_reader.filesystem("s3://b/p", access, keys | {"AWS_ACCESS_KEY_ID": key})
+
+    a = fs(1)
+    assert fs(1) is a  # reused across polls
+    assert fs(1, key="rotated") is not a  # other keys, another filesystem
+    b, c = fs(2), fs(3)
+    assert len(storage_reader._fs_cache) == 2
+    assert fs(1) is not a  # the least recently used was dropped: opened anew
+    # One botocore session (S3's service model loaded once); keys stay per client.
+    assert a.session is b.session is c.session
+    assert (a.key, c.key) == ("k", "k") and fs(9, key="other").key == "other"

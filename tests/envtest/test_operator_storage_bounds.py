@@ -3,7 +3,7 @@
 Ten namespaces each run jobs whose `spec.output.endpoint` is a TCP listener
 (this test's, on 127.0.0.1) that accepts and never answers, more endpoints
 than a namespace has read slots; another job's progress.json on the real S3
-server is 50 MiB. A healthy job's status must still show each progress update
+server is 100 MiB. A healthy job's status must still show each progress update
 within one poll (plus a stated margin), the oversized job's status must name
 the file and the cap while its metrics keep updating, no namespace may hold
 more than its read slots on its endpoints, and the operator is the same

@@ -16,14 +16,13 @@ import json
 import os
 import secrets
 import signal
-import socket
-import threading
 import time
 
 import pytest
 
 import harness
 from operator_support import (
+    HungEndpoints,
     OperatorProcess,
     apply,
     condition,
@@ -44,45 +43,6 @@ HOSTILE_HUNG = 5
 HOSTILE_FROZEN = 2
 
 
-class HungServer:
-    """Accepts every connection and never sends a byte."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(512)
-        self.port = self.sock.getsockname()[1]
-        self.open: list[socket.socket] = []
-        self.peak = 0
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.open = [c for c in self.open if not _closed(c)] + [conn]
-            self.peak = max(self.peak, len(self.open))
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
-        for c in self.open:
-            c.close()
-
-
-def _closed(conn: socket.socket) -> bool:
-    try:
-        conn.setblocking(False)
-        return conn.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
 @pytest.fixture
 def other_namespace(kube):
     name = f"t-healthy-{secrets.token_hex(3)}"
@@ -94,7 +54,7 @@ def other_namespace(kube):
 def test_hung_and_frozen_stores_do_not_delay_another_tenant(
     kube, namespace, other_namespace, s3, s3_server, tmp_path
 ):
-    hung = HungServer()
+    hung = HungEndpoints(1)
     frozen = harness.S3Server(tmp_path / "frozen-s3", tmp_path).start()
     frozen.create_bucket("frozen")
     op = OperatorProcess(
@@ -117,7 +77,7 @@ def test_hung_and_frozen_stores_do_not_delay_another_tenant(
         )
         hostile = []
         for i in range(HOSTILE_HUNG + HOSTILE_FROZEN):
-            endpoint = f"http://127.0.0.1:{hung.port}" if i < HOSTILE_HUNG else frozen.endpoint
+            endpoint = f"http://127.0.0.1:{hung.ports[0]}" if i < HOSTILE_HUNG else frozen.endpoint
             job = finetunejob(f"bad{i}")
             job["spec"]["output"] = {
                 "uri": "s3://frozen/runs",
@@ -162,8 +122,9 @@ def test_hung_and_frozen_stores_do_not_delay_another_tenant(
                 kube,
                 name,
                 namespace,
-                lambda s: (c := condition(s, "StorageReadable"))
-                and c["status"] in ("False", "Unknown"),
+                lambda s: (
+                    (c := condition(s, "StorageReadable")) and c["status"] in ("False", "Unknown")
+                ),
                 60,
             )
             reason = condition(st, "StorageReadable")["reason"]

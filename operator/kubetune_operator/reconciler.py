@@ -311,6 +311,7 @@ class Reconciler:
         self.wake = wake or (lambda uid: None)
         self._storage: dict[str, StorageView] = {}
         self.read_slots = read_slots if read_slots is not None else ReadSlots()
+        metrics.STORAGE_READS.set_function(self.read_slots.in_flight)
         self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
         self._checked_cache: dict[str, tuple[tuple, list]] = {}
         # The attempt whose ConfigMap is known to exist: ConfigMaps are not
@@ -756,6 +757,7 @@ class Reconciler:
             job["metadata"]["namespace"], storage_reader.store_key(prefix, self._output(job)[1])
         )
         if ticket is None:  # not started this poll; the next one tries again
+            metrics.STORAGE_DEFERRED.inc()
             self._read_queued(view, why)
             return
         view.started = time.monotonic()

@@ -42,6 +42,11 @@ def _peak_rss(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
+def _metric(op: OperatorProcess, name: str) -> float:
+    line = next(x for x in op.metrics().splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
 def _condition(status: dict, type_: str) -> dict:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
@@ -133,7 +138,8 @@ def test_hung_namespaces_and_an_oversized_file_do_not_delay_a_healthy_job(kube, 
         running(good_ns, "good")
         time.sleep(POLL)  # the hostile reads are in flight now
 
-        delays = []
+        delays: list[float] = []
+        in_flight: list[float] = []  # storage reads holding a thread, sampled
         for step in range(1, 5):
             s3.fs.pipe(
                 f"{prefix['good']}/progress.json",
@@ -151,7 +157,9 @@ def test_hung_namespaces_and_an_oversized_file_do_not_delay_a_healthy_job(kube, 
             if step == 1:  # the oversized file's job runs from now on
                 rss_hostile, hwm_hostile = proc.memory_info().rss, _peak_rss(proc.pid)
                 running(good_ns, "big")
-            time.sleep(2.0)  # spread over more than one read timeout of the hung reads
+            for _ in range(8):  # over more than one read timeout of the hung reads
+                in_flight.append(_metric(op, "kubetune_storage_reads_in_flight"))
+                time.sleep(0.25)
 
         st, _ = wait(
             good_ns,
@@ -195,10 +203,12 @@ def test_hung_namespaces_and_an_oversized_file_do_not_delay_a_healthy_job(kube, 
                 reasons.add(cond["reason"])
         rss_after, hwm_after = proc.memory_info().rss, _peak_rss(proc.pid)
         peaks = {ns: endpoints[ns].peak for ns in hostile_ns}
+        deferred = _metric(op, "kubetune_storage_reads_deferred_total")
         print(
             f"healthy progress delays {[round(d, 2) for d in delays]} s (poll {POLL}s); "
-            f"hostile reasons {sorted(reasons)}; hung connections peak per namespace "
-            f"{sorted(peaks.values())}; operator pid {proc.pid} RSS "
+            f"hostile reasons {sorted(reasons)}; storage reads in flight max {max(in_flight):g} "
+            f"(of {len(in_flight)} samples), {deferred:g} deferred; hung connections open at "
+            f"once per namespace {sorted(peaks.values())}; operator pid {proc.pid} RSS "
             f"{rss_before / 2**20:.0f} MiB before any read, {rss_hostile / 2**20:.0f} MiB with the "
             f"hostile reads running, {rss_after / 2**20:.0f} MiB at the end; peak RSS "
             f"{hwm_hostile / 2**20:.0f} -> {hwm_after / 2**20:.0f} MiB while the "
@@ -206,8 +216,10 @@ def test_hung_namespaces_and_an_oversized_file_do_not_delay_a_healthy_job(kube, 
         )
         assert max(delays) <= POLL + MARGIN, delays
         assert "StorageTimeout" in reasons
-        # However many endpoints a namespace names, it holds at most its slots.
-        assert max(peaks.values()) <= PER_NAMESPACE, peaks
+        # However many endpoints a namespace names, it holds at most its slots: without
+        # them all 30 hung reads would hold a thread at once.
+        assert max(in_flight) <= HOSTILE_NAMESPACES * PER_NAMESPACE + 2, in_flight
+        assert deferred > 0
         assert min(peaks.values()) >= 1, peaks  # every namespace's reads did start
         # The same process all along, and the 50 MiB file was never held in memory.
         assert op.proc.poll() is None and op.starts == 1 and op.healthy()

@@ -21,6 +21,15 @@ API_CALLS = Counter(
     "Kubernetes API calls made by the reconciler (kopf's own calls not included), by call",
     ["call"],
 )
+STORAGE_READS = Gauge(
+    "kubetune_storage_reads_in_flight",
+    "Storage reads holding a storage thread now (all namespaces; storage_limits.ReadSlots)",
+)
+STORAGE_DEFERRED = Counter(
+    "kubetune_storage_reads_deferred_total",
+    "Storage reads not started because their namespace's, store's or the operator's "
+    "read slots were all taken (the next poll tries again)",
+)
 
 _phases: dict[str, str] = {}
 _lock = threading.Lock()

@@ -43,6 +43,8 @@ from .parent import from_job, resolve_parent
 from .progress import progress_to_status, tracking_condition
 from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
 from .states import TERMINAL, Action, Cond, Phase, RayJobState, Reason
+from .storage_limits import THREADS as _STORAGE_THREADS
+from .storage_limits import ReadSlots, Ticket
 from .validate import spec_error_status, validate_job
 
 log = logging.getLogger("kubetune.operator")
@@ -253,12 +255,10 @@ class Api:
 
 _API_THREADS = 16
 _API_POOL = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="kubetune-api")
-# Storage reads run here, never in the API pool. A store that stops answering
-# can hold at most STORE_SLOTS of these threads (see Reconciler._read_bounded),
-# so up to _STORAGE_THREADS // STORE_SLOTS hung stores still leave room for
-# every other job's reads.
-STORE_SLOTS = 4
-_STORAGE_THREADS = 32
+# Storage reads run here, never in the API pool, and only once admitted by
+# ReadSlots (per namespace, per store, in all: storage_limits.py), so a read
+# never waits for a thread and a namespace whose stores stop answering holds
+# at most its share of them.
 _STORAGE_POOL = ThreadPoolExecutor(
     max_workers=_STORAGE_THREADS, thread_name_prefix="kubetune-storage"
 )
@@ -300,6 +300,7 @@ class Reconciler:
         wake: Optional[WakeFn] = None,
         cache: Optional[WatchCache] = None,
         allowlist: Optional[Allowlist] = None,
+        read_slots: Optional[ReadSlots] = None,
     ):
         self.api = api
         self.allowlist = allowlist if allowlist is not None else Allowlist.from_env(None)
@@ -309,7 +310,8 @@ class Reconciler:
         self.event = event
         self.wake = wake or (lambda uid: None)
         self._storage: dict[str, StorageView] = {}
-        self._store_slots: dict[str, asyncio.Semaphore] = {}
+        self.read_slots = read_slots if read_slots is not None else ReadSlots()
+        metrics.STORAGE_READS.set_function(self.read_slots.in_flight)
         self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
         self._checked_cache: dict[str, tuple[tuple, list]] = {}
         # The attempt whose ConfigMap is known to exist: ConfigMaps are not
@@ -320,18 +322,17 @@ class Reconciler:
         metrics.API_CALLS.labels(call=fn.__name__).inc()
         return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
 
-    async def _read_bounded(self, store: str, fn, *args):
-        """Run a blocking read in the storage pool, at most STORE_SLOTS at a time
-        per store. The slot is given back when the thread ends, not when the
-        caller stops waiting: a hung store keeps its slots, nobody else's."""
-        slot = self._store_slots.setdefault(store, asyncio.Semaphore(STORE_SLOTS))
-        await slot.acquire()
+    async def _read_bounded(self, ticket: Ticket, fn, *args):
+        """Run a blocking read in the storage pool on an admitted ticket. Its
+        slots are given back when the thread ends, not when the caller stops
+        waiting: a hung store keeps its slots, nobody else's."""
         try:
             fut = asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
         except BaseException:
-            slot.release()
+            ticket.release()
             raise
-        fut.add_done_callback(lambda _: slot.release())
+        ticket.handed_over = True
+        fut.add_done_callback(lambda _: ticket.release())
         return await asyncio.shield(fut)
 
     async def _write_status(self, job: Body, old: dict, new: dict) -> dict:
@@ -752,10 +753,33 @@ class Reconciler:
             view.fresh = True
             view.final_started = view.final_done = True
             return
+        ticket, why = self.read_slots.take(
+            job["metadata"]["namespace"], storage_reader.store_key(prefix, self._output(job)[1])
+        )
+        if ticket is None:  # not started this poll; the next one tries again
+            metrics.STORAGE_DEFERRED.inc()
+            self._read_queued(view, why)
+            return
         view.started = time.monotonic()
         if final:
             view.final_started = True
-        view.task = asyncio.get_running_loop().create_task(self._storage_read(job, prefix, view))
+        view.task = asyncio.get_running_loop().create_task(
+            self._storage_read(job, prefix, view, ticket)
+        )
+
+    @staticmethod
+    def _read_queued(view: StorageView, why: str) -> None:
+        """A read not admitted (storage_limits.ReadSlots): StorageReadable=Unknown says
+        so, unless the last read failed (that failure stays the news)."""
+        if view.problem is not None and view.problem[0] is not Reason.StorageReadQueued:
+            return
+        view.problem = (
+            Reason.StorageReadQueued,
+            f"storage read not started this poll: {why}; the next poll tries again, and "
+            "progress shown is from the last read (hint: reads of a store that does not "
+            "answer hold their slots until they time out)",
+        )
+        view.fresh = True
 
     def _final_read_landed(self, job: Body) -> bool:
         """Whether a storage read started after the Ray job ended has landed;
@@ -767,7 +791,9 @@ class Reconciler:
             self._start_storage_read(job, final=True)
         return view.final_done
 
-    async def _storage_read(self, job: Body, prefix: str, view: StorageView) -> None:
+    async def _storage_read(
+        self, job: Body, prefix: str, view: StorageView, ticket: Ticket
+    ) -> None:
         spec, meta = job["spec"], job["metadata"]
         _, output = self._output(job)
         keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
@@ -788,14 +814,14 @@ class Reconciler:
                     "storage with the job's own keys only (hint: add both keys to the Secret)",
                 )
             else:
-                store = storage_reader.store_key(prefix, output)
                 view.snapshot = await asyncio.wait_for(
                     self._read_bounded(
-                        store, storage_reader.read_snapshot, prefix, output, secret, keep
+                        ticket, storage_reader.read_snapshot, prefix, output, secret, keep
                     ),
                     timeout=self.timing.storage_timeout_seconds,
                 )
-                view.problem = None
+                too_large = storage_reader.too_large_message(view.snapshot)
+                view.problem = (Reason.StorageFileTooLarge, too_large) if too_large else None
         except asyncio.TimeoutError:
             metrics.ERRORS.labels(kind="storage_timeout").inc()
             view.problem = (
@@ -816,6 +842,8 @@ class Reconciler:
                 "spec.output.endpoint and the keys in spec.output.secretRef)",
             )
         finally:
+            if not ticket.handed_over:
+                ticket.release()  # no thread took it (the Secret's read failed)
             view.fresh = True
             if final:
                 view.final_done = True
@@ -831,7 +859,8 @@ class Reconciler:
         conds = list(status.get("conditions") or [])
         if view.problem is not None:
             reason, message = view.problem
-            state = "Unknown" if reason is Reason.SchemeNotReadable else "False"
+            unknown = (Reason.SchemeNotReadable, Reason.StorageReadQueued)
+            state = "Unknown" if reason in unknown else "False"
             conds = set_condition(conds, Cond.StorageReadable, state, reason, message, now, gen)
         elif view.snapshot is not None and get_condition(status, Cond.StorageReadable):
             conds = set_condition(

@@ -103,6 +103,8 @@ class Reason(str, Enum):
     Read = "Read"
     StorageTimeout = "StorageTimeout"
     StorageReadFailed = "StorageReadFailed"
+    StorageReadQueued = "StorageReadQueued"
+    StorageFileTooLarge = "StorageFileTooLarge"
     SchemeNotReadable = "SchemeNotReadable"
     RayJobCRDFound = "RayJobCRDFound"
     RayJobCRDNotFound = "RayJobCRDNotFound"

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from kubetune_api import storage
 from kubetune_api.models import StorageAccess, _Model
 from kubetune_api.storage import (
+    AttemptRecord,
     CheckpointManifest,
     MetricsRow,
     OutputsRecord,
@@ -34,7 +35,9 @@ from kubetune_api.sweep import SWEEP, SweepRecord
 
 METRICS_TAIL_BYTES = 64 * 1024
 
-# Manifests are written once and never change: cache them by URI.
+# Manifests that count are written once and never change: cache them by URI. One
+# that does not count (an older attempt's, committed after a newer one took
+# over) is never cached: the newer attempt may commit that step again.
 _manifest_cache: dict[str, CheckpointManifest] = {}
 _cache_lock = threading.Lock()
 
@@ -137,6 +140,7 @@ class StorageSnapshot(_Model):
     """Everything the status shows from a job's prefix, in the contract's models."""
 
     prefix: Optional[str] = None
+    fence: Optional[AttemptRecord] = None  # attempt.json: which attempt's records count
     progress: Optional[ProgressRecord] = None
     metrics: list[MetricsRow] = []  # the tail, oldest first
     checkpoints: list[CommittedCheckpoint] = []  # the newest committed ones, oldest first
@@ -190,7 +194,10 @@ def metrics_tail(
     return rows
 
 
-def _checkpoints(fs, prefix: str, keep: int) -> list[tuple[int, str, CheckpointManifest]]:
+def _checkpoints(
+    fs, prefix: str, keep: int, fence: Optional[AttemptRecord] = None
+) -> list[tuple[int, str, CheckpointManifest]]:
+    """The newest `keep` committed checkpoints that count under the fence."""
     root = storage.join(prefix, storage.CHECKPOINTS)
     try:
         entries = fs.ls(root, detail=False)
@@ -202,10 +209,12 @@ def _checkpoints(fs, prefix: str, keep: int) -> list[tuple[int, str, CheckpointM
         uri = storage.checkpoint_dir(prefix, step)
         with _cache_lock:
             manifest = _manifest_cache.get(uri)
-        if manifest is None:
+        if manifest is None or not storage.checkpoint_counts(step, manifest.attempt, fence):
             manifest = _read_json(fs, storage.join(uri, storage.MANIFEST), CheckpointManifest)
             if manifest is None:
                 continue  # not committed (yet)
+            if not storage.checkpoint_counts(step, manifest.attempt, fence):
+                continue  # an older attempt's, committed after a newer one took over
             with _cache_lock:
                 _manifest_cache[uri] = manifest
         found.append((step, uri, manifest))
@@ -227,8 +236,10 @@ def read_snapshot(
     fs = filesystem(prefix, access, secret_data, schemes)
     scheme, path = storage.split_uri(prefix)
     clean = f"{scheme}://{path}" if "://" in prefix else path
+    fence = _read_json(fs, storage.join(path, storage.ATTEMPT), AttemptRecord)
     return StorageSnapshot(
         prefix=clean,
+        fence=fence,
         progress=_read_json(fs, storage.join(path, storage.PROGRESS), ProgressRecord),
         metrics=metrics_tail(fs, storage.join(path, storage.METRICS), metrics_rows),
         checkpoints=[
@@ -237,7 +248,7 @@ def read_snapshot(
                 step=step,  # the folder's name says which step it is
                 uri=f"{scheme}://{uri}" if "://" in prefix else uri,
             )
-            for step, uri, manifest in _checkpoints(fs, path, keep_checkpoints)
+            for step, uri, manifest in _checkpoints(fs, path, keep_checkpoints, fence)
         ],
         outputs=_read_json(fs, storage.join(path, storage.OUTPUTS), OutputsRecord),
         run_record=_read_json(fs, storage.join(path, storage.RUN_RECORD), RunRecord),

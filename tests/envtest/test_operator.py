@@ -415,6 +415,40 @@ def test_restart_between_recording_names_and_creating(kube, namespace, tmp_path)
         print(op.log_tail(80))
 
 
+def test_restart_deletes_the_rayjob_an_earlier_attempt_left(kube, namespace, tmp_path):
+    # A retry records attempt 2 in status, then deletes attempt 1's RayJob: an
+    # operator killed in between leaves that RayJob running beside the new one.
+    op = OperatorProcess(kube, [namespace], tmp_path).start()
+    try:
+        apply(kube, namespace, finetunejob("left"))
+        _wait_rayjob(kube, "left", namespace, "left")
+        op.kill()
+        retried = {"rayJobName": "left-r1", "attempts": 2, "phase": "Starting"}
+        kube.kubectl(
+            "patch", "ftj", "left", "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": retried}),
+        )  # fmt: skip
+        op.start()
+        rj = _wait_rayjob(kube, "left", namespace, "left-r1")
+        assert rj["metadata"]["labels"]["kubetune.io/attempt"] == "2"
+        wait_until(
+            lambda: get(kube, "rayjob", "left", namespace) is None,
+            30,
+            what="attempt 1's leftover RayJob to be deleted",
+        )
+        assert names(kube, "rayjob", namespace) == ["left-r1"]
+        wait_until(
+            lambda: [
+                e for e in events(kube, namespace, "left") if "earlier attempt" in e["message"]
+            ],
+            10,
+            what="the event naming the deleted RayJob",
+        )
+    finally:
+        op.stop()
+        print(op.log_tail(80))
+
+
 def test_operator_killed_mid_job_restarts_cleanly(kube, namespace, s3, tmp_path):
     s3_secret(kube, namespace, s3)
     op = OperatorProcess(kube, [namespace], tmp_path).start()

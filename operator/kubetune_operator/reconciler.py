@@ -597,7 +597,10 @@ class Reconciler:
             )
             await self._call(self.api.delete_rayjob, ns, name, job)
             self.event(
-                job, "Normal", Reason.Retrying, f"deleted RayJob {name} left by an earlier attempt"
+                job,
+                "Normal",
+                Reason.OldAttemptDeleted,
+                f"deleted RayJob {name} left by an earlier attempt",
             )
 
     async def _conflict(

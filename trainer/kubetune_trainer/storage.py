@@ -197,6 +197,8 @@ class JobStorage:
                     manifest = json.load(f)
             except FileNotFoundError:
                 continue
+            except ValueError:  # there but unreadable: committed, by an unknown attempt
+                manifest = {}
             if contract.checkpoint_counts(step, manifest.get("attempt"), fence):
                 steps.append(step)
         return sorted(steps)

@@ -38,7 +38,7 @@ from .children import Settings, job_guards, rayjob_patch, spec_to_configmap, spe
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
 from .decide import decide, ttl_remaining
 from .endpoints import Allowlist, endpoint_problem
-from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, Body, child_names
+from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, Body, child_names
 from .parent import from_job, resolve_parent
 from .progress import progress_to_status, tracking_condition
 from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
@@ -202,6 +202,12 @@ class Api:
             if exc.status == 404:  # the namespace exists (the job is in it): no such API
                 raise KubeRayMissing(str(exc.reason)) from exc
             raise
+
+    def list_rayjobs(self, ns: str, job_uid: str) -> list[Body]:
+        """The RayJobs labelled with the job's uid (ownership is checked by the caller)."""
+        return self.custom.list_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, label_selector=f"{LABEL_JOB_UID}={job_uid}"
+        ).get("items", [])
 
     def patch_rayjob(self, ns: str, name: str, patch: dict) -> Body:
         return self.custom.patch_namespaced_custom_object(
@@ -495,6 +501,8 @@ class Reconciler:
             raise
         if cm_call is not None:
             self._cm_done[uid] = attempts
+        if missing and attempts > 1:
+            await self._delete_older_attempts(job, attempts)
         if missing:
             if created:
                 self.event(
@@ -576,6 +584,25 @@ class Reconciler:
         if reading or queued or job["spec"].get("activeDeadlineSeconds"):
             return self.timing.poll_seconds
         return self.timing.idle_seconds
+
+    async def _delete_older_attempts(self, job: Body, attempts: int) -> None:
+        """Delete the job's RayJobs of earlier attempts, when this attempt's RayJob
+        is created: a retry deletes the failed one right after recording the new
+        attempt, and an operator killed in between leaves it running beside the
+        new one. (Their late writes do not count anyway: see kubetune_api.storage.)"""
+        ns = job["metadata"]["namespace"]
+        rayjobs = await self._call(self.api.list_rayjobs, ns, job["metadata"]["uid"])
+        for name in ownership.older_attempts(rayjobs, job, attempts):
+            log.info(
+                "%s/%s: deleting RayJob %s of an earlier attempt", ns, job["metadata"]["name"], name
+            )
+            await self._call(self.api.delete_rayjob, ns, name, job)
+            self.event(
+                job,
+                "Normal",
+                Reason.OldAttemptDeleted,
+                f"deleted RayJob {name} left by an earlier attempt",
+            )
 
     async def _conflict(
         self,
@@ -876,7 +903,7 @@ class Reconciler:
         if view.snapshot is None:
             return status
         keep = (job["spec"].get("checkpointing") or {}).get("keepLast", 3)
-        status |= progress_to_status(view.snapshot, keep)
+        status |= progress_to_status(view.snapshot, keep, int(status.get("attempts") or 1))
         tracked = tracking_condition(view.snapshot)
         if tracked is not None:
             ok, message = tracked

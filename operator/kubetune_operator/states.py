@@ -110,6 +110,7 @@ class Reason(str, Enum):
     RayJobCRDNotFound = "RayJobCRDNotFound"
     TTLExpired = "TTLExpired"
     RayJobCreated = "RayJobCreated"
+    OldAttemptDeleted = "OldAttemptDeleted"  # a RayJob an earlier attempt left behind
     # spec.model.fromJob
     ParentResolved = "ParentResolved"
     ParentNotFound = "ParentNotFound"

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from kubetune_api import storage
 from kubetune_api.models import StorageAccess, _Model
 from kubetune_api.storage import (
+    AttemptRecord,
     CheckpointManifest,
     MetricsRow,
     OutputsRecord,
@@ -45,8 +46,10 @@ METRICS_TAIL_BYTES = 64 * 1024
 RECORD_CAP_BYTES = MIB  # progress.json, outputs.json, run.json, tracking.json, manifests
 SWEEP_CAP_BYTES = 4 * MIB
 
-# Manifests are written once and never change: cache them by URI (the newest
-# few per job are read each poll; an evicted one is read again).
+# Manifests that count are written once and never change: cache them by URI (the
+# newest few per job are read each poll; an evicted one is read again). One that
+# does not count (an older attempt's, committed after a newer one took over) is
+# never cached: the newer attempt may commit that step again.
 MANIFEST_CACHE_ENTRIES = 4096
 _manifest_cache: LruCache[str, CheckpointManifest] = LruCache(MANIFEST_CACHE_ENTRIES)
 
@@ -186,6 +189,7 @@ class StorageSnapshot(_Model):
     """Everything the status shows from a job's prefix, in the contract's models."""
 
     prefix: Optional[str] = None
+    fence: Optional[AttemptRecord] = None  # attempt.json: which attempt's records count
     progress: Optional[ProgressRecord] = None
     metrics: list[MetricsRow] = []  # the tail, oldest first
     checkpoints: list[CommittedCheckpoint] = []  # the newest committed ones, oldest first
@@ -281,8 +285,9 @@ def metrics_tail(
 
 
 def _checkpoints(
-    fs, prefix: str, keep: int, too_large: list[TooLarge]
+    fs, prefix: str, keep: int, too_large: list[TooLarge], fence: Optional[AttemptRecord] = None
 ) -> list[tuple[int, str, CheckpointManifest]]:
+    """The newest `keep` committed checkpoints that count under the fence."""
     root = storage.join(prefix, storage.CHECKPOINTS)
     try:
         entries = fs.ls(root, detail=False)
@@ -293,12 +298,14 @@ def _checkpoints(
     for step, _entry in reversed(steps):
         uri = storage.checkpoint_dir(prefix, step)
         manifest = _manifest_cache.get(uri)
-        if manifest is None:
+        if manifest is None or not storage.checkpoint_counts(step, manifest.attempt, fence):
             manifest = _read_json(
                 fs, storage.join(uri, storage.MANIFEST), CheckpointManifest, too_large
             )
             if manifest is None:
                 continue  # not committed (yet)
+            if not storage.checkpoint_counts(step, manifest.attempt, fence):
+                continue  # an older attempt's, committed after a newer one took over
             _manifest_cache.put(uri, manifest)
         found.append((step, uri, manifest))
         if len(found) >= keep:
@@ -324,8 +331,10 @@ def read_snapshot(
     def record(name: str, model: type[BaseModel], cap: int = RECORD_CAP_BYTES):
         return _read_json(fs, storage.join(path, name), model, too_large, cap)
 
+    fence = record(storage.ATTEMPT, AttemptRecord)
     return StorageSnapshot(
         prefix=clean,
+        fence=fence,
         progress=record(storage.PROGRESS, ProgressRecord),
         metrics=metrics_tail(fs, storage.join(path, storage.METRICS), metrics_rows),
         checkpoints=[
@@ -334,7 +343,7 @@ def read_snapshot(
                 step=step,  # the folder's name says which step it is
                 uri=f"{scheme}://{uri}" if "://" in prefix else uri,
             )
-            for step, uri, manifest in _checkpoints(fs, path, keep_checkpoints, too_large)
+            for step, uri, manifest in _checkpoints(fs, path, keep_checkpoints, too_large, fence)
         ],
         outputs=record(storage.OUTPUTS, OutputsRecord),
         run_record=record(storage.RUN_RECORD, RunRecord),

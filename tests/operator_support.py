@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -288,3 +291,54 @@ def events(kube, namespace: str, name: str) -> list[dict]:
         f"involvedObject.name={name}",
     )
     return json.loads(out.stdout)["items"]
+
+
+class HungEndpoints:
+    """Listeners that accept every connection and never send a byte; counts the
+    connections open at once over all of them (one namespace's endpoints)."""
+
+    def __init__(self, count: int) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.ports = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ)
+            self.ports.append(sock.getsockname()[1])
+        self.open: list[socket.socket] = []
+        self.peak = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                ready = self.sel.select(timeout=0.2)
+            except (OSError, ValueError):
+                return  # closed
+            for key, _ in ready:
+                try:
+                    conn, _ = key.fileobj.accept()
+                except OSError:
+                    continue
+                self.open = [c for c in self.open if not _closed(c)] + [conn]
+                self.peak = max(self.peak, len(self.open))
+
+    def close(self) -> None:
+        self._stop = True
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        for c in self.open:
+            c.close()
+
+
+def _closed(conn: socket.socket) -> bool:
+    try:
+        conn.setblocking(False)
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

@@ -29,6 +29,7 @@ from .names import LABEL_JOB_UID
 from .reconciler import _API_THREADS as API_THREADS
 from .reconciler import Api, KubeRayMissing, Reconciler, Timing
 from .scheduler import Scheduler
+from .storage_limits import ReadSlots
 
 KOPF_PREFIX = "kopf.kubetune.io"
 COMPONENT = "kubetune-operator"  # events say "From kubetune-operator"
@@ -152,6 +153,7 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
         wake=_wake_known,
         cache=cache,
         allowlist=Allowlist.from_env(os.environ.get(ALLOWLIST_ENV)),
+        read_slots=ReadSlots.from_env(os.environ),
     )
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "0") or 0)
     if port:

@@ -33,6 +33,15 @@ STATUS_CONFLICTS = Counter(
     "kubetune_status_conflicts_total",
     "Status writes refused because the FineTuneJob changed since it was read (read again)",
 )
+STORAGE_READS = Gauge(
+    "kubetune_storage_reads_in_flight",
+    "Storage reads holding a storage thread now (all namespaces; storage_limits.ReadSlots)",
+)
+STORAGE_DEFERRED = Counter(
+    "kubetune_storage_reads_deferred_total",
+    "Storage reads not started because their namespace's, store's or the operator's "
+    "read slots were all taken (the next poll tries again)",
+)
 
 _phases: dict[str, str] = {}
 _lock = threading.Lock()

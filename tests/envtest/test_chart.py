@@ -109,6 +109,7 @@ def test_values_schema_rejects_bad_values(helm):
         ["--set", "unknownKey=1"],
         ["--set", "storage.endpointAllowlist={ftp://host}"],
         ["--set", "storage.endpointAllowlist={https://host/path}"],
+        ["--set", "storage.readsPerNamespace=0"],
     ):
         proc = helm("template", "kt", str(CHART), *bad, check=False)
         assert proc.returncode != 0, bad
@@ -171,6 +172,7 @@ def test_deployment_is_hardened_and_single_active(helm):
     assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/kubetune-trainer:0.1.0"
     assert env["KUBETUNE_RAY_VERSION"] == "2.60.0"
+    assert env["KUBETUNE_STORAGE_READS_PER_NAMESPACE"] == "4"
     assert container["image"] == "ghcr.io/kubetune/kubetune-operator:0.1.0"
 
 

@@ -51,7 +51,9 @@ class Recipe:
         self.worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), use_gpu)
         self.rank, self.world = self.worker.rank, self.worker.world
         self.objective = objectives.for_spec(self.spec)
-        self.storage = JobStorage(self.cfg.storage_prefix, self.spec.output)
+        self.storage = JobStorage(
+            self.cfg.storage_prefix, self.spec.output, attempt=self.cfg.attempt
+        )
         self.writer = BackgroundWriter()  # rank 0's progress and metrics, off the step
         # Checkpoints are staged here before upload: in a pod, the scratch volume
         # the operator mounts (sized by spec.resources.scratchPerWorker).
@@ -220,9 +222,7 @@ class Recipe:
     def resume(self) -> None:
         step = self.checkpoints.resume(self.state)
         if self.rank == 0:
-            self.metrics = [
-                r for r in self.storage.read_metrics() if step is None or r["step"] <= step
-            ]
+            self.metrics = self.storage.resumed_metrics(step)
         if step is not None:
             self.start_step = self.resumed_from = step
 
@@ -275,7 +275,9 @@ class Recipe:
             self.state["initial_eval_loss"] = first["eval_loss"]
             self.log(f"held-out loss before training: {first['eval_loss']:.4f}")
             if self.rank == 0:
-                self.metrics.append({"step": 0, "epoch": 0.0, **first, "time": now()})
+                self.metrics.append(
+                    {"step": 0, "epoch": 0.0, **first, "attempt": self.cfg.attempt, "time": now()}
+                )
         self.t_train = time.monotonic()
         self.progress(contract.TrainPhase.training)
         # the loss stays on the device until a log step: no sync per micro-batch
@@ -336,6 +338,7 @@ class Recipe:
                     r.get("resumed_from") != self.resumed_from for r in self.metrics
                 ):
                     row["resumed_from"] = self.resumed_from
+                row["attempt"] = self.cfg.attempt
                 self.metrics.append(row)
                 self.write_metrics()
                 self.log(
@@ -392,6 +395,7 @@ class Recipe:
             final_train_loss=self.state["train_loss"],
             steps=self.state["step"],
             stopped_early=self.state["stopped_early"],
+            attempt=self.cfg.attempt,
         )
         local = self.tmp / "final"
         held_out = {"validation": self.prepared.val_rows, "test": self.prepared.test_rows}

@@ -72,6 +72,7 @@ class Recipe:
         # The committed step this attempt continued from (None: started fresh);
         # recorded in progress.json and on the first metrics row after it.
         self.resumed_from: Optional[int] = None
+        self.resume_note: dict = {}  # rank 0: what resume() adds to the next metrics row
         self.state = {
             "step": 0,
             "best": None,
@@ -110,6 +111,7 @@ class Recipe:
             tokens_per_second=self.tokens_per_second,
             last_checkpoint=self.checkpoints.last,
             resumed_from=self.resumed_from,
+            skipped_checkpoints=self.checkpoints.skipped or None,
             attempt=self.cfg.attempt,
             message=message or self.notice,
             updated_at=now(),
@@ -220,9 +222,17 @@ class Recipe:
     def resume(self) -> None:
         step = self.checkpoints.resume(self.state)
         if self.rank == 0:
-            self.metrics = [
-                r for r in self.storage.read_metrics() if step is None or r["step"] <= step
-            ]
+            # the rows up to the checkpoint stand; a fresh start redoes them all
+            self.metrics = [r for r in self.storage.read_metrics() if r["step"] <= (step or -1)]
+            # said once, on this attempt's first row
+            self.resume_note = {
+                k: v
+                for k, v in (
+                    ("resumed_from", step),
+                    ("skipped_checkpoints", [s.step for s in self.checkpoints.skipped]),
+                )
+                if v
+            }
         if step is not None:
             self.start_step = self.resumed_from = step
 
@@ -332,10 +342,8 @@ class Recipe:
                 self.log(f"step {step}: eval loss {result['eval_loss']:.4f}")
                 self.early_stopping(result)
             if row is not None and self.rank == 0:
-                if self.resumed_from is not None and all(
-                    r.get("resumed_from") != self.resumed_from for r in self.metrics
-                ):
-                    row["resumed_from"] = self.resumed_from
+                row.update(self.resume_note)
+                self.resume_note = {}
                 self.metrics.append(row)
                 self.write_metrics()
                 self.log(

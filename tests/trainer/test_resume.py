@@ -132,3 +132,65 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(ray_local, tmp_path):
     outputs = json.loads((prefix / "outputs.json").read_text())
     assert outputs["steps"] == 12
     assert outputs["initialEvalLoss"] == pytest.approx(want[0]["evalLoss"])
+
+
+def test_a_truncated_file_in_the_newest_checkpoint_resumes_from_the_previous_one(
+    ray_local, tmp_path
+):
+    """A file of the newest committed checkpoint cut short after its commit: the
+    next attempt verifies it, moves it aside, resumes from the previous one,
+    says so in progress.json, metrics.jsonl and the operator's status, and
+    finishes. Both runs on the tier's shared Ray (~2 fits of a tiny model)."""
+    from kubetune_operator.progress import progress_to_status
+    from kubetune_operator.storage_reader import read_snapshot
+    from kubetune_trainer.driver import run
+
+    model = H.tiny_model(tmp_path / "model")
+    data = H.write_jsonl(tmp_path / "chat.jsonl", H.chat_rows(48))
+    cfg = H.trainer_config(
+        H.job(
+            model,
+            data,
+            (tmp_path / "out").as_uri(),
+            name="truncated",
+            hyperparameters={"maxSteps": 4, "logEverySteps": 1},
+            evaluation={"enabled": False},
+            checkpointing={"everySteps": 2, "keepLast": 3},
+        )
+    )
+    prefix = Path(cfg.storage_prefix.removeprefix("file://"))
+    assert run(cfg, quiet=True, check=False) == 0
+    newest = prefix / "checkpoints/step-00000004"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert sorted(manifest["digests"]) == manifest["files"]  # every file: size and sha256
+    # the biggest file (optimizer state) loses its second half after the commit
+    name = max(manifest["files"], key=lambda f: manifest["digests"][f]["bytes"])
+    size = manifest["digests"][name]["bytes"]
+    (newest / name).write_bytes((newest / name).read_bytes()[: size // 2])
+    (prefix / "progress.json").unlink()  # what the next attempt writes, only
+
+    assert run(cfg.model_copy(update={"attempt": 2}), quiet=True, check=False) == 0
+
+    progress = json.loads((prefix / "progress.json").read_text())
+    assert progress["phase"] == "Succeeded" and progress["step"] == 4, progress
+    assert progress["resumedFrom"] == 2
+    [skipped] = progress["skippedCheckpoints"]
+    assert skipped["step"] == 4
+    assert skipped["reason"] == f"{name}: {size // 2} bytes, the manifest says {size}"
+    moved = Path(skipped["movedTo"].removeprefix("file://"))
+    assert moved.parent == prefix / "checkpoints/quarantine"
+    assert (moved / name).stat().st_size == size // 2  # kept as found, for a look
+    # the step was trained again and committed anew, intact
+    again = json.loads((newest / "manifest.json").read_text())
+    assert again["digests"][name]["bytes"] == size
+    rows = [json.loads(line) for line in (prefix / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["resumedFrom"] == 2 and rows[2]["skippedCheckpoints"] == [4]
+    assert json.loads((prefix / "outputs.json").read_text())["steps"] == 4
+    # and the FineTuneJob's status says it
+    snap = read_snapshot(str(prefix), None, {}, schemes=("file",))
+    status = progress_to_status(snap)["progress"]
+    assert status["resumedFrom"] == 2
+    assert status["skippedCheckpoints"] == [
+        {"step": 4, "reason": skipped["reason"], "movedTo": skipped["movedTo"]}
+    ]

@@ -248,3 +248,62 @@ def test_quarantine_moves_a_damaged_checkpoint_aside_and_says_why(tmp_path):
     assert record == {"step": 8, "reason": "trainer_state.json: missing", "movedTo": moved}
     store.clear_uncommitted(store.committed_checkpoints())  # never touches quarantine/
     assert folder.exists()
+
+
+def _pick(prefix, steps_damaged: dict, tmp):
+    """Committed checkpoints at the given steps (damaged by the callables given),
+    then Checkpoints.pick (rank 0's part of resume, storage only): its choice,
+    what it skipped, its log."""
+    from kubetune_trainer.checkpoint import Checkpoints
+    from kubetune_trainer.storage import JobStorage
+
+    store = JobStorage(prefix.as_uri())
+    for step, damage in steps_damaged.items():
+        ckpt = prefix / f"checkpoints/step-{step:08d}"
+        _checkpoint_files(ckpt, b"w")
+        store.write_record(f"{store.checkpoint_rel(step)}/manifest.json", _manifest_for(ckpt, step))
+        if damage:
+            damage(ckpt)
+    lines: list[str] = []
+    ckpts = Checkpoints(None, store, None, tmp, keep_last=3, adapter=True, log=lines.append)
+    return ckpts.pick(), ckpts.skipped, lines, store
+
+
+def _truncate(ckpt):
+    path = ckpt / "ds/mp_rank_00_model_states.pt"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def test_resume_picks_the_newest_intact_checkpoint_and_moves_damaged_ones_aside(tmp_path):
+    prefix = tmp_path / "ns/job/uid"
+    half = prefix / "checkpoints/step-00000012/ds"  # half-written: no manifest
+    half.mkdir(parents=True)
+    changed = lambda c: (c / "trainer_state.json").write_text('{"step": 9}')  # noqa: E731
+    step, skipped, lines, store = _pick(
+        prefix, {4: None, 8: changed, 10: _truncate}, tmp_path / "tmp"
+    )
+    assert step == 4
+    assert (tmp_path / "tmp/resume-4/trainer_state.json").exists()  # downloaded to load
+    assert [s.step for s in skipped] == [10, 8]  # newest first
+    assert skipped[0].reason == "ds/mp_rank_00_model_states.pt: 100 bytes, the manifest says 3000"
+    assert skipped[1].reason.startswith("trainer_state.json: sha256 ")
+    assert all("/checkpoints/quarantine/step-" in s.moved_to for s in skipped)
+    assert store.committed_checkpoints() == [4] and not half.exists()
+    assert not (tmp_path / "tmp/resume-10").exists() and not (tmp_path / "tmp/resume-8").exists()
+    assert lines[0].startswith(
+        "checkpoint step 10 failed verification (ds/mp_rank_00_model_states.pt: 100 bytes"
+    )
+    assert "; moved to file://" in lines[0] and lines[0].endswith("; trying the next newest")
+
+
+def test_resume_starts_from_scratch_when_no_committed_checkpoint_is_intact(tmp_path):
+    prefix = tmp_path / "ns/job/uid"
+    broken = lambda c: (c / "manifest.json").write_text('{"step": ')  # noqa: E731
+    step, skipped, _, store = _pick(prefix, {2: _truncate, 4: broken}, tmp_path / "tmp")
+    assert step is None
+    assert [(s.step, s.reason) for s in skipped] == [
+        (4, "manifest.json: not a checkpoint manifest"),
+        (2, "ds/mp_rank_00_model_states.pt: 100 bytes, the manifest says 3000"),
+    ]
+    assert store.committed_checkpoints() == []
+    assert len(list((prefix / "checkpoints/quarantine").iterdir())) == 2

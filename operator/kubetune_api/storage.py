@@ -240,12 +240,13 @@ def file_digest(f: BinaryIO) -> FileDigest:
 def verify_manifest(
     manifest: CheckpointManifest,
     sizes: Mapping[str, int],
-    open_file: Optional[Callable[[str], BinaryIO]] = None,
+    digest_of: Optional[Callable[[str], FileDigest]] = None,
 ) -> Optional[str]:
     """Why a checkpoint's files do not match its manifest, naming the first bad
     file; None when they match. `sizes` is what is stored (path relative to the
-    folder -> bytes). With `open_file` the sha256 of every file with a digest is
-    checked too; without it only presence and sizes (a listing, no reads).
+    folder -> bytes). With `digest_of` (path -> its FileDigest) the sha256 of
+    every file with a recorded digest is checked too; without it only presence
+    and sizes (what one listing tells, no reads).
 
     A manifest without digests (written before kubetune recorded them), or a
     file it lists without one, is unverifiable but trusted: only that the file
@@ -257,14 +258,13 @@ def verify_manifest(
         want = digests.get(name)
         if want is not None and sizes[name] != want.bytes:
             return f"{name}: {sizes[name]} bytes, the manifest says {want.bytes}"
-    if open_file is None:
+    if digest_of is None:
         return None
     for name in manifest.files:
         want = digests.get(name)
         if want is None:
             continue
-        with open_file(name) as f:
-            got = file_digest(f)
+        got = digest_of(name)
         if got != want:
             return (
                 f"{name}: sha256 {got.sha256[:12]}… ({got.bytes} bytes), the manifest says "

@@ -4,6 +4,8 @@ uninterrupted run of the same config.
 
 The killed run and its retry are each a process with its own local Ray, as on
 a cluster retry; the uninterrupted reference runs on the tier's shared Ray.
+A copy of the reference with a file of its newest checkpoint cut short resumes
+from the checkpoint before it (verified checkpoints).
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,8 +33,13 @@ class OperatorProcess:
         log_dir: Path,
         extra_env: dict | None = None,
         via_kopf: bool = False,
+        lease_namespace: str | None = None,
+        lease_name: str | None = None,
     ):
         self.via_kopf = via_kopf  # `kopf run -m kubetune_operator` instead of `kubetune operator`
+        # `--leader-elect` with the Lease in this namespace: one of several replicas.
+        self.lease_namespace = lease_namespace
+        self.lease_name = lease_name
         self.kube = kube
         self.namespaces = namespaces
         self.log_path = log_dir / f"operator-{'-'.join(namespaces)[:60]}.log"
@@ -63,6 +71,9 @@ class OperatorProcess:
         args += ["--standalone", f"--liveness=http://127.0.0.1:{self.health_port}/healthz"]
         for ns in self.namespaces:
             args += ["--namespace", ns]
+        if self.lease_namespace:
+            args += ["--leader-elect", "--lease-namespace", self.lease_namespace]
+            args += ["--lease-name", self.lease_name] if self.lease_name else []
         self.starts += 1
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it
         log.write(f"\n===== start {self.starts}\n")
@@ -280,3 +291,54 @@ def events(kube, namespace: str, name: str) -> list[dict]:
         f"involvedObject.name={name}",
     )
     return json.loads(out.stdout)["items"]
+
+
+class HungEndpoints:
+    """Listeners that accept every connection and never send a byte; counts the
+    connections open at once over all of them (one namespace's endpoints)."""
+
+    def __init__(self, count: int) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.ports = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ)
+            self.ports.append(sock.getsockname()[1])
+        self.open: list[socket.socket] = []
+        self.peak = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                ready = self.sel.select(timeout=0.2)
+            except (OSError, ValueError):
+                return  # closed
+            for key, _ in ready:
+                try:
+                    conn, _ = key.fileobj.accept()
+                except OSError:
+                    continue
+                self.open = [c for c in self.open if not _closed(c)] + [conn]
+                self.peak = max(self.peak, len(self.open))
+
+    def close(self) -> None:
+        self._stop = True
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        for c in self.open:
+            c.close()
+
+
+def _closed(conn: socket.socket) -> bool:
+    try:
+        conn.setblocking(False)
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

@@ -2,6 +2,8 @@
 
 Everything a job produces lives under one prefix, `job_prefix(...)`:
 
+    {prefix}/attempt.json                      AttemptRecord: the attempt that owns the
+                                               prefix (the fence), written first by each attempt
     {prefix}/config.json                       the trainer config that ran
     {prefix}/progress.json                     ProgressRecord, rewritten every log step
     {prefix}/metrics.jsonl                     one MetricsRow per line, appended
@@ -21,6 +23,16 @@ A checkpoint exists only once its manifest exists: a crash mid-upload leaves
 files without a manifest, which readers ignore and writers overwrite. The
 manifest records each file's size and sha256, so a file cut short or changed
 after the commit is found before the trainer loads it (`verify_manifest`).
+
+Fencing attempts. A retry is a new RayJob on the same prefix while the failed
+attempt's pods may still run for their grace period. Every record carries the
+attempt that wrote it (progress, metrics rows, manifests, outputs), and the
+driver of attempt N first writes attempt.json (`take_over`): attempt N, and the
+steps of the checkpoints older attempts committed before it (`inherited`).
+From then on what an older attempt writes does not count for any reader, the
+trainer's resume and the operator's status alike (`checkpoint_counts`,
+`row_counts`, `record_counts`): a new attempt still resumes from what earlier
+attempts committed before it started, never from what they commit after.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ PROGRESS = "progress.json"
 METRICS = "metrics.jsonl"
 OUTPUTS = "outputs.json"
 CONFIG = "config.json"
+ATTEMPT = "attempt.json"  # AttemptRecord, the fence: written first by every attempt
 RUN_RECORD = "run.json"
 TRACKING = "tracking.json"
 LOSS_CURVE = "loss.png"
@@ -200,6 +213,7 @@ class MetricsRow(_Model):
         description="On the first row of an attempt that skipped damaged checkpoints: their "
         "steps (progress.json says why).",
     )
+    attempt: Optional[int] = Field(None, description="The attempt that trained this step.")
     time: Optional[str] = None
 
 
@@ -210,6 +224,9 @@ class FileDigest(_Model):
 
 class CheckpointManifest(_Model):
     step: int
+    attempt: Optional[int] = Field(
+        None, description="The attempt that committed it; None: written before manifests had one."
+    )
     epoch: Optional[float] = None
     files: list[str] = Field(default_factory=list, description="Paths relative to the folder.")
     digests: Optional[dict[str, FileDigest]] = Field(
@@ -273,6 +290,52 @@ def verify_manifest(
     return None
 
 
+class AttemptRecord(_Model):
+    """attempt.json, the fence: the attempt that owns the prefix. Written by the
+    driver of every attempt before anything else; an attempt older than the one
+    named here neither starts nor commits, and what it still writes does not count."""
+
+    attempt: int
+    started_at: str
+    inherited: list[int] = Field(
+        default_factory=list,
+        description="Steps of the checkpoints older attempts had committed when this one "
+        "started: the only checkpoints of theirs that count from now on.",
+    )
+
+
+def newer_owner(fence: Optional[AttemptRecord], attempt: int) -> bool:
+    """Whether a newer attempt than `attempt` owns the prefix: the writer must stop."""
+    return fence is not None and fence.attempt > attempt
+
+
+def checkpoint_counts(step: int, attempt: Optional[int], fence: Optional[AttemptRecord]) -> bool:
+    """Whether a committed checkpoint counts (resume, keepLast, status): one of the
+    owner's attempt or a later one, or one an older attempt committed before the
+    owner started (`inherited`). A commit of an older attempt after that, a late
+    pod of a failed attempt, does not. A prefix without a fence (written before
+    fencing) counts everything; a manifest without an attempt is older than any."""
+    if fence is None or (attempt or 0) >= fence.attempt:
+        return True
+    return step in fence.inherited
+
+
+def row_counts(step: int, attempt: Optional[int], fence: Optional[AttemptRecord]) -> bool:
+    """Whether a metrics row counts: the owner's, or an older attempt's up to the
+    newest checkpoint the owner inherited (rows past it are trained again, and
+    the owner drops them on resume)."""
+    if fence is None or (attempt or 0) >= fence.attempt:
+        return True
+    return step <= max(fence.inherited, default=0)
+
+
+def record_counts(attempt: Optional[int], current: int) -> bool:
+    """Whether a whole-file record (progress.json, outputs.json) counts when
+    `current` is the newest attempt known: one an older attempt wrote was written
+    after the newest one started, or is superseded by it."""
+    return attempt is None or attempt >= current
+
+
 class OutputKind(str, Enum):
     adapter = "adapter"  # LoRA weights; load on top of the base model
     merged = "merged"  # the base model with the adapter merged in
@@ -322,6 +385,7 @@ class OutputsRecord(_Model):
     artifacts: list[ServableOutput] = Field(
         default_factory=list, description="What each saved folder is and how to load it."
     )
+    attempt: Optional[int] = Field(None, description="The attempt that finished the job.")
 
 
 def outputs_record(record: OutputsRecord, sections: Mapping[str, object]) -> OutputsRecord:

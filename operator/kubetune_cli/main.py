@@ -177,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--standalone", action="store_true", help="no peering with other operators")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="health endpoint URL")
+    p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="act only while holding a Lease (several replicas: one acts, the others stand by)",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        help="namespace of the Lease; default: the pod's own (its ServiceAccount's)",
+    )
+    p.add_argument(
+        "--lease-name", default="kubetune-operator", help="name of the Lease (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_operator)
     return parser
 

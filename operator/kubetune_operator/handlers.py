@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import kopf
 
@@ -28,12 +29,14 @@ from .names import LABEL_JOB_UID
 from .reconciler import _API_THREADS as API_THREADS
 from .reconciler import Api, KubeRayMissing, Reconciler, Timing
 from .scheduler import Scheduler
+from .storage_limits import ReadSlots
 
 KOPF_PREFIX = "kopf.kubetune.io"
 COMPONENT = "kubetune-operator"  # events say "From kubetune-operator"
 FINALIZER = "kubetune.io/finalizer"
 DELETE_WAIT_RETRIES = 30  # x DELETE_WAIT_SECONDS: then the garbage collector finishes
 DELETE_WAIT_SECONDS = 2.0
+HAND_BACK_WAIT_SECONDS = 5.0  # a clean stop waits this long for reconciles in flight
 
 # Enough to keep the API pool busy; a reconcile waits on API calls, not the CPU.
 RECONCILE_WORKERS = 8
@@ -150,11 +153,13 @@ async def configure(settings: kopf.OperatorSettings, logger, **_) -> None:
         wake=_wake_known,
         cache=cache,
         allowlist=Allowlist.from_env(os.environ.get(ALLOWLIST_ENV)),
+        read_slots=ReadSlots.from_env(os.environ),
     )
     port = int(os.environ.get("KUBETUNE_METRICS_PORT", "0") or 0)
-    if port and not _state.get("metrics_serving"):
+    if port:
         metrics.serve(port)
-        _state["metrics_serving"] = True
+    if "leading" not in _state:  # no leader election: this replica acts alone
+        metrics.LEADER.set(1)
     logger.info(
         "kubetune operator: image %s, ray %s, poll %ss",
         job_settings.trainer_image,
@@ -186,10 +191,25 @@ def _forget(uid: str) -> None:
     metrics.forget(uid)
 
 
+def act_only_while(leading: Callable[[], bool], hand_back: Callable[[], None]) -> None:
+    """Leader election (`kubetune operator --leader-elect`): reconcile only while
+    `leading()` says this replica holds the Lease. The Lease thread stops the
+    process when it is lost; this closes the gap until it does (a process that
+    was frozen past its renew deadline acts on nothing when it wakes). On a
+    clean stop, `hand_back()` releases the Lease as soon as nothing here acts
+    any more, not after kopf's own shutdown (which waits up to 5 s for its tasks)."""
+    _state["leading"] = leading
+    _state["hand_back"] = hand_back
+
+
 async def _run(uid: str):
     """One reconcile, for the scheduler: errors become a backoff, never an end."""
     reconciler: Reconciler = _state["reconciler"]
     timing: Timing = _state["timing"]
+    leading = _state.get("leading")
+    if leading is not None and not leading():
+        log.debug("not the leader (the Lease is not renewed): reconcile of %s skipped", uid)
+        return timing.poll_seconds
     try:
         delay = await reconciler.reconcile(uid)
     except KubeRayMissing:
@@ -222,6 +242,14 @@ async def stop_scheduler(**_) -> None:
     scheduler = _state.pop("scheduler", None)
     if scheduler is not None:
         await scheduler.stop()
+    hand_back = _state.pop("hand_back", None)
+    if hand_back is not None:
+        _state["leading"] = lambda: False  # from now on nothing here reconciles
+        loop = asyncio.get_running_loop()
+        end = loop.time() + HAND_BACK_WAIT_SECONDS
+        while scheduler is not None and scheduler.running() and loop.time() < end:
+            await asyncio.sleep(0.05)  # a new job's first reconcile, in kopf's event task
+        await loop.run_in_executor(None, hand_back)
 
 
 @kopf.on.probe(id="reconciler")
@@ -265,6 +293,9 @@ async def stop_ray_job(name: str, namespace: str, uid: str, status, logger, **_)
     # Waiting for the RayJob to go is the normal path of a delete: it loops here
     # (logged at info) instead of raising kopf's TemporaryError, which kopf
     # logs as an error on every try.
+    leading = _state.get("leading")
+    if leading is not None and not leading():
+        raise kopf.TemporaryError("not the leader: the Lease is not renewed", delay=5)
     reconciler: Reconciler = _state["reconciler"]
     for attempt in range(DELETE_WAIT_RETRIES):
         if await reconciler.stop(namespace, name, uid, dict(status or {})):

@@ -21,6 +21,27 @@ API_CALLS = Counter(
     "Kubernetes API calls made by the reconciler (kopf's own calls not included), by call",
     ["call"],
 )
+LEADER = Gauge(
+    "kubetune_leader",
+    "1 while this operator replica holds the leader Lease and acts; 0 while standby",
+)
+LEASE_RENEW_FAILURES = Counter(
+    "kubetune_lease_renew_failures_total",
+    "Failed tries to renew the leader Lease (past the renew deadline the replica stops)",
+)
+STATUS_CONFLICTS = Counter(
+    "kubetune_status_conflicts_total",
+    "Status writes refused because the FineTuneJob changed since it was read (read again)",
+)
+STORAGE_READS = Gauge(
+    "kubetune_storage_reads_in_flight",
+    "Storage reads holding a storage thread now (all namespaces; storage_limits.ReadSlots)",
+)
+STORAGE_DEFERRED = Counter(
+    "kubetune_storage_reads_deferred_total",
+    "Storage reads not started because their namespace's, store's or the operator's "
+    "read slots were all taken (the next poll tries again)",
+)
 
 _phases: dict[str, str] = {}
 _lock = threading.Lock()
@@ -47,5 +68,13 @@ def forget(uid: str) -> None:
             JOBS.labels(phase=old).dec()
 
 
+_serving: set[int] = set()
+
+
 def serve(port: int, addr: str = "0.0.0.0") -> None:
-    start_http_server(port, addr=addr)
+    """Start the endpoint once per process (a standby starts it before kopf does)."""
+    with _lock:
+        if port in _serving:
+            return
+        start_http_server(port, addr=addr)
+        _serving.add(port)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from kubetune_api import models
 
-from .names import Body
+from .names import LABEL_ATTEMPT, LABEL_JOB_UID, Body
 
 
 class Owner(str, Enum):
@@ -102,3 +102,26 @@ def waiting_message(exc: ChildConflict) -> str:
 
 def owned(obj: Optional[Body], job: Body) -> bool:
     return obj is not None and owner_of(obj.get("metadata") or {}, job) is Owner.OURS
+
+
+def older_attempts(rayjobs: list[Body], job: Body, attempt: int) -> list[str]:
+    """Names of the job's own RayJobs of an attempt before `attempt` that are not
+    being deleted yet: a retry's failed RayJob that an operator killed between
+    recording the new attempt and deleting the old one left behind."""
+    uid = job["metadata"]["uid"]
+    stale = []
+    for rj in rayjobs:
+        meta = rj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        try:
+            theirs = int(labels.get(LABEL_ATTEMPT, ""))
+        except ValueError:
+            continue
+        if (
+            labels.get(LABEL_JOB_UID) == uid
+            and theirs < attempt
+            and owned(rj, job)
+            and not meta.get("deletionTimestamp")
+        ):
+            stale.append(meta["name"])
+    return sorted(stale)

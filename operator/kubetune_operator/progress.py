@@ -9,7 +9,13 @@ from typing import Any, Optional, Union
 from pydantic.alias_generators import to_camel
 
 from kubetune_api.models import SKIPPED_CHECKPOINTS_MAX, TEXT_MAX, Metrics
-from kubetune_api.storage import MetricsRow, RunRecord
+from kubetune_api.storage import (
+    MetricsRow,
+    RunRecord,
+    checkpoint_counts,
+    record_counts,
+    row_counts,
+)
 from kubetune_api.sweep import SweepRecord
 
 from .storage_reader import StorageSnapshot
@@ -34,16 +40,26 @@ def as_snapshot(snapshot: Snapshot) -> Optional[StorageSnapshot]:
     return StorageSnapshot.model_validate(snapshot)
 
 
-def progress_to_status(snapshot: Snapshot, keep_last: int = 3) -> dict[str, Any]:
+def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1) -> dict[str, Any]:
     """What the trainer wrote under the job's prefix → status.progress, .metrics,
-    .checkpoints, .outputs. `snapshot` comes from storage_reader.read_snapshot."""
+    .checkpoints, .outputs. `snapshot` comes from storage_reader.read_snapshot;
+    `attempt` is the job's current attempt (status.attempts).
+
+    Only what counts under the fence is shown (kubetune_api.storage): a retry's
+    old pods still writing change nothing here. progress.json and outputs.json of
+    an attempt older than the newest one (the status's or the fence's) are left
+    out, and the status keeps what it showed before."""
     snap = as_snapshot(snapshot)
     if not snap:
         return {}
+    fence = snap.fence
+    current = max(attempt, fence.attempt if fence else 0)
     out: dict[str, Any] = {}
     if snap.prefix:
         out["outputs"] = {"prefix": snap.prefix}
     rec = snap.progress
+    if rec and not record_counts(rec.attempt, current):
+        rec = None
     if rec:
         step = int(rec.step or 0)
         total = rec.total_steps
@@ -76,7 +92,8 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3) -> dict[str, Any]
         progress["display"] = f"{step}/{total}" if total else str(step)
         out["progress"] = progress
     metrics: dict[str, Any] = {}
-    for row in snap.metrics:  # oldest first: later rows win
+    rows = [r for r in snap.metrics if row_counts(r.step, r.attempt, fence)]
+    for row in rows:  # oldest first: later rows win
         for src, dst in ROW_TO_STATUS:
             if getattr(row, src) is not None:
                 metrics[dst] = _round(getattr(row, src))
@@ -88,7 +105,10 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3) -> dict[str, Any]
         metrics["displayLoss"] = f"{metrics['evalLoss']:.4f}"
     if metrics:
         out["metrics"] = metrics
-    cps = sorted(snap.checkpoints, key=lambda c: c.step)
+    cps = sorted(
+        (c for c in snap.checkpoints if checkpoint_counts(c.step, c.attempt, fence)),
+        key=lambda c: c.step,
+    )
     if cps:
         out["checkpoints"] = [
             {
@@ -104,7 +124,7 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3) -> dict[str, Any]
             for c in cps[-keep_last:]
         ]
     done = snap.outputs
-    if done:
+    if done and record_counts(done.attempt, current):
         outputs = out.setdefault("outputs", {})
         for value, dst in (
             (done.adapter, "adapter"),

@@ -38,11 +38,13 @@ from .children import Settings, job_guards, rayjob_patch, spec_to_configmap, spe
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
 from .decide import decide, ttl_remaining
 from .endpoints import Allowlist, endpoint_problem
-from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, Body, child_names
+from .names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_JOB_UID, Body, child_names
 from .parent import from_job, resolve_parent
 from .progress import progress_to_status, tracking_condition
 from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
 from .states import TERMINAL, Action, Cond, Phase, RayJobState, Reason
+from .storage_limits import THREADS as _STORAGE_THREADS
+from .storage_limits import ReadSlots, Ticket
 from .validate import spec_error_status, validate_job
 
 log = logging.getLogger("kubetune.operator")
@@ -66,6 +68,11 @@ class KubeRayMissing(Exception):
     """The ray.io/v1 RayJob API is not served: KubeRay's CRDs are not installed."""
 
 
+class StaleStatus(Exception):
+    """The FineTuneJob changed since the version this reconcile read: its status
+    write was refused (409), nothing after it ran, and the job is read again."""
+
+
 class Api:
     """The few Kubernetes calls the operator makes (blocking; run in threads)."""
 
@@ -85,9 +92,16 @@ class Api:
                 return None
             raise
 
-    def patch_job_status(self, ns: str, name: str, status: dict) -> Optional[Body]:
+    def patch_job_status(
+        self, ns: str, name: str, status: dict, resource_version: Optional[str] = None
+    ) -> Optional[Body]:
+        """A merge patch of the status; with `resource_version`, the API server
+        refuses it (409 Conflict) when the job has changed since that version."""
+        body: dict = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return self.custom.patch_namespaced_custom_object_status(
-            models.GROUP, models.VERSION, ns, models.PLURAL, name, {"status": status}
+            models.GROUP, models.VERSION, ns, models.PLURAL, name, body
         )
 
     # ConfigMap
@@ -201,6 +215,12 @@ class Api:
                 raise KubeRayMissing(str(exc.reason)) from exc
             raise
 
+    def list_rayjobs(self, ns: str, job_uid: str) -> list[Body]:
+        """The RayJobs labelled with the job's uid (ownership is checked by the caller)."""
+        return self.custom.list_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, label_selector=f"{LABEL_JOB_UID}={job_uid}"
+        ).get("items", [])
+
     def patch_rayjob(self, ns: str, name: str, patch: dict) -> Body:
         return self.custom.patch_namespaced_custom_object(
             RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name, patch
@@ -253,12 +273,10 @@ class Api:
 
 _API_THREADS = 16
 _API_POOL = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="kubetune-api")
-# Storage reads run here, never in the API pool. A store that stops answering
-# can hold at most STORE_SLOTS of these threads (see Reconciler._read_bounded),
-# so up to _STORAGE_THREADS // STORE_SLOTS hung stores still leave room for
-# every other job's reads.
-STORE_SLOTS = 4
-_STORAGE_THREADS = 32
+# Storage reads run here, never in the API pool, and only once admitted by
+# ReadSlots (per namespace, per store, in all: storage_limits.py), so a read
+# never waits for a thread and a namespace whose stores stop answering holds
+# at most its share of them.
 _STORAGE_POOL = ThreadPoolExecutor(
     max_workers=_STORAGE_THREADS, thread_name_prefix="kubetune-storage"
 )
@@ -300,6 +318,7 @@ class Reconciler:
         wake: Optional[WakeFn] = None,
         cache: Optional[WatchCache] = None,
         allowlist: Optional[Allowlist] = None,
+        read_slots: Optional[ReadSlots] = None,
     ):
         self.api = api
         self.allowlist = allowlist if allowlist is not None else Allowlist.from_env(None)
@@ -309,7 +328,8 @@ class Reconciler:
         self.event = event
         self.wake = wake or (lambda uid: None)
         self._storage: dict[str, StorageView] = {}
-        self._store_slots: dict[str, asyncio.Semaphore] = {}
+        self.read_slots = read_slots if read_slots is not None else ReadSlots()
+        metrics.STORAGE_READS.set_function(self.read_slots.in_flight)
         self._queue_cache: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
         self._checked_cache: dict[str, tuple[tuple, list]] = {}
         # The attempt whose ConfigMap is known to exist: ConfigMaps are not
@@ -320,18 +340,17 @@ class Reconciler:
         metrics.API_CALLS.labels(call=fn.__name__).inc()
         return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
 
-    async def _read_bounded(self, store: str, fn, *args):
-        """Run a blocking read in the storage pool, at most STORE_SLOTS at a time
-        per store. The slot is given back when the thread ends, not when the
-        caller stops waiting: a hung store keeps its slots, nobody else's."""
-        slot = self._store_slots.setdefault(store, asyncio.Semaphore(STORE_SLOTS))
-        await slot.acquire()
+    async def _read_bounded(self, ticket: Ticket, fn, *args):
+        """Run a blocking read in the storage pool on an admitted ticket. Its
+        slots are given back when the thread ends, not when the caller stops
+        waiting: a hung store keeps its slots, nobody else's."""
         try:
             fut = asyncio.get_running_loop().run_in_executor(_STORAGE_POOL, fn, *args)
         except BaseException:
-            slot.release()
+            ticket.release()
             raise
-        fut.add_done_callback(lambda _: slot.release())
+        ticket.handed_over = True
+        fut.add_done_callback(lambda _: ticket.release())
         return await asyncio.shield(fut)
 
     async def _write_status(self, job: Body, old: dict, new: dict) -> dict:
@@ -341,11 +360,29 @@ class Reconciler:
             meta = job["metadata"]
             # A merge patch: keys we dropped must be sent as null to go away.
             patch = {k: None for k in old if k not in new} | new
-            written = await self._call(
-                self.api.patch_job_status, meta["namespace"], meta["name"], patch
-            )
+            # Fenced by the version this reconcile decided on: a write from a stale
+            # view (a late replica, a body older than someone else's write) is
+            # refused instead of clobbering a newer status, and the actions that
+            # follow it (a retry's delete and create) never run.
+            try:
+                written = await self._call(
+                    self.api.patch_job_status,
+                    meta["namespace"],
+                    meta["name"],
+                    patch,
+                    meta.get("resourceVersion"),
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    metrics.STATUS_CONFLICTS.inc()
+                    raise StaleStatus(meta.get("resourceVersion")) from None
+                raise
             if written:
                 self.cache.put_job(written)
+                # A second write in this reconcile (a job that just finished) is
+                # fenced by this one's answer. A new dict: the cache shares the old.
+                version = written["metadata"]["resourceVersion"]
+                job["metadata"] = {**meta, "resourceVersion": version}
             before = (old.get("phase"), old.get("reason"))
             after = (new.get("phase"), new.get("reason"))
             if before != after and new.get("phase"):
@@ -367,8 +404,29 @@ class Reconciler:
         started = time.perf_counter()
         try:
             return await self._reconcile(uid)
+        except StaleStatus as exc:
+            return await self._reread(uid, str(exc))
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    async def _reread(self, uid: str, version: str) -> Optional[float]:
+        """After a refused status write: the job's current body into the cache
+        (the watch would bring it too, a little later), then look again now."""
+        job = self.cache.job(uid)
+        if job is None:
+            return None
+        meta = job["metadata"]
+        log.debug(
+            "%s/%s changed since version %s: status not written, reading it again",
+            meta["namespace"],
+            meta["name"],
+            version,
+        )
+        fresh = await self._call(self.api.get_job, meta["namespace"], meta["name"])
+        if fresh is None or fresh["metadata"].get("uid") != uid:
+            return None  # deleted (the watch's DELETED event forgets it)
+        self.cache.put_job(fresh)
+        return 0.0
 
     async def _rayjob(self, ns: str, name: str) -> Optional[Body]:
         """From the watch cache; a GET only for one the watch has not shown yet
@@ -494,6 +552,8 @@ class Reconciler:
             raise
         if cm_call is not None:
             self._cm_done[uid] = attempts
+        if missing and attempts > 1:
+            await self._delete_older_attempts(job, attempts)
         if missing:
             if created:
                 self.event(
@@ -575,6 +635,25 @@ class Reconciler:
         if reading or queued or job["spec"].get("activeDeadlineSeconds"):
             return self.timing.poll_seconds
         return self.timing.idle_seconds
+
+    async def _delete_older_attempts(self, job: Body, attempts: int) -> None:
+        """Delete the job's RayJobs of earlier attempts, when this attempt's RayJob
+        is created: a retry deletes the failed one right after recording the new
+        attempt, and an operator killed in between leaves it running beside the
+        new one. (Their late writes do not count anyway: see kubetune_api.storage.)"""
+        ns = job["metadata"]["namespace"]
+        rayjobs = await self._call(self.api.list_rayjobs, ns, job["metadata"]["uid"])
+        for name in ownership.older_attempts(rayjobs, job, attempts):
+            log.info(
+                "%s/%s: deleting RayJob %s of an earlier attempt", ns, job["metadata"]["name"], name
+            )
+            await self._call(self.api.delete_rayjob, ns, name, job)
+            self.event(
+                job,
+                "Normal",
+                Reason.OldAttemptDeleted,
+                f"deleted RayJob {name} left by an earlier attempt",
+            )
 
     async def _conflict(
         self,
@@ -752,10 +831,33 @@ class Reconciler:
             view.fresh = True
             view.final_started = view.final_done = True
             return
+        ticket, why = self.read_slots.take(
+            job["metadata"]["namespace"], storage_reader.store_key(prefix, self._output(job)[1])
+        )
+        if ticket is None:  # not started this poll; the next one tries again
+            metrics.STORAGE_DEFERRED.inc()
+            self._read_queued(view, why)
+            return
         view.started = time.monotonic()
         if final:
             view.final_started = True
-        view.task = asyncio.get_running_loop().create_task(self._storage_read(job, prefix, view))
+        view.task = asyncio.get_running_loop().create_task(
+            self._storage_read(job, prefix, view, ticket)
+        )
+
+    @staticmethod
+    def _read_queued(view: StorageView, why: str) -> None:
+        """A read not admitted (storage_limits.ReadSlots): StorageReadable=Unknown says
+        so, unless the last read failed (that failure stays the news)."""
+        if view.problem is not None and view.problem[0] is not Reason.StorageReadQueued:
+            return
+        view.problem = (
+            Reason.StorageReadQueued,
+            f"storage read not started this poll: {why}; the next poll tries again, and "
+            "progress shown is from the last read (hint: reads of a store that does not "
+            "answer hold their slots until they time out)",
+        )
+        view.fresh = True
 
     def _final_read_landed(self, job: Body) -> bool:
         """Whether a storage read started after the Ray job ended has landed;
@@ -767,7 +869,9 @@ class Reconciler:
             self._start_storage_read(job, final=True)
         return view.final_done
 
-    async def _storage_read(self, job: Body, prefix: str, view: StorageView) -> None:
+    async def _storage_read(
+        self, job: Body, prefix: str, view: StorageView, ticket: Ticket
+    ) -> None:
         spec, meta = job["spec"], job["metadata"]
         _, output = self._output(job)
         keep = (spec.get("checkpointing") or {}).get("keepLast", 3)
@@ -788,14 +892,14 @@ class Reconciler:
                     "storage with the job's own keys only (hint: add both keys to the Secret)",
                 )
             else:
-                store = storage_reader.store_key(prefix, output)
                 view.snapshot = await asyncio.wait_for(
                     self._read_bounded(
-                        store, storage_reader.read_snapshot, prefix, output, secret, keep
+                        ticket, storage_reader.read_snapshot, prefix, output, secret, keep
                     ),
                     timeout=self.timing.storage_timeout_seconds,
                 )
-                view.problem = None
+                too_large = storage_reader.too_large_message(view.snapshot)
+                view.problem = (Reason.StorageFileTooLarge, too_large) if too_large else None
         except asyncio.TimeoutError:
             metrics.ERRORS.labels(kind="storage_timeout").inc()
             view.problem = (
@@ -816,6 +920,8 @@ class Reconciler:
                 "spec.output.endpoint and the keys in spec.output.secretRef)",
             )
         finally:
+            if not ticket.handed_over:
+                ticket.release()  # no thread took it (the Secret's read failed)
             view.fresh = True
             if final:
                 view.final_done = True
@@ -831,7 +937,8 @@ class Reconciler:
         conds = list(status.get("conditions") or [])
         if view.problem is not None:
             reason, message = view.problem
-            state = "Unknown" if reason is Reason.SchemeNotReadable else "False"
+            unknown = (Reason.SchemeNotReadable, Reason.StorageReadQueued)
+            state = "Unknown" if reason in unknown else "False"
             conds = set_condition(conds, Cond.StorageReadable, state, reason, message, now, gen)
         elif view.snapshot is not None and get_condition(status, Cond.StorageReadable):
             conds = set_condition(
@@ -847,7 +954,7 @@ class Reconciler:
         if view.snapshot is None:
             return status
         keep = (job["spec"].get("checkpointing") or {}).get("keepLast", 3)
-        status |= progress_to_status(view.snapshot, keep)
+        status |= progress_to_status(view.snapshot, keep, int(status.get("attempts") or 1))
         tracked = tracking_condition(view.snapshot)
         if tracked is not None:
             ok, message = tracked

@@ -86,6 +86,10 @@ class Scheduler:
     def pending(self) -> int:
         return len(self._due)
 
+    def running(self) -> int:
+        """Reconciles in progress (workers' and `run_now`'s)."""
+        return len(self._running)
+
     def _pop(self) -> tuple[Optional[str], Optional[float]]:
         """The next due job, or (None, seconds until one is due / None)."""
         now = asyncio.get_running_loop().time()

@@ -103,11 +103,14 @@ class Reason(str, Enum):
     Read = "Read"
     StorageTimeout = "StorageTimeout"
     StorageReadFailed = "StorageReadFailed"
+    StorageReadQueued = "StorageReadQueued"
+    StorageFileTooLarge = "StorageFileTooLarge"
     SchemeNotReadable = "SchemeNotReadable"
     RayJobCRDFound = "RayJobCRDFound"
     RayJobCRDNotFound = "RayJobCRDNotFound"
     TTLExpired = "TTLExpired"
     RayJobCreated = "RayJobCreated"
+    OldAttemptDeleted = "OldAttemptDeleted"  # a RayJob an earlier attempt left behind
     # spec.model.fromJob
     ParentResolved = "ParentResolved"
     ParentNotFound = "ParentNotFound"

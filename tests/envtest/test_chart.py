@@ -109,6 +109,7 @@ def test_values_schema_rejects_bad_values(helm):
         ["--set", "unknownKey=1"],
         ["--set", "storage.endpointAllowlist={ftp://host}"],
         ["--set", "storage.endpointAllowlist={https://host/path}"],
+        ["--set", "storage.readsPerNamespace=0"],
     ):
         proc = helm("template", "kt", str(CHART), *bad, check=False)
         assert proc.returncode != 0, bad
@@ -141,7 +142,13 @@ def test_deployment_is_hardened_and_single_active(helm):
     docs = _render(helm)
     deploy = next(d for d in docs if d["kind"] == "Deployment")
     spec = deploy["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one acting: the holder of the Lease (leader.py); a rolling update
+    # starts a standby before it stops an old pod.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
@@ -152,27 +159,107 @@ def test_deployment_is_hardened_and_single_active(helm):
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert "--standalone" in container["args"]
+    assert {
+        "--leader-elect",
+        "--lease-namespace=kubetune-system",
+        "--lease-name=kt-kubetune",
+    } <= set(container["args"])
     env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBETUNE_LEASE_DURATION_SECONDS"] == "15"
+    assert env["KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS"] == "10"
+    assert env["KUBETUNE_LEASE_RETRY_SECONDS"] == "2"
+    pod_name = next(e for e in container["env"] if e["name"] == "KUBETUNE_POD_NAME")
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/kubetune-trainer:0.1.0"
     assert env["KUBETUNE_RAY_VERSION"] == "2.60.0"
+    assert env["KUBETUNE_STORAGE_READS_PER_NAMESPACE"] == "4"
     assert container["image"] == "ghcr.io/kubetune/kubetune-operator:0.1.0"
+
+
+def _leader_role(docs: list[dict]) -> dict:
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader")]
+    return role
+
+
+def test_pdb_and_spread_follow_the_replicas(helm):
+    docs = _render(helm)
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["minAvailable"] == 1
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    assert selector == deploy["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert selector["app.kubernetes.io/component"] == "operator"  # not the API server's pods
+    [term] = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+
+    # One replica: no budget (minAvailable 1 would block every drain of its node).
+    single = _render(helm, "--set", "replicas=1")
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
+    assert next(d for d in single if d["kind"] == "Deployment")["spec"]["replicas"] == 1
+    # Affinity of one's own replaces the default spread.
+    pool = {"key": "pool", "operator": "In", "values": ["system"]}
+    required = {"nodeSelectorTerms": [{"matchExpressions": [pool]}]}
+    zone = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
+    custom = _render(helm, "--set-json", f"affinity={json.dumps(zone)}")
+    assert (
+        next(d for d in custom if d["kind"] == "Deployment")["spec"]["template"]["spec"]["affinity"]
+        == zone
+    )
+
+
+def test_lease_timing_that_could_give_two_leaders_is_refused(helm):
+    for bad, says in (
+        (["--set", "leaderElection.renewDeadlineSeconds=15"], "renewDeadlineSeconds"),
+        (["--set", "leaderElection.retryPeriodSeconds=10"], "retryPeriodSeconds"),
+        (["--set", "leaderElection.leaseDurationSeconds=0"], "leaseDurationSeconds"),
+    ):
+        proc = helm("template", "kt", str(CHART), *bad, check=False)
+        assert proc.returncode != 0, bad
+        assert says in proc.stderr, proc.stderr
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm):
     docs = _render(helm)
     (role,) = _operator_cluster_roles(docs)
     assert _rules(role) == {**NAMESPACED_RULES, **CLUSTER_RULES}
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    # In the release namespace, only the Lease: create it, then read and renew that one.
+    leader = _leader_role(docs)
+    assert leader["metadata"]["namespace"] == "kubetune-system"
+    assert leader["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["kt-kubetune"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] in ("Role", "RoleBinding")] == [
+        "kt-kubetune-leader",
+        "kt-kubetune-leader",
+    ]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == "kt-kubetune-leader"
+    assert binding["subjects"][0]["name"] == "kt-kubetune"
 
 
 def test_namespaced_rbac_gives_roles_only_where_watched(helm):
     docs = _render(helm, *VALUE_SETS["namespaced"])
     (role,) = _operator_cluster_roles(docs)
     assert _rules(role) == CLUSTER_RULES
-    roles = {d["metadata"]["namespace"]: _rules(d) for d in docs if d["kind"] == "Role"}
+    leader = _leader_role(docs)
+    roles = {
+        d["metadata"]["namespace"]: _rules(d) for d in docs if d["kind"] == "Role" and d != leader
+    }
     assert roles == {"team-a": NAMESPACED_RULES, "team-b": NAMESPACED_RULES}
+    assert leader["metadata"]["namespace"] == "kubetune-system"
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]
-    assert {b["metadata"]["namespace"] for b in bindings} == {"team-a", "team-b"}
+    assert {b["metadata"]["namespace"] for b in bindings} == {"team-a", "team-b", "kubetune-system"}
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"
     ][0]["args"]
@@ -279,6 +366,13 @@ def test_install_into_the_real_api_server_and_rbac_denies_the_rest(helm, kube, n
     for verb, resource in denied:
         assert not can(verb, resource), (verb, resource)
     assert not can("get", "rayjobs.ray.io", ns="default")
+    # Leader election: its own Lease only, in the release namespace.
+    lease = f"leases.coordination.k8s.io/{sa_name}"  # both named after the release
+    assert can("create", "leases.coordination.k8s.io")
+    assert can("get", lease) and can("update", lease)
+    assert not can("get", "leases.coordination.k8s.io/kube-scheduler")
+    assert not can("list", "leases.coordination.k8s.io")
+    assert not can("delete", lease)
     assert not can("create", "nodes", ns=None)
     helm("uninstall", release, "-n", namespace)
     assert kube.kubectl("get", "clusterrole", f"{release}-kubetune", check=False).returncode != 0

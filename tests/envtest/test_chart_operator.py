@@ -67,9 +67,21 @@ def test_operator_as_the_charts_service_account(helm, kube, namespace, s3, tmp_p
         f"system:serviceaccount:{namespace}:{sa}"
     )
 
-    op = OperatorProcess(kube, [namespace], tmp_path, extra_env={"KUBECONFIG": str(kubeconfig)})
+    # As the chart runs it: one of its replicas, holding the Lease the chart's Role names.
+    op = OperatorProcess(
+        kube,
+        [namespace],
+        tmp_path,
+        extra_env={"KUBECONFIG": str(kubeconfig)},
+        lease_namespace=namespace,
+        lease_name=release,
+    )
     op.start()
     try:
+        holder = wait_until(lambda: get(kube, "lease", release, namespace), 30, what="the Lease")[
+            "spec"
+        ]["holderIdentity"]
+        assert holder, "the operator holds no Lease"
         s3_secret(kube, namespace, s3)
         apply(kube, namespace, finetunejob("via-chart", s3))
         st = wait_status(

@@ -415,6 +415,42 @@ def test_restart_between_recording_names_and_creating(kube, namespace, tmp_path)
         print(op.log_tail(80))
 
 
+def test_restart_deletes_the_rayjob_an_earlier_attempt_left(kube, namespace, tmp_path):
+    # A retry records attempt 2 in status, then deletes attempt 1's RayJob: an
+    # operator killed in between leaves that RayJob running beside the new one.
+    from kubetune_operator.children import Settings, spec_to_rayjob
+
+    apply(kube, namespace, finetunejob("left"))
+    job = get(kube, "finetunejob", "left", namespace)
+    leftover = spec_to_rayjob(job, Settings(), 1)
+    apply(kube, namespace, leftover)  # attempt 1's, as the operator made it
+    retried = {"rayJobName": "left-r1", "configMapName": "left-config", "attempts": 2}
+    kube.kubectl(
+        "patch", "ftj", "left", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": retried | {"phase": "Starting", "reason": "Retrying"}}),
+    )  # fmt: skip
+    op = OperatorProcess(kube, [namespace], tmp_path).start()
+    try:
+        rj = _wait_rayjob(kube, "left", namespace, "left-r1")
+        assert rj["metadata"]["labels"]["kubetune.io/attempt"] == "2"
+        wait_until(
+            lambda: get(kube, "rayjob", "left", namespace) is None,
+            30,
+            what="attempt 1's leftover RayJob to be deleted",
+        )
+        assert names(kube, "rayjob", namespace) == ["left-r1"]
+        wait_until(
+            lambda: [
+                e for e in events(kube, namespace, "left") if e["reason"] == "OldAttemptDeleted"
+            ],
+            10,
+            what="the event naming the deleted RayJob",
+        )
+    finally:
+        op.stop()
+        print(op.log_tail(80))
+
+
 def test_operator_killed_mid_job_restarts_cleanly(kube, namespace, s3, tmp_path):
     s3_secret(kube, namespace, s3)
     op = OperatorProcess(kube, [namespace], tmp_path).start()

@@ -209,6 +209,7 @@ class Checkpoints:
             self.writer.flush()  # metrics up to this step are stored before the commit
             manifest = contract.CheckpointManifest(
                 step=step,
+                attempt=self.storage.attempt,
                 epoch=round(epoch, 4),
                 files=sorted({f for fs, _ in all_files for f in fs}),
                 digests=merge_digests([d for _, d in all_files]),
@@ -218,7 +219,7 @@ class Checkpoints:
                 zero_stage=w.stage,
                 created_at=now(),
             )
-            self.storage.write_record(f"{rel}/{contract.MANIFEST}", manifest)  # commit
+            self.storage.commit_checkpoint(rel, manifest)  # refused once a newer attempt owns it
             self.last = contract.CheckpointPointer(step=step, uri=self.storage.uri(rel))
             for old in self.storage.committed_checkpoints()[: -self.keep_last]:
                 self.storage.delete(self.storage.checkpoint_rel(old))

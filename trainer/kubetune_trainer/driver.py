@@ -26,7 +26,7 @@ from . import objectives
 from .data import DataError
 from .launch import fit
 from .parent import locate
-from .storage import JobStorage, now
+from .storage import FencedOut, JobStorage, now
 
 
 def ensure_env() -> None:
@@ -53,10 +53,26 @@ def check_data(spec) -> str:
 
 
 STOPPED = 130  # the caller stopped the run (see run's `stopping`)
+FENCED = 4  # a newer attempt owns the prefix: this one wrote nothing
 
 
 def _failed(exc: Exception, storage, config, say) -> int:
-    """The Failed record and one line; the exit code: 3 for data, else 1."""
+    """The Failed record and one line; the exit code: 3 for data, 4 when a newer
+    attempt owns the prefix (no record then: it is the newer attempt's), else 1."""
+    try:
+        fence = storage.fenced_out()
+    except Exception:  # noqa: BLE001  (the store's own trouble: the write below reports it)
+        fence = None
+    if fence is not None:
+        say(f"kubetune: {storage.fenced_message(fence, 'without writing its Failed record')}")
+        return FENCED
+    if isinstance(exc, FencedOut):
+        say(f"kubetune: {exc}")
+        return FENCED
+    return _record_failure(exc, storage, config, say)
+
+
+def _record_failure(exc: Exception, storage, config, say) -> int:
     if isinstance(exc, DataError):
         storage.write_progress(
             contract.ProgressRecord(
@@ -69,6 +85,8 @@ def _failed(exc: Exception, storage, config, say) -> int:
         say(f"kubetune: data error: {exc}")
         return 3
     prev = storage.read_record(contract.PROGRESS, contract.ProgressRecord)
+    if prev is not None and not contract.record_counts(prev.attempt, config.attempt):
+        prev = None
     storage.write_progress(
         contract.ProgressRecord(
             phase=contract.TrainPhase.failed,
@@ -102,9 +120,12 @@ def run(
     failure, and the caller writes the record."""
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     ensure_env()
-    storage = JobStorage(config.storage_prefix, config.spec.output)
+    storage = JobStorage(config.storage_prefix, config.spec.output, attempt=config.attempt)
     t0 = time.monotonic()
     try:
+        # First of all: this attempt owns the prefix; an older one's late pods
+        # commit nothing from now on, and a newer one's owner stops this one.
+        storage.take_over()
         storage.write_progress(
             contract.ProgressRecord(
                 phase=contract.TrainPhase.loading,

@@ -51,7 +51,9 @@ class Recipe:
         self.worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), use_gpu)
         self.rank, self.world = self.worker.rank, self.worker.world
         self.objective = objectives.for_spec(self.spec)
-        self.storage = JobStorage(self.cfg.storage_prefix, self.spec.output)
+        self.storage = JobStorage(
+            self.cfg.storage_prefix, self.spec.output, attempt=self.cfg.attempt
+        )
         self.writer = BackgroundWriter()  # rank 0's progress and metrics, off the step
         # Checkpoints are staged here before upload: in a pod, the scratch volume
         # the operator mounts (sized by spec.resources.scratchPerWorker).
@@ -222,8 +224,7 @@ class Recipe:
     def resume(self) -> None:
         step = self.checkpoints.resume(self.state)
         if self.rank == 0:
-            # the rows up to the checkpoint stand; a fresh start redoes them all
-            self.metrics = [r for r in self.storage.read_metrics() if r["step"] <= (step or -1)]
+            self.metrics = self.storage.resumed_metrics(step)
             # said once, on this attempt's first row
             self.resume_note = {
                 k: v
@@ -285,7 +286,9 @@ class Recipe:
             self.state["initial_eval_loss"] = first["eval_loss"]
             self.log(f"held-out loss before training: {first['eval_loss']:.4f}")
             if self.rank == 0:
-                self.metrics.append({"step": 0, "epoch": 0.0, **first, "time": now()})
+                self.metrics.append(
+                    {"step": 0, "epoch": 0.0, **first, "attempt": self.cfg.attempt, "time": now()}
+                )
         self.t_train = time.monotonic()
         self.progress(contract.TrainPhase.training)
         # the loss stays on the device until a log step: no sync per micro-batch
@@ -344,6 +347,7 @@ class Recipe:
             if row is not None and self.rank == 0:
                 row.update(self.resume_note)
                 self.resume_note = {}
+                row["attempt"] = self.cfg.attempt
                 self.metrics.append(row)
                 self.write_metrics()
                 self.log(
@@ -400,6 +404,7 @@ class Recipe:
             final_train_loss=self.state["train_loss"],
             steps=self.state["step"],
             stopped_early=self.state["stopped_early"],
+            attempt=self.cfg.attempt,
         )
         local = self.tmp / "final"
         held_out = {"validation": self.prepared.val_rows, "test": self.prepared.test_rows}

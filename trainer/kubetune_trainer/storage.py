@@ -41,11 +41,23 @@ def to_uri(path_or_uri: str) -> str:
     return Path(path_or_uri).expanduser().resolve().as_uri()
 
 
-class JobStorage:
-    """Everything the trainer writes under `{prefix}`."""
+class FencedOut(RuntimeError):
+    """A newer attempt owns the job's prefix (attempt.json): this one must stop."""
 
-    def __init__(self, prefix: str, access: Optional[StorageAccess] = None, environ=None):
+
+class JobStorage:
+    """Everything the trainer writes under `{prefix}`. `attempt`: the attempt this
+    process belongs to; its commits are refused once a newer one owns the prefix."""
+
+    def __init__(
+        self,
+        prefix: str,
+        access: Optional[StorageAccess] = None,
+        environ=None,
+        attempt: Optional[int] = None,
+    ):
         self.prefix = prefix.rstrip("/")
+        self.attempt = attempt
         self.fs, self.root = filesystem(self.prefix, access, "OUTPUT", environ)
         self.root = self.root.rstrip("/")
 
@@ -102,6 +114,20 @@ class JobStorage:
         except FileNotFoundError:
             return []
 
+    def resumed_metrics(self, step: Optional[int]) -> list[dict]:
+        """The rows an attempt resuming from checkpoint `step` (None: starting
+        fresh) continues from: those up to that step (none without one: every
+        step is trained again), leaving out any an older attempt wrote after a
+        newer one took over (contract.row_counts)."""
+        if step is None:
+            return []
+        fence = self.read_fence()
+        return [
+            r
+            for r in self.read_metrics()
+            if r["step"] <= step and contract.row_counts(r["step"], r.get("attempt"), fence)
+        ]
+
     def write_metrics(self, rows: list[dict]) -> None:
         """Rows in the storage contract's shape (MetricsRow, camelCase), which
         also rejects a key the contract does not know. Object stores cannot
@@ -109,18 +135,71 @@ class JobStorage:
         lines = (json.dumps(contract.MetricsRow.model_validate(r).to_dict()) + "\n" for r in rows)
         self.write_text(contract.METRICS, "".join(lines))
 
+    # -- the fence (attempt.json; see kubetune_api.storage)
+    def read_fence(self) -> Optional[contract.AttemptRecord]:
+        return self.read_record(contract.ATTEMPT, contract.AttemptRecord)
+
+    def fenced_out(self) -> Optional[contract.AttemptRecord]:
+        """The fence when a newer attempt than this one owns the prefix, else None."""
+        fence = self.read_fence()
+        if self.attempt is not None and contract.newer_owner(fence, self.attempt):
+            return fence
+        return None
+
+    def fenced_message(self, fence: contract.AttemptRecord, doing: str) -> str:
+        return (
+            f"attempt {self.attempt} no longer owns {self.prefix}: attempt {fence.attempt} "
+            f"took over at {fence.started_at} ({contract.ATTEMPT}); this attempt stops "
+            f"{doing} (a retry replaced it; nothing to fix)"
+        )
+
+    def take_over(self) -> contract.AttemptRecord:
+        """The driver's first write: this attempt owns the prefix from now on, with
+        the checkpoints that count now (committed by older attempts before this
+        moment). Raises FencedOut when a newer attempt already owns it."""
+        fence = self.fenced_out()
+        if fence is not None:
+            raise FencedOut(self.fenced_message(fence, "before it starts"))
+        record = contract.AttemptRecord(
+            attempt=self.attempt or 1, started_at=now(), inherited=self.committed_checkpoints()
+        )
+        self.write_record(contract.ATTEMPT, record)
+        return record
+
+    def commit_checkpoint(self, rel: str, manifest: contract.CheckpointManifest) -> None:
+        """Write a checkpoint's manifest (the commit), unless a newer attempt owns
+        the prefix: then raise FencedOut and commit nothing. Readers ignore a
+        commit that slips past this check anyway (contract.checkpoint_counts)."""
+        fence = self.fenced_out()
+        if fence is not None:
+            doing = f"without committing checkpoint step {manifest.step}"
+            raise FencedOut(self.fenced_message(fence, doing))
+        self.write_record(f"{rel}/{contract.MANIFEST}", manifest)
+
     # -- checkpoints
     def committed_checkpoints(self) -> list[int]:
-        """Steps with a manifest, oldest first. Folders without one are ignored."""
+        """Steps with a manifest that counts under the fence, oldest first. Folders
+        without one, and commits of an older attempt after a newer one started,
+        are ignored (and removed by clear_uncommitted)."""
         base = self.path(contract.CHECKPOINTS)
         try:
             entries = self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return []
+        fence = self.read_fence()
         steps = []
         for entry in entries:
             step = contract.parse_checkpoint_dir(entry)
-            if step is not None and self.fs.exists(contract.join(entry, contract.MANIFEST)):
+            if step is None:
+                continue
+            try:
+                with self.fs.open(contract.join(entry, contract.MANIFEST), "r") as f:
+                    manifest = json.load(f)
+            except FileNotFoundError:
+                continue
+            except ValueError:  # there but unreadable: committed, by an unknown attempt
+                manifest = {}
+            if contract.checkpoint_counts(step, manifest.get("attempt"), fence):
                 steps.append(step)
         return sorted(steps)
 

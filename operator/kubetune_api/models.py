@@ -731,6 +731,19 @@ class Condition(_Model):
     observed_generation: Optional[int] = None
 
 
+# status.progress.skippedCheckpoints: the trainer skips no more than the committed
+# checkpoints it keeps; the status shows the newest this many
+SKIPPED_CHECKPOINTS_MAX = 20
+
+
+class SkippedCheckpointStatus(_Model):
+    step: int
+    reason: Optional[Text] = Field(None, description="Which file and what was wrong with it.")
+    moved_to: Optional[Uri] = Field(
+        None, description="Where the checkpoint was moved aside (checkpoints/quarantine/)."
+    )
+
+
 class Progress(_Model):
     step: int = Field(0, ge=0)
     total_steps: Optional[int] = None
@@ -741,6 +754,12 @@ class Progress(_Model):
         None,
         description="The committed checkpoint step the current attempt resumed from "
         "(after a retry, a suspend or a lost pod); absent when it started fresh.",
+    )
+    skipped_checkpoints: Optional[list[SkippedCheckpointStatus]] = Field(
+        None,
+        max_length=SKIPPED_CHECKPOINTS_MAX,
+        description="Newer committed checkpoints the current attempt found damaged (a file "
+        "missing, cut short or changed since it was written) and passed over.",
     )
     display: Optional[Text] = Field(None, description="e.g. '120/600' for kubectl get.")
 

@@ -9,6 +9,9 @@ Everything a job produces lives under one prefix, `job_prefix(...)`:
     {prefix}/metrics.jsonl                     one MetricsRow per line, appended
     {prefix}/checkpoints/step-00000200/...     checkpoint files
     {prefix}/checkpoints/step-00000200/manifest.json   CheckpointManifest, written LAST
+    {prefix}/checkpoints/quarantine/step-00000200-<time>/  a committed checkpoint that
+                                               failed verification, moved aside (with
+                                               skipped.json, a SkippedCheckpoint)
     {prefix}/outputs.json                      OutputsRecord, once the job is done
     {prefix}/run.json                          RunRecord (lineage), when training starts
     {prefix}/tracking.json                     TrackingRecord, when MLflow tracking is on
@@ -17,7 +20,9 @@ Everything a job produces lives under one prefix, `job_prefix(...)`:
     {prefix}/loss.png                          loss curve
 
 A checkpoint exists only once its manifest exists: a crash mid-upload leaves
-files without a manifest, which readers ignore and writers overwrite.
+files without a manifest, which readers ignore and writers overwrite. The
+manifest records each file's size and sha256, so a file cut short or changed
+after the commit is found before the trainer loads it (`verify_manifest`).
 
 Fencing attempts. A retry is a new RayJob on the same prefix while the failed
 attempt's pods may still run for their grace period. Every record carries the
@@ -32,10 +37,11 @@ attempts committed before it started, never from what they commit after.
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import Optional
+from typing import BinaryIO, Optional
 
 from pydantic import Field
 
@@ -51,6 +57,8 @@ TRACKING = "tracking.json"
 LOSS_CURVE = "loss.png"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+QUARANTINE = "quarantine"  # checkpoints/quarantine/: committed ones that failed verification
+SKIPPED = "skipped.json"  # inside a quarantined folder: why it was moved there
 ADAPTER = "adapter"
 MERGED = "merged"
 FULL_MODEL = "model"
@@ -144,6 +152,14 @@ class CheckpointPointer(_Model):
     uri: str
 
 
+class SkippedCheckpoint(_Model):
+    """A committed checkpoint that failed verification on resume and was moved aside."""
+
+    step: int
+    reason: str = Field(description="Which file and what was wrong with it.")
+    moved_to: Optional[str] = Field(None, description="Where the folder is now.")
+
+
 class ProgressRecord(_Model):
     phase: TrainPhase
     step: int = 0
@@ -155,6 +171,11 @@ class ProgressRecord(_Model):
     last_checkpoint: Optional[CheckpointPointer] = None
     resumed_from: Optional[int] = Field(
         None, description="Committed checkpoint step this attempt resumed from; None if fresh."
+    )
+    skipped_checkpoints: Optional[list[SkippedCheckpoint]] = Field(
+        None,
+        description="Committed checkpoints, newer than resumed_from, that this attempt "
+        "found damaged (a file missing, cut short or changed) and moved aside.",
     )
     attempt: int = 1
     message: Optional[str] = None
@@ -187,8 +208,18 @@ class MetricsRow(_Model):
     resumed_from: Optional[int] = Field(
         None, description="On the first row after a resume: the checkpoint step resumed from."
     )
+    skipped_checkpoints: Optional[list[int]] = Field(
+        None,
+        description="On the first row of an attempt that skipped damaged checkpoints: their "
+        "steps (progress.json says why).",
+    )
     attempt: Optional[int] = Field(None, description="The attempt that trained this step.")
     time: Optional[str] = None
+
+
+class FileDigest(_Model):
+    bytes: int
+    sha256: str
 
 
 class CheckpointManifest(_Model):
@@ -198,11 +229,65 @@ class CheckpointManifest(_Model):
     )
     epoch: Optional[float] = None
     files: list[str] = Field(default_factory=list, description="Paths relative to the folder.")
+    digests: Optional[dict[str, FileDigest]] = Field(
+        None,
+        description="Size and sha256 of the files, by path. Absent from manifests written "
+        "before kubetune recorded them: those checkpoints cannot be verified and are trusted "
+        "(only that their files are there is checked).",
+    )
     eval_loss: Optional[float] = None
     train_loss: Optional[float] = None
     world_size: Optional[int] = None
     zero_stage: Optional[int] = None
     created_at: str
+
+
+DIGEST_CHUNK = 1 << 20
+
+
+def file_digest(f: BinaryIO) -> FileDigest:
+    """Size and sha256 of an open binary file, read in 1 MiB chunks (never whole)."""
+    h, n = hashlib.sha256(), 0
+    while chunk := f.read(DIGEST_CHUNK):
+        h.update(chunk)
+        n += len(chunk)
+    return FileDigest(bytes=n, sha256=h.hexdigest())
+
+
+def verify_manifest(
+    manifest: CheckpointManifest,
+    sizes: Mapping[str, int],
+    digest_of: Optional[Callable[[str], FileDigest]] = None,
+) -> Optional[str]:
+    """Why a checkpoint's files do not match its manifest, naming the first bad
+    file; None when they match. `sizes` is what is stored (path relative to the
+    folder -> bytes). With `digest_of` (path -> its FileDigest) the sha256 of
+    every file with a recorded digest is checked too; without it only presence
+    and sizes (what one listing tells, no reads).
+
+    A manifest without digests (written before kubetune recorded them), or a
+    file it lists without one, is unverifiable but trusted: only that the file
+    is there is checked, as loading it would fail anyway."""
+    digests = manifest.digests or {}
+    for name in manifest.files:
+        if name not in sizes:
+            return f"{name}: missing"
+        want = digests.get(name)
+        if want is not None and sizes[name] != want.bytes:
+            return f"{name}: {sizes[name]} bytes, the manifest says {want.bytes}"
+    if digest_of is None:
+        return None
+    for name in manifest.files:
+        want = digests.get(name)
+        if want is None:
+            continue
+        got = digest_of(name)
+        if got != want:
+            return (
+                f"{name}: sha256 {got.sha256[:12]}… ({got.bytes} bytes), the manifest says "
+                f"{want.sha256[:12]}… ({want.bytes} bytes)"
+            )
+    return None
 
 
 class AttemptRecord(_Model):

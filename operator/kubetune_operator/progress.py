@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 
 from pydantic.alias_generators import to_camel
 
-from kubetune_api.models import Metrics
+from kubetune_api.models import SKIPPED_CHECKPOINTS_MAX, TEXT_MAX, Metrics
 from kubetune_api.storage import (
     MetricsRow,
     RunRecord,
@@ -76,6 +76,19 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
             progress["etaSeconds"] = int(rec.eta_seconds)
         if rec.resumed_from is not None:
             progress["resumedFrom"] = int(rec.resumed_from)
+        if rec.skipped_checkpoints:
+            progress["skippedCheckpoints"] = [
+                {
+                    k: v
+                    for k, v in (
+                        ("step", int(s.step)),
+                        ("reason", s.reason[:TEXT_MAX]),
+                        ("movedTo", s.moved_to),
+                    )
+                    if v is not None
+                }
+                for s in rec.skipped_checkpoints[:SKIPPED_CHECKPOINTS_MAX]
+            ]
         progress["display"] = f"{step}/{total}" if total else str(step)
         out["progress"] = progress
     metrics: dict[str, Any] = {}

@@ -363,3 +363,36 @@ def test_watcher_lines_bar_and_a_resume_that_skips_the_old_attempts_rows(tmp_pat
     assert "checkpoint step 2 committed" not in text  # the one resumed from is not news
     assert lines[-1].startswith("Training   [############............] 4/8  loss 1.600"), text
     assert text.endswith("\n")  # the bar is left as a finished line
+
+
+def test_watcher_tells_a_skipped_checkpoint_and_follows_the_resume_back(tmp_path):
+    """The CLI expected to resume from step 4 (the newest committed); the trainer
+    found it damaged and resumed from 2: one line says so, and steps 3 and 4,
+    trained again, print."""
+    from kubetune_trainer.local import Console, Watcher
+    from kubetune_trainer.storage import JobStorage
+
+    storage = JobStorage(tmp_path.as_uri())
+    old = [_row(s, f"2026-01-01T00:00:0{s}Z") for s in range(1, 6)]
+    _records(storage, old, {"phase": "Failed", "step": 5, "totalSteps": 6}, [2, 4])
+    out = io.StringIO()
+    watcher = Watcher(storage, Console(out, bar=False), resumed_step=4, interval=60)
+    moved = f"{tmp_path.as_uri()}/checkpoints/quarantine/step-00000004-20260101T010000Z"
+    skipped = {"step": 4, "reason": "ds/x.pt: 10 bytes, the manifest says 90", "movedTo": moved}
+    with watcher:
+        watcher.poll()
+        assert out.getvalue() == ""  # nothing new yet
+        new = [*old[:2], _row(3, "2026-01-01T01:00:00Z"), _row(4, "2026-01-01T01:00:02Z")]
+        progress = {"phase": "Training", "step": 4, "totalSteps": 6, "resumedFrom": 2}
+        _records(storage, new, progress | {"skippedCheckpoints": [skipped]}, [2, 4])
+        watcher.poll()
+        watcher.poll()  # told once
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "kubetune run: checkpoint step 4 failed verification (ds/x.pt: 10 bytes, the manifest "
+        f"says 90); moved to {tmp_path}/checkpoints/quarantine/step-00000004-20260101T010000Z; "
+        "resumed from step 2",
+        "step 3/6  loss 1.7000  lr 1.00e-04  100 tok/s",
+        "step 4/6  loss 1.6000  lr 1.00e-04  100 tok/s  eta 0m04s",
+        f"kubetune run: checkpoint step 4 committed: {tmp_path}/checkpoints/step-00000004",
+    ], out.getvalue()

@@ -422,6 +422,42 @@ def test_progress_to_status_shows_the_step_a_resumed_attempt_started_from():
     assert out["progress"]["resumedFrom"] == 6
 
 
+def test_progress_to_status_shows_the_checkpoints_a_resume_skipped_and_why():
+    from kubetune_api.models import FineTuneJobStatus
+
+    moved = "s3://b/runs/ns/j/uid/checkpoints/quarantine/step-00000008-20260101T000000Z"
+    rec = {
+        "phase": "Training",
+        "step": 5,
+        "totalSteps": 12,
+        "resumedFrom": 4,
+        "skippedCheckpoints": [
+            {
+                "step": 8,
+                "reason": "ds/mp_rank_00_model_states.pt: 10 bytes, the manifest says 90",
+                "movedTo": moved,
+            },
+            {"step": 6, "reason": "x" * 1000},  # not moved (the move failed); a long reason
+        ],
+        "updatedAt": "x",
+    }
+    out = progress_to_status({"progress": rec})
+    assert out["progress"]["resumedFrom"] == 4
+    skipped = out["progress"]["skippedCheckpoints"]
+    assert skipped[0] == {
+        "step": 8,
+        "reason": "ds/mp_rank_00_model_states.pt: 10 bytes, the manifest says 90",
+        "movedTo": moved,
+    }
+    assert skipped[1] == {"step": 6, "reason": "x" * 256}  # cut to what the CRD allows
+    status = with_phase({"attempts": 2} | out, "Running", "Training", "m", NOW, 1)
+    FineTuneJobStatus.model_validate(status)  # the CRD's status schema has the field
+    assert (
+        "skippedCheckpoints"
+        not in progress_to_status({"progress": rec | {"skippedCheckpoints": None}})["progress"]
+    )
+
+
 def test_progress_to_status_outputs():
     out = progress_to_status(
         {

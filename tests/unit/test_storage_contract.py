@@ -135,3 +135,175 @@ def test_what_the_trainer_writes_the_operator_reads_as_the_same_models(tmp_path)
 
     store.write_json(contract.PROGRESS, {"phase": "NoSuchPhase", "updatedAt": "t2"})
     assert read_snapshot(prefix, None, {}, schemes=("file",)).progress is None
+
+
+def _manifest_for(folder, step: int, digests: bool = True):
+    """A manifest of what is in `folder`, as the trainer writes it (Checkpoints.save)."""
+    from kubetune_api import storage as contract
+    from kubetune_trainer.checkpoint import local_digests
+
+    found = local_digests(folder)
+    return contract.CheckpointManifest(
+        step=step, files=sorted(found), digests=found if digests else None, created_at="t"
+    )
+
+
+def _checkpoint_files(folder, seed: bytes) -> None:
+    (folder / "ds").mkdir(parents=True)
+    (folder / "ds/mp_rank_00_model_states.pt").write_bytes(seed * 3000)
+    (folder / "trainer_state.json").write_text('{"step": 4}')
+
+
+def test_verify_manifest_names_the_file_that_is_missing_cut_or_changed(tmp_path, monkeypatch):
+    from kubetune_api import storage as contract
+    from kubetune_trainer.checkpoint import verify_local
+
+    monkeypatch.setattr(contract, "DIGEST_CHUNK", 1024)  # several chunks per file
+    ckpt = tmp_path / "step-4"
+    _checkpoint_files(ckpt, b"weights!")
+    manifest = _manifest_for(ckpt, 4)
+    weights = ckpt / "ds/mp_rank_00_model_states.pt"
+    assert manifest.digests["ds/mp_rank_00_model_states.pt"].bytes == 24000
+    assert verify_local(manifest, ckpt) is None
+    # what a listing shows is enough for a missing or cut file (no read)
+    sizes = {"ds/mp_rank_00_model_states.pt": 24000, "trainer_state.json": 11}
+    assert contract.verify_manifest(manifest, sizes) is None
+    assert contract.verify_manifest(manifest, {"trainer_state.json": 11}) == (
+        "ds/mp_rank_00_model_states.pt: missing"
+    )
+    assert contract.verify_manifest(manifest, sizes | {"trainer_state.json": 5}) == (
+        "trainer_state.json: 5 bytes, the manifest says 11"
+    )
+    # cut short on disk
+    weights.write_bytes(b"weights!" * 100)
+    assert verify_local(manifest, ckpt) == (
+        "ds/mp_rank_00_model_states.pt: 800 bytes, the manifest says 24000"
+    )
+    # same size, other bytes: only the hash tells
+    weights.write_bytes(b"weights?" * 3000)
+    reason = verify_local(manifest, ckpt)
+    assert reason.startswith("ds/mp_rank_00_model_states.pt: sha256 "), reason
+    assert "(24000 bytes), the manifest says" in reason
+    weights.unlink()
+    assert verify_local(manifest, ckpt) == "ds/mp_rank_00_model_states.pt: missing"
+
+
+def test_an_old_manifest_without_digests_loads_and_is_trusted_if_its_files_are_there(tmp_path):
+    """Manifests written before sizes and hashes were recorded: the trainer and the
+    operator still read them; nothing can be checked but that the files exist."""
+    from kubetune_api import storage as contract
+    from kubetune_operator.storage_reader import read_snapshot
+    from kubetune_trainer.checkpoint import verify_local
+    from kubetune_trainer.storage import JobStorage
+
+    prefix = tmp_path / "ns/job/uid"
+    store = JobStorage(str(prefix))
+    ckpt = prefix / "checkpoints/step-00000004"
+    _checkpoint_files(ckpt, b"weights!")
+    old = {"step": 4, "files": ["ds/mp_rank_00_model_states.pt", "trainer_state.json"],
+           "evalLoss": 2.5, "createdAt": "t"}  # fmt: skip
+    (ckpt / "manifest.json").write_text(json.dumps(old))
+    manifest = store.read_manifest(4)
+    assert manifest is not None and manifest.digests is None
+    (ckpt / "ds/mp_rank_00_model_states.pt").write_bytes(b"cut")
+    assert verify_local(manifest, ckpt) is None  # unverifiable, trusted
+    (ckpt / "trainer_state.json").unlink()
+    assert verify_local(manifest, ckpt) == "trainer_state.json: missing"
+    snap = read_snapshot(str(prefix), None, {}, schemes=("file",))
+    assert [c.step for c in snap.checkpoints] == [4] and snap.checkpoints[0].eval_loss == 2.5
+    # and a new manifest, with digests, reads back whole on the operator's side
+    new = _manifest_for(ckpt, 4)
+    store.write_record("checkpoints/step-00000006/manifest.json", new)
+    snap = read_snapshot(str(prefix), None, {}, schemes=("file",))
+    assert snap.checkpoints[-1].digests == new.digests
+    assert contract.CheckpointManifest.model_validate(json.loads(json.dumps(new.to_dict()))) == new
+
+
+def test_quarantine_moves_a_damaged_checkpoint_aside_and_says_why(tmp_path):
+    from kubetune_api import storage as contract
+    from kubetune_trainer.storage import JobStorage
+
+    prefix = tmp_path / "ns/job/uid"
+    store = JobStorage(prefix.as_uri())
+    for step in (4, 8):
+        ckpt = prefix / f"checkpoints/step-{step:08d}"
+        _checkpoint_files(ckpt, b"w")
+        store.write_record(f"{store.checkpoint_rel(step)}/manifest.json", _manifest_for(ckpt, step))
+    assert store.committed_checkpoints() == [4, 8]
+    assert store.stored_sizes(store.checkpoint_rel(8))["trainer_state.json"] == 11
+    skipped = contract.SkippedCheckpoint(step=8, reason="trainer_state.json: missing")
+    moved = store.quarantine(skipped)
+    assert store.committed_checkpoints() == [4]
+    assert not (prefix / "checkpoints/step-00000008").exists()
+    [folder] = (prefix / "checkpoints/quarantine").iterdir()
+    assert moved == f"{prefix.as_uri()}/checkpoints/quarantine/{folder.name}"
+    assert folder.name.startswith("step-00000008-")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "ds/mp_rank_00_model_states.pt",
+        "manifest.json",
+        "skipped.json",
+        "trainer_state.json",
+    ]
+    record = json.loads((folder / "skipped.json").read_text())
+    assert record == {"step": 8, "reason": "trainer_state.json: missing", "movedTo": moved}
+    store.clear_uncommitted(store.committed_checkpoints())  # never touches quarantine/
+    assert folder.exists()
+
+
+def _pick(prefix, steps_damaged: dict, tmp):
+    """Committed checkpoints at the given steps (damaged by the callables given),
+    then Checkpoints.pick (rank 0's part of resume, storage only): its choice,
+    what it skipped, its log."""
+    from kubetune_trainer.checkpoint import Checkpoints
+    from kubetune_trainer.storage import JobStorage
+
+    store = JobStorage(prefix.as_uri())
+    for step, damage in steps_damaged.items():
+        ckpt = prefix / f"checkpoints/step-{step:08d}"
+        _checkpoint_files(ckpt, b"w")
+        store.write_record(f"{store.checkpoint_rel(step)}/manifest.json", _manifest_for(ckpt, step))
+        if damage:
+            damage(ckpt)
+    lines: list[str] = []
+    ckpts = Checkpoints(None, store, None, tmp, keep_last=3, adapter=True, log=lines.append)
+    return ckpts.pick(), ckpts.skipped, lines, store
+
+
+def _truncate(ckpt):
+    path = ckpt / "ds/mp_rank_00_model_states.pt"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def test_resume_picks_the_newest_intact_checkpoint_and_moves_damaged_ones_aside(tmp_path):
+    prefix = tmp_path / "ns/job/uid"
+    half = prefix / "checkpoints/step-00000012/ds"  # half-written: no manifest
+    half.mkdir(parents=True)
+    changed = lambda c: (c / "trainer_state.json").write_text('{"step": 9}')  # noqa: E731
+    step, skipped, lines, store = _pick(
+        prefix, {4: None, 8: changed, 10: _truncate}, tmp_path / "tmp"
+    )
+    assert step == 4
+    assert (tmp_path / "tmp/resume-4/trainer_state.json").exists()  # downloaded to load
+    assert [s.step for s in skipped] == [10, 8]  # newest first
+    assert skipped[0].reason == "ds/mp_rank_00_model_states.pt: 100 bytes, the manifest says 3000"
+    assert skipped[1].reason.startswith("trainer_state.json: sha256 ")
+    assert all("/checkpoints/quarantine/step-" in s.moved_to for s in skipped)
+    assert store.committed_checkpoints() == [4] and not half.exists()
+    assert not (tmp_path / "tmp/resume-10").exists() and not (tmp_path / "tmp/resume-8").exists()
+    assert lines[0].startswith(
+        "checkpoint step 10 failed verification (ds/mp_rank_00_model_states.pt: 100 bytes"
+    )
+    assert "; moved to file://" in lines[0] and lines[0].endswith("; trying the next newest")
+
+
+def test_resume_starts_from_scratch_when_no_committed_checkpoint_is_intact(tmp_path):
+    prefix = tmp_path / "ns/job/uid"
+    broken = lambda c: (c / "manifest.json").write_text('{"step": ')  # noqa: E731
+    step, skipped, _, store = _pick(prefix, {2: _truncate, 4: broken}, tmp_path / "tmp")
+    assert step is None
+    assert [(s.step, s.reason) for s in skipped] == [
+        (4, "manifest.json: not a checkpoint manifest"),
+        (2, "ds/mp_rank_00_model_states.pt: 100 bytes, the manifest says 3000"),
+    ]
+    assert store.committed_checkpoints() == []
+    assert len(list((prefix / "checkpoints/quarantine").iterdir())) == 2

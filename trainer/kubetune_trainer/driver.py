@@ -92,6 +92,9 @@ def _record_failure(exc: Exception, storage, config, say) -> int:
             phase=contract.TrainPhase.failed,
             step=prev.step if prev else 0,
             total_steps=prev.total_steps if prev else None,
+            # this attempt's (the driver's Loading record, written first, has none)
+            resumed_from=prev.resumed_from if prev else None,
+            skipped_checkpoints=prev.skipped_checkpoints if prev else None,
             attempt=config.attempt,
             message=f"{type(exc).__name__}: {exc}"[:4000],
             updated_at=now(),

@@ -12,6 +12,7 @@ how to resume.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -120,6 +121,10 @@ class Console:
             self.stream.flush()
 
 
+def _skipped(progress: dict) -> list[dict]:
+    return [s for s in progress.get("skippedCheckpoints") or [] if isinstance(s, dict)]
+
+
 class Watcher:
     """Follows progress.json and metrics.jsonl (what the operator reads too) and
     tells the console: one line per log step, eval and committed checkpoint,
@@ -131,6 +136,7 @@ class Watcher:
         self.checkpoint_step = resumed_step
         self.messages: set = set()
         self.stale: set = set()
+        self.skipped: set = set()  # skippedCheckpoints entries already told (as JSON)
         self.total: Optional[int] = None
         self.first_row: Optional[dict] = None
         self.stop = threading.Event()
@@ -145,12 +151,11 @@ class Watcher:
         # rewrite them away at their first log step)
         before = self.storage.read_json(contract.PROGRESS) or {}
         self.messages.add(before.get("message"))
+        self.skipped = {json.dumps(s, sort_keys=True) for s in _skipped(before)}
         self.total = before.get("totalSteps")
-        self.stale = {
-            (r["step"], r.get("time"))
-            for r in self.storage.read_metrics()
-            if r["step"] > self.printed_step
-        }
+        # all of them: a resume that falls back to an older checkpoint prints rows
+        # below the step this run expected to resume from
+        self.stale = {(r["step"], r.get("time")) for r in self.storage.read_metrics()}
         self.thread.start()
         return self
 
@@ -175,6 +180,7 @@ class Watcher:
         if message and message not in self.messages and progress.get("phase") != "Failed":
             self.messages.add(message)  # a failure is the driver's to tell
             self.console.say(f"kubetune run: {message}")
+        self._skipped_checkpoints(progress)
         total = self.total = progress.get("totalSteps") or self.total
         for row in rows:
             if row["step"] <= self.printed_step or (row["step"], row.get("time")) in self.stale:
@@ -189,6 +195,24 @@ class Watcher:
                 self.console.say(f"kubetune run: checkpoint step {step} committed: {where}")
         if self.console.bar:
             self.console.draw(self._bar(progress))
+
+    def _skipped_checkpoints(self, progress: dict) -> None:
+        """The trainer passed over damaged checkpoints: say so, and follow it back
+        to the one it resumed from (or to the start)."""
+        new = [s for s in _skipped(progress) if json.dumps(s, sort_keys=True) not in self.skipped]
+        if not new:
+            return
+        resumed = progress.get("resumedFrom")
+        then = f"resumed from step {resumed}" if resumed else "started from scratch"
+        for s in new:
+            self.skipped.add(json.dumps(s, sort_keys=True))
+            where = P.display(s["movedTo"]) if s.get("movedTo") else "left in place"
+            self.console.say(
+                f"kubetune run: checkpoint step {s.get('step')} failed verification "
+                f"({s.get('reason')}); moved to {where}; {then}"
+            )
+        self.printed_step = min(self.printed_step, resumed or -1)
+        self.checkpoint_step = min(self.checkpoint_step, resumed or 0)
 
     def _eta(self, row: dict, total, progress: dict):
         """From the rows' own times (several rows may arrive in one poll), else

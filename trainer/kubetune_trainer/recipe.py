@@ -74,6 +74,7 @@ class Recipe:
         # The committed step this attempt continued from (None: started fresh);
         # recorded in progress.json and on the first metrics row after it.
         self.resumed_from: Optional[int] = None
+        self.resume_note: dict = {}  # rank 0: what resume() adds to the next metrics row
         self.state = {
             "step": 0,
             "best": None,
@@ -112,6 +113,7 @@ class Recipe:
             tokens_per_second=self.tokens_per_second,
             last_checkpoint=self.checkpoints.last,
             resumed_from=self.resumed_from,
+            skipped_checkpoints=self.checkpoints.skipped or None,
             attempt=self.cfg.attempt,
             message=message or self.notice,
             updated_at=now(),
@@ -223,6 +225,15 @@ class Recipe:
         step = self.checkpoints.resume(self.state)
         if self.rank == 0:
             self.metrics = self.storage.resumed_metrics(step)
+            # said once, on this attempt's first row
+            self.resume_note = {
+                k: v
+                for k, v in (
+                    ("resumed_from", step),
+                    ("skipped_checkpoints", [s.step for s in self.checkpoints.skipped]),
+                )
+                if v
+            }
         if step is not None:
             self.start_step = self.resumed_from = step
 
@@ -334,10 +345,8 @@ class Recipe:
                 self.log(f"step {step}: eval loss {result['eval_loss']:.4f}")
                 self.early_stopping(result)
             if row is not None and self.rank == 0:
-                if self.resumed_from is not None and all(
-                    r.get("resumed_from") != self.resumed_from for r in self.metrics
-                ):
-                    row["resumed_from"] = self.resumed_from
+                row.update(self.resume_note)
+                self.resume_note = {}
                 row["attempt"] = self.cfg.attempt
                 self.metrics.append(row)
                 self.write_metrics()

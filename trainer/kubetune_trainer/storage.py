@@ -206,6 +206,43 @@ class JobStorage:
     def checkpoint_rel(self, step: int) -> str:
         return f"{contract.CHECKPOINTS}/step-{step:08d}"
 
+    def read_manifest(self, step: int) -> Optional[contract.CheckpointManifest]:
+        """The committed checkpoint's manifest; None when it is gone or not the
+        contract's shape (such a checkpoint cannot be trusted either)."""
+        try:
+            rel = f"{self.checkpoint_rel(step)}/{contract.MANIFEST}"
+            return self.read_record(rel, contract.CheckpointManifest)
+        except ValueError:  # not JSON, or not a manifest (pydantic's error is one too)
+            return None
+
+    def stored_sizes(self, rel: str) -> dict[str, int]:
+        """Every file under `rel`: path relative to it -> bytes (one listing, no reads)."""
+        base = self.path(rel).rstrip("/")
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {path[len(base) + 1 :]: int(info["size"]) for path, info in found.items()}
+
+    def quarantine(self, skipped: contract.SkippedCheckpoint) -> str:
+        """Move a committed checkpoint that failed verification aside, to
+        checkpoints/quarantine/step-N-<time>/ with skipped.json saying why; its
+        URI. The manifest moves first: from then on the step is not committed, and
+        a crash halfway leaves an uncommitted folder, which the next start clears.
+        Object stores move by copy and delete, object by object."""
+        rel = self.checkpoint_rel(skipped.step)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest_rel = f"{contract.CHECKPOINTS}/{contract.QUARANTINE}/step-{skipped.step:08d}-{stamp}"
+        names = sorted(self.stored_sizes(rel), key=lambda n: n != contract.MANIFEST)
+        for name in names:
+            dest = self.path(dest_rel, name)
+            self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(self.path(rel, name), dest)
+        self.delete(rel)  # what is left: empty local folders
+        record = skipped.model_copy(update={"moved_to": self.uri(dest_rel)})
+        self.write_record(f"{dest_rel}/{contract.SKIPPED}", record)
+        return record.moved_to
+
     def upload_dir(self, local: Path, rel: str) -> list[str]:
         files = sorted(p for p in Path(local).rglob("*") if p.is_file())
         names = []

@@ -6,16 +6,19 @@ it, check the model folder, data, tokenizer and template (preflight), and only
 then start Ray. Results go to {output}/{namespace}/{name}/local, where output
 is spec.output.uri, else --output, else ./runs. Running the same file again
 resumes from the newest committed checkpoint; a finished run prints its
-summary again. SIGINT/SIGTERM stop the run, record it in progress.json and say
-how to resume.
+summary again. The first SIGINT/SIGTERM asks the ranks to commit a checkpoint at
+the end of the step in flight (spec.checkpointing.saveOnStop), a second one stops
+at once; either way the run is recorded in progress.json with how to resume.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from kubetune_api.validation import validate_document
 from . import preflight as P
 from .driver import ensure_env, run
 from .evalgen import summary_lines
+from .stop import StopFiles
 from .storage import JobStorage, now
 from .sweep_console import SweepWatcher, ranking
 
@@ -320,6 +324,25 @@ class _Signals:
         raise Interrupted(signum)
 
 
+def _save_on_stop(config, stop_files, worker, console, exc, err) -> None:
+    """The first SIGINT/SIGTERM of a training run: ask for a checkpoint at the end
+    of the step in flight and wait for the ranks to stop (at most the grace period
+    the job allows its pods); a second signal ends the process at once."""
+    ckpt = config.spec.checkpointing
+    if not ckpt.save_on_stop or config.spec.sweep is not None or not worker.is_alive():
+        return
+    console.end_bar()
+    console.say(
+        f"kubetune run: {exc}: saving a checkpoint at the end of the step in flight "
+        f"(up to {ckpt.termination_grace_period_seconds}s; press Ctrl-C again to stop at once)",
+        err,
+    )
+    stop_files.request(str(exc))
+    deadline = time.monotonic() + ckpt.termination_grace_period_seconds
+    while worker.is_alive() and time.monotonic() < deadline:
+        worker.join(0.2)
+
+
 def _record_interruption(storage, config, signum: int, command: str) -> str:
     """progress.json says Interrupted (with the last committed checkpoint); the
     returned line says where that checkpoint is and how to resume."""
@@ -498,6 +521,9 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     # the main thread must stay free to stop everything on a signal.
     stopping = threading.Event()
     result: dict = {}
+    # the first Ctrl-C asks the ranks to commit a checkpoint at the end of the
+    # step in flight (kubetune_trainer.stop); a second one stops at once
+    stop_files = StopFiles(tempfile.mkdtemp(prefix="kubetune-stop-"))
 
     def train() -> None:
         result["rc"] = run(
@@ -506,6 +532,7 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
             check=False,
             log=lambda text: console.say(text, err),
             stopping=stopping,
+            stop_dir=str(stop_files.dir),
         )
 
     worker = threading.Thread(target=train, name="kubetune-fit", daemon=True)
@@ -518,12 +545,14 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
             worker.start()
             while worker.is_alive():
                 worker.join(0.2)
-    except Interrupted:
+    except Interrupted as exc:
+        _save_on_stop(config, stop_files, worker, console, exc, err)
         stopping.set()
         raise
     finally:
         if own_ray or stopping.is_set():
             ray.shutdown()
+        shutil.rmtree(stop_files.dir, ignore_errors=True)
     rc = result.get("rc", 1)
     if rc != 0:
         console.say(

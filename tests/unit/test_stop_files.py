@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
-from kubetune_trainer.stop import StopFiles, main
 
 from kubetune_operator.children import STOP_HOOK, stop_grace
+from kubetune_trainer.stop import StopFiles, main
 
 
 def test_a_request_counts_only_for_processes_started_before_it(tmp_path):

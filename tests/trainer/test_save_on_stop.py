@@ -14,7 +14,7 @@ import trainer_helpers as H
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(900)]
 
-STEPS, ASK_AT = 30, 3
+STEPS, ASK_AT = 12, 3
 
 
 def _progress(prefix: Path) -> dict:

@@ -324,12 +324,12 @@ class _Signals:
         raise Interrupted(signum)
 
 
-def _save_on_stop(config, stop_files, worker, console, exc, err) -> None:
+def _save_on_stop(config, stop_files, finished, console, exc, err) -> None:
     """The first SIGINT/SIGTERM of a training run: ask for a checkpoint at the end
     of the step in flight and wait for the ranks to stop (at most the grace period
     the job allows its pods); a second signal ends the process at once."""
     ckpt = config.spec.checkpointing
-    if not ckpt.save_on_stop or config.spec.sweep is not None or not worker.is_alive():
+    if not ckpt.save_on_stop or config.spec.sweep is not None or finished.is_set():
         return
     console.end_bar()
     console.say(
@@ -339,8 +339,8 @@ def _save_on_stop(config, stop_files, worker, console, exc, err) -> None:
     )
     stop_files.request(str(exc))
     deadline = time.monotonic() + ckpt.termination_grace_period_seconds
-    while worker.is_alive() and time.monotonic() < deadline:
-        worker.join(0.2)
+    while not finished.wait(0.2) and time.monotonic() < deadline:
+        pass
 
 
 def _record_interruption(storage, config, signum: int, command: str) -> str:
@@ -503,6 +503,10 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     ensure_env()
     # A caller that already holds a Ray (a notebook, a test session) keeps it.
     own_ray = not ray.is_initialized()
+    # A terminal's Ctrl-C reaches the whole process group: Ray's processes, started
+    # here, inherit SIGINT blocked, so they train on while the ranks save; the
+    # first Ctrl-C is this process's to handle (_save_on_stop).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         if own_ray:
             ray.init(
@@ -515,6 +519,8 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
         console.say(f"kubetune run: the local Ray did not start: {exc}", err)
         console.say(f"kubetune run: nothing was trained; `{opts.command()}` tries again", err)
         return 1
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     signals.install()  # ray.init installs its own handlers; ours decide
     # fit() runs in a thread: Ray Train installs its own SIGINT handler when
     # called from the main thread (an abort that exits 1 without a word), and
@@ -525,15 +531,22 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     # step in flight (kubetune_trainer.stop); a second one stops at once
     stop_files = StopFiles(tempfile.mkdtemp(prefix="kubetune-stop-"))
 
+    # Not Thread.is_alive(): a signal that interrupts Thread.join leaves the thread
+    # marked stopped while it still runs (CPython's bpo-45274 handling).
+    finished = threading.Event()
+
     def train() -> None:
-        result["rc"] = run(
-            config,
-            quiet=True,
-            check=False,
-            log=lambda text: console.say(text, err),
-            stopping=stopping,
-            stop_dir=str(stop_files.dir),
-        )
+        try:
+            result["rc"] = run(
+                config,
+                quiet=True,
+                check=False,
+                log=lambda text: console.say(text, err),
+                stopping=stopping,
+                stop_dir=str(stop_files.dir),
+            )
+        finally:
+            finished.set()
 
     worker = threading.Thread(target=train, name="kubetune-fit", daemon=True)
     if config.spec.sweep is not None:
@@ -543,10 +556,10 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     try:
         with watcher:
             worker.start()
-            while worker.is_alive():
-                worker.join(0.2)
+            while not finished.wait(0.2):
+                pass
     except Interrupted as exc:
-        _save_on_stop(config, stop_files, worker, console, exc, err)
+        _save_on_stop(config, stop_files, finished, console, exc, err)
         stopping.set()
         raise
     finally:

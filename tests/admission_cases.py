@@ -116,7 +116,12 @@ FULL_SPEC: dict[str, Any] = {
         "patience": 3,
         "minDelta": 0.001,
     },
-    "checkpointing": {"everySteps": 200, "keepLast": 3},
+    "checkpointing": {
+        "everySteps": 200,
+        "keepLast": 3,
+        "saveOnStop": True,
+        "terminationGracePeriodSeconds": 300,
+    },
     "output": {
         "uri": "s3://bucket/fine-tunes",
         "mergeAdapter": True,

@@ -519,6 +519,23 @@ class Checkpointing(_Model):
         200, ge=1, le=10_000_000, description="Steps between committed checkpoints."
     )
     keep_last: int = Field(3, ge=1, le=1000, description="Committed checkpoints kept.")
+    save_on_stop: bool = Field(
+        True,
+        description="When a pod of the job is told to stop (spec.suspend, a preemption, a "
+        "node drain, a retry), finish the step in flight and commit a checkpoint there "
+        "before the pod goes, so the next run loses no step; `kubetune run` does the same "
+        "on the first Ctrl-C. Sweeps stop at once (their trials resume from their last "
+        "periodic checkpoint).",
+    )
+    termination_grace_period_seconds: int = Field(
+        120,
+        ge=30,
+        le=86_400,
+        description="How long a stopping pod may take to save (the pods' "
+        "terminationGracePeriodSeconds): the step in flight plus a checkpoint's upload. "
+        "A save that takes longer is cut off and the run resumes from the checkpoint "
+        "before.",
+    )
 
 
 class Output(StorageAccess):

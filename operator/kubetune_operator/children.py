@@ -189,6 +189,21 @@ def _writable(scratch: Optional[str] = None, shm: Optional[str] = None) -> tuple
     return volumes, mounts
 
 
+# the hook's wait ends this much before the grace period does: the processes
+# then get SIGTERM with time to exit before the kubelet's SIGKILL
+STOP_MARGIN_SECONDS = 10
+STOP_HOOK = ("python", "-m", "kubetune_trainer.stop", "--wait")
+
+
+def stop_grace(spec: dict) -> Optional[int]:
+    """The pods' grace period when they save on stop; None when they stop at once
+    (saveOnStop off, or a sweep: its trials resume from their periodic checkpoints)."""
+    ckpt = models.Checkpointing.model_validate(spec.get("checkpointing") or {})
+    if not ckpt.save_on_stop or spec.get("sweep"):
+        return None
+    return ckpt.termination_grace_period_seconds
+
+
 def _pod_template(
     job: Body,
     settings: Settings,
@@ -228,6 +243,14 @@ def _pod_template(
             *volumes,
         ],
     }
+    grace = stop_grace(job["spec"])
+    if grace is not None:
+        # Save on stop (kubetune_trainer.stop): the hook asks the ranks for a checkpoint
+        # at the end of the step in flight and holds SIGTERM back until it is committed.
+        pod_spec["terminationGracePeriodSeconds"] = grace
+        pod_spec["containers"][0]["lifecycle"] = {
+            "preStop": {"exec": {"command": [*STOP_HOOK, str(grace - STOP_MARGIN_SECONDS)]}}
+        }
     if res.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(sorted(res["nodeSelector"].items()))
     if res.get("tolerations"):

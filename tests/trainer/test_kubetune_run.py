@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(1800)]
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 PREFLIGHT_SECONDS = 60  # far below a Ray start on this tier's machines; the line says the real time
 # The interrupted run gets SIGINT once step 10's checkpoint is committed and stops
-# about 2 steps later; the resume trains on to STEPS with an evaluation at EVAL_AT.
+# about 2 steps later, with a checkpoint of the step it stopped at (save on stop);
+# the resume trains on to STEPS with an evaluation at EVAL_AT.
 # Room for a slow stop: the first run would train until step 40, and a newest
 # checkpoint of step 20 still leaves the evaluation at step 30 to the resume.
 STEPS, EVAL_AT = 40, 30
@@ -264,6 +265,9 @@ def test_relative_paths_sigint_then_resume(workdir):
     assert committed["phase"] == "Interrupted", committed
     step = committed["lastCheckpoint"]["step"]
     assert step >= 10 and (prefix / f"checkpoints/step-{step:08d}/manifest.json").exists()
+    # save on stop: the step in flight when the SIGINT came was committed, none lost
+    assert committed["step"] == step > 10, committed
+    assert any("saving a checkpoint at the end of the step in flight" in ln for ln in lines)
     assert step < EVAL_AT, f"stopped {step - 10}+ steps after the SIGINT: {first}"
     assert f"last committed checkpoint: step {step} in {prefix}/checkpoints/" in stop[0]
     assert stop[0].rstrip().endswith(f"resume with: kubetune run {job_file}"), stop[0]

@@ -26,6 +26,7 @@ from . import objectives
 from .data import DataError
 from .launch import fit
 from .parent import locate
+from .stop import StopFiles
 from .storage import FencedOut, JobStorage, now
 
 
@@ -104,6 +105,11 @@ def _record_failure(exc: Exception, storage, config, say) -> int:
     return 1
 
 
+def _stopped_on_request(storage) -> bool:
+    record = storage.read_record(contract.PROGRESS, contract.ProgressRecord)
+    return record is not None and record.phase == contract.TrainPhase.interrupted
+
+
 def run(
     config,
     *,
@@ -112,12 +118,14 @@ def run(
     check: bool = True,
     log: Callable[[str], None] | None = None,
     stopping: threading.Event | None = None,
+    stop_dir: str | None = None,
 ) -> int:
     """Check data (unless the caller did), fit, write Failed progress on error.
     0 on success. Errors go to `log` (default stderr), whole lines. Exceptions
     that are not Exceptions (an interrupt) propagate. Once `stopping` is set the
     caller is shutting Ray down on purpose: the errors that follow are not a
-    failure, and the caller writes the record."""
+    failure, and the caller writes the record. STOPPED too when the ranks saved
+    and stopped on a stop request (kubetune_trainer.stop; `stop_dir` is its folder)."""
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     ensure_env()
     storage = JobStorage(config.storage_prefix, config.spec.output, attempt=config.attempt)
@@ -150,7 +158,11 @@ def run(
 
             fit_sweep(config)
         else:
-            fit(config)
+            with StopFiles(stop_dir).running():  # a pod's stop waits for this process
+                fit(config, stop_dir=stop_dir)
+            if _stopped_on_request(storage):
+                say("kubetune: stopped on request with a committed checkpoint; run again to resume")
+                return STOPPED
     except Exception as exc:  # noqa: BLE001  (reported, then the exit code says failed)
         if stopping is not None and stopping.is_set():
             return STOPPED

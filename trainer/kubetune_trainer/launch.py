@@ -26,9 +26,11 @@ def fit(
     num_cpus_per_worker: int | None = None,
     storage_path: str | None = None,
     name: str | None = None,
+    stop_dir: str | None = None,
 ):
     """Run the TorchTrainer on the Ray cluster this process is connected to.
-    `name` tells apart the runs of one job (a sweep's trials)."""
+    `name` tells apart the runs of one job (a sweep's trials); `stop_dir` is the
+    folder of stop requests (kubetune_trainer.stop) when not a pod's default."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -42,7 +44,11 @@ def fit(
         per_worker["GPU"] = res.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trainer_config": config.to_dict(), "threads": cpus},
+        train_loop_config={
+            "trainer_config": config.to_dict(),
+            "threads": cpus,
+            "stop_dir": stop_dir,
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker

@@ -6,8 +6,9 @@ it, check the model folder, data, tokenizer and template (preflight), and only
 then start Ray. Results go to {output}/{namespace}/{name}/local, where output
 is spec.output.uri, else --output, else ./runs. Running the same file again
 resumes from the newest committed checkpoint; a finished run prints its
-summary again. SIGINT/SIGTERM stop the run, record it in progress.json and say
-how to resume.
+summary again. The first SIGINT/SIGTERM asks the ranks to commit a checkpoint at
+the end of the step in flight (spec.checkpointing.saveOnStop), a second one stops
+at once; either way the run is recorded in progress.json with how to resume.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from kubetune_api.validation import validate_document
 from . import preflight as P
 from .driver import ensure_env, run
 from .evalgen import summary_lines
+from .stop import StopFiles
 from .storage import JobStorage, now
 from .sweep_console import SweepWatcher, ranking
 
@@ -344,6 +348,25 @@ class _Signals:
         raise Interrupted(signum)
 
 
+def _save_on_stop(config, stop_files, finished, console, exc, err) -> None:
+    """The first SIGINT/SIGTERM of a training run: ask for a checkpoint at the end
+    of the step in flight and wait for the ranks to stop (at most the grace period
+    the job allows its pods); a second signal ends the process at once."""
+    ckpt = config.spec.checkpointing
+    if not ckpt.save_on_stop or config.spec.sweep is not None or finished.is_set():
+        return
+    console.end_bar()
+    console.say(
+        f"kubetune run: {exc}: saving a checkpoint at the end of the step in flight "
+        f"(up to {ckpt.termination_grace_period_seconds}s; press Ctrl-C again to stop at once)",
+        err,
+    )
+    stop_files.request(str(exc))
+    deadline = time.monotonic() + ckpt.termination_grace_period_seconds
+    while not finished.wait(0.2) and time.monotonic() < deadline:
+        pass
+
+
 def _record_interruption(storage, config, signum: int, command: str) -> str:
     """progress.json says Interrupted (with the last committed checkpoint); the
     returned line says where that checkpoint is and how to resume."""
@@ -504,6 +527,10 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     ensure_env()
     # A caller that already holds a Ray (a notebook, a test session) keeps it.
     own_ray = not ray.is_initialized()
+    # A terminal's Ctrl-C reaches the whole process group: Ray's processes, started
+    # here, inherit SIGINT blocked, so they train on while the ranks save; the
+    # first Ctrl-C is this process's to handle (_save_on_stop).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         if own_ray:
             ray.init(
@@ -516,21 +543,34 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
         console.say(f"kubetune run: the local Ray did not start: {exc}", err)
         console.say(f"kubetune run: nothing was trained; `{opts.command()}` tries again", err)
         return 1
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     signals.install()  # ray.init installs its own handlers; ours decide
     # fit() runs in a thread: Ray Train installs its own SIGINT handler when
     # called from the main thread (an abort that exits 1 without a word), and
     # the main thread must stay free to stop everything on a signal.
     stopping = threading.Event()
     result: dict = {}
+    # the first Ctrl-C asks the ranks to commit a checkpoint at the end of the
+    # step in flight (kubetune_trainer.stop); a second one stops at once
+    stop_files = StopFiles(tempfile.mkdtemp(prefix="kubetune-stop-"))
+
+    # Not Thread.is_alive(): a signal that interrupts Thread.join leaves the thread
+    # marked stopped while it still runs (CPython's bpo-45274 handling).
+    finished = threading.Event()
 
     def train() -> None:
-        result["rc"] = run(
-            config,
-            quiet=True,
-            check=False,
-            log=lambda text: console.say(text, err),
-            stopping=stopping,
-        )
+        try:
+            result["rc"] = run(
+                config,
+                quiet=True,
+                check=False,
+                log=lambda text: console.say(text, err),
+                stopping=stopping,
+                stop_dir=str(stop_files.dir),
+            )
+        finally:
+            finished.set()
 
     worker = threading.Thread(target=train, name="kubetune-fit", daemon=True)
     if config.spec.sweep is not None:
@@ -540,14 +580,16 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
     try:
         with watcher:
             worker.start()
-            while worker.is_alive():
-                worker.join(0.2)
-    except Interrupted:
+            while not finished.wait(0.2):
+                pass
+    except Interrupted as exc:
+        _save_on_stop(config, stop_files, finished, console, exc, err)
         stopping.set()
         raise
     finally:
         if own_ray or stopping.is_set():
             ray.shutdown()
+        shutil.rmtree(stop_files.dir, ignore_errors=True)
     rc = result.get("rc", 1)
     if rc != 0:
         console.say(

@@ -33,6 +33,7 @@ from . import outputs as O
 from . import parent as P
 from . import tracking as T
 from .checkpoint import Checkpoints
+from .stop import StopFiles
 from .storage import BackgroundWriter, JobStorage, now
 from .worker import Worker
 
@@ -86,6 +87,12 @@ class Recipe:
             "stopped_early": False,
         }
         self.halted = False  # a sweep stopped this trial: no outputs
+        # Save on stop (kubetune_trainer.stop): a request newer than this rank's
+        # start ends training after the step in flight, with a committed checkpoint.
+        self.stop_files = StopFiles(loop_config.get("stop_dir"))
+        self.save_on_stop = self.spec.checkpointing.save_on_stop
+        self.t_created = time.time()
+        self.stopped: Optional[int] = None  # the step a stop request ended training at
         self.notice: Optional[str] = None
         self.parent: Optional[P.Parent] = None
         self.run_record: Optional[contract.RunRecord] = None
@@ -360,13 +367,36 @@ class Recipe:
                 self.log(f"stopped by the sweep at step {step}: its metric trails the others'")
                 break
             stop = self.state["stopped_early"]
-            if step % self.spec.checkpointing.every_steps == 0 or last or stop:
+            asked = not last and self.stop_requested()
+            if step % self.spec.checkpointing.every_steps == 0 or last or stop or asked:
                 self.save_checkpoint()
+            if asked:
+                self.stop_at(step)
+                break
             if row is not None:
                 self.progress(contract.TrainPhase.training)
             if stop:
                 self.log(f"early stopping at step {step}")
                 break
+
+    def stop_requested(self) -> bool:
+        """A stop request on any rank's machine (kubetune_trainer.stop); every rank
+        agrees on the answer at the same step."""
+        if not self.save_on_stop:
+            return False
+        seen = float(self.stop_files.requested_since(self.t_created))
+        return self.worker.allreduce([seen])[0] > 0
+
+    def stop_at(self, step: int) -> None:
+        """After the checkpoint of `step` is committed (save ends with a barrier)."""
+        self.stopped = step
+        self.stop_files.saved(step)
+        self.log(f"stopped on request at step {step}: checkpoint step {step} committed")
+        self.progress(
+            contract.TrainPhase.interrupted,
+            f"stopped on request at step {step} (its pod is stopping); checkpoint step "
+            f"{step} committed: the next run resumes there",
+        )
 
     def halt_requested(self) -> bool:
         """A sweep's scheduler asks a trial to stop by writing HALT under its prefix
@@ -449,16 +479,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's entry in each worker."""
     recipe = Recipe(loop_config)
     try:
-        recipe.setup()
-        recipe.resume()
-        recipe.train()
-        if recipe.halted:
-            recipe.writer.flush()
-            if recipe.tracker is not None:
-                recipe.tracker.close("KILLED")
-                recipe.tracker = None
-        else:
-            recipe.finish()
+        with recipe.stop_files.running():
+            recipe.setup()
+            recipe.resume()
+            recipe.train()
+            if recipe.halted or recipe.stopped is not None:
+                recipe.writer.flush()
+                if recipe.tracker is not None:
+                    recipe.tracker.close("KILLED")
+                    recipe.tracker = None
+            else:
+                recipe.finish()
     except BaseException:
         if recipe.tracker is not None:
             recipe.tracker.close("FAILED")

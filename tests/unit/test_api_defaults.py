@@ -30,7 +30,12 @@ def test_minimal_spec_gets_documented_defaults():
         1,
         "nvidia.com/gpu",
     )
-    assert spec["checkpointing"] == {"everySteps": 200, "keepLast": 3}
+    assert spec["checkpointing"] == {
+        "everySteps": 200,
+        "keepLast": 3,
+        "saveOnStop": True,
+        "terminationGracePeriodSeconds": 120,
+    }
     assert spec["evaluation"]["enabled"] is True
     assert spec["earlyStopping"]["enabled"] is False
     assert spec["backoffLimit"] == 3 and spec["suspend"] is False

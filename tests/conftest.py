@@ -202,8 +202,11 @@ def operator(kube, namespace, tmp_path):
 
     op = OperatorProcess(kube, [namespace], tmp_path).start()
     yield op
+    writes = op.status_writes()
     op.stop()
     print(f"--- operator log ({op.log_path})\n{op.log_tail(120)}")
+    # Whatever the test did: no reconcile wrote the status twice.
+    assert writes is None or writes[2] == 0, f"{writes[2]:g} reconciles wrote status twice"
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -97,6 +98,23 @@ class OperatorProcess:
 
     def metrics(self) -> str:
         return http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")[1]
+
+    def status_writes(self) -> tuple[float, float, float] | None:
+        """(reconciles, status writes, reconciles that wrote more than once) so
+        far, from kubetune_status_writes_per_reconcile; None when the operator
+        does not answer."""
+        text = self.metrics()
+        if not text:
+            return None
+
+        def sample(name: str) -> float:
+            found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        metric = "kubetune_status_writes_per_reconcile"
+        reconciles = sample(f"{metric}_count")
+        at_most_one = sample(metric + '_bucket{le="1.0"}')
+        return reconciles, sample(f"{metric}_sum"), reconciles - at_most_one
 
     def kill(self) -> None:
         """SIGKILL, like an OOM kill or a node loss: no cleanup runs."""

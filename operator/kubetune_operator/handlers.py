@@ -1,5 +1,5 @@
 """kopf wiring only: every decision lives in the pure modules (decide, children, ...)
-and in reconciler (I/O).
+and in reconciler (I/O, through kube and storage_view).
 
 The FineTuneJob and RayJob watch streams feed the watch cache and wake jobs in
 the one scheduler (a due-time queue and a few workers, never two reconciles of
@@ -25,9 +25,9 @@ from .cache import WatchCache
 from .children import Settings
 from .endpoints import ENV as ALLOWLIST_ENV
 from .endpoints import Allowlist
+from .kube import API_THREADS, Api, KubeRayMissing
 from .names import LABEL_JOB_UID
-from .reconciler import _API_THREADS as API_THREADS
-from .reconciler import Api, KubeRayMissing, Reconciler, Timing
+from .reconciler import Reconciler, Timing
 from .scheduler import Scheduler
 from .storage_limits import ReadSlots
 

@@ -33,6 +33,11 @@ STATUS_CONFLICTS = Counter(
     "kubetune_status_conflicts_total",
     "Status writes refused because the FineTuneJob changed since it was read (read again)",
 )
+STATUS_WRITES = Histogram(
+    "kubetune_status_writes_per_reconcile",
+    "Status writes sent by one FineTuneJob reconcile: 0 (unchanged) or 1, never more",
+    buckets=(0, 1, 2),
+)
 STORAGE_READS = Gauge(
     "kubetune_storage_reads_in_flight",
     "Storage reads holding a storage thread now (all namespaces; storage_limits.ReadSlots)",

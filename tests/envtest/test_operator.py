@@ -308,6 +308,27 @@ def test_retry_resumes_then_backoff_limit(kube, namespace, operator):
     assert any(e["reason"] == "BackoffLimitExceeded" for e in warnings)
 
 
+def test_one_status_write_per_reconcile(kube, namespace, s3, operator):
+    # A whole life (a retry, a terminal phase whose TTL of 0 deletes the children
+    # at once) and a spec error beside it: each reconcile writes status at most once.
+    s3_secret(kube, namespace, s3)
+    apply(kube, namespace, finetunejob("once", s3, ttlSecondsAfterFinished=0))
+    bad = finetunejob("once-bad", s3)
+    bad["spec"]["output"] = {}  # no URI anywhere: InvalidSpec
+    apply(kube, namespace, bad)
+    _wait_rayjob(kube, "once", namespace)
+    rayjob_finished(kube, "once", namespace, ok=False)
+    _wait_rayjob(kube, "once", namespace, "once-r1")
+    rayjob_finished(kube, "once-r1", namespace)
+    st = wait_status(kube, "once", namespace, lambda s: condition(s, "ChildrenDeleted"), 30)
+    assert st["phase"] == "Succeeded" and st["attempts"] == 2
+    assert wait_phase(kube, "once-bad", namespace, "Failed")["reason"] == "InvalidSpec"
+    reconciles, writes, more = operator.status_writes()
+    # Written: attempt 1 starting, the retry, attempt 2 starting, Succeeded, the TTL's
+    # cleanup (once one reconcile's second write), InvalidSpec.
+    assert writes >= 6 and reconciles >= writes and more == 0, (reconciles, writes, more)
+
+
 def test_active_deadline(kube, namespace, operator):
     apply(kube, namespace, finetunejob("slow", activeDeadlineSeconds=3))
     _wait_rayjob(kube, "slow", namespace)

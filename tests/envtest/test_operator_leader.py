@@ -223,7 +223,8 @@ def test_a_stale_status_write_is_refused_not_clobbering(kube, namespace):
 
     from kubetune_operator.cache import WatchCache
     from kubetune_operator.children import Settings
-    from kubetune_operator.reconciler import Api, Reconciler, Timing
+    from kubetune_operator.kube import Api
+    from kubetune_operator.reconciler import Reconciler, Timing
 
     job = finetunejob("stale")
     job["spec"]["output"] = {}  # no URI anywhere: InvalidSpec, written without children

@@ -160,3 +160,47 @@ def test_import_contracts_fail_on_a_wrong_arrow(tmp_path, path, line, contract):
     assert proc.returncode != 0, proc.stdout
     broken = [ln for ln in proc.stdout.splitlines() if "BROKEN" in ln]
     assert len(broken) >= 1 and any(contract in ln for ln in broken), proc.stdout
+
+
+OPERATOR = REPO / "operator" / "kubetune_operator"
+# The operator's I/O modules, each importing only those after it: the flow
+# (reconciler) uses the storage view and the Kubernetes client, never back.
+OPERATOR_IO_LAYERS = ["handlers", "reconciler", "storage_view", "kube"]
+
+
+def test_operator_io_modules_import_one_way():
+    for i, module in enumerate(OPERATOR_IO_LAYERS):
+        tree = ast.parse((OPERATOR / f"{module}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    imported.add(node.module.split(".")[0])
+                else:
+                    imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "kubetune_operator."
+            ):
+                imported.add(node.module.split(".")[1])
+        above = set(OPERATOR_IO_LAYERS[: i + 1])
+        assert not imported & above - {module}, f"{module}.py imports {imported & above}"
+
+
+def test_status_is_written_from_one_place():
+    # One reconcile, one status write (docs/operator.md): a single call site,
+    # at the end of Reconciler._reconcile, and the API's status patch used
+    # nowhere else.
+    sites = []
+    for path in sorted(OPERATOR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef):
+                for ref in ast.walk(node):  # a call, or a method handed to kube.call
+                    if isinstance(ref, ast.Attribute) and ref.attr in (
+                        "_write_status",
+                        "patch_job_status",
+                    ):
+                        sites.append((path.name, node.name, ref.attr))
+    assert sorted(sites) == [
+        ("reconciler.py", "_reconcile", "_write_status"),
+        ("reconciler.py", "_write_status", "patch_job_status"),
+    ], sites

@@ -30,15 +30,20 @@ fi
 KUBETUNE_TEST_BIN=$(bash scripts/build-test-bins.sh | tail -n 1)
 export KUBETUNE_TEST_BIN
 echo "test: real servers from $KUBETUNE_TEST_BIN"
-if [ -n "$images_pid" ] && ! wait "$images_pid"; then
-  echo "test: scripts/build-images.sh failed; the cluster tier will say why. Last lines:"
-  tail -n 20 "$KUBETUNE_CACHE/build-images.log"
-fi
 # The slowest tests close the report: where the suite's minutes go, for every run.
 if [ $# -eq 0 ] && [ "${KUBETUNE_LANES:-1}" != 0 ]; then
   # Every tier, as two pytest runs side by side (scripts/lanes.py says which
   # tiers share a lane and why); KUBETUNE_LANES=0 runs them one after another.
+  # The lanes start while the images still build: only the cluster tier needs
+  # them, and it runs last in its lane; its fixture runs build-images.sh again,
+  # which waits for this build (one build at a time: a lock) and then takes a
+  # second, or says why the build failed.
+  [ -z "$images_pid" ] || echo "test: the lanes start now; the cluster tier waits for the images"
   exec .venv/bin/python scripts/lanes.py "$KUBETUNE_CACHE" -- -m "not serving_engine"
+fi
+if [ -n "$images_pid" ] && ! wait "$images_pid"; then
+  echo "test: scripts/build-images.sh failed; the cluster tier will say why. Last lines:"
+  tail -n 20 "$KUBETUNE_CACHE/build-images.log"
 fi
 [ $# -gt 0 ] || set -- -m "not serving_engine"
 exec .venv/bin/python -m pytest --durations=30 "$@"

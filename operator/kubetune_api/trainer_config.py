@@ -18,6 +18,14 @@ from .validation import FieldError, SpecError, resolve_spec
 
 TRAINER_CONFIG_KIND = "TrainerConfig"
 
+# The environment of every Ray process that runs a job: the operator puts it in
+# each Ray pod, the trainer's driver in the local Ray it starts.
+# - Ray Train's preemption watcher off: it is one more actor process per run
+#   (~4 CPU-seconds to start) that only logs node drains and hands them to
+#   `ray.train.get_preemption_info()`, which kubetune does not read: a pod told
+#   to stop saves through its preStop hook (kubetune_trainer.stop).
+RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 class JobRef(_Model):
     name: str

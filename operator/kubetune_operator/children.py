@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from kubetune_api import models
 from kubetune_api.storage import CREDENTIAL_KEYS, HF_TOKEN_KEY, credential_env, redact_uris
-from kubetune_api.trainer_config import spec_to_trainer_config
+from kubetune_api.trainer_config import RAY_ENV, spec_to_trainer_config
 
 from .names import (
     CONFIG_FILE,
@@ -219,6 +219,7 @@ def _pod_template(
     volumes, mounts = _writable(scratch, shm=resources["limits"]["memory"])
     env = [*trainer_env(job, attempt), {"name": "KUBETUNE_IMAGE", "value": image}]
     env.append({"name": "HOME", "value": HOME_DIR})
+    env += [{"name": k, "value": v} for k, v in RAY_ENV.items()]
     if scratch:
         env.append({"name": SCRATCH_ENV, "value": SCRATCH_DIR})
     pod_spec: dict[str, Any] = {

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kubetune_api import storage as contract
+from kubetune_api.trainer_config import RAY_ENV
 
 from . import data as D
 from . import model as M
@@ -34,11 +35,14 @@ def ensure_env() -> None:
     """Before Ray starts (workers inherit it). DeepSpeed JIT-compiles ops into
     TORCH_EXTENSIONS_DIR; the build depends on the Python environment, so each
     environment gets its own folder (two venvs sharing one rebuild it in turn
-    and wait on each other's lock)."""
+    and wait on each other's lock). Then kubetune_api's RAY_ENV, as the operator
+    gives it to each Ray pod."""
 
     root = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache/kubetune"))
     env_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions" / env_key))
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def check_data(spec) -> str:

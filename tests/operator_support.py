@@ -297,6 +297,49 @@ def rayjob_finished(kube, name: str, namespace: str, ok: bool = True) -> None:
         )
 
 
+FINALIZER = "kubetune.io/finalizer"
+
+
+def release_namespace(api_client, name: str) -> None:
+    """Delete a test's namespace once no operator of the test watches it any more,
+    without leaving it Terminating for the rest of the session: the operator's
+    finalizer on its FineTuneJobs would never be removed (the operator is gone),
+    so the namespace controller would retry emptying the namespace, listing and
+    deleting every resource type each time, for as long as the API server runs
+    (in a CI run, ~40 such namespaces cost the shared API server ~10 CPU-minutes).
+    The finalizer is removed as an administrator would after uninstalling the
+    operator; the test has stopped its operator (or never had one) by now."""
+    from kubernetes import client
+
+    custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+    try:
+        jobs = custom.list_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", name, "finetunejobs"
+        )["items"]
+    except client.ApiException as exc:
+        if exc.status != 404:  # 404: the CRD is not served; nothing holds the namespace
+            raise
+        jobs = []
+    for job in jobs:
+        meta = job["metadata"]
+        if FINALIZER not in (meta.get("finalizers") or []):
+            continue
+        rest = [f for f in meta["finalizers"] if f != FINALIZER]
+        try:
+            custom.patch_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", name, "finetunejobs", meta["name"],
+                {"metadata": {"finalizers": rest or None}},
+            )  # fmt: skip
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+    try:
+        core.delete_namespace(name)
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
 def events(kube, namespace: str, name: str) -> list[dict]:
     out = kube.kubectl(
         "get",

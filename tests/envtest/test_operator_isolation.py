@@ -30,6 +30,7 @@ from operator_support import (
     get,
     rayjob_finished,
     rayjob_running,
+    release_namespace,
     s3_secret,
     wait_status,
 )
@@ -48,7 +49,11 @@ def other_namespace(kube):
     name = f"t-healthy-{secrets.token_hex(3)}"
     kube.kubectl("create", "namespace", name)
     yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    api = kube.api_client()
+    try:
+        release_namespace(api, name)
+    finally:
+        api.close()
 
 
 def test_hung_and_frozen_stores_do_not_delay_another_tenant(

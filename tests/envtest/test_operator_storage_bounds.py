@@ -12,7 +12,6 @@ process throughout (its RSS printed before and after).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import time
@@ -20,7 +19,13 @@ import time
 import psutil
 import pytest
 
-from operator_support import HungEndpoints, OperatorProcess, finetunejob, s3_secret
+from operator_support import (
+    HungEndpoints,
+    OperatorProcess,
+    finetunejob,
+    release_namespace,
+    s3_secret,
+)
 
 pytestmark = pytest.mark.envtest
 
@@ -230,7 +235,6 @@ def test_hung_namespaces_and_an_oversized_file_do_not_delay_a_healthy_job(kube, 
         for hung in endpoints.values():
             hung.close()
         for ns in namespaces:
-            with contextlib.suppress(client.ApiException):
-                core.delete_namespace(ns)
+            release_namespace(api, ns)
         api.close()
         print(op.log_tail(60))

@@ -288,6 +288,12 @@ class Reconciler:
             )
         created = False
         try:
+            # A retry's ConfigMap exists already, holding the earlier attempt's
+            # config: the new attempt's pods would not wait for it, so it is
+            # updated before the RayJob is created. Only a new job's ConfigMap and
+            # RayJob go side by side (its pods wait for the ConfigMap to exist).
+            if cm_call is not None and not fresh:
+                await cm_call
             rayjob = None if fresh else await self._rayjob(ns, status["rayJobName"])
             if rayjob is not None:
                 ownership.check("RayJob", ns, status["rayJobName"], rayjob["metadata"], job)

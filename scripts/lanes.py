@@ -33,12 +33,12 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 # The measured split (docs/testing.md, "Where the minutes go"): the trainer
 # tier (~33 min of computing) beside the tiers that mostly wait on servers:
-# envtest (~9 min) and e2e (~2), one trainer module (~2 min) that evens the
+# envtest (~9 min) and e2e (~2), two trainer modules (~4 min) that even the
 # lanes out, then the cluster tier (~17 min, pods) last: scripts/test.sh starts
 # the lanes while the cluster tier's images still build.
 DEFAULT_LANES = (
     "tests/unit,tests/trainer;tests/envtest,tests/e2e,"
-    "tests/trainer/test_save_on_stop.py,tests/cluster"
+    "tests/trainer/test_save_on_stop.py,tests/trainer/test_lineage.py,tests/cluster"
 )
 
 

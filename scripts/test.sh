@@ -6,7 +6,7 @@
 #   bash scripts/test.sh -m serving_engine # vLLM serving the outputs (an 8 GB venv of its
 #                                          # own; not in the default run, see docs/testing.md)
 #
-# First run on a machine: ~2 min of installs, ~20 min of Go builds and the
+# First run on a machine: ~2 min of installs, ~12 min of Go builds and the
 # cluster tier's images (cached afterwards under ~/.cache/kubetune and Go's
 # caches; see docs/testing.md). The cluster tier (tests/cluster) needs root.
 set -euo pipefail

@@ -3,9 +3,10 @@
 One YAML file, as a new user writes it: a DPO job continuing an SFT job's
 adapter (spec.model.fromJob), the DPO job first in the file. One `kubetune run`
 of the file (in this process, on the shared local Ray) says the order, trains
-the SFT job once, then the DPO job, whose reference is the SFT adapter it starts
-from: step 0 has rewards 0 and a loss of log 2 (with the base as the reference
-they were clearly not). A second run with --name reuses both finished jobs.
+the SFT job once, then the DPO job (ZeRO-3), whose reference is the SFT adapter
+it starts from: step 0 has rewards 0 and a loss of log 2 (with the base as the
+reference, as before, they were OLD). A second run with --name reuses both
+finished jobs.
 
 Without Ray: the reference of each mode scores like the starting policy (a
 continued parent adapter, a merged parent, a full fine-tune's frozen copy), and
@@ -73,6 +74,7 @@ def test_a_file_with_sft_then_dpo_runs_both_and_dpo_starts_at_zero_reward(
         hyperparameters={"maxSteps": 1},
         evaluation={"everySteps": 1, "maxBatches": 1},
         checkpointing={"everySteps": 1, "keepLast": 1},
+        distributed={"zeroStage": 3},  # the reference adapter partitioned like the base
     )
     dpo["spec"]["model"]["fromJob"] = "sft"
     path = tmp_path / "chain.yaml"

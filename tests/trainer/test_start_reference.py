@@ -5,8 +5,8 @@ adapter (spec.model.fromJob), the DPO job first in the file. One `kubetune run`
 of the file (in this process, on the shared local Ray) says the order, trains
 the SFT job once, then the DPO job (ZeRO-3), whose reference is the SFT adapter
 it starts from: step 0 has rewards 0 and a loss of log 2 (with the base as the
-reference, as before, they were OLD). A second run with --name reuses both
-finished jobs.
+reference, as before, they were +0.35 and +0.27, loss 0.655). A second run with
+--name reuses both finished jobs.
 
 Without Ray: the reference of each mode scores like the starting policy (a
 continued parent adapter, a merged parent, a full fine-tune's frozen copy), and
@@ -166,6 +166,10 @@ def test_each_reference_mode_scores_like_the_starting_policy(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert R.prepare(model, "lora", parent, "stored") is None
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    # what DeepSpeed's optimizer and its checkpoints (exclude_frozen_parameters) hold:
+    # the trained adapter; a resumed attempt loads the parent's as the reference again
+    assert any(f".{R.REFERENCE_ADAPTER}." in n for n, _ in model.named_parameters())
+    assert not any(f".{R.REFERENCE_ADAPTER}." in n for n in trainable)
     ctx = _context(model, "lora", parent, "stored")
     ref = R.Reference(ctx)
     assert ref.mode == R.PARENT_ADAPTER and not ref.stored

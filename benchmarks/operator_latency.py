@@ -4,6 +4,12 @@ same API server, with many FineTuneJobs already present; and the operator's
 memory next to KubeRay's.
 
     .venv/bin/python benchmarks/operator_latency.py --background 500 --samples 40 --rss-at 1000
+    .venv/bin/python benchmarks/operator_latency.py --background 10000 --samples 40 --rss-at 10000
+
+The second is the 10,000-job mode: latency and RSS with 10,000 FineTuneJobs
+present. Background jobs are created by `--create-threads` clients side by
+side and counted with one-item list pages (the API server's
+`remainingItemCount`), so the count costs neither side a full listing.
 
 Background FineTuneJobs are created suspended (so are their RayJobs): they
 are present for both operators and every one is in kubetune's watch cache and
@@ -22,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +115,41 @@ def create_ftj(custom, ns: str, name: str, suspend: bool = False) -> float:
     return time.perf_counter()
 
 
+def create_many(kube, ns: str, prefix: str, n: int, threads: int) -> None:
+    """`n` suspended FineTuneJobs, from `threads` clients side by side."""
+    from kubernetes import client
+
+    clients = [client.CustomObjectsApi(kube.api_client()) for _ in range(threads)]
+
+    def part(k: int) -> None:
+        for i in range(k, n, threads):
+            create_ftj(clients[k], ns, f"{prefix}-{i:05d}", suspend=True)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(part, range(threads)))
+    for c in clients:
+        c.api_client.close()
+
+
+def count(custom, ns: str, group: str, plural: str) -> int:
+    """How many objects there are, from a one-item page."""
+    page = custom.list_namespaced_custom_object(group, "v1", ns, plural, limit=1)
+    return len(page["items"]) + (page["metadata"].get("remainingItemCount") or 0)
+
+
+def settle(op, quiet: float = 5, at_most: float = 180) -> float:
+    """Wait until the reconciler makes no API call for `quiet` seconds (at most
+    `at_most`); the rate of calls in the last window (per second)."""
+    end, rate = time.perf_counter() + at_most, 0.0
+    while time.perf_counter() < end:
+        before, t = api_calls(op), time.perf_counter()
+        time.sleep(quiet)
+        rate = (api_calls(op) - before) / (time.perf_counter() - t)
+        if rate == 0:
+            break
+    return rate
+
+
 def rayjob_body(ns: str, name: str) -> dict:
     image = "rayproject/ray:2.52.0"
     return {
@@ -148,7 +191,10 @@ def main() -> int:
     ap.add_argument("--rss-at", type=int, default=1000, help="FineTuneJobs present for RSS")
     ap.add_argument("--samples", type=int, default=40, help="timed creates per side")
     ap.add_argument("--gap", type=float, default=0.25, help="seconds between timed creates")
+    ap.add_argument("--create-threads", type=int, default=4, help="clients creating the background")
     args = ap.parse_args()
+    # Room for the background: at most ~10 creates a second on a loaded 2-core machine.
+    bg_timeout = 600 + max(args.background, args.rss_at) / 5
 
     from kubernetes import client
 
@@ -170,19 +216,18 @@ def main() -> int:
         op.start()
 
         t0 = time.perf_counter()
-        for i in range(args.background):
-            create_ftj(custom, ns_bg, f"bg-{i:04d}", suspend=True)
+        create_many(kube, ns_bg, "bg", args.background, args.create_threads)
+        created_s = time.perf_counter() - t0
 
         def bg_done(n=args.background):
-            items = custom.list_namespaced_custom_object(
-                "ray.io", "v1", ns_bg, "rayjobs", _preload_content=False
-            )
-            return len(json.loads(items.data)["items"]) >= n
+            return count(custom, ns_bg, "ray.io", "rayjobs") >= n
 
-        wait_for(bg_done, 1200, f"{args.background} background RayJobs")
+        harness.wait_until(bg_done, bg_timeout, interval=1, what="the background RayJobs")
+        background_s = time.perf_counter() - t0
         print(
-            f"background: {args.background} FineTuneJobs -> RayJobs in "
-            f"{time.perf_counter() - t0:.1f}s"
+            f"background: {args.background} FineTuneJobs created in {created_s:.1f}s, "
+            f"their RayJobs all present after {background_s:.1f}s",
+            flush=True,
         )
 
         # 1. FineTuneJob -> RayJob (our operator)
@@ -196,12 +241,10 @@ def main() -> int:
         # Wait (up to three minutes) until the background has settled (KubeRay's
         # status updates of the background RayJobs make status writes; a loaded
         # machine needs minutes); what is left of it is measured and taken out.
-        for _ in range(36):
-            idle0, t_idle = api_calls(op), time.perf_counter()
-            time.sleep(5)
-            background_rate = (api_calls(op) - idle0) / (time.perf_counter() - t_idle)
-            if background_rate == 0:
-                break
+        # At 10,000 jobs the operator is still working through the last few
+        # hundred (finalizer patches, first status writes) when their RayJobs
+        # are all present: a timed create would queue behind them.
+        background_rate = settle(op, at_most=180 + args.background / 10)
         calls_before, t_calls = api_calls(op), time.perf_counter()
         ours = []
         for i in range(args.samples):
@@ -244,19 +287,23 @@ def main() -> int:
 
         present = args.background + args.samples
         if args.rss_at > present:
-            for i in range(args.rss_at - present):
-                create_ftj(custom, ns_bg, f"bg2-{i:04d}", suspend=True)
-            wait_for(
+            create_many(kube, ns_bg, "bg2", args.rss_at - present, args.create_threads)
+            harness.wait_until(
                 lambda: bg_done(args.rss_at - args.samples),
-                1200,
-                f"{args.rss_at} FineTuneJobs with their RayJobs",
+                bg_timeout,
+                interval=1,
+                what=f"{args.rss_at} FineTuneJobs with their RayJobs",
             )
             present = args.rss_at
-        time.sleep(15)  # settled: both operators have handled every event
+        settle(op, at_most=180 + args.rss_at / 10)
+        time.sleep(15)  # settled: both operators have handled every event (and trimmed)
         ours_rss = rss_mib(op.proc.pid)
         ray_rss = rss_mib(kuberay.server.proc.pid)
         total = present + args.samples
         result = {
+            "background_created_s": round(created_s, 1),
+            "background_rayjobs_present_s": round(background_s, 1),
+            "load_average": [round(x, 1) for x in os.getloadavg()],
             "finetunejobs_present_for_latency": args.background + args.samples,
             "finetunejobs_present_for_rss": present,
             "reconciler_api_calls_per_create": round(calls_per_create, 2),
@@ -301,6 +348,7 @@ def main() -> int:
             f"background's {background_rate:.1f}/s taken out), "
             f"{writes_per_create:.1f} writes to the FineTuneJob (ours + kopf's)"
         )
+        print(f"load average (1, 5, 15 min) at the end: {result['load_average']}")
         print(json.dumps(result))
         op.stop()
         return 0

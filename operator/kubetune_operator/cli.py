@@ -65,6 +65,7 @@ def _elector(args: argparse.Namespace):
     from kubernetes import client, config
 
     from . import leader
+    from .rest import Rest
 
     try:
         timing = leader.LeaseTiming.from_env()
@@ -80,7 +81,7 @@ def _elector(args: argparse.Namespace):
     except config.ConfigException:
         config.load_kube_config()
     # Its own client (and connection pool): a renewal never queues behind reconciles.
-    api = client.CustomObjectsApi(client.ApiClient(client.Configuration.get_default_copy()))
+    api = Rest(client.ApiClient(client.Configuration.get_default_copy()))
     name = getattr(args, "lease_name", None) or leader.DEFAULT_LEASE
     return leader.LeaderElector(api, namespace, name, leader.identity(), timing)
 

@@ -182,7 +182,7 @@ def _scheduler() -> Scheduler:
 
 
 def _wake_known(uid: str) -> None:
-    if "scheduler" in _state and _state["cache"].job(uid) is not None:
+    if "scheduler" in _state and _state["cache"].has_job(uid):
         _scheduler().wake(uid)
 
 

@@ -13,13 +13,14 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
 from kubetune_api import models
 
 from . import metrics, ownership, pods
 from .names import LABEL_ATTEMPT, LABEL_JOB_UID, Body
+from .rest import MERGE_PATCH, Rest, core_path, group_path
 
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
@@ -34,11 +35,11 @@ async def call(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
 
 
-def _created(create, ns: str, body: Body) -> bool:
+def _created(rest: Rest, path: str, body: Body) -> bool:
     """Create-if-absent: whether this call created it (False: one of that name exists,
     409; the caller reads it to check whose it is)."""
     try:
-        create(ns, body)
+        rest.request("POST", path, body)
         return True
     except ApiException as exc:
         if exc.status != 409:
@@ -56,18 +57,17 @@ class StaleStatus(Exception):
 
 
 class Api:
-    """The few Kubernetes calls the operator makes (blocking; run in threads)."""
+    """The few Kubernetes calls the operator makes (blocking; run in threads),
+    as plain dicts (rest.py says why not the client's typed API classes)."""
 
-    def __init__(self, api_client: client.ApiClient):
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.net = client.NetworkingV1Api(api_client)
+    def __init__(self, api_client: ApiClient):
+        self.rest = Rest(api_client)
 
     # FineTuneJob
     def get_job(self, ns: str, name: str) -> Optional[Body]:
         try:
-            return self.custom.get_namespaced_custom_object(
-                models.GROUP, models.VERSION, ns, models.PLURAL, name
+            return self.rest.request(
+                "GET", group_path(models.GROUP, models.VERSION, ns, models.PLURAL, name)
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -84,9 +84,8 @@ class Api:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            return self.custom.patch_namespaced_custom_object_status(
-                models.GROUP, models.VERSION, ns, models.PLURAL, name, body
-            )
+            path = group_path(models.GROUP, models.VERSION, ns, models.PLURAL, name)
+            return self.rest.request("PATCH", f"{path}/status", body, content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status == 409:
                 metrics.STATUS_CONFLICTS.inc()
@@ -99,23 +98,24 @@ class Api:
         `fresh`: most likely absent, so try the create first. Raises ChildConflict
         for a ConfigMap of that name that is not the job's (left untouched)."""
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
-        if fresh and _created(self.core.create_namespaced_config_map, ns, cm):
+        if fresh and _created(self.rest, core_path(ns, "configmaps"), cm):
             return
         try:
-            live = self.core.read_namespaced_config_map(name, ns)
+            live = self.rest.request("GET", core_path(ns, "configmaps", name))
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            _created(self.core.create_namespaced_config_map, ns, cm)
+            _created(self.rest, core_path(ns, "configmaps"), cm)
             return
-        ownership.check("ConfigMap", ns, name, live.metadata, job)
+        ownership.check("ConfigMap", ns, name, live["metadata"], job)
         want_attempt = cm["metadata"]["annotations"][LABEL_ATTEMPT]
-        have_attempt = (live.metadata.annotations or {}).get(LABEL_ATTEMPT)
+        have_attempt = (live["metadata"].get("annotations") or {}).get(LABEL_ATTEMPT)
         if have_attempt != want_attempt:  # a retry: the config carries the attempt
-            self.core.patch_namespaced_config_map(
-                name,
-                ns,
+            self.rest.request(
+                "PATCH",
+                core_path(ns, "configmaps", name),
                 {"metadata": {"annotations": cm["metadata"]["annotations"]}, "data": cm["data"]},
+                content_type=MERGE_PATCH,
             )
 
     def ensure_children(self, cm: Body, job: Body, guards: list[Body], fresh: bool) -> None:
@@ -129,34 +129,24 @@ class Api:
         someone else chose, or their policy, would open the job's Ray cluster."""
         for obj in objs:
             ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-            secret = obj["kind"] == "Secret"
-            create = (
-                self.core.create_namespaced_secret
-                if secret
-                else self.net.create_namespaced_network_policy
-            )
-            if _created(create, ns, obj):
-                continue
-            if secret:
-                live = self.core.read_namespaced_secret(name, ns)
+            if obj["kind"] == "Secret":
+                path = core_path(ns, "secrets")
             else:
-                live = self.net.read_namespaced_network_policy(name, ns)
-            ownership.check(obj["kind"], ns, name, live.metadata, job)
+                path = group_path("networking.k8s.io", "v1", ns, "networkpolicies")
+            if _created(self.rest, path, obj):
+                continue
+            live = self.rest.request("GET", f"{path}/{name}")
+            ownership.check(obj["kind"], ns, name, live["metadata"], job)
 
     def delete_configmap(self, ns: str, name: str, job: Body) -> None:
         """Only the job's own: a ConfigMap of that name that someone else made is
         never deleted (the uid precondition also covers one re-created since)."""
         try:
-            live = self.core.read_namespaced_config_map(name, ns)
-            if ownership.owner_of(live.metadata, job) is not ownership.Owner.OURS:
+            path = core_path(ns, "configmaps", name)
+            live = self.rest.request("GET", path)
+            if ownership.owner_of(live["metadata"], job) is not ownership.Owner.OURS:
                 return
-            self.core.delete_namespaced_config_map(
-                name,
-                ns,
-                body=client.V1DeleteOptions(
-                    preconditions=client.V1Preconditions(uid=live.metadata.uid)
-                ),
-            )
+            self.rest.request("DELETE", path, {"preconditions": {"uid": live["metadata"]["uid"]}})
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
@@ -164,8 +154,8 @@ class Api:
     # RayJob
     def get_rayjob(self, ns: str, name: str) -> Optional[Body]:
         try:
-            return self.custom.get_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name
+            return self.rest.request(
+                "GET", group_path(RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name)
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -177,8 +167,8 @@ class Api:
         RayJob of that name that is not the job's."""
         ns, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
         try:
-            made = self.custom.create_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, rayjob
+            made = self.rest.request(
+                "POST", group_path(RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL), rayjob
             )
             return made, True
         except ApiException as exc:
@@ -193,13 +183,18 @@ class Api:
 
     def list_rayjobs(self, ns: str, job_uid: str) -> list[Body]:
         """The RayJobs labelled with the job's uid (ownership is checked by the caller)."""
-        return self.custom.list_namespaced_custom_object(
-            RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, label_selector=f"{LABEL_JOB_UID}={job_uid}"
+        return self.rest.request(
+            "GET",
+            group_path(RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL),
+            query={"labelSelector": f"{LABEL_JOB_UID}={job_uid}"},
         ).get("items", [])
 
     def patch_rayjob(self, ns: str, name: str, patch: dict) -> Body:
-        return self.custom.patch_namespaced_custom_object(
-            RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name, patch
+        return self.rest.request(
+            "PATCH",
+            group_path(RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name),
+            patch,
+            content_type=MERGE_PATCH,
         )
 
     def delete_rayjob(self, ns: str, name: str, job: Body) -> None:
@@ -209,16 +204,13 @@ class Api:
             live = self.get_rayjob(ns, name)
             if not ownership.owned(live, job):
                 return
-            self.custom.delete_namespaced_custom_object(
-                RAY_GROUP,
-                RAY_VERSION,
-                ns,
-                RAY_PLURAL,
-                name,
-                body=client.V1DeleteOptions(
-                    propagation_policy="Background",
-                    preconditions=client.V1Preconditions(uid=live["metadata"]["uid"]),
-                ),
+            self.rest.request(
+                "DELETE",
+                group_path(RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name),
+                {
+                    "propagationPolicy": "Background",
+                    "preconditions": {"uid": live["metadata"]["uid"]},
+                },
             )
         except ApiException as exc:
             if exc.status not in (404, 409):
@@ -228,8 +220,8 @@ class Api:
         """ "found", "missing" (no such LocalQueue), "no-api" (Kueue not installed)
         or "unknown" (say nothing: e.g. RBAC forbids the look-up)."""
         try:
-            self.custom.get_namespaced_custom_object(
-                KUEUE_GROUP, KUEUE_VERSION, ns, "localqueues", name
+            self.rest.request(
+                "GET", group_path(KUEUE_GROUP, KUEUE_VERSION, ns, "localqueues", name)
             )
             return "found"
         except ApiException as exc:
@@ -247,19 +239,21 @@ class Api:
         `selector`, as plain dicts; None when the look-up is not allowed (say
         nothing: e.g. an RBAC without pods list)."""
         try:
-            resp = self.core.list_namespaced_pod(
-                ns,
-                label_selector=selector,
-                field_selector=pods.PENDING_PODS,
-                limit=pods.POD_LIST_LIMIT,
-                _preload_content=False,
+            found = self.rest.request(
+                "GET",
+                core_path(ns, "pods"),
+                query={
+                    "labelSelector": selector,
+                    "fieldSelector": pods.PENDING_PODS,
+                    "limit": pods.POD_LIST_LIMIT,
+                },
             )
         except ApiException as exc:
             if exc.status in (401, 403):
                 return None
             raise
-        return json.loads(resp.data).get("items") or []
+        return found.get("items") or []
 
     def read_secret(self, ns: str, name: str) -> dict[str, str]:
-        secret = self.core.read_namespaced_secret(name, ns)
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        secret = self.rest.request("GET", core_path(ns, "secrets", name))
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}

@@ -170,7 +170,7 @@ class LeaderElector:
 
     def __init__(
         self,
-        custom: Any,  # kubernetes.client.CustomObjectsApi
+        custom: Any,  # rest.Rest (or kubernetes.client.CustomObjectsApi): get, create, replace
         namespace: str,
         name: str,
         me: str,

@@ -17,7 +17,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Optional
+from typing import Optional
 
 from kubetune_api import models
 
@@ -39,21 +39,12 @@ class ChildConflict(Exception):
         self.owner, self.owners = owner, owners
 
 
-def _refs(meta: Any) -> list[dict]:
-    if isinstance(meta, dict):
-        refs = meta.get("ownerReferences") or meta.get("owner_references") or []
-    else:  # a kubernetes client model (V1ObjectMeta)
-        refs = getattr(meta, "owner_references", None) or []
-    out = []
-    for r in refs:
-        if not isinstance(r, dict):
-            r = {"apiVersion": r.api_version, "kind": r.kind, "name": r.name, "uid": r.uid}
-        out.append({"apiVersion": r.get("apiVersion") or r.get("api_version"), **r})
-    return out
+def _refs(meta: Body) -> list[dict]:
+    return list(meta.get("ownerReferences") or [])
 
 
-def owner_of(meta: Any, job: Body) -> Owner:
-    """Whether an object (its metadata, as a dict or a client model) is this job's."""
+def owner_of(meta: Body, job: Body) -> Owner:
+    """Whether an object (its metadata, as the API's JSON) is this job's."""
     jmeta = job["metadata"]
     refs = _refs(meta)
     if any(r.get("uid") == jmeta["uid"] for r in refs):
@@ -68,7 +59,7 @@ def owner_of(meta: Any, job: Body) -> Owner:
     return Owner.FOREIGN
 
 
-def describe_owners(meta: Any) -> str:
+def describe_owners(meta: Body) -> str:
     refs = _refs(meta)
     if not refs:
         return "no owner"
@@ -77,7 +68,7 @@ def describe_owners(meta: Any) -> str:
     )
 
 
-def check(kind: str, namespace: str, name: str, meta: Any, job: Body) -> None:
+def check(kind: str, namespace: str, name: str, meta: Body, job: Body) -> None:
     """Raise ChildConflict unless the object is the job's."""
     owner = owner_of(meta, job)
     if owner is not Owner.OURS:

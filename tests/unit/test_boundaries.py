@@ -93,6 +93,24 @@ def test_cli_validate_does_not_load_heavy_stacks():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_operator_loads_no_typed_kubernetes_api_classes():
+    # rest.py: CoreV1Api and NetworkingV1Api import their pydantic models when
+    # first touched, ~80 MiB resident in the operator process.
+    code = (
+        "import sys; from kubernetes.client import ApiClient, Configuration; "
+        "import kubetune_operator.handlers, kubetune_operator.leader; "
+        "from kubetune_operator.kube import Api; "
+        "Api(ApiClient(Configuration(host='https://127.0.0.1:1'))); "
+        "print(sorted(m for m in sys.modules if m.startswith('kubernetes.client.api.')), "
+        "sum(m.startswith('kubernetes.client.models.') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    apis, models = out.stdout.strip().rsplit("] ", 1)
+    assert apis == "[", apis
+    assert int(models) < 10  # kopf's V1ObjectMeta and V1OwnerReference and what they use
+
+
 def test_test_module_names_are_unique_across_tiers():
     # Tiers have no __init__.py, so pytest imports test modules by basename:
     # two tests/*/test_x.py would break collection of the whole suite.

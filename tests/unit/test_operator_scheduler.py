@@ -34,8 +34,11 @@ def test_cache_keeps_the_newest_version_and_trims():
     job = cache.job("u1")
     assert job["status"]["phase"] == "Running"
     assert "managedFields" not in job["metadata"]
-    job["status"] = {"phase": "Failed"}  # a reconcile replaces top-level keys of its copy
+    job["status"] = {"phase": "Failed"}  # a reconcile changes its own copy only
     assert cache.job("u1")["status"]["phase"] == "Running"
+    cache.job("u1")["status"]["phase"] = "Failed"
+    assert cache.job("u1")["status"]["phase"] == "Running"
+    assert cache.has_job("u1") and not cache.has_job("u2")
 
     rayjob = {
         "metadata": {"name": "j", "namespace": "ns", "resourceVersion": "5", "labels": {"a": "b"}},

@@ -175,6 +175,7 @@ class DatasetFormat(str, Enum):
     alpaca = "alpaca"
     sharegpt = "sharegpt"
     preference = "preference"
+    feedback = "feedback"
 
 
 class DataSource(_Model):
@@ -214,7 +215,9 @@ class Dataset(StorageAccess):
         "chat: {messages: [{role, content}]}, rendered with the model's chat template, loss "
         "on assistant turns only; alpaca: {instruction, input, output}; sharegpt: "
         "{conversations: [{from, value}]}; preference (method.objective dpo): {prompt, "
-        "chosen, rejected} as text or as chat messages, loss on the responses only.",
+        "chosen, rejected} as text or as chat messages, loss on the responses only; feedback "
+        "(method.objective kto): {prompt, completion, label: true|false}, a thumbs up or down "
+        "on one answer, prompt and completion as text or as chat messages.",
     )
     max_seq_length: int = Field(
         2048,
@@ -293,12 +296,39 @@ class DpoConfig(_Model):
     )
 
 
+class KtoConfig(_Model):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference model: lower lets the "
+        "policy move further from it.",
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Weight of the loss on thumbs-up rows. Keep desirableWeight x (thumbs-up "
+        "rows) / (undesirableWeight x (thumbs-down rows)) between 1 and 4/3, as the KTO paper "
+        "advises: with few thumbs-up rows, raise this.",
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Weight of the loss on thumbs-down rows.",
+    )
+
+
 class Method(_Model):
     objective: Objective = Field(
         Objective(objectives.DEFAULT), description=objectives.enum_description()
     )
     dpo: Optional[DpoConfig] = Field(
         None, description="DPO settings (objective dpo only; defaults apply when unset)."
+    )
+    kto: Optional[KtoConfig] = Field(
+        None, description="KTO settings (objective kto only; defaults apply when unset)."
     )
     type: MethodType = Field(
         MethodType.lora,
@@ -791,6 +821,12 @@ class Metrics(_Model):
     reward_margin: Optional[float] = None
     eval_reward_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
+    # objective kto: mean rewards of thumbs-up and thumbs-down answers, the KL estimate,
+    # and the share of held-out up/down pairs the model ranks the right way round
+    rewards_desirable: Optional[float] = None
+    rewards_undesirable: Optional[float] = None
+    kl: Optional[float] = None
+    eval_ranking_accuracy: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")

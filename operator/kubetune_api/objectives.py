@@ -86,7 +86,8 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
     ObjectiveRow(
         name="kto",
         summary="Kahneman-Tversky optimization on dataset.format feedback: a thumbs up or down "
-        "on single answers, no pairs needed (the reference model is dpo's)",
+        "on single answers, no pairs needed (the reference model is the policy the job "
+        "starts from, as for dpo)",
         formats=("feedback",),
         metrics=(EVAL_LOSS, Metric("eval_ranking_accuracy", "max")),
         # the same small steps as DPO (TRL's KTOTrainer also defaults to 1e-6 in full)

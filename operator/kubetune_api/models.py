@@ -822,7 +822,7 @@ class Metrics(_Model):
     eval_reward_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
     # objective kto: mean rewards of thumbs-up and thumbs-down answers, the KL estimate,
-    # and the share of held-out up/down pairs the model ranks the right way round
+    # and the share of held-out up/down pairs whose thumbs-up answer has the higher reward
     rewards_desirable: Optional[float] = None
     rewards_undesirable: Optional[float] = None
     kl: Optional[float] = None

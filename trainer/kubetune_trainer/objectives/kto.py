@@ -17,19 +17,23 @@ mismatched answers (2k + 1) of the micro-batch, clamped at 0 and detached: no
 gradient flows through it (the paper's choice; TRL averages it over the processes
 as well, here each worker keeps its own micro-batch's, as the paper describes).
 
-The reference is DPO's (the class below inherits it): the starting policy with
-the adapter switched off, or log-probabilities stored before the first step of a
-full fine-tune (reference_logps.json, read back on a resume).
+The reference is DPO's (the class below inherits it): the policy the job starts
+from (objectives.reference: the adapter switched off, a continued parent's adapter
+kept frozen beside the trained one), or for full fine-tuning log-probabilities
+stored before the first step (reference_logps.json, read back on a resume).
 
 Evaluation: eval_loss (the loss above), the mean rewards of thumbs-up and
 thumbs-down answers, eval_kl, and eval_ranking_accuracy: over every held-out
 prompt that has at least one thumbs-up and one thumbs-down answer, each
-(up, down) pair of its answers counts once, and is ranked right when the model
-gives the thumbs-up answer the higher mean log-probability per token. The model's
-own probabilities, not the reward, so the number before training is the starting
-model's ranking (the reward is 0 for every answer there) and it does not depend on
-which reference a job has; per token, so that a shorter answer does not win for
-being short. Missing when no held-out prompt has both kinds of answer.
+(up, down) pair of its answers counts once, and is ranked right when the
+thumbs-up answer's reward (beta x r) is the higher, a tie counting half. So it is
+0.5 before training (every reward is 0 there) and says whether training moved
+held-out answers the way the ratings point. The reward rather than the model's
+own log-probabilities, because those are mostly how predictable an answer is
+whatever the prompt (a tiny model trained for 18 steps ranks the same share of
+pairs right by them before and after, while its rewards separate): the reference
+takes that part out, and what is left is what the job changed, which is what
+KTO trains. Missing when no held-out prompt has both kinds of answer.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ def build_rated(rows: list, tokenizer, max_len: int) -> tuple[list[Rated], D.Dat
             labels[0] = D.IGNORE
             pair.append(Rated(ids, labels, desirable=norm["label"], group=group))
         if all(x == D.IGNORE for x in pair[0].labels):
-            report.reject(label(index), "no tokens left to learn from after truncation", rows[index])
+            why = "no tokens left to learn from after truncation"
+            report.reject(label(index), why, rows[index])
             continue
         report.truncated += cut
         report.usable += 1
@@ -136,7 +141,8 @@ def kto_loss(pi, ref, kl_pi, kl_ref, desirable, beta: float, w_up: float, w_down
 
 def ranking_accuracy(scores: dict[int, float], examples: list[Rated]) -> Optional[float]:
     """Over the (thumbs-up, thumbs-down) pairs of answers to the same prompt among the
-    scored examples: the share where the thumbs-up answer scores higher. None: no pair."""
+    scored examples: the share where the thumbs-up answer scores higher, a tie counting
+    half. None: no pair."""
     up: dict[int, list[float]] = {}
     down: dict[int, list[float]] = {}
     for i, score in scores.items():
@@ -146,7 +152,7 @@ def ranking_accuracy(scores: dict[int, float], examples: list[Rated]) -> Optiona
     for group, ups in up.items():
         for u in ups:
             for d in down.get(group, ()):
-                right += u > d
+                right += 1.0 if u > d else 0.5 if u == d else 0.0
                 total += 1
     return right / total if total else None
 
@@ -193,11 +199,11 @@ class Kto(Dpo):
         return self._reference_logps(batch, split)
 
     def _rated(self, batch: dict, examples: list[Rated], split: str):
-        """(losses, stats, policy mean log-prob per token of the rated answers)."""
+        """(losses, stats, reward per rated example id)."""
         import torch
 
         w = self.ctx.worker
-        pi, counts = sequence_logps(w.head, w.engine, batch)
+        pi, _counts = sequence_logps(w.head, w.engine, batch)
         ref = self._reference(batch, split)
         ids = batch["example_ids"][0::2].tolist()
         desirable = torch.tensor([examples[i].desirable for i in ids], device=pi.device)
@@ -225,8 +231,7 @@ class Kto(Dpo):
                 torch.tensor(float(losses.numel()), device=losses.device),
             ]
         )
-        per_token = (pi[0::2] / counts[0::2].clamp(min=1)).detach()
-        return losses, stats, dict(zip(ids, per_token.tolist(), strict=True))
+        return losses, stats, dict(zip(ids, rewards.tolist(), strict=True))
 
     @staticmethod
     def _means(stats: list[float], prefix: str) -> dict:
@@ -274,10 +279,10 @@ class Kto(Dpo):
         with torch.no_grad():
             for weight, lo, hi in w.eval_shards(len(units), c.batch_size, c.max_batches):
                 batch = self._collate(examples, units[lo:hi])
-                _, stats, per_token = self._rated(batch, examples, split)
+                _, stats, rewards = self._rated(batch, examples, split)
                 total += weight * stats.double().cpu()
                 if weight:
-                    scores.update(per_token)
+                    scores.update(rewards)
         w.engine.train()
         stats = w.allreduce(total.tolist())
         merged: dict[int, float] = {}

@@ -193,18 +193,13 @@ class Kto(Dpo):
             )
 
     # ---------------------------------------------------------------- batches
-    def _reference(self, batch: dict, split: str):
-        """The reference model's summed log-probabilities per example slot: the one
-        place KTO asks for them."""
-        return self._reference_logps(batch, split)
-
     def _rated(self, batch: dict, examples: list[Rated], split: str):
         """(losses, stats, reward per rated example id)."""
         import torch
 
         w = self.ctx.worker
         pi, _counts = sequence_logps(w.head, w.engine, batch)
-        ref = self._reference(batch, split)
+        ref = self._reference_logps(batch, split)  # DPO's: objectives.reference
         ids = batch["example_ids"][0::2].tolist()
         desirable = torch.tensor([examples[i].desirable for i in ids], device=pi.device)
         c = self.cfg

@@ -4,8 +4,9 @@ Data (dataset.format feedback, normalised by data): {prompt, completion, label}.
 Each usable row k becomes two examples side by side: at 2k its own prompt and
 completion, at 2k + 1 its prompt with the completion of another row (the next
 one, in file order, whose prompt differs). The second is never trained towards:
-it only estimates the KL term. The unit of batching is that pair, so DPO's units,
-collation and per-answer log-probabilities serve as they are (objectives/dpo.py).
+it only estimates the KL term. The unit of batching is that pair, so the units,
+collation and per-answer log-probabilities DPO uses serve as they are
+(objectives/paired.py).
 
 Loss (the KTO paper, eq. 7; TRL's KTOTrainer computes the same): with
 r = log pi(y|x) - log ref(y|x) summed over the answer's tokens and z the KL
@@ -17,7 +18,7 @@ mismatched answers (2k + 1) of the micro-batch, clamped at 0 and detached: no
 gradient flows through it (the paper's choice; TRL averages it over the processes
 as well, here each worker keeps its own micro-batch's, as the paper describes).
 
-The reference is DPO's (the class below inherits it): the policy the job starts
+The reference is Paired's, as for DPO: the policy the job starts
 from (objectives.reference: the adapter switched off, a continued parent's adapter
 kept frozen beside the trained one), or for full fine-tuning log-probabilities
 stored before the first step (reference_logps.json, read back on a resume).
@@ -44,7 +45,7 @@ from typing import Optional
 
 from .. import data as D
 from .base import Splits, TrainContext
-from .dpo import Dpo, _tokenize_answer, sequence_logps
+from .paired import Paired, sequence_logps, tokenize_answer
 
 NAME = "kto"
 # The KTO paper's advice: desirableWeight x n_up / (undesirableWeight x n_down) in here.
@@ -68,7 +69,7 @@ def _tokenize(prompt, completion, tokenizer) -> tuple[list[int], list[int]]:
         completion = [{"role": "assistant", "content": completion}]
     elif isinstance(prompt, str) and isinstance(completion, list):
         prompt = [{"role": "user", "content": prompt}] if prompt.strip() else []
-    return _tokenize_answer(prompt, completion, tokenizer)
+    return tokenize_answer(prompt, completion, tokenizer)
 
 
 def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
@@ -158,8 +159,9 @@ def ranking_accuracy(scores: dict[int, float], examples: list[Rated]) -> Optiona
 
 
 # ---------------------------------------------------------------------------- objective
-class Kto(Dpo):
-    """DPO's units, collation and reference; KTO's examples, loss and metrics."""
+class Kto(Paired):
+    """KTO's examples, loss and metrics; the units, collation and reference are Paired's
+    (shared with DPO)."""
 
     name = NAME
 
@@ -199,7 +201,7 @@ class Kto(Dpo):
 
         w = self.ctx.worker
         pi, _counts = sequence_logps(w.head, w.engine, batch)
-        ref = self._reference_logps(batch, split)  # DPO's: objectives.reference
+        ref = self._reference_logps(batch, split)
         ids = batch["example_ids"][0::2].tolist()
         desirable = torch.tensor([examples[i].desirable for i in ids], device=pi.device)
         c = self.cfg

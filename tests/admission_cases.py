@@ -278,10 +278,6 @@ def dpo_job() -> dict:
     return doc
 
 
-def mutate_dpo(path: str, value: Any) -> dict:
-    return _set(dpo_job(), path, value)
-
-
 def kto_job() -> dict:
     """FULL_SPEC as a job learning from thumbs up/down feedback: every KTO field set."""
     doc = job()
@@ -291,10 +287,6 @@ def kto_job() -> dict:
     spec["method"]["kto"] = {"beta": 0.1, "desirableWeight": 1.33, "undesirableWeight": 1.0}
     spec["earlyStopping"].update({"metric": "eval_ranking_accuracy", "mode": "max"})
     return doc
-
-
-def mutate_kto(path: str, value: Any) -> dict:
-    return _set(kto_job(), path, value)
 
 
 # ---------------------------------------------------------------------------- generated
@@ -399,24 +391,16 @@ def spec_cases() -> list[Case]:
         if path.count(".") >= 2 and not path.endswith("]"):
             cases.append(Case(f"{path[5:]}:absent", mutate(path, DELETE)))
             cases.append(Case(f"{path[5:]}:null", mutate(path, None)))
-    dpo = dpo_job()["spec"]
-    for path, node in _leaves(spec_schema(), "spec", dpo):
-        if not path.startswith("spec.method.dpo"):
-            continue  # the rest is covered on FULL_SPEC above
-        for label, value in _variants(node):
-            cases.append(Case(f"{path[5:]}:{label}", mutate_dpo(path, value)))
-        if path.count(".") >= 3:
-            cases.append(Case(f"{path[5:]}:absent", mutate_dpo(path, DELETE)))
-            cases.append(Case(f"{path[5:]}:null", mutate_dpo(path, None)))
-    kto = kto_job()["spec"]
-    for path, node in _leaves(spec_schema(), "spec", kto):
-        if not path.startswith("spec.method.kto"):
-            continue
-        for label, value in _variants(node):
-            cases.append(Case(f"{path[5:]}:{label}", mutate_kto(path, value)))
-        if path.count(".") >= 3:
-            cases.append(Case(f"{path[5:]}:absent", mutate_kto(path, DELETE)))
-            cases.append(Case(f"{path[5:]}:null", mutate_kto(path, None)))
+    # each objective's settings block, on a job of that objective
+    for make, block in ((dpo_job, "spec.method.dpo"), (kto_job, "spec.method.kto")):
+        for path, node in _leaves(spec_schema(), "spec", make()["spec"]):
+            if not path.startswith(block):
+                continue  # the rest is covered on FULL_SPEC above
+            for label, value in _variants(node):
+                cases.append(Case(f"{path[5:]}:{label}", _set(make(), path, value)))
+            if path.count(".") >= 3:
+                cases.append(Case(f"{path[5:]}:absent", _set(make(), path, DELETE)))
+                cases.append(Case(f"{path[5:]}:null", _set(make(), path, None)))
     return cases
 
 

@@ -10,7 +10,7 @@ the CRD (CEL) and the CLI/operator (Python).
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -268,6 +268,17 @@ class QuantizationConfig(_Model):
 Objective = Enum("Objective", {name: name for name in objectives.NAMES}, type=str)
 
 
+def _beta() -> Any:
+    """beta of the objectives that measure the policy against a reference (dpo, kto)."""
+    return Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference model: lower lets the "
+        "policy move further from it.",
+    )
+
+
 class DpoLossType(str, Enum):
     sigmoid = "sigmoid"
     hinge = "hinge"
@@ -275,13 +286,7 @@ class DpoLossType(str, Enum):
 
 
 class DpoConfig(_Model):
-    beta: float = Field(
-        0.1,
-        gt=0,
-        le=100,
-        description="Strength of the pull towards the reference model: lower lets the "
-        "policy move further from it.",
-    )
+    beta: float = _beta()
     loss_type: DpoLossType = Field(
         DpoLossType.sigmoid,
         description="sigmoid: the DPO paper's loss; hinge: the SLiC hinge; ipo: the IPO "
@@ -297,13 +302,7 @@ class DpoConfig(_Model):
 
 
 class KtoConfig(_Model):
-    beta: float = Field(
-        0.1,
-        gt=0,
-        le=100,
-        description="Strength of the pull towards the reference model: lower lets the "
-        "policy move further from it.",
-    )
+    beta: float = _beta()
     desirable_weight: float = Field(
         1.0,
         gt=0,

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the lanes while the cluster tier's images still build.
 DEFAULT_LANES = (
     "tests/unit,tests/trainer;tests/envtest,tests/e2e,"
-    "tests/trainer/test_save_on_stop.py,tests/trainer/test_lineage.py,tests/cluster"
+    "tests/trainer/test_save_on_stop.py,tests/trainer/test_lineage.py,"
+    "tests/trainer/test_start_reference.py,tests/cluster"
 )
 
 

@@ -34,6 +34,18 @@ async def call(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(_API_POOL, fn, *args)
 
 
+def _created(create, ns: str, body: Body) -> bool:
+    """Create-if-absent: whether this call created it (False: one of that name exists,
+    409; the caller reads it to check whose it is)."""
+    try:
+        create(ns, body)
+        return True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return False
+
+
 class KubeRayMissing(Exception):
     """The ray.io/v1 RayJob API is not served: KubeRay's CRDs are not installed."""
 
@@ -87,25 +99,14 @@ class Api:
         `fresh`: most likely absent, so try the create first. Raises ChildConflict
         for a ConfigMap of that name that is not the job's (left untouched)."""
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
-        if fresh:
-            try:
-                self.core.create_namespaced_config_map(ns, cm)
-                return
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
+        if fresh and _created(self.core.create_namespaced_config_map, ns, cm):
+            return
         try:
             live = self.core.read_namespaced_config_map(name, ns)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            live = None
-        if live is None:
-            try:
-                self.core.create_namespaced_config_map(ns, cm)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
+            _created(self.core.create_namespaced_config_map, ns, cm)
             return
         ownership.check("ConfigMap", ns, name, live.metadata, job)
         want_attempt = cm["metadata"]["annotations"][LABEL_ATTEMPT]
@@ -129,15 +130,13 @@ class Api:
         for obj in objs:
             ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
             secret = obj["kind"] == "Secret"
-            try:
-                if secret:
-                    self.core.create_namespaced_secret(ns, obj)
-                else:
-                    self.net.create_namespaced_network_policy(ns, obj)
+            create = (
+                self.core.create_namespaced_secret
+                if secret
+                else self.net.create_namespaced_network_policy
+            )
+            if _created(create, ns, obj):
                 continue
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
             if secret:
                 live = self.core.read_namespaced_secret(name, ns)
             else:

@@ -36,6 +36,38 @@ def test_read_config_from_file_and_uri(tmp_path):
         assert got.spec.hyperparameters.max_steps == 6
 
 
+def test_a_pod_reads_its_own_attempts_config(tmp_path):
+    """KUBETUNE_ATTEMPT (the pod's) against the mounted config's attempt: a config
+    that is behind is read again until it catches up, one that is ahead means the
+    pod is an older attempt's, and one that never catches up fails saying so."""
+    from kubetune_api import spec_to_trainer_config
+    from kubetune_trainer.config import StaleConfig, read_config_for_attempt
+
+    path = tmp_path / "c.json"
+
+    def write(attempt: int) -> None:
+        cfg = spec_to_trainer_config(H.job(H.SMOL, tmp_path / "d.jsonl", tmp_path.as_uri()))
+        path.write_text(json.dumps(cfg | {"attempt": attempt}))
+
+    write(1)
+    assert read_config_for_attempt(str(path), environ={}).attempt == 1  # local: no check
+    reads = []
+
+    def catch_up(_seconds):  # the kubelet updates the mounted file between reads
+        reads.append(1)
+        if len(reads) == 2:
+            write(2)
+
+    got = read_config_for_attempt(str(path), {"KUBETUNE_ATTEMPT": "2"}, sleep=catch_up)
+    assert got.attempt == 2 and len(reads) == 2
+    with pytest.raises(StaleConfig, match="newer attempt owns the job") as older:
+        read_config_for_attempt(str(path), {"KUBETUNE_ATTEMPT": "1"}, sleep=catch_up)
+    assert older.value.older_pod
+    with pytest.raises(StaleConfig, match="still holds attempt 2's config") as behind:
+        read_config_for_attempt(str(path), {"KUBETUNE_ATTEMPT": "3"}, wait_s=0.0)
+    assert not behind.value.older_pod
+
+
 def _spec(**overrides):
     return H.trainer_config(H.job(H.SMOL, "d.jsonl", "file:///x", **overrides)).spec
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from .config import read_config
-from .driver import ensure_env, run  # noqa: F401  (the entry's names, kept importable)
+from .config import StaleConfig, read_config_for_attempt
+from .driver import FENCED, ensure_env, run  # noqa: F401  (the entry's names, kept importable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     args = p.parse_args(argv)
     ensure_env()
-    config = read_config(args.config)
+    try:
+        config = read_config_for_attempt(args.config)
+    except StaleConfig as exc:
+        print(f"kubetune: {exc}", file=sys.stderr, flush=True)
+        return FENCED if exc.older_pod else 1
     init = {"address": args.ray_address} if args.ray_address else {"num_cpus": args.num_cpus}
     return run(config, ray_init=init)
 

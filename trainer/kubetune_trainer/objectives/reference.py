@@ -126,8 +126,13 @@ class Reference:
     adapter beside the trained one; full fine-tuning -> a frozen copy of the starting weights
     (online) or log-probabilities stored before step 0 (DPO/KTO, as DPO does today).
 
-    Reference(ctx): after DeepSpeed initialized (objective.setup); `prepare` ran
-    before it. `active()`: inside it (and under torch.no_grad()) the forward of
+    To use it, an objective sets the class attribute `reference_use` ("stored":
+    full fine-tuning scores the reference before step 0 and keeps the numbers, as
+    DPO; "online": a frozen copy of the starting weights is kept for full
+    fine-tuning, as GRPO's KL needs) and builds Reference(ctx) in its setup, after
+    DeepSpeed initialized; the recipe ran `prepare` before that (the parent's
+    adapter loaded beside the trained one, or the copy made).
+    `active()`: inside it (and under torch.no_grad()) the forward of
     ctx.worker.engine (read it inside the block) computes the reference's logits;
     the model is in eval mode there (no dropout) and back as it was after.
     Also: `mode` (one of ADAPTER_OFF, PARENT_ADAPTER, COPY, STORED), `stored`

@@ -278,8 +278,15 @@ def dpo_job() -> dict:
     return doc
 
 
-def mutate_dpo(path: str, value: Any) -> dict:
-    return _set(dpo_job(), path, value)
+def kto_job() -> dict:
+    """FULL_SPEC as a job learning from thumbs up/down feedback: every KTO field set."""
+    doc = job()
+    spec = doc["spec"]
+    spec["dataset"]["format"] = "feedback"
+    spec["method"]["objective"] = "kto"
+    spec["method"]["kto"] = {"beta": 0.1, "desirableWeight": 1.33, "undesirableWeight": 1.0}
+    spec["earlyStopping"].update({"metric": "eval_ranking_accuracy", "mode": "max"})
+    return doc
 
 
 # ---------------------------------------------------------------------------- generated
@@ -384,15 +391,16 @@ def spec_cases() -> list[Case]:
         if path.count(".") >= 2 and not path.endswith("]"):
             cases.append(Case(f"{path[5:]}:absent", mutate(path, DELETE)))
             cases.append(Case(f"{path[5:]}:null", mutate(path, None)))
-    dpo = dpo_job()["spec"]
-    for path, node in _leaves(spec_schema(), "spec", dpo):
-        if not path.startswith("spec.method.dpo"):
-            continue  # the rest is covered on FULL_SPEC above
-        for label, value in _variants(node):
-            cases.append(Case(f"{path[5:]}:{label}", mutate_dpo(path, value)))
-        if path.count(".") >= 3:
-            cases.append(Case(f"{path[5:]}:absent", mutate_dpo(path, DELETE)))
-            cases.append(Case(f"{path[5:]}:null", mutate_dpo(path, None)))
+    # each objective's settings block, on a job of that objective
+    for make, block in ((dpo_job, "spec.method.dpo"), (kto_job, "spec.method.kto")):
+        for path, node in _leaves(spec_schema(), "spec", make()["spec"]):
+            if not path.startswith(block):
+                continue  # the rest is covered on FULL_SPEC above
+            for label, value in _variants(node):
+                cases.append(Case(f"{path[5:]}:{label}", _set(make(), path, value)))
+            if path.count(".") >= 3:
+                cases.append(Case(f"{path[5:]}:absent", _set(make(), path, DELETE)))
+                cases.append(Case(f"{path[5:]}:null", _set(make(), path, None)))
     return cases
 
 
@@ -743,6 +751,52 @@ def _written() -> list[Case]:
     add(
         "dpo:perplexity-early-stopping",
         _set(dpo_job(), "spec.earlyStopping.metric", "eval_perplexity"),
+        "spec.earlyStopping.metric",
+    )
+    add("kto:ok", kto_job())
+    add(
+        "kto:preference-data",
+        _set(kto_job(), "spec.dataset.format", "preference"),
+        "spec.dataset.format",
+    )
+    add("kto:chat-data", _set(kto_job(), "spec.dataset.format", "chat"), "spec.dataset.format")
+    add(
+        "kto:feedback-data-sft",
+        _set(kto_job(), "spec.method.objective", "sft"),
+        "spec.method",
+    )
+    dpo_on_feedback = _set(dpo_job(), "spec.dataset.format", "feedback")
+    add("kto:feedback-data-dpo", dpo_on_feedback, "spec.dataset.format")
+    add("kto:settings-on-sft", mutate("spec.method.kto", {"beta": 0.1}), "spec.method.kto")
+    add(
+        "kto:settings-on-dpo",
+        _set(dpo_job(), "spec.method.kto", {"beta": 0.1}),
+        "spec.method.kto",
+    )
+    add("kto:beta-zero", _set(kto_job(), "spec.method.kto.beta", 0), "spec.method.kto.beta")
+    add(
+        "kto:weight-zero",
+        _set(kto_job(), "spec.method.kto.undesirableWeight", 0),
+        "spec.method.kto.undesirableWeight",
+    )
+    add(
+        "kto:weight-negative",
+        _set(kto_job(), "spec.method.kto.desirableWeight", -1.0),
+        "spec.method.kto.desirableWeight",
+    )
+    add(
+        "kto:dpo-metric-early-stopping",
+        _set(kto_job(), "spec.earlyStopping.metric", "eval_reward_accuracy"),
+        "spec.earlyStopping.metric",
+    )
+    add(
+        "kto:ranking-mode-min",
+        _set(kto_job(), "spec.earlyStopping.mode", "min"),
+        "spec.earlyStopping.mode",
+    )
+    add(
+        "dpo:ranking-early-stopping",
+        _set(dpo_job(), "spec.earlyStopping.metric", "eval_ranking_accuracy"),
         "spec.earlyStopping.metric",
     )
     add(
@@ -1148,6 +1202,7 @@ _safe(
     "no credential: names are matched whole",
 )
 _safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid baseline")
+_safe(("kto:ok",), "a job learning from thumbs up/down feedback with every KTO setting")
 _safe(
     ("sweep:full-lr-only",), "a full fine-tune's learning rate can be swept; only LoRA's fields not"
 )

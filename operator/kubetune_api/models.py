@@ -10,7 +10,7 @@ the CRD (CEL) and the CLI/operator (Python).
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -175,6 +175,7 @@ class DatasetFormat(str, Enum):
     alpaca = "alpaca"
     sharegpt = "sharegpt"
     preference = "preference"
+    feedback = "feedback"
 
 
 class DataSource(_Model):
@@ -214,7 +215,9 @@ class Dataset(StorageAccess):
         "chat: {messages: [{role, content}]}, rendered with the model's chat template, loss "
         "on assistant turns only; alpaca: {instruction, input, output}; sharegpt: "
         "{conversations: [{from, value}]}; preference (method.objective dpo): {prompt, "
-        "chosen, rejected} as text or as chat messages, loss on the responses only.",
+        "chosen, rejected} as text or as chat messages, loss on the responses only; feedback "
+        "(method.objective kto): {prompt, completion, label: true|false}, a thumbs up or down "
+        "on one answer, prompt and completion as text or as chat messages.",
     )
     max_seq_length: int = Field(
         2048,
@@ -265,6 +268,17 @@ class QuantizationConfig(_Model):
 Objective = Enum("Objective", {name: name for name in objectives.NAMES}, type=str)
 
 
+def _beta() -> Any:
+    """beta of the objectives that measure the policy against a reference (dpo, kto)."""
+    return Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference model: lower lets the "
+        "policy move further from it.",
+    )
+
+
 class DpoLossType(str, Enum):
     sigmoid = "sigmoid"
     hinge = "hinge"
@@ -272,13 +286,7 @@ class DpoLossType(str, Enum):
 
 
 class DpoConfig(_Model):
-    beta: float = Field(
-        0.1,
-        gt=0,
-        le=100,
-        description="Strength of the pull towards the reference model: lower lets the "
-        "policy move further from it.",
-    )
+    beta: float = _beta()
     loss_type: DpoLossType = Field(
         DpoLossType.sigmoid,
         description="sigmoid: the DPO paper's loss; hinge: the SLiC hinge; ipo: the IPO "
@@ -293,12 +301,33 @@ class DpoConfig(_Model):
     )
 
 
+class KtoConfig(_Model):
+    beta: float = _beta()
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Weight of the loss on thumbs-up rows. Keep desirableWeight x (thumbs-up "
+        "rows) / (undesirableWeight x (thumbs-down rows)) between 1 and 4/3, as the KTO paper "
+        "advises: with few thumbs-up rows, raise this.",
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Weight of the loss on thumbs-down rows.",
+    )
+
+
 class Method(_Model):
     objective: Objective = Field(
         Objective(objectives.DEFAULT), description=objectives.enum_description()
     )
     dpo: Optional[DpoConfig] = Field(
         None, description="DPO settings (objective dpo only; defaults apply when unset)."
+    )
+    kto: Optional[KtoConfig] = Field(
+        None, description="KTO settings (objective kto only; defaults apply when unset)."
     )
     type: MethodType = Field(
         MethodType.lora,
@@ -791,6 +820,12 @@ class Metrics(_Model):
     reward_margin: Optional[float] = None
     eval_reward_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
+    # objective kto: mean rewards of thumbs-up and thumbs-down answers, the KL estimate,
+    # and the share of held-out up/down pairs whose thumbs-up answer has the higher reward
+    rewards_desirable: Optional[float] = None
+    rewards_undesirable: Optional[float] = None
+    kl: Optional[float] = None
+    eval_ranking_accuracy: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")

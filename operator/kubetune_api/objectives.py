@@ -83,6 +83,22 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
             },
         ),
     ),
+    ObjectiveRow(
+        name="kto",
+        summary="Kahneman-Tversky optimization on dataset.format feedback: a thumbs up or down "
+        "on single answers, no pairs needed (the reference model is the policy the job "
+        "starts from, as for dpo)",
+        formats=("feedback",),
+        metrics=(EVAL_LOSS, Metric("eval_ranking_accuracy", "max")),
+        # the same small steps as DPO (TRL's KTOTrainer also defaults to 1e-6 in full)
+        learning_rate={"lora": 5e-5, "qlora": 5e-5, "full": 1e-6},
+        settings="kto",
+        format_message="method.objective kto trains on rated answers: set dataset.format to "
+        "feedback (rows of prompt, completion, label true or false), or method.objective to sft",
+        owned_formats=("feedback",),
+        owned_message="dataset.format feedback (thumbs up or down) is trained with "
+        "method.objective kto: set it, or use a supervised format (chat, prompt-completion, ...)",
+    ),
 )
 
 BY_NAME = {row.name: row for row in OBJECTIVES}

@@ -205,6 +205,16 @@ class MetricsRow(_Model):
     eval_rewards_rejected: Optional[float] = None
     eval_reward_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
+    # objective kto: means since the previous row; rewards are beta x the log-probability
+    # gained over the reference, kl the detached estimate (z_ref) the loss compares them
+    # with; eval_ranking_accuracy: objectives/kto.py says how it is counted
+    rewards_desirable: Optional[float] = None
+    rewards_undesirable: Optional[float] = None
+    kl: Optional[float] = None
+    eval_rewards_desirable: Optional[float] = None
+    eval_rewards_undesirable: Optional[float] = None
+    eval_kl: Optional[float] = None
+    eval_ranking_accuracy: Optional[float] = None
     resumed_from: Optional[int] = Field(
         None, description="On the first row after a resume: the checkpoint step resumed from."
     )

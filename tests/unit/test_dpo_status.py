@@ -1,4 +1,4 @@
-"""DPO's reward metrics travel from metrics.jsonl to the FineTuneJob's status."""
+"""DPO's and KTO's metrics travel from metrics.jsonl to the FineTuneJob's status."""
 
 from kubetune_api import models
 from kubetune_operator.progress import progress_to_status
@@ -24,3 +24,23 @@ def test_reward_metrics_reach_status_latest_row_wins():
     assert (m["evalRewardAccuracy"], m["evalRewardMargin"]) == (0.625, 0.587)
     assert m["displayLoss"] == "0.5200"
     models.FineTuneJobStatus.model_validate(status)  # the CRD's status schema takes it
+
+
+def test_kto_metrics_reach_status():
+    rows = [
+        {"step": 0, "evalLoss": 0.5, "evalRankingAccuracy": 0.5, "evalKl": 0.0},
+        {"step": 3, "loss": 0.49, "kl": 0.4, "rewardsDesirable": 0.1, "rewardsUndesirable": -0.2},
+        {
+            "step": 6,
+            "loss": 0.47,
+            "kl": 0.6,
+            "rewardsDesirable": 0.3,
+            "evalLoss": 0.48,
+            "evalRankingAccuracy": 0.667,
+            "evalKl": 0.7,
+        },
+    ]
+    status = progress_to_status({"prefix": "s3://b/p", "metrics": rows})
+    m = status["metrics"]
+    assert (m["kl"], m["rewardsDesirable"], m["evalRankingAccuracy"]) == (0.6, 0.3, 0.667)
+    models.FineTuneJobStatus.model_validate(status)

@@ -45,6 +45,10 @@ def _job(example: str, **meta) -> dict:
     job = yaml.safe_load((EXAMPLES / example).read_text())
     job["metadata"].update({"namespace": "team-a", "uid": "0b7c-uid", "generation": 1} | meta)
     job["spec"].setdefault("output", {}).setdefault("uri", "s3://bucket/runs")
+    parent = job["spec"]["model"].get("fromJob")
+    if parent:  # resolved by the operator before it builds the children
+        uri = f"s3://bucket/runs/team-a/{parent}/9a1d-uid"
+        job["status"] = {"parent": {"name": parent, "uid": "9a1d-uid", "uri": uri}}
     return job
 
 

@@ -75,6 +75,12 @@ BREAKERS = {
         "dataset": {**BASE["dataset"], "format": "preference"},
     },
     "dpo-settings-need-dpo": {**BASE, "method": {"dpo": {"beta": 0.2}}},
+    "kto-needs-feedback-data": {**BASE, "method": {"objective": "kto"}},
+    "feedback-data-needs-kto": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "feedback"},
+    },
+    "kto-settings-need-kto": {**BASE, "method": {"kto": {"beta": 0.2}}},
     "label-smoothing-needs-sigmoid": {
         **BASE,
         "dataset": {**BASE["dataset"], "format": "preference"},

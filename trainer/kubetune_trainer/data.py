@@ -6,7 +6,9 @@ The five supervised formats become one of three shapes before tokenizing:
   {"messages": [{"role", "content"}, ...]}    the model's chat template, loss on
                                               assistant turns only
 The preference format becomes {"prompt", "chosen", "rejected"} (text or messages);
-its examples are built by the objective that trains on pairs (objectives/dpo.py):
+its examples are built by the objective that trains on pairs (objectives/dpo.py).
+The feedback format becomes {"prompt", "completion", "label"} (text or messages; label
+True for a thumbs up), built into examples by objectives/kto.py.
 prepare() takes the objective's example builder and never imports one.
 Rows that cannot be used are counted by reason, with a few examples, and a
 dataset without a usable row raises DataError before any training starts.
@@ -51,6 +53,7 @@ EXPECTED_KEYS = {
     "alpaca": "instruction, output [, input]",
     "sharegpt": "conversations",
     "preference": "prompt, chosen, rejected",
+    "feedback": "prompt, completion, label",
 }
 
 
@@ -237,6 +240,8 @@ def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
         return _messages(row.get("messages"), "messages")
     if fmt == "preference":
         return _preference(row)
+    if fmt == "feedback":
+        return _feedback(row)
     return None, f"unknown format {fmt!r}"
 
 
@@ -306,6 +311,36 @@ def _preference(row: Any) -> tuple[Optional[dict], Optional[str]]:
     if c == r:
         return None, "'chosen' and 'rejected' are the same"
     return {"prompt": prompt, "chosen": c, "rejected": r}, None
+
+
+def _feedback(row: Any) -> tuple[Optional[dict], Optional[str]]:
+    """Feedback rows (a rating of one answer): {"prompt": str, "completion": str,
+    "label": bool} or with messages ({"prompt": [messages], "completion": [messages]
+    or str, ...}). The label must be a JSON true (thumbs up) or false (thumbs down)."""
+    prompt, completion, label = row.get("prompt"), row.get("completion"), row.get("label")
+    if type(label).__name__ not in ("bool", "bool_"):  # numpy's bool from Parquet too
+        return None, "'label' must be true (thumbs up) or false (thumbs down)"
+    label = bool(label)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():
+            return None, "empty 'completion'"
+        return {"prompt": prompt, "completion": completion, "label": label}, None
+    answer = _answer(completion)
+    if answer is None:
+        return None, "'completion' must be non-empty text or a message list"
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}] if prompt.strip() else []
+    if not isinstance(prompt, list) or not prompt:
+        return None, "missing 'prompt' (text or messages)"
+    whole = []
+    for part in (prompt, answer):
+        # the shared check wants an assistant turn, which a prompt need not have
+        filler = [{"role": "assistant", "content": "x"}] if part is prompt else []
+        norm, why = _messages(part + filler, "messages")
+        if norm is None:
+            return None, why
+        whole.append(norm["messages"][: len(part)])
+    return {"prompt": whole[0], "completion": whole[1], "label": label}, None
 
 
 # ---------------------------------------------------------------------------- tokenize

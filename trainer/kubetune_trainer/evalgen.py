@@ -28,6 +28,11 @@ def prompt_and_reference(norm: dict) -> Optional[tuple[object, str]]:
         if isinstance(chosen, str):
             return norm["prompt"], chosen
         return norm["prompt"], chosen[-1]["content"]
+    if "label" in norm:  # feedback: only a thumbs-up answer is a reference
+        if not norm["label"]:
+            return None
+        answer = norm["completion"]
+        return norm["prompt"], answer if isinstance(answer, str) else answer[-1]["content"]
     if "completion" in norm:
         return norm["prompt"], norm["completion"]
     if "messages" in norm:

@@ -253,10 +253,17 @@ class Watcher:
         if row.get("reward_accuracy") is not None:
             parts.append(f"reward acc {row['reward_accuracy']:.2f}")
             parts.append(f"margin {row['reward_margin']:.3f}")
+        if row.get("kl") is not None:  # kto
+            parts.append(f"kl {row['kl']:.3f}")
+            for key, word in (("rewards_desirable", "up"), ("rewards_undesirable", "down")):
+                if row.get(key) is not None:
+                    parts.append(f"reward {word} {row[key]:.3f}")
         if row.get("eval_loss") is not None:
             parts.append(f"eval {row['eval_loss']:.4f}")
         if row.get("eval_reward_accuracy") is not None:
             parts.append(f"eval reward acc {row['eval_reward_accuracy']:.2f}")
+        if row.get("eval_ranking_accuracy") is not None:
+            parts.append(f"eval ranked {row['eval_ranking_accuracy']:.2f}")
         if total and row["step"] < total and eta is not None:
             parts.append(f"eta {_fmt_time(eta)}")
         return "  ".join(parts)

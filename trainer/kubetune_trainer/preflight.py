@@ -266,7 +266,8 @@ def check_format(
                     field_path,
                     f"no row of {name} fits {expected}: {shown}{more}",
                     "rename the keys in the data, or set spec.dataset.format to the data's "
-                    "format (text, prompt-completion, chat, alpaca, sharegpt, preference)",
+                    "format (text, prompt-completion, chat, alpaca, sharegpt, preference, "
+                    "feedback)",
                 )
             )
         else:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from .base import Objective, Splits, TrainContext
 from .dpo import Dpo
+from .kto import Kto
 from .sft import Sft
 
-REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo}
+REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo, Kto.name: Kto}
 
 __all__ = ["REGISTRY", "Objective", "Splits", "TrainContext", "for_spec"]
 

@@ -10,13 +10,14 @@ the CRD (CEL) and the CLI/operator (Python).
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from . import checks, objectives, sweep_space
 from .checks import PRINTABLE
+from .graders import Grader
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -340,9 +341,10 @@ class GrpoConfig(_Model):
         description="Optimisation passes over each batch of rollouts (more than 1: the "
         "ratio to the policy that sampled them is clipped by epsilon).",
     )
-    grader: dict[str, Any] = Field(
+    grader: Grader = Field(
         description="What scores a completion: stringCheck, textSimilarity, python, "
-        "scoreModel or multi (a weighted sum of named graders).",
+        "scoreModel or multi (a weighted sum of named graders). Its templates read the "
+        "completion as {{sample.output_text}} and the data row's fields as {{item.<field>}}.",
     )
 
 

@@ -52,6 +52,10 @@ class PromptExample(D.Example):
     prompt: Any = None  # text or messages, as the row gave it
 
 
+def missing_message(name: str) -> str:
+    return f"missing '{name}', which the grader reads as {{{{item.{name}}}}}"
+
+
 def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
     """The prompt's tokens as the model sees them before it answers."""
     prompt = norm["prompt"]
@@ -63,14 +67,20 @@ def tokenize(norm: dict, tokenizer) -> tuple[list[int], list[int]]:
     return ids, [IGNORE] * len(ids)
 
 
-def build_prompts(rows: list, tokenizer, max_prompt: int):
+def build_prompts(rows: list, tokenizer, max_prompt: int, fields: frozenset = frozenset()):
     """One PromptExample per usable row; a prompt longer than max_prompt tokens
-    (maxSeqLength less maxNewTokens) keeps its last max_prompt tokens, counted."""
+    (maxSeqLength less maxNewTokens) keeps its last max_prompt tokens, counted.
+    A row without one of `fields` (the item fields the grader's templates name)
+    is counted and left out: its score would compare with nothing."""
     report = D.DataReport(rows=len(rows))
     label = rows.label if isinstance(rows, D.Rows) else (lambda i: f"row {i + 1}")
     out: list[PromptExample] = []
     for index, row in enumerate(rows):
         norm, why = D.normalize(row, "prompt")
+        if norm is not None:
+            missing = sorted(f for f in fields if norm["item"].get(f) is None)
+            if missing:
+                norm, why = None, missing_message(missing[0])
         if norm is None:
             report.reject(label(index), why, row)
             continue
@@ -219,7 +229,8 @@ class Grpo:
 
     def build_examples(self, rows, fmt, tokenizer, max_len):
         self.tokenizer = tokenizer
-        return build_prompts(rows, tokenizer, self._max_prompt(max_len))
+        fields = frozenset(grader_fields(self.cfg.grader))
+        return build_prompts(rows, tokenizer, self._max_prompt(max_len), fields)
 
     def tokenize(self, norm, tokenizer):
         ids, labels = tokenize(norm, tokenizer)
@@ -463,6 +474,13 @@ class Grpo:
         return out
 
 # ---------------------------------------------------------------------------- helpers
+def grader_fields(grader) -> set[str]:
+    """The item fields the grader's templates name (kubetune_api.graders.fields)."""
+    from kubetune_api import graders
+
+    return graders.fields(grader)
+
+
 def data_dir(spec) -> Optional[str]:
     """The training data's folder when it is local (a python grader's `file` is read
     beside it), else None."""

@@ -36,7 +36,12 @@ def test_prompt_rows_text_and_messages_keep_the_row_for_the_graders(tok):
             json.dumps({"prompt": ""}),
             json.dumps({"question": "no prompt"}),
             json.dumps(
-                {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+                {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
             ),
             "{not json",
         ]
@@ -96,7 +101,15 @@ def _loss(loss_type, beta=0.0, ref=None, **kw):
     seq = torch.tensor([0, 0, 1, 1])
     adv = torch.tensor([1.0, -1.0])
     loss, kl, clipped = G.policy_loss(
-        logp, old, ref, adv, seq, 2, epsilon=0.2, beta=beta, loss_type=loss_type,
+        logp,
+        old,
+        ref,
+        adv,
+        seq,
+        2,
+        epsilon=0.2,
+        beta=beta,
+        loss_type=loss_type,
         max_new_tokens=kw.get("max_new_tokens", 4),
     )
     return logp, loss, kl, clipped

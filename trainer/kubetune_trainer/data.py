@@ -482,6 +482,18 @@ def collate(examples: list[Example], seqs: list[list[int]], pad_id: int, packing
     return batch
 
 
+def data_dir(spec) -> Optional[str]:
+    """The training data's folder when it is on this machine (a python grader's
+    `file` is read beside it), else None."""
+    import os
+
+    uri = spec.dataset.train.uri
+    if not uri or ("://" in uri and not uri.startswith("file://")):
+        return None
+    path = uri.removeprefix("file://")
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[Rows, Rows]:
     if fraction <= 0 or len(rows) < 2:
         return rows, Rows()

@@ -30,7 +30,6 @@ eval_loss (early stopping, the best checkpoint) maximises the held-out reward.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -164,7 +163,9 @@ def completion_mask(completions, eos_id: int):
     is_eos = completions == eos_id
     n = completions.shape[1]
     first = torch.where(
-        is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], n, dtype=torch.long)
+        is_eos.any(dim=1),
+        is_eos.int().argmax(dim=1),
+        torch.full_like(is_eos[:, 0], n, dtype=torch.long),
     )
     return (torch.arange(n, device=completions.device)[None, :] <= first[:, None]).long()
 
@@ -193,7 +194,12 @@ def rollout_batch(prompt_ids, prompt_mask, completions, comp_mask) -> dict:
         dim=1,
     )
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "labels": labels,
+    }
 
 
 def token_logps(head, forward, batch: dict, temperature: float):
@@ -251,7 +257,7 @@ class Grpo:
 
         self.ctx = ctx
         self.splits = splits
-        base_dir = data_dir(self.spec)
+        base_dir = D.data_dir(self.spec)
         self.graders = Graders(self.cfg.grader, base_dir=base_dir)
         self.reference = make_reference(ctx) if self.cfg.beta else None
         ctx.log(
@@ -473,22 +479,13 @@ class Grpo:
         out["eval_grader_timeouts"] = {nm: int(v) for nm, v in zip(names, timeouts, strict=True)}
         return out
 
+
 # ---------------------------------------------------------------------------- helpers
 def grader_fields(grader) -> set[str]:
     """The item fields the grader's templates name (kubetune_api.graders.fields)."""
     from kubetune_api import graders
 
     return graders.fields(grader)
-
-
-def data_dir(spec) -> Optional[str]:
-    """The training data's folder when it is local (a python grader's `file` is read
-    beside it), else None."""
-    uri = spec.dataset.train.uri
-    if not uri or "://" in uri and not uri.startswith("file://"):
-        return None
-    path = uri.removeprefix("file://")
-    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def make_reference(ctx: TrainContext):

@@ -169,3 +169,118 @@ def test_rollout_log_probs_equal_one_prompt_at_a_time(tok):
         lp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1 : -1] / 0.7, -1)
         direct += lp.gather(1, torch.tensor(c)[:, None])[:, 0].tolist()
     assert logps.tolist() == pytest.approx(direct, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- training
+
+SHARE = """
+def grade(sample, item):
+    text = sample["output_text"]
+    return sum(c == item["letter"] for c in text) / max(len(text), 1)
+"""
+HANGS = """
+import time
+def grade(sample, item):
+    if item.get("slow"):
+        time.sleep(600)
+    return 1.0
+"""
+RAISES = """
+def grade(sample, item):
+    raise ValueError("this grader always fails")
+"""
+ALLOCATES = """
+def grade(sample, item):
+    hog = []
+    while True:
+        hog.append(bytearray(16 * 1024 * 1024))
+"""
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """Short text prompts (the user turns of the chat data); the reference fields the
+    graders read: which letters count as vowels, the letter to contain, and, on one
+    row in eight, `slow` (the hanging grader hangs there)."""
+    turns = [m["content"] for r in H.chat_rows(400) for m in r["messages"] if m["role"] == "user"]
+    return [
+        {"prompt": turns[k], "letter": "a", "slow": k % 8 == 0}
+        for k in range(n)
+    ]
+
+
+def grpo_grader() -> dict:
+    """A multi grader: the share of vowels (python) and whether the answer holds an
+    "e" (stringCheck like), which both rise when the model learns to say vowels; and
+    three graders of weight 0 that hang, raise and allocate without bound."""
+    py = {"type": "python", "timeoutSeconds": 0.5, "memoryMiB": 128}
+    return {
+        "type": "multi",
+        "name": "all",
+        "graders": {
+            "share": {"type": "python", "name": "share", "source": SHARE},
+            "has-a": {
+                "type": "stringCheck",
+                "name": "has-a",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.letter}}",
+                "operation": "like",
+            },
+            "hangs": {**py, "name": "hangs", "source": HANGS},
+            "raises": {**py, "name": "raises", "source": RAISES},
+            "allocates": {**py, "name": "allocates", "source": ALLOCATES},
+        },
+        "weights": {"share": 1.0, "has-a": 0.5, "hangs": 0.0, "raises": 0.0, "allocates": 0.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-grpo")
+    return H.tiny_model(root / "model"), H.write_jsonl(root / "prompts.jsonl", prompt_rows(48))
+
+
+def _run(config) -> None:
+    from kubetune_trainer.__main__ import run
+
+    assert run(config, quiet=True) == 0, _local(config, "progress.json")
+
+
+def _local(config, *parts) -> str:
+    import os
+
+    return os.path.join(config.storage_prefix.removeprefix("file://"), *parts)
+
+
+def _rows(config) -> dict[int, dict]:
+    with open(_local(config, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_local, tiny, tmp_path):
+    model, data = tiny
+    j = H.job(
+        model,
+        data,
+        tmp_path.as_uri(),
+        dataset={"format": "prompt", "validationSplit": 0.25, "maxSeqLength": 64},
+        method={
+            "type": "full",
+            "objective": "grpo",
+            "grpo": {
+                "generationsPerPrompt": 8,
+                "maxNewTokens": 6,
+                "beta": 0.0,
+                "grader": grpo_grader(),
+            },
+        },
+        hyperparameters={"maxSteps": 8, "learningRate": 1e-2, "batchSize": 4},
+        evaluation={"everySteps": 8, "generation": {"examples": 4, "maxNewTokens": 6}},
+        checkpointing={"everySteps": 8},
+    )
+    cfg = H.trainer_config(j)
+    _run(cfg)
+    rows = _rows(cfg)
+    print({s: (r.get("reward"), r.get("evalReward"), r.get("evalRewardsPerGrader")) for s, r in rows.items()})
+    before, after = rows[0]["evalReward"], rows[8]["evalReward"]
+    print("held-out reward", before, after)
+    assert after > before + 0.2

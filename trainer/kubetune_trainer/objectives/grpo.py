@@ -490,6 +490,16 @@ def grader_fields(grader) -> set[str]:
 
 def make_reference(ctx: TrainContext):
     """The reference policy: where the job starts (kubetune_trainer.objectives.reference)."""
-    from .reference import Reference
-
+    try:
+        from .reference import Reference
+    except ImportError:  # TEMPORARY until objectives/reference.py lands: the adapter off
+        return _AdapterOff(ctx)
     return Reference(ctx)
+
+
+class _AdapterOff:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def active(self):
+        return self.ctx.worker.engine.module.disable_adapter()

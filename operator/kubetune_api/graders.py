@@ -54,7 +54,7 @@ MEMORY_MIN_MIB, MEMORY_MAX_MIB = 64, 16384
 CONCURRENCY_MAX = 32
 
 # Where the operator mounts a python grader's ConfigMap in the Ray pods.
-CONFIGMAP_DIR = "/etc/kubetune/graders"
+CONFIGMAP_DIR = "/etc/kubetune-graders"  # not under /etc/kubetune: a ConfigMap volume
 # The environment variable that carries a scoreModel grader's API key: the
 # operator fills it from apiKeySecretRef; for `kubetune run`, set it yourself.
 API_KEY_ENV = "KUBETUNE_GRADER_{}_API_KEY"
@@ -448,3 +448,23 @@ def fields(grader) -> set[str]:
         for message in getattr(leaf, "messages", None) or []:
             out |= template_fields(message.content)
     return out
+
+
+# ---------------------------------------------------------------------------- a job's grader
+
+
+def job_grader(spec: dict) -> Optional[dict]:
+    """The grader a FineTuneJob spec (camelCase dict) declares: method.grpo.grader."""
+    method = spec.get("method") if isinstance(spec, dict) else None
+    grpo = method.get("grpo") if isinstance(method, dict) else None
+    grader = grpo.get("grader") if isinstance(grpo, dict) else None
+    return grader if isinstance(grader, dict) else None
+
+
+def leaf_dicts(grader: Optional[dict]) -> list[dict]:
+    """The leaf graders of a grader in dict form (what the operator reads)."""
+    if not grader:
+        return []
+    if grader.get("type") == "multi":
+        return [g for g in (grader.get("graders") or {}).values() if isinstance(g, dict)]
+    return [grader]

@@ -111,7 +111,19 @@ TEMPLATE = Check(
     python=checks._fullmatch(TEMPLATE_RE),
 )
 
-Template = Annotated[str, Field(min_length=1, max_length=TEMPLATE_MAX), TEMPLATE]
+# Lines and tabs are a prompt's own; other control characters and bidirectional
+# overrides are refused as in every other spec string (kubetune_api.checks.PRINTABLE).
+_HOSTILE_PY = "[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+_HOSTILE_RE2 = r"[\x00-\x08\x0b-\x1f\x7f-\x{9f}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
+_hostile = re.compile(_HOSTILE_PY)
+PRINTABLE_TEXT = Check(
+    cel=f"!self.matches({checks._cel_str(_HOSTILE_RE2)})",
+    message="must not contain control characters (other than new lines and tabs) or "
+    "bidirectional-text overrides: retype the value in plain text",
+    python=lambda v: isinstance(v, str) and _hostile.search(v) is None,
+)
+
+Template = Annotated[str, Field(min_length=1, max_length=TEMPLATE_MAX), PRINTABLE_TEXT, TEMPLATE]
 
 GRADER_NAME_RE = checks.DNS_LABEL_RE
 GraderName = Annotated[
@@ -287,9 +299,9 @@ class ScoreModelGrader(_Model):
         description="scoreModel: base URL of an OpenAI-compatible API, e.g. "
         "http://vllm.serving:8000/v1 (POST <endpoint>/chat/completions)."
     )
-    model: Annotated[str, Field(max_length=256), checks.PRINTABLE, checks.NOT_BLANK] = Field(
-        description="scoreModel: the model name the endpoint serves."
-    )
+    model: Annotated[
+        str, Field(max_length=256), checks.PRINTABLE, checks.NOT_BLANK, checks.NO_SPACE
+    ] = Field(description="scoreModel: the model name the endpoint serves.")
     api_key_secret_ref: Optional[SecretKeyRef] = Field(
         None,
         description="scoreModel: Secret key holding the API key, sent as a bearer token. In "

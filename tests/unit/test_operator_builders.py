@@ -274,7 +274,9 @@ def test_grader_api_keys_become_env_and_configmap_sources_are_mounted():
     config); a python grader's configMapRef → a read-only volume where the trainer reads."""
     job = _job("lora-minimal.yaml")
     judge_msgs = [{"role": "user", "content": "{{sample.output_text}}"}]
-    job["spec"].setdefault("method", {})["grpo"] = {
+    job["spec"]["dataset"]["format"] = "prompt"
+    job["spec"].setdefault("method", {})["objective"] = "grpo"
+    job["spec"]["method"]["grpo"] = {
         "grader": {
             "type": "multi",
             "name": "all",

@@ -259,8 +259,9 @@ class PythonGrader(_Model):
         ]
     ] = Field(
         None,
-        description="python: a .py file, relative to the training data's folder "
-        "(dataset.train.uri; for kubetune run with a dataset name, the job file's folder).",
+        description="python: a .py file, relative to the folder of the training data "
+        "(dataset.train.uri: a local folder or object storage, read with the dataset's "
+        "credentials).",
     )
     timeout_seconds: float = Field(5, gt=0, le=TIMEOUT_MAX, description=_TIMEOUT)
     memory_mib: int = Field(

@@ -173,6 +173,20 @@ def test_a_python_grader_from_a_file_beside_the_data(tmp_path):
         Graders({**spec, "file": "graders/nope.py"}, base_dir=str(tmp_path))
 
 
+def test_a_file_is_read_beside_the_training_data(tmp_path):
+    from types import SimpleNamespace
+
+    from kubetune_api.models import Dataset
+    from kubetune_trainer.graders import data_files
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "fmt.py").write_text("def grade(sample, item):\n    return 0.5\n")
+    spec = {"type": "python", "name": "fmt", "file": "fmt.py"}
+    for uri in (str(tmp_path / "train.jsonl"), tmp_path.as_uri() + "/train.jsonl", str(tmp_path)):
+        job = SimpleNamespace(dataset=Dataset(train={"uri": uri}))
+        assert score(spec, ["x"], [{}], **data_files(job, environ={})).total == [0.5], uri
+
+
 def test_a_config_map_source_is_only_found_where_the_operator_mounts_it():
     spec = {"type": "python", "name": "fmt", "configMapRef": {"name": "graders", "key": "f.py"}}
     with pytest.raises(GraderError, match="for kubetune run use file:"):

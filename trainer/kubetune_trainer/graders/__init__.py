@@ -111,6 +111,30 @@ def _read_text(path: str) -> str:
     return Path(path.removeprefix("file://")).read_text(encoding="utf-8")
 
 
+def data_files(spec, environ: Optional[Mapping[str, str]] = None) -> dict:
+    """Graders' keyword arguments for a job spec (kubetune_api models): a python
+    grader's `file` is read beside the training data, on this machine or in object
+    storage (with the dataset's endpoint and credentials)."""
+    uri = spec.dataset.train.uri
+    if not uri:
+        return {"base_dir": None}
+    from ..storage import filesystem
+
+    def read_text(where: str) -> str:
+        fs, path = filesystem(where, spec.dataset, "DATASET", environ)
+        with fs.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+
+    fs, path = filesystem(uri, spec.dataset, "DATASET", environ)
+    if fs.isdir(path):
+        folder = uri
+    elif "://" in uri:
+        folder = uri.rsplit("/", 1)[0]
+    else:
+        folder = os.path.dirname(os.path.abspath(uri))
+    return {"base_dir": folder, "read_text": read_text}
+
+
 class Graders:
     """The grader of a job, ready to score. `base_dir`: the folder `file:` sources
     are relative to (the training data's folder; locally, the job file's folder

@@ -21,10 +21,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from . import checks
+from .base import SpecModel
 from .checks import Check
 
 TYPES = ("stringCheck", "textSimilarity", "python", "scoreModel", "multi")
@@ -111,19 +111,9 @@ TEMPLATE = Check(
     python=checks._fullmatch(TEMPLATE_RE),
 )
 
-# Lines and tabs are a prompt's own; other control characters and bidirectional
-# overrides are refused as in every other spec string (kubetune_api.checks.PRINTABLE).
-_HOSTILE_PY = "[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
-_HOSTILE_RE2 = r"[\x00-\x08\x0b-\x1f\x7f-\x{9f}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
-_hostile = re.compile(_HOSTILE_PY)
-PRINTABLE_TEXT = Check(
-    cel=f"!self.matches({checks._cel_str(_HOSTILE_RE2)})",
-    message="must not contain control characters (other than new lines and tabs) or "
-    "bidirectional-text overrides: retype the value in plain text",
-    python=lambda v: isinstance(v, str) and _hostile.search(v) is None,
-)
-
-Template = Annotated[str, Field(min_length=1, max_length=TEMPLATE_MAX), PRINTABLE_TEXT, TEMPLATE]
+Template = Annotated[
+    str, Field(min_length=1, max_length=TEMPLATE_MAX), checks.PRINTABLE_LINES, TEMPLATE
+]
 
 GRADER_NAME_RE = checks.DNS_LABEL_RE
 GraderName = Annotated[
@@ -147,18 +137,7 @@ Key = Annotated[
 ]
 
 
-class _Model(BaseModel):
-    # the same settings as kubetune_api.models._Model (not imported: no cycle)
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-        use_enum_values=True,
-    )
-
-    def to_dict(self) -> dict:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+_Model = SpecModel
 
 
 class ConfigMapKeyRef(_Model):
@@ -194,26 +173,26 @@ _CONCURRENCY = (
 )
 
 
-class StringCheckGrader(_Model):
-    """1 when the comparison holds, else 0."""
-
-    type: Literal["stringCheck"] = Field(description="The kind of grader.")
+class _Compared(_Model):
     name: GraderName = Field(description=_NAME)
     input: Template = Field("{{sample.output_text}}", description=_INPUT)
     reference: Template = Field(description=_REFERENCE)
+
+
+class StringCheckGrader(_Compared):
+    """1 when the comparison holds, else 0."""
+
+    type: Literal["stringCheck"] = Field(description="The kind of grader.")
     operation: Literal[OPERATIONS] = Field(
         description="stringCheck: eq (equal), ne (not equal), like (reference is a "
         "substring of input), ilike (the same, ignoring case)."
     )
 
 
-class TextSimilarityGrader(_Model):
+class TextSimilarityGrader(_Compared):
     """A similarity from 0 to 1 between input and reference."""
 
     type: Literal["textSimilarity"] = Field(description="The kind of grader.")
-    name: GraderName = Field(description=_NAME)
-    input: Template = Field("{{sample.output_text}}", description=_INPUT)
-    reference: Template = Field(description=_REFERENCE)
     evaluation_metric: Literal[METRICS] = Field(
         description="textSimilarity: fuzzyMatch (difflib's ratio of matching characters), "
         "bleu (sacrebleu's sentence BLEU), gleu (nltk's sentence GLEU), rouge1-rouge5 and "

@@ -58,8 +58,8 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
     ObjectiveRow(
         name="dpo",
         summary="direct preference optimization on dataset.format preference (the reference "
-        "model is the base model: the adapter disabled, or log-probabilities computed once "
-        "before full fine-tuning)",
+        "model is where the job starts: the adapter disabled, a continued parent's adapter "
+        "kept frozen, or log-probabilities computed once before full fine-tuning)",
         formats=("preference",),
         metrics=(
             EVAL_LOSS,

@@ -222,6 +222,9 @@ class Grpo:
         self.spec = spec
         self.cfg = spec.method.grpo
         self.updates_per_step = self.cfg.iterations
+        # the KL term needs the starting policy while training (full fine-tuning: a
+        # frozen copy); beta 0 needs no reference at all
+        self.reference_use = "online" if self.cfg.beta else None
         self.ctx: Optional[TrainContext] = None
         self.graders = None
         self.tokenizer = None
@@ -490,16 +493,6 @@ def grader_fields(grader) -> set[str]:
 
 def make_reference(ctx: TrainContext):
     """The reference policy: where the job starts (kubetune_trainer.objectives.reference)."""
-    try:
-        from .reference import Reference
-    except ImportError:  # TEMPORARY until objectives/reference.py lands: the adapter off
-        return _AdapterOff(ctx)
+    from .reference import Reference
+
     return Reference(ctx)
-
-
-class _AdapterOff:
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    def active(self):
-        return self.ctx.worker.engine.module.disable_adapter()

@@ -279,6 +279,33 @@ def dpo_job() -> dict:
     return doc
 
 
+def grpo_job() -> dict:
+    """FULL_SPEC as a GRPO job: every method.grpo setting set (its grader: one check)."""
+    doc = job()
+    spec = doc["spec"]
+    spec["dataset"]["format"] = "prompt"
+    spec["method"]["objective"] = "grpo"
+    spec["method"]["grpo"] = {
+        "generationsPerPrompt": 4,
+        "maxNewTokens": 64,
+        "temperature": 0.9,
+        "topP": 0.95,
+        "beta": 0.04,
+        "epsilon": 0.2,
+        "lossType": "drGrpo",
+        "iterations": 2,
+        "grader": {
+            "type": "stringCheck",
+            "name": "exact",
+            "reference": "{{item.answer}}",
+            "operation": "eq",
+        },
+    }
+    spec["earlyStopping"]["metric"] = "eval_reward"
+    spec["earlyStopping"]["mode"] = "max"
+    return doc
+
+
 def mutate_dpo(path: str, value: Any) -> dict:
     return _set(dpo_job(), path, value)
 
@@ -385,6 +412,14 @@ def spec_cases() -> list[Case]:
         if path.count(".") >= 2 and not path.endswith("]"):
             cases.append(Case(f"{path[5:]}:absent", mutate(path, DELETE)))
             cases.append(Case(f"{path[5:]}:null", mutate(path, None)))
+    grpo = grpo_job()["spec"]
+    for path, node in _leaves(spec_schema(), "spec", grpo):
+        if not path.startswith("spec.method.grpo") or path.startswith("spec.method.grpo.grader"):
+            continue  # the rest on FULL_SPEC above; the grader in grader_cases()
+        for label, value in _variants(node):
+            cases.append(Case(f"{path[5:]}:{label}", _set(grpo_job(), path, value)))
+        cases.append(Case(f"{path[5:]}:absent", _set(grpo_job(), path, DELETE)))
+        cases.append(Case(f"{path[5:]}:null", _set(grpo_job(), path, None)))
     dpo = dpo_job()["spec"]
     for path, node in _leaves(spec_schema(), "spec", dpo):
         if not path.startswith("spec.method.dpo"):
@@ -740,6 +775,39 @@ def _written() -> list[Case]:
         "dpo:loss-unknown",
         _set(dpo_job(), "spec.method.dpo.lossType", "kto"),
         "spec.method.dpo.lossType",
+    )
+    add("grpo:ok", grpo_job())
+    add("grpo:chat-data", _set(grpo_job(), "spec.dataset.format", "chat"), "spec.dataset.format")
+    add(
+        "grpo:prompt-data-sft",
+        _set(grpo_job(), "spec.method.objective", "sft"),
+        "spec.method",
+    )
+    add("grpo:no-settings", _set(grpo_job(), "spec.method.grpo", DELETE), "spec.method.grpo")
+    add(
+        "grpo:settings-on-sft",
+        mutate("spec.method.grpo", grpo_job()["spec"]["method"]["grpo"]),
+        "spec.method.grpo",
+    )
+    add(
+        "grpo:completion-fills-max-seq-length",
+        _set(grpo_job(), "spec.method.grpo.maxNewTokens", 2048),
+        "spec.method.grpo.maxNewTokens",
+    )
+    add(
+        "grpo:group-of-one",
+        _set(grpo_job(), "spec.method.grpo.generationsPerPrompt", 1),
+        "spec.method.grpo.generationsPerPrompt",
+    )
+    add(
+        "grpo:loss-unknown",
+        _set(grpo_job(), "spec.method.grpo.lossType", "dapo"),
+        "spec.method.grpo.lossType",
+    )
+    add(
+        "grpo:perplexity-early-stopping",
+        _set(grpo_job(), "spec.earlyStopping.metric", "eval_perplexity"),
+        "spec.earlyStopping.metric",
     )
     add(
         "dpo:perplexity-early-stopping",
@@ -1336,6 +1404,7 @@ _safe(
     "no credential: names are matched whole",
 )
 _safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid baseline")
+_safe(("grpo:ok",), "a GRPO job with every method.grpo setting: the valid baseline")
 _safe(
     ("sweep:full-lr-only",), "a full fine-tune's learning rate can be swept; only LoRA's fields not"
 )

@@ -105,7 +105,7 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
         owned_formats=("prompt",),
         owned_message="dataset.format prompt is trained with method.objective grpo: set it, "
         "or use a supervised format (chat, prompt-completion, ...)",
-        settings_required="method.objective grpo needs method.grpo with its grader: add "
+        settings_required="method.objective grpo needs method.grpo with its grader: set "
         "method.grpo.grader (stringCheck, textSimilarity, python, scoreModel or multi)",
         spec_rules=(
             {

@@ -202,10 +202,7 @@ def prompt_rows(n: int) -> list[dict]:
     graders read: which letters count as vowels, the letter to contain, and, on one
     row in eight, `slow` (the hanging grader hangs there)."""
     turns = [m["content"] for r in H.chat_rows(400) for m in r["messages"] if m["role"] == "user"]
-    return [
-        {"prompt": turns[k], "letter": "a", "slow": k % 8 == 0}
-        for k in range(n)
-    ]
+    return [{"prompt": turns[k], "letter": "a", "slow": k % 8 == 0} for k in range(n)]
 
 
 def grpo_grader() -> dict:
@@ -257,6 +254,10 @@ def _rows(config) -> dict[int, dict]:
 
 
 def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_local, tiny, tmp_path):
+    """Full fine-tuning of the tiny model with a multi grader. Held-out (greedy)
+    reward before -> after, overall and per grader, must rise; the graders that
+    hang, raise and allocate without bound cost nothing to the total (weight 0),
+    the job finishes, and each failure is counted in the metrics rows."""
     model, data = tiny
     j = H.job(
         model,
@@ -273,14 +274,46 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
                 "grader": grpo_grader(),
             },
         },
-        hyperparameters={"maxSteps": 8, "learningRate": 1e-2, "batchSize": 4},
-        evaluation={"everySteps": 8, "generation": {"examples": 4, "maxNewTokens": 6}},
-        checkpointing={"everySteps": 8},
+        hyperparameters={"maxSteps": 16, "learningRate": 1e-2, "batchSize": 4},
+        evaluation={"everySteps": 8, "generation": {"examples": 4, "maxNewTokens": 8}},
+        checkpointing={"everySteps": 16},
     )
     cfg = H.trainer_config(j)
     _run(cfg)
     rows = _rows(cfg)
-    print({s: (r.get("reward"), r.get("evalReward"), r.get("evalRewardsPerGrader")) for s, r in rows.items()})
-    before, after = rows[0]["evalReward"], rows[8]["evalReward"]
-    print("held-out reward", before, after)
-    assert after > before + 0.2
+    first, last = rows[0], rows[16]
+    print("held-out reward", first["evalRewardsPerGrader"], last["evalRewardsPerGrader"])
+    print("held-out total", first["evalReward"], rows[8]["evalReward"], last["evalReward"])
+    assert last["evalReward"] > first["evalReward"] + 0.1
+    assert last["evalLoss"] == -last["evalReward"]
+    for name in ("share", "has-a"):
+        assert last["evalRewardsPerGrader"][name] > first["evalRewardsPerGrader"][name], name
+    for step in range(1, 17):
+        r = rows[step]
+        for key in ("reward", "rewardStd", "kl", "completionLength", "fracRewardZeroStd"):
+            assert isinstance(r[key], float), (step, key)
+        assert set(r["rewardsPerGrader"]) == {"share", "has-a", "hangs", "raises", "allocates"}
+        assert r["graderErrors"]["raises"] == 32  # every sample: 4 prompts x 8
+    errors = sum(rows[s]["graderErrors"]["allocates"] for s in range(1, 17))
+    timeouts = sum(rows[s]["graderTimeouts"]["hangs"] for s in range(1, 17))
+    assert errors == 16 * 32, "each allocation past memoryMiB is an error"
+    assert timeouts > 0 and all(rows[s]["rewardsPerGrader"]["hangs"] < 1 for s in range(1, 17))
+    # samples.jsonl: the same prompts answered before and after, with their rewards
+    with open(_local(cfg, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 4
+    for s in samples:
+        assert set(s["rewards_before"]) == {
+            "total",
+            "share",
+            "has-a",
+            "hangs",
+            "raises",
+            "allocates",
+        }
+        assert s["reference"]["letter"] == "a"
+    with open(_local(cfg, "outputs.json")) as f:
+        gen = json.load(f)["generation"]
+    assert gen["validation_before"]["reward"] == pytest.approx(
+        sum(s["rewards_before"]["total"] for s in samples) / 4
+    )

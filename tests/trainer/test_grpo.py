@@ -171,6 +171,30 @@ def test_rollout_log_probs_equal_one_prompt_at_a_time(tok):
     assert logps.tolist() == pytest.approx(direct, abs=1e-4)
 
 
+def test_mlflow_gets_every_number_of_a_row_and_one_metric_per_grader():
+    from kubetune_trainer.tracking import metric_values
+
+    row = {
+        "step": 3,
+        "epoch": 0.5,
+        "loss": 0.0,
+        "reward": 0.5,
+        "rewards_per_grader": {"share": 0.25, "has-a": 1.0},
+        "grader_errors": {"raises": 32},
+        "eval_rewards_per_grader": {"share": 0.1},
+        "time": "2026-01-01T00:00:00Z",
+        "attempt": 1,
+    }
+    assert dict(metric_values(row)) == {
+        "train_loss": 0.0,
+        "reward": 0.5,
+        "reward/share": 0.25,
+        "reward/has-a": 1.0,
+        "grader_errors/raises": 32.0,
+        "eval_reward/share": 0.1,
+    }
+
+
 # ---------------------------------------------------------------------------- training
 
 SHARE = """

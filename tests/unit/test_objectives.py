@@ -38,7 +38,9 @@ def test_enum_metrics_and_formats_come_from_the_table():
 # settings an objective cannot train without (the rest: their defaults)
 SETTINGS = {
     "grpo": {
-        "grpo": {"grader": {"type": "stringCheck", "name": "x", "reference": "y", "operation": "eq"}}
+        "grpo": {
+            "grader": {"type": "stringCheck", "name": "x", "reference": "y", "operation": "eq"}
+        }
     }
 }
 

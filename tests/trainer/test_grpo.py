@@ -171,6 +171,39 @@ def test_rollout_log_probs_equal_one_prompt_at_a_time(tok):
     assert logps.tolist() == pytest.approx(direct, abs=1e-4)
 
 
+def test_data_check_names_a_template_field_the_rows_lack(tmp_path):
+    """kubetune run's preflight (and kubetune validate): {{item.answer}} against rows
+    without `answer` is an error naming the grader and the fix; some rows without it
+    are a warning."""
+    from kubetune_trainer import preflight as P
+
+    grader = {
+        "type": "stringCheck",
+        "name": "exact",
+        "reference": "{{item.answer}}",
+        "operation": "eq",
+    }
+    spec = {
+        "dataset": {"format": "prompt"},
+        "method": {"objective": "grpo", "grpo": {"grader": grader}},
+    }
+    report = P.Report()
+    usable = [("p.jsonl line 1", {"prompt": "q", "item": {"prompt": "q", "solution": "4"}})]
+    P.check_grader_fields(spec, "train", usable, report)
+    [err] = report.errors
+    assert err.path == "spec.method.grpo.grader"
+    assert "reads {{item.answer}}, but no row of train has the field 'answer'" in err.message
+    assert "add 'answer' to the rows" in err.hint
+    report = P.Report()
+    usable.append(("p.jsonl line 2", {"prompt": "q", "item": {"prompt": "q", "answer": "4"}}))
+    P.check_grader_fields(spec, "train", usable, report)
+    assert not report.errors
+    assert report.warnings == [
+        "train: 1 of 2 rows lack 'answer', which the grader reads as {{item.answer}}; they are "
+        "left out: p.jsonl line 1"
+    ]
+
+
 def test_mlflow_gets_every_number_of_a_row_and_one_metric_per_grader():
     from kubetune_trainer.tracking import metric_values
 

@@ -351,9 +351,11 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
             assert isinstance(r[key], float), (step, key)
         assert set(r["rewardsPerGrader"]) == {"share", "has-a", "hangs", "raises", "allocates"}
         assert r["graderErrors"]["raises"] == 32  # every sample: 4 prompts x 8
+    # each allocation runs out of memory (an error) or, on a loaded machine, out of time
     errors = sum(rows[s]["graderErrors"]["allocates"] for s in range(1, 17))
+    alloc_timeouts = sum(rows[s]["graderTimeouts"]["allocates"] for s in range(1, 17))
+    assert errors > 0 and errors + alloc_timeouts == 16 * 32
     timeouts = sum(rows[s]["graderTimeouts"]["hangs"] for s in range(1, 17))
-    assert errors == 16 * 32, "each allocation past memoryMiB is an error"
     assert timeouts > 0, "the hanging grader's slow rows time out"
     for s in range(1, 17):  # a timed-out sample scores 0; the others 1
         assert (rows[s]["rewardsPerGrader"]["hangs"] < 1) == (

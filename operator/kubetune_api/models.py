@@ -13,10 +13,11 @@ from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
 
 from . import checks, objectives, sweep_space
+from .base import SpecModel
 from .checks import PRINTABLE
+from .graders import Grader
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -33,18 +34,7 @@ TEXT_MAX = 256
 LIST_MAX = 64
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-        use_enum_values=True,
-    )
-
-    def to_dict(self) -> dict:
-        """camelCase plain dict, without unset optional fields."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+_Model = SpecModel
 
 
 Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX)]
@@ -176,6 +166,7 @@ class DatasetFormat(str, Enum):
     sharegpt = "sharegpt"
     preference = "preference"
     feedback = "feedback"
+    prompt = "prompt"
 
 
 class DataSource(_Model):
@@ -217,7 +208,9 @@ class Dataset(StorageAccess):
         "{conversations: [{from, value}]}; preference (method.objective dpo): {prompt, "
         "chosen, rejected} as text or as chat messages, loss on the responses only; feedback "
         "(method.objective kto): {prompt, completion, label: true|false}, a thumbs up or down "
-        "on one answer, prompt and completion as text or as chat messages.",
+        "on one answer, prompt and completion as text or as chat messages; prompt "
+        "(method.objective grpo): {prompt} as text or {messages} (or {prompt: [messages]}), "
+        "plus any reference fields the grader reads as {{item.<field>}}.",
     )
     max_seq_length: int = Field(
         2048,
@@ -319,6 +312,57 @@ class KtoConfig(_Model):
     )
 
 
+class GrpoLossType(str, Enum):
+    grpo = "grpo"
+    dr_grpo = "drGrpo"
+
+
+class GrpoConfig(_Model):
+    generations_per_prompt: int = Field(
+        4,
+        ge=2,
+        le=64,
+        description="Completions sampled per prompt (the group whose rewards are compared).",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens per completion, at most.")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature of the rollouts."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(
+        0.04,
+        ge=0,
+        le=10,
+        description="KL coefficient against the reference model (where the job starts); "
+        "0 turns the KL term off and no reference is scored.",
+    )
+    epsilon: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Clipping of the probability ratio to [1 - epsilon, 1 + epsilon].",
+    )
+    loss_type: GrpoLossType = Field(
+        GrpoLossType.grpo,
+        description="grpo: advantages divided by the group's standard deviation, each "
+        "completion's loss averaged over its tokens; drGrpo (Dr. GRPO): no division by the "
+        "standard deviation, and the token losses summed and divided by a constant "
+        "(maxNewTokens x completions), so long and short completions weigh the same per token.",
+    )
+    iterations: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Optimisation passes over each batch of rollouts (more than 1: the "
+        "ratio to the policy that sampled them is clipped by epsilon).",
+    )
+    grader: Grader = Field(
+        description="What scores a completion: stringCheck, textSimilarity, python, "
+        "scoreModel or multi (a weighted sum of named graders). Its templates read the "
+        "completion as {{sample.output_text}} and the data row's fields as {{item.<field>}}.",
+    )
+
+
 class Method(_Model):
     objective: Objective = Field(
         Objective(objectives.DEFAULT), description=objectives.enum_description()
@@ -328,6 +372,9 @@ class Method(_Model):
     )
     kto: Optional[KtoConfig] = Field(
         None, description="KTO settings (objective kto only; defaults apply when unset)."
+    )
+    grpo: Optional[GrpoConfig] = Field(
+        None, description="GRPO settings (objective grpo only, which needs its grader)."
     )
     type: MethodType = Field(
         MethodType.lora,
@@ -820,12 +867,23 @@ class Metrics(_Model):
     reward_margin: Optional[float] = None
     eval_reward_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
-    # objective kto: mean rewards of thumbs-up and thumbs-down answers, the KL estimate,
-    # and the share of held-out up/down pairs whose thumbs-up answer has the higher reward
+    # objective kto: mean rewards of thumbs-up and thumbs-down answers, the KL estimate
+    # (kl, shared with grpo), and the share of held-out up/down pairs whose thumbs-up
+    # answer has the higher reward
     rewards_desirable: Optional[float] = None
     rewards_undesirable: Optional[float] = None
     kl: Optional[float] = None
     eval_ranking_accuracy: Optional[float] = None
+    # objective grpo: the rollouts' mean reward and its spread, the KL to the reference,
+    # the share of prompts whose completions all scored the same, the held-out reward,
+    # and the graders' failures so far (each scored 0, counted)
+    reward: Optional[float] = None
+    reward_std: Optional[float] = None
+    completion_length: Optional[float] = None
+    frac_reward_zero_std: Optional[float] = None
+    eval_reward: Optional[float] = None
+    grader_errors_total: Optional[int] = None
+    grader_timeouts_total: Optional[int] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")

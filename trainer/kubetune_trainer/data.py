@@ -54,6 +54,7 @@ EXPECTED_KEYS = {
     "sharegpt": "conversations",
     "preference": "prompt, chosen, rejected",
     "feedback": "prompt, completion, label",
+    "prompt": "prompt or messages [, the fields the grader reads]",
 }
 
 
@@ -242,6 +243,8 @@ def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
         return _preference(row)
     if fmt == "feedback":
         return _feedback(row)
+    if fmt == "prompt":
+        return _prompt(row)
     return None, f"unknown format {fmt!r}"
 
 
@@ -341,6 +344,26 @@ def _feedback(row: Any) -> tuple[Optional[dict], Optional[str]]:
             return None, why
         whole.append(norm["messages"][: len(part)])
     return {"prompt": whole[0], "completion": whole[1], "label": label}, None
+
+
+def _prompt(row: dict) -> tuple[Optional[dict], Optional[str]]:
+    """Prompt rows (objective grpo): {"prompt": text or messages, "item": the row};
+    the row's other fields are what the grader's templates read ({{item.<field>}})."""
+    prompt = row.get("prompt", row.get("messages"))
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return None, "empty 'prompt'"
+        return {"prompt": prompt, "item": row}, None
+    if not isinstance(prompt, list) or not prompt:
+        return None, "missing 'prompt' (text) or 'messages'"
+    # the shared message check wants an assistant turn, which a prompt does not have
+    norm, why = _messages(prompt + [{"role": "assistant", "content": "x"}], "messages")
+    if norm is None:
+        return None, why
+    msgs = norm["messages"][:-1]
+    if msgs[-1]["role"] == "assistant":
+        return None, "the prompt ends with an assistant turn: end it with the user's turn"
+    return {"prompt": msgs, "item": row}, None
 
 
 # ---------------------------------------------------------------------------- tokenize
@@ -492,6 +515,18 @@ def collate(examples: list[Example], seqs: list[list[int]], pad_id: int, packing
     else:
         batch["attention_mask"] = attention
     return batch
+
+
+def data_dir(spec) -> Optional[str]:
+    """The training data's folder when it is on this machine (a python grader's
+    `file` is read beside it), else None."""
+    import os
+
+    uri = spec.dataset.train.uri
+    if not uri or ("://" in uri and not uri.startswith("file://")):
+        return None
+    path = uri.removeprefix("file://")
+    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[Rows, Rows]:

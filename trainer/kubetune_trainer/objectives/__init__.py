@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from .base import Objective, Splits, TrainContext
 from .dpo import Dpo
+from .grpo import Grpo
 from .kto import Kto
 from .sft import Sft
 
-REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo, Kto.name: Kto}
+REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo, Kto.name: Kto, Grpo.name: Grpo}
 
 __all__ = ["REGISTRY", "Objective", "Splits", "TrainContext", "for_spec"]
 

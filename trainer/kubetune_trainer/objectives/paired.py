@@ -24,7 +24,7 @@ from kubetune_api import storage as contract
 
 from .. import data as D
 from ..data import IGNORE
-from .base import Splits, TrainContext
+from .base import FixedExamples, Splits, TrainContext
 from .reference import Reference
 
 REFERENCE = "reference_logps.json"
@@ -123,7 +123,7 @@ def fingerprint(model_path: str, examples, parent=None) -> str:
     return h.hexdigest()[:16]
 
 
-class Paired:
+class Paired(FixedExamples):
     """The base of DPO and KTO: pair units, their collation, and the reference. A
     subclass sets `name` and `cfg` and implements the data, the loss and the metrics."""
 

@@ -40,10 +40,67 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return {k: _resolve(v, defs) for k, v in node.items()}
 
 
+def _words(values: list[str]) -> str:
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _flatten_union(options: list[dict[str, Any]], node: dict[str, Any]) -> dict[str, Any]:
+    """A union discriminated by `type` (the graders) → one object. Structural schemas
+    allow no alternatives, so the object has every variant's fields, without
+    defaults (they differ per variant; pydantic fills them in), and CEL rules say
+    which fields each `type` needs and allows, with each variant's own rules
+    guarded by its type."""
+    variants = [_structural(o) for o in options]
+    kinds = [v["properties"]["type"]["enum"][0] for v in variants]
+    props: dict[str, Any] = {}
+    owners: dict[str, list[str]] = {}
+    for kind, variant in zip(kinds, variants, strict=True):
+        for name, sub in variant["properties"].items():
+            sub = {k: v for k, v in sub.items() if k != "default"}
+            owners.setdefault(name, []).append(kind)
+            if name == "type":
+                continue
+            if name in props and props[name] != sub:
+                raise ValueError(f"union field {name} differs between variants: {kinds}")
+            props[name] = sub
+    props["type"] = {**variants[0]["properties"]["type"], "enum": kinds}
+    required = set.intersection(*(set(v.get("required", [])) for v in variants))
+    rules = []
+    for name, kinds_with in owners.items():
+        if len(kinds_with) < len(kinds):
+            quoted = ", ".join(f"'{k}'" for k in kinds_with)
+            rules.append(
+                {
+                    "rule": f"!has(self.{name}) || self.type in [{quoted}]",
+                    "message": f"{name} applies to type {_words(kinds_with)} only: remove it",
+                    "fieldPath": f".{name}",
+                }
+            )
+    for kind, variant in zip(kinds, variants, strict=True):
+        for name in variant.get("required", []):
+            if name not in required:
+                rules.append(
+                    {
+                        "rule": f"self.type != '{kind}' || has(self.{name})",
+                        "message": f"a {kind} grader needs {name}: add it",
+                        "fieldPath": f".{name}",
+                    }
+                )
+        for entry in variant.get("x-kubernetes-validations", []):
+            rules.append({**entry, "rule": f"self.type != '{kind}' || ({entry['rule']})"})
+    out = {k: v for k, v in node.items() if k not in _DROP_KEYS}
+    out.update({"type": "object", "required": sorted(required), "properties": props})
+    out["x-kubernetes-validations"] = rules + node.get("x-kubernetes-validations", [])
+    return out
+
+
 def _structural(node: dict[str, Any]) -> dict[str, Any]:
     """One JSON Schema node → one structural OpenAPI v3 node."""
     node = dict(node)
     out: dict[str, Any] = {}
+
+    if "oneOf" in node:
+        return _flatten_union(node.pop("oneOf"), node)
 
     if "anyOf" in node:
         options = node.pop("anyOf")

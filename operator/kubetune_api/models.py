@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from . import checks, objectives, sweep_space
 from .checks import PRINTABLE
+from .graders import Grader
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -175,6 +176,7 @@ class DatasetFormat(str, Enum):
     alpaca = "alpaca"
     sharegpt = "sharegpt"
     preference = "preference"
+    prompt = "prompt"
 
 
 class DataSource(_Model):
@@ -214,7 +216,9 @@ class Dataset(StorageAccess):
         "chat: {messages: [{role, content}]}, rendered with the model's chat template, loss "
         "on assistant turns only; alpaca: {instruction, input, output}; sharegpt: "
         "{conversations: [{from, value}]}; preference (method.objective dpo): {prompt, "
-        "chosen, rejected} as text or as chat messages, loss on the responses only.",
+        "chosen, rejected} as text or as chat messages, loss on the responses only; prompt "
+        "(method.objective grpo): {prompt} as text or {messages} (or {prompt: [messages]}), "
+        "plus any reference fields the grader reads as {{item.<field>}}.",
     )
     max_seq_length: int = Field(
         2048,
@@ -293,12 +297,66 @@ class DpoConfig(_Model):
     )
 
 
+class GrpoLossType(str, Enum):
+    grpo = "grpo"
+    dr_grpo = "drGrpo"
+
+
+class GrpoConfig(_Model):
+    generations_per_prompt: int = Field(
+        4,
+        ge=2,
+        le=64,
+        description="Completions sampled per prompt (the group whose rewards are compared).",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens per completion, at most.")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature of the rollouts."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(
+        0.04,
+        ge=0,
+        le=10,
+        description="KL coefficient against the reference model (where the job starts); "
+        "0 turns the KL term off and no reference is scored.",
+    )
+    epsilon: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Clipping of the probability ratio to [1 - epsilon, 1 + epsilon].",
+    )
+    loss_type: GrpoLossType = Field(
+        GrpoLossType.grpo,
+        description="grpo: advantages divided by the group's standard deviation, each "
+        "completion's loss averaged over its tokens; drGrpo (Dr. GRPO): no division by the "
+        "standard deviation, and the token losses summed and divided by a constant "
+        "(maxNewTokens x completions), so long and short completions weigh the same per token.",
+    )
+    iterations: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Optimisation passes over each batch of rollouts (more than 1: the "
+        "ratio to the policy that sampled them is clipped by epsilon).",
+    )
+    grader: Grader = Field(
+        description="What scores a completion: stringCheck, textSimilarity, python, "
+        "scoreModel or multi (a weighted sum of named graders). Its templates read the "
+        "completion as {{sample.output_text}} and the data row's fields as {{item.<field>}}.",
+    )
+
+
 class Method(_Model):
     objective: Objective = Field(
         Objective(objectives.DEFAULT), description=objectives.enum_description()
     )
     dpo: Optional[DpoConfig] = Field(
         None, description="DPO settings (objective dpo only; defaults apply when unset)."
+    )
+    grpo: Optional[GrpoConfig] = Field(
+        None, description="GRPO settings (objective grpo only, which needs its grader)."
     )
     type: MethodType = Field(
         MethodType.lora,
@@ -791,6 +849,17 @@ class Metrics(_Model):
     reward_margin: Optional[float] = None
     eval_reward_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
+    # objective grpo: the rollouts' mean reward and its spread, the KL to the reference,
+    # the share of prompts whose completions all scored the same, the held-out reward,
+    # and the graders' failures so far (each scored 0, counted)
+    reward: Optional[float] = None
+    reward_std: Optional[float] = None
+    kl: Optional[float] = None
+    completion_length: Optional[float] = None
+    frac_reward_zero_std: Optional[float] = None
+    eval_reward: Optional[float] = None
+    grader_errors_total: Optional[int] = None
+    grader_timeouts_total: Optional[int] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")

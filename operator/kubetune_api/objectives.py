@@ -38,6 +38,11 @@ class ObjectiveRow:
     owned_message: Optional[str] = None
     # rules inside its settings block: rules.Rule's fields but the path (method.<settings>)
     settings_rules: tuple[dict[str, Any], ...] = ()
+    # when the settings block must be set for this objective: the message that says so
+    settings_required: Optional[str] = None
+    # rules on the whole spec that hold when this objective runs: rules.Rule's fields
+    # but the path (spec); their predicates see the whole spec
+    spec_rules: tuple[dict[str, Any], ...] = ()
 
 
 EVAL_LOSS = Metric("eval_loss", "min")
@@ -80,6 +85,41 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
                     d is None or d["labelSmoothing"] == 0 or d["lossType"] == "sigmoid"
                 ),
                 "field": "labelSmoothing",
+            },
+        ),
+    ),
+    ObjectiveRow(
+        name="grpo",
+        summary="group relative policy optimization on dataset.format prompt: completions "
+        "sampled from the model being trained, scored by method.grpo.grader, advantages "
+        "relative to the other completions of the same prompt (eval_loss is minus the "
+        "held-out mean reward of greedy answers)",
+        formats=("prompt",),
+        metrics=(EVAL_LOSS, Metric("eval_reward", "max")),
+        # Reinforcement steps on a model that already answers: small, as for DPO
+        # (TRL's GRPOTrainer defaults to 1e-6 for full fine-tuning).
+        learning_rate={"lora": 2e-5, "qlora": 2e-5, "full": 1e-6},
+        settings="grpo",
+        format_message="method.objective grpo trains on prompts: set dataset.format to prompt "
+        "(rows of prompt or messages, plus the fields the grader reads)",
+        owned_formats=("prompt",),
+        owned_message="dataset.format prompt is trained with method.objective grpo: set it, "
+        "or use a supervised format (chat, prompt-completion, ...)",
+        settings_required="method.objective grpo needs method.grpo with its grader: add "
+        "method.grpo.grader (stringCheck, textSimilarity, python, scoreModel or multi)",
+        spec_rules=(
+            {
+                "id": "grpo-completions-fit-max-seq-length",
+                "message": "method.grpo.maxNewTokens must be below dataset.maxSeqLength (the "
+                "prompt and its completion share it): lower maxNewTokens or raise "
+                "maxSeqLength",
+                "cel": "!has(self.method.grpo) || "
+                "self.method.grpo.maxNewTokens < self.dataset.maxSeqLength",
+                "python": lambda s: (
+                    not s["method"].get("grpo")
+                    or s["method"]["grpo"]["maxNewTokens"] < s["dataset"]["maxSeqLength"]
+                ),
+                "field": "method.grpo.maxNewTokens",
             },
         ),
     ),

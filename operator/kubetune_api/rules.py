@@ -109,6 +109,21 @@ def objective_rules() -> list[Rule]:
             )
             for extra in row.settings_rules:
                 out.append(Rule(path=("method", key), **extra))
+            if row.settings_required:
+                out.append(
+                    Rule(
+                        f"{name}-needs-{key}-settings",
+                        ("method",),
+                        row.settings_required,
+                        cel=f"self.objective != '{name}' || has(self.{key})",
+                        python=lambda m, key=key, name=name: (
+                            m.get("objective") != name or _has(m, key)
+                        ),
+                        field=key,
+                    )
+                )
+        for extra in row.spec_rules:
+            out.append(Rule(path=(), **extra))
     out += metric_rules("earlyStopping", "early-stopping", always=True)
     out += metric_rules("sweep", "sweep", always=False)
     return out

@@ -205,6 +205,26 @@ class MetricsRow(_Model):
     eval_rewards_rejected: Optional[float] = None
     eval_reward_accuracy: Optional[float] = None
     eval_reward_margin: Optional[float] = None
+    # objective grpo, over the rollouts since the previous row: the graders' total (a
+    # multi grader's weighted sum) and each leaf grader's score, their spread within
+    # the groups, the KL to the reference (k3 estimator, per token), the completions'
+    # tokens, the share of groups whose rewards were all equal (no advantage, no
+    # gradient) and the samples each grader failed on (raised or timed out: scored 0)
+    reward: Optional[float] = None
+    reward_std: Optional[float] = None
+    rewards_per_grader: Optional[dict[str, float]] = None
+    kl: Optional[float] = None
+    completion_length: Optional[float] = None
+    frac_reward_zero_std: Optional[float] = None
+    grader_errors: Optional[dict[str, int]] = None
+    grader_timeouts: Optional[dict[str, int]] = None
+    # on evaluation rows: the same graders on greedy answers to the held-out prompts
+    eval_reward: Optional[float] = None
+    eval_reward_std: Optional[float] = None
+    eval_rewards_per_grader: Optional[dict[str, float]] = None
+    eval_completion_length: Optional[float] = None
+    eval_grader_errors: Optional[dict[str, int]] = None
+    eval_grader_timeouts: Optional[dict[str, int]] = None
     resumed_from: Optional[int] = Field(
         None, description="On the first row after a resume: the checkpoint step resumed from."
     )

@@ -97,6 +97,14 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
         for src, dst in ROW_TO_STATUS:
             if getattr(row, src) is not None:
                 metrics[dst] = _round(getattr(row, src))
+    # grader failures: counted per row, totalled over the rows that count
+    for src, dst in (
+        ("grader_errors", "graderErrorsTotal"),
+        ("grader_timeouts", "graderTimeoutsTotal"),
+    ):
+        counts = [getattr(r, src) for r in rows if getattr(r, src) is not None]
+        if counts:
+            metrics[dst] = sum(sum(c.values()) for c in counts)
     if rec and rec.tokens_per_second is not None:
         metrics["tokensPerSecond"] = _round(rec.tokens_per_second)
     if "trainLoss" in metrics:

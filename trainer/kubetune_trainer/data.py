@@ -51,6 +51,7 @@ EXPECTED_KEYS = {
     "alpaca": "instruction, output [, input]",
     "sharegpt": "conversations",
     "preference": "prompt, chosen, rejected",
+    "prompt": "prompt or messages [, the fields the grader reads]",
 }
 
 
@@ -237,6 +238,8 @@ def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
         return _messages(row.get("messages"), "messages")
     if fmt == "preference":
         return _preference(row)
+    if fmt == "prompt":
+        return _prompt(row)
     return None, f"unknown format {fmt!r}"
 
 
@@ -306,6 +309,26 @@ def _preference(row: Any) -> tuple[Optional[dict], Optional[str]]:
     if c == r:
         return None, "'chosen' and 'rejected' are the same"
     return {"prompt": prompt, "chosen": c, "rejected": r}, None
+
+
+def _prompt(row: dict) -> tuple[Optional[dict], Optional[str]]:
+    """Prompt rows (objective grpo): {"prompt": text or messages, "item": the row};
+    the row's other fields are what the grader's templates read ({{item.<field>}})."""
+    prompt = row.get("prompt", row.get("messages"))
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return None, "empty 'prompt'"
+        return {"prompt": prompt, "item": row}, None
+    if not isinstance(prompt, list) or not prompt:
+        return None, "missing 'prompt' (text) or 'messages'"
+    # the shared message check wants an assistant turn, which a prompt does not have
+    norm, why = _messages(prompt + [{"role": "assistant", "content": "x"}], "messages")
+    if norm is None:
+        return None, why
+    msgs = norm["messages"][:-1]
+    if msgs[-1]["role"] == "assistant":
+        return None, "the prompt ends with an assistant turn: end it with the user's turn"
+    return {"prompt": msgs, "item": row}, None
 
 
 # ---------------------------------------------------------------------------- tokenize
@@ -457,6 +480,18 @@ def collate(examples: list[Example], seqs: list[list[int]], pad_id: int, packing
     else:
         batch["attention_mask"] = attention
     return batch
+
+
+def data_dir(spec) -> Optional[str]:
+    """The training data's folder when it is on this machine (a python grader's
+    `file` is read beside it), else None."""
+    import os
+
+    uri = spec.dataset.train.uri
+    if not uri or ("://" in uri and not uri.startswith("file://")):
+        return None
+    path = uri.removeprefix("file://")
+    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[Rows, Rows]:

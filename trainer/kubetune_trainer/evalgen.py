@@ -21,8 +21,11 @@ from . import data as D
 SAMPLES = "samples.jsonl"
 
 
-def prompt_and_reference(norm: dict) -> Optional[tuple[object, str]]:
-    """(prompt: text or messages, reference answer) of a normalised row, or None."""
+def prompt_and_reference(norm: dict) -> Optional[tuple[object, object]]:
+    """(prompt: text or messages, reference answer) of a normalised row, or None;
+    a prompt row's reference is the row itself (what its grader reads)."""
+    if "item" in norm:
+        return norm["prompt"], norm["item"]
     if "chosen" in norm:
         chosen = norm["chosen"]
         if isinstance(chosen, str):
@@ -47,7 +50,7 @@ def pick(rows: list, fmt: str, n: int, seed: int) -> list[tuple[object, str]]:
     for i in order:
         norm, _why = D.normalize(rows[i], fmt)
         pair = prompt_and_reference(norm) if norm else None
-        if pair and pair[1].strip():
+        if pair and (isinstance(pair[1], dict) or pair[1].strip()):
             out.append(pair)
             if len(out) == n:
                 break
@@ -108,6 +111,29 @@ def score(predictions: list[str], references: list[str]) -> dict:
     }
 
 
+def rewards(grader, answers: list[str], items: list[dict], base_dir=None) -> tuple[dict, list]:
+    """A prompt split's answers scored by the job's grader: ({reward, reward/<name>,
+    grader_errors, grader_timeouts}, per answer {total, <name>: score})."""
+    from .graders import Graders
+
+    graders = Graders(grader, base_dir=base_dir)
+    try:
+        scores = graders.score([{"output_text": a} for a in answers], items)
+    finally:
+        graders.close()
+    n = max(len(answers), 1)
+    summary = {"reward": sum(scores.total) / n}
+    for name, vals in sorted(scores.per_grader.items()):
+        summary[f"reward/{name}"] = sum(vals) / n
+    summary["grader_errors"] = sum(scores.errors.values())
+    summary["grader_timeouts"] = sum(scores.timeouts.values())
+    each = [
+        {"total": t, **{name: vals[k] for name, vals in scores.per_grader.items()}}
+        for k, t in enumerate(scores.total)
+    ]
+    return summary, each
+
+
 def load_base(path: str, spec, use_gpu: bool, saved: bool = False):
     """The base model (or, saved=True, a folder the trainer wrote) for generating."""
     import torch
@@ -141,10 +167,14 @@ def run(
     storage,
     local: Path,
     log: Callable[[str], None],
+    grader=None,
+    base_dir: Optional[str] = None,
 ) -> Optional[dict]:
     """Rank 0: answers before and after on the held-out prompts (`held_out`: split ->
     rows; `models`: "before"/"after" -> a loader); writes samples.jsonl beside the
-    outputs; returns the record for outputs.json."""
+    outputs; returns the record for outputs.json. Prompt rows (objective grpo) are
+    scored by the job's `grader` instead of against a reference answer: each sample
+    carries its rewards before and after."""
     if settings is None:
         return None
     sets = {k: pick(rows, fmt, settings.examples, settings.seed) for k, rows in held_out.items()}
@@ -162,20 +192,26 @@ def run(
     lines = []
     for split, pairs in sets.items():
         refs = [r for _, r in pairs]
+        each: dict[str, list] = {}
         for when in ("before", "after"):
-            record[f"{split}_{when}"] = score(answers[split][when], refs)
-        for k, (prompt, ref) in enumerate(pairs):
-            lines.append(
-                json.dumps(
-                    {
-                        "split": split,
-                        "prompt": prompt,
-                        "reference": ref,
-                        "before": answers[split]["before"][k],
-                        "after": answers[split]["after"][k],
-                    }
+            if grader is not None:
+                record[f"{split}_{when}"], each[when] = rewards(
+                    grader, answers[split][when], refs, base_dir
                 )
-            )
+            else:
+                record[f"{split}_{when}"] = score(answers[split][when], refs)
+        for k, (prompt, ref) in enumerate(pairs):
+            line = {
+                "split": split,
+                "prompt": prompt,
+                "reference": ref,
+                "before": answers[split]["before"][k],
+                "after": answers[split]["after"][k],
+            }
+            if each:
+                line["rewards_before"] = each["before"][k]
+                line["rewards_after"] = each["after"][k]
+            lines.append(json.dumps(line))
     path = local / SAMPLES
     path.write_text("".join(line + "\n" for line in lines))
     storage.fs.put_file(str(path), storage.path(SAMPLES))
@@ -205,8 +241,9 @@ def summary_lines(outputs: dict, storage, samples: int = 3, show=str) -> list[st
         if not before or not after:
             continue
         lines.append(f"  answers to {n} {split} prompts     before    after")
-        for key in ("exact_match", "rouge_l", "bleu", "chrf"):
-            lines.append(f"    {key:<28}{before[key]:>8.3f} {after[key]:>8.3f}")
+        for key in before:  # exact_match, rouge_l, bleu, chrf; or reward, reward/<name>, ...
+            if key in after:
+                lines.append(f"    {key:<28}{before[key]:>8.3f} {after[key]:>8.3f}")
     try:
         with storage.fs.open(storage.path(SAMPLES), "r") as f:
             rows = [json.loads(line) for _, line in zip(range(samples), f, strict=False)]
@@ -214,6 +251,11 @@ def summary_lines(outputs: dict, storage, samples: int = 3, show=str) -> list[st
         rows = []
     for row in rows:
         lines.append(f"  prompt:    {_short(row['prompt'])}")
+        if "rewards_before" in row:  # a prompt row: its rewards, not a reference
+            b, a = row["rewards_before"]["total"], row["rewards_after"]["total"]
+            lines.append(f"  before:    {_short(row['before'])}  (reward {b:.3f})")
+            lines.append(f"  after:     {_short(row['after'])}  (reward {a:.3f})")
+            continue
         lines.append(f"  reference: {_short(row['reference'])}")
         lines.append(f"  before:    {_short(row['before'])}")
         lines.append(f"  after:     {_short(row['after'])}")

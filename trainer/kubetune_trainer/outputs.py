@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from kubetune_api import storage as contract
 
+from . import data as D
 from . import evalgen, export
 from .checkpoint import save_adapter
 from .storage import JobStorage
@@ -129,6 +130,9 @@ def generation(f: Finish) -> dict:
         f.storage,
         f.local,
         f.log,
+        # prompt rows are scored by the job's grader (objective grpo)
+        grader=f.spec.method.grpo.grader if f.spec.method.grpo else None,
+        base_dir=D.data_dir(f.spec),
     )
     return {"generation": record} if record else {}
 

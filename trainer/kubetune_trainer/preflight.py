@@ -266,7 +266,7 @@ def check_format(
                     field_path,
                     f"no row of {name} fits {expected}: {shown}{more}",
                     "rename the keys in the data, or set spec.dataset.format to the data's "
-                    "format (text, prompt-completion, chat, alpaca, sharegpt, preference)",
+                    "format (text, prompt-completion, chat, alpaca, sharegpt, preference, prompt)",
                 )
             )
         else:
@@ -275,6 +275,40 @@ def check_format(
                 f"skipped: {shown}{more}"
             )
     return usable
+
+
+def check_grader_fields(spec: dict, name: str, usable: list, report: Report) -> None:
+    """dataset.format prompt: the item fields method.grpo.grader's templates name
+    ({{item.answer}}) against the rows. No row with a field: an error; some rows
+    without it: a warning (those rows are left out)."""
+    from kubetune_api import graders
+
+    grader = ((spec.get("method") or {}).get("grpo") or {}).get("grader")
+    if not grader or not usable:
+        return
+    try:
+        names = sorted(graders.fields(grader))
+    except ValueError:
+        return  # an invalid grader is the spec check's to report
+    for key in names:
+        lacking = [where for where, norm in usable if norm["item"].get(key) is None]
+        if not lacking:
+            continue
+        if len(lacking) == len(usable):
+            report.errors.append(
+                FieldError(
+                    "spec.method.grpo.grader",
+                    f"the grader reads {{{{item.{key}}}}}, but no row of {name} has a '{key}' key",
+                    f"add '{key}' to the rows (the reference the grader compares with), or "
+                    "change the grader's template to a field the rows have",
+                )
+            )
+        else:
+            shown = ", ".join(lacking[:MAX_EXAMPLES])
+            report.warnings.append(
+                f"{name}: {len(lacking)} of {len(usable)} rows lack '{key}', which the "
+                f"grader reads as {{{{item.{key}}}}}; they are left out: {shown}"
+            )
 
 
 def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Optional[dict] = None):
@@ -300,6 +334,8 @@ def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Opti
         if rows is None:
             continue
         usable[part] = check_format(field_path, part, rows, fmt, report)
+        if fmt == "prompt":
+            check_grader_fields(spec, part, usable[part], report)
         report.notes.append(
             f"{part}: {display(src['uri'])} ({len(rows)} rows, {len(usable[part])} fit "
             f"format {fmt})"

@@ -157,7 +157,8 @@ class Recipe:
         )
         self.log(self.notice)
         ds_config = M.deepspeed_config(self.spec, stage, use_gpu)
-        self.worker.init_engine(model, ds_config, stage, self.hp, self.total_steps)
+        updates = self.total_steps * self.objective.updates_per_step  # the schedule's steps
+        self.worker.init_engine(model, ds_config, stage, self.hp, updates)
         set_seed(self.hp.seed + self.rank)  # dropout differs per rank; resume restores it
 
     def setup_data(self) -> None:
@@ -303,8 +304,8 @@ class Recipe:
         engine.train()
         while self.state["step"] < self.total_steps:
             step = self.state["step"]
-            for a in range(accum):
-                batch, n_tok = self.micro_batch(step * accum + a)
+            made = [self.micro_batch(step * accum + a) for a in range(accum)]
+            for batch, n_tok in self.objective.step_batches(made):
                 loss = self.objective.loss(batch)
                 engine.backward(loss)
                 engine.step()

@@ -40,9 +40,27 @@ METRIC_KEYS = {
     "grad_norm": "grad_norm",
     "tokens_per_second": "tokens_per_second",
 }
+# row fields that are not metrics (the step is the metric's step)
+NOT_METRICS = {"step", "epoch", "time", "attempt", "resumed_from", "skipped_checkpoints"}
 PARAM_MAX = 6000  # MLflow's limit on a param value
 BATCH_PARAMS = 100  # MLflow's limits per log-batch request
 BATCH_METRICS = 1000
+
+
+def metric_values(row: dict) -> list[tuple[str, float]]:
+    """A metrics row as MLflow metrics: the named ones under their MLflow names,
+    every other number (an objective's own) under its field name, and a table of
+    numbers (e.g. rewards_per_grader) as one metric per entry, `field/name`."""
+    out = []
+    for src, value in row.items():
+        if value is None or src in NOT_METRICS:
+            continue
+        key = METRIC_KEYS.get(src, src)
+        if isinstance(value, dict):
+            out += [(f"{key}/{k}", float(v)) for k, v in value.items() if v is not None]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((key, float(value)))
+    return out
 
 
 class TrackingError(Exception):
@@ -303,10 +321,9 @@ class MlflowTracker:
     def _do_metrics(self, rows: list[dict]) -> None:
         stamp = int(time.time() * 1000)
         metrics = [
-            {"key": key, "value": float(row[src]), "timestamp": stamp, "step": int(row["step"])}
+            {"key": key, "value": value, "timestamp": stamp, "step": int(row["step"])}
             for row in rows
-            for src, key in METRIC_KEYS.items()
-            if row.get(src) is not None
+            for key, value in metric_values(row)
         ]
         for i in range(0, len(metrics), BATCH_METRICS):
             self.client.call(

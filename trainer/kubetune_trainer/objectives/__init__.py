@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from .base import Objective, Splits, TrainContext
 from .dpo import Dpo
+from .grpo import Grpo
 from .sft import Sft
 
-REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo}
+REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo, Grpo.name: Grpo}
 
 __all__ = ["REGISTRY", "Objective", "Splits", "TrainContext", "for_spec"]
 

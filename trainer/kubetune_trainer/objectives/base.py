@@ -41,6 +41,8 @@ class TrainContext:
 
 class Objective(Protocol):
     name: str
+    # optimiser steps per training step (the learning-rate schedule counts them)
+    updates_per_step: int
 
     # data: no engine needed (the driver's data check calls these too)
     def build_examples(
@@ -67,6 +69,13 @@ class Objective(Protocol):
         second model if the objective has one."""
         ...
 
+    def step_batches(self, batches: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+        """A step's micro-batches (collated, on the device; with their token counts)
+        → what the step trains on, in order: gradient_accumulation_steps of them per
+        optimiser step. Objectives trained on fixed examples return them as they
+        are (FixedExamples); an online one makes its own (grpo: rollouts)."""
+        ...
+
     def loss(self, batch: dict) -> Any:
         """The loss of one micro-batch already on the device (a scalar tensor)."""
         ...
@@ -82,3 +91,13 @@ class Objective(Protocol):
     def describe(self, row: dict) -> str:
         """Its part of a training log line (may be empty)."""
         ...
+
+
+class FixedExamples:
+    """For objectives that train on the examples the data gives (SFT, DPO): a step
+    is its micro-batches, one optimiser step."""
+
+    updates_per_step = 1
+
+    def step_batches(self, batches: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+        return batches

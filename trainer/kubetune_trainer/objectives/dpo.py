@@ -24,7 +24,7 @@ from kubetune_api import storage as contract
 
 from .. import data as D
 from ..data import IGNORE
-from .base import Splits, TrainContext
+from .base import FixedExamples, Splits, TrainContext
 
 NAME = "dpo"
 REFERENCE = "reference_logps.json"
@@ -200,7 +200,7 @@ def fingerprint(model_path: str, examples) -> str:
 
 
 # ---------------------------------------------------------------------------- objective
-class Dpo:
+class Dpo(FixedExamples):
     """Loss per micro-batch, running statistics for the metrics rows, evaluation,
     and the stored reference for full fine-tuning."""
 

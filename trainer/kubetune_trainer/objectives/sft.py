@@ -11,12 +11,12 @@ import math
 from typing import Optional
 
 from .. import data as D
-from .base import Splits, TrainContext
+from .base import FixedExamples, Splits, TrainContext
 
 NAME = "sft"
 
 
-class Sft:
+class Sft(FixedExamples):
     name = NAME
 
     def __init__(self, spec):

@@ -123,7 +123,7 @@ def ours(train: str, out: str, steps: int, prompts: int, generations: int, max_n
                 "epsilon": SETTINGS["epsilon"],
                 "lossType": SETTINGS["loss_type"],
                 "iterations": SETTINGS["iterations"],
-                "grader": {"type": "python", "name": "maxWords", "source": GRADER},
+                "grader": {"type": "python", "name": "max-words", "source": GRADER},
             },
         },
         hyperparameters={

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -278,6 +279,33 @@ def dpo_job() -> dict:
     return doc
 
 
+def grpo_job() -> dict:
+    """FULL_SPEC as a GRPO job: every method.grpo setting set (its grader: one check)."""
+    doc = job()
+    spec = doc["spec"]
+    spec["dataset"]["format"] = "prompt"
+    spec["method"]["objective"] = "grpo"
+    spec["method"]["grpo"] = {
+        "generationsPerPrompt": 4,
+        "maxNewTokens": 64,
+        "temperature": 0.9,
+        "topP": 0.95,
+        "beta": 0.04,
+        "epsilon": 0.2,
+        "lossType": "drGrpo",
+        "iterations": 2,
+        "grader": {
+            "type": "stringCheck",
+            "name": "exact",
+            "reference": "{{item.answer}}",
+            "operation": "eq",
+        },
+    }
+    spec["earlyStopping"]["metric"] = "eval_reward"
+    spec["earlyStopping"]["mode"] = "max"
+    return doc
+
+
 def mutate_dpo(path: str, value: Any) -> dict:
     return _set(dpo_job(), path, value)
 
@@ -384,6 +412,14 @@ def spec_cases() -> list[Case]:
         if path.count(".") >= 2 and not path.endswith("]"):
             cases.append(Case(f"{path[5:]}:absent", mutate(path, DELETE)))
             cases.append(Case(f"{path[5:]}:null", mutate(path, None)))
+    grpo = grpo_job()["spec"]
+    for path, node in _leaves(spec_schema(), "spec", grpo):
+        if not path.startswith("spec.method.grpo") or path.startswith("spec.method.grpo.grader"):
+            continue  # the rest on FULL_SPEC above; the grader in grader_cases()
+        for label, value in _variants(node):
+            cases.append(Case(f"{path[5:]}:{label}", _set(grpo_job(), path, value)))
+        cases.append(Case(f"{path[5:]}:absent", _set(grpo_job(), path, DELETE)))
+        cases.append(Case(f"{path[5:]}:null", _set(grpo_job(), path, None)))
     dpo = dpo_job()["spec"]
     for path, node in _leaves(spec_schema(), "spec", dpo):
         if not path.startswith("spec.method.dpo"):
@@ -740,6 +776,39 @@ def _written() -> list[Case]:
         _set(dpo_job(), "spec.method.dpo.lossType", "kto"),
         "spec.method.dpo.lossType",
     )
+    add("grpo:ok", grpo_job())
+    add("grpo:chat-data", _set(grpo_job(), "spec.dataset.format", "chat"), "spec.dataset.format")
+    add(
+        "grpo:prompt-data-sft",
+        _set(grpo_job(), "spec.method.objective", "sft"),
+        "spec.method",
+    )
+    add("grpo:no-settings", _set(grpo_job(), "spec.method.grpo", DELETE), "spec.method.grpo")
+    add(
+        "grpo:settings-on-sft",
+        mutate("spec.method.grpo", grpo_job()["spec"]["method"]["grpo"]),
+        "spec.method.grpo",
+    )
+    add(
+        "grpo:completion-fills-max-seq-length",
+        _set(grpo_job(), "spec.method.grpo.maxNewTokens", 2048),
+        "spec.method.grpo.maxNewTokens",
+    )
+    add(
+        "grpo:group-of-one",
+        _set(grpo_job(), "spec.method.grpo.generationsPerPrompt", 1),
+        "spec.method.grpo.generationsPerPrompt",
+    )
+    add(
+        "grpo:loss-unknown",
+        _set(grpo_job(), "spec.method.grpo.lossType", "dapo"),
+        "spec.method.grpo.lossType",
+    )
+    add(
+        "grpo:perplexity-early-stopping",
+        _set(grpo_job(), "spec.earlyStopping.metric", "eval_perplexity"),
+        "spec.earlyStopping.metric",
+    )
     add(
         "dpo:perplexity-early-stopping",
         _set(dpo_job(), "spec.earlyStopping.metric", "eval_perplexity"),
@@ -930,6 +999,182 @@ def _written() -> list[Case]:
     return c
 
 
+# ---------------------------------------------------------------------------- graders
+
+GRADER_AT = "spec.method.grpo.grader"
+ALL_GRADERS: dict[str, Any] = {
+    "type": "multi",
+    "name": "all",
+    "graders": {
+        "exact": {
+            "type": "stringCheck",
+            "name": "exact",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.answer}}",
+            "operation": "ilike",
+        },
+        "sim": {
+            "type": "textSimilarity",
+            "name": "sim",
+            "input": "{{ sample.output_text }}",
+            "reference": "{{item.answer}}",
+            "evaluationMetric": "rougeL",
+        },
+        "fmt": {
+            "type": "python",
+            "name": "fmt",
+            "source": "def grade(sample, item):\n    return 1.0\n",
+            "timeoutSeconds": 5,
+            "memoryMiB": 256,
+            "maxConcurrency": 2,
+        },
+        "judge": {
+            "type": "scoreModel",
+            "name": "judge",
+            "endpoint": "http://judge.serving:8000/v1",
+            "model": "judge-model",
+            "apiKeySecretRef": {"name": "judge-key", "key": "api-key"},
+            "messages": [
+                {"role": "system", "content": "Reply with one digit."},
+                {"role": "user", "content": "{{sample.output_text}} vs {{item.answer}}"},
+            ],
+            "range": [0, 9],
+            "maxTokens": 4,
+            "temperature": 0,
+            "maxRetries": 2,
+            "timeoutSeconds": 30,
+            "maxConcurrency": 4,
+        },
+    },
+    "weights": {"exact": 1.0, "sim": 0.5, "fmt": 0.25, "judge": 0.1},
+}
+
+
+def grader_job(grader: Any = None) -> dict:
+    """FULL_SPEC as a GRPO job scored by `grader` (default: a multi grader of every type)."""
+    doc = job()
+    spec = doc["spec"]
+    spec["dataset"]["format"] = "prompt"
+    spec["method"]["objective"] = "grpo"
+    spec["method"]["grpo"] = {"grader": copy.deepcopy(ALL_GRADERS if grader is None else grader)}
+    return doc
+
+
+def grader_cases() -> list[Case]:
+    """Generated mutations of every grader field (the multi grader's own and each leaf
+    type's), and the mistakes the grader rules are there for."""
+    c: list[Case] = []
+    schema = spec_schema()
+    node = schema
+    for key in GRADER_AT.split(".")[1:]:
+        node = node["properties"][key]
+    places = [(GRADER_AT, node, ALL_GRADERS)]
+    leaf = node["properties"]["graders"]["additionalProperties"]
+    places += [(f"{GRADER_AT}.graders.{k}", leaf, v) for k, v in ALL_GRADERS["graders"].items()]
+    seen: set[str] = set()  # one leaf type's field is the same field in the others
+    for where, schema_node, value in places:
+        for path, sub in _leaves(schema_node, where, value):
+            field = re.sub(r"\[\d+\]", "", path[len(where) :])
+            if field in seen:
+                continue
+            seen.add(field)
+            for label, bad in _variants(sub):
+                c.append(Case(f"{path[5:]}:{label}", _set(grader_job(), path, bad)))
+            c.append(Case(f"{path[5:]}:absent", _set(grader_job(), path, DELETE)))
+            c.append(Case(f"{path[5:]}:null", _set(grader_job(), path, None)))
+
+    def add(cid: str, field: Optional[str], value: Any, refuse: Optional[str] = "") -> None:
+        doc = grader_job() if field is None else _set(grader_job(), f"{GRADER_AT}.{field}", value)
+        where = f"{GRADER_AT}.{field}" if refuse == "" else refuse
+        c.append(Case(f"grader:{cid}", doc, refuse=where))
+
+    g = "graders"
+    add("ok-every-type", None, None, None)
+    for name, one in ALL_GRADERS["graders"].items():
+        c.append(Case(f"grader:ok-alone-{name}", grader_job(one)))
+    add("template-unknown-sample-field", f"{g}.exact.reference", "{{sample.text}}")
+    add("template-nested-item-field", f"{g}.exact.input", "{{item.a.b}}")
+    add("template-bare-braces", f"{g}.sim.reference", "{{ item }}")
+    add("template-in-message", f"{g}.judge.messages[1].content", "{{sample.output}}")
+    add("template-unclosed", f"{g}.exact.reference", "{{item.answer}")
+    add("python-two-sources", f"{g}.fmt.file", "grade.py", f"{GRADER_AT}.{g}.fmt.source")
+    add("python-no-source", f"{g}.fmt.source", DELETE)
+    add("python-source-without-grade", f"{g}.fmt.source", "def score(s, i):\n    return 1\n")
+    add("python-source-too-big", f"{g}.fmt.source", "def grade(s, i): pass\n" + "#" * 40000)
+    fmt_file = {"type": "python", "name": "fmt", "file": "../grade.py"}
+    add("python-file-up", f"{g}.fmt", fmt_file, f"{GRADER_AT}.{g}.fmt.file")
+    add(
+        "python-file-absolute",
+        f"{g}.fmt",
+        {**fmt_file, "file": "/etc/grade.py"},
+        f"{GRADER_AT}.{g}.fmt.file",
+    )
+    add(
+        "python-file-not-py",
+        f"{g}.fmt",
+        {**fmt_file, "file": "grade.sh"},
+        f"{GRADER_AT}.{g}.fmt.file",
+    )
+    add("python-timeout-zero", f"{g}.fmt.timeoutSeconds", 0)
+    add("python-timeout-long", f"{g}.fmt.timeoutSeconds", 601)
+    add("python-memory-small", f"{g}.fmt.memoryMiB", 32)
+    add("python-concurrency-zero", f"{g}.fmt.maxConcurrency", 0)
+    add("python-operation", f"{g}.fmt.operation", "eq")
+    add(
+        "python-config-map-bad-key",
+        f"{g}.fmt",
+        {"type": "python", "name": "fmt", "configMapRef": {"name": "g", "key": "a b"}},
+        f"{GRADER_AT}.{g}.fmt.configMapRef.key",
+    )
+    add("string-check-no-operation", f"{g}.exact.operation", DELETE)
+    add("string-check-metric", f"{g}.exact.evaluationMetric", "bleu")
+    add("similarity-no-metric", f"{g}.sim.evaluationMetric", DELETE)
+    add("judge-range-reversed", f"{g}.judge.range", [1, 0])
+    add("judge-range-empty", f"{g}.judge.range", [0, 0])
+    add("judge-range-three", f"{g}.judge.range", [0, 1, 2])
+    add("judge-endpoint-credentials", f"{g}.judge.endpoint", "http://user:pw@judge/v1")
+    add("judge-endpoint-key-query", f"{g}.judge.endpoint", "http://judge/v1?api_key=abc")
+    add("judge-no-messages", f"{g}.judge.messages", [])
+    add("judge-role", f"{g}.judge.messages[0].role", "tool")
+    add("judge-secret-uppercase", f"{g}.judge.apiKeySecretRef.name", "Judge")
+    add("judge-secret-no-key", f"{g}.judge.apiKeySecretRef.key", DELETE)
+    add("judge-no-endpoint", f"{g}.judge.endpoint", DELETE)
+    add("judge-concurrency-high", f"{g}.judge.maxConcurrency", 33)
+    add("weights-unknown-grader", "weights.nope", 1.0, f"{GRADER_AT}.weights")
+    add("weights-huge", "weights.exact", 1e6, f"{GRADER_AT}.weights")
+    add("entry-name-not-key", f"{g}.exact.name", "other", f"{GRADER_AT}.{g}")
+    add("multi-name-of-a-leaf", "name", "exact")
+    add(
+        "multi-in-multi",
+        f"{g}.inner",
+        {"type": "multi", "name": "inner", "graders": {}},
+        f"{GRADER_AT}.{g}",
+    )
+    add("multi-no-graders", g, {}, f"{GRADER_AT}.{g}")
+    add(
+        "multi-too-many",
+        g,
+        {f"g{i}": {**ALL_GRADERS[g]["exact"], "name": f"g{i}"} for i in range(9)},
+        f"{GRADER_AT}.{g}",
+    )
+    add(
+        "name-uppercase",
+        f"{g}.exact",
+        {**ALL_GRADERS[g]["exact"], "name": "Exact"},
+        f"{GRADER_AT}.{g}",
+    )
+    add("name-underscore", "name", "all_of_them")
+    add("name-too-long", "name", "a" * 41)
+    add("type-unknown", "type", "regex", GRADER_AT)
+    add("type-missing", "type", DELETE, GRADER_AT)
+    c.append(
+        Case("grader:missing", _set(grader_job(), GRADER_AT, DELETE), refuse="spec.method.grpo")
+    )
+    for i, case in enumerate(c):
+        case.doc["metadata"]["name"] = f"gr-{i}"
+    return c
+
+
 def written_cases() -> list[Case]:
     cases = _written()
     # every written case gets its own name so the server and the CLI see distinct objects
@@ -944,7 +1189,7 @@ def all_doc_cases() -> list[Case]:
     cases = spec_cases()
     for i, case in enumerate(cases):
         case.doc["metadata"]["name"] = f"g-{i}"
-    return cases + written_cases()
+    return cases + written_cases() + grader_cases()
 
 
 # ---------------------------------------------------------------------------- files
@@ -1097,6 +1342,17 @@ def yaml_cases() -> list[Case]:
 # Accepted by both, and why that is safe. A case accepted by both that is not
 # listed here fails the agreement test: every acceptance is a decision.
 SAFE: dict[str, str] = {}
+SAFE["grader:ok-every-type"] = "a multi grader of every type, each field set once"
+for _name in ("exact", "sim", "fmt", "judge"):
+    SAFE[f"grader:ok-alone-{_name}"] = "one leaf grader on its own is a whole grader"
+for _field in ("exact.input", "exact.reference", "judge.messages[0].content"):
+    for _label, _reason in (
+        ("newline", "a template is text for a model or a comparison: lines are fine"),
+        ("tab", "a template is text for a model or a comparison: tabs are fine"),
+        ("space-inside", "a template is text: spaces are fine"),
+        ("blank", "a template of spaces is text like any other: it compares or prompts as written"),
+    ):
+        SAFE[f"method.grpo.grader.graders.{_field}:{_label}"] = _reason
 
 
 def _safe(prefixes: tuple[str, ...], reason: str) -> None:
@@ -1148,6 +1404,7 @@ _safe(
     "no credential: names are matched whole",
 )
 _safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid baseline")
+_safe(("grpo:ok",), "a GRPO job with every method.grpo setting: the valid baseline")
 _safe(
     ("sweep:full-lr-only",), "a full fine-tune's learning rate can be swept; only LoRA's fields not"
 )

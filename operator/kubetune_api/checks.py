@@ -85,16 +85,37 @@ def _cel_str(text: str) -> str:
 
 # C0 and C1 control characters, DEL, and the bidirectional embeddings, overrides
 # and isolates (U+202A-U+202E, U+2066-U+2069) that make text display as
-# something other than what it is. The two spellings name the same set.
-_HOSTILE_PY = "[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
-_HOSTILE_RE2 = r"[\x00-\x1f\x7f-\x{9f}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
-_hostile = re.compile(_HOSTILE_PY)
+# something other than what it is. The two spellings name the same set;
+# `lines`: tab and line feed are allowed (multi-line text such as a prompt).
 
-PRINTABLE = Check(
-    cel=f"!self.matches({_cel_str(_HOSTILE_RE2)})",
-    message="must not contain control characters or bidirectional-text overrides: "
+
+def _printable(lines: bool, message: str) -> Check:
+    c0_py, c0_re2 = (
+        ("\x00-\x08\x0b-\x1f", r"\x00-\x08\x0b-\x1f")
+        if lines
+        else (
+            "\x00-\x1f",
+            r"\x00-\x1f",
+        )
+    )
+    hostile = re.compile(f"[{c0_py}\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+    re2 = f"[{c0_re2}" + r"\x7f-\x{9f}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
+    return Check(
+        cel=f"!self.matches({_cel_str(re2)})",
+        message=message,
+        python=lambda v: isinstance(v, str) and hostile.search(v) is None,
+    )
+
+
+PRINTABLE = _printable(
+    False,
+    "must not contain control characters or bidirectional-text overrides: "
     "retype the value in plain text",
-    python=lambda v: isinstance(v, str) and _hostile.search(v) is None,
+)
+PRINTABLE_LINES = _printable(
+    True,
+    "must not contain control characters (other than new lines and tabs) or "
+    "bidirectional-text overrides: retype the value in plain text",
 )
 
 NOT_BLANK = Check(

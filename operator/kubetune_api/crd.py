@@ -63,7 +63,7 @@ def _flatten_union(options: list[dict[str, Any]], node: dict[str, Any]) -> dict[
             if name in props and props[name] != sub:
                 raise ValueError(f"union field {name} differs between variants: {kinds}")
             props[name] = sub
-    props["type"] = {**variants[0]["properties"]["type"], "enum": kinds}
+    props = {"type": {**variants[0]["properties"]["type"], "enum": kinds}, **props}
     required = set.intersection(*(set(v.get("required", [])) for v in variants))
     rules = []
     for name, kinds_with in owners.items():

@@ -21,10 +21,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from . import checks
+from .base import SpecModel
 from .checks import Check
 
 TYPES = ("stringCheck", "textSimilarity", "python", "scoreModel", "multi")
@@ -54,7 +54,7 @@ MEMORY_MIN_MIB, MEMORY_MAX_MIB = 64, 16384
 CONCURRENCY_MAX = 32
 
 # Where the operator mounts a python grader's ConfigMap in the Ray pods.
-CONFIGMAP_DIR = "/etc/kubetune/graders"
+CONFIGMAP_DIR = "/etc/kubetune-graders"  # not under /etc/kubetune: a ConfigMap volume
 # The environment variable that carries a scoreModel grader's API key: the
 # operator fills it from apiKeySecretRef; for `kubetune run`, set it yourself.
 API_KEY_ENV = "KUBETUNE_GRADER_{}_API_KEY"
@@ -111,7 +111,9 @@ TEMPLATE = Check(
     python=checks._fullmatch(TEMPLATE_RE),
 )
 
-Template = Annotated[str, Field(min_length=1, max_length=TEMPLATE_MAX), TEMPLATE]
+Template = Annotated[
+    str, Field(min_length=1, max_length=TEMPLATE_MAX), checks.PRINTABLE_LINES, TEMPLATE
+]
 
 GRADER_NAME_RE = checks.DNS_LABEL_RE
 GraderName = Annotated[
@@ -135,18 +137,7 @@ Key = Annotated[
 ]
 
 
-class _Model(BaseModel):
-    # the same settings as kubetune_api.models._Model (not imported: no cycle)
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-        use_enum_values=True,
-    )
-
-    def to_dict(self) -> dict:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+_Model = SpecModel
 
 
 class ConfigMapKeyRef(_Model):
@@ -182,26 +173,26 @@ _CONCURRENCY = (
 )
 
 
-class StringCheckGrader(_Model):
-    """1 when the comparison holds, else 0."""
-
-    type: Literal["stringCheck"] = Field(description="The kind of grader.")
+class _Compared(_Model):
     name: GraderName = Field(description=_NAME)
     input: Template = Field("{{sample.output_text}}", description=_INPUT)
     reference: Template = Field(description=_REFERENCE)
+
+
+class StringCheckGrader(_Compared):
+    """1 when the comparison holds, else 0."""
+
+    type: Literal["stringCheck"] = Field(description="The kind of grader.")
     operation: Literal[OPERATIONS] = Field(
         description="stringCheck: eq (equal), ne (not equal), like (reference is a "
         "substring of input), ilike (the same, ignoring case)."
     )
 
 
-class TextSimilarityGrader(_Model):
+class TextSimilarityGrader(_Compared):
     """A similarity from 0 to 1 between input and reference."""
 
     type: Literal["textSimilarity"] = Field(description="The kind of grader.")
-    name: GraderName = Field(description=_NAME)
-    input: Template = Field("{{sample.output_text}}", description=_INPUT)
-    reference: Template = Field(description=_REFERENCE)
     evaluation_metric: Literal[METRICS] = Field(
         description="textSimilarity: fuzzyMatch (difflib's ratio of matching characters), "
         "bleu (sacrebleu's sentence BLEU), gleu (nltk's sentence GLEU), rouge1-rouge5 and "
@@ -247,8 +238,9 @@ class PythonGrader(_Model):
         ]
     ] = Field(
         None,
-        description="python: a .py file, relative to the training data's folder "
-        "(dataset.train.uri; for kubetune run with a dataset name, the job file's folder).",
+        description="python: a .py file, relative to the folder of the training data "
+        "(dataset.train.uri: a local folder or object storage, read with the dataset's "
+        "credentials).",
     )
     timeout_seconds: float = Field(5, gt=0, le=TIMEOUT_MAX, description=_TIMEOUT)
     memory_mib: int = Field(
@@ -287,9 +279,9 @@ class ScoreModelGrader(_Model):
         description="scoreModel: base URL of an OpenAI-compatible API, e.g. "
         "http://vllm.serving:8000/v1 (POST <endpoint>/chat/completions)."
     )
-    model: Annotated[str, Field(max_length=256), checks.PRINTABLE, checks.NOT_BLANK] = Field(
-        description="scoreModel: the model name the endpoint serves."
-    )
+    model: Annotated[
+        str, Field(max_length=256), checks.PRINTABLE, checks.NOT_BLANK, checks.NO_SPACE
+    ] = Field(description="scoreModel: the model name the endpoint serves.")
     api_key_secret_ref: Optional[SecretKeyRef] = Field(
         None,
         description="scoreModel: Secret key holding the API key, sent as a bearer token. In "
@@ -448,3 +440,23 @@ def fields(grader) -> set[str]:
         for message in getattr(leaf, "messages", None) or []:
             out |= template_fields(message.content)
     return out
+
+
+# ---------------------------------------------------------------------------- a job's grader
+
+
+def job_grader(spec: dict) -> Optional[dict]:
+    """The grader a FineTuneJob spec (camelCase dict) declares: method.grpo.grader."""
+    method = spec.get("method") if isinstance(spec, dict) else None
+    grpo = method.get("grpo") if isinstance(method, dict) else None
+    grader = grpo.get("grader") if isinstance(grpo, dict) else None
+    return grader if isinstance(grader, dict) else None
+
+
+def leaf_dicts(grader: Optional[dict]) -> list[dict]:
+    """The leaf graders of a grader in dict form (what the operator reads)."""
+    if not grader:
+        return []
+    if grader.get("type") == "multi":
+        return [g for g in (grader.get("graders") or {}).values() if isinstance(g, dict)]
+    return [grader]

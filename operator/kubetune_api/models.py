@@ -13,9 +13,9 @@ from enum import Enum
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
 
 from . import checks, objectives, sweep_space
+from .base import SpecModel
 from .checks import PRINTABLE
 from .graders import Grader
 
@@ -34,18 +34,7 @@ TEXT_MAX = 256
 LIST_MAX = 64
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_default=True,
-        use_enum_values=True,
-    )
-
-    def to_dict(self) -> dict:
-        """camelCase plain dict, without unset optional fields."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+_Model = SpecModel
 
 
 Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX)]

@@ -58,8 +58,8 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
     ObjectiveRow(
         name="dpo",
         summary="direct preference optimization on dataset.format preference (the reference "
-        "model is the base model: the adapter disabled, or log-probabilities computed once "
-        "before full fine-tuning)",
+        "model is where the job starts: the adapter disabled, a continued parent's adapter "
+        "kept frozen, or log-probabilities computed once before full fine-tuning)",
         formats=("preference",),
         metrics=(
             EVAL_LOSS,
@@ -105,7 +105,7 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
         owned_formats=("prompt",),
         owned_message="dataset.format prompt is trained with method.objective grpo: set it, "
         "or use a supervised format (chat, prompt-completion, ...)",
-        settings_required="method.objective grpo needs method.grpo with its grader: add "
+        settings_required="method.objective grpo needs method.grpo with its grader: set "
         "method.grpo.grader (stringCheck, textSimilarity, python, scoreModel or multi)",
         spec_rules=(
             {

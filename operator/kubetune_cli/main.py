@@ -15,6 +15,7 @@ from typing import Any, Optional
 import yaml
 
 from kubetune_api import __name__ as _api  # noqa: F401  (import check: the API is installed)
+from kubetune_api import jobfile
 from kubetune_api.reference import api_reference_markdown
 from kubetune_api.validation import FieldError, short, validate_document
 from kubetune_openai import cli as api_command
@@ -66,6 +67,21 @@ def _validate_one(name: str, index: int, doc: Any, warnings: list[str]) -> dict:
     return report
 
 
+def _check_file(name: str, documents: list, reports: list[dict]) -> None:
+    """The file as `kubetune run` and the operator take it (kubetune_api.jobfile):
+    two documents with one namespace/name, fromJob chains that loop. Each problem
+    on the report of the document it names."""
+    found = jobfile.plan(documents, file=name)
+    for document, error in found.errors:
+        if not 1 <= document <= len(reports):
+            continue  # a file without FineTuneJobs: its documents say so themselves
+        r = reports[document - 1]
+        if any(e["path"] == error.path for e in r["errors"]):
+            continue  # said already (a job without a name)
+        r["errors"].append(error.to_dict())
+        r["valid"] = False
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     reports = []
     unreadable = False
@@ -77,9 +93,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         loaded = load_documents(data)
         warnings = loaded.warnings
+        mine = []
         for index, doc in enumerate(loaded.documents, start=1):
-            reports.append(_validate_one(name, index, doc, warnings))
+            mine.append(_validate_one(name, index, doc, warnings))
             warnings = []  # said once per file
+        _check_file(name, loaded.documents, mine)
+        reports += mine
         if loaded.error:
             reports.append(_report(name, len(loaded.documents) + 1, [loaded.error], warnings))
         elif not loaded.documents:

@@ -10,6 +10,13 @@ from .commands import run_registered
 DESCRIPTION = """\
 Run a FineTuneJob on this machine with a local Ray, no cluster needed.
 
+A FILE with several FineTuneJobs runs them all, one after another, each after
+the jobs of the file it continues (spec.model.fromJob), as the operator does
+after `kubectl apply -f FILE`; the order is printed first. --name runs one job,
+after the in-file jobs it continues. A job already finished under the output
+folder is reused, not trained again; when a job fails, the jobs that continue
+it are not started.
+
 Before Ray starts, kubetune checks what a worker would otherwise find out
 minutes later: the model folder (config and weights, or the GGUF file named),
 the data files (line numbers of invalid JSON), that rows fit spec.dataset.format,
@@ -31,9 +38,11 @@ EPILOG = """\
 example:
   kubetune run crds/examples/quickstart.yaml            # from the repository root
   kubetune run job.yaml --output /data/runs --no-progress > train.log
+  kubetune run sft-then-dpo.yaml --name dpo             # dpo, after the sft job it continues
 
 exit status: 0 done, 1 training failed, 2 invalid job or a failed check
-(nothing ran), 3 no usable data, 130 stopped by Ctrl-C (SIGINT), 143 by SIGTERM.
+(nothing ran), 3 no usable data, 130 stopped by Ctrl-C (SIGINT), 143 by SIGTERM;
+for several jobs, the first failure's.
 """
 
 
@@ -51,7 +60,10 @@ def add_parser(sub) -> None:
         metavar="PATH|URI",
         help="where results go when spec.output.uri is unset (default: ./runs)",
     )
-    p.add_argument("--name", help="which FineTuneJob when FILE has several")
+    p.add_argument(
+        "--name",
+        help="run only this FineTuneJob of FILE (after the jobs of FILE it continues)",
+    )
     p.add_argument(
         "--no-progress",
         action="store_true",

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from kubetune_api import models
+from kubetune_api import graders, models
 from kubetune_api.storage import CREDENTIAL_KEYS, HF_TOKEN_KEY, credential_env, redact_uris
 from kubetune_api.trainer_config import RAY_ENV, spec_to_trainer_config
 
@@ -119,6 +119,51 @@ def _secret_env(role: str, access: Optional[dict]) -> list[dict]:
     return env
 
 
+def grader_env(spec: dict) -> list[dict]:
+    """A scoreModel grader's API key: from its Secret into the environment variable the
+    trainer reads (kubetune_api.graders.api_key_env), never into the trainer config."""
+    env = []
+    for leaf in graders.leaf_dicts(graders.job_grader(spec)):
+        ref = leaf.get("apiKeySecretRef") if leaf.get("type") == "scoreModel" else None
+        if ref:
+            env.append(
+                {
+                    "name": graders.api_key_env(leaf["name"]),
+                    "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}},
+                }
+            )
+    return env
+
+
+def grader_volumes(spec: dict) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) for python graders whose source is a ConfigMap key: mounted
+    read-only where the trainer looks (kubetune_api.graders.configmap_mount). A mount,
+    not a read by the operator: the operator needs no access to ConfigMaps it did not
+    create, and the pod waits for a ConfigMap created after the job."""
+    volumes, mounts = [], []
+    for leaf in graders.leaf_dicts(graders.job_grader(spec)):
+        ref = leaf.get("configMapRef") if leaf.get("type") == "python" else None
+        if ref:
+            name = graders.volume_name(leaf["name"])
+            volumes.append(
+                {
+                    "name": name,
+                    "configMap": {
+                        "name": ref["name"],
+                        "items": [{"key": ref["key"], "path": ref["key"]}],
+                    },
+                }
+            )
+            mounts.append(
+                {
+                    "name": name,
+                    "mountPath": graders.configmap_mount(leaf["name"]),
+                    "readOnly": True,
+                }
+            )
+    return volumes, mounts
+
+
 def trainer_env(job: Body, attempt: int) -> list[dict]:
     spec = job["spec"]
     meta = job["metadata"]
@@ -149,6 +194,7 @@ def trainer_env(job: Body, attempt: int) -> list[dict]:
                 "valueFrom": {"secretKeyRef": {"name": token["name"], "key": HF_TOKEN_KEY}},
             }
         )
+    env += grader_env(spec)
     return env
 
 
@@ -217,6 +263,8 @@ def _pod_template(
     res = job["spec"].get("resources") or {}
     image = res.get("image") or settings.trainer_image
     volumes, mounts = _writable(scratch, shm=resources["limits"]["memory"])
+    grader_vols, grader_mounts = grader_volumes(job["spec"])
+    volumes, mounts = volumes + grader_vols, mounts + grader_mounts
     env = [*trainer_env(job, attempt), {"name": "KUBETUNE_IMAGE", "value": image}]
     env.append({"name": "HOME", "value": HOME_DIR})
     env += [{"name": k, "value": v} for k, v in RAY_ENV.items()]

@@ -68,6 +68,11 @@ def _mentions(server_text: str, path: str) -> bool:
     # below a map entry the server writes the key as a field (parameters.KEY.values)
     # where the CLI brackets it (parameters[KEY].values): keys of a sweep hold dots
     candidates.add(re.sub(r"\[([^\]\d][^\]]*)\]", r".\1", path))
+    # and the other way: a CEL rule's error below a map entry brackets its key
+    # (grader.graders[exact].input) where the CLI writes a plain key as a field
+    parts = path.split(".")
+    for i in range(3, len(parts)):
+        candidates.add(".".join(parts[:i]) + f"[{parts[i]}]." + ".".join(parts[i + 1 :]))
     # map keys: the server names the map (spec.resources.nodeSelector, metadata.labels)
     trimmed = re.sub(r"(\[[^\]]*\]|\.[^.\[]+)$", "", path)
     if trimmed:

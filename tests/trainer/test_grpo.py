@@ -169,3 +169,214 @@ def test_rollout_log_probs_equal_one_prompt_at_a_time(tok):
         lp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1 : -1] / 0.7, -1)
         direct += lp.gather(1, torch.tensor(c)[:, None])[:, 0].tolist()
     assert logps.tolist() == pytest.approx(direct, abs=1e-4)
+
+
+def test_data_check_names_a_template_field_the_rows_lack(tmp_path):
+    """kubetune run's preflight (and kubetune validate): {{item.answer}} against rows
+    without `answer` is an error naming the grader and the fix; some rows without it
+    are a warning."""
+    from kubetune_trainer import preflight as P
+
+    grader = {
+        "type": "stringCheck",
+        "name": "exact",
+        "reference": "{{item.answer}}",
+        "operation": "eq",
+    }
+    spec = {
+        "dataset": {"format": "prompt"},
+        "method": {"objective": "grpo", "grpo": {"grader": grader}},
+    }
+    report = P.Report()
+    usable = [("p.jsonl line 1", {"prompt": "q", "item": {"prompt": "q", "solution": "4"}})]
+    P.check_grader_fields(spec, "train", usable, report)
+    [err] = report.errors
+    assert err.path == "spec.method.grpo.grader"
+    assert "reads {{item.answer}}, but no row of train has the field 'answer'" in err.message
+    assert "add 'answer' to the rows" in err.hint
+    report = P.Report()
+    usable.append(("p.jsonl line 2", {"prompt": "q", "item": {"prompt": "q", "answer": "4"}}))
+    P.check_grader_fields(spec, "train", usable, report)
+    assert not report.errors
+    assert report.warnings == [
+        "train: 1 of 2 rows lack 'answer', which the grader reads as {{item.answer}}; they are "
+        "left out: p.jsonl line 1"
+    ]
+
+
+def test_mlflow_gets_every_number_of_a_row_and_one_metric_per_grader():
+    from kubetune_trainer.tracking import metric_values
+
+    row = {
+        "step": 3,
+        "epoch": 0.5,
+        "loss": 0.0,
+        "reward": 0.5,
+        "rewards_per_grader": {"share": 0.25, "has-a": 1.0},
+        "grader_errors": {"raises": 32},
+        "eval_rewards_per_grader": {"share": 0.1},
+        "time": "2026-01-01T00:00:00Z",
+        "attempt": 1,
+    }
+    assert dict(metric_values(row)) == {
+        "train_loss": 0.0,
+        "reward": 0.5,
+        "reward/share": 0.25,
+        "reward/has-a": 1.0,
+        "grader_errors/raises": 32.0,
+        "eval_reward/share": 0.1,
+    }
+
+
+# ---------------------------------------------------------------------------- training
+
+SHARE = """
+def grade(sample, item):
+    text = sample["output_text"]
+    return sum(c == item["letter"] for c in text) / max(len(text), 1)
+"""
+HANGS = """
+import time
+def grade(sample, item):
+    if item.get("slow"):
+        time.sleep(600)
+    return 1.0
+"""
+RAISES = """
+def grade(sample, item):
+    raise ValueError("this grader always fails")
+"""
+ALLOCATES = """
+def grade(sample, item):
+    hog = []
+    while True:
+        hog.append(bytearray(16 * 1024 * 1024))
+"""
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """Short text prompts (the user turns of the chat data); the reference fields the
+    graders read: which letters count as vowels, the letter to contain, and, on one
+    row in eight, `slow` (the hanging grader hangs there)."""
+    turns = [m["content"] for r in H.chat_rows(400) for m in r["messages"] if m["role"] == "user"]
+    return [{"prompt": turns[k], "letter": "a", "slow": k % 8 == 0} for k in range(n)]
+
+
+def grpo_grader() -> dict:
+    """A multi grader: the share of vowels (python) and whether the answer holds an
+    "e" (stringCheck like), which both rise when the model learns to say vowels; and
+    three graders of weight 0 that hang, raise and allocate without bound."""
+    py = {"type": "python", "timeoutSeconds": 0.5, "memoryMiB": 128}
+    return {
+        "type": "multi",
+        "name": "all",
+        "graders": {
+            "share": {"type": "python", "name": "share", "source": SHARE},
+            "has-a": {
+                "type": "stringCheck",
+                "name": "has-a",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.letter}}",
+                "operation": "like",
+            },
+            "hangs": {**py, "name": "hangs", "source": HANGS},
+            "raises": {**py, "name": "raises", "source": RAISES},
+            "allocates": {**py, "name": "allocates", "source": ALLOCATES},
+        },
+        "weights": {"share": 1.0, "has-a": 0.5, "hangs": 0.0, "raises": 0.0, "allocates": 0.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-grpo")
+    return H.tiny_model(root / "model"), H.write_jsonl(root / "prompts.jsonl", prompt_rows(48))
+
+
+def _run(config) -> None:
+    from kubetune_trainer.__main__ import run
+
+    assert run(config, quiet=True) == 0, _local(config, "progress.json")
+
+
+def _local(config, *parts) -> str:
+    import os
+
+    return os.path.join(config.storage_prefix.removeprefix("file://"), *parts)
+
+
+def _rows(config) -> dict[int, dict]:
+    with open(_local(config, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_local, tiny, tmp_path):
+    """Full fine-tuning of the tiny model with a multi grader. Held-out (greedy)
+    reward before -> after, overall and per grader, must rise; the graders that
+    hang, raise and allocate without bound cost nothing to the total (weight 0),
+    the job finishes, and each failure is counted in the metrics rows."""
+    model, data = tiny
+    j = H.job(
+        model,
+        data,
+        tmp_path.as_uri(),
+        dataset={"format": "prompt", "validationSplit": 0.25, "maxSeqLength": 64},
+        method={
+            "type": "full",
+            "objective": "grpo",
+            "grpo": {
+                "generationsPerPrompt": 8,
+                "maxNewTokens": 6,
+                "beta": 0.0,
+                "grader": grpo_grader(),
+            },
+        },
+        hyperparameters={"maxSteps": 16, "learningRate": 1e-2, "batchSize": 4},
+        evaluation={"everySteps": 8, "generation": {"examples": 4, "maxNewTokens": 8}},
+        checkpointing={"everySteps": 16},
+    )
+    cfg = H.trainer_config(j)
+    _run(cfg)
+    rows = _rows(cfg)
+    first, last = rows[0], rows[16]
+    print("held-out reward", first["evalRewardsPerGrader"], last["evalRewardsPerGrader"])
+    print("held-out total", first["evalReward"], rows[8]["evalReward"], last["evalReward"])
+    assert last["evalReward"] > first["evalReward"] + 0.1
+    assert last["evalLoss"] == -last["evalReward"]
+    for name in ("share", "has-a"):
+        assert last["evalRewardsPerGrader"][name] > first["evalRewardsPerGrader"][name], name
+    for step in range(1, 17):
+        r = rows[step]
+        for key in ("reward", "rewardStd", "kl", "completionLength", "fracRewardZeroStd"):
+            assert isinstance(r[key], float), (step, key)
+        assert set(r["rewardsPerGrader"]) == {"share", "has-a", "hangs", "raises", "allocates"}
+        assert r["graderErrors"]["raises"] == 32  # every sample: 4 prompts x 8
+    # each allocation runs out of memory (an error) or, on a loaded machine, out of time
+    errors = sum(rows[s]["graderErrors"]["allocates"] for s in range(1, 17))
+    alloc_timeouts = sum(rows[s]["graderTimeouts"]["allocates"] for s in range(1, 17))
+    assert errors > 0 and errors + alloc_timeouts == 16 * 32
+    timeouts = sum(rows[s]["graderTimeouts"]["hangs"] for s in range(1, 17))
+    assert timeouts > 0, "the hanging grader's slow rows time out"
+    for s in range(1, 17):  # a timed-out sample scores 0; the others 1
+        assert (rows[s]["rewardsPerGrader"]["hangs"] < 1) == (
+            rows[s]["graderTimeouts"]["hangs"] > 0
+        )
+    # samples.jsonl: the same prompts answered before and after, with their rewards
+    with open(_local(cfg, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 4
+    for s in samples:
+        assert set(s["rewards_before"]) == {
+            "total",
+            "share",
+            "has-a",
+            "hangs",
+            "raises",
+            "allocates",
+        }
+        assert s["reference"]["letter"] == "a"
+    with open(_local(cfg, "outputs.json")) as f:
+        gen = json.load(f)["generation"]
+    assert gen["validation_before"]["reward"] == pytest.approx(
+        sum(s["rewards_before"]["total"] for s in samples) / 4
+    )

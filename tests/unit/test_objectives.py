@@ -35,6 +35,16 @@ def test_enum_metrics_and_formats_come_from_the_table():
         assert set(row.learning_rate) == {m.value for m in models.MethodType}
 
 
+# settings an objective cannot train without (the rest: their defaults)
+SETTINGS = {
+    "grpo": {
+        "grpo": {
+            "grader": {"type": "stringCheck", "name": "x", "reference": "y", "operation": "eq"}
+        }
+    }
+}
+
+
 def test_default_learning_rate_and_settings_block_per_objective():
     base = {
         "model": {"name": "org/m"},
@@ -47,7 +57,7 @@ def test_default_learning_rate_and_settings_block_per_objective():
             {
                 **base,
                 "dataset": {**base["dataset"], "format": fmt},
-                "method": {"objective": row.name},
+                "method": {"objective": row.name, **SETTINGS.get(row.name, {})},
             }
         )
         assert spec.hyperparameters.learning_rate == row.learning_rate["lora"]

@@ -269,6 +269,55 @@ def test_hf_token_secret_becomes_env():
     } in env
 
 
+def test_grader_api_keys_become_env_and_configmap_sources_are_mounted():
+    """scoreModel's apiKeySecretRef → an env var from the Secret (never in the trainer
+    config); a python grader's configMapRef → a read-only volume where the trainer reads."""
+    job = _job("lora-minimal.yaml")
+    judge_msgs = [{"role": "user", "content": "{{sample.output_text}}"}]
+    job["spec"]["dataset"]["format"] = "prompt"
+    job["spec"].setdefault("method", {})["objective"] = "grpo"
+    job["spec"]["method"]["grpo"] = {
+        "grader": {
+            "type": "multi",
+            "name": "all",
+            "graders": {
+                "judge-1": {
+                    "type": "scoreModel",
+                    "name": "judge-1",
+                    "endpoint": "http://judge.serving:8000/v1",
+                    "model": "m",
+                    "messages": judge_msgs,
+                    "apiKeySecretRef": {"name": "judge-key", "key": "api-key"},
+                },
+                "fmt": {
+                    "type": "python",
+                    "name": "fmt",
+                    "configMapRef": {"name": "g", "key": "f.py"},
+                },
+            },
+        }
+    }
+    rj = spec_to_rayjob(job, SETTINGS, 1)["spec"]["rayClusterSpec"]
+    for group in (rj["headGroupSpec"], *rj["workerGroupSpecs"]):
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        assert {
+            "name": "KUBETUNE_GRADER_JUDGE_1_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "judge-key", "key": "api-key"}},
+        } in container["env"]
+        assert {
+            "name": "grader-fmt",
+            "configMap": {"name": "g", "items": [{"key": "f.py", "path": "f.py"}]},
+        } in pod["volumes"]
+        assert {
+            "name": "grader-fmt",
+            "mountPath": "/etc/kubetune-graders/fmt",
+            "readOnly": True,
+        } in container["volumeMounts"]
+    config = spec_to_configmap(job, SETTINGS, 1)["data"]
+    assert "KUBETUNE_GRADER" not in json.dumps(config)
+
+
 @pytest.mark.parametrize("name", ["a", "My.Job.v2", "9lives", "x" * 253, "a-" * 30])
 def test_child_names_are_valid_and_deterministic(name):
     dns1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -12,6 +12,7 @@ _LR_SWEEP = {
 }
 
 # rule id -> a spec that breaks it (and breaks nothing else)
+GRPO = {"grader": {"type": "stringCheck", "name": "x", "reference": "y", "operation": "eq"}}
 BREAKERS = {
     "model-source": {**BASE, "model": {"name": "a", "uri": "s3://bucket/m"}},
     "train-source": {**BASE, "dataset": {"train": {}}},
@@ -75,6 +76,19 @@ BREAKERS = {
         "dataset": {**BASE["dataset"], "format": "preference"},
     },
     "dpo-settings-need-dpo": {**BASE, "method": {"dpo": {"beta": 0.2}}},
+    "grpo-needs-prompt-data": {**BASE, "method": {"objective": "grpo", "grpo": GRPO}},
+    "prompt-data-needs-grpo": {**BASE, "dataset": {**BASE["dataset"], "format": "prompt"}},
+    "grpo-settings-need-grpo": {**BASE, "method": {"grpo": GRPO}},
+    "grpo-needs-grpo-settings": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "prompt"},
+        "method": {"objective": "grpo"},
+    },
+    "grpo-completions-fit-max-seq-length": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "prompt", "maxSeqLength": 64},
+        "method": {"objective": "grpo", "grpo": {**GRPO, "maxNewTokens": 64}},
+    },
     "label-smoothing-needs-sigmoid": {
         **BASE,
         "dataset": {**BASE["dataset"], "format": "preference"},

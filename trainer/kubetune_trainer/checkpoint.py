@@ -30,6 +30,7 @@ from typing import Optional
 from kubetune_api import storage as contract
 from kubetune_api.storage import FileDigest
 
+from .model import TRAINED_ADAPTER
 from .storage import BackgroundWriter, JobStorage, now
 from .worker import Worker
 
@@ -80,12 +81,16 @@ def verify_local(manifest: contract.CheckpointManifest, local: Path) -> Optional
 
 
 def save_adapter(worker: Worker, path: Path) -> None:
-    """Every rank takes part (ZeRO-3 gathers the sharded LoRA weights); rank 0 writes."""
+    """Every rank takes part (ZeRO-3 gathers the sharded LoRA weights); rank 0 writes.
+    Only the trained adapter: a frozen reference adapter beside it
+    (objectives.reference) is the parent's and is loaded from there again."""
     module = worker.engine.module
     trainable = [p for p in module.parameters() if p.requires_grad]
+    names = list(getattr(module, "peft_config", {}))
+    only = {"selected_adapters": [TRAINED_ADAPTER]} if len(names) > 1 else {}
     with worker.gathered(trainable):
         if worker.rank == 0:
-            module.save_pretrained(str(path), safe_serialization=True)
+            module.save_pretrained(str(path), safe_serialization=True, **only)
 
 
 class Checkpoints:

@@ -1,6 +1,14 @@
-"""`kubetune run FILE`: the same FineTuneJob on this machine, on a local Ray.
+"""`kubetune run FILE`: the same FineTuneJobs on this machine, on a local Ray.
 
-In order: read the job, make its paths absolute against the working directory
+A file may hold several FineTuneJobs (an SFT job, then a DPO job continuing it
+through spec.model.fromJob): all of them run, parents first
+(kubetune_api.jobfile.plan, the order `kubetune validate` checks too), or the
+one --name picks after its in-file parents; a parent that already finished under
+the output folder is reused. The order and the reason are printed before
+anything starts; when a job fails, the jobs that continue it are not started
+(the others still run), and the exit status is the first failure's.
+
+For each job, in order: make its paths absolute against the working directory
 (preflight.resolve_job_paths: model, data and output, in one place), validate
 it, check the model folder, data, tokenizer and template (preflight), and only
 then start Ray. Results go to {output}/{namespace}/{name}/local, where output
@@ -28,7 +36,7 @@ from typing import Optional, TextIO
 
 import yaml
 
-from kubetune_api import load_trainer_config, spec_to_trainer_config
+from kubetune_api import jobfile, load_trainer_config, spec_to_trainer_config
 from kubetune_api import storage as contract
 from kubetune_api import sweep as S
 from kubetune_api.validation import validate_document
@@ -63,16 +71,10 @@ class LocalRun:
         return shlex.join(parts)
 
 
-def load_job(path: str, name: Optional[str] = None) -> dict:
-    """The first FineTuneJob in FILE (or the one named), as written."""
+def load_documents(path: str) -> list:
+    """Every YAML document in FILE (- for stdin), as written."""
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
-    jobs = [d for d in docs if d.get("kind") == "FineTuneJob"]
-    if name:
-        jobs = [d for d in jobs if (d.get("metadata") or {}).get("name") == name]
-    if not jobs:
-        raise ValueError(f"{path}: no FineTuneJob" + (f" named {name}" if name else ""))
-    return jobs[0]
+    return list(yaml.safe_load_all(text))
 
 
 def _fmt_time(seconds) -> str:
@@ -440,24 +442,85 @@ def main(args) -> int:
 
 
 def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
-    """`kubetune run`: 0 done, 1 training failed, 2 invalid job or preflight,
-    3 data error in the workers, 128+signal when stopped."""
+    """`kubetune run`: every FineTuneJob of FILE in dependency order (or --name's,
+    after its in-file parents). 0 all done, else the first failure's status: 1
+    training failed, 2 invalid job or preflight (for a file's plan or any of its
+    jobs: nothing ran), 3 data error in the workers, 128+signal when stopped."""
     out, err = out or sys.stdout, err or sys.stderr
     t0 = time.monotonic()
     base = (opts.base or Path.cwd()).resolve()
     try:
-        raw = load_job(opts.file, opts.name)
+        docs = load_documents(opts.file)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         err.write(f"kubetune run: {exc}\n")
         return EXIT_INVALID
-    # validated with its paths resolved: relative ones are this machine's, read from `base`
-    job = P.resolve_job_paths(raw, base)
-    result = validate_document(job)
-    if not result.ok:
-        for e in result.errors:
-            err.write(f"  {e}\n")
-        err.write(f"kubetune run: {opts.file} is not a valid FineTuneJob\n")
+    found = jobfile.plan(docs, opts.name, opts.file)
+    if not found.ok:
+        for document, e in found.errors:
+            where = f"{opts.file} #{document}: " if document else ""
+            err.write(f"  {where}{e}\n")
+        err.write("kubetune run: nothing was trained\n")
         return EXIT_INVALID
+    # every job validated before the first one trains: a typo in the last job of a
+    # chain is found now, not after the first job's minutes of training
+    jobs = []
+    for entry in found.order:
+        # validated with its paths resolved: relative ones are this machine's, read from `base`
+        job = P.resolve_job_paths(entry.doc, base)
+        result = validate_document(job)
+        if not result.ok:
+            for e in result.errors:
+                err.write(f"  {e}\n")
+            err.write(
+                f"kubetune run: {opts.file} #{entry.document} ({entry.name}) is not a valid "
+                "FineTuneJob; nothing was trained\n"
+            )
+            return EXIT_INVALID
+        jobs.append((entry, job, result))
+    if found.jobs > 1:
+        picked = f" (--name {opts.name} and the jobs it continues)" if opts.name else ""
+        out.write(
+            f"kubetune run: {opts.file} holds {found.jobs} FineTuneJobs; running "
+            f"{len(jobs)}{picked}, parents first (spec.model.fromJob):\n"
+            + "".join(line + "\n" for line in found.describe())
+        )
+        out.flush()
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    failed: dict[tuple, tuple[str, int]] = {}  # (namespace, name) -> (failed job, status)
+    first_rc = 0
+    try:
+        for k, (entry, job, result) in enumerate(jobs):
+            key = (entry.namespace, entry.name)
+            parents = [(entry.namespace, p) for _f, p in entry.parents]
+            blocked = next((failed[p] for p in parents if p in failed), None)
+            if blocked:
+                failed[key] = blocked
+                err.write(
+                    f"kubetune run: {entry.name} not started: it continues {blocked[0]}, "
+                    f"which failed (exit {blocked[1]})\n"
+                )
+                continue
+            rc = _run_job(opts, entry.doc, job, result, base, out, err, t0, k == len(jobs) - 1)
+            if rc >= 128:  # stopped by a signal: nothing more starts
+                rest = [e.name for e, _j, _r in jobs[k + 1 :]]
+                if rest:
+                    err.write(f"kubetune run: not started: {', '.join(rest)}\n")
+                return rc
+            if rc != 0:
+                failed[key] = (entry.name, rc)
+                first_rc = first_rc or rc
+    finally:
+        if len(jobs) > 1 and not ray_was_up and "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+    if len(jobs) > 1 and failed:
+        names = ", ".join(name for _ns, name in failed)
+        err.write(f"kubetune run: failed or not started: {names}\n")
+    return first_rc
+
+
+def _run_job(opts, raw, job, result, base, out, err, t0, last: bool) -> int:
+    """One FineTuneJob of the file (validated). `last`: the local Ray this run
+    started may stop after it (between jobs it stays up)."""
     output = P.resolve(opts.output or "runs", base)
     default_out = output if "://" in output else Path(output).as_uri()
     parent, problem = local_parent(job, default_out)
@@ -483,7 +546,7 @@ def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO
     signals = _Signals()
     signals.install()
     try:
-        return _run(opts, config, job, raw, base, storage, console, signals, t0, err)
+        return _run(opts, config, job, raw, base, storage, console, signals, t0, err, last)
     except Interrupted as exc:
         console.end_bar()
         if "ray" in sys.modules:
@@ -494,7 +557,7 @@ def run_local(opts: LocalRun, out: Optional[TextIO] = None, err: Optional[TextIO
         signals.restore()
 
 
-def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> int:
+def _run(opts, config, job, raw, base, storage, console, signals, t0, err, last=True) -> int:
     console.say(f"kubetune run: {config.job.name}: results in {_where(storage)}")
     job_dir = None if opts.file == "-" else Path(opts.file).resolve().parent
     report = P.preflight(config, job, base, job_dir, raw)
@@ -587,7 +650,7 @@ def _run(opts, config, job, raw, base, storage, console, signals, t0, err) -> in
         stopping.set()
         raise
     finally:
-        if own_ray or stopping.is_set():
+        if (own_ray and last) or stopping.is_set():
             ray.shutdown()
         shutil.rmtree(stop_files.dir, ignore_errors=True)
     rc = result.get("rc", 1)

@@ -10,6 +10,10 @@ from pathlib import Path
 from .data import IGNORE
 from .storage import filesystem
 
+# the name peft gives the adapter training creates or continues (get_peft_model,
+# PeftModel.from_pretrained); objectives.reference loads a frozen one beside it
+TRAINED_ADAPTER = "default"
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))

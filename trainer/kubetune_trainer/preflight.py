@@ -298,7 +298,8 @@ def check_grader_fields(spec: dict, name: str, usable: list, report: Report) -> 
             report.errors.append(
                 FieldError(
                     "spec.method.grpo.grader",
-                    f"the grader reads {{{{item.{key}}}}}, but no row of {name} has a '{key}' key",
+                    f"the grader reads {{{{item.{key}}}}}, but no row of {name} has the "
+                    f"field '{key}'",
                     f"add '{key}' to the rows (the reference the grader compares with), or "
                     "change the grader's template to a field the rows have",
                 )

@@ -33,6 +33,7 @@ from . import outputs as O
 from . import parent as P
 from . import tracking as T
 from .checkpoint import Checkpoints
+from .objectives import reference as R
 from .stop import StopFiles
 from .storage import BackgroundWriter, JobStorage, now
 from .worker import Worker
@@ -95,6 +96,7 @@ class Recipe:
         self.stopped: Optional[int] = None  # the step a stop request ended training at
         self.notice: Optional[str] = None
         self.parent: Optional[P.Parent] = None
+        self.reference_copy = None  # objectives.reference.prepare: full fine-tuning, online
         self.run_record: Optional[contract.RunRecord] = None
         self.tracker: Optional[T.MlflowTracker] = None
 
@@ -149,6 +151,10 @@ class Recipe:
         use_gpu = self.worker.use_gpu
         gpu_mem = torch.cuda.get_device_properties(0).total_memory if use_gpu else None
         stage, why = M.pick_zero_stage(self.spec, total_params, gpu_mem, self.world)
+        # the objective's reference model: loaded before DeepSpeed so ZeRO places it
+        self.reference_copy = R.prepare(
+            model, self.spec.method.type, self.parent, R.use_of(self.objective)
+        )
         # also progress.json's message while training: worker logs may not reach a console
         self.notice = (
             f"model {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
@@ -281,6 +287,10 @@ class Recipe:
                 batch_size=hp.batch_size,
                 max_batches=ev.max_batches,
                 start_step=self.state["step"],
+                method=self.spec.method.type,
+                parent=self.parent,
+                reference_use=R.use_of(self.objective),
+                reference_copy=self.reference_copy,
             ),
             self.splits,
         )

@@ -39,6 +39,9 @@ METRIC_KEYS = {
     "learning_rate": "learning_rate",
     "grad_norm": "grad_norm",
     "tokens_per_second": "tokens_per_second",
+    # objective grpo's per-grader tables: reward/<grader>, eval_reward/<grader>
+    "rewards_per_grader": "reward",
+    "eval_rewards_per_grader": "eval_reward",
 }
 # row fields that are not metrics (the step is the metric's step)
 NOT_METRICS = {"step", "epoch", "time", "attempt", "resumed_from", "skipped_checkpoints"}

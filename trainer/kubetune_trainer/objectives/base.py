@@ -37,12 +37,21 @@ class TrainContext:
     batch_size: int
     max_batches: Optional[int]
     start_step: int  # the committed step this attempt continues from (0: fresh)
+    # for the reference model (objectives.reference.Reference reads these):
+    method: str = "lora"  # spec.method.type
+    parent: Optional[Any] = None  # kubetune_trainer.parent.Parent (fromJob / fromCheckpoint)
+    reference_use: Optional[str] = None  # the objective's reference_use (reference.use_of)
+    reference_copy: Optional[Any] = None  # full fine-tuning, online: reference.prepare's copy
 
 
 class Objective(Protocol):
     name: str
     # optimiser steps per training step (the learning-rate schedule counts them)
     updates_per_step: int
+    # Optional class attribute `reference_use` (objectives.reference): None (no
+    # reference model), "stored" (full fine-tuning scores the reference before step
+    # 0 and keeps the numbers) or "online" (a frozen copy of the starting weights is
+    # kept for full fine-tuning). LoRA's reference never needs a copy of the base.
 
     # data: no engine needed (the driver's data check calls these too)
     def build_examples(

@@ -5,12 +5,13 @@ two examples side by side, chosen at 2k and rejected at 2k + 1, with loss labels
 on the response only. The unit of batching is the pair: both answers sit in the
 same micro-batch (one packed row, or two padded rows), so one forward scores both.
 
-The reference model is the policy the job starts from and costs no second
-copy: with adapters it is the same weights with the adapter disabled (peft's
-`disable_adapter`); for full fine-tuning its log-probabilities are computed
-once, before the first step, and stored beside the checkpoints
-(`reference_logps.json`), so a resumed run reads them back instead of scoring
-with weights that have already moved.
+The reference model is the policy the job starts from (objectives.reference):
+with adapters the same weights with the adapter switched off, or, when the job
+continues a parent's adapter (model.fromJob), that adapter kept frozen beside
+the trained one, so step 0 has rewards 0 and a loss of log 2; for full
+fine-tuning its log-probabilities are computed once, before the first step, and
+stored beside the checkpoints (`reference_logps.json`), so a resumed run reads
+them back instead of scoring with weights that have already moved.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kubetune_api import storage as contract
 from .. import data as D
 from ..data import IGNORE
 from .base import FixedExamples, Splits, TrainContext
+from .reference import Reference
 
 NAME = "dpo"
 REFERENCE = "reference_logps.json"
@@ -192,8 +194,10 @@ def sequence_logps(head, forward, batch: dict):
     return sums, counts
 
 
-def fingerprint(model_path: str, examples) -> str:
+def fingerprint(model_path: str, examples, parent=None) -> str:
     h = hashlib.sha256(str(model_path).encode())
+    if parent is not None:  # the weights step 0 starts from
+        h.update(f"{parent.kind}:{parent.uri}".encode())
     for ex in examples:
         h.update(json.dumps([ex.input_ids, ex.labels]).encode())
     return h.hexdigest()[:16]
@@ -205,10 +209,11 @@ class Dpo(FixedExamples):
     and the stored reference for full fine-tuning."""
 
     name = NAME
+    reference_use = "stored"  # full fine-tuning: scored before step 0, kept
 
     def __init__(self, spec):
         self.cfg = spec.method.dpo
-        self.adapter = spec.method.type != "full"
+        self.ref: Optional[Reference] = None
         self.reference: dict[str, list[float]] = {}  # split -> log-prob per example
         self._stats = None
         self.ctx: Optional[TrainContext] = None
@@ -231,8 +236,8 @@ class Dpo(FixedExamples):
         import torch
 
         w = self.ctx.worker
-        if self.adapter:
-            with torch.no_grad(), w.engine.module.disable_adapter():
+        if not self.ref.stored:
+            with torch.no_grad(), self.ref.active():
                 logps, _ = sequence_logps(w.head, w.engine, batch)
             return logps.detach()
         table = self.reference[split]
@@ -243,9 +248,11 @@ class Dpo(FixedExamples):
         """Full fine-tuning: the base model's log-probabilities of every example, once,
         before the first step; a later attempt reads the stored file."""
         self.ctx = ctx
-        if self.adapter:
+        self.ref = Reference(ctx)
+        ctx.log(self.ref.describe())
+        if not self.ref.stored:
             return
-        want = {name: fingerprint(ctx.model_path, ex) for name, (ex, _units) in splits.items()}
+        want = {n: fingerprint(ctx.model_path, ex, ctx.parent) for n, (ex, _) in splits.items()}
         stored = ctx.storage.read_json(REFERENCE)
         if stored and stored.get("fingerprints") == want:
             self.reference = stored["logps"]
@@ -272,14 +279,12 @@ class Dpo(FixedExamples):
 
         w = self.ctx.worker
         found: dict[int, float] = {}
-        w.engine.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.ref.active():  # before step 0: the starting weights
             for _weight, lo, hi in w.eval_shards(len(units), self.ctx.batch_size):
                 batch = self._collate(examples, units[lo:hi])
                 logps, _ = sequence_logps(w.head, w.engine, batch)
                 for i, v in zip(batch["example_ids"].tolist(), logps.tolist(), strict=True):
                     found[i] = v
-        w.engine.train()
         merged: dict[int, float] = {}
         for part in w.gather(found):
             merged.update(part)

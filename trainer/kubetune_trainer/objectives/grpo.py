@@ -222,6 +222,9 @@ class Grpo:
         self.spec = spec
         self.cfg = spec.method.grpo
         self.updates_per_step = self.cfg.iterations
+        # the KL term needs the starting policy while training (full fine-tuning: a
+        # frozen copy); beta 0 needs no reference at all
+        self.reference_use = "online" if self.cfg.beta else None
         self.ctx: Optional[TrainContext] = None
         self.graders = None
         self.tokenizer = None

@@ -225,6 +225,13 @@ def isolated(script: str, contender: str, /, **kwargs) -> tuple[dict, float]:
     return result, peak[0] / 2**30
 
 
+def peaks_line(peaks: dict) -> str:
+    """The report's line of peak memory per contender (GiB, from `isolated`)."""
+    return "peak memory of each process tree: " + ", ".join(
+        f"{k} {v:.1f} GiB" for k, v in peaks.items() if not math.isnan(v)
+    )
+
+
 def child_main(contenders: dict) -> bool:
     """In a process started by `isolated`: run the named contender, print its
     result as one JSON line, and return True. Otherwise return False."""

@@ -29,7 +29,6 @@ memory of each process tree is printed.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import shutil
@@ -287,10 +286,7 @@ def main() -> int:
         f"throughput at each one's defaults: kubetune (packed) {c['tps']:.1f}, TRL "
         f"{d['tps']:.1f} useful tokens/s"
     )
-    print(
-        "peak memory of each process tree: "
-        + ", ".join(f"{k} {v:.1f} GiB" for k, v in peaks.items() if not math.isnan(v))
-    )
+    print(C.peaks_line(peaks))
     return 0
 
 

@@ -36,7 +36,6 @@ On a 2-core CPU the defaults take about 12 minutes.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import shutil
@@ -354,10 +353,7 @@ def main() -> int:
             f"generated tokens/s over steps 2..{args.steps} (rollouts and updates): "
             f"{labels[names[0]]} {r['tps']:.1f} ({r['tokens']} tokens generated)"
         )
-    print(
-        "peak memory of each process tree: "
-        + ", ".join(f"{k} {v:.1f} GiB" for k, v in peaks.items() if not math.isnan(v))
-    )
+    print(C.peaks_line(peaks))
     return 0
 
 

@@ -195,6 +195,7 @@ def trl(train: str, out: str, steps: int, prompts: int, generations: int, max_ne
             warmup_steps=0,
             weight_decay=0.0,
             max_grad_norm=1.0,
+            bf16=False,  # GRPOConfig's default is bf16 (autocast on CPU as well)
             gradient_checkpointing=False,
             shuffle_dataset=False,
             save_strategy="no",

@@ -99,6 +99,51 @@ def job(train: Path, out: str, name: str, **spec) -> dict:
     }
 
 
+def tokenizer():
+    """The model's tokenizer as kubetune's trainer loads it."""
+    from kubetune_api import load_trainer_config, spec_to_trainer_config
+    from kubetune_trainer import model as M
+
+    spec = load_trainer_config(spec_to_trainer_config(job(Path("-"), "file:///-", "ref"))).spec
+    return M.load_tokenizer(spec, str(MODEL))
+
+
+def in_kubetune_order(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """The first n rows kubetune's trainer takes (its epoch order, seed `seed`,
+    epochs repeated), for a contender whose sampler runs unshuffled."""
+    from kubetune_trainer import data as D
+
+    order = D.epoch_order(len(rows), seed, 0)
+    return [rows[order[j % len(rows)]] for j in range(n)]
+
+
+def peft_lora(lora: dict):
+    """A PEFT LoraConfig of a spec's `method.lora` block, on all linear layers."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def with_adapters(base, adapters: list):
+    """Yield (adapter, model) for each saved adapter on top of `base` in turn
+    (None: the base model itself), unloading each before the next."""
+    from peft import PeftModel
+
+    for adapter in adapters:
+        if adapter is None:
+            yield adapter, base
+            continue
+        model = PeftModel.from_pretrained(base, adapter)
+        yield adapter, model
+        base = model.unload()
+
+
 def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> float:
     """Mean loss over assistant tokens of the held-out conversations (kubetune's
     tokenization and masks), the same function for every contender."""
@@ -180,6 +225,13 @@ def isolated(script: str, contender: str, /, **kwargs) -> tuple[dict, float]:
     return result, peak[0] / 2**30
 
 
+def peaks_line(peaks: dict) -> str:
+    """The report's line of peak memory per contender (GiB, from `isolated`)."""
+    return "peak memory of each process tree: " + ", ".join(
+        f"{k} {v:.1f} GiB" for k, v in peaks.items() if not math.isnan(v)
+    )
+
+
 def child_main(contenders: dict) -> bool:
     """In a process started by `isolated`: run the named contender, print its
     result as one JSON line, and return True. Otherwise return False."""
@@ -195,15 +247,21 @@ def ray_init() -> dict:
     return {"num_cpus": os.cpu_count(), "include_dashboard": False, "log_to_driver": False}
 
 
-def steady_tokens_per_second(prefix: Path, steps: int) -> tuple[float, int]:
-    """(useful tokens / s over steps 2..N, those tokens) from a run's metrics.jsonl
-    (logged every step; step 1 is warm-up)."""
+def steady_steps(prefix: Path, steps: int) -> tuple[list[dict], float]:
+    """(the metrics rows of steps 1..N, the seconds steps 2..N took) from a run's
+    metrics.jsonl (logged every step; step 1 is warm-up)."""
     rows = [json.loads(x) for x in (prefix / "metrics.jsonl").open()]
     rows = [r for r in rows if r.get("loss") is not None]
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), rows
-    tokens = rows[-1]["tokens"] - rows[0]["tokens"]
     pairs = zip(rows, rows[1:], strict=False)
     seconds = sum((b["tokens"] - a["tokens"]) / b["tokensPerSecond"] for a, b in pairs)
+    return rows, seconds
+
+
+def steady_tokens_per_second(prefix: Path, steps: int) -> tuple[float, int]:
+    """(useful tokens / s over steps 2..N, those tokens) from a run's metrics.jsonl."""
+    rows, seconds = steady_steps(prefix, steps)
+    tokens = rows[-1]["tokens"] - rows[0]["tokens"]
     return tokens / seconds, tokens
 
 

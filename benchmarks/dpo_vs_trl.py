@@ -29,7 +29,6 @@ memory of each process tree is printed.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import shutil
@@ -69,19 +68,11 @@ def split(heldout: int) -> tuple[list[dict], list[dict]]:
     return rows[heldout:], rows[:heldout]
 
 
-def _tokenizer():
-    from kubetune_api import load_trainer_config, spec_to_trainer_config
-    from kubetune_trainer import model as M
-
-    spec = load_trainer_config(spec_to_trainer_config(C.job(Path("-"), "file:///-", "ref"))).spec
-    return M.load_tokenizer(spec, str(C.MODEL))
-
-
 def usable(rows: list[dict], max_length: int) -> list[dict]:
     """The rows kubetune trains on (pair k of its examples is row k of this list)."""
     from kubetune_trainer.objectives import dpo as PF
 
-    tok = _tokenizer()
+    tok = C.tokenizer()
     return [r for r in rows if PF.build_pairs([r], tok, max_length)[1].usable == 1]
 
 
@@ -120,15 +111,10 @@ def trl(train: str, out: str, steps: int, setting: str) -> dict:
     """TRL's DPOTrainer in this process, on the same pairs in kubetune's order."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from kubetune_trainer import data as D
-
     torch.set_num_threads(os.cpu_count())
-    rows = C.read_jsonl(train)
-    order = D.epoch_order(len(rows), SEED, 0)
-    used = [rows[order[j % len(rows)]] for j in range(steps * 4)]
+    used = C.in_kubetune_order(C.read_jsonl(train), steps * 4, SEED)
     # TRL's conversational rows hold the answers as messages too
     used = [
         {**r, **{k: [{"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}}
@@ -163,13 +149,7 @@ def trl(train: str, out: str, steps: int, setting: str) -> dict:
         model=str(C.MODEL),
         args=DPOConfig(**settings),
         train_dataset=Dataset.from_list(used),
-        peft_config=LoraConfig(
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=C.peft_lora(LORA),
         callbacks=[clock],
     )
     done = trainer.train_dataset
@@ -188,7 +168,6 @@ def score(heldout: str, adapters: list) -> dict:
     against the base model as reference; None scores the base model itself."""
     import torch
     import torch.nn.functional as F
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from kubetune_trainer import data as D
@@ -196,7 +175,7 @@ def score(heldout: str, adapters: list) -> dict:
 
     torch.set_num_threads(os.cpu_count())
     rows = C.read_jsonl(heldout)
-    tok = _tokenizer()
+    tok = C.tokenizer()
     examples, report = PF.build_pairs(rows, tok, EQUAL["max_length"])
     assert report.usable == len(rows), report
 
@@ -224,13 +203,8 @@ def score(heldout: str, adapters: list) -> dict:
     base = AutoModelForCausalLM.from_pretrained(C.MODEL, dtype=torch.float32)
     ref = logps(base)
     results = {}
-    for adapter in adapters:
-        if adapter is None:
-            pi = ref
-        else:
-            model = PeftModel.from_pretrained(base, adapter)
-            pi = logps(model)
-            base = model.unload()
+    for adapter, model in C.with_adapters(base, adapters):
+        pi = ref if adapter is None else logps(model)
         rc, rr = BETA * (pi[0::2] - ref[0::2]), BETA * (pi[1::2] - ref[1::2])
         results[adapter or "base"] = {
             "loss": (-F.logsigmoid(rc - rr)).mean().item(),
@@ -312,10 +286,7 @@ def main() -> int:
         f"throughput at each one's defaults: kubetune (packed) {c['tps']:.1f}, TRL "
         f"{d['tps']:.1f} useful tokens/s"
     )
-    print(
-        "peak memory of each process tree: "
-        + ", ".join(f"{k} {v:.1f} GiB" for k, v in peaks.items() if not math.isnan(v))
-    )
+    print(C.peaks_line(peaks))
     return 0
 
 

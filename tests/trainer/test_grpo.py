@@ -379,7 +379,6 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
         assert (r["rewardsPerGrader"]["hangs"] < 1) == (r["graderTimeouts"]["hangs"] > 0)
         failed = hogs[s - 1] + hog_timeouts[s - 1]
         assert r["rewardsPerGrader"]["allocates"] == pytest.approx(1 - failed / SAMPLES)
-        assert failed % GENERATIONS == 0  # every completion of a hog row fails
     # samples.jsonl: the same prompts answered before and after, with their rewards
     with open(_local(cfg, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]

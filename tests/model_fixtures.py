@@ -19,8 +19,15 @@ def prepare_quickstart() -> None:
 
 def tiny_model(path: Path) -> Path:
     """A 2-layer Llama built from config (random weights) with SmolLM2's tokenizer."""
-    if (path / "config.json").exists():
-        return path
+    if not (path / "config.json").exists():
+        model, tok = _tiny_lm(tie_word_embeddings=True)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+def _tiny_lm(tie_word_embeddings: bool):
+    """tiny_model's model (in memory) and SmolLM2's tokenizer."""
     from transformers import AutoTokenizer
 
     prepare_quickstart()
@@ -30,14 +37,12 @@ def tiny_model(path: Path) -> Path:
         hidden_size=64,
         intermediate_size=128,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
     )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return model, tok
 
 
 def peaked_model(path: Path, letters: str = "abcdefghijklmnop") -> Path:
@@ -50,25 +55,14 @@ def peaked_model(path: Path, letters: str = "abcdefghijklmnop") -> Path:
     output head (not tied to the embeddings) puts a large negative weight on that
     channel for every token but the single letters in `letters`, whose rows get a
     larger random spread. Sampling then starts spread over those letters (each about
-    equally likely, eos excluded, so completions run to maxNewTokens), rewards vary
+    equally likely, together 99.9% of the first token's probability; eos excluded, so
+    completions run to maxNewTokens), rewards vary
     within a group, and training moves real weights as on any model."""
     if (path / "config.json").exists():
         return path
     import torch
-    from transformers import AutoTokenizer
 
-    prepare_quickstart()
-    tok = AutoTokenizer.from_pretrained(SMOL)
-    model = small_lm(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
+    model, tok = _tiny_lm(tie_word_embeddings=False)
     keep = [tok.convert_tokens_to_ids(c) for c in letters]
     with torch.no_grad():
         model.get_input_embeddings().weight[:, 0] = 1.0

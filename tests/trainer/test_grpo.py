@@ -249,24 +249,31 @@ def grade(sample, item):
 ALLOCATES = """
 def grade(sample, item):
     hog = []
-    while True:
+    while item.get("hog"):
         hog.append(bytearray(16 * 1024 * 1024))
+    return 1.0
 """
+STEPS, PROMPTS, GENERATIONS = 8, 4, 8  # the fit: steps, prompts per step, completions each
+SAMPLES = PROMPTS * GENERATIONS  # graded per step
 
 
 def prompt_rows(n: int) -> list[dict]:
     """Short text prompts (the user turns of the chat data); the reference fields the
-    graders read: which letters count as vowels, the letter to contain, and, on one
-    row in eight, `slow` (the hanging grader hangs there)."""
+    graders read: the letter the answer should be made of, and, on one row in eight
+    each, `slow` (the hanging grader hangs there) and `hog` (the allocating grader
+    allocates without bound there)."""
     turns = [m["content"] for r in H.chat_rows(400) for m in r["messages"] if m["role"] == "user"]
-    return [{"prompt": turns[k], "letter": "a", "slow": k % 8 == 0} for k in range(n)]
+    return [
+        {"prompt": turns[k], "letter": "a", "slow": k % 8 == 0, "hog": k % 8 == 1} for k in range(n)
+    ]
 
 
 def grpo_grader() -> dict:
-    """A multi grader: the share of vowels (python) and whether the answer holds an
-    "e" (stringCheck like), which both rise when the model learns to say vowels; and
-    three graders of weight 0 that hang, raise and allocate without bound."""
-    py = {"type": "python", "timeoutSeconds": 0.5, "memoryMiB": 128}
+    """A multi grader: the share of the answer's characters that are "a" (python) and
+    whether the answer holds an "a" (stringCheck like), which both rise when the
+    model learns to answer "aaaaaa"; and three graders of weight 0 that hang, raise
+    and allocate without bound, with short limits so that failing costs little."""
+    py = {"type": "python", "timeoutSeconds": 0.3, "memoryMiB": 96}
     return {
         "type": "multi",
         "name": "all",
@@ -290,7 +297,7 @@ def grpo_grader() -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-grpo")
-    return H.tiny_model(root / "model"), H.write_jsonl(root / "prompts.jsonl", prompt_rows(48))
+    return H.peaked_model(root / "model"), H.write_jsonl(root / "prompts.jsonl", prompt_rows(48))
 
 
 def _run(config) -> None:
@@ -311,10 +318,13 @@ def _rows(config) -> dict[int, dict]:
 
 
 def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_local, tiny, tmp_path):
-    """Full fine-tuning of the tiny model with a multi grader. Held-out (greedy)
-    reward before -> after, overall and per grader, must rise; the graders that
-    hang, raise and allocate without bound cost nothing to the total (weight 0),
-    the job finishes, and each failure is counted in the metrics rows."""
+    """LoRA on the tiny model whose sampling starts spread over 16 letters
+    (model_fixtures.peaked_model), with a multi grader and a KL term against the
+    reference (the adapter switched off). The training reward and the held-out
+    (greedy) reward before -> after, overall and per grader, must rise clearly; the
+    KL is logged and non-zero once the policy has moved; the graders that hang,
+    raise and allocate without bound cost nothing to the total (weight 0), the job
+    finishes, and each failure is counted in the metrics rows."""
     model, data = tiny
     j = H.job(
         model,
@@ -322,45 +332,53 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
         tmp_path.as_uri(),
         dataset={"format": "prompt", "validationSplit": 0.25, "maxSeqLength": 64},
         method={
-            "type": "full",
+            "type": "lora",
             "objective": "grpo",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
             "grpo": {
-                "generationsPerPrompt": 8,
+                "generationsPerPrompt": GENERATIONS,
                 "maxNewTokens": 6,
-                "beta": 0.0,
+                "beta": 0.04,
                 "grader": grpo_grader(),
             },
         },
-        hyperparameters={"maxSteps": 16, "learningRate": 1e-2, "batchSize": 4},
-        evaluation={"everySteps": 8, "generation": {"examples": 4, "maxNewTokens": 8}},
-        checkpointing={"everySteps": 16},
+        hyperparameters={"maxSteps": STEPS, "learningRate": 1e-2, "batchSize": PROMPTS},
+        evaluation={"everySteps": STEPS // 2, "generation": {"examples": 4, "maxNewTokens": 8}},
+        checkpointing={"everySteps": STEPS},
     )
     cfg = H.trainer_config(j)
     _run(cfg)
     rows = _rows(cfg)
-    first, last = rows[0], rows[16]
+    first, mid, last = rows[0], rows[STEPS // 2], rows[STEPS]
     print("held-out reward", first["evalRewardsPerGrader"], last["evalRewardsPerGrader"])
-    print("held-out total", first["evalReward"], rows[8]["evalReward"], last["evalReward"])
-    assert last["evalReward"] > first["evalReward"] + 0.1
+    print("held-out total", first["evalReward"], mid["evalReward"], last["evalReward"])
+    print("training reward", [rows[s]["reward"] for s in range(1, STEPS + 1)])
+    print("kl", [rows[s]["kl"] for s in range(1, STEPS + 1)])
+    assert last["evalReward"] >= first["evalReward"] + 0.3
     assert last["evalLoss"] == -last["evalReward"]
     for name in ("share", "has-a"):
         assert last["evalRewardsPerGrader"][name] > first["evalRewardsPerGrader"][name], name
-    for step in range(1, 17):
+    assert rows[STEPS]["reward"] >= rows[1]["reward"] + 0.3  # the rollouts' reward too
+    assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts at the reference
+    assert all(rows[s]["kl"] > 1e-4 for s in range(2, STEPS + 1))
+    for step in range(1, STEPS + 1):
         r = rows[step]
         for key in ("reward", "rewardStd", "kl", "completionLength", "fracRewardZeroStd"):
             assert isinstance(r[key], float), (step, key)
         assert set(r["rewardsPerGrader"]) == {"share", "has-a", "hangs", "raises", "allocates"}
-        assert r["graderErrors"]["raises"] == 32  # every sample: 4 prompts x 8
-    # each allocation runs out of memory (an error) or, on a loaded machine, out of time
-    errors = sum(rows[s]["graderErrors"]["allocates"] for s in range(1, 17))
-    alloc_timeouts = sum(rows[s]["graderTimeouts"]["allocates"] for s in range(1, 17))
-    assert errors > 0 and errors + alloc_timeouts == 16 * 32
-    timeouts = sum(rows[s]["graderTimeouts"]["hangs"] for s in range(1, 17))
+        assert r["graderErrors"]["raises"] == SAMPLES  # every sample
+    # the allocating grader runs out of memory (an error) or, on a loaded machine, out
+    # of time, on its `hog` rows; the hanging one times out on its `slow` rows
+    hogs = [rows[s]["graderErrors"]["allocates"] for s in range(1, STEPS + 1)]
+    hog_timeouts = [rows[s]["graderTimeouts"]["allocates"] for s in range(1, STEPS + 1)]
+    assert sum(hogs) > 0, "the allocating grader's hog rows run out of memory"
+    timeouts = sum(rows[s]["graderTimeouts"]["hangs"] for s in range(1, STEPS + 1))
     assert timeouts > 0, "the hanging grader's slow rows time out"
-    for s in range(1, 17):  # a timed-out sample scores 0; the others 1
-        assert (rows[s]["rewardsPerGrader"]["hangs"] < 1) == (
-            rows[s]["graderTimeouts"]["hangs"] > 0
-        )
+    for s in range(1, STEPS + 1):  # a failed sample scores 0; the others 1
+        r = rows[s]
+        assert (r["rewardsPerGrader"]["hangs"] < 1) == (r["graderTimeouts"]["hangs"] > 0)
+        failed = hogs[s - 1] + hog_timeouts[s - 1]
+        assert r["rewardsPerGrader"]["allocates"] == pytest.approx(1 - failed / SAMPLES)
     # samples.jsonl: the same prompts answered before and after, with their rewards
     with open(_local(cfg, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]

@@ -6,7 +6,13 @@ import copy
 import json
 from pathlib import Path
 
-from model_fixtures import SMOL, prepare_quickstart, small_lm, tiny_model  # noqa: F401
+from model_fixtures import (  # noqa: F401
+    SMOL,
+    peaked_model,
+    prepare_quickstart,
+    small_lm,
+    tiny_model,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = REPO / ".cache/data/chatterbot-chat.jsonl"

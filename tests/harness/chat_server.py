@@ -13,6 +13,7 @@ MODEL_DIR PORT` runs it; `ChatServer` starts it on a free port.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -100,29 +101,33 @@ def serve(model_dir: str, port: int, slow_seconds: float) -> None:
                 refuse = self.path.startswith("/busy/") and state.busy_turn % 2 == 1
             try:
                 if refuse:
-                    return self._json(429, {"error": {"message": "slow down"}})
-                if self.path.startswith("/slow/"):
-                    time.sleep(slow_seconds)
-                text = reply(body["messages"], int(body.get("max_tokens") or 16))
-                self._json(
-                    200,
-                    {
-                        "object": "chat.completion",
-                        "model": body.get("model"),
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": "length",
-                            }
-                        ],
-                    },
-                )
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (a timeout): fine
+                    status, payload = 429, {"error": {"message": "slow down"}}
+                else:
+                    if self.path.startswith("/slow/"):
+                        time.sleep(slow_seconds)
+                    text = reply(body["messages"], int(body.get("max_tokens") or 16))
+                    status, payload = (
+                        200,
+                        {
+                            "object": "chat.completion",
+                            "model": body.get("model"),
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": text},
+                                    "finish_reason": "length",
+                                }
+                            ],
+                        },
+                    )
             finally:
+                # out of flight before the answer is sent: a client may send its next
+                # request the moment it reads this answer, before this thread runs again
                 with state.lock:
                     state.in_flight -= 1
+            # a client that gave up (a timeout) has closed its end: fine
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._json(status, payload)
 
     server = ThreadingHTTPServer((LOOPBACK, port), Handler)
     server.daemon_threads = True

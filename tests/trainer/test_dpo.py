@@ -247,21 +247,6 @@ def _dpo_job(model, data, out, **overrides):
     )
 
 
-def _run(config) -> None:
-    from kubetune_trainer.__main__ import run
-
-    assert run(config, quiet=True) == 0, _local(config, "progress.json")
-
-
-def _local(config, *parts) -> str:
-    return os.path.join(config.storage_prefix.removeprefix("file://"), *parts)
-
-
-def _rows(config) -> dict[int, dict]:
-    with open(_local(config, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
-
-
 def test_full_dpo_zero3_two_workers_learns_stores_the_reference_and_resumes_on_it(
     ray_local, tiny, tmp_path
 ):
@@ -279,9 +264,9 @@ def test_full_dpo_zero3_two_workers_learns_stores_the_reference_and_resumes_on_i
             checkpointing={"everySteps": 4, "keepLast": 3},
         )
     )
-    _run(cfg)
-    rows = _rows(cfg)
-    ref_path = _local(cfg, DPO.REFERENCE)
+    H.fit(cfg)
+    rows = H.metric_rows(cfg)
+    ref_path = H.local(cfg, DPO.REFERENCE)
     with open(ref_path) as f:
         stored = json.load(f)
     assert len(stored["logps"]["train"]) == 2 * 32 and len(stored["logps"]["validation"]) == 16
@@ -302,10 +287,10 @@ def test_full_dpo_zero3_two_workers_learns_stores_the_reference_and_resumes_on_i
 
     # lose the last checkpoint: the next attempt resumes at step 4 on the stored reference
     mtime = os.stat(ref_path).st_mtime_ns
-    shutil.rmtree(_local(cfg, "checkpoints", "step-00000008"))
-    os.remove(_local(cfg, "outputs.json"))
-    _run(cfg)
-    again = _rows(cfg)
+    shutil.rmtree(H.local(cfg, "checkpoints", "step-00000008"))
+    os.remove(H.local(cfg, "outputs.json"))
+    H.fit(cfg)
+    again = H.metric_rows(cfg)
     assert os.stat(ref_path).st_mtime_ns == mtime, "the reference was computed again"
     assert again[5].get("resumedFrom") == 4
     for step in (5, 6, 7, 8):
@@ -333,14 +318,14 @@ def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, ti
     )
     j["spec"]["dataset"]["test"] = {"uri": str(test)}
     cfg = H.trainer_config(j)
-    _run(cfg)
-    rows = _rows(cfg)
-    assert not os.path.exists(_local(cfg, DPO.REFERENCE))  # the adapter-less model is it
+    H.fit(cfg)
+    rows = H.metric_rows(cfg)
+    assert not os.path.exists(H.local(cfg, DPO.REFERENCE))  # the adapter-less model is it
     assert rows[0]["evalRewardMargin"] == pytest.approx(0.0, abs=1e-4)
     assert rows[4]["evalRewardMargin"] != rows[0]["evalRewardMargin"]
     assert all(0.0 <= rows[s]["rewardAccuracy"] <= 1.0 for s in range(1, 5))
 
-    with open(_local(cfg, "outputs.json")) as f:
+    with open(H.local(cfg, "outputs.json")) as f:
         out = json.load(f)
     assert set(out["testMetrics"]) == {
         "test_loss",
@@ -351,7 +336,7 @@ def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, ti
     }
     gen = out["generation"]
     assert gen["examples"] == {"validation": 3, "test": 3}
-    with open(_local(cfg, "samples.jsonl")) as f:
+    with open(H.local(cfg, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
     assert len(samples) == 6 and {s["split"] for s in samples} == {"validation", "test"}
     # "before" is what the base model says, "after" what base + the saved adapter say
@@ -363,7 +348,7 @@ def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, ti
     prompts = [s["prompt"] for s in samples]
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     assert [s["before"] for s in samples] == G.generate(base, tok, prompts, settings)
-    tuned = PeftModel.from_pretrained(base, _local(cfg, "adapter"))
+    tuned = PeftModel.from_pretrained(base, H.local(cfg, "adapter"))
     assert [s["after"] for s in samples] == G.generate(tuned, tok, prompts, settings)
     for split in ("validation", "test"):
         refs = [s["reference"] for s in samples if s["split"] == split]
@@ -374,7 +359,7 @@ def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, ti
     assert "answers to 3 validation prompts" in text and "rouge_l" in text
     assert text.count("reference: ") == 3
     # local files print as plain paths, like every other line of the summary
-    assert f"samples:      {_local(cfg, 'samples.jsonl')}" in text and "file://" not in text
+    assert f"samples:      {H.local(cfg, 'samples.jsonl')}" in text and "file://" not in text
 
 
 # ---------------------------------------------------------------------------- generation

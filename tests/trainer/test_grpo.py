@@ -300,23 +300,6 @@ def tiny(tmp_path_factory):
     return H.peaked_model(root / "model"), H.write_jsonl(root / "prompts.jsonl", prompt_rows(48))
 
 
-def _run(config) -> None:
-    from kubetune_trainer.__main__ import run
-
-    assert run(config, quiet=True) == 0, _local(config, "progress.json")
-
-
-def _local(config, *parts) -> str:
-    import os
-
-    return os.path.join(config.storage_prefix.removeprefix("file://"), *parts)
-
-
-def _rows(config) -> dict[int, dict]:
-    with open(_local(config, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
-
-
 def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_local, tiny, tmp_path):
     """LoRA on the tiny model whose sampling starts spread over 16 letters
     (model_fixtures.peaked_model), with a multi grader and a KL term against the
@@ -347,8 +330,8 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
         checkpointing={"everySteps": STEPS},
     )
     cfg = H.trainer_config(j)
-    _run(cfg)
-    rows = _rows(cfg)
+    H.fit(cfg)
+    rows = H.metric_rows(cfg)
     first, mid, last = rows[0], rows[STEPS // 2], rows[STEPS]
     print("held-out reward", first["evalRewardsPerGrader"], last["evalRewardsPerGrader"])
     print("held-out total", first["evalReward"], mid["evalReward"], last["evalReward"])
@@ -380,7 +363,7 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
         failed = hogs[s - 1] + hog_timeouts[s - 1]
         assert r["rewardsPerGrader"]["allocates"] == pytest.approx(1 - failed / SAMPLES)
     # samples.jsonl: the same prompts answered before and after, with their rewards
-    with open(_local(cfg, "samples.jsonl")) as f:
+    with open(H.local(cfg, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
     assert len(samples) == 4
     for s in samples:
@@ -393,7 +376,7 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
             "allocates",
         }
         assert s["reference"]["letter"] == "a"
-    with open(_local(cfg, "outputs.json")) as f:
+    with open(H.local(cfg, "outputs.json")) as f:
         gen = json.load(f)["generation"]
     assert gen["validation_before"]["reward"] == pytest.approx(
         sum(s["rewards_before"]["total"] for s in samples) / 4

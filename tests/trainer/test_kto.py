@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import pytest
@@ -170,10 +169,6 @@ def test_kubetune_run_console_shows_kto_metrics():
 # ---------------------------------------------------------------------------- training
 
 
-def _local(config, *parts) -> str:
-    return os.path.join(config.storage_prefix.removeprefix("file://"), *parts)
-
-
 def test_lora_kto_on_feedback_rows_learns_to_rank_thumbs_up_higher(ray_local, tmp_path):
     from kubetune_trainer.__main__ import run
 
@@ -197,8 +192,8 @@ def test_lora_kto_on_feedback_rows_learns_to_rank_thumbs_up_higher(ray_local, tm
     )
     cfg = H.trainer_config(j)
     t0 = time.monotonic()
-    assert run(cfg, quiet=True) == 0, _local(cfg, "progress.json")
-    with open(_local(cfg, "metrics.jsonl")) as f:
+    assert run(cfg, quiet=True) == 0, H.local(cfg, "progress.json")
+    with open(H.local(cfg, "metrics.jsonl")) as f:
         rows = {r["step"]: r for r in map(json.loads, f)}
     print(f"kto fit: {time.monotonic() - t0:.1f}s")
     for s in (0, 9, 18):

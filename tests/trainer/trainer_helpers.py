@@ -78,3 +78,21 @@ def trainer_config(j: dict):
     from kubetune_api import load_trainer_config, spec_to_trainer_config
 
     return load_trainer_config(spec_to_trainer_config(j))
+
+
+def fit(config) -> None:
+    """One driver run of a trainer config on the shared local Ray; it must succeed."""
+    from kubetune_trainer.__main__ import run
+
+    assert run(config, quiet=True) == 0, local(config, "progress.json")
+
+
+def local(config, *parts) -> str:
+    """A path under a file:// config's job prefix."""
+    return str(Path(config.storage_prefix.removeprefix("file://"), *parts))
+
+
+def metric_rows(config) -> dict[int, dict]:
+    """metrics.jsonl of a config's job, by step (a later row of a step wins)."""
+    with open(local(config, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}

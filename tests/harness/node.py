@@ -20,6 +20,18 @@ Needs root. What it changes on the host, and how ``stop()`` puts it back
   snapshots): removed;
 - processes (the servers, containerd's shims, every container): killed.
 
+A run killed before its teardown (SIGKILL, a machine's session ending) leaves
+all of that behind, and containerd's shims and the containers outlive it. So
+the harness keeps a journal (``/run/kubetune-node.journal.json``: the host's
+state recorded before the run and the run's folder) from the claim to the end
+of ``release()``; the next claim, holding the lock, finds it and puts the host
+back from it first (``recover_host``). Where there is no journal (a run of a
+harness without one), it sweeps what is unambiguously the harness's: processes
+naming a ``kubetune-cluster-`` folder, mounts under one, network namespaces
+holding an address in the harness's range, the ``kt-`` links and the nftables
+table, and, when no kubelet runs on the machine, the kubelet's and kube-proxy's
+``KUBE-`` iptables chains and the ``kubepods`` cgroups.
+
 containerd's image store lives in the cache dir (``$KUBETUNE_CACHE/node``), so
 a 5 GiB trainer image is imported once per image hash, not on every run; its
 containers and snapshots in use are removed on teardown.
@@ -162,14 +174,30 @@ def _cgroup_roots() -> list[Path]:
 class HostState:
     """What the node changes on the host, recorded before, put back after."""
 
-    def __init__(self, net: ClusterNetwork) -> None:
+    def __init__(self, net: ClusterNetwork, recorded: dict | None = None) -> None:
         self.net = net
+        if recorded is not None:  # from a journal
+            self.sysctls = dict(recorded["sysctls"])
+            self.iptables = dict(recorded["iptables"])
+            self.nft_tables = set(recorded["nft_tables"])
+            self.netns = set(recorded["netns"])
+            self.cgroups = set(recorded["cgroups"])
+            return
         self.sysctls = {k: v for k in SYSCTLS if (v := _read_sysctl(k)) is not None}
         self.iptables = {cmd: _sh(f"{cmd}-save", check=False).stdout for cmd in IPTABLES}
         self.nft_tables = set(_sh("nft", "list", "tables", check=False).stdout.splitlines())
-        self.links = set(_sh("ip", "-o", "link", "show").stdout.split("\n"))
         self.netns = set(_netns())
         self.cgroups = {str(d / "kubepods") for d in _cgroup_roots() if (d / "kubepods").exists()}
+
+    def recorded(self) -> dict:
+        """What a journal keeps (``HostState(net, recorded=...)`` reads it back)."""
+        return {
+            "sysctls": self.sysctls,
+            "iptables": self.iptables,
+            "nft_tables": sorted(self.nft_tables),
+            "netns": sorted(self.netns),
+            "cgroups": sorted(self.cgroups),
+        }
 
     def snapshot(self) -> dict:
         """Comparable view of the host: a teardown test asserts it is unchanged."""
@@ -267,6 +295,147 @@ def _remove_cgroup(top: Path) -> list[str]:
     return problems
 
 
+LOCK = Path("/run/kubetune-node.lock")
+JOURNAL = Path("/run/kubetune-node.journal.json")
+RUN_DIR_PREFIX = "kubetune-cluster-"  # harness.cluster.Cluster's folders
+
+
+def _claim_lock():
+    """The machine-wide lock, or NodeError when another node harness holds it."""
+    lock = open(LOCK, "w")  # noqa: SIM115 - held by the caller
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        raise NodeError(
+            f"another kubetune node harness is running on this machine ({LOCK})"
+        ) from exc
+    return lock
+
+
+def _live(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _pids_naming(fragment: str) -> list[int]:
+    """Processes (other than this one) whose command line contains `fragment`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmdline:
+            pids.append(int(d.name))
+    return pids
+
+
+def _kill_all(pids: list[int]) -> list[str]:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (left := [p for p in pids if _live(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [f"process {p} survived SIGKILL" for p in left]
+
+
+def _kubelet_running() -> bool:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (d / "comm").read_text().strip() in ("kubelet", "kube-proxy"):
+                    return True
+    return False
+
+
+def _without_kube_chains(save: str) -> str:
+    """An iptables-save dump without the kubelet's and kube-proxy's chains and the jumps to them."""
+    keep = []
+    for line in save.splitlines():
+        if line.startswith((":KUBE-", "-A KUBE-")) or " -j KUBE-" in line or " -g KUBE-" in line:
+            continue
+        keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+def recover_host(net: ClusterNetwork) -> list[str]:
+    """Takes the lock and puts back what a node run killed before its teardown
+    left on the host; returns what could not be undone."""
+    lock = _claim_lock()
+    try:
+        return _recover(net)
+    finally:
+        lock.close()
+
+
+def _recover(net: ClusterNetwork) -> list[str]:
+    """With the lock held: the journal's recorded state put back, or (no journal)
+    a sweep of what is unambiguously the harness's."""
+    for link in (net.bridge, net.node_link):
+        _sh("ip", "link", "delete", link, check=False)
+    if JOURNAL.exists():
+        try:
+            journal = json.loads(JOURNAL.read_text())
+            run_dir = Path(journal["run_dir"])
+            host = HostState(net, recorded=journal["host"])
+            dirs = [Path(d) for d in journal["dirs"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems = [f"unreadable journal {JOURNAL} ({exc}); swept instead"]
+            problems += _sweep(net)
+        else:
+            problems = _kill_all(_pids_naming(f"{run_dir}/"))
+            problems += host.restore(dirs + [run_dir])
+            shutil.rmtree(run_dir, ignore_errors=True)
+        JOURNAL.unlink(missing_ok=True)
+        return problems
+    return _sweep(net)
+
+
+def _sweep(net: ClusterNetwork) -> list[str]:
+    problems = _kill_all(_pids_naming(f"/{RUN_DIR_PREFIX}"))
+    run_dirs = set()
+    for point in reversed(_mounts()):
+        parts = Path(point).parts
+        tops = [i for i, part in enumerate(parts) if part.startswith(RUN_DIR_PREFIX)]
+        if tops:
+            run_dirs.add(Path(*parts[: tops[0] + 1]))
+            r = _sh("umount", "-l", point, check=False)
+            if r.returncode:
+                problems.append(f"umount {point}: {r.stderr.strip()}")
+    harness = ipaddress.ip_network(net.harness_range)
+    for ns in _netns():
+        out = _sh("ip", "-n", ns, "-4", "-o", "addr", "show", check=False).stdout.split()
+        addrs = [w.split("/")[0] for i, w in enumerate(out) if i and out[i - 1] == "inet"]
+        if any(ipaddress.ip_address(a) in harness for a in addrs):
+            _sh("ip", "netns", "delete", ns, check=False)
+    _sh("nft", "delete", "table", "inet", NFT_TABLE, check=False)
+    _sh("conntrack", "-D", "-s", net.harness_range, check=False)
+    _sh("conntrack", "-D", "-d", net.harness_range, check=False)
+    if not _kubelet_running():
+        for cmd in IPTABLES:
+            save = _sh(f"{cmd}-save", check=False).stdout
+            clean = _without_kube_chains(save)
+            if save.strip() and _rules(clean) != _rules(save):
+                r = subprocess.run(
+                    [f"{cmd}-restore"], input=clean, text=True, capture_output=True, check=False
+                )
+                if r.returncode:
+                    problems.append(f"{cmd}-restore: {r.stderr.strip()}")
+        for root in _cgroup_roots():
+            if (root / "kubepods").exists():
+                problems += _remove_cgroup(root / "kubepods")
+    for d in run_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return problems
+
+
 class Node:
     """The node's processes and host changes; ``start()`` then ``stop()``."""
 
@@ -293,6 +462,15 @@ class Node:
         self._take_lock()
         self.host = HostState(self.net)
         try:
+            JOURNAL.write_text(
+                json.dumps(
+                    {
+                        "run_dir": str(self.workdir.parent),
+                        "dirs": [str(d) for d in self._dirs()],
+                        "host": self.host.recorded(),
+                    }
+                )
+            )
             self._network()
         except BaseException:
             self.release()
@@ -334,11 +512,12 @@ class Node:
         self.stop()
         problems: list[str] = []
         if self.host is not None:
-            problems = self.host.restore([self.kubelet_dir, self.state_dir, self.store])
+            problems = self.host.restore(self._dirs())
             self.host = None
         shutil.rmtree(self.kubelet_dir, ignore_errors=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if self._lock is not None:
+            JOURNAL.unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
         return problems
@@ -354,19 +533,15 @@ class Node:
             wait_until(lambda: not self._running_tasks(), timeout, interval=1, what="pods gone")
 
     # ---- parts ---------------------------------------------------------------
+    def _dirs(self) -> list[Path]:
+        """Where the node mounts things."""
+        return [self.kubelet_dir, self.state_dir, self.store]
+
     def _take_lock(self) -> None:
-        lock = open("/run/kubetune-node.lock", "w")  # noqa: SIM115 - held until stop()
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            lock.close()
-            raise NodeError(
-                "another kubetune node harness is running on this machine (/run/kubetune-node.lock)"
-            ) from exc
-        self._lock = lock
-        # A run that died without its teardown leaves these behind.
-        for link in (self.net.bridge, self.net.node_link):
-            _sh("ip", "link", "delete", link, check=False)
+        self._lock = _claim_lock()
+        # A run killed before its teardown leaves the host changed: put it back first.
+        for problem in _recover(self.net):
+            print(f"kubetune node harness: after an earlier run: {problem}", flush=True)
 
     def _network(self) -> None:
         n = self.net

@@ -28,6 +28,21 @@ def test_a_request_counts_only_for_processes_started_before_it(tmp_path):
     assert files.requested_since(start)
 
 
+def test_a_request_stamped_a_clock_tick_before_the_start_still_counts(tmp_path):
+    """File times come from the kernel's coarse clock, up to a tick (10 ms)
+    behind time.time(): a request written right after a start can carry an
+    earlier time (seen once in CI, under load)."""
+    files = StopFiles(tmp_path / "stop")
+    start = time.time()
+    files.request("SIGTERM")
+    tick_behind = start - 0.01
+    os.utime(files.dir / "request", (tick_behind, tick_behind))
+    assert files.requested_since(start)
+    a_second_before = start - 1
+    os.utime(files.dir / "request", (a_second_before, a_second_before))
+    assert not files.requested_since(start)
+
+
 def test_pending_is_the_live_runners_that_have_not_saved(tmp_path):
     files = StopFiles(tmp_path)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

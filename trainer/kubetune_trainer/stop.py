@@ -31,6 +31,7 @@ from typing import Optional
 
 DEFAULT_DIR = "/tmp/kubetune-stop"
 REQUEST = "request"
+STAMP_SLACK = 0.05  # seconds: the coarse clock behind file times, with room
 
 
 def _alive(pid: int) -> bool:
@@ -59,8 +60,12 @@ class StopFiles:
     def requested_since(self, start: float) -> bool:
         """A request written after `start` (a process's own start: an older one
         belongs to a run this folder saw before)."""
+        # A file's mtime comes from the kernel's coarse clock, which runs up to a
+        # tick (at most 10 ms) behind time.time(): a request written just after
+        # `start` can carry an earlier mtime. A previous run's request is seconds
+        # older than a new process's start.
         try:
-            return (self.dir / REQUEST).stat().st_mtime >= start
+            return (self.dir / REQUEST).stat().st_mtime >= start - STAMP_SLACK
         except OSError:
             return False
 

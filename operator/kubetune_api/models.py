@@ -837,6 +837,17 @@ class SkippedCheckpointStatus(_Model):
     )
 
 
+class StartupPhaseStatus(_Model):
+    name: Text = Field(
+        description="workerStarted, modelFetched, dataPrepared, modelLoaded, engineReady, "
+        "baseEvaluated or firstStep."
+    )
+    time: Optional[Text] = Field(None, description="When it ended (RFC 3339).")
+    seconds: Optional[float] = Field(
+        None, description="Seconds from the worker's start to the end of this phase."
+    )
+
+
 class Progress(_Model):
     step: int = Field(0, ge=0)
     total_steps: Optional[int] = None
@@ -853,6 +864,12 @@ class Progress(_Model):
         max_length=SKIPPED_CHECKPOINTS_MAX,
         description="Newer committed checkpoints the current attempt found damaged (a file "
         "missing, cut short or changed since it was written) and passed over.",
+    )
+    startup: Optional[list[StartupPhaseStatus]] = Field(
+        None,
+        max_length=8,
+        description="The current attempt's way from its workers' start to the first "
+        "training step, phase by phase (rank 0's clock).",
     )
     display: Optional[Text] = Field(None, description="e.g. '120/600' for kubectl get.")
 

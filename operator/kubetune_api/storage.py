@@ -160,6 +160,26 @@ class SkippedCheckpoint(_Model):
     moved_to: Optional[str] = Field(None, description="Where the folder is now.")
 
 
+class StartupPhase(_Model):
+    """One step on the way from a worker's start to its first training step."""
+
+    name: str = Field(description="One of STARTUP_PHASES.")
+    time: str = Field(description="RFC 3339 UTC time it ended.")
+    seconds: float = Field(description="Seconds from the worker's start to its end.")
+
+
+# In order: what rank 0 of the current attempt did before its first step.
+STARTUP_PHASES = (
+    "workerStarted",  # Ray Train started the worker process's training function
+    "modelFetched",  # the model (and a parent's outputs) are on the worker's disk
+    "dataPrepared",  # read, checked, tokenized
+    "modelLoaded",  # weights in memory (and the adapter or reference built)
+    "engineReady",  # DeepSpeed initialized (the optimizer, ZeRO's partitions)
+    "baseEvaluated",  # the held-out loss before training (a fresh start with evaluation)
+    "firstStep",  # the first optimizer step of this attempt is done
+)
+
+
 class ProgressRecord(_Model):
     phase: TrainPhase
     step: int = 0
@@ -179,6 +199,9 @@ class ProgressRecord(_Model):
     )
     attempt: int = 1
     message: Optional[str] = None
+    startup: Optional[list[StartupPhase]] = Field(
+        None, description="This attempt's way to its first step, so far (STARTUP_PHASES)."
+    )
     updated_at: str = Field(description="RFC 3339 UTC time of this record.")
 
 

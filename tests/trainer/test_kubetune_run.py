@@ -28,6 +28,8 @@ import pytest
 import trainer_helpers as H
 import yaml
 
+from kubetune_api import storage as contract
+
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(1800)]
 
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
@@ -263,6 +265,15 @@ def test_relative_paths_sigint_then_resume(workdir):
     assert len(stop) == 1, first
     committed = json.loads((prefix / "progress.json").read_text())
     assert committed["phase"] == "Interrupted", committed
+    # the way to step 1, phase by phase, in order, on one clock
+    startup = committed["startup"]
+    names = [ph["name"] for ph in startup]
+    assert [n for n in contract.STARTUP_PHASES if n in names] == names, names
+    assert {"workerStarted", "modelFetched", "dataPrepared", "engineReady", "firstStep"} <= set(
+        names
+    ), names
+    seconds = [ph["seconds"] for ph in startup]
+    assert seconds == sorted(seconds) and seconds[0] < 1.0 < seconds[-1], startup
     step = committed["lastCheckpoint"]["step"]
     assert step >= 10 and (prefix / f"checkpoints/step-{step:08d}/manifest.json").exists()
     # save on stop: the step in flight when the SIGINT came was committed, none lost
@@ -278,6 +289,8 @@ def test_relative_paths_sigint_then_resume(workdir):
     print(second)
     assert proc2.returncode == 0, second
     assert f"kubetune run: resumed from step {step} ({prefix}/checkpoints/" in second
+    to_step_1 = [ln for ln in proc2.stdout.splitlines() if ln.startswith("  to step 1:")]
+    assert len(to_step_1) == 1 and "engine ready" in to_step_1[0], second
     steps = [int(m.group(1)) for m in map(STEP_LINE.match, proc2.stdout.splitlines()) if m]
     assert steps == list(range(step + 1, STEPS + 1)), second  # one plain line per log step
     assert re.search(rf"^step {EVAL_AT}/{STEPS} .* eval \d+\.\d{{4}}", proc2.stdout, re.M), second
@@ -322,7 +335,6 @@ def test_console_keeps_messages_on_their_own_lines_below_the_bar():
 
 
 def _records(storage, rows: list[dict], progress: dict, committed: list[int]) -> None:
-    from kubetune_api import storage as contract
 
     storage.write_metrics(rows)
     storage.write_json(contract.PROGRESS, progress)

@@ -100,6 +100,7 @@ def _record_failure(exc: Exception, storage, config, say) -> int:
             # this attempt's (the driver's Loading record, written first, has none)
             resumed_from=prev.resumed_from if prev else None,
             skipped_checkpoints=prev.skipped_checkpoints if prev else None,
+            startup=prev.startup if prev else None,
             attempt=config.attempt,
             message=f"{type(exc).__name__}: {exc}"[:4000],
             updated_at=now(),

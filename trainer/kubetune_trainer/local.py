@@ -316,8 +316,35 @@ def summary(storage) -> str:
         lines.append(f"  {'mlflow run:':<14}{track.get('url')}")
     elif track:
         lines.append(f"  {'mlflow:':<14}not reachable: {track.get('message')}")
+    lines += startup_lines(storage)
     lines += summary_lines(out, storage, show=P.display)
     return "\n".join(lines)
+
+
+STARTUP_LABELS = {
+    "modelFetched": "model fetched",
+    "dataPrepared": "data prepared",
+    "modelLoaded": "model loaded",
+    "engineReady": "engine ready",
+    "baseEvaluated": "base model evaluated",
+    "firstStep": "first step",
+}
+
+
+def startup_lines(storage) -> list[str]:
+    """The way to step 1 (progress.json's startup), each phase's own seconds."""
+    try:
+        record = contract.ProgressRecord.model_validate(storage.read_json(contract.PROGRESS))
+    except ValueError:
+        return []
+    parts, prev = [], 0.0
+    for phase in record.startup or []:
+        if phase.name in STARTUP_LABELS:
+            parts.append(f"{STARTUP_LABELS[phase.name]} {phase.seconds - prev:.1f}s")
+            prev = phase.seconds
+    if not parts:
+        return []
+    return [f"  {'to step 1:':<14}{prev:.1f}s from the worker's start: {', '.join(parts)}"]
 
 
 def _where(storage) -> str:
@@ -395,6 +422,8 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
         total_steps=total,
         last_checkpoint=pointer,
         attempt=config.attempt,
+        # how far this attempt's workers got on their way to step 1
+        startup=prev.get("startup") if prev.get("attempt") == config.attempt else None,
         message=f"stopped by {name}; run `{command}` to resume",
         updated_at=now(),
     )

@@ -72,6 +72,8 @@ class Recipe:
             log=self.log,
         )
         self.t_start = time.monotonic()
+        self.startup: list[contract.StartupPhase] = []
+        self.reached("workerStarted")
         self.metrics: list[dict] = []
         # The committed step this attempt continued from (None: started fresh);
         # recorded in progress.json and on the first metrics row after it.
@@ -105,6 +107,14 @@ class Recipe:
         if self.rank == 0:
             print(f"kubetune: {msg}", flush=True)
 
+    def reached(self, name: str) -> None:
+        """The end of a startup phase (contract.STARTUP_PHASES), on rank 0's clock."""
+        if self.rank == 0 and name not in {ph.name for ph in self.startup}:
+            seconds = round(time.monotonic() - self.t_start, 3)
+            self.startup.append(contract.StartupPhase(name=name, time=now(), seconds=seconds))
+            if name != "workerStarted":
+                self.log(f"startup: {name} after {seconds:.1f}s")
+
     def progress(self, phase: contract.TrainPhase, message: Optional[str] = None) -> None:
         if self.rank != 0:
             return
@@ -125,6 +135,7 @@ class Recipe:
             skipped_checkpoints=self.checkpoints.skipped or None,
             attempt=self.cfg.attempt,
             message=message or self.notice,
+            startup=list(self.startup),
             updated_at=now(),
         )
         self.writer.submit(contract.PROGRESS, lambda: self.storage.write_progress(record))
@@ -144,8 +155,10 @@ class Recipe:
         self.model_path = M.resolve_model_path(self.spec.model)
         self.parent = P.resolve(self.cfg)
         self.tokenizer = M.load_tokenizer(self.spec, self.model_path)
+        self.reached("modelFetched")
         self.setup_data()
         self.setup_records()
+        self.reached("dataPrepared")
         model = M.load_model(self.spec, self.model_path, self.worker.use_gpu, self.parent)
         total_params, trainable = M.count_parameters(model)
         use_gpu = self.worker.use_gpu
@@ -161,10 +174,12 @@ class Recipe:
             f"ZeRO stage {stage} ({why}); {self.world} worker(s), "
             f"{'GPU' if use_gpu else 'CPU'}"
         )
+        self.reached("modelLoaded")
         self.log(self.notice)
         ds_config = M.deepspeed_config(self.spec, stage, use_gpu)
         updates = self.total_steps * self.objective.updates_per_step  # the schedule's steps
         self.worker.init_engine(model, ds_config, stage, self.hp, updates)
+        self.reached("engineReady")
         set_seed(self.hp.seed + self.rank)  # dropout differs per rank; resume restores it
 
     def setup_data(self) -> None:
@@ -303,6 +318,7 @@ class Recipe:
             first = self.evaluate()
             self.state["initial_eval_loss"] = first["eval_loss"]
             self.log(f"held-out loss before training: {first['eval_loss']:.4f}")
+            self.reached("baseEvaluated")
             if self.rank == 0:
                 self.metrics.append(
                     {"step": 0, "epoch": 0.0, **first, "attempt": self.cfg.attempt, "time": now()}
@@ -322,6 +338,7 @@ class Recipe:
                 loss_sum, n_losses = loss_sum + loss.detach(), n_losses + 1
                 tokens += n_tok
             step = self.state["step"] = step + 1
+            self.reached("firstStep")
             last = step == self.total_steps
             row = None
             if step % hp.log_every_steps == 0 or last:

@@ -839,12 +839,14 @@ class SkippedCheckpointStatus(_Model):
 
 class StartupPhaseStatus(_Model):
     name: Text = Field(
-        description="workerStarted, modelFetched, dataPrepared, modelLoaded, engineReady, "
-        "baseEvaluated or firstStep."
+        description="created (the job, or a retry's RayJob), rayJobCreated, podsScheduled "
+        "(the last Ray pod placed), containersStarted (the last pod's images pulled and "
+        "containers running), then the trainer's: workerStarted, modelFetched, dataPrepared, "
+        "modelLoaded, engineReady, baseEvaluated, firstStep."
     )
     time: Optional[Text] = Field(None, description="When it ended (RFC 3339).")
     seconds: Optional[float] = Field(
-        None, description="Seconds from the worker's start to the end of this phase."
+        None, description="Seconds from the attempt's start (the first phase) to its end."
     )
 
 
@@ -867,9 +869,9 @@ class Progress(_Model):
     )
     startup: Optional[list[StartupPhaseStatus]] = Field(
         None,
-        max_length=8,
-        description="The current attempt's way from its workers' start to the first "
-        "training step, phase by phase (rank 0's clock).",
+        max_length=12,
+        description="The current attempt's way from its start to the first training step, "
+        "phase by phase.",
     )
     display: Optional[Text] = Field(None, description="e.g. '120/600' for kubectl get.")
 

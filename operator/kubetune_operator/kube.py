@@ -238,16 +238,19 @@ class Api:
         """One page (at most pods.POD_LIST_LIMIT) of the Pending pods that match
         `selector`, as plain dicts; None when the look-up is not allowed (say
         nothing: e.g. an RBAC without pods list)."""
+        return self.list_ray_pods(ns, selector, pending_only=True)
+
+    def list_ray_pods(
+        self, ns: str, selector: str, pending_only: bool = False
+    ) -> Optional[list[Body]]:
+        """One page (at most pods.POD_LIST_LIMIT) of the pods that match
+        `selector` (only the Pending ones if asked), as plain dicts; None when
+        the look-up is not allowed."""
+        query = {"labelSelector": selector, "limit": pods.POD_LIST_LIMIT}
+        if pending_only:
+            query["fieldSelector"] = pods.PENDING_PODS
         try:
-            found = self.rest.request(
-                "GET",
-                core_path(ns, "pods"),
-                query={
-                    "labelSelector": selector,
-                    "fieldSelector": pods.PENDING_PODS,
-                    "limit": pods.POD_LIST_LIMIT,
-                },
-            )
+            found = self.rest.request("GET", core_path(ns, "pods"), query=query)
         except ApiException as exc:
             if exc.status in (401, 403):
                 return None

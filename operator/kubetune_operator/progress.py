@@ -89,15 +89,6 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
                 }
                 for s in rec.skipped_checkpoints[:SKIPPED_CHECKPOINTS_MAX]
             ]
-        if rec.startup:
-            progress["startup"] = [
-                {
-                    "name": ph.name[:TEXT_MAX],
-                    "time": ph.time[:TEXT_MAX],
-                    "seconds": _round(ph.seconds, 3),
-                }
-                for ph in rec.startup[:8]
-            ]
         progress["display"] = f"{step}/{total}" if total else str(step)
         out["progress"] = progress
     metrics: dict[str, Any] = {}

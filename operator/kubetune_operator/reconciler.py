@@ -31,7 +31,7 @@ from typing import Optional
 from kubetune_api.storage import redact_uris
 from kubetune_api.validation import SpecError
 
-from . import kube, metrics, ownership, pods
+from . import kube, metrics, ownership, pods, startup
 from .cache import WatchCache
 from .children import Settings, job_guards, rayjob_patch, spec_to_configmap, spec_to_rayjob
 from .conditions import get_condition, rfc3339, set_condition, status_changed, with_phase
@@ -122,6 +122,9 @@ class Reconciler:
         # uid -> (monotonic time of the last pod list, the RayCluster, what it
         # found): the Ray pods of a starting job are listed at most once a poll.
         self._pods_seen: dict[str, tuple[float, str, Optional[pods.Unschedulable]]] = {}
+        # uid -> (the attempt's RayJob creation, the cluster phases known, monotonic
+        # time of the last pod list): status.progress.startup (startup.py).
+        self._startup_seen: dict[str, tuple[Optional[str], dict[str, str], float]] = {}
         # uid -> status writes sent by the job's reconcile in flight (the
         # scheduler never runs two of one job at once): one at most, counted
         # in kubetune_status_writes_per_reconcile, where a test holds it to that.
@@ -376,6 +379,7 @@ class Reconciler:
         if reading:
             self.storage.start(job)
         status = self.storage.show(job, status, now, gen)
+        status = await self._show_startup(job, rayjob, state, status, old, attempts)
 
         # 4. Decide.
         job_view = {**job, "status": status}
@@ -594,6 +598,56 @@ class Reconciler:
             )
         return status
 
+    async def _show_startup(
+        self, job: Body, rayjob: Optional[Body], state: RayJobState, status: dict, old: dict,
+        attempts: int,
+    ) -> dict:  # fmt: skip
+        """status.progress.startup (startup.py), once a storage read brought the
+        trainer's phases: the attempt's pods are listed while it runs, at most
+        once a poll, until both pod phases are known; never again after."""
+        trainer = self.storage.trainer_startup(job, attempts)
+        progress = status.get("progress")
+        ray_job_created = ((rayjob or {}).get("metadata") or {}).get("creationTimestamp")
+        if not isinstance(progress, dict):
+            return status
+        if trainer is None:
+            # an earlier attempt's phases go once a retry's RayJob exists
+            kept = startup.cluster_phases_of(progress).get("rayJobCreated")
+            if kept and ray_job_created and kept != ray_job_created:
+                status["progress"] = {k: v for k, v in progress.items() if k != "startup"}
+            return status
+        uid = job["metadata"]["uid"]
+        seen = self._startup_seen.get(uid)
+        if seen is None or seen[0] != ray_job_created:
+            kept = startup.cluster_phases_of(old.get("progress"))
+            same = kept.get("rayJobCreated") == ray_job_created
+            seen = (ray_job_created, kept if same else {}, 0.0)
+        _, cluster, listed_at = seen
+        cluster = dict(cluster)
+        if ray_job_created:
+            cluster["rayJobCreated"] = ray_job_created
+        name = status.get("rayClusterName")
+        if (
+            state is RayJobState.RUNNING
+            and name
+            and not {"podsScheduled", "containersStarted"} <= cluster.keys()
+            and time.monotonic() - listed_at >= self.timing.poll_seconds * 0.9
+        ):
+            listed = await kube.call(
+                self.api.list_ray_pods,
+                job["metadata"]["namespace"],
+                pods.ray_pod_selector(job, name),
+            )
+            listed_at = time.monotonic()
+            if listed is not None:
+                cluster |= startup.pod_phases(listed)
+        self._startup_seen[uid] = (ray_job_created, cluster, listed_at)
+        begun = job["metadata"].get("creationTimestamp") if attempts == 1 else ray_job_created
+        combined = startup.combine(begun, cluster, trainer)
+        if combined:
+            status["progress"] = {**progress, "startup": combined}
+        return status
+
     # ------------------------------------------------------------------ Kueue
 
     async def _queue_problem(self, job: Body) -> Optional[str]:
@@ -671,6 +725,7 @@ class Reconciler:
         self._checked_cache.pop(uid, None)
         self._cm_done.pop(uid, None)
         self._pods_seen.pop(uid, None)
+        self._startup_seen.pop(uid, None)
 
     async def stop(self, ns: str, name: str, uid: str, status: dict) -> bool:
         """On deletion: delete the RayJob (KubeRay stops the Ray job and its cluster).

@@ -231,7 +231,11 @@ class StorageView:
         if reads.snapshot is None:
             return status
         keep = (job["spec"].get("checkpointing") or {}).get("keepLast", 3)
+        shown = (status.get("progress") or {}).get("startup")
         status |= progress_to_status(reads.snapshot, keep, int(status.get("attempts") or 1))
+        progress = status.get("progress")
+        if shown and isinstance(progress, dict) and "startup" not in progress:
+            progress["startup"] = shown  # the reconciler's (startup.py), kept
         tracked = tracking_condition(reads.snapshot)
         if tracked is not None:
             ok, message = tracked
@@ -256,6 +260,15 @@ class StorageView:
                 gen,
             )
         return status
+
+    def trainer_startup(self, job: Body, attempt: int) -> Optional[list[dict]]:
+        """progress.json's `startup` of the last read (None before a read or
+        when the record belongs to another attempt)."""
+        reads = self._jobs.get(job["metadata"]["uid"])
+        rec = reads.snapshot.progress if reads and reads.snapshot else None
+        if rec is None or rec.attempt != attempt or not rec.startup:
+            return None
+        return [p.model_dump() for p in rec.startup]
 
     def forget(self, uid: str) -> None:
         """The job is gone: drop its reads (a running one ends on its own)."""

@@ -7,6 +7,7 @@ status patches)."""
 from __future__ import annotations
 
 import base64
+import calendar
 import json
 import subprocess
 import time
@@ -42,6 +43,45 @@ def _wait_rayjob(kube, name, namespace, rj_name=None, timeout=60) -> dict:
     return wait_until(
         lambda: get(kube, "rayjob", rj_name, namespace), timeout, what=f"RayJob {rj_name}"
     )
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _ray_pod(kube, namespace: str, name: str, uid: str, scheduled: float, started: float):
+    """A Ray pod of the job (KubeRay's and the operator's labels), its status as
+    a kubelet writes it: placed at `scheduled`, its container running since `started`."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"ray.io/cluster": "tune-abcde", "kubetune.io/job-uid": uid},
+        },
+        "spec": {"containers": [{"name": "ray", "image": TRAINER_IMAGE}]},
+    }
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    state = {
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": _rfc3339(scheduled)}
+        ],
+        "containerStatuses": [
+            {
+                "name": "ray",
+                "image": TRAINER_IMAGE,
+                "imageID": "",
+                "ready": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": _rfc3339(started)}},
+            }
+        ],
+        "phase": "Running",
+    }
+    kube.kubectl(
+        "patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": state}),
+    )  # fmt: skip
 
 
 def _write(s3, path: str, obj) -> None:
@@ -126,7 +166,19 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     assert st["dashboardUrl"].startswith("http://tune-head-svc.")
     assert condition(st, "Running")["status"] == "True"
 
+    # The Ray pods as the kubelet reports them (a head and a worker, placed and
+    # running), and the trainer's way to step 1: status.progress.startup.
+    created = get(kube, "finetunejob", "tune", namespace)["metadata"]["creationTimestamp"]
+    t0 = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+    _ray_pod(kube, namespace, "tune-abcde-head", uid, t0 + 2, t0 + 20)
+    _ray_pod(kube, namespace, "tune-abcde-worker", uid, t0 + 5, t0 + 31)
     prefix = f"runs/{namespace}/tune/{uid}"
+    startup = [
+        {"name": "workerStarted", "time": _rfc3339(t0 + 40), "seconds": 0.0},
+        {"name": "modelFetched", "time": _rfc3339(t0 + 43), "seconds": 2.52},
+        {"name": "engineReady", "time": _rfc3339(t0 + 50), "seconds": 9.71},
+        {"name": "firstStep", "time": _rfc3339(t0 + 51), "seconds": 11.04},
+    ]
     _write(
         s3,
         f"{prefix}/progress.json",
@@ -138,6 +190,7 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
             "etaSeconds": 30,
             "tokensPerSecond": 900.0,
             "attempt": 1,
+            "startup": startup,
             "updatedAt": "2026-01-01T00:00:00Z",
         },
     )
@@ -166,6 +219,17 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     assert condition(st, "Checkpointed")["status"] == "True"
     row = kube.kubectl("get", "ftj", "tune", "-n", namespace, "--no-headers").stdout.split()
     assert row[:4] == ["tune", "Running", "10/20", "2.0000"], row
+    st = wait_status(kube, "tune", namespace, lambda s: "startup" in s.get("progress", {}))
+    phases = [(p["name"], p["seconds"]) for p in st["progress"]["startup"]]
+    assert phases[0] == ("created", 0.0) and phases[1][0] == "rayJobCreated", phases
+    assert phases[2:] == [
+        ("podsScheduled", 5.0),
+        ("containersStarted", 31.0),
+        ("workerStarted", 40.0),
+        ("modelFetched", 42.5),
+        ("engineReady", 49.7),
+        ("firstStep", 51.0),
+    ], phases
 
     # Every status the API server stores from here on, as a watch sees it.
     watch = subprocess.Popen(
@@ -205,6 +269,7 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     succeeded = [line for line in seen if line.startswith("Succeeded")]
     assert succeeded and all(line == "Succeeded 20/20" for line in succeeded), seen
     assert st["phase"] == "Succeeded" and st["completionTime"] and st["startTime"]
+    assert [p["name"] for p in st["progress"]["startup"]][-1] == "firstStep"  # kept to the end
     assert st["outputs"]["adapter"].endswith("/adapter")
     reasons = [e["reason"] for e in events(kube, namespace, "tune")]
     for r in ("RayJobCreated", "RayClusterStarting", "Training", "JobSucceeded"):

@@ -475,24 +475,6 @@ def test_progress_to_status_shows_the_step_a_resumed_attempt_started_from():
     assert out["progress"]["resumedFrom"] == 6
 
 
-def test_progress_to_status_shows_the_way_to_the_first_step():
-    from kubetune_api.models import FineTuneJobStatus
-
-    names = ("workerStarted", "modelFetched", "dataPrepared", "engineReady", "firstStep")
-    startup = [
-        {"name": n, "time": f"2026-01-01T00:00:0{i}Z", "seconds": i * 1.23456}
-        for i, n in enumerate(names)
-    ]
-    rec = {"phase": "Training", "step": 1, "totalSteps": 12, "updatedAt": "x"}
-    assert "startup" not in progress_to_status({"progress": rec})["progress"]
-    out = progress_to_status({"progress": rec | {"startup": startup}})
-    shown = out["progress"]["startup"]
-    assert [p["name"] for p in shown] == list(names)
-    assert shown[4] == {"name": "firstStep", "time": "2026-01-01T00:00:04Z", "seconds": 4.938}
-    status = with_phase({"attempts": 1} | out, "Running", "Training", "m", NOW, 1)
-    FineTuneJobStatus.model_validate(status)  # the CRD's status schema has the field
-
-
 def test_progress_to_status_shows_the_checkpoints_a_resume_skipped_and_why():
     from kubetune_api.models import FineTuneJobStatus
 

@@ -22,6 +22,7 @@ import pytest
 
 from harness.kuberay import KUBERAY_NAMESPACE
 from harness.procs import wait_until
+from kubetune_api.storage import STARTUP_PHASES
 from model_fixtures import tiny_model
 from operator_support import apply, condition, get, names, s3_secret, status, wait_status
 
@@ -182,6 +183,18 @@ def test_lora_zero2_on_two_worker_pods(cluster, staged, tmp_path):
     assert st["phase"] == "Succeeded"
     assert st["progress"]["step"] == 6
     assert isinstance(st["metrics"]["trainLoss"], float) and st["metrics"]["trainLoss"] > 0
+    # The way from `kubectl apply` to step 1, phase by phase, on the API
+    # server's clock and the trainer's (status.progress.startup).
+    startup = st["progress"]["startup"]
+    table = "\n".join(f"  {p['name']:<18}{p['seconds']:>7.1f}s  {p['time']}" for p in startup)
+    (EVIDENCE / "startup.txt").write_text(table + "\n")
+    print(f"created -> first step, phase by phase:\n{table}")
+    got = [p["name"] for p in startup]
+    assert got[:4] == ["created", "rayJobCreated", "podsScheduled", "containersStarted"], got
+    assert got[4:] == [n for n in STARTUP_PHASES if n in got[4:]] and got[-1] == "firstStep", got
+    seconds = [p["seconds"] for p in startup]
+    assert all(b >= a - 1.0 for a, b in zip(seconds, seconds[1:], strict=False)), table
+    assert seconds[-1] <= first_step + 1.0, (table, first_step)
     assert [c["step"] for c in st["checkpoints"]] == [3, 6]
     assert st["outputs"]["adapter"].startswith(f"s3://{s3.bucket}/runs/{ns}/pods/")
     _adapter_loads(s3, st["outputs"]["adapter"], ROOT / ".cache/models/tiny-llama-e2e", tmp_path)

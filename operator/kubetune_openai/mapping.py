@@ -264,7 +264,18 @@ _HYPER = {
 _METHOD_HYPER = {
     "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
     "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+    # listed only (a request for it is refused): GRPO jobs made with kubectl
+    "reinforcement": ("n_epochs", "batch_size", "learning_rate_multiplier"),
 }
+# spec.method.objective -> OpenAI's method type, for jobs listed through the API
+# (made here or with kubectl). KTO has no OpenAI counterpart: it lists as
+# supervised, and the job object's `kubetune.objective` says which it is.
+OPENAI_METHOD = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement", "kto": "supervised"}
+
+
+def _objective_of(job: dict) -> str:
+    objective = ((job.get("spec") or {}).get("method") or {}).get("objective") or "sft"
+    return objective if objective in objectives.BY_NAME else "sft"
 
 
 def _hyper(values: Any, allowed: tuple, param: str) -> dict:
@@ -514,7 +525,7 @@ def effective_hyperparameters(job: dict, method: str) -> dict:
     except (SpecError, ValueError, TypeError):
         return {k: asked.get(k, "auto") for k in _METHOD_HYPER.get(method, ())}
     hp = spec.hyperparameters
-    table = objectives.BY_NAME["dpo" if method == "dpo" else "sft"].learning_rate
+    table = objectives.BY_NAME[spec.method.objective].learning_rate
     default_lr = table.get(spec.method.type, table["lora"])
     out = {
         "n_epochs": _number(hp.epochs) if hp.epochs is not None else "auto",
@@ -531,9 +542,7 @@ def job_object(job: dict, trained_tokens: Optional[int] = None, now: Optional[fl
     meta, status = job["metadata"], job.get("status") or {}
     rec = request_of(job)
     spec = job.get("spec") or {}
-    method = rec.get("method") or (
-        "dpo" if (spec.get("method") or {}).get("objective") == "dpo" else "supervised"
-    )
+    method = rec.get("method") or OPENAI_METHOD[_objective_of(job)]
     state = openai_status(job)
     hyper = effective_hyperparameters(job, method)
     error = None
@@ -577,6 +586,7 @@ def job_object(job: dict, trained_tokens: Optional[int] = None, now: Optional[fl
         "kubetune": {
             "namespace": meta["namespace"],
             "name": meta["name"],
+            "objective": _objective_of(job),
             "phase": status.get("phase"),
             "reason": status.get("reason"),
             "adapter": outputs.get("adapter"),

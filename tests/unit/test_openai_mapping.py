@@ -124,6 +124,37 @@ def test_dpo_needs_a_preference_file_and_maps_beta():
 
 
 @pytest.mark.parametrize(
+    "objective, method, rate",
+    [("grpo", "reinforcement", 2e-5), ("kto", "supervised", 1e-5), ("dpo", "dpo", 1e-5)],
+)
+def test_jobs_made_with_kubectl_list_under_their_objectives_method(objective, method, rate):
+    """A GRPO job lists as OpenAI's reinforcement, KTO (no OpenAI counterpart) as
+    supervised with kubetune.objective saying which; the learning-rate multiplier
+    is against the job's own objective's default."""
+    from kubetune_api import objectives
+
+    job = _job({})
+    spec = job["spec"]
+    spec["dataset"]["format"] = {"grpo": "prompt", "kto": "feedback", "dpo": "preference"}[
+        objective
+    ]
+    spec["method"] = {"objective": objective}
+    if objective == "grpo":
+        spec["method"]["grpo"] = {
+            "grader": {"type": "stringCheck", "name": "exact", "reference": "{{item.a}}"}
+        }
+    spec["hyperparameters"]["learningRate"] = rate
+    assert validate_document(job).ok, validate_document(job)
+    job["metadata"]["annotations"] = {}  # no OpenAI request recorded: made with kubectl
+    obj = M.job_object(job)
+    assert obj["method"]["type"] == method, obj["method"]
+    assert obj["kubetune"]["objective"] == objective
+    default = objectives.BY_NAME[objective].learning_rate["lora"]
+    multiplier = obj["method"][method]["hyperparameters"]["learning_rate_multiplier"]
+    assert multiplier == pytest.approx(rate / default)
+
+
+@pytest.mark.parametrize(
     "body, param, text",
     [
         ({"method": {"type": "reinforcement"}}, "method.type", "not supported"),

@@ -26,6 +26,9 @@ from typing import Any, Optional
 from . import data as D
 
 SAMPLES = "samples.jsonl"
+# the summary table's rows: each answer counting once, then the corpus scores,
+# then the length (a prompt split's reward, reward/<name>, ... follow in name order)
+ROWS = ("exact_match", "rouge_l", "chrf1", "chrf", "bleu", "brevity_penalty", "length_ratio")
 
 
 def prompt_and_reference(norm: dict) -> Optional[tuple[object, object]]:
@@ -313,7 +316,8 @@ def summary_lines(outputs: dict, storage, samples: int = 3, show=str) -> list[st
         if not before or not after:
             continue
         lines.append(f"  answers to {n} {split} prompts     before    after")
-        for key in before:  # exact_match, rouge_l, bleu, ...; or reward, reward/<name>, ...
+        # outputs.json sorts its keys: the rows in ROWS' order, then any other
+        for key in sorted(before, key=lambda k: (ROWS.index(k) if k in ROWS else len(ROWS), k)):
             if key in after:
                 lines.append(f"    {key:<28}{before[key]:>8.3f} {after[key]:>8.3f}")
         lines += _reading(before, after, gen.get(f"{split}_after_vs_before"))

@@ -433,7 +433,9 @@ class OutputsRecord(_Model):
     generation: Optional[dict] = Field(
         None,
         description="evaluation.generation: examples per split, scores before and after "
-        "training per split (exact_match, rouge_l, bleu, chrf) and the samples file.",
+        "training per split (exact_match, rouge_l, bleu, brevity_penalty, chrf, chrf1, "
+        "length_ratio; or reward), per split the answers that score higher, the same or "
+        "lower after than before (<split>_after_vs_before) and the samples file.",
     )
     artifacts: list[ServableOutput] = Field(
         default_factory=list, description="What each saved folder is and how to load it."

@@ -352,11 +352,18 @@ def test_lora_dpo_two_workers_zero2_with_test_split_and_generation(ray_local, ti
     assert [s["after"] for s in samples] == G.generate(tuned, tok, prompts, settings)
     for split in ("validation", "test"):
         refs = [s["reference"] for s in samples if s["split"] == split]
+        per = {}
         for when in ("before", "after"):
             answers = [s[when] for s in samples if s["split"] == split]
             assert gen[f"{split}_{when}"] == G.score(answers, refs)
+            per[when] = [s[f"chrf1_{when}"] for s in samples if s["split"] == split]
+            assert per[when] == G.chrf1(answers, refs)
+        versus = gen[f"{split}_after_vs_before"]
+        assert versus == G.after_vs_before(per["before"], per["after"], "chrf1")
+        assert versus["wins"] + versus["ties"] + versus["losses"] == 3
     text = local.summary(JobStorage(cfg.storage_prefix))
     assert "answers to 3 validation prompts" in text and "rouge_l" in text
+    assert "length_ratio" in text and "answers are closer to their reference (by chrF1)" in text
     assert text.count("reference: ") == 3
     # local files print as plain paths, like every other line of the summary
     assert f"samples:      {H.local(cfg, 'samples.jsonl')}" in text and "file://" not in text
@@ -373,7 +380,10 @@ def test_generation_scores_against_hand_computed_values():
         "exact_match": 1.0,
         "rouge_l": 1.0,
         "bleu": pytest.approx(100.0),
+        "brevity_penalty": 1.0,
         "chrf": pytest.approx(100.0),
+        "chrf1": pytest.approx(100.0),
+        "length_ratio": 1.0,
     }
     part = G.score(["the cat sat", "dog"], ["the cat sat on the mat", "dog"])
     # LCS 3 of 3 and of 6 words: F1 = 2 * 1 * 0.5 / 1.5; the second pair is exact

@@ -381,3 +381,12 @@ def test_grpo_multi_grader_reward_rises_and_failing_graders_are_counted(ray_loca
     assert gen["validation_before"]["reward"] == pytest.approx(
         sum(s["rewards_before"]["total"] for s in samples) / 4
     )
+    # per prompt, the fine-tuned answer's reward against the base model's
+    totals = {w: [s[f"rewards_{w}"]["total"] for s in samples] for w in ("before", "after")}
+    pairs = list(zip(totals["before"], totals["after"], strict=True))
+    assert gen["validation_after_vs_before"] == {
+        "by": "reward",
+        "wins": sum(a > b for b, a in pairs),
+        "ties": sum(a == b for b, a in pairs),
+        "losses": sum(a < b for b, a in pairs),
+    }

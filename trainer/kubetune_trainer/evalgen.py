@@ -3,14 +3,21 @@
 The same held-out prompts (the first `examples` of a seeded shuffle of the usable
 rows) are answered by the base model and by the fine-tuned one, with the same
 decoding settings, and the answers are scored against the references with
-maintained libraries: exact match, ROUGE-L F1 (rouge-score), corpus BLEU and
-chrF (sacrebleu). Rank 0 does it after the final weights are saved, from the
-saved files, so ZeRO sharding never gets in the way; the other ranks wait.
+maintained libraries: exact match, ROUGE-L F1 (rouge-score), corpus BLEU with its
+brevity penalty, corpus chrF and each answer's chrF1 (sacrebleu), and the answers'
+length against the references'. Corpus scores pool n-grams over all answers, so a
+few long answers move them more than many short ones, and chrF counts recall
+twice, so a long answer that holds the reference among much else scores well:
+each answer's chrF1 (precision and recall weighted equally), after against
+before, says how many answers came closer to their reference. Rank 0 does it
+after the final weights are saved, from the saved files, so ZeRO sharding never
+gets in the way; the other ranks wait.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +26,9 @@ from typing import Any, Optional
 from . import data as D
 
 SAMPLES = "samples.jsonl"
+# the summary table's rows: each answer counting once, then the corpus scores,
+# then the length (a prompt split's reward, reward/<name>, ... follow in name order)
+ROWS = ("exact_match", "rouge_l", "chrf1", "chrf", "bleu", "brevity_penalty", "length_ratio")
 
 
 def prompt_and_reference(norm: dict) -> Optional[tuple[object, object]]:
@@ -98,7 +108,11 @@ def generate(model, tokenizer, prompts: list, settings) -> list[str]:
 
 
 def score(predictions: list[str], references: list[str]) -> dict:
-    """exact_match and rouge_l in [0, 1]; bleu and chrf on sacrebleu's 0-100 scale."""
+    """exact_match and rouge_l in [0, 1]; bleu, chrf and chrf1 (the mean of each
+    answer's own chrF1) on sacrebleu's 0-100 scale; brevity_penalty (BLEU's, in
+    (0, 1]: 1 unless the answers are shorter than the references) and length_ratio
+    (the answers' length over the references', in BLEU's tokens: words and
+    punctuation marks)."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -108,12 +122,38 @@ def score(predictions: list[str], references: list[str]) -> dict:
     rouge = sum(
         scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
     )
+    bleu = sacrebleu.corpus_bleu(predictions, [references])
     return {
         "exact_match": exact / n,
         "rouge_l": rouge / n,
-        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+        "bleu": bleu.score,
+        "brevity_penalty": bleu.bp,
         "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
+        "chrf1": sum(chrf1(predictions, references)) / n,
+        "length_ratio": bleu.sys_len / bleu.ref_len if bleu.ref_len else 0.0,
     }
+
+
+def chrf1(predictions: list[str], references: list[str]) -> list[float]:
+    """Each answer's chrF1 against its reference (0-100): character n-gram F-score
+    with precision and recall weighted equally (sacrebleu's chrF, beta 1; its default,
+    beta 2, counts recall twice and so favours answers longer than the reference)."""
+    from sacrebleu.metrics import CHRF
+
+    metric = CHRF(beta=1)
+    return [
+        metric.sentence_score(p, [r]).score for p, r in zip(predictions, references, strict=True)
+    ]
+
+
+def after_vs_before(before: list[float], after: list[float], by: str) -> dict:
+    """Per answer, is the fine-tuned one's score higher (a win), the same (a tie) or
+    lower (a loss) than the base model's? `by` names the score."""
+    out = {"by": by, "wins": 0, "ties": 0, "losses": 0}
+    for b, a in zip(before, after, strict=True):
+        key = "ties" if math.isclose(a, b, abs_tol=1e-9) else "wins" if a > b else "losses"
+        out[key] += 1
+    return out
 
 
 def rewards(grader, answers: list[str], items: list[dict], base_dir=None) -> tuple[dict, list]:
@@ -179,7 +219,8 @@ def run(
     rows; `models`: "before"/"after" -> a loader); writes samples.jsonl beside the
     outputs; returns the record for outputs.json. Prompt rows (objective grpo) are
     scored by the job's `grader` instead of against a reference answer: each sample
-    carries its rewards before and after."""
+    carries its rewards before and after (else its chrF1 before and after), and
+    `<split>_after_vs_before` counts the answers that score higher, the same, lower."""
     if settings is None:
         return None
     sets = {k: pick(rows, fmt, settings.examples, settings.seed) for k, rows in held_out.items()}
@@ -197,14 +238,20 @@ def run(
     lines = []
     for split, pairs in sets.items():
         refs = [r for _, r in pairs]
+        # per answer: what samples.jsonl keeps (its rewards or its chrF1) and one number
         each: dict[str, list] = {}
+        per: dict[str, list[float]] = {}
         for when in ("before", "after"):
             if grader is not None:
                 record[f"{split}_{when}"], each[when] = rewards(
                     grader, answers[split][when], refs, base_dir
                 )
+                per[when] = [r["total"] for r in each[when]]
             else:
                 record[f"{split}_{when}"] = score(answers[split][when], refs)
+                each[when] = per[when] = chrf1(answers[split][when], refs)
+        by = "reward" if grader is not None else "chrf1"
+        record[f"{split}_after_vs_before"] = after_vs_before(per["before"], per["after"], by)
         for k, (prompt, ref) in enumerate(pairs):
             line = {
                 "split": split,
@@ -213,9 +260,9 @@ def run(
                 "before": answers[split]["before"][k],
                 "after": answers[split]["after"][k],
             }
-            if each:
-                line["rewards_before"] = each["before"][k]
-                line["rewards_after"] = each["after"][k]
+            kind = "rewards" if grader is not None else "chrf1"
+            line[f"{kind}_before"] = each["before"][k]
+            line[f"{kind}_after"] = each["after"][k]
             lines.append(json.dumps(line))
     path = local / SAMPLES
     path.write_text("".join(line + "\n" for line in lines))
@@ -229,6 +276,29 @@ def _short(text, width: int = 70) -> str:
         text = text[-1]["content"] if text else ""
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _reading(before: dict, after: dict, versus: Optional[dict]) -> list[str]:
+    """The table in words: how the answers' length moved, and how many answers
+    score higher after training than before (corpus scores can fall while most
+    answers come closer: a few long answers weigh most in them)."""
+    lines = []
+    if "length_ratio" in before and "length_ratio" in after:
+        lines.append(
+            f"  length: the answers are {before['length_ratio']:.2f}x the references' "
+            f"before, {after['length_ratio']:.2f}x after (1.00x: as long)"
+        )
+    if versus:
+        n = versus["wins"] + versus["ties"] + versus["losses"]
+        if versus["by"] == "reward":
+            better, worse = "score a higher reward", "lower"
+        else:
+            better, worse = "are closer to their reference (by chrF1)", "further"
+        lines.append(
+            f"  after training {versus['wins']} of {n} answers {better}, "
+            f"{versus['losses']} {worse}, {versus['ties']} the same"
+        )
+    return lines
 
 
 def summary_lines(outputs: dict, storage, samples: int = 3, show=str) -> list[str]:
@@ -246,9 +316,11 @@ def summary_lines(outputs: dict, storage, samples: int = 3, show=str) -> list[st
         if not before or not after:
             continue
         lines.append(f"  answers to {n} {split} prompts     before    after")
-        for key in before:  # exact_match, rouge_l, bleu, chrf; or reward, reward/<name>, ...
+        # outputs.json sorts its keys: the rows in ROWS' order, then any other
+        for key in sorted(before, key=lambda k: (ROWS.index(k) if k in ROWS else len(ROWS), k)):
             if key in after:
                 lines.append(f"    {key:<28}{before[key]:>8.3f} {after[key]:>8.3f}")
+        lines += _reading(before, after, gen.get(f"{split}_after_vs_before"))
     try:
         with storage.fs.open(storage.path(SAMPLES), "r") as f:
             rows = [json.loads(line) for _, line in zip(range(samples), f, strict=False)]
@@ -262,8 +334,10 @@ def summary_lines(outputs: dict, storage, samples: int = 3, show=str) -> list[st
             lines.append(f"  after:     {_short(row['after'])}  (reward {a:.3f})")
             continue
         lines.append(f"  reference: {_short(row['reference'])}")
-        lines.append(f"  before:    {_short(row['before'])}")
-        lines.append(f"  after:     {_short(row['after'])}")
+        for when in ("before", "after"):
+            chrf = row.get(f"chrf1_{when}")  # absent in a job finished before it was kept
+            tail = f"  (chrF1 {chrf:.1f})" if chrf is not None else ""
+            lines.append(f"  {when + ':':<11}{_short(row[when])}{tail}")
     if gen.get("samples"):
         lines.append(f"  {'samples:':<14}{show(gen['samples'])}")
     return lines

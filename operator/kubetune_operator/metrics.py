@@ -47,6 +47,14 @@ STORAGE_DEFERRED = Counter(
     "Storage reads not started because their namespace's, store's or the operator's "
     "read slots were all taken (the next poll tries again)",
 )
+STARTUP_SECONDS = Histogram(
+    "kubetune_startup_seconds",
+    "Seconds from an attempt's start (the job's creation, or a retry's RayJob) to the end of "
+    "each phase on its way to the first training step (status.progress.startup), by phase; "
+    "observed once per attempt, when its first step is seen",
+    ["phase"],
+    buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+)
 
 _phases: dict[str, str] = {}
 _lock = threading.Lock()
@@ -83,3 +91,8 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
             return
         start_http_server(port, addr=addr)
         _serving.add(port)
+
+
+def observe_startup(startup: list[dict]) -> None:
+    for phase in startup[1:]:
+        STARTUP_SECONDS.labels(phase=phase["name"]).observe(max(0.0, phase["seconds"]))

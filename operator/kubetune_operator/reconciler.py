@@ -646,6 +646,10 @@ class Reconciler:
         combined = startup.combine(begun, cluster, trainer)
         if combined:
             status["progress"] = {**progress, "startup": combined}
+            if startup.reached_first_step(combined) and not startup.reached_first_step(
+                (old.get("progress") or {}).get("startup"), ray_job_created
+            ):
+                metrics.observe_startup(combined)  # once per attempt, restarts included
         return status
 
     # ------------------------------------------------------------------ Kueue

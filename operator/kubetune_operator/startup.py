@@ -117,3 +117,12 @@ def combine(
 
 def _secs(t: datetime, t0: datetime) -> float:
     return round((t - t0).total_seconds(), 1)
+
+
+def reached_first_step(shown: Optional[list], ray_job_created: Optional[str] = None) -> bool:
+    """The list ends at firstStep (and, if given, belongs to the RayJob made then)."""
+    if not shown or not isinstance(shown[-1], dict) or shown[-1].get("name") != "firstStep":
+        return False
+    if ray_job_created is None:
+        return True
+    return cluster_phases_of({"startup": shown}).get("rayJobCreated") == ray_job_created

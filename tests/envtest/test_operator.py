@@ -230,6 +230,10 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
         ("engineReady", 49.7),
         ("firstStep", 51.0),
     ], phases
+    text = operator.metrics()
+    assert 'kubetune_startup_seconds_bucket{le="60.0",phase="firstStep"}' in text, text[-2000:]
+    first = [ln for ln in text.splitlines() if ln.startswith("kubetune_startup_seconds_count")]
+    assert 'kubetune_startup_seconds_count{phase="firstStep"} 1.0' in first, first
 
     # Every status the API server stores from here on, as a watch sees it.
     watch = subprocess.Popen(

@@ -5,7 +5,7 @@ the trainer's progress.json."""
 from __future__ import annotations
 
 from kubetune_api.models import FineTuneJobStatus
-from kubetune_operator.startup import cluster_phases_of, combine, pod_phases
+from kubetune_operator.startup import cluster_phases_of, combine, pod_phases, reached_first_step
 
 
 def _pod(scheduled: str | None, *started: str | None, waiting: bool = False) -> dict:
@@ -83,3 +83,18 @@ def test_combine_without_a_start_or_with_odd_records():
     assert combine("2026-01-01T00:00:00Z", {"podsScheduled": "bad"}, odd) == [
         {"name": "created", "time": "2026-01-01T00:00:00Z", "seconds": 0.0}
     ]
+
+
+def test_first_step_is_counted_once_per_attempt():
+    shown = combine(
+        "2026-01-01T00:00:00Z",
+        {"rayJobCreated": "2026-01-01T00:00:01Z"},
+        [
+            {"name": "workerStarted", "time": "2026-01-01T00:00:09Z", "seconds": 0.0},
+            {"name": "firstStep", "time": "2026-01-01T00:00:19Z", "seconds": 10.0},
+        ],
+    )
+    assert reached_first_step(shown)
+    assert reached_first_step(shown, "2026-01-01T00:00:01Z")  # this attempt's: counted already
+    assert not reached_first_step(shown, "2026-01-01T00:05:00Z")  # a retry's RayJob: not yet
+    assert not reached_first_step(shown[:-1]) and not reached_first_step(None)

@@ -14,9 +14,9 @@ libyaml's C parser (PyYAML's CParser, driven event by event under the same
 composer, resolvers and constructor) reads most files, several times faster than
 PyYAML's pure-Python scanner. Whatever it cannot read exactly alike goes to the
 pure parser, which stays the reference: every error (so messages and marks are
-its own), input where the two parsers differ (tabs, `?`, a byte-order mark after
-the start, characters the pure reader refuses), and nesting deeper than
-_FAST_MAX_DEPTH, where the pure reading's RecursionError decides.
+its own), text with a character where the two parsers may differ (_PURE_ONLY),
+and nesting deeper than _FAST_MAX_DEPTH, where the pure reading's RecursionError
+decides.
 """
 
 from __future__ import annotations
@@ -263,11 +263,15 @@ class Loaded:
     warnings: list[str] = field(default_factory=list)
 
 
-# Text that only the pure reader decides, where libyaml reads differently: the
-# characters it refuses (libyaml's list differs), tabs (libyaml takes them as
-# separators in more places) and `?` (libyaml does not end a plain scalar at it
-# inside [] and {}).
-_PURE_ONLY = re.compile(yaml.reader.Reader.NON_PRINTABLE.pattern + r"|[\t?\ufeff]")
+# Text that only the pure reader decides, where libyaml reads differently or
+# might: the characters it refuses (libyaml's list differs), tabs (libyaml takes
+# them as separators in more places), `?` (libyaml does not end a plain scalar at
+# it inside [] and {}), `!` (libyaml reads an empty node tagged `!` as "", PyYAML
+# as null), `|` and `>` (block scalars: libyaml takes a comment right after the
+# header) and a byte-order mark after the start (libyaml skips one at any line's
+# start). Files made of JSON, mappings, lists, quoted and plain scalars, anchors
+# and comments go the fast way.
+_PURE_ONLY = re.compile(yaml.reader.Reader.NON_PRINTABLE.pattern + r"|[\t?!|>\ufeff]")
 
 
 def _line_col(text: str, index: int) -> str:

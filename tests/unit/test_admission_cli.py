@@ -172,6 +172,9 @@ _PURE_READS = [
     "a:\tb\n",
     "{a:b?}",  # libyaml does not end a plain scalar at ? inside {}
     "a: 1\n\ufeffb: 2\n",  # libyaml skips a byte-order mark at a line's start
+    "a: !\n",  # libyaml: "", PyYAML: null
+    "a: |-#c\n  x\n",  # libyaml takes a comment right after a block scalar's header
+    "- |\n  x\n   y\n- >-\n  p\n  q\n",
     "a: \x07\n",
     "a: [1, 2\n",
     "a: 1\n  b: 2\n",
@@ -184,7 +187,7 @@ _PURE_READS = [
 ]
 _FAST_READS = [
     "a: 1\nb: [y, 1e3, 0x10, .5, '1', ~, 2024-01-02]\n",
-    "---\na: &x {b: 1}\nc: *x\n...\n---\n- |\n  x\n   y\n- >-\n  p\n  q\n",
+    "---\na: &x {b: 1}\nc: *x\n...\n---\n- x\n- - y\n  - z # c\n",
     "a: \"x\\ty\\u00e9\\/\"\nb: 'it''s'\nc: plain\n  folded\n",
     'a: b\r\nc: "d\r\n  e"\r\n',
     "<<: {m: 2}\nn: [3]\n",

@@ -300,8 +300,9 @@ def decode(data: bytes) -> tuple[str, list[str]]:
         return data.decode("utf-8-sig", errors="replace"), [warning]
 
 
-def _compose_all(loader: Any, aliases: bool) -> list[Any]:
-    docs: list[Any] = []
+def _compose_all(loader: Any, docs: list[Any], aliases: bool = True) -> list[Any]:
+    """Append each non-empty document to docs (which holds those read before an
+    error); `aliases` False skips the alias count where the text has none."""
     while loader.check_node():
         node = loader.get_node()
         if node is None:
@@ -323,7 +324,7 @@ def _load_fast(text: str) -> Optional[list[Any]]:
     loader = None
     try:
         loader = _FastLoader(text)
-        return _compose_all(loader, "*" in text)
+        return _compose_all(loader, [], "*" in text)
     except Exception:  # noqa: BLE001 - the pure reading gives the verdict
         return None
     finally:
@@ -346,14 +347,7 @@ def _load_pure(text: str, warnings: list[str]) -> Loaded:
     loader = None
     try:
         loader = KubectlLoader(text)
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                continue
-            check_aliasing(node)
-            doc = loader.construct_document(node)
-            if doc is not None:
-                docs.append(doc)
+        _compose_all(loader, docs)
     except ExcessiveAliasing:
         return Loaded(
             docs,

@@ -13,8 +13,9 @@ line, with the command that installs it.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 COMMANDS = "kubetune.commands"
@@ -39,12 +40,19 @@ def run_registered(name: str, args: argparse.Namespace, needs: str) -> int:
     return command(args)
 
 
+@functools.cache
+def _registered_checks() -> list[EntryPoint]:
+    """Looked up once a process: entry_points() reads every installed package's
+    metadata, which cost more than the checks themselves over many files."""
+    return sorted(entry_points(group=VALIDATE_CHECKS), key=lambda e: e.name)
+
+
 def validate_checks(doc: Any, file: str) -> tuple[list[dict], list[str]]:
     """Every registered check's findings for one valid document; a check whose
     package is not installed adds nothing."""
     errors: list[dict] = []
     warnings: list[str] = []
-    for ep in sorted(entry_points(group=VALIDATE_CHECKS), key=lambda e: e.name):
+    for ep in _registered_checks():
         try:
             check = ep.load()
         except ImportError:

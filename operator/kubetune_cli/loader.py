@@ -9,6 +9,14 @@ excessive aliasing (a small file that expands into gigabytes), NaN and
 infinities (not JSON), keys that are not scalars, bytes that are not UTF-8.
 The result is what `kubectl apply` would send; kubetune_api.validation then
 normalizes numbers as the API server decodes them.
+
+libyaml's C parser (PyYAML's CParser, driven event by event under the same
+composer, resolvers and constructor) reads most files, several times faster than
+PyYAML's pure-Python scanner. Whatever it cannot read exactly alike goes to the
+pure parser, which stays the reference: every error (so messages and marks are
+its own), text with a character where the two parsers may differ (_PURE_ONLY),
+and nesting deeper than _FAST_MAX_DEPTH, where the pure reading's RecursionError
+decides.
 """
 
 from __future__ import annotations
@@ -109,21 +117,8 @@ _Constructor.add_constructor(_NUMBER_TAG, _Constructor.construct_go_number)
 _Constructor.add_constructor(_BOOL_TAG, _Constructor.construct_go_bool)
 
 
-class KubectlLoader(
-    yaml.reader.Reader,
-    yaml.scanner.Scanner,
-    yaml.parser.Parser,
-    Composer,
-    _Constructor,
-    yaml.resolver.Resolver,
-):
-    def __init__(self, stream: str):
-        yaml.reader.Reader.__init__(self, stream)
-        yaml.scanner.Scanner.__init__(self)
-        yaml.parser.Parser.__init__(self)
-        Composer.__init__(self)
-        _Constructor.__init__(self)
-        yaml.resolver.Resolver.__init__(self)
+class _GoResolver(yaml.resolver.Resolver):
+    pass
 
 
 # go-yaml v2 resolves plain scalars by their first character; replace PyYAML's
@@ -136,16 +131,80 @@ _DROPPED = {
     "tag:yaml.org,2002:value",
     _BOOL_TAG,
 }
-KubectlLoader.yaml_implicit_resolvers = {
+_GoResolver.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in _DROPPED]
     for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
 }
-KubectlLoader.add_implicit_resolver(
+_GoResolver.add_implicit_resolver(
     _BOOL_TAG, re.compile("^(?:" + "|".join(_BOOLS) + ")$"), list("yYnNtTfFoO")
 )
-KubectlLoader.add_implicit_resolver(
+_GoResolver.add_implicit_resolver(
     _NUMBER_TAG, re.compile(r"^[-+.0-9].*$", re.S), list("-+.0123456789")
 )
+
+
+class KubectlLoader(
+    yaml.reader.Reader,
+    yaml.scanner.Scanner,
+    yaml.parser.Parser,
+    Composer,
+    _Constructor,
+    _GoResolver,
+):
+    """PyYAML's pure-Python reader, scanner and parser: the reference reading."""
+
+    def __init__(self, stream: str):
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        Composer.__init__(self)
+        _Constructor.__init__(self)
+        _GoResolver.__init__(self)
+
+
+# Nesting deeper than this is read by the pure parser (a FineTuneJob is a few
+# levels deep; Python's recursion limit stops the composer at a few hundred).
+_FAST_MAX_DEPTH = 64
+
+
+class _TooDeep(Exception):
+    pass
+
+
+_CParser = getattr(getattr(yaml, "_yaml", None), "CParser", None)
+if _CParser is not None:
+
+    class _FastLoader(Composer, _Constructor, _GoResolver, _CParser):
+        """The same composer, constructor and resolvers over libyaml's events (the
+        C scanner and parser, several times faster). CParser comes last so that
+        Composer's check_node/get_node win over its own C composition."""
+
+        def __init__(self, stream: str):
+            _CParser.__init__(self, stream)
+            Composer.__init__(self)
+            _Constructor.__init__(self)
+            _GoResolver.__init__(self)
+            self.depth = 0
+
+        # Deep nesting is left to the pure reading, whose RecursionError decides
+        # it (its stack depth per level differs from this one's).
+        def _nested(self, compose: Any, anchor: Optional[str]) -> Node:
+            self.depth += 1
+            if self.depth > _FAST_MAX_DEPTH:
+                raise _TooDeep()
+            node = compose(self, anchor)
+            self.depth -= 1
+            return node
+
+        def compose_sequence_node(self, anchor: Optional[str]) -> Node:
+            return self._nested(Composer.compose_sequence_node, anchor)
+
+        def compose_mapping_node(self, anchor: Optional[str]) -> Node:
+            return self._nested(Composer.compose_mapping_node, anchor)
+
+else:  # PyYAML built without libyaml
+    _FastLoader = None
+
 
 # ---------------------------------------------------------------------------- aliasing
 
@@ -204,6 +263,17 @@ class Loaded:
     warnings: list[str] = field(default_factory=list)
 
 
+# Text that only the pure reader decides, where libyaml reads differently or
+# might: the characters it refuses (libyaml's list differs), tabs (libyaml takes
+# them as separators in more places), `?` (libyaml does not end a plain scalar at
+# it inside [] and {}), `!` (libyaml reads an empty node tagged `!` as "", PyYAML
+# as null), `|` and `>` (block scalars: libyaml takes a comment right after the
+# header) and a byte-order mark after the start (libyaml skips one at any line's
+# start). Files made of JSON, mappings, lists, quoted and plain scalars, anchors
+# and comments go the fast way.
+_PURE_ONLY = re.compile(yaml.reader.Reader.NON_PRINTABLE.pattern + r"|[\t?!|>\ufeff]")
+
+
 def _line_col(text: str, index: int) -> str:
     line = text.count("\n", 0, index) + 1
     column = index - (text.rfind("\n", 0, index) + 1) + 1
@@ -230,21 +300,54 @@ def decode(data: bytes) -> tuple[str, list[str]]:
         return data.decode("utf-8-sig", errors="replace"), [warning]
 
 
+def _compose_all(loader: Any, docs: list[Any], aliases: bool = True) -> list[Any]:
+    """Append each non-empty document to docs (which holds those read before an
+    error); `aliases` False skips the alias count where the text has none."""
+    while loader.check_node():
+        node = loader.get_node()
+        if node is None:
+            continue
+        if aliases:  # without an alias no node is met twice: nothing to count
+            check_aliasing(node)
+        doc = loader.construct_document(node)
+        if doc is not None:
+            docs.append(doc)
+    return docs
+
+
+def _load_fast(text: str) -> Optional[list[Any]]:
+    """The documents read through libyaml, or None where the pure reading must
+    decide: any error (its messages and marks are the pure parser's), and input
+    where libyaml could read differently."""
+    if _FastLoader is None or _PURE_ONLY.search(text):
+        return None
+    loader = None
+    try:
+        loader = _FastLoader(text)
+        return _compose_all(loader, [], "*" in text)
+    except Exception:  # noqa: BLE001 - the pure reading gives the verdict
+        return None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def load_documents(data: bytes) -> Loaded:
     """Every non-empty document of a YAML stream, as kubectl would send it."""
     text, warnings = decode(data)
+    fast = _load_fast(text)
+    if fast is not None:
+        return Loaded(fast, warnings=warnings)
+    return _load_pure(text, warnings)
+
+
+def _load_pure(text: str, warnings: list[str]) -> Loaded:
+    """PyYAML's own reading: the reference, and the one that words every error."""
     docs: list[Any] = []
     loader = None
     try:
         loader = KubectlLoader(text)
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                continue
-            check_aliasing(node)
-            doc = loader.construct_document(node)
-            if doc is not None:
-                docs.append(doc)
+        _compose_all(loader, docs)
     except ExcessiveAliasing:
         return Loaded(
             docs,

@@ -26,6 +26,7 @@ from admission_cases import (
     yaml_cases,
 )
 from kubetune_api.validation import validate_document
+from kubetune_cli import loader
 from kubetune_cli.loader import load_documents
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,6 +163,49 @@ def test_plain_scalars_read_as_kubectl_reads_them(text, value):
     loaded = load_documents(f"v: {text}\n".encode())
     assert loaded.error is None
     assert loaded.documents == [{"v": value}]
+
+
+# libyaml reads most files; the pure parser reads the rest and words every error.
+# Each input below is one where the two parsers differ, or an error.
+_PURE_READS = [
+    '{"a": "b",\t"c": 1}',  # libyaml takes the tab as a separator
+    "a:\tb\n",
+    "{a:b?}",  # libyaml does not end a plain scalar at ? inside {}
+    "a: 1\n\ufeffb: 2\n",  # libyaml skips a byte-order mark at a line's start
+    "a: !\n",  # libyaml: "", PyYAML: null
+    "a: |-#c\n  x\n",  # libyaml takes a comment right after a block scalar's header
+    "- |\n  x\n   y\n- >-\n  p\n  q\n",
+    "a: \x07\n",
+    "a: [1, 2\n",
+    "a: 1\n  b: 2\n",
+    "a: *x\n",
+    "a: &x 1\nb: &x 2\n",
+    "a: !!int ''x\n",
+    "k" * 1025 + ": 1\n",
+    "%YAML 2.0\n---\na: 1\n",
+    "[" * 70 + "]" * 70,  # deeply nested: the pure reading's RecursionError decides
+]
+_FAST_READS = [
+    "a: 1\nb: [y, 1e3, 0x10, .5, '1', ~, 2024-01-02]\n",
+    "---\na: &x {b: 1}\nc: *x\n...\n---\n- x\n- - y\n  - z # c\n",
+    "a: \"x\\ty\\u00e9\\/\"\nb: 'it''s'\nc: plain\n  folded\n",
+    'a: b\r\nc: "d\r\n  e"\r\n',
+    "<<: {m: 2}\nn: [3]\n",
+    "k" * 1000 + ": 1\n",
+    "%YAML 1.2\n---\na: 1\n",
+    "[" * 64 + "]" * 64,
+]
+
+
+@pytest.mark.parametrize("text", _PURE_READS + _FAST_READS)
+def test_libyaml_reads_as_the_pure_parser_reads(text):
+    data = text.encode()
+    reference = loader._load_pure(*loader.decode(data))
+    assert repr(load_documents(data)) == repr(reference)
+    fast = loader._load_fast(loader.decode(data)[0])
+    assert (fast is None) == (text in _PURE_READS), "which parser reads it"
+    if fast is not None:
+        assert repr(fast) == repr(reference.documents)
 
 
 # ---------------------------------------------------------------------------- fuzzing

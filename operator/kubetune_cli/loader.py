@@ -105,6 +105,25 @@ def go_yaml_scalar(text: str) -> Any:
 
 
 class _Constructor(SafeConstructor):
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        """PyYAML's, but a value its explicit tag cannot hold (`!!int ''`,
+        `!!float x`, `!!binary` that is not base64) is a YAML error at the value,
+        as kubectl refuses it, not a crash."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, IndexError, TypeError, OverflowError, KeyError, AttributeError) as exc:
+            tag = str(node.tag).rsplit(":", 1)[-1]
+            value = node.value if isinstance(node, ScalarNode) else f"a {node.id}"
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{short(value, 60)} is not a valid !!{tag} (the value's explicit tag): "
+                "remove the tag or fix the value",
+                node.start_mark,
+            ) from exc
+
     def construct_go_number(self, node: ScalarNode) -> Any:
         return go_yaml_scalar(self.construct_scalar(node))
 

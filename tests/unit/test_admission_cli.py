@@ -134,6 +134,26 @@ def test_yaml_errors_name_the_line():
     assert loaded.warnings and loaded.warnings[0].startswith("line 2, column 4: byte 0xc3")
 
 
+@pytest.mark.parametrize(
+    "value, tag",
+    [
+        ("!!int ''", "int"),
+        ("!!int 0x", "int"),
+        ("!!float abc", "float"),
+        ("!!timestamp x", "timestamp"),
+    ],
+)
+def test_a_value_its_explicit_tag_cannot_hold_is_an_error_at_the_value(value, tag):
+    """kubectl refuses these too (go-yaml cannot decode them); once PyYAML crashed."""
+    loaded = load_documents(f"apiVersion: v1\nkind: x\nspec:\n  a: {value}\n".encode())
+    assert loaded.error is not None
+    assert loaded.error.path == "(yaml line 4, column 6)", loaded.error
+    assert (
+        f"is not a valid !!{tag}" in loaded.error.message
+        and "remove the tag" in loaded.error.message
+    )
+
+
 def test_excessive_aliasing_is_refused_quickly():
     bomb = next(c for c in CASES if c.id == "yaml:alias-bomb")
     loaded = load_documents(bomb.yaml)

@@ -699,6 +699,10 @@ def _written() -> list[Case]:
         doc = job(name=f"m-{len(c)}")
         doc["metadata"]["labels"] = labels
         add(cid, doc, "metadata.labels")
+    for key in ("labels", "annotations"):  # null reads as absent on both sides
+        doc = job(name=f"m-null-{key}")
+        doc["metadata"][key] = None
+        add(f"meta:{key}-null", doc)
     doc = job(name="m-annotation")
     doc["metadata"]["annotations"] = {"note": 5}
     add("meta:annotation-number", doc, "metadata.annotations")
@@ -709,6 +713,10 @@ def _written() -> list[Case]:
     doc["metadata"]["namespace"] = "Bad_NS"
     add("meta:namespace-invalid", doc, "")
     add("top:unknown-field", job(name="t-unknown", extra=1), "extra")
+    for i, key in enumerate(("m[odel", "int", "[multi]")):  # shaped like pydantic's union tags
+        doc = job(name=f"t-odd-key-{i}")
+        doc["spec"][key] = {"name": "org/model"}
+        add(f"spec:unknown-field-{key}", doc, "spec")
     add("top:spec-list", job(spec=[], name="t-spec-list"), "spec")
     add("top:spec-missing", {**API, "metadata": {"name": "t-nospec"}}, "spec")
 
@@ -1394,6 +1402,8 @@ def yaml_cases() -> list[Case]:
 # Accepted by both, and why that is safe. A case accepted by both that is not
 # listed here fails the agreement test: every acceptance is a decision.
 SAFE: dict[str, str] = {}
+SAFE["meta:labels-null"] = "a null metadata map reads as absent (labels: with nothing after it)"
+SAFE["meta:annotations-null"] = "a null metadata map reads as absent, as labels"
 SAFE["grader:ok-every-type"] = "a multi grader of every type, each field set once"
 for _name in ("exact", "sim", "fmt", "judge"):
     SAFE[f"grader:ok-alone-{_name}"] = "one leaf grader on its own is a whole grader"

@@ -275,7 +275,7 @@ def _words(err: dict, loc: tuple) -> tuple[str, Optional[str]]:
     if kind == "kubetune_check":
         return err["msg"], None
     if kind == "extra_forbidden":
-        owner = _model_for_path(loc)
+        owner = _model_for_path(loc) if loc else None
         if owner is not None:
             known = [f.alias or n for n, f in owner.model_fields.items()]
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
@@ -345,9 +345,15 @@ def _kind_of(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+_UNION_TAG = re.compile(r"[\w-]*\[.*\]")
+
+
 def _is_union_tag(part: str) -> bool:
-    """pydantic names union branches in error locations; they are not fields."""
-    return "[" in part or part in ("int", "str", "float", "bool", "constrained-int")
+    """pydantic names union branches in error locations (`function-after[...]`,
+    `list[...]`, `int`); they are not fields."""
+    return bool(_UNION_TAG.fullmatch(part)) or part in (
+        "int", "str", "float", "bool", "constrained-int"
+    )  # fmt: skip
 
 
 _UNION_FIELDS = {"zeroStage": ("must be 0, 1, 2, 3 or auto", "e.g. zeroStage: 3")}
@@ -359,7 +365,13 @@ def _pydantic_errors(exc: ValidationError, prefix: str) -> list[FieldError]:
     for err in exc.errors():
         loc = tuple(err["loc"])
         # Union[Literal['auto'], int] reports once per branch: keep the first.
-        clean = tuple(p for p in loc if not (isinstance(p, str) and _is_union_tag(p)))
+        # An unknown field's own name (the last part) is the user's, whatever it looks like.
+        last = len(loc) - 1 if err["type"] == "extra_forbidden" else -1
+        clean = tuple(
+            p
+            for i, p in enumerate(loc)
+            if i == last or not (isinstance(p, str) and _is_union_tag(p))
+        )
         field = (err.get("ctx") or {}).get("field") if err["type"] == "kubetune_check" else None
         path = join_path(prefix, clean + tuple(field.split(".")) if field else clean)
         if path in seen:
@@ -601,9 +613,19 @@ def validate_document(doc: Any) -> Result:
     result.errors = _without_echoes(result.errors + spec_result.errors, json_errors)
     result.warnings += spec_result.warnings
     if result.ok:
-        result.job = models.FineTuneJob.model_validate(
-            {**doc, "spec": apply_defaults(prune_nulls(doc["spec"])), "status": None}
-        )
+        # `labels: null` and the like: the API server reads a null as absent
+        meta = {k: v for k, v in (doc.get("metadata") or {}).items() if v is not None}
+        try:
+            result.job = models.FineTuneJob.model_validate(
+                {
+                    **doc,
+                    "metadata": meta,
+                    "spec": apply_defaults(prune_nulls(doc["spec"])),
+                    "status": None,
+                }
+            )
+        except ValidationError as exc:  # a shape the checks above let through
+            result.errors += _pydantic_errors(exc, "")
     return result
 
 

@@ -713,7 +713,7 @@ def _written() -> list[Case]:
     doc["metadata"]["namespace"] = "Bad_NS"
     add("meta:namespace-invalid", doc, "")
     add("top:unknown-field", job(name="t-unknown", extra=1), "extra")
-    for i, key in enumerate(("m[odel", "int", "[multi]")):  # shaped like pydantic's union tags
+    for i, key in enumerate(("m[odel", "int", "str")):  # shaped like pydantic's union tags
         doc = job(name=f"t-odd-key-{i}")
         doc["spec"][key] = {"name": "org/model"}
         add(f"spec:unknown-field-{key}", doc, "spec")

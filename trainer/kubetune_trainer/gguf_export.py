@@ -133,7 +133,7 @@ def _rope(config: dict) -> tuple[float, dict]:
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    merged = {**scaling, **{k: v for k, v in params.items() if k != "rope_theta"}}
+    merged = {**{k: v for k, v in params.items() if k != "rope_theta"}, **scaling}
     if "type" in merged and "rope_type" not in merged:
         merged["rope_type"] = merged["type"]
     return float(theta), merged
@@ -143,9 +143,7 @@ def _rope_order(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Rows of q_proj/k_proj from Hugging Face's rotary layout (two halves per
     head) to llama.cpp's (interleaved pairs)."""
     half = weight.shape[0] // n_head // 2
-    return (
-        weight.reshape(n_head, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
+    return weight.reshape(n_head, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 # ------------------------------------------------------------------- tokenizer
@@ -180,9 +178,7 @@ def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
 
     tok_json = _read_json(folder / "tokenizer.json")
     model = tok_json.get("model") or {}
-    if model.get("type") != "BPE" or not (
-        "ByteLevel" in json.dumps(tok_json.get("pre_tokenizer"))
-    ):
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tok_json.get("pre_tokenizer")):
         raise ExportError(
             "output.gguf: GGUF export needs a byte-level BPE tokenizer (tokenizer.json); "
             "remove output.gguf"
@@ -240,7 +236,7 @@ def _tensors(folder: Path):
         raise ExportError(f"output.gguf: no safetensors weights in {folder}")
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
                 yield name, f.get_tensor(name).float().numpy()
 
 

@@ -1,0 +1,167 @@
+"""output.gguf's converter (kubetune_trainer.gguf_export) on tiny Llama models built
+from config with a small byte-level BPE tokenizer trained here: the files read back
+with the gguf package and with transformers (which dequantizes them), the logits
+agree with the safetensors model's within each type's error, the tokenizer and chat
+template survive, and models the export cannot convert are refused by field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you today? 2024 had 366 days.",
+    "Ünïcödé: café, naïve, 東京, emoji 🙂 and tabs\tand\nnew lines",
+] * 20
+PROBE = [1, 5, 40, 200, 17, 42, 99, 250, 3, 7]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT
+    return fast
+
+
+def tiny_folder(path: Path, hidden: int = 64, extra_vocab: int = 3, tied: bool = True) -> Path:
+    """A 2-layer Llama (4 heads, 2 kv heads) saved with the tokenizer; the embedding
+    has `extra_vocab` rows beyond the tokenizer's tokens, as padded vocabularies do."""
+    from model_fixtures import small_lm
+
+    tok = tiny_tokenizer()
+    model = small_lm(
+        vocab_size=len(tok) + extra_vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.no_grad():  # norms away from 1, so a misplaced norm shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("tiny"), tied=False)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([PROBE])).logits[0].float()
+
+
+# the largest logit difference accepted per type, for logits of spread ~1 (the
+# tiny model's): f16 rounding, then 8-bit and 4-bit blocks of 32 weights
+LOGIT_ATOL = {"f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.25}
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+def test_export_reads_back_with_gguf_and_transformers(folder, tmp_path, qtype):
+    import gguf
+
+    from kubetune_trainer import gguf_export as G
+
+    report = G.write(folder, tmp_path / f"m-{qtype}.gguf", qtype, "tiny")
+    assert report.fallback == [] and report.tensors == 2 + 2 * 9 + 1  # embd, norm, output
+
+    reader = gguf.GGUFReader(report.path)
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["llama.rope.freq_base"].contents() == 50000.0
+    assert fields["llama.context_length"].contents() == 2048
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert fields["tokenizer.chat_template"].contents() == CHAT
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    config = json.loads((folder / "config.json").read_text())
+    assert len(tokens) == config["vocab_size"] and tokens[-1] == f"[PAD{len(tokens) - 1}]"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    want = qtype.upper()
+    assert types["blk.0.attn_q.weight"] == want and types["blk.1.ffn_down.weight"] == want
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    # 4-bit files keep the embedding and the head at 8 bits
+    high = "Q8_0" if qtype == "q4_0" else want
+    assert types["token_embd.weight"] == high and types["output.weight"] == high
+
+    # transformers dequantizes the file: the same model, within the type's error
+    original = G._load_folder(folder)
+    loaded, tok = G.load(Path(report.path))
+    diff = (_logits(loaded) - _logits(original)).abs().max().item()
+    assert diff < LOGIT_ATOL[qtype], diff
+    pairs = [(tok(t)["input_ids"], tok(t)["input_ids"]) for t in CORPUS[:3]]
+    check = G.check(Path(report.path), folder, qtype, pairs, reference=original)
+    assert check.tensors_ok and check.tokenizer_ok, check.problems
+    assert check.within_tolerance and abs(check.relative_increase) < check.tolerance
+
+
+def test_rows_off_the_block_size_stay_f16_and_are_named(tmp_path):
+    import gguf
+
+    from kubetune_trainer import gguf_export as G
+
+    folder = tiny_folder(tmp_path / "m", hidden=48)  # rows of 48 values: not blocks of 32
+    report = G.write(folder, tmp_path / "m.gguf", "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(report.path).tensors}
+    assert "blk.0.attn_q.weight" in report.fallback
+    assert types["blk.0.attn_q.weight"] == "F16"
+    # ffn_down's rows are intermediate_size (96) long: quantized
+    assert "blk.0.ffn_down.weight" not in report.fallback
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert "output.weight" not in types  # tied embeddings: one tensor
+
+
+def test_other_architectures_and_unknown_types_are_refused_by_field(folder, tmp_path):
+    from kubetune_trainer import gguf_export as G
+
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(
+        json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    )
+    with pytest.raises(G.ExportError, match=r"output.gguf: .*not Qwen2ForCausalLM.*remove"):
+        G.write(qwen, tmp_path / "q.gguf", "q8_0")
+    with pytest.raises(G.ExportError, match=r"output.gguf.types: 'q2_k' is not one of"):
+        G.write(folder, tmp_path / "x.gguf", "q2_k")
+    scaled = json.loads((folder / "config.json").read_text())
+    scaled["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    assert "rope scaling 'yarn'" in G.supported(scaled)

@@ -932,6 +932,9 @@ class Outputs(_Model):
     prefix: Optional[Uri] = Field(None, description="The job's storage prefix.")
     adapter: Optional[Uri] = None
     merged_model: Optional[Uri] = None
+    gguf: Optional[list[Uri]] = Field(
+        None, max_length=len(GGUF_TYPES), description="output.gguf: the GGUF files."
+    )
     metrics: Optional[Uri] = None
     loss_curve: Optional[Uri] = None
 

@@ -398,6 +398,28 @@ class ServableOutput(_Model):
     files: list[str] = Field(default_factory=list, description="Paths relative to uri.")
 
 
+class GgufFile(_Model):
+    """One output.gguf file and its read-back check, as outputs.json lists it."""
+
+    type: str = Field(description="f16, q8_0, q5_0 or q4_0.")
+    uri: str
+    bytes: int
+    seconds: float = Field(description="Export time.")
+    fallback: list[str] = Field(
+        default_factory=list, description="2-D weights kept at f16 (rows not whole blocks)."
+    )
+    tensors_ok: bool
+    tokenizer_ok: bool
+    eval_loss: Optional[float] = Field(None, description="The file's held-out loss.")
+    reference_eval_loss: Optional[float] = Field(
+        None, description="The safetensors model's held-out loss on the same rows."
+    )
+    relative_increase: Optional[float] = None
+    tolerance: float
+    within_tolerance: Optional[bool] = None
+    problems: list[str] = Field(default_factory=list)
+
+
 class OutputsRecord(_Model):
     adapter: Optional[str] = None
     merged_model: Optional[str] = None
@@ -421,7 +443,7 @@ class OutputsRecord(_Model):
     artifacts: list[ServableOutput] = Field(
         default_factory=list, description="What each saved folder is and how to load it."
     )
-    gguf: Optional[list[dict]] = Field(
+    gguf: Optional[list[GgufFile]] = Field(
         None,
         description="output.gguf: per type the file's URI, size, export time and read-back "
         "check (tensors, tokenizer, held-out loss against the safetensors model, tolerance).",

@@ -71,7 +71,7 @@ def tiny_folder(path: Path, hidden: int = 64, extra_vocab: int = 3, tied: bool =
         pad_token_id=tok.pad_token_id,
     )
     with torch.no_grad():  # norms away from 1, so a misplaced norm shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(path)

@@ -154,13 +154,13 @@ def gguf_files(f: Finish) -> dict:
         f.storage.fs.put_file(str(f.local / rel), f.storage.path(rel))
         uri = f.storage.uri(rel)
         entries.append(
-            {
-                "uri": uri,
-                "bytes": made.bytes,
-                "seconds": made.seconds,
-                "fallback": made.fallback,
+            contract.GgufFile(
+                uri=uri,
+                bytes=made.bytes,
+                seconds=made.seconds,
+                fallback=made.fallback,
                 **checked.as_dict(),
-            }
+            )
         )
         artifacts.append(
             contract.ServableOutput(

@@ -11,72 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from model_fixtures import CHAT, CORPUS, tiny_folder
+
 pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
-CHAT = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello, world! How are you today? 2024 had 366 days.",
-    "Ünïcödé: café, naïve, 東京, emoji 🙂 and tabs\tand\nnew lines",
-] * 20
 PROBE = [1, 5, 40, 200, 17, 42, 99, 250, 3, 7]
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(
-        CORPUS,
-        trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|im_end|>",
-    )
-    fast.chat_template = CHAT
-    return fast
-
-
-def tiny_folder(path: Path, hidden: int = 64, extra_vocab: int = 3, tied: bool = True) -> Path:
-    """A 2-layer Llama (4 heads, 2 kv heads) saved with the tokenizer; the embedding
-    has `extra_vocab` rows beyond the tokenizer's tokens, as padded vocabularies do."""
-    from model_fixtures import small_lm
-
-    tok = tiny_tokenizer()
-    model = small_lm(
-        vocab_size=len(tok) + extra_vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        rope_theta=50000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tied,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.no_grad():  # norms away from 1, so a misplaced norm shows
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +50,7 @@ def test_export_reads_back_with_gguf_and_transformers(folder, tmp_path, qtype):
     assert fields["llama.rope.freq_base"].contents() == 50000.0
     assert fields["llama.context_length"].contents() == 2048
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert fields["tokenizer.chat_template"].contents() == CHAT
     tokens = fields["tokenizer.ggml.tokens"].contents()
     config = json.loads((folder / "config.json").read_text())

@@ -155,7 +155,7 @@ def _pre_tokenizer(tok_json: dict) -> str:
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for GPT-2's split
     if (
         kinds == ["Digits", "ByteLevel"]
         and steps[0].get("individual_digits")

@@ -2,7 +2,7 @@
 time and the held-out loss of the file read back (dequantized by transformers)
 against the safetensors folder's, the numbers behind gguf_export.TOLERANCE.
 
-    .venv/bin/python benchmarks/gguf_export.py [--types f16,q8_0,q5_0,q4_0] [--rows 150]
+    .venv/bin/python benchmarks/gguf_export.py [--types q8_0,q4_0,q5_0,f16] [--rows 48]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from common import MODEL, prepare, split
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--types", default="f16,q8_0,q5_0,q4_0")
-    ap.add_argument("--rows", type=int, default=150, help="held-out conversations")
+    ap.add_argument("--types", default="q8_0,q4_0,q5_0,f16")
+    ap.add_argument("--rows", type=int, default=48, help="held-out conversations")
     args = ap.parse_args()
     prepare()
     from transformers import AutoTokenizer
@@ -37,7 +37,8 @@ def main() -> None:
     size = sum(p.stat().st_size for p in MODEL.glob("*.safetensors"))
     print(
         f"safetensors (fp32): {size / 2**20:.1f} MiB, held-out loss {ref_loss:.4f} "
-        f"({len(pairs)} conversations, {time.monotonic() - start:.1f} s)"
+        f"({len(pairs)} conversations, {time.monotonic() - start:.1f} s)",
+        flush=True,
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -419,7 +419,12 @@ def check(
 
     model, tok = load(path)
     original = AutoTokenizer.from_pretrained(str(folder))
-    for text in SAMPLE_TEXTS:
+    texts = SAMPLE_TEXTS
+    if reader.fields["tokenizer.ggml.pre"].contents() == "smollm":
+        # transformers' GGUF reader leaves out SmolLM's split of numbers into
+        # single digits (llama.cpp applies it): texts with digits would differ there
+        texts = tuple(t for t in texts if not any(c.isdigit() for c in t))
+    for text in texts:
         a = original(text, add_special_tokens=False)["input_ids"]
         b = tok(text, add_special_tokens=False)["input_ids"]
         if a != b:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trainer_helpers as H
+
 from model_fixtures import CORPUS, tiny_folder
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]

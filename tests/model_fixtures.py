@@ -104,7 +104,7 @@ def small_lm(vocab_size: int = 100, config_cls=None, model_cls=None, **extra):
 
 # ------------------------------------------------------------------ GGUF export
 # A tiny Llama with a small byte-level BPE tokenizer trained here (seconds, no
-# 49k-token vocabulary to convert): tests/unit/test_gguf_export.py and
+# 49k-token vocabulary to convert): tests/trainer/test_gguf_export.py and
 # tests/trainer/test_gguf_llama_cpp.py.
 
 CHAT = (

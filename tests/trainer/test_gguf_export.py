@@ -13,7 +13,7 @@ import pytest
 
 from model_fixtures import CHAT, CORPUS, tiny_folder
 
-pytest.importorskip("gguf")
+pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 
 PROBE = [1, 5, 40, 200, 17, 42, 99, 250, 3, 7]

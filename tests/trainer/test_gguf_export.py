@@ -105,3 +105,31 @@ def test_other_architectures_and_unknown_types_are_refused_by_field(folder, tmp_
     scaled = json.loads((folder / "config.json").read_text())
     scaled["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     assert "rope scaling 'yarn'" in G.supported(scaled)
+
+
+def test_kubetune_run_refuses_gguf_of_another_architecture_before_training(tmp_path):
+    from kubetune_api import load_trainer_config, spec_to_trainer_config
+    from kubetune_trainer.preflight import Report, check_gguf
+
+    model = tmp_path / "qwen"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    )
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "g"},
+        "spec": {
+            "model": {"uri": str(model)},
+            "dataset": {"train": {"uri": str(tmp_path / "t.jsonl")}, "format": "chat"},
+            "method": {"type": "full"},
+            "output": {"uri": str(tmp_path / "out"), "gguf": {"types": ["q8_0"]}},
+        },
+    }
+    spec = load_trainer_config(spec_to_trainer_config(job)).spec
+    report = Report()
+    check_gguf(spec, report)
+    (error,) = report.errors
+    assert error.path == "spec.output.gguf" and "not Qwen2ForCausalLM" in error.message
+    assert "remove output.gguf" in error.hint

@@ -133,3 +133,28 @@ def test_kubetune_run_refuses_gguf_of_another_architecture_before_training(tmp_p
     (error,) = report.errors
     assert error.path == "spec.output.gguf" and "not Qwen2ForCausalLM" in error.message
     assert "remove output.gguf" in error.hint
+
+
+def test_kubetune_run_summary_lists_each_gguf_file_with_its_score(tmp_path):
+    from kubetune_api import storage as contract
+    from kubetune_trainer.local import summary
+    from kubetune_trainer.storage import JobStorage
+
+    store = JobStorage(str(tmp_path / "p"))
+    uri = store.uri("gguf/model-q4_0.gguf")
+    gguf = contract.GgufFile(
+        type="q4_0",
+        uri=uri,
+        bytes=3 * 2**20,
+        seconds=1.0,
+        tensors_ok=True,
+        tokenizer_ok=True,
+        eval_loss=2.8,
+        reference_eval_loss=2.5,
+        relative_increase=0.12,
+        tolerance=0.10,
+        within_tolerance=False,
+    )
+    store.write_record(contract.OUTPUTS, contract.OutputsRecord(steps=2, gguf=[gguf]))
+    line = next(x for x in summary(store).splitlines() if "gguf q4_0:" in x)
+    assert "model-q4_0.gguf (3.0 MiB, held-out loss 2.8000 (+12.00%, BEYOND 10%))" in line

@@ -985,7 +985,8 @@ def _written() -> list[Case]:
         mutate("spec.output.gguf.types", ["q8_0", "q4_0", "q8_0"]),
         "spec.output.gguf.types",
     )
-    add("gguf:every-type", mutate("spec.output.gguf.types", ["f16", "q8_0", "q5_0", "q4_0"]), None)
+    every_type = ["f16", "q8_0", "q5_0", "q4_1", "q4_0"]
+    add("gguf:every-type", mutate("spec.output.gguf.types", every_type), None)
     every = {
         "hyperparameters.learningRate": dist("logUniform", low=1e-6, high=1),
         "hyperparameters.batchSize": dist("intRange", low=1, high=4096),

@@ -614,7 +614,7 @@ class Checkpointing(_Model):
     )
 
 
-GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_0")
+GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_1", "q4_0")
 GGUF_UNIQUE_TYPES = checks.Check(
     cel="self.types.all(t, self.types.filter(u, u == t).size() == 1)",
     message="output.gguf.types lists a type twice: list each type once",
@@ -629,7 +629,7 @@ class GgufExport(_Model):
     types: list[Literal[GGUF_TYPES]] = Field(
         min_length=1,
         max_length=len(GGUF_TYPES),
-        description="One file per type: f16, q8_0 (8-bit), q5_0 or q4_0 (4-bit). Each is "
+        description="One file per type: f16, q8_0 (8-bit), q5_0, q4_1 or q4_0 (4-bit). Each is "
         "read back after export: tensor shapes, tokenizer and the held-out loss against "
         "the safetensors model (docs/gguf.md gives the tolerance per type).",
     )

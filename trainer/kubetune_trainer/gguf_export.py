@@ -38,11 +38,11 @@ from typing import Optional
 import numpy as np
 
 # output.gguf.types -> the gguf package's type (by name, imported lazily)
-TYPES = ("f16", "q8_0", "q5_0", "q4_0")
+TYPES = ("f16", "q8_0", "q5_0", "q4_1", "q4_0")
 # The largest relative increase of the held-out loss (gguf / safetensors - 1)
 # accepted per type; measured on SmolLM2-135M-Instruct (docs/gguf.md) with
 # headroom: f16 +0.01%, q8_0 +0.1%, q5_0 +1.4%, q4_0 +5.4% there.
-TOLERANCE = {"f16": 0.002, "q8_0": 0.01, "q5_0": 0.04, "q4_0": 0.10}
+TOLERANCE = {"f16": 0.002, "q8_0": 0.01, "q5_0": 0.04, "q4_1": 0.10, "q4_0": 0.15}
 # 4- and 5-bit files keep these at q8_0 (see the module docstring)
 HIGH_PRECISION = ("token_embd.weight", "output.weight")
 SAMPLE_TEXTS = (
@@ -94,6 +94,7 @@ def _quant_type(name: str):
         "f16": gguf.GGMLQuantizationType.F16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
         "q5_0": gguf.GGMLQuantizationType.Q5_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1,
         "q4_0": gguf.GGMLQuantizationType.Q4_0,
     }[name]
 
@@ -105,6 +106,7 @@ def _file_type(name: str) -> int:
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[name]
 
@@ -301,7 +303,7 @@ def write(folder: Path, out: Path, qtype: str, name: str = "model") -> ExportRep
         kind = target
         if data.ndim != 2:
             kind = gguf.GGMLQuantizationType.F32
-        elif qtype in ("q5_0", "q4_0") and gname in HIGH_PRECISION:
+        elif qtype in ("q5_0", "q4_1", "q4_0") and gname in HIGH_PRECISION:
             kind = gguf.GGMLQuantizationType.Q8_0
         block = gguf.GGML_QUANT_SIZES[kind][0]
         if data.shape[-1] % block:

@@ -31,10 +31,10 @@ def _logits(model) -> torch.Tensor:
 
 # the largest logit difference accepted per type, for logits of spread ~1 (the
 # tiny model's): f16 rounding, then 8-bit and 4-bit blocks of 32 weights
-LOGIT_ATOL = {"f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.25}
+LOGIT_ATOL = {"f16": 2e-3, "q8_0": 2e-2, "q4_1": 0.25, "q4_0": 0.25}
 
 
-@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_1", "q4_0"])
 def test_export_reads_back_with_gguf_and_transformers(folder, tmp_path, qtype):
     import gguf
 
@@ -60,7 +60,7 @@ def test_export_reads_back_with_gguf_and_transformers(folder, tmp_path, qtype):
     assert types["blk.0.attn_q.weight"] == want and types["blk.1.ffn_down.weight"] == want
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
     # 4-bit files keep the embedding and the head at 8 bits
-    high = "Q8_0" if qtype == "q4_0" else want
+    high = "Q8_0" if qtype in ("q4_1", "q4_0") else want
     assert types["token_embd.weight"] == high and types["output.weight"] == high
 
     # transformers dequantizes the file: the same model, within the type's error

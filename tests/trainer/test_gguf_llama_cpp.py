@@ -48,7 +48,7 @@ def _probe(runtime: str, path: Path, prompt: list[int]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_1", "q4_0"])
 def test_llama_cpp_loads_tokenizes_and_generates_like_transformers(runtime, tmp_path, qtype):
     import torch
 

@@ -456,3 +456,65 @@ def _load_folder(folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+# ------------------------------------------------------------ own process
+
+
+def export_all(folder: Path, out_dir: Path, types, name: str, examples) -> list[dict]:
+    """Write and check each type; the folder's held-out loss is computed once."""
+    reference = _load_folder(folder) if examples else None
+    ref_loss = held_out_loss(reference, examples) if examples else None
+    done = []
+    for qtype in types:
+        made = write(folder, Path(out_dir) / f"model-{qtype}.gguf", qtype, name)
+        checked = check(Path(made.path), folder, qtype, examples, ref_loss)
+        done.append({"export": asdict(made), "check": checked.as_dict()})
+    return done
+
+
+def run_in_subprocess(folder: Path, out_dir: Path, types, name: str, examples) -> list[dict]:
+    """export_all in a fresh Python process: the training worker's state (DeepSpeed's
+    ZeRO-3 hooks on module and tensor creation, Ray's handlers) stays out of the
+    models loaded for the check, and their memory goes back when it ends."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        request = Path(tmp) / "request.json"
+        result = Path(tmp) / "result.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "folder": str(folder),
+                    "out_dir": str(out_dir),
+                    "types": list(types),
+                    "name": name,
+                    "examples": [list(map(list, e)) for e in examples],
+                }
+            )
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "kubetune_trainer.gguf_export", str(request), str(result)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ExportError(f"output.gguf: the GGUF export failed: {tail[0][:500]}")
+        return json.loads(result.read_text())
+
+
+def main(argv=None) -> None:
+    import sys
+
+    request, result = (argv or sys.argv[1:])[:2]
+    r = json.loads(Path(request).read_text())
+    examples = [(ids, labels) for ids, labels in r["examples"]]
+    done = export_all(Path(r["folder"]), Path(r["out_dir"]), r["types"], r["name"], examples)
+    Path(result).write_text(json.dumps(done))
+
+
+if __name__ == "__main__":
+    main()

@@ -118,13 +118,16 @@ def gguf_files(f: Finish) -> dict:
     folder = f.local / (contract.FULL_MODEL if full else contract.MERGED)
     f.progress(contract.TrainPhase.saving, "writing GGUF files")
     examples = gguf_held_out(f)
-    reference = gguf_export._load_folder(folder) if examples else None
-    ref_loss = gguf_export.held_out_loss(reference, examples) if examples else None
+    name = export.base_model_name(f.spec)
+    done = gguf_export.run_in_subprocess(
+        folder, f.local / contract.GGUF, settings.types, name, examples
+    )
     entries, artifacts = [], []
-    for qtype in settings.types:
+    for item in done:
+        made = gguf_export.ExportReport(**item["export"])
+        checked = gguf_export.CheckReport(**item["check"])
+        qtype = made.type
         rel = f"{contract.GGUF}/model-{qtype}.gguf"
-        made = gguf_export.write(folder, f.local / rel, qtype, export.base_model_name(f.spec))
-        checked = gguf_export.check(f.local / rel, folder, qtype, examples, ref_loss)
         if not (checked.tensors_ok and checked.tokenizer_ok):
             raise gguf_export.ExportError(
                 f"output.gguf: the {qtype} file does not read back as written: "

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
 TEXTS = [*CORPUS[:3], "  leading spaces, digits 1234567 and <|im_end|> as text"]
 PROMPT = "Hello, world! How"
 STEPS = 8
+MARGIN = 0.01  # the tiny model's best logits are about 0.4 to 0.5: within 2% of them
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +60,25 @@ def test_llama_cpp_loads_tokenizes_and_generates_like_transformers(runtime, tmp_
     loaded, tok = G.load(path)  # transformers, from the same file
     prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        greedy = loaded.generate(
-            input_ids=torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False
-        )[0, len(prompt) :].tolist()
+        out = loaded.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=STEPS,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    greedy = out.sequences[0, len(prompt) :].tolist()
 
     seen = _probe(runtime, path, prompt)
     assert seen["architecture"] == "llama"
     assert seen["tokens"] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    assert seen["generated"] == greedy
+    assert len(seen["generated"]) == STEPS
+    # The same tokens, up to a near tie: llama.cpp multiplies quantized weights by
+    # activations it quantizes to 8 bits, transformers by float32 ones, so where the
+    # two best logits are within MARGIN of each other either may win (the random tiny
+    # model's logits are close together); after such a step the contexts differ.
+    for step, (a, b) in enumerate(zip(seen["generated"], greedy, strict=True)):
+        if a != b:
+            best = out.scores[step][0].topk(2).values
+            assert (best[0] - best[1]).item() < MARGIN, (step, seen["generated"], greedy)
+            break

@@ -154,7 +154,6 @@ def gguf_files(f: Finish) -> dict:
                     why + ": pick a wider type or set output.gguf.enforceTolerance: false"
                 )
             f.log("warning: " + why)
-        f.storage.fs.put_file(str(f.local / rel), f.storage.path(rel))
         uri = f.storage.uri(rel)
         entries.append(
             contract.GgufFile(
@@ -175,6 +174,7 @@ def gguf_files(f: Finish) -> dict:
                 files=[Path(rel).name],
             )
         )
+    f.storage.upload_dir(f.local / contract.GGUF, contract.GGUF)
     return {"gguf": entries, "artifacts": [*f.sections.get("artifacts", []), *artifacts]}
 
 

@@ -126,6 +126,7 @@ FULL_SPEC: dict[str, Any] = {
     "output": {
         "uri": "s3://bucket/fine-tunes",
         "mergeAdapter": True,
+        "gguf": {"types": ["q8_0", "q4_0"], "enforceTolerance": False},
         "endpoint": "https://minio.example:9000",
         "region": "us-east-1",
         "secretRef": {"name": "s3-creds"},
@@ -980,6 +981,20 @@ def _written() -> list[Case]:
     full_ok = copy.deepcopy(full)
     full_ok["spec"]["sweep"]["parameters"].pop("method.lora.r")
     add("sweep:full-lr-only", full_ok, None)  # a full fine-tune sweeps its learning rate
+    # output.gguf converts a whole model: a full fine-tune's or the merged one
+    no_merge = mutate("spec.output.mergeAdapter", False)
+    add("gguf:lora-without-merge", no_merge, "spec.output.gguf")
+    no_gguf = copy.deepcopy(no_merge)
+    no_gguf["spec"]["output"].pop("gguf")
+    add("gguf:absent-without-merge", no_gguf, None)
+    add("gguf:on-full", full_ok, None)
+    add(
+        "gguf:type-twice",
+        mutate("spec.output.gguf.types", ["q8_0", "q4_0", "q8_0"]),
+        "spec.output.gguf.types",
+    )
+    every_type = ["f16", "q8_0", "q5_0", "q4_1", "q4_0"]
+    add("gguf:every-type", mutate("spec.output.gguf.types", every_type), None)
     every = {
         "hyperparameters.learningRate": dist("logUniform", low=1e-6, high=1),
         "hyperparameters.batchSize": dist("intRange", low=1, high=4096),
@@ -1475,6 +1490,9 @@ _safe(
     ("sweep:every-field-at-its-bounds",),
     "every sweepable field over its whole range: each value is one its field accepts",
 )
+_safe(("gguf:absent-without-merge",), "no GGUF asked for: an adapter alone is a valid output")
+_safe(("gguf:on-full",), "a full fine-tune saves the whole model, which GGUF export converts")
+_safe(("gguf:every-type",), "each GGUF type once: one file per type")
 _safe(("sweep:mode-default",), "mode follows the metric: min for losses, max for accuracy")
 _safe(
     ("es:accuracy-mode-default",),

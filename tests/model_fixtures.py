@@ -100,3 +100,72 @@ def small_lm(vocab_size: int = 100, config_cls=None, model_cls=None, **extra):
     return (model_cls or LlamaForCausalLM)(
         (config_cls or LlamaConfig)(vocab_size=vocab_size, **settings)
     )
+
+
+# ------------------------------------------------------------------ GGUF export
+# A tiny Llama with a small byte-level BPE tokenizer trained here (seconds, no
+# 49k-token vocabulary to convert): tests/trainer/test_gguf_export.py and
+# tests/trainer/test_gguf_llama_cpp.py.
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you today? 2024 had 366 days.",
+    "Ünïcödé: café, naïve, 東京, emoji 🙂 and tabs\tand\nnew lines",
+] * 20
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT
+    return fast
+
+
+def tiny_folder(path: Path, hidden: int = 64, extra_vocab: int = 3, tied: bool = True) -> Path:
+    """A 2-layer Llama (4 heads, 2 kv heads) saved with the tokenizer; the embedding
+    has `extra_vocab` rows beyond the tokenizer's tokens, as padded vocabularies do."""
+    import torch
+
+    tok = tiny_tokenizer()
+    model = small_lm(
+        vocab_size=len(tok) + extra_vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.no_grad():  # norms away from 1, so a misplaced norm shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -614,6 +614,33 @@ class Checkpointing(_Model):
     )
 
 
+GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_1", "q4_0")
+GGUF_UNIQUE_TYPES = checks.Check(
+    cel="self.types.all(t, self.types.filter(u, u == t).size() == 1)",
+    message="output.gguf.types lists a type twice: list each type once",
+    python=lambda g: len(set(g["types"])) == len(g["types"]),
+    field="types",
+)
+
+
+class GgufExport(_Model):
+    """GGUF files of the merged or full model, for llama.cpp and Ollama."""
+
+    types: list[Literal[GGUF_TYPES]] = Field(
+        min_length=1,
+        max_length=len(GGUF_TYPES),
+        description="One file per type: f16, q8_0 (8-bit), q5_0, q4_1 or q4_0 (4-bit). Each is "
+        "read back after export: tensor shapes, tokenizer and the held-out loss against "
+        "the safetensors model (docs/gguf.md gives the tolerance per type).",
+    )
+    enforce_tolerance: bool = Field(
+        False,
+        description="Fail the job when a file's held-out loss is beyond its type's tolerance "
+        "(default: a warning in the log, withinTolerance false in outputs.json). A file that "
+        "does not read back (shapes, tokenizer) always fails the job.",
+    )
+
+
 class Output(StorageAccess):
     uri: Optional[OutputUri] = Field(
         None,
@@ -624,6 +651,11 @@ class Output(StorageAccess):
     )
     merge_adapter: bool = Field(
         False, description="Also save the base model with the adapter merged (lora/qlora)."
+    )
+    gguf: Optional[Annotated[GgufExport, GGUF_UNIQUE_TYPES]] = Field(
+        None,
+        description="Also write the merged model (lora/qlora with mergeAdapter) or the full "
+        "fine-tune as GGUF files (Llama-family models only). Default: no GGUF.",
     )
 
 
@@ -919,6 +951,9 @@ class Outputs(_Model):
     prefix: Optional[Uri] = Field(None, description="The job's storage prefix.")
     adapter: Optional[Uri] = None
     merged_model: Optional[Uri] = None
+    gguf: Optional[list[Uri]] = Field(
+        None, max_length=len(GGUF_TYPES), description="output.gguf: the GGUF files."
+    )
     metrics: Optional[Uri] = None
     loss_curve: Optional[Uri] = None
 

@@ -428,6 +428,19 @@ RULES: list[Rule] = [
         python=lambda s: not s["output"]["mergeAdapter"] or s["method"]["type"] != "full",
         field="output.mergeAdapter",
     ),
+    Rule(
+        "gguf-needs-whole-model",
+        (),
+        "output.gguf converts a whole model: with lora or qlora set output.mergeAdapter: "
+        "true (the merged model is converted), or remove output.gguf",
+        cel="!has(self.output.gguf) || self.method.type == 'full' || self.output.mergeAdapter",
+        python=lambda s: (
+            not _has(s["output"], "gguf")
+            or s["method"]["type"] == "full"
+            or s["output"]["mergeAdapter"]
+        ),
+        field="output.gguf",
+    ),
 ]
 
 # Fields that define what is trained. Changing them under a running job would

@@ -62,6 +62,7 @@ SKIPPED = "skipped.json"  # inside a quarantined folder: why it was moved there
 ADAPTER = "adapter"
 MERGED = "merged"
 FULL_MODEL = "model"
+GGUF = "gguf"  # output.gguf: one model-{type}.gguf per type
 HALT = "halt.json"  # a sweep asks a trial to stop (written by the sweep, read by the recipe)
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -401,6 +402,8 @@ class OutputFormat(str, Enum):
     huggingface = "huggingface-safetensors"
     # adapter_config.json + adapter_model.safetensors: peft, vLLM's --lora-modules
     peft_lora = "peft-lora-safetensors"
+    # one self-contained file (weights, tokenizer, chat template): llama.cpp, Ollama
+    gguf = "gguf"
 
 
 class ServableOutput(_Model):
@@ -409,10 +412,35 @@ class ServableOutput(_Model):
     kind: OutputKind
     uri: str
     format: OutputFormat
-    precision: str = Field(description="dtype of the saved weights: bf16, fp16 or fp32.")
+    precision: str = Field(
+        description="dtype of the saved weights: bf16, fp16 or fp32; a GGUF file's type "
+        "(f16, q8_0, q5_0, q4_0)."
+    )
     base_model: str = Field(description="The model the job started from (id@revision or URI).")
     lora_rank: Optional[int] = Field(None, description="Adapters: r (vLLM's --max-lora-rank).")
     files: list[str] = Field(default_factory=list, description="Paths relative to uri.")
+
+
+class GgufFile(_Model):
+    """One output.gguf file and its read-back check, as outputs.json lists it."""
+
+    type: str = Field(description="f16, q8_0, q5_0 or q4_0.")
+    uri: str
+    bytes: int
+    seconds: float = Field(description="Export time.")
+    fallback: list[str] = Field(
+        default_factory=list, description="2-D weights kept at f16 (rows not whole blocks)."
+    )
+    tensors_ok: bool
+    tokenizer_ok: bool
+    eval_loss: Optional[float] = Field(None, description="The file's held-out loss.")
+    reference_eval_loss: Optional[float] = Field(
+        None, description="The safetensors model's held-out loss on the same rows."
+    )
+    relative_increase: Optional[float] = None
+    tolerance: float
+    within_tolerance: Optional[bool] = None
+    problems: list[str] = Field(default_factory=list)
 
 
 class OutputsRecord(_Model):
@@ -439,6 +467,11 @@ class OutputsRecord(_Model):
     )
     artifacts: list[ServableOutput] = Field(
         default_factory=list, description="What each saved folder is and how to load it."
+    )
+    gguf: Optional[list[GgufFile]] = Field(
+        None,
+        description="output.gguf: per type the file's URI, size, export time and read-back "
+        "check (tensors, tokenizer, held-out loss against the safetensors model, tolerance).",
     )
     attempt: Optional[int] = Field(None, description="The attempt that finished the job.")
 

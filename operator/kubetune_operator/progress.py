@@ -143,6 +143,8 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
         ):
             if value and dst not in outputs:
                 outputs[dst] = value
+        if done.gguf and "gguf" not in outputs:
+            outputs["gguf"] = [g.uri for g in done.gguf]
         if done.final_train_loss is not None:
             metrics = out.setdefault("metrics", {})
             metrics.setdefault("trainLoss", _round(done.final_train_loss))

@@ -123,7 +123,7 @@ def test_zero3_offload_lora_adapter_has_real_tensors_and_merges(ray_local, tiny,
             distributed={"zeroStage": 3, "offloadOptimizer": True, "offloadParameters": True},
             evaluation={"everySteps": 3},
             checkpointing={"everySteps": 3},
-            output={"uri": tmp_path.as_uri(), "mergeAdapter": True},
+            output={"uri": tmp_path.as_uri(), "mergeAdapter": True, "gguf": {"types": ["q8_0"]}},
         )
     )
     _run(cfg)
@@ -143,7 +143,17 @@ def test_zero3_offload_lora_adapter_has_real_tensors_and_merges(ray_local, tiny,
     # saved in the training precision (bf16), described in outputs.json
     weights = load_file(os.path.join(merged_dir, "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
-    kinds = {a["kind"]: a for a in outputs["artifacts"]}
+    # output.gguf: the merged model as q8_0, read back and scored against it
+    (gguf,) = outputs["gguf"]
+    assert gguf["type"] == "q8_0" and gguf["tensorsOk"] and gguf["tokenizerOk"]
+    assert gguf["withinTolerance"] and gguf["relativeIncrease"] < gguf["tolerance"] == 0.01
+    assert gguf["referenceEvalLoss"] > 0 and gguf["fallback"] == []
+    assert os.path.getsize(gguf["uri"].removeprefix("file://")) == gguf["bytes"]
+    (gguf_artifact,) = [a for a in outputs["artifacts"] if a["format"] == "gguf"]
+    assert gguf_artifact["kind"] == "merged" and gguf_artifact["precision"] == "q8_0"
+    assert gguf_artifact["uri"] == gguf["uri"]
+
+    kinds = {a["kind"]: a for a in outputs["artifacts"] if a["format"] != "gguf"}
     assert sorted(kinds) == ["adapter", "merged"]
     assert kinds["merged"]["uri"] == outputs["mergedModel"]
     assert kinds["merged"]["format"] == "huggingface-safetensors"

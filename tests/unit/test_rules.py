@@ -69,6 +69,10 @@ BREAKERS = {
         "method": {"type": "full"},
         "output": {"mergeAdapter": True, "uri": "s3://bucket"},
     },
+    "gguf-needs-whole-model": {
+        **BASE,
+        "output": {"gguf": {"types": ["q8_0"]}, "uri": "s3://bucket"},
+    },
     "test-source": {**BASE, "dataset": {**BASE["dataset"], "test": {}}},
     "dpo-needs-preference-data": {**BASE, "method": {"objective": "dpo"}},
     "preference-data-needs-dpo": {

@@ -71,7 +71,7 @@ def test_trainer_config_needs_an_output_somewhere():
     assert config["storagePrefix"] == "file:///tmp/runs/default/quickstart/local"
 
 
-def test_outputs_record_sections_are_declared_fields():
+def test_outputs_record_sections_are_declared_fields(tmp_path):
     from kubetune_api.storage import OutputsRecord, ServableOutput, outputs_record
 
     merged = ServableOutput(
@@ -98,6 +98,33 @@ def test_outputs_record_sections_are_declared_fields():
         }
     ]
     assert OutputsRecord.model_validate(json.loads(json.dumps(doc))) == record  # round trip
+    gguf = {
+        "type": "q8_0",
+        "uri": "s3://b/p/gguf/model-q8_0.gguf",
+        "bytes": 145_000_000,
+        "seconds": 12.5,
+        "tensorsOk": True,
+        "tokenizerOk": True,
+        "evalLoss": 1.251,
+        "referenceEvalLoss": 1.25,
+        "relativeIncrease": 0.0008,
+        "tolerance": 0.01,
+        "withinTolerance": True,
+    }
+    with_gguf = outputs_record(record, {"gguf": [gguf]})
+    assert with_gguf.to_dict()["gguf"] == [{**gguf, "fallback": [], "problems": []}]
+
+    # status.outputs lists the files' URIs
+    from kubetune_api import storage as contract
+    from kubetune_operator.progress import progress_to_status
+    from kubetune_operator.storage_reader import read_snapshot
+    from kubetune_trainer.storage import JobStorage
+
+    store = JobStorage(str(tmp_path / "p"))
+    store.write_record(contract.OUTPUTS, with_gguf)
+    snap = read_snapshot(str(tmp_path / "p"), None, {}, schemes=("file",))
+    status = progress_to_status(snap, 3, 1)["outputs"]
+    assert status["gguf"] == [gguf["uri"]] and status["mergedModel"] == merged.uri
     with pytest.raises(ValueError, match="no section"):
         outputs_record(OutputsRecord(), {"evaluation": {}})
     with pytest.raises(ValueError, match="kind"):

@@ -307,6 +307,18 @@ def summary(storage) -> str:
     ):
         if out.get(key):
             lines.append(f"  {label + ':':<14}{P.display(out[key])}")
+    for g in out.get("gguf") or []:
+        score = ""
+        if g.get("relativeIncrease") is not None:
+            ok = "within" if g.get("withinTolerance") else "BEYOND"
+            score = (
+                f", held-out loss {g['evalLoss']:.4f} ({100 * g['relativeIncrease']:+.2f}%, "
+                f"{ok} {100 * g['tolerance']:g}%)"
+            )
+        lines.append(
+            f"  {'gguf ' + g['type'] + ':':<14}{P.display(g['uri'])} "
+            f"({g['bytes'] / 2**20:.1f} MiB{score})"
+        )
     if out.get("stoppedEarly"):
         lines.append("  stopped early (no improvement)")
     if storage.read_json(contract.RUN_RECORD):

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from kubetune_api import storage as contract
 
 from . import data as D
-from . import evalgen, export
+from . import evalgen, export, gguf_export
 from .checkpoint import save_adapter
 from .storage import JobStorage
 from .worker import Worker
@@ -100,6 +100,95 @@ def final_weights(f: Finish) -> dict:
     return out
 
 
+GGUF_HELD_OUT_ROWS = 64  # validation rows scored for each GGUF file's read-back check
+GGUF_MAX_TOKENS = 512
+SFT_FORMATS = ("text", "prompt-completion", "chat", "alpaca", "sharegpt")
+
+
+def gguf_files(f: Finish) -> dict:
+    """output.gguf: each type's file written from the merged or full model, read back
+    and checked (gguf_export.check), uploaded under gguf/ and described. A file that
+    does not read back fails the job; a held-out loss beyond the type's tolerance
+    warns, or fails with output.gguf.enforceTolerance."""
+    settings = f.spec.output.gguf
+    if not settings or f.worker.rank != 0:
+        return {}
+    full = f.spec.method.type == "full"
+    kind = contract.OutputKind.full if full else contract.OutputKind.merged
+    folder = f.local / (contract.FULL_MODEL if full else contract.MERGED)
+    f.progress(contract.TrainPhase.saving, "writing GGUF files")
+    examples = gguf_held_out(f)
+    name = export.base_model_name(f.spec)
+    done = gguf_export.run_in_subprocess(
+        folder, f.local / contract.GGUF, settings.types, name, examples
+    )
+    entries, artifacts = [], []
+    for item in done:
+        made = gguf_export.ExportReport(**item["export"])
+        checked = gguf_export.CheckReport(**item["check"])
+        qtype = made.type
+        rel = f"{contract.GGUF}/model-{qtype}.gguf"
+        if not (checked.tensors_ok and checked.tokenizer_ok):
+            raise gguf_export.ExportError(
+                f"output.gguf: the {qtype} file does not read back as written: "
+                + "; ".join(checked.problems)
+            )
+        line = f"gguf {qtype}: {made.bytes / 2**20:.1f} MiB in {made.seconds:.1f} s"
+        if checked.eval_loss is not None:
+            line += (
+                f", held-out loss {checked.eval_loss:.4f} vs {checked.reference_eval_loss:.4f} "
+                f"({100 * checked.relative_increase:+.2f}%, tolerance "
+                f"{100 * checked.tolerance:g}%)"
+            )
+        if made.fallback:
+            line += f"; kept at f16 (rows not a multiple of 32): {', '.join(made.fallback)}"
+        f.log(line)
+        if checked.within_tolerance is False:
+            why = (
+                f"output.gguf: the {qtype} file's held-out loss is "
+                f"{100 * checked.relative_increase:+.2f}% from the safetensors model's, beyond "
+                f"its tolerance of {100 * checked.tolerance:g}%"
+            )
+            if settings.enforce_tolerance:
+                raise gguf_export.ExportError(
+                    why + ": pick a wider type or set output.gguf.enforceTolerance: false"
+                )
+            f.log("warning: " + why)
+        uri = f.storage.uri(rel)
+        entries.append(
+            contract.GgufFile(
+                uri=uri,
+                bytes=made.bytes,
+                seconds=made.seconds,
+                fallback=made.fallback,
+                **checked.as_dict(),
+            )
+        )
+        artifacts.append(
+            contract.ServableOutput(
+                kind=kind.value,
+                uri=uri,
+                format=contract.OutputFormat.gguf.value,
+                precision=qtype,
+                base_model=export.base_model_name(f.spec),
+                files=[Path(rel).name],
+            )
+        )
+    f.storage.upload_dir(f.local / contract.GGUF, contract.GGUF)
+    return {"gguf": entries, "artifacts": [*f.sections.get("artifacts", []), *artifacts]}
+
+
+def gguf_held_out(f: Finish) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of the first validation rows, tokenized as training does;
+    none for formats without a single target (preference, feedback, prompts)."""
+    rows = (f.held_out.get("validation") or [])[:GGUF_HELD_OUT_ROWS]
+    if not rows or f.spec.dataset.format not in SFT_FORMATS:
+        return []
+    max_len = min(f.spec.dataset.max_seq_length, GGUF_MAX_TOKENS)
+    examples, _ = D.build_examples(rows, f.spec.dataset.format, f.tokenizer, max_len)
+    return [(e.input_ids, e.labels) for e in examples]
+
+
 def loss_curve(f: Finish) -> dict:
     if f.worker.rank != 0:
         return {}
@@ -137,7 +226,13 @@ def generation(f: Finish) -> dict:
     return {"generation": record} if record else {}
 
 
-FINISHERS: list[Callable[[Finish], dict]] = [test_metrics, final_weights, loss_curve, generation]
+FINISHERS: list[Callable[[Finish], dict]] = [
+    test_metrics,
+    final_weights,
+    gguf_files,
+    loss_curve,
+    generation,
+]
 
 
 def finish(f: Finish, summary: contract.OutputsRecord) -> contract.OutputsRecord:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 from kubetune_api.validation import FieldError
 
 from . import data as D
+from . import gguf_export as G
 from . import model as M
 from . import objectives
 
@@ -432,6 +433,22 @@ def check_tokens(spec, usable: dict, report: Report) -> None:
             )
 
 
+def check_gguf(spec, report: Report) -> None:
+    """output.gguf on a local model: an architecture the export converts, known now
+    rather than after training."""
+    if not spec.output.gguf or (spec.model.uri and not is_local(spec.model.uri)):
+        return
+    try:
+        path = Path(M.resolve_model_path(spec.model)) / "config.json"
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # a GGUF model file or a hub name: the trainer checks it once loaded
+    why = G.supported(config)
+    if why:
+        what, _, fix = why.removeprefix("output.gguf: ").partition("; ")
+        report.errors.append(FieldError("spec.output.gguf", what, fix))
+
+
 def preflight(config, job: dict, base: Path, job_dir: Optional[Path], raw: dict) -> Report:
     """Everything `kubetune run` checks before Ray starts; cheap checks first, and
     the tokenizer only when they pass."""
@@ -439,6 +456,7 @@ def preflight(config, job: dict, base: Path, job_dir: Optional[Path], raw: dict)
     report, usable = check_files(job, base, job_dir, raw)
     if report.ok:
         check_tokens(config.spec, usable, report)
+        check_gguf(config.spec, report)
     report.seconds = time.monotonic() - t0
     return report
 

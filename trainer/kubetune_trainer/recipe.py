@@ -26,6 +26,7 @@ from kubetune_api import storage as contract
 from kubetune_api.sweep_space import mode_for
 
 from . import data as D
+from . import gguf_export as G
 from . import lineage as L
 from . import model as M
 from . import objectives
@@ -160,6 +161,10 @@ class Recipe:
         self.setup_records()
         self.reached("dataPrepared")
         model = M.load_model(self.spec, self.model_path, self.worker.use_gpu, self.parent)
+        if self.spec.output.gguf:  # known before training, not after
+            why = G.supported(model.config.to_dict())
+            if why:
+                raise G.ExportError(why)
         total_params, trainable = M.count_parameters(model)
         use_gpu = self.worker.use_gpu
         gpu_mem = torch.cuda.get_device_properties(0).total_memory if use_gpu else None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Host packages for the one-node cluster the cluster tier starts (tests/harness/node.py):
-# containerd, runc, the CNI plugins, iptables and conntrack, all from Debian's
-# repository. Idempotent: packages already installed are not fetched again.
+# containerd, runc, the CNI plugins, iptables and conntrack, and node + npm for
+# the llama.cpp read-back test, all from Debian's repository. Idempotent: packages already installed are not fetched again.
 #
 #   bash scripts/install-node-packages.sh     # as root (CI is root)
 #
@@ -13,6 +13,9 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# node and npm, for the trainer tier's llama.cpp read-back of GGUF outputs
+# (scripts/llama-runtime.sh): by command, as a Node build from elsewhere bundles npm
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "node packages: all installed (${packages[*]})"
   exit 0

@@ -141,7 +141,12 @@ def test_jobs_made_with_kubectl_list_under_their_objectives_method(objective, me
     spec["method"] = {"objective": objective}
     if objective == "grpo":
         spec["method"]["grpo"] = {
-            "grader": {"type": "stringCheck", "name": "exact", "reference": "{{item.a}}"}
+            "grader": {
+                "type": "stringCheck",
+                "name": "exact",
+                "reference": "{{item.a}}",
+                "operation": "eq",
+            }
         }
     spec["hyperparameters"]["learningRate"] = rate
     assert validate_document(job).ok, validate_document(job)

@@ -62,25 +62,30 @@ def _ray_pod(kube, namespace: str, name: str, uid: str, scheduled: float, starte
         "spec": {"containers": [{"name": "ray", "image": TRAINER_IMAGE}]},
     }
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    _ray_pod_status(kube, namespace, pod, scheduled, started)
+
+
+def _ray_pod_status(kube, namespace: str, pod: dict, scheduled: float, started: float):
     state = {
         "conditions": [
             {"type": "PodScheduled", "status": "True", "lastTransitionTime": _rfc3339(scheduled)}
         ],
         "containerStatuses": [
             {
-                "name": "ray",
-                "image": TRAINER_IMAGE,
+                "name": c["name"],
+                "image": c["image"],
                 "imageID": "",
                 "ready": True,
                 "restartCount": 0,
                 "state": {"running": {"startedAt": _rfc3339(started)}},
             }
+            for c in pod["spec"]["containers"]
         ],
         "phase": "Running",
     }
     kube.kubectl(
-        "patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": state}),
+        "patch", "pod", pod["metadata"]["name"], "-n", namespace, "--subresource=status",
+        "--type=merge", "-p", json.dumps({"status": state}),
     )  # fmt: skip
 
 
@@ -170,8 +175,15 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     # running), and the trainer's way to step 1: status.progress.startup.
     created = get(kube, "finetunejob", "tune", namespace)["metadata"]["creationTimestamp"]
     t0 = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
-    _ray_pod(kube, namespace, "tune-abcde-head", uid, t0 + 2, t0 + 20)
     _ray_pod(kube, namespace, "tune-abcde-worker", uid, t0 + 5, t0 + 31)
+    _ray_pod(kube, namespace, "tune-abcde-head", uid, t0 + 2, t0 + 20)
+    # Where the session runs KubeRay, it made the cluster's pods too (nothing
+    # schedules them here): they are placed and started as early as the head.
+    selector = f"ray.io/cluster=tune-abcde,kubetune.io/job-uid={uid}"
+    listed = kube.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
+    for pod in json.loads(listed)["items"]:
+        if pod["metadata"]["name"] != "tune-abcde-worker":
+            _ray_pod_status(kube, namespace, pod, t0 + 2, t0 + 20)
     prefix = f"runs/{namespace}/tune/{uid}"
     startup = [
         {"name": "workerStarted", "time": _rfc3339(t0 + 40), "seconds": 0.0},
@@ -219,7 +231,12 @@ def test_status_follows_rayjob_and_storage(kube, namespace, s3, operator):
     assert condition(st, "Checkpointed")["status"] == "True"
     row = kube.kubectl("get", "ftj", "tune", "-n", namespace, "--no-headers").stdout.split()
     assert row[:4] == ["tune", "Running", "10/20", "2.0000"], row
-    st = wait_status(kube, "tune", namespace, lambda s: "startup" in s.get("progress", {}))
+
+    def _whole(s: dict) -> bool:
+        names = [p["name"] for p in s.get("progress", {}).get("startup") or []]
+        return "containersStarted" in names and "firstStep" in names
+
+    st = wait_status(kube, "tune", namespace, _whole, 30, "the whole way to step 1")
     phases = [(p["name"], p["seconds"]) for p in st["progress"]["startup"]]
     assert phases[0] == ("created", 0.0) and phases[1][0] == "rayJobCreated", phases
     assert phases[2:] == [

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Optional
 
-from .conditions import parse_time
+from .conditions import parse_time, rfc3339
 from .names import Body
 
 CREATED = "created"
@@ -68,14 +68,10 @@ def pod_phases(pods: Iterable[Body]) -> dict[str, str]:
             started.append(max(starts))
     out: dict[str, str] = {}
     if count and len(scheduled) == count:
-        out["podsScheduled"] = _rfc3339(max(scheduled))
+        out["podsScheduled"] = rfc3339(max(scheduled))
     if count and len(started) == count:
-        out["containersStarted"] = _rfc3339(max(started))
+        out["containersStarted"] = rfc3339(max(started))
     return out
-
-
-def _rfc3339(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cluster_phases_of(progress: Optional[dict]) -> dict[str, str]:

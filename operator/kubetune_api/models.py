@@ -105,6 +105,49 @@ class StorageAccess(_Model):
 # ---------------------------------------------------------------------------- model
 
 
+PRUNE_LAYERS_MAX = 1024  # more decoder layers than any released model has
+
+
+KEPT_LAYERS_INCREASING = checks.Check(
+    cel="self.isSorted() && self.all(i, self.indexOf(i) == self.lastIndexOf(i))",
+    message="must list each layer to keep once, in increasing order (e.g. [0, 1, 2, 29]): "
+    "sort the list and remove repeated indices",
+    python=lambda v: isinstance(v, list) and all(a < b for a, b in zip(v, v[1:], strict=False)),
+)
+PRUNE_ONE_CHOICE = checks.Check(
+    cel="has(self.keepLayers) != has(self.layers)",
+    message="set exactly one of model.prune.keepLayers (how many decoder layers to keep) "
+    "or model.prune.layers (which ones, by index)",
+    python=lambda p: isinstance(p, dict) and ("keepLayers" in p) != ("layers" in p),
+    field="keepLayers",
+)
+
+
+class Prune(_Model):
+    """Structured pruning: keep some of the starting model's decoder layers and
+    drop the rest, before training (see docs/pruning.md)."""
+
+    keep_layers: Optional[Annotated[int, Field(ge=1, le=PRUNE_LAYERS_MAX)]] = Field(
+        None,
+        description="How many decoder layers to keep. Kept: the first keepLayers - 1 "
+        "layers and the last one (the middle-to-deep block goes, which costs least held-out "
+        "loss; docs/pruning.md has the measurements). Must be fewer than the model has. Set "
+        "exactly one of keepLayers or layers.",
+    )
+    layers: Optional[
+        Annotated[
+            list[Annotated[int, Field(ge=0, le=PRUNE_LAYERS_MAX - 1)]],
+            Field(min_length=1, max_length=PRUNE_LAYERS_MAX),
+            KEPT_LAYERS_INCREASING,
+        ]
+    ] = Field(
+        None,
+        description="The decoder layers to keep, by index (0 is the one next to the "
+        "embeddings), in increasing order; each below the model's layer count. Set exactly "
+        "one of keepLayers or layers.",
+    )
+
+
 class ModelSource(StorageAccess):
     """The base model: a Hugging Face id, or weights in object storage, a PVC or
     a local folder."""
@@ -152,6 +195,12 @@ class ModelSource(StorageAccess):
         description="With fromJob or fromCheckpoint: merge the parent's adapter into the "
         "base model first and train a new adapter on the result. Off: keep training the "
         "parent's adapter (lora). A full fine-tune always merges it.",
+    )
+    prune: Optional[Annotated[Prune, PRUNE_ONE_CHOICE]] = Field(
+        None,
+        description="Drop decoder layers of the starting model (after a parent is merged) "
+        "before training: the smaller model is the one trained and saved. With lora or "
+        "qlora, set output.mergeAdapter: true (the adapter fits only the pruned model).",
     )
 
 

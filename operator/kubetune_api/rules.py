@@ -228,6 +228,36 @@ RULES: list[Rule] = [
         field="model.mergeParent",
     ),
     Rule(
+        "prune-adapter-needs-merge",
+        (),
+        "model.prune with lora or qlora needs output.mergeAdapter: true: the adapter fits "
+        "only the pruned model, which the merged model carries; set mergeAdapter, or use "
+        "method.type full",
+        cel="!has(self.model.prune) || self.method.type == 'full' || self.output.mergeAdapter",
+        python=lambda s: (
+            not _has(s["model"], "prune")
+            or s["method"]["type"] == "full"
+            or s["output"]["mergeAdapter"]
+        ),
+        field="output.mergeAdapter",
+    ),
+    Rule(
+        "prune-parent-needs-merge",
+        (),
+        "model.prune drops layers of the merged starting model: with model.fromJob or "
+        "model.fromCheckpoint and lora, set model.mergeParent: true (a parent's adapter "
+        "cannot continue on fewer layers), or remove prune",
+        cel="!has(self.model.prune) || self.method.type == 'full' || self.model.mergeParent "
+        "|| !(has(self.model.fromJob) || has(self.model.fromCheckpoint))",
+        python=lambda s: (
+            not _has(s["model"], "prune")
+            or s["method"]["type"] == "full"
+            or s["model"]["mergeParent"]
+            or not (_has(s["model"], "fromJob") or _has(s["model"], "fromCheckpoint"))
+        ),
+        field="model.mergeParent",
+    ),
+    Rule(
         "train-source",
         ("dataset", "train"),
         "set exactly one of dataset.train.uri (a file or folder) or dataset.train.name "

@@ -443,6 +443,15 @@ class GgufFile(_Model):
     problems: list[str] = Field(default_factory=list)
 
 
+class PruneRecord(_Model):
+    """spec.model.prune as the trainer applied it to the starting model."""
+
+    layers_before: int
+    kept_layers: list[int] = Field(description="The decoder layers kept, by their old index.")
+    parameters_before: int
+    parameters_after: int
+
+
 class OutputsRecord(_Model):
     adapter: Optional[str] = None
     merged_model: Optional[str] = None
@@ -474,6 +483,11 @@ class OutputsRecord(_Model):
         "check (tensors, tokenizer, held-out loss against the safetensors model, tolerance).",
     )
     attempt: Optional[int] = Field(None, description="The attempt that finished the job.")
+    pruned: Optional[PruneRecord] = Field(
+        None,
+        description="spec.model.prune: the layers kept and the parameter count before and "
+        "after; the saved models hold the pruned layers only.",
+    )
 
 
 def outputs_record(record: OutputsRecord, sections: Mapping[str, object]) -> OutputsRecord:
@@ -521,6 +535,11 @@ class ModelLineage(_Model):
     uri: Optional[str] = None
     sha256: Optional[str] = Field(
         None, description="Of the model folder's files (names and contents)."
+    )
+    prune: Optional[dict] = Field(
+        None,
+        description="spec.model.prune: the model trained was this one with fewer layers "
+        "(an adapter fits only that one).",
     )
 
 

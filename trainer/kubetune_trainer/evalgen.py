@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import data as D
+from . import prune
 
 SAMPLES = "samples.jsonl"
 # the summary table's rows: each answer counting once, then the corpus scores,
@@ -192,6 +193,8 @@ def load_base(path: str, spec, use_gpu: bool, saved: bool = False):
         if m.gguf_file:
             kwargs["gguf_file"] = m.gguf_file
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not saved:  # where training started: the pruned model (a saved one already is)
+        prune.apply(model, spec)
     return model.to("cuda") if use_gpu else model
 
 

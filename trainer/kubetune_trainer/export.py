@@ -30,6 +30,7 @@ from pathlib import Path
 
 from kubetune_api import storage as contract
 
+from . import prune
 from .model import torch_dtype
 
 SPECIAL_TOKENS = (
@@ -135,6 +136,7 @@ def merge_adapter(
     base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if parent_adapter:
         base = PeftModel.from_pretrained(base, parent_adapter).merge_and_unload()
+    prune.apply(base, spec)  # the adapter was trained on the pruned model
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     dtype = torch_dtype(spec.hyperparameters.precision)
     merged = merged.to(dtype)

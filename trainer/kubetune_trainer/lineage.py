@@ -122,9 +122,11 @@ def folder_hash(path: str) -> str:
 
 
 def model_lineage(source, local_path: str) -> contract.ModelLineage:
+    prune = getattr(source, "prune", None)
+    pruned = {"prune": prune.to_dict()} if prune is not None else {}
     if source.name:
-        return contract.ModelLineage(name=source.name, revision=source.revision)
-    return contract.ModelLineage(uri=source.uri, sha256=folder_hash(local_path))
+        return contract.ModelLineage(name=source.name, revision=source.revision, **pruned)
+    return contract.ModelLineage(uri=source.uri, sha256=folder_hash(local_path), **pruned)
 
 
 def versions() -> dict[str, str]:

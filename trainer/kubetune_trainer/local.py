@@ -44,6 +44,7 @@ from kubetune_api.validation import validate_document
 from . import preflight as P
 from .driver import ensure_env, run
 from .evalgen import summary_lines
+from .prune import summary_line
 from .stop import StopFiles
 from .storage import JobStorage, now
 from .sweep_console import SweepWatcher, ranking
@@ -294,6 +295,9 @@ def summary(storage) -> str:
         ]
         if storage.fs.exists(storage.path(S.SWEEP_PLOT)):
             lines.append(f"  {'sweep plot:':<14}{P.display(storage.uri(S.SWEEP_PLOT))}")
+    pruned = out.get("pruned")
+    if pruned:
+        lines.append("  " + summary_line(pruned))
     before, after = out.get("initialEvalLoss"), out.get("finalEvalLoss")
     if before is not None and after is not None:
         verdict = "better" if after < before else "NOT better"

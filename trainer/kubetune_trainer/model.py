@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from . import prune as prune_mod
 from .data import IGNORE
 from .storage import filesystem
 
@@ -72,12 +73,16 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def load_model(spec, path: str, use_gpu: bool, parent=None):
+def load_model(spec, path: str, use_gpu: bool, parent=None, on_prune=None):
     """The model ready for DeepSpeed: base weights, peft adapters when lora/qlora.
 
     `parent` (kubetune_trainer.parent.Parent): a fully fine-tuned parent's
     weights replace the base; a parent adapter is merged into the base first
-    (parent.merge) or becomes the adapter that training continues."""
+    (parent.merge) or becomes the adapter that training continues. Then
+    spec.model.prune drops decoder layers (kubetune_trainer.prune), before the
+    adapters are added; `on_prune` receives its PruneReport. With qlora the
+    weights are 4-bit from the load on: dropping layers then gives the same
+    model as dropping them first, as each weight is quantized on its own."""
     if parent is not None and parent.kind == "model":
         path = parent.local
     import torch
@@ -111,6 +116,15 @@ def load_model(spec, path: str, use_gpu: bool, parent=None):
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         adapter = None
+    if m.prune is not None:
+        if adapter:  # the API refuses it (rule prune-parent-needs-merge)
+            raise prune_mod.PruneError(
+                "spec.model.prune: a parent's adapter cannot continue on fewer layers: set "
+                "spec.model.mergeParent: true"
+            )
+        report = prune_mod.apply(model, spec)
+        if on_prune is not None:
+            on_prune(report)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method.type == "full":

@@ -69,6 +69,9 @@ def locate(config, environ=None) -> tuple[str, Optional[str]]:
     if has(contract.OUTPUTS):  # a finished job's prefix
         out = _read_json(fs, contract.join(path, contract.OUTPUTS)) or {}
         target = out.get("adapter") or out.get("model")
+        if out.get("pruned") and out.get("mergedModel"):
+            # the adapter fits only the pruned model, which the merged one carries
+            target = out["mergedModel"]
         if not target:
             raise ParentError(f"{field}: {uri}/outputs.json names no adapter or model")
         record = contract.join(uri, contract.RUN_RECORD) if has(contract.RUN_RECORD) else None
@@ -132,6 +135,12 @@ def check_base(parent: Parent, base) -> None:
     if parent is None or parent.kind != "adapter" or not parent.run_record:
         return
     theirs = parent.run_record.get("baseModel") or {}
+    if theirs.get("prune"):
+        raise ParentError(
+            f"spec.model: the parent's adapter {parent.uri} was trained on a pruned model "
+            "(its spec.model.prune) and fits no other: continue from the parent's merged "
+            "model instead (model.fromJob does; or model.fromCheckpoint: its merged/ folder)"
+        )
     ours = base.to_dict()
     keys = ("name", "revision") if ours.get("name") else ("sha256",)
     if any(theirs.get(k) != ours.get(k) for k in keys):

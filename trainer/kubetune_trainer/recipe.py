@@ -98,6 +98,7 @@ class Recipe:
         self.t_created = time.time()
         self.stopped: Optional[int] = None  # the step a stop request ended training at
         self.notice: Optional[str] = None
+        self.pruned = None  # kubetune_trainer.prune.PruneReport, with spec.model.prune
         self.parent: Optional[P.Parent] = None
         self.reference_copy = None  # objectives.reference.prepare: full fine-tuning, online
         self.run_record: Optional[contract.RunRecord] = None
@@ -160,7 +161,11 @@ class Recipe:
         self.setup_data()
         self.setup_records()
         self.reached("dataPrepared")
-        model = M.load_model(self.spec, self.model_path, self.worker.use_gpu, self.parent)
+        pruned: list = []
+        model = M.load_model(
+            self.spec, self.model_path, self.worker.use_gpu, self.parent, on_prune=pruned.append
+        )
+        self.pruned = pruned[0] if pruned else None
         if self.spec.output.gguf:  # known before training, not after
             why = G.supported(model.config.to_dict())
             if why:
@@ -179,6 +184,8 @@ class Recipe:
             f"ZeRO stage {stage} ({why}); {self.world} worker(s), "
             f"{'GPU' if use_gpu else 'CPU'}"
         )
+        if self.pruned is not None:
+            self.notice = f"{self.pruned.line()}; {self.notice}"
         self.reached("modelLoaded")
         self.log(self.notice)
         ds_config = M.deepspeed_config(self.spec, stage, use_gpu)
@@ -468,6 +475,7 @@ class Recipe:
             steps=self.state["step"],
             stopped_early=self.state["stopped_early"],
             attempt=self.cfg.attempt,
+            pruned=self.pruned.record() if self.pruned is not None else None,
         )
         local = self.tmp / "final"
         held_out = {"validation": self.prepared.val_rows, "test": self.prepared.test_rows}

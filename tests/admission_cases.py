@@ -291,6 +291,11 @@ def kto_job() -> dict:
     return doc
 
 
+def prune_job() -> dict:
+    """FULL_SPEC with structured pruning (its adapter merged, as pruning needs)."""
+    return _set(job(), "spec.model.prune", {"keepLayers": 15})
+
+
 def grpo_job() -> dict:
     """FULL_SPEC as a GRPO job: every method.grpo setting set (its grader: one check)."""
     doc = job()
@@ -426,6 +431,7 @@ def spec_cases() -> list[Case]:
         (dpo_job, "spec.method.dpo", None),
         (kto_job, "spec.method.kto", None),
         (grpo_job, "spec.method.grpo", "spec.method.grpo.grader"),
+        (prune_job, "spec.model.prune", None),
     )
     for make, block, elsewhere in blocks:
         for path, node in _leaves(spec_schema(), "spec", make()["spec"]):
@@ -745,6 +751,45 @@ def _written() -> list[Case]:
     qlora = copy.deepcopy(FULL_SPEC)
     qlora["method"]["type"] = "qlora"
     add("parent:merge-into-qlora", job(qlora), "spec.model.mergeParent")
+
+    # structured pruning (spec.model.prune)
+    prune = "spec.model.prune"
+
+    def pruned(value: Any, *changes: tuple[str, Any]) -> dict:
+        doc = mutate(prune, value)
+        for path, v in changes:
+            _set(doc, path, v)
+        return doc
+
+    add("prune:layers-ok", pruned({"layers": [0, 1, 2, 29]}))
+    add("prune:one-layer", pruned({"layers": [5]}))
+    add("prune:keep-and-layers", pruned({"keepLayers": 3, "layers": [0, 1, 2]}), prune)
+    add("prune:neither", pruned({}), prune)
+    add("prune:layers-repeated", pruned({"layers": [0, 1, 1, 2]}), f"{prune}.layers")
+    add("prune:layers-decreasing", pruned({"layers": [3, 1]}), f"{prune}.layers")
+    add("prune:layers-negative", pruned({"layers": [-1, 2]}), f"{prune}.layers")
+    add("prune:layers-empty", pruned({"layers": []}), f"{prune}.layers")
+    add("prune:layers-too-many", pruned({"layers": list(range(257))}), f"{prune}.layers")
+    add("prune:layers-max", pruned({"layers": list(range(256))}))
+    add("prune:keep-zero", pruned({"keepLayers": 0}), f"{prune}.keepLayers")
+    no_merge = (("spec.output.mergeAdapter", False), ("spec.output.gguf", DELETE))
+    add(
+        "prune:lora-without-merge",
+        pruned({"keepLayers": 15}, *no_merge),
+        "spec.output.mergeAdapter",
+    )
+    full_doc = pruned({"keepLayers": 15}, *no_merge, ("spec.model.mergeParent", False))
+    full_doc["spec"]["method"] = {"objective": "sft", "type": "full"}
+    full_doc["spec"]["sweep"]["parameters"].pop("method.lora.r")
+    add("prune:full-without-merges", full_doc)
+    add(
+        "prune:parent-adapter-continues",
+        pruned({"keepLayers": 15}, ("spec.model.mergeParent", False)),
+        "spec.model.mergeParent",
+    )
+    q = pruned({"keepLayers": 15}, ("spec.method.type", "qlora"), ("spec.model.mergeParent", False))
+    q["spec"]["model"].pop("fromJob")
+    add("prune:qlora-without-parent", q)
     for cid, mlflow, where in (
         ("tracking:uri-not-http", {"trackingUri": "ftp://mlflow.example"}, "trackingUri"),
         ("tracking:uri-credentials", {"trackingUri": "https://u:p@mlflow.example"}, "trackingUri"),
@@ -1474,6 +1519,17 @@ _safe(("rule:lora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
 _safe(("parent:checkpoint",), "a checkpoint URI as the parent, with the base model named")
 _safe(("parent:continue-adapter",), "fromJob without mergeParent: the parent's adapter continues")
 _safe(("tracking:none",), "tracking is optional")
+_safe(("prune:layers-ok",), "layers to keep by index, increasing: the alternative to keepLayers")
+_safe(("prune:one-layer",), "a single kept layer is a model (a very small one)")
+_safe(("prune:layers-max",), "256 increasing indices: the list's longest form")
+_safe(
+    ("prune:full-without-merges",),
+    "a full fine-tune saves the whole pruned model, and merges any parent adapter first",
+)
+_safe(
+    ("prune:qlora-without-parent",),
+    "QLoRA on a pruned base, the merged model saved: no parent adapter to line up",
+)
 _safe(
     tuple(f"uri:{f}:query-harmless" for f in _URI_FIELDS)
     + tuple(f"endpoint:{f}:query-harmless" for f in _ENDPOINT_FIELDS),

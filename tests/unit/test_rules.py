@@ -50,6 +50,15 @@ BREAKERS = {
         "method": {"type": "qlora"},
         "resources": {"gpusPerWorker": 1},
     },
+    "prune-adapter-needs-merge": {
+        **BASE,
+        "model": {"name": "org/model", "prune": {"keepLayers": 8}},
+    },
+    "prune-parent-needs-merge": {
+        **BASE,
+        "model": {"name": "org/model", "fromJob": "a", "prune": {"keepLayers": 8}},
+        "output": {"mergeAdapter": True, "uri": "s3://bucket"},
+    },
     "sweep-parallel-within-trials": {
         **BASE,
         "sweep": {"parameters": _LR_SWEEP, "trials": 2, "parallelTrials": 3},

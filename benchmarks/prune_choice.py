@@ -13,11 +13,18 @@ import time
 from common import MODEL, heldout_loss, prepare, split, tokenizer
 
 
-def first_and_last(n: int, k: int) -> list[int]:
-    """The first k - 1 layers and the last: drops the block before the last layer."""
+def both_ends(n: int, k: int) -> list[int]:
+    """The first k/2 and the last k/2 layers: drops the middle block (the rule
+    keepLayers uses)."""
     from kubetune_trainer.prune import default_layers
 
     return default_layers(n, k)
+
+
+def first_and_last(n: int, k: int) -> list[int]:
+    """The first k - 1 layers and the last: drops the deep block before the last
+    layer."""
+    return [*range(k - 1), n - 1]
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
@@ -25,18 +32,12 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def both_ends(n: int, k: int) -> list[int]:
-    """The first k/2 and the last k/2 layers: drops the middle block."""
-    head = (k + 1) // 2
-    return [*range(head), *range(n - (k - head), n)]
-
-
 def first_k(n: int, k: int) -> list[int]:
     """The first k layers: drops the deepest block, the last layer included."""
     return list(range(k))
 
 
-RULES = (first_and_last, evenly_spaced, both_ends, first_k)
+RULES = (both_ends, first_and_last, evenly_spaced, first_k)
 
 
 def main() -> None:

@@ -131,10 +131,10 @@ class Prune(_Model):
 
     keep_layers: Optional[Annotated[int, Field(ge=1, le=PRUNE_LAYERS_MAX)]] = Field(
         None,
-        description="How many decoder layers to keep. Kept: the first keepLayers - 1 "
-        "layers and the last one (the middle-to-deep block goes, which costs least held-out "
-        "loss; docs/pruning.md has the measurements). Must be fewer than the model has. Set "
-        "exactly one of keepLayers or layers.",
+        description="How many decoder layers to keep: the first half of them (rounded up) "
+        "from the start of the model and the rest from its end; the middle block goes, "
+        "which cost the least held-out loss of the rules measured (docs/pruning.md). Must "
+        "be fewer than the model has. Set exactly one of keepLayers or layers.",
     )
     layers: Optional[
         Annotated[

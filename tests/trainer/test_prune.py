@@ -46,13 +46,14 @@ def _by_hand(model, kept: list[int]):
     return small
 
 
-def test_keep_layers_keeps_the_first_and_the_last():
+def test_keep_layers_keeps_both_ends_and_drops_the_middle():
     from kubetune_trainer.prune import default_layers, format_layers, kept_layers
 
-    assert default_layers(30, 15) == [*range(14), 29]
-    assert format_layers(default_layers(30, 15)) == "0-13,29"
-    assert default_layers(30, 1) == [29]
+    assert default_layers(30, 15) == [*range(8), *range(23, 30)]
+    assert format_layers(default_layers(30, 15)) == "0-7,23-29"
+    assert default_layers(30, 1) == [0]
     assert default_layers(4, 3) == [0, 1, 3]
+    assert default_layers(5, 2) == [0, 4]
     assert kept_layers(Prune(keep_layers=2), 4) == [0, 3]
     assert kept_layers(Prune(layers=[1, 2]), 4) == [1, 2]
 

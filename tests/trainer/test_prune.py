@@ -146,3 +146,22 @@ def test_a_model_without_a_layer_list_fails_naming_prune():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(PruneError, match=r"^spec\.model\.prune: cannot find the decoder layers"):
         prune_layers(model, [0])
+
+
+def test_kubetune_run_checks_the_layer_count_before_ray_starts(tmp_path):
+    """A local model folder: its config.json says how many layers there are."""
+    from kubetune_trainer.preflight import Report, check_prune
+
+    _lm(4).config.save_pretrained(tmp_path)
+    job = H.job(tmp_path, tmp_path / "d.jsonl", (tmp_path / "out").as_uri())
+    job["spec"]["output"]["mergeAdapter"] = True
+    for prune, field in (({"keepLayers": 4}, "keepLayers"), ({"layers": [0, 5]}, "layers")):
+        job["spec"]["model"]["prune"] = prune
+        report = Report()
+        check_prune(H.trainer_config(job).spec, report)
+        assert [e.path for e in report.errors] == [f"spec.model.prune.{field}"], report.errors
+        assert "4 decoder layers" in report.errors[0].message
+    job["spec"]["model"]["prune"] = {"keepLayers": 3}
+    report = Report()
+    check_prune(H.trainer_config(job).spec, report)
+    assert report.ok

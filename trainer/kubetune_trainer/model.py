@@ -119,8 +119,9 @@ def load_model(spec, path: str, use_gpu: bool, parent=None, on_prune=None):
     if m.prune is not None:
         if adapter:  # the API refuses it (rule prune-parent-needs-merge)
             raise prune_mod.PruneError(
-                "spec.model.prune: a parent's adapter cannot continue on fewer layers: set "
-                "spec.model.mergeParent: true"
+                "spec.model.mergeParent",
+                "a parent's adapter cannot continue on a pruned model",
+                "set it to true",
             )
         report = prune_mod.apply(model, spec)
         if on_prune is not None:

@@ -31,6 +31,7 @@ from . import data as D
 from . import gguf_export as G
 from . import model as M
 from . import objectives
+from .prune import PruneError, kept_layers
 
 SAMPLE_ROWS = 200  # rows tokenized for the length distribution
 MAX_EXAMPLES = 3  # bad rows quoted per data source
@@ -449,6 +450,22 @@ def check_gguf(spec, report: Report) -> None:
         report.errors.append(FieldError("spec.output.gguf", what, fix))
 
 
+def check_prune(spec, report: Report) -> None:
+    """model.prune on a local model: the layers it keeps exist, known before Ray starts."""
+    prune = spec.model.prune
+    if prune is None or (spec.model.uri and not is_local(spec.model.uri)):
+        return
+    try:
+        path = Path(M.resolve_model_path(spec.model)) / "config.json"
+        total = json.loads(path.read_text())["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a GGUF model file or a hub name: the trainer checks it once loaded
+    try:
+        kept_layers(prune, total)
+    except PruneError as err:
+        report.errors.append(FieldError(err.field, err.what, err.fix))
+
+
 def preflight(config, job: dict, base: Path, job_dir: Optional[Path], raw: dict) -> Report:
     """Everything `kubetune run` checks before Ray starts; cheap checks first, and
     the tokenizer only when they pass."""
@@ -457,6 +474,7 @@ def preflight(config, job: dict, base: Path, job_dir: Optional[Path], raw: dict)
     if report.ok:
         check_tokens(config.spec, usable, report)
         check_gguf(config.spec, report)
+        check_prune(config.spec, report)
     report.seconds = time.monotonic() - t0
     return report
 

@@ -19,7 +19,11 @@ FIELD = "spec.model.prune"
 
 
 class PruneError(ValueError):
-    """The spec's pruning does not fit the model; the message names the field."""
+    """The spec's pruning does not fit the model: the field, what is wrong, the fix."""
+
+    def __init__(self, field: str, what: str, fix: str):
+        self.field, self.what, self.fix = field, what, fix
+        super().__init__(f"{field}: {what}: {fix}")
 
 
 @dataclass(frozen=True)
@@ -85,20 +89,23 @@ def kept_layers(prune, total: int) -> list[int]:
         beyond = [i for i in prune.layers if i >= total]
         if beyond:
             raise PruneError(
-                f"{FIELD}.layers: {beyond} beyond the model's {total} decoder layers "
-                f"(indices 0 to {total - 1}): remove them"
+                f"{FIELD}.layers",
+                f"{beyond} beyond the model's {total} decoder layers (indices 0 to {total - 1})",
+                "remove them",
             )
         if len(prune.layers) == total:
             raise PruneError(
-                f"{FIELD}.layers lists all {total} decoder layers: nothing would be pruned; "
-                "list fewer, or remove prune"
+                f"{FIELD}.layers",
+                f"lists all {total} decoder layers: nothing would be pruned",
+                "list fewer, or remove prune",
             )
         return list(prune.layers)
     keep = prune.keep_layers
     if keep >= total:
         raise PruneError(
-            f"{FIELD}.keepLayers is {keep} but the model has {total} decoder layers: set it "
-            f"below {total}, or remove prune"
+            f"{FIELD}.keepLayers",
+            f"{keep} layers kept of a model that has {total} decoder layers",
+            f"set it below {total}, or remove prune",
         )
     return default_layers(total, keep)
 
@@ -114,9 +121,10 @@ def decoder_layers(model):
         if isinstance(layers, nn.ModuleList) and len(layers) == total:
             return owner, "layers"
     raise PruneError(
-        f"{FIELD}: cannot find the decoder layers of {type(model).__name__} (a ModuleList "
-        f"`layers` of config.num_hidden_layers = {total} blocks, as Llama, Mistral and Qwen2 "
-        "have): remove prune, or start from a model of such a family"
+        FIELD,
+        f"cannot find the decoder layers of {type(model).__name__} (a ModuleList `layers` "
+        f"of config.num_hidden_layers = {total} blocks, as Llama, Mistral and Qwen2 have)",
+        "remove prune, or start from a model of such a family",
     )
 
 

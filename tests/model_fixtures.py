@@ -17,16 +17,17 @@ def prepare_quickstart() -> None:
     quickstart.prepare_data(REPO)
 
 
-def tiny_model(path: Path) -> Path:
-    """A 2-layer Llama built from config (random weights) with SmolLM2's tokenizer."""
+def tiny_model(path: Path, **extra) -> Path:
+    """A 2-layer Llama built from config (random weights) with SmolLM2's tokenizer;
+    `extra`: other config values (e.g. num_hidden_layers)."""
     if not (path / "config.json").exists():
-        model, tok = _tiny_lm(tie_word_embeddings=True)
+        model, tok = _tiny_lm(tie_word_embeddings=True, **extra)
         model.save_pretrained(path)
         tok.save_pretrained(path)
     return path
 
 
-def _tiny_lm(tie_word_embeddings: bool):
+def _tiny_lm(tie_word_embeddings: bool, **extra):
     """tiny_model's model (in memory) and SmolLM2's tokenizer."""
     from transformers import AutoTokenizer
 
@@ -41,6 +42,7 @@ def _tiny_lm(tie_word_embeddings: bool):
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
+        **extra,
     )
     return model, tok
 

@@ -165,3 +165,44 @@ def test_kubetune_run_checks_the_layer_count_before_ray_starts(tmp_path):
     report = Report()
     check_prune(H.trainer_config(job).spec, report)
     assert report.ok
+
+
+def test_a_pruned_parent_is_continued_from_its_merged_model(tmp_path):
+    """fromJob/fromCheckpoint on a pruned LoRA job's prefix: its merged model (the
+    adapter fits only the pruned model); on one of its checkpoints: refused."""
+    import json
+
+    from kubetune_trainer import parent as P
+
+    prefix = tmp_path / "parent"
+    (prefix / "merged").mkdir(parents=True)
+    _lm(2).config.save_pretrained(prefix / "merged")
+    step = prefix / "checkpoints/step-00000002"
+    (step / "adapter").mkdir(parents=True)
+    (step / "adapter/adapter_config.json").write_text("{}")
+    (step / "manifest.json").write_text("{}")
+    (prefix / "outputs.json").write_text(
+        json.dumps(
+            {
+                "adapter": str(prefix / "adapter"),
+                "mergedModel": str(prefix / "merged"),
+                "pruned": {"layersBefore": 4, "keptLayers": [0, 3]},
+            }
+        )
+    )
+    (prefix / "run.json").write_text(
+        json.dumps({"baseModel": {"uri": "/m", "prune": {"keepLayers": 2}}})
+    )
+
+    def config(uri):
+        job = H.job(tmp_path / "base", tmp_path / "d.jsonl", (tmp_path / "out").as_uri())
+        job["spec"]["model"].update(fromCheckpoint=str(uri), mergeParent=True)
+        return H.trainer_config(job)
+
+    assert P.locate(config(prefix))[0] == str(prefix / "merged")
+    found = P.resolve(config(prefix))
+    assert found.kind == "model" and found.local == str(prefix / "merged")
+    parent = P.resolve(config(step))
+    assert parent.kind == "adapter"
+    with pytest.raises(P.ParentError, match="trained on a pruned model"):
+        P.check_base(parent, config(step).spec.model)

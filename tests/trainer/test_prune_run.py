@@ -14,27 +14,6 @@ import yaml
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
 
 
-def _four_layer_model(path):
-    from transformers import AutoTokenizer
-
-    H.prepare_quickstart()
-    tok = AutoTokenizer.from_pretrained(H.SMOL)
-    model = H.small_lm(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_kubetune_run_trains_and_saves_the_pruned_model(ray_local, tmp_path, capsys):
     import torch
     from peft import PeftModel
@@ -43,7 +22,7 @@ def test_kubetune_run_trains_and_saves_the_pruned_model(ray_local, tmp_path, cap
     from kubetune_trainer.local import LocalRun, run_local
     from kubetune_trainer.prune import prune_layers
 
-    base = _four_layer_model(tmp_path / "tiny4")
+    base = H.tiny_model(tmp_path / "tiny4", num_hidden_layers=4)
     data = H.write_jsonl(tmp_path / "chat.jsonl", H.chat_rows(32))
     job = H.job(
         base,

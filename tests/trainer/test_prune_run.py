@@ -44,6 +44,8 @@ def test_kubetune_run_trains_and_saves_the_pruned_model(ray_local, tmp_path, cap
     outputs = json.loads((prefix / "outputs.json").read_text())
     assert outputs["pruned"]["keptLayers"] == [0, 3]
     assert outputs["pruned"]["parametersAfter"] < outputs["pruned"]["parametersBefore"]
+    adapter = next(a for a in outputs["artifacts"] if a["kind"] == "adapter")
+    assert adapter["baseModel"].endswith("pruned (keepLayers: 2)")  # not the base alone
     record = json.loads((prefix / "run.json").read_text())
     assert record["baseModel"]["prune"] == {"keepLayers": 2}
 

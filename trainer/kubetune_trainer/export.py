@@ -177,9 +177,13 @@ def describe(kind: str, uri: str, spec, folder: Path) -> contract.ServableOutput
     folder = Path(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     rank = None
+    base = base_model_name(spec)
     if kind == contract.OutputKind.adapter.value:
         fmt = contract.OutputFormat.peft_lora.value
         rank = (_read(folder / "adapter_config.json") or {}).get("r")
+        if spec.model.prune is not None:  # it fits the pruned model only: say so
+            choice = ", ".join(f"{k}: {v}" for k, v in spec.model.prune.to_dict().items())
+            base = f"{base} pruned ({choice})"
     else:
         fmt = contract.OutputFormat.huggingface.value
     return contract.ServableOutput(
@@ -187,7 +191,7 @@ def describe(kind: str, uri: str, spec, folder: Path) -> contract.ServableOutput
         uri=uri,
         format=fmt,
         precision=spec.hyperparameters.precision,
-        base_model=base_model_name(spec),
+        base_model=base,
         lora_rank=rank,
         files=files,
     )

@@ -139,6 +139,70 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
             },
         ),
     ),
+    ObjectiveRow(
+        name="distill",
+        summary="knowledge distillation from a teacher model (method.distill.teacher, "
+        "spec.model when unset) on supervised data: logits mode matches the teacher's "
+        "next-token distribution on the response tokens (forward or reverse KL, a "
+        "temperature, a weight against the next-token loss); sequence mode trains on the "
+        "teacher's own greedy answers to the prompts, generated once and cached",
+        formats=("text", "prompt-completion", "chat", "alpaca", "sharegpt"),
+        metrics=(
+            EVAL_LOSS,
+            Metric("eval_agreement", "max"),
+            Metric("eval_distill_kl", "min"),
+            Metric("eval_perplexity", "min"),
+            Metric("eval_token_accuracy", "max"),
+        ),
+        learning_rate={"lora": 2e-4, "qlora": 2e-4, "full": 2e-5},
+        settings="distill",
+        settings_rules=(
+            {
+                "id": "distill-teacher-source",
+                "message": "set at most one of method.distill.teacher.name (a Hugging Face id) "
+                "or method.distill.teacher.uri (a folder of weights); with neither the "
+                "teacher is spec.model",
+                "cel": "!has(self.teacher) || !(has(self.teacher.name) && has(self.teacher.uri))",
+                "python": lambda d: (
+                    d is None
+                    or not isinstance(d.get("teacher"), dict)
+                    or d["teacher"].get("name") is None
+                    or d["teacher"].get("uri") is None
+                ),
+                "field": "teacher",
+            },
+        ),
+        spec_rules=(
+            {
+                "id": "distill-sequence-needs-prompts",
+                "message": "method.distill.mode sequence has the teacher answer the data's "
+                "prompts, and dataset.format text has none: use a format with prompts "
+                "(prompt-completion, chat, alpaca, sharegpt), or mode logits",
+                "cel": "!has(self.method.distill) || self.method.distill.mode != 'sequence' || "
+                "self.dataset.format != 'text'",
+                "python": lambda s: (
+                    not s["method"].get("distill")
+                    or s["method"]["distill"]["mode"] != "sequence"
+                    or s["dataset"]["format"] != "text"
+                ),
+                "field": "method.distill.mode",
+            },
+            {
+                "id": "distill-answers-fit-max-seq-length",
+                "message": "method.distill.maxNewTokens must be below dataset.maxSeqLength "
+                "(the prompt and the teacher's answer share it): lower maxNewTokens or raise "
+                "maxSeqLength",
+                "cel": "!has(self.method.distill) || self.method.distill.mode != 'sequence' || "
+                "self.method.distill.maxNewTokens < self.dataset.maxSeqLength",
+                "python": lambda s: (
+                    not s["method"].get("distill")
+                    or s["method"]["distill"]["mode"] != "sequence"
+                    or s["method"]["distill"]["maxNewTokens"] < s["dataset"]["maxSeqLength"]
+                ),
+                "field": "method.distill.maxNewTokens",
+            },
+        ),
+    ),
 )
 
 BY_NAME = {row.name: row for row in OBJECTIVES}

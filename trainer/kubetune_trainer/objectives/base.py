@@ -110,3 +110,16 @@ class FixedExamples:
 
     def step_batches(self, batches: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
         return batches
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    """Prompts of token ids, padded on the left (as generate wants): (ids, mask)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    return ids, mask

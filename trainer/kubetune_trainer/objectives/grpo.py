@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from .. import data as D
 from ..data import IGNORE
-from .base import Splits, TrainContext
+from .base import Splits, TrainContext, left_pad
 
 NAME = "grpo"
 STD_EPS = 1e-4  # added to a group's standard deviation before dividing by it
@@ -168,18 +168,6 @@ def completion_mask(completions, eos_id: int):
         torch.full_like(is_eos[:, 0], n, dtype=torch.long),
     )
     return (torch.arange(n, device=completions.device)[None, :] <= first[:, None]).long()
-
-
-def left_pad(prompts: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p) :] = 1
-    return ids, mask
 
 
 def rollout_batch(prompt_ids, prompt_mask, completions, comp_mask) -> dict:

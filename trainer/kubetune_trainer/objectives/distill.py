@@ -162,6 +162,9 @@ class Distill(FixedExamples):
     def __init__(self, spec):
         self.spec = spec
         self.cfg = spec.method.distill
+        # the settings' enums, as their values (the spec may hold either)
+        self.mode = getattr(self.cfg.mode, "value", self.cfg.mode)
+        self.loss_kind = getattr(self.cfg.loss, "value", self.cfg.loss)
         self.ctx: Optional[TrainContext] = None
         self.teacher = None
         self.t_head = None
@@ -212,10 +215,10 @@ class Distill(FixedExamples):
         )
         ctx.log(
             f"distill: teacher {describe_source(source)} ({teacher_params / 1e6:.1f}M "
-            f"parameters), student {student_params / 1e6:.1f}M; mode {self.cfg.mode.value}"
+            f"parameters), student {student_params / 1e6:.1f}M; mode {self.mode}"
         )
         fp = None
-        if self.cfg.mode.value == "sequence":
+        if self.mode == "sequence":
             fp = fingerprint(
                 source,
                 model,
@@ -238,16 +241,18 @@ class Distill(FixedExamples):
             cached = c.storage.read_json(rel)
         cached = w.gather(cached)[0]
         if cached is not None:
-            answers = {int(k): v for k, v in cached["answers"].items()}
+            answers = {int(k): v["answer"] for k, v in cached["answers"].items()}
             c.log(f"distill: {len(answers)} teacher answers read from {c.storage.uri(rel)}")
         else:
             c.progress(contract.TrainPhase.loading, "the teacher answers the training prompts")
             t0 = time.monotonic()
             answers = self._generate(examples)
             if w.rank == 0:
-                c.storage.write_json(
-                    rel, {"fingerprint": fp, "answers": {str(k): v for k, v in answers.items()}}
-                )
+                entries = {
+                    str(k): {"prompt": prompt_of(examples[k]), "answer": v}
+                    for k, v in sorted(answers.items())
+                }
+                c.storage.write_json(rel, {"fingerprint": fp, "answers": entries})
             w.barrier()
             c.log(
                 f"distill: the teacher answered {len(answers)} prompts in "
@@ -325,13 +330,13 @@ class Distill(FixedExamples):
         import torch
 
         w = self.ctx.worker
-        if self.cfg.mode.value == "sequence":
+        if self.mode == "sequence":
             return w.head.loss(w.engine, batch)
         logits, target = w.head.logits(w.engine, batch)
         teacher = self._teacher_logits(batch)
         c = self.cfg
         total, kl, ce = distill_loss(
-            logits[:, : self.vocab], teacher, target, c.temperature, c.loss.value, c.weight
+            logits[:, : self.vocab], teacher, target, c.temperature, self.loss_kind, c.weight
         )
         stats = torch.stack(
             [kl * target.numel(), ce * target.numel(), kl.new_tensor(float(target.numel()))]
@@ -373,7 +378,7 @@ class Distill(FixedExamples):
                 logits, target = w.head.logits(w.engine, batch)
                 logits = logits[:, : self.vocab]
                 teacher = self._teacher_logits(batch)
-                kl = token_kl(logits, teacher, 1.0, self.cfg.loss.value)
+                kl = token_kl(logits, teacher, 1.0, self.loss_kind)
                 for k, v in enumerate(
                     (
                         F.cross_entropy(logits, target, reduction="sum").item(),

@@ -152,6 +152,14 @@ def test_logit_distillation_pulls_the_student_to_the_teacher(ray_local, tmp_path
     assert last["teacherEvalLoss"] == pytest.approx(first["teacherEvalLoss"], rel=1e-5)
     assert rows[1]["teacherParameters"] > 0 and rows[1]["studentParameters"] > 0
     assert rows[1]["teacherTokensPerSecond"] > 0
+    # `kubetune run`'s summary: the two models' sizes and speeds, losses and agreement
+    from kubetune_trainer.local import summary
+    from kubetune_trainer.storage import JobStorage
+
+    text = summary(JobStorage(cfg.storage_prefix, cfg.spec.output))
+    print(text)
+    assert "distillation: teacher" in text and "tokens/s teacher" in text
+    assert f"agreement with the teacher {first['evalAgreement']:.3f} -> " in text
     for step in range(1, 9):
         assert rows[step]["distillKl"] >= 0 and rows[step]["distillCe"] > 0, step
         assert rows[step]["loss"] == pytest.approx(rows[step]["distillKl"], rel=1e-4)  # weight 1

@@ -261,8 +261,11 @@ class Distill(FixedExamples):
         ds = self.spec.dataset
         for i, answer in answers.items():
             prompt = prompt_of(examples[i])
-            if prompt is not None and answer:
-                examples[i] = answered(prompt, answer, ds.max_seq_length)
+            if prompt is None or not answer:
+                continue
+            ex = answered(prompt, answer, ds.max_seq_length)
+            if any(x != D.IGNORE for x in ex.labels[1:]):  # else the prompt filled it: keep
+                examples[i] = ex
         units[:] = self.units(
             examples, ds.max_seq_length, ds.packing, self.spec.hyperparameters.seed
         )

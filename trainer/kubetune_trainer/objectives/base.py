@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
+from .. import data as D
 from ..data import DataReport, Example
 from ..storage import JobStorage
 from ..worker import Worker
@@ -100,6 +101,23 @@ class Objective(Protocol):
     def describe(self, row: dict) -> str:
         """Its part of a training log line (may be empty)."""
         ...
+
+
+class SupervisedData:
+    """The examples, units and collation of the supervised formats (data's own: one
+    example per row, padded or packed): SFT's, and distillation's."""
+
+    def build_examples(self, rows, fmt, tokenizer, max_len):
+        return D.build_examples(rows, fmt, tokenizer, max_len)
+
+    def tokenize(self, norm, tokenizer):
+        return D.tokenize(norm, tokenizer)
+
+    def units(self, examples, max_len, packing, seed):
+        return D.sequences(examples, max_len, packing, seed)
+
+    def collate(self, examples, units, pad_id, packing):
+        return D.collate(examples, units, pad_id, packing)
 
 
 class FixedExamples:

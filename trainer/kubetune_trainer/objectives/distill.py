@@ -53,7 +53,7 @@ from kubetune_api import storage as contract
 
 from .. import data as D
 from .. import model as M
-from .base import FixedExamples, Splits, TrainContext, left_pad
+from .base import FixedExamples, Splits, SupervisedData, TrainContext, left_pad
 from .reference import place_frozen
 
 NAME = "distill"
@@ -156,7 +156,7 @@ def fingerprint(source, teacher_model, prompts: list, max_new_tokens: int) -> st
 
 
 # ---------------------------------------------------------------------------- objective
-class Distill(FixedExamples):
+class Distill(SupervisedData, FixedExamples):
     name = NAME
 
     def __init__(self, spec):
@@ -172,19 +172,6 @@ class Distill(FixedExamples):
         self._teacher_time = 0.0
         self._teacher_tokens = 0
         self._sizes: Optional[dict] = None
-
-    # ---------------------------------------------------------------- data (SFT's)
-    def build_examples(self, rows, fmt, tokenizer, max_len):
-        return D.build_examples(rows, fmt, tokenizer, max_len)
-
-    def tokenize(self, norm, tokenizer):
-        return D.tokenize(norm, tokenizer)
-
-    def units(self, examples, max_len, packing, seed):
-        return D.sequences(examples, max_len, packing, seed)
-
-    def collate(self, examples, units, pad_id, packing):
-        return D.collate(examples, units, pad_id, packing)
 
     # ---------------------------------------------------------------- setup
     def setup(self, ctx: TrainContext, splits: Splits) -> None:

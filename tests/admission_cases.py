@@ -331,6 +331,7 @@ def distill_job() -> dict:
         "temperature": 2.0,
         "weight": 0.7,
         "maxNewTokens": 64,
+        "onPolicyFraction": 0.0,
     }
     spec["earlyStopping"].update({"metric": "eval_agreement", "mode": "max"})
     return doc
@@ -866,7 +867,23 @@ def _written() -> list[Case]:
     add(
         "distill:sequence-on-text",
         _set(_set(distill_job(), f"{d}.mode", "sequence"), "spec.dataset.format", "text"),
-        f"{d}.mode",
+        "spec.dataset.format",
+    )
+    add("distill:on-policy-ok", _set(distill_job(), f"{d}.onPolicyFraction", 0.25))
+    add(
+        "distill:on-policy-sequence",
+        _set(_set(distill_job(), f"{d}.mode", "sequence"), f"{d}.onPolicyFraction", 0.25),
+        f"{d}.onPolicyFraction",
+    )
+    add(
+        "distill:on-policy-on-text",
+        _set(_set(distill_job(), f"{d}.onPolicyFraction", 0.5), "spec.dataset.format", "text"),
+        "spec.dataset.format",
+    )
+    add(
+        "distill:on-policy-answer-fills-max-seq-length",
+        _set(_set(distill_job(), f"{d}.onPolicyFraction", 1.0), f"{d}.maxNewTokens", 4096),
+        f"{d}.maxNewTokens",
     )
     add(
         "distill:answer-fills-max-seq-length",
@@ -1542,7 +1559,13 @@ _safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid ba
 _safe(("kto:ok",), "a job learning from thumbs up/down feedback with every KTO setting")
 _safe(("grpo:ok",), "a GRPO job with every method.grpo setting: the valid baseline")
 _safe(
-    ("distill:ok", "distill:sequence-ok", "distill:teacher-default", "distill:teacher-uri"),
+    (
+        "distill:ok",
+        "distill:sequence-ok",
+        "distill:teacher-default",
+        "distill:teacher-uri",
+        "distill:on-policy-ok",
+    ),
     "distillation jobs: every method.distill setting, sequence mode, the default teacher "
     "(spec.model) and a teacher from a folder of weights",
 )

@@ -430,7 +430,16 @@ class DistillConfig(_Model):
         256,
         ge=1,
         le=8192,
-        description="sequence mode: the most tokens of each teacher answer.",
+        description="sequence mode: the most tokens of each teacher answer; with "
+        "onPolicyFraction: of each answer the student samples.",
+    )
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="logits mode (GKD): the share of micro-batches whose answers the student "
+        "samples itself from the data's prompts (temperature 1, up to maxNewTokens), the KL "
+        "to the teacher taken on those tokens alone; 0: the data's answers only.",
     )
 
 

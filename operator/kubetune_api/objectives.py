@@ -47,6 +47,13 @@ class ObjectiveRow:
 
 EVAL_LOSS = Metric("eval_loss", "min")
 
+
+def _generates(spec: dict) -> bool:
+    """Objective distill generates answers: sequence mode, or an on-policy share."""
+    d = spec["method"].get("distill")
+    return bool(d) and (d["mode"] == "sequence" or d["onPolicyFraction"] > 0)
+
+
 OBJECTIVES: tuple[ObjectiveRow, ...] = (
     ObjectiveRow(
         name="sft",
@@ -171,32 +178,39 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
                 ),
                 "field": "teacher",
             },
+            {
+                "id": "distill-on-policy-needs-logits",
+                "message": "method.distill.onPolicyFraction scores the student's own answers "
+                "against the teacher's logits: use mode logits, or set onPolicyFraction to 0",
+                "cel": "self.onPolicyFraction == 0.0 || self.mode == 'logits'",
+                "python": lambda d: (
+                    d is None or d["onPolicyFraction"] == 0 or d["mode"] == "logits"
+                ),
+                "field": "onPolicyFraction",
+            },
         ),
         spec_rules=(
             {
-                "id": "distill-sequence-needs-prompts",
-                "message": "method.distill.mode sequence has the teacher answer the data's "
-                "prompts, and dataset.format text has none: use a format with prompts "
-                "(prompt-completion, chat, alpaca, sharegpt), or mode logits",
-                "cel": "!has(self.method.distill) || self.method.distill.mode != 'sequence' || "
-                "self.dataset.format != 'text'",
-                "python": lambda s: (
-                    not s["method"].get("distill")
-                    or s["method"]["distill"]["mode"] != "sequence"
-                    or s["dataset"]["format"] != "text"
-                ),
-                "field": "method.distill.mode",
+                "id": "distill-generation-needs-prompts",
+                "message": "method.distill.mode sequence and onPolicyFraction have answers "
+                "generated for the data's prompts, and dataset.format text has none: use a "
+                "format with prompts (prompt-completion, chat, alpaca, sharegpt), or mode "
+                "logits with onPolicyFraction 0",
+                "cel": "!has(self.method.distill) || (self.method.distill.mode != 'sequence' "
+                "&& self.method.distill.onPolicyFraction == 0.0) || self.dataset.format != 'text'",
+                "python": lambda s: not _generates(s) or s["dataset"]["format"] != "text",
+                "field": "dataset.format",
             },
             {
                 "id": "distill-answers-fit-max-seq-length",
                 "message": "method.distill.maxNewTokens must be below dataset.maxSeqLength "
-                "(the prompt and the teacher's answer share it): lower maxNewTokens or raise "
+                "(the prompt and the generated answer share it): lower maxNewTokens or raise "
                 "maxSeqLength",
-                "cel": "!has(self.method.distill) || self.method.distill.mode != 'sequence' || "
+                "cel": "!has(self.method.distill) || (self.method.distill.mode != 'sequence' "
+                "&& self.method.distill.onPolicyFraction == 0.0) || "
                 "self.method.distill.maxNewTokens < self.dataset.maxSeqLength",
                 "python": lambda s: (
-                    not s["method"].get("distill")
-                    or s["method"]["distill"]["mode"] != "sequence"
+                    not _generates(s)
                     or s["method"]["distill"]["maxNewTokens"] < s["dataset"]["maxSeqLength"]
                 ),
                 "field": "method.distill.maxNewTokens",

@@ -266,6 +266,11 @@ class MetricsRow(_Model):
     # held-out loss on the same tokens
     distill_kl: Optional[float] = None
     distill_ce: Optional[float] = None
+    distill_on_policy_batches: Optional[int] = Field(
+        None,
+        description="method.distill.onPolicyFraction: micro-batches of the student's own "
+        "answers since the previous row, all workers together.",
+    )
     teacher_tokens_per_second: Optional[float] = None
     teacher_parameters: Optional[int] = None
     student_parameters: Optional[int] = None

@@ -116,7 +116,9 @@ def _models(tmp_path: Path) -> tuple[Path, Path]:
     return H.tiny_model(tmp_path / "student"), H.peaked_model(tmp_path / "teacher", "a")
 
 
-def test_logit_distillation_pulls_the_student_to_the_teacher(ray_local, tmp_path):
+def test_logit_distillation_with_an_on_policy_share_pulls_the_student_to_the_teacher(
+    ray_local, tmp_path
+):
     student, teacher = _models(tmp_path)
     train = H.write_jsonl(tmp_path / "chat.jsonl", H.chat_rows(80))
     j = H.job(
@@ -127,7 +129,13 @@ def test_logit_distillation_pulls_the_student_to_the_teacher(ray_local, tmp_path
         method={
             "type": "full",
             "objective": "distill",
-            "distill": {"teacher": {"uri": str(teacher)}, "weight": 1.0},
+            "distill": {
+                "teacher": {"uri": str(teacher)},
+                "weight": 1.0,
+                # every other micro-batch: the student's own answers (GKD)
+                "onPolicyFraction": 0.5,
+                "maxNewTokens": 8,
+            },
         },
         hyperparameters={"maxSteps": 8, "learningRate": 1e-2, "batchSize": 4},
         evaluation={"everySteps": 4, "maxBatches": 2},
@@ -160,6 +168,8 @@ def test_logit_distillation_pulls_the_student_to_the_teacher(ray_local, tmp_path
     print(text)
     assert "distillation: teacher" in text and "tokens/s teacher" in text
     assert f"agreement with the teacher {first['evalAgreement']:.3f} -> " in text
+    # micro-batches 1, 3, 5 and 7 (counted from 0) were the student's own answers
+    assert [rows[k].get("distillOnPolicyBatches") for k in range(1, 9)] == [0, 1] * 4
     for step in range(1, 9):
         assert rows[step]["distillKl"] >= 0 and rows[step]["distillCe"] > 0, step
         assert rows[step]["loss"] == pytest.approx(rows[step]["distillKl"], rel=1e-4)  # weight 1

@@ -107,10 +107,17 @@ BREAKERS = {
             "distill": {"teacher": {"name": "org/big", "uri": "s3://models/big"}},
         },
     },
-    "distill-sequence-needs-prompts": {
+    "distill-generation-needs-prompts": {
         **BASE,
         "dataset": {**BASE["dataset"], "format": "text"},
         "method": {"objective": "distill", "distill": {"mode": "sequence"}},
+    },
+    "distill-on-policy-needs-logits": {
+        **BASE,
+        "method": {
+            "objective": "distill",
+            "distill": {"mode": "sequence", "onPolicyFraction": 0.5},
+        },
     },
     "distill-answers-fit-max-seq-length": {
         **BASE,

@@ -53,7 +53,15 @@ from kubetune_api import storage as contract
 
 from .. import data as D
 from .. import model as M
-from .base import FixedExamples, Splits, SupervisedData, TrainContext, left_pad
+from .base import (
+    FixedExamples,
+    Splits,
+    SupervisedData,
+    TrainContext,
+    completion_mask,
+    left_pad,
+    rollout_batch,
+)
 from .reference import place_frozen
 
 NAME = "distill"
@@ -172,6 +180,8 @@ class Distill(SupervisedData, FixedExamples):
         self._teacher_time = 0.0
         self._teacher_tokens = 0
         self._sizes: Optional[dict] = None
+        self._micro = 0  # micro-batches trained so far (onPolicyFraction's count)
+        self._on_policy_batches = 0
 
     # ---------------------------------------------------------------- setup
     def setup(self, ctx: TrainContext, splits: Splits) -> None:
@@ -179,6 +189,7 @@ class Distill(SupervisedData, FixedExamples):
 
         self.ctx = ctx
         spec, w = self.spec, ctx.worker
+        self._micro = ctx.start_step * spec.hyperparameters.gradient_accumulation_steps
         source = teacher_source(spec.model, self.cfg.teacher)
         path = M.resolve_model_path(source)
         kwargs: dict = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
@@ -298,6 +309,63 @@ class Distill(SupervisedData, FixedExamples):
             merged.update(part)
         return merged
 
+    # ---------------------------------------------------------------- on-policy (GKD)
+    def step_batches(self, batches: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+        """With onPolicyFraction f, micro-batch k (counted from the start of training,
+        the same on every rank and after a resume) is replaced by the student's own
+        answers to its prompts when floor((k + 1) f) > floor(k f)."""
+        f = self.cfg.on_policy_fraction
+        if self.mode != "logits" or not f:
+            return batches
+        out = []
+        for batch, n_tok in batches:
+            k = self._micro
+            self._micro += 1
+            if math.floor((k + 1) * f) > math.floor(k * f):
+                batch, n_tok = self._on_policy(batch)
+            out.append((batch, n_tok))
+        return out
+
+    def _on_policy(self, batch: dict) -> tuple[dict, int]:
+        """The student's sampled answers (temperature 1, up to maxNewTokens) to the
+        prompts of a micro-batch's rows (a packed row: its first example's), as a
+        batch labelled on those answers; the loss takes only the KL on it."""
+        import torch
+
+        w, c = self.ctx.worker, self.ctx
+        keep = self.spec.dataset.max_seq_length - self.cfg.max_new_tokens
+        prompts = []
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+            j = next((t for t, x in enumerate(labels) if x != D.IGNORE), 1)
+            prompts.append(ids[: max(j, 1)][-keep:])
+        p_ids, p_mask = left_pad(prompts, c.pad_id)
+        p_ids, p_mask = p_ids.to(w.device), p_mask.to(w.device)
+        eos = self.tokenizer.eos_token_id
+        w.engine.eval()
+        with torch.no_grad():
+            out = w.engine.module.generate(
+                input_ids=p_ids,
+                attention_mask=p_mask,
+                max_new_tokens=self.cfg.max_new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=c.pad_id,
+                eos_token_id=eos,
+                use_cache=True,
+                synced_gpus=w.stage == 3 and w.world > 1,
+            )
+        w.engine.train()
+        completions = out[:, p_ids.shape[1] :]
+        if completions.shape[1] == 0:  # every row stopped at once
+            completions = torch.full((len(prompts), 1), eos, dtype=torch.long, device=w.device)
+        comp_mask = completion_mask(completions, eos)
+        made = rollout_batch(p_ids, p_mask, completions, comp_mask)
+        made["_on_policy"] = True
+        self._on_policy_batches += 1
+        return made, int(made["attention_mask"].sum())
+
     # ---------------------------------------------------------------- teacher forward
     def _teacher_logits(self, batch: dict):
         import torch
@@ -322,11 +390,13 @@ class Distill(SupervisedData, FixedExamples):
         w = self.ctx.worker
         if self.mode == "sequence":
             return w.head.loss(w.engine, batch)
+        # the student's own answers (GKD): the KL only, no next-token loss on them
+        weight = 1.0 if batch.pop("_on_policy", False) else self.cfg.weight
         logits, target = w.head.logits(w.engine, batch)
         teacher = self._teacher_logits(batch)
         c = self.cfg
         total, kl, ce = distill_loss(
-            logits[:, : self.vocab], teacher, target, c.temperature, self.loss_kind, c.weight
+            logits[:, : self.vocab], teacher, target, c.temperature, self.loss_kind, weight
         )
         stats = torch.stack(
             [kl * target.numel(), ce * target.numel(), kl.new_tensor(float(target.numel()))]
@@ -343,6 +413,10 @@ class Distill(SupervisedData, FixedExamples):
             kl, ce, n = self.ctx.worker.allreduce([float(x) for x in self._stats])
             self._stats = None
             out.update(distill_kl=kl / max(n, 1), distill_ce=ce / max(n, 1))
+        if self.cfg.on_policy_fraction and self.mode == "logits":
+            (n,) = self.ctx.worker.allreduce([self._on_policy_batches])
+            out["distill_on_policy_batches"] = int(n)
+            self._on_policy_batches = 0
         tokens, seconds = self.ctx.worker.allreduce([self._teacher_tokens, self._teacher_time])
         if seconds > 0:
             out["teacher_tokens_per_second"] = round(tokens / seconds * self.ctx.worker.world, 1)

@@ -213,12 +213,39 @@ def test_sequence_distillation_caches_the_teachers_answers(ray_local, tmp_path):
             )
         assert answer == gen[0, len(prompt) :].tolist(), key
 
-    # a resume (more steps, the same prefix) reads them back: the file is not rewritten
+    # a resumed attempt, or a rerun on the prefix, sets the objective up again: with the
+    # same fingerprint it reads the file instead of generating (an answer edited in the
+    # file is what its example gets) and leaves the file as it was
+    from kubetune_trainer import data as D
+    from kubetune_trainer.objectives.base import TrainContext
+    from kubetune_trainer.storage import JobStorage
+    from kubetune_trainer.worker import Worker
+
+    doc = json.loads(cached[0].read_text())
+    doc["answers"]["0"]["answer"] = [42, 43]
+    cached[0].write_text(json.dumps(doc))
     stamp = os.stat(cached[0]).st_mtime_ns
-    spec["hyperparameters"]["maxSteps"] = 4
-    spec["checkpointing"] = {"everySteps": 4}
-    cfg = H.trainer_config(H.job(student, train, out.as_uri(), **spec))
-    H.fit(cfg)
+    worker = Worker(0, 1, use_gpu=False)
+    worker.device = torch.device("cpu")
+    objective = Dl.Distill(cfg.spec)
+    objective.ctx = TrainContext(
+        worker=worker,
+        storage=JobStorage(cfg.storage_prefix, cfg.spec.output),
+        log=print,
+        progress=lambda *a: None,
+        model_path=str(student),
+        pad_id=0,
+        packing=False,
+        batch_size=4,
+        max_batches=None,
+        start_step=2,
+    )
+    prompts = [doc["answers"][str(k)]["prompt"] for k in range(12)]
+    examples = [D.Example(p + [7], [D.IGNORE] * len(p) + [7]) for p in prompts]
+    units = [[k] for k in range(12)]
+    objective._answer({"train": (examples, units)}, cached[0].stem.removeprefix("answers-"))
+    assert examples[0].input_ids == prompts[0] + [42, 43]
+    assert examples[0].labels == [D.IGNORE] * len(prompts[0]) + [42, 43]
+    assert examples[5].input_ids == prompts[5] + answers["5"]["answer"]
     assert os.stat(cached[0]).st_mtime_ns == stamp
     assert list(folder.glob("answers-*.json")) == cached
-    assert max(H.metric_rows(cfg)) == 4

@@ -1,7 +1,8 @@
 """`kubetune run` with spec.model.prune: a 4-layer tiny Llama pruned to 2 layers,
-LoRA trained a few steps and merged. The summary says what was pruned, the merged
-model loads with transformers with 2 layers, and the adapter applies to the
-pruned model (the merged model is that model with the adapter in it)."""
+LoRA trained a few steps by distillation from the same model unpruned (the
+teacher's default) and merged. The summary says what was pruned, the merged model
+loads with transformers with 2 layers, and the adapter applies to the pruned model
+(the merged model is that model with the adapter in it)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_kubetune_run_trains_and_saves_the_pruned_model(ray_local, tmp_path, cap
         checkpointing={"everySteps": 100, "keepLast": 1},
     )
     job["spec"]["model"]["prune"] = {"keepLayers": 2}
+    job["spec"]["method"].update(objective="distill", distill={"weight": 0.5})
     job["spec"]["output"]["mergeAdapter"] = True
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     run = LocalRun(file=str(tmp_path / "job.yaml"), progress=False)
@@ -46,6 +48,11 @@ def test_kubetune_run_trains_and_saves_the_pruned_model(ray_local, tmp_path, cap
     assert outputs["pruned"]["parametersAfter"] < outputs["pruned"]["parametersBefore"]
     adapter = next(a for a in outputs["artifacts"] if a["kind"] == "adapter")
     assert adapter["baseModel"].endswith("pruned (keepLayers: 2)")  # not the base alone
+    rows = [json.loads(line) for line in (prefix / "metrics.jsonl").read_text().splitlines()]
+    sizes = next(r for r in rows if r.get("teacherParameters"))
+    # the teacher is spec.model without its prune block: all 4 layers
+    assert sizes["teacherParameters"] == outputs["pruned"]["parametersBefore"]
+    assert sizes["studentParameters"] < sizes["teacherParameters"]
     record = json.loads((prefix / "run.json").read_text())
     assert record["baseModel"]["prune"] == {"keepLayers": 2}
 

@@ -904,6 +904,22 @@ def _written() -> list[Case]:
         _set(distill_job(), f"{d}.teacher.uri", "s3://models/teacher"),
         f"{d}.teacher",
     )
+    add("distill:teacher-from-job", _set(distill_job(), f"{d}.teacher", {"fromJob": "teacher"}))
+    add(
+        "distill:teacher-from-job-and-uri",
+        _set(distill_job(), f"{d}.teacher", {"fromJob": "teacher", "uri": "s3://models/t"}),
+        f"{d}.teacher",
+    )
+    add(
+        "distill:teacher-from-job-and-revision",
+        _set(distill_job(), f"{d}.teacher", {"fromJob": "teacher", "revision": "main"}),
+        f"{d}.teacher",
+    )
+    add(
+        "distill:teacher-from-job-bad-name",
+        _set(distill_job(), f"{d}.teacher", {"fromJob": "Teacher_1"}),
+        f"{d}.teacher.fromJob",
+    )
     add(
         "distill:preference-data",
         _set(distill_job(), "spec.dataset.format", "preference"),
@@ -1620,10 +1636,11 @@ _safe(
         "distill:sequence-ok",
         "distill:teacher-default",
         "distill:teacher-uri",
+        "distill:teacher-from-job",
         "distill:on-policy-ok",
     ),
     "distillation jobs: every method.distill setting, sequence mode, the default teacher "
-    "(spec.model) and a teacher from a folder of weights",
+    "(spec.model), a teacher from a folder of weights and one from another job",
 )
 _safe(
     ("sweep:full-lr-only",), "a full fine-tune's learning rate can be swept; only LoRA's fields not"

@@ -9,7 +9,8 @@ in-file jobs it continues (parents first, otherwise in file order), and
 namespace/name, a chain of fromJob that loops, a --name the file does not hold.
 
 Edges are the spec's references to another FineTuneJob: `spec.model.fromJob`
-(`REFERENCES`), within the job's namespace. A fromJob naming a job that is not
+and a distillation teacher's `spec.method.distill.teacher.fromJob` (`REFERENCES`),
+within the job's namespace. A fromJob naming a job that is not
 in the file is the job's own business (kubetune run reuses a finished run of it
 under the output folder, as for a single job).
 
@@ -27,7 +28,10 @@ from .validation import FieldError
 
 KIND = "FineTuneJob"
 # (path in the spec, the field as a person reads it): references to another job
-REFERENCES = ((("model", "fromJob"), "spec.model.fromJob"),)
+REFERENCES = (
+    (("model", "fromJob"), "spec.model.fromJob"),
+    (("method", "distill", "teacher", "fromJob"), "spec.method.distill.teacher.fromJob"),
+)
 
 
 @dataclass

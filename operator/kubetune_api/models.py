@@ -420,8 +420,8 @@ class TeacherSource(_Model):
 
     name: Optional[ModelId] = Field(
         None,
-        description="Hugging Face model id of the teacher. Set at most one of name or uri; "
-        "with neither, the teacher is spec.model itself (its name or uri and revision, "
+        description="Hugging Face model id of the teacher. Set at most one of name, uri or "
+        "fromJob; with none, the teacher is spec.model itself (its name or uri and revision, "
         "without a parent and without pruning).",
     )
     uri: Optional[StorageUri] = Field(
@@ -431,6 +431,12 @@ class TeacherSource(_Model):
     )
     revision: Optional[SpecWord] = Field(
         None, description="Git revision of a Hugging Face teacher."
+    )
+    from_job: Optional[JobName] = Field(
+        None,
+        description="A FineTuneJob in the same namespace that has Succeeded: its merged model "
+        "(output.mergeAdapter) or fully fine-tuned model is the teacher. The job waits for it "
+        "as for model.fromJob. Set at most one of name, uri or fromJob.",
     )
 
 
@@ -1158,6 +1164,9 @@ class FineTuneJobStatus(_Model):
     checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=LIST_MAX)
     outputs: Optional[Outputs] = None
     parent: Optional[ParentStatus] = None
+    teacher: Optional[ParentStatus] = Field(
+        None, description="method.distill.teacher.fromJob, fixed when the job starts."
+    )
     lineage: Optional[LineageStatus] = None
     tracking: Optional[TrackingStatus] = None
     sweep: Optional[SweepStatus] = Field(

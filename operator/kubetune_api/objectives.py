@@ -166,15 +166,31 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
         settings_rules=(
             {
                 "id": "distill-teacher-source",
-                "message": "set at most one of method.distill.teacher.name (a Hugging Face id) "
-                "or method.distill.teacher.uri (a folder of weights); with neither the "
+                "message": "set at most one of method.distill.teacher.name (a Hugging Face id), "
+                "method.distill.teacher.uri (a folder of weights) or "
+                "method.distill.teacher.fromJob (a Succeeded FineTuneJob); with none the "
                 "teacher is spec.model",
-                "cel": "!has(self.teacher) || !(has(self.teacher.name) && has(self.teacher.uri))",
+                "cel": "!has(self.teacher) || (has(self.teacher.name) ? 1 : 0) + "
+                "(has(self.teacher.uri) ? 1 : 0) + (has(self.teacher.fromJob) ? 1 : 0) <= 1",
                 "python": lambda d: (
                     d is None
                     or not isinstance(d.get("teacher"), dict)
-                    or d["teacher"].get("name") is None
-                    or d["teacher"].get("uri") is None
+                    or sum(d["teacher"].get(k) is not None for k in ("name", "uri", "fromJob"))
+                    <= 1
+                ),
+                "field": "teacher",
+            },
+            {
+                "id": "distill-teacher-job-revision",
+                "message": "method.distill.teacher.revision picks a Hugging Face revision; "
+                "teacher.fromJob is a job's saved model: remove the revision",
+                "cel": "!has(self.teacher) || !(has(self.teacher.fromJob) && "
+                "has(self.teacher.revision))",
+                "python": lambda d: (
+                    d is None
+                    or not isinstance(d.get("teacher"), dict)
+                    or d["teacher"].get("fromJob") is None
+                    or d["teacher"].get("revision") is None
                 ),
                 "field": "teacher",
             },

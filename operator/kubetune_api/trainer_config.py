@@ -50,6 +50,9 @@ class TrainerConfig(_Model):
     attempt: int = Field(1, ge=1, description="1 + retries so far; the trainer resumes anyway.")
     spec: FineTuneJobSpec = Field(description="The resolved spec (defaults filled in).")
     parent: Optional[ParentSource] = Field(None, description="What this job continues from.")
+    teacher: Optional[ParentSource] = Field(
+        None, description="method.distill.teacher.fromJob: the teacher job's storage prefix."
+    )
 
 
 def spec_to_trainer_config(
@@ -57,11 +60,13 @@ def spec_to_trainer_config(
     default_output_uri: Optional[str] = None,
     attempt: int = 1,
     parent: Optional[dict] = None,
+    teacher: Optional[dict] = None,
 ) -> dict:
     """Pure: a FineTuneJob (model or dict) → the trainer config as a plain dict.
 
     `parent` ({name, uid, uri}): the job that spec.model.fromJob names, resolved
-    by the caller (only the caller can look it up)."""
+    by the caller (only the caller can look it up); `teacher` likewise for
+    method.distill.teacher.fromJob."""
     if isinstance(job, dict):
         job = models.FineTuneJob.model_validate({**job, "status": None})
     spec = resolve_spec(job.spec)
@@ -93,12 +98,31 @@ def spec_to_trainer_config(
         )
     elif spec.model.from_checkpoint:
         source = ParentSource(uri=spec.model.from_checkpoint)
+    teacher_source = None
+    distill = spec.method.distill
+    named = distill.teacher.from_job if distill and distill.teacher else None
+    if named and spec.method.objective == "distill":
+        if not teacher or not teacher.get("uri"):
+            raise SpecError(
+                [
+                    FieldError(
+                        "spec.method.distill.teacher.fromJob",
+                        f"FineTuneJob {named} is not resolved",
+                        "wait until it has Succeeded",
+                    )
+                ]
+            )
+        teacher_source = ParentSource(
+            job=JobRef(name=named, namespace=namespace, uid=teacher.get("uid") or "local"),
+            uri=teacher["uri"],
+        )
     config = TrainerConfig(
         job=JobRef(name=meta.name, namespace=namespace, uid=uid),
         storage_prefix=job_prefix(output_uri, namespace, meta.name, uid),
         attempt=attempt,
         spec=spec,
         parent=source,
+        teacher=teacher_source,
     )
     return config.to_dict()
 

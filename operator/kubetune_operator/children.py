@@ -87,6 +87,7 @@ def spec_to_configmap(job: Body, settings: Settings, attempt: int) -> Body:
         default_output_uri=settings.default_output_uri,
         attempt=attempt,
         parent=(job.get("status") or {}).get("parent"),  # resolved before the children
+        teacher=(job.get("status") or {}).get("teacher"),
     )
     return {
         "apiVersion": "v1",

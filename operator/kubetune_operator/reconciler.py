@@ -39,7 +39,7 @@ from .decide import decide, ttl_remaining
 from .endpoints import Allowlist, endpoint_problem
 from .kube import Api, KubeRayMissing, StaleStatus
 from .names import KUEUE_QUEUE_LABEL, Body, child_names
-from .parent import from_job, resolve_parent
+from .parent import MODEL_FROM_JOB, Reference, named, resolve_parent, unresolved
 from .rayjob_status import rayjob_state, rayjob_to_status, trainer_may_have_written
 from .states import TERMINAL, Action, Cond, Phase, RayJobState, Reason
 from .storage_limits import ReadSlots
@@ -254,12 +254,15 @@ class Reconciler:
         if status.get("phase") in TERMINAL:
             return await self._finished(job, status, now)
 
-        # 0. The parent (spec.model.fromJob), resolved once and kept in status:
-        # a retry must continue from the same one even if it is deleted later.
-        if from_job(job) and not status.get("parent"):
-            waiting = await self._parent(job, status, now, gen)
+        # 0. The jobs it starts from (spec.model.fromJob: the parent; the distillation
+        # teacher's fromJob), resolved once and kept in status: a retry must use the
+        # same ones even if they are deleted later.
+        refs = unresolved(job)
+        for ref in refs:
+            waiting = await self._parent(job, status, now, gen, ref)
             if waiting is not None:
                 return waiting
+        if refs:
             errors, cm = self._checked(job, attempts)
             if errors:
                 return Outcome(
@@ -492,12 +495,12 @@ class Reconciler:
         per job would be most of the operator's memory at a thousand jobs); the
         ConfigMap rendered by this call is handed back for this reconcile."""
         meta = job["metadata"]
-        parent = (job.get("status") or {}).get("parent")
+        st = job.get("status") or {}
         key = (
             meta.get("generation"),
             json.dumps(meta.get("labels") or {}, sort_keys=True),
             attempts,
-            json.dumps(parent, sort_keys=True),
+            json.dumps([st.get("parent"), st.get("teacher")], sort_keys=True),
         )
         cached = self._checked_cache.get(meta["uid"])
         if cached and cached[0] == key:
@@ -509,7 +512,7 @@ class Reconciler:
             problem = endpoint_problem(job, self.allowlist)
             errors = [problem] if problem else []
         cm = None
-        if not errors and (parent or not from_job(job)):  # else: resolve the parent first
+        if not errors and not unresolved(job):  # else: resolve the parent and teacher first
             try:  # a spec that cannot render (no output URI anywhere) is invalid too
                 cm = spec_to_configmap(job, self.settings, attempts)
             except SpecError as exc:
@@ -519,25 +522,31 @@ class Reconciler:
 
     # ------------------------------------------------------------------ parent
 
-    async def _parent(self, job: Body, status: dict, now, gen) -> Optional[Outcome]:
-        """Resolve spec.model.fromJob into status.parent (and the body `job`);
-        None when resolved, else how this reconcile ends (waiting, or Failed)."""
+    async def _parent(
+        self, job: Body, status: dict, now, gen, ref: Reference = MODEL_FROM_JOB
+    ) -> Optional[Outcome]:
+        """Resolve the job `ref` names (spec.model.fromJob, or the teacher's fromJob)
+        into status.<ref.status_key> (and the body `job`); None when resolved, else
+        how this reconcile ends (waiting, or Failed)."""
         ns = job["metadata"]["namespace"]
-        parent_job = await kube.call(self.api.get_job, ns, from_job(job))
-        parent, problem = resolve_parent(job, parent_job, self.settings.default_output_uri)
+        parent_job = await kube.call(self.api.get_job, ns, named(job, ref))
+        parent, problem = resolve_parent(job, parent_job, self.settings.default_output_uri, ref)
         conds = list(status.get("conditions") or [])
         if problem is None:
-            status["parent"] = parent
+            status[ref.status_key] = parent
             status["conditions"] = set_condition(
                 conds,
                 Cond.ParentReady,
                 "True",
                 Reason.ParentResolved,
-                f"continuing from FineTuneJob {parent['name']} at {parent['uri']}",
+                f"continuing from FineTuneJob {parent['name']} at {parent['uri']}"
+                if ref is MODEL_FROM_JOB
+                else f"learning from FineTuneJob {parent['name']} at {parent['uri']} "
+                f"({ref.field})",
                 now,
                 gen,
             )
-            job["status"] = {**(job.get("status") or {}), "parent": parent}
+            job["status"] = {**(job.get("status") or {}), ref.status_key: parent}
             return None
         phase, reason, message = problem
         status["conditions"] = set_condition(

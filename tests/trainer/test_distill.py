@@ -249,3 +249,78 @@ def test_sequence_distillation_caches_the_teachers_answers(ray_local, tmp_path):
     assert examples[5].input_ids == prompts[5] + answers["5"]["answer"]
     assert os.stat(cached[0]).st_mtime_ns == stamp
     assert list(folder.glob("answers-*.json")) == cached
+
+
+# ---------------------------------------------------------------------------- teacher.fromJob
+
+
+def test_a_teacher_job_that_saved_an_adapter_only_is_refused_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    from kubetune_api.trainer_config import JobRef, ParentSource
+    from kubetune_trainer.parent import ParentError, locate_teacher
+
+    prefix = tmp_path / "big"
+    prefix.mkdir()
+    access = SimpleNamespace(endpoint=None, region=None, secret_ref=None)
+    config = SimpleNamespace(
+        teacher=ParentSource(
+            job=JobRef(name="big", namespace="default", uid="local"), uri=prefix.as_uri()
+        ),  # fmt: skip
+        spec=SimpleNamespace(model=access),
+    )
+    with pytest.raises(ParentError, match="FineTuneJob big has not finished"):
+        locate_teacher(config)
+    (prefix / "outputs.json").write_text(json.dumps({"adapter": "file:///x/adapter"}))
+    with pytest.raises(ParentError, match="teacher.fromJob: FineTuneJob big saved an adapter"):
+        locate_teacher(config)
+    (prefix / "outputs.json").write_text(json.dumps({"model": "file:///x/model"}))
+    assert locate_teacher(config) == "file:///x/model"
+
+
+def test_a_teacher_job_in_the_same_file_runs_first_and_teaches(ray_local, tmp_path, capsys):
+    """One file, the student first: `kubetune run` trains the teacher job (a full
+    fine-tune) and then the student, whose teacher is the model that job saved."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.local import LocalRun, run_local
+
+    base = H.tiny_model(tmp_path / "tiny")  # the student's: 2 layers
+    big = H.tiny_model(tmp_path / "tiny4", num_hidden_layers=4)  # the teacher job's
+    data = H.write_jsonl(tmp_path / "chat.jsonl", H.chat_rows(24))
+    common = {
+        "hyperparameters": {"maxSteps": 2, "logEverySteps": 1},
+        "evaluation": {"enabled": False},
+        "checkpointing": {"everySteps": 100, "keepLast": 1},
+    }
+    runs = (tmp_path / "runs").as_uri()
+    teacher = H.job(big, data, runs, name="teacher", method={"type": "full"}, **common)
+    student = H.job(
+        base,
+        data,
+        runs,
+        name="student",
+        method={
+            "type": "lora",
+            "objective": "distill",
+            "distill": {"teacher": {"fromJob": "teacher"}, "weight": 1.0},
+        },
+        **common,
+    )
+    for doc in (teacher, student):
+        del doc["metadata"]["uid"]  # a local run's uid, as a file without one gets
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump_all([student, teacher]))
+    assert run_local(LocalRun(file=str(tmp_path / "jobs.yaml"), progress=False)) == 0
+    out = capsys.readouterr().out
+    assert "after teacher: spec.method.distill.teacher.fromJob names it" in out, out[-3000:]
+    model = tmp_path / "runs/default/teacher/local/model"
+    prefix = tmp_path / "runs/default/student/local"
+    config = json.loads((prefix / "config.json").read_text())
+    assert config["teacher"]["job"]["name"] == "teacher"
+    rows = [json.loads(x) for x in (prefix / "metrics.jsonl").read_text().splitlines()]
+    sizes = next(r for r in rows if r.get("teacherParameters"))
+    # the teacher is the 4-layer model that job saved, not spec.model (2 layers)
+    saved = AutoModelForCausalLM.from_pretrained(model)
+    assert sizes["teacherParameters"] == sum(p.numel() for p in saved.parameters())
+    assert sizes["studentParameters"] < sizes["teacherParameters"]

@@ -3,6 +3,8 @@ trainer config's parent, and what run.json / tracking.json become in status."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kubetune_api import load_trainer_config, spec_to_trainer_config
@@ -130,3 +132,52 @@ def test_run_record_and_tracking_become_status():
     assert not ok and "http://mlflow:5000: POST x: refused" in why
     assert "tracking" not in progress_to_status({"prefix": "p", "tracking": down})
     assert tracking_condition({"prefix": "p"}) is None
+
+
+DISTILL = {
+    **SPEC,
+    "model": {"name": "org/model", "prune": {"keepLayers": 2}},
+    "method": {"type": "full", "objective": "distill", "distill": {"teacher": {"fromJob": "big"}}},
+}
+
+
+def _teacher(phase, method=None, output=None):
+    spec = {
+        **SPEC,
+        "model": {"name": "org/model"},
+        "method": method or {"type": "full"},
+        "output": {"uri": "s3://old/ft", **(output or {})},
+    }
+    return _job("big", spec, {"phase": phase} if phase else {}, uid="uid-t")
+
+
+def test_a_teacher_job_resolves_like_a_parent_and_only_a_whole_model_teaches():
+    from kubetune_operator.parent import TEACHER_FROM_JOB, unresolved
+
+    job = _job(spec=DISTILL)
+    assert [r.status_key for r in unresolved(job)] == ["teacher"]
+    resolved, problem = resolve_parent(job, _teacher("Succeeded"), None, TEACHER_FROM_JOB)
+    assert problem is None and resolved["uri"] == "s3://old/ft/team/big/uid-t"
+    merged = _teacher("Succeeded", {"type": "lora"}, {"mergeAdapter": True})
+    assert resolve_parent(job, merged, None, TEACHER_FROM_JOB)[1] is None
+    # waiting and failing name the teacher's field
+    _, problem = resolve_parent(job, _teacher("Running"), None, TEACHER_FROM_JOB)
+    assert problem[:2] == (Phase.Pending, Reason.ParentNotSucceeded)
+    assert "spec.method.distill.teacher.fromJob" in problem[2]
+    _, problem = resolve_parent(job, _teacher("Failed"), None, TEACHER_FROM_JOB)
+    assert problem[1] is Reason.ParentFailed and "nothing to learn from" in problem[2]
+    # an adapter alone is no teacher: refused at once, before it even finishes
+    _, problem = resolve_parent(job, _teacher("Running", {"type": "lora"}), None, TEACHER_FROM_JOB)
+    assert problem[0] is Phase.Failed and "output.mergeAdapter: true" in problem[2]
+    assert unresolved(_job(spec=DISTILL, status={"teacher": resolved})) == []
+
+
+def test_trainer_config_and_configmap_carry_the_resolved_teacher():
+    with pytest.raises(SpecError, match="spec.method.distill.teacher.fromJob"):
+        spec_to_trainer_config(_job(spec=DISTILL))
+    teacher = {"name": "big", "uid": "uid-t", "uri": "s3://old/ft/team/big/uid-t"}
+    config = load_trainer_config(spec_to_trainer_config(_job(spec=DISTILL), teacher=teacher))
+    assert config.teacher.uri == teacher["uri"] and config.teacher.job.name == "big"
+    assert config.parent is None
+    cm = spec_to_configmap(_job(spec=DISTILL, status={"teacher": teacher}), Settings(), 1)
+    assert json.loads(cm["data"]["config.json"])["teacher"]["uri"] == teacher["uri"]

@@ -116,6 +116,13 @@ BREAKERS = {
             "distill": {"teacher": {"name": "org/big", "uri": "s3://models/big"}},
         },
     },
+    "distill-teacher-job-revision": {
+        **BASE,
+        "method": {
+            "objective": "distill",
+            "distill": {"teacher": {"fromJob": "sft-teacher", "revision": "main"}},
+        },
+    },
     "distill-generation-needs-prompts": {
         **BASE,
         "dataset": {**BASE["dataset"], "format": "text"},

@@ -133,3 +133,17 @@ def test_reference_mode_follows_method_and_parent(method, parent, use, mode):
     p = types.SimpleNamespace(kind=parent[0], merge=parent[1], uri="u") if parent else None
     assert R.mode_for(method, p, use) == mode
     assert (R.describe(mode, p) != "") == (mode is not None)
+
+
+def test_a_distillation_teacher_in_the_file_runs_first():
+    student = job("student")
+    student["spec"]["method"] = {
+        "type": "full",
+        "objective": "distill",
+        "distill": {"teacher": {"fromJob": "teacher"}},
+    }
+    plan = jobfile.plan([student, job("teacher")])
+    assert names(plan) == ["teacher", "student"]
+    assert plan.describe()[1].endswith(
+        "after teacher: spec.method.distill.teacher.fromJob names it"
+    )

@@ -26,7 +26,7 @@ from . import model as M
 from . import objectives
 from .data import DataError
 from .launch import fit
-from .parent import locate
+from .parent import locate, locate_teacher
 from .stop import StopFiles
 from .storage import FencedOut, JobStorage, now
 
@@ -153,6 +153,7 @@ def run(
                 print(f"kubetune: {report}", flush=True)
         if config.parent is not None:  # a parent that cannot be used fails before Ray
             locate(config)
+        locate_teacher(config)  # likewise a teacher job that saved no whole model
         storage.write_json(contract.CONFIG, config.to_dict())
         import ray
 

@@ -495,11 +495,22 @@ def _record_interruption(storage, config, signum: int, command: str) -> str:
     return f"kubetune run: stopped by {name}{at}; {where}; resume with: {command}"
 
 
-def local_parent(job: dict, default_out: str) -> tuple[Optional[dict], Optional[str]]:
-    """spec.model.fromJob on this machine: the job of that name that `kubetune run`
-    finished under the same output folder; (parent, None) or (None, the problem)."""
+TEACHER_FROM_JOB = ("method", "distill", "teacher", "fromJob")
+
+
+def local_parent(
+    job: dict, default_out: str, path: tuple[str, ...] = ("model", "fromJob")
+) -> tuple[Optional[dict], Optional[str]]:
+    """spec.model.fromJob (or the FineTuneJob another `path` under spec names, e.g.
+    method.distill.teacher.fromJob) on this machine: the job of that name that
+    `kubetune run` finished under the same output folder; (parent, None) or
+    (None, the problem)."""
     spec = job.get("spec") or {}
-    name = (spec.get("model") or {}).get("fromJob")
+    node = spec
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    name = node if isinstance(node, str) and node else None
+    field = "spec." + ".".join(path)
     if not name:
         return None, None
     namespace = (job.get("metadata") or {}).get("namespace") or "default"
@@ -509,7 +520,7 @@ def local_parent(job: dict, default_out: str) -> tuple[Optional[dict], Optional[
     if phase != contract.TrainPhase.succeeded.value:
         found = f"it is {phase}" if phase else "no run of it was found"
         return None, (
-            f"spec.model.fromJob: FineTuneJob {name} has not Succeeded under "
+            f"{field}: FineTuneJob {name} has not Succeeded under "
             f"{P.display(prefix)} ({found}): run it first with `kubetune run`"
         )
     return {"name": name, "uid": "local", "uri": prefix}, None
@@ -611,11 +622,14 @@ def _run_job(opts, raw, job, result, base, out, err, t0, last: bool) -> int:
     output = P.resolve(opts.output or "runs", base)
     default_out = output if "://" in output else Path(output).as_uri()
     parent, problem = local_parent(job, default_out)
-    if problem:
-        err.write(f"  {problem}\nkubetune run: nothing was trained\n")
+    teacher, teacher_problem = local_parent(job, default_out, TEACHER_FROM_JOB)
+    if problem or teacher_problem:
+        err.write(f"  {problem or teacher_problem}\nkubetune run: nothing was trained\n")
         return EXIT_INVALID
     config = load_trainer_config(
-        spec_to_trainer_config(job, default_output_uri=default_out, parent=parent)
+        spec_to_trainer_config(
+            job, default_output_uri=default_out, parent=parent, teacher=teacher
+        )
     )
     storage = JobStorage(config.storage_prefix, config.spec.output)
     bar = opts.progress is not False and out.isatty()

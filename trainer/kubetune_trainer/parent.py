@@ -103,6 +103,32 @@ def locate(config, environ=None) -> tuple[str, Optional[str]]:
     )
 
 
+TEACHER_FIELD = "spec.method.distill.teacher.fromJob"
+
+
+def locate_teacher(config, environ=None) -> Optional[str]:
+    """method.distill.teacher.fromJob: the whole model its job saved (the merged
+    model, or a full fine-tune's), read with spec.model's access; None without one."""
+    src = getattr(config, "teacher", None)
+    if src is None:
+        return None
+    uri = to_uri(src.uri).rstrip("/")
+    fs, path = filesystem(uri, config.spec.model, "MODEL", environ)
+    name = f"FineTuneJob {src.job.name}" if src.job else uri
+    out = _read_json(fs, contract.join(path.rstrip("/"), contract.OUTPUTS))
+    if out is None:
+        raise ParentError(
+            f"{TEACHER_FIELD}: {name} has not finished at {uri} (no outputs.json): run it first"
+        )
+    target = out.get("mergedModel") or out.get("model")
+    if not target:
+        raise ParentError(
+            f"{TEACHER_FIELD}: {name} saved an adapter only ({uri}/outputs.json), and a "
+            "teacher is a whole model: run it with output.mergeAdapter: true or method.type full"
+        )
+    return target
+
+
 def resolve(config, environ=None) -> Optional[Parent]:
     """The parent, fetched into the local cache (None when the job has none)."""
     if config.parent is None:

@@ -318,6 +318,7 @@ class Recipe:
                 parent=self.parent,
                 reference_use=R.use_of(self.objective),
                 reference_copy=self.reference_copy,
+                teacher_uri=P.locate_teacher(self.cfg),
             ),
             self.splits,
         )

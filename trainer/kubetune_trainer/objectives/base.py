@@ -43,6 +43,8 @@ class TrainContext:
     parent: Optional[Any] = None  # kubetune_trainer.parent.Parent (fromJob / fromCheckpoint)
     reference_use: Optional[str] = None  # the objective's reference_use (reference.use_of)
     reference_copy: Optional[Any] = None  # full fine-tuning, online: reference.prepare's copy
+    # method.distill.teacher.fromJob: the whole model the teacher job saved (its URI)
+    teacher_uri: Optional[str] = None
 
 
 class Objective(Protocol):

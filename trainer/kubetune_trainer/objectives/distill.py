@@ -100,13 +100,16 @@ def distill_loss(student_logits, teacher_logits, target, temperature: float, los
 
 
 # ---------------------------------------------------------------------------- teacher
-def teacher_source(model, teacher):
-    """spec.model with the teacher's name, uri and revision; unset: spec.model itself.
-    Either way without a parent and without pruning (where the spec has that field)."""
+def teacher_source(model, teacher, job_model: Optional[str] = None):
+    """spec.model with the teacher's name, uri and revision (or, for teacher.fromJob,
+    `job_model`: the whole model that job saved); unset: spec.model itself. Either
+    way without a parent and without pruning (where the spec has that field)."""
     update: dict[str, Any] = {"from_job": None, "from_checkpoint": None, "merge_parent": False}
     if "prune" in type(model).model_fields:
         update["prune"] = None
-    if teacher is not None and (teacher.name or teacher.uri):
+    if job_model:
+        update.update(name=None, uri=job_model, revision=None, gguf_file=None)
+    elif teacher is not None and (teacher.name or teacher.uri):
         update.update(name=teacher.name, uri=teacher.uri, revision=teacher.revision)
         update["gguf_file"] = None
     elif teacher is not None and teacher.revision:
@@ -190,7 +193,7 @@ class Distill(SupervisedData, FixedExamples):
         self.ctx = ctx
         spec, w = self.spec, ctx.worker
         self._micro = ctx.start_step * spec.hyperparameters.gradient_accumulation_steps
-        source = teacher_source(spec.model, self.cfg.teacher)
+        source = teacher_source(spec.model, self.cfg.teacher, ctx.teacher_uri)
         path = M.resolve_model_path(source)
         kwargs: dict = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
         if source.gguf_file:

@@ -14,6 +14,7 @@ from typing import Optional
 from kubetune_api import storage as contract
 from kubetune_api.rules import MUTABLE_FIELDS
 
+from . import staging
 from .storage import filesystem, now, to_uri
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "kubetune")
@@ -45,7 +46,11 @@ def _hash_file(fs, path: str) -> tuple[str, int]:
 def data_files(source, access, environ=None) -> list[contract.FileHash]:
     """The files a DataSource reads (as data.read_rows picks them), hashed."""
     uri = to_uri(source.uri)
-    fs, path = filesystem(uri, access, "DATASET", environ)
+    staged = staging.local(source.uri, environ)  # the same bytes, already on the stage
+    if staged is not None:
+        fs, path = filesystem(to_uri(staged), None, "DATASET", environ)
+    else:
+        fs, path = filesystem(uri, access, "DATASET", environ)
     if fs.isdir(path):
         files = sorted(
             p for p in fs.find(path) if p.lower().endswith((".jsonl", ".json", ".parquet"))

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from . import staging
 from .data import IGNORE
 from .storage import filesystem
 
@@ -21,7 +22,8 @@ def cache_root() -> Path:
 
 def resolve_model_path(source, environ=None) -> str:
     """A local folder or Hugging Face id that from_pretrained can read. Object-store
-    URIs are fetched once per node into the cache (a marker file says complete)."""
+    URIs are fetched once per node into the cache (a marker file says complete),
+    or read from the job's stage (kubetune_trainer.staging) when there is one."""
     if source.name:
         return source.name
     uri = source.uri
@@ -29,6 +31,9 @@ def resolve_model_path(source, environ=None) -> str:
         return str(Path(uri).expanduser().resolve())
     if uri.startswith("file://"):
         return uri[len("file://") :]
+    staged = staging.local(uri, environ)  # the job's stage, when the pods share one
+    if staged is not None:
+        return staged
     dest = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     done = dest / ".kubetune-complete"
     if done.exists():

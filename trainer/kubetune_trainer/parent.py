@@ -11,6 +11,7 @@ from typing import Optional
 
 from kubetune_api import storage as contract
 
+from . import staging
 from .model import resolve_model_path
 from .storage import filesystem, to_uri
 
@@ -104,7 +105,11 @@ def resolve(config, environ=None) -> Optional[Parent]:
     """The parent, fetched into the local cache (None when the job has none)."""
     if config.parent is None:
         return None
-    target, record_uri = locate(config, environ)
+    staged = staging.parent_location(environ)  # the driver located it on the job's stage
+    if staged is not None:
+        target, record_uri = staged["target"], staged["record"]
+    else:
+        target, record_uri = locate(config, environ)
     m = config.spec.model
     source = SimpleNamespace(
         name=None, uri=target, endpoint=m.endpoint, region=m.region, secret_ref=m.secret_ref
@@ -117,8 +122,8 @@ def resolve(config, environ=None) -> Optional[Parent]:
         kind = "model"
     else:
         raise ParentError(f"{_field(config)}: {target} holds neither a peft adapter nor a model")
-    record = None
-    if record_uri:
+    record = staged["runRecord"] if staged is not None else None
+    if record_uri and staged is None:
         rfs, rpath = filesystem(record_uri, m, "MODEL", environ)
         record = _read_json(rfs, rpath)
     merge = kind == "adapter" and (m.merge_parent or config.spec.method.type == "full")

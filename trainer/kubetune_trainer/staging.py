@@ -1,0 +1,226 @@
+"""Stage once per job: the driver fetches the model, a parent's outputs and the
+data into a volume that every pod of the job mounts (spec.staging, or the
+operator's default claim); the workers read them from there and never fetch
+them from object storage.
+
+The operator sets KUBETUNE_STAGE_DIR (`<mount>/<namespace>/<job uid>`) on the
+head, where the claim is writable, and on the workers, where it is mounted
+read-only. Without it nothing changes: each process fetches for itself
+(model.resolve_model_path's per-node cache).
+
+Layout of the stage folder (one attempt's; the next attempt's driver starts it
+afresh, and the driver removes it when it exits):
+
+    manifest.json      {"entries": {uri: {"dir", "file", "files": {rel: sha256}}},
+                        "parent": {"target", "record", "runRecord"}}
+    .complete          written last: the workers wait for it
+    <sha16 of uri>/    one fetched folder, or the folder of one fetched file
+
+A worker verifies the sha256 of every file it is given against the manifest; a
+mismatch fails the attempt with a message naming the file (the retry stages
+again), it is never fetched again by the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+STAGE_ENV = "KUBETUNE_STAGE_DIR"
+TIMEOUT_ENV = "KUBETUNE_STAGE_TIMEOUT_SECONDS"
+DEFAULT_TIMEOUT = 600.0
+MANIFEST = "manifest.json"
+COMPLETE = ".complete"
+CHUNK = 1 << 20
+
+
+class StagingError(RuntimeError):
+    """The staged copy cannot be used; the message says what and where."""
+
+
+def stage_dir(environ=None) -> Optional[Path]:
+    environ = os.environ if environ is None else environ
+    value = environ.get(STAGE_ENV)
+    return Path(value) if value else None
+
+
+def remote(uri: Optional[str]) -> bool:
+    """Object-store URIs are staged; local paths and Hugging Face names are not."""
+    return bool(uri) and "://" in uri and not uri.startswith("file://")
+
+
+def key(uri: str) -> str:
+    return hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------- the driver
+
+
+class Stager:
+    """The driver's side: fetch each source once, hash it, then mark the stage complete."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.entries: dict[str, dict] = {}
+        self.parent: Optional[dict] = None
+
+    def start(self) -> None:
+        """An empty stage: what an earlier attempt left (a killed driver) goes."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+
+    def add(self, uri: str, access, role: str, environ=None) -> None:
+        """Fetch a file or folder URI (once, however often it is named)."""
+        from .storage import filesystem
+
+        uri = uri.rstrip("/")
+        if uri in self.entries:
+            return
+        fs, path = filesystem(uri, access, role, environ)
+        dest = self.root / key(uri)
+        dest.mkdir()
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
+            file = None
+        else:
+            file = path.rstrip("/").rsplit("/", 1)[-1]
+            fs.get(path, str(dest / file))
+        self.entries[uri] = {"dir": dest.name, "file": file, "files": _hashes(dest)}
+
+    def finish(self) -> None:
+        body = {"entries": self.entries, "parent": self.parent}
+        (self.root / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+        (self.root / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def data_sources(spec) -> list:
+    ds = spec.dataset
+    return [s for s in (ds.train, ds.validation, ds.test) if s is not None and remote(s.uri)]
+
+
+def stage_job(config, environ=None, log=print) -> Optional[Path]:
+    """On the driver, before any worker starts: the job's model, parent and data
+    in the stage folder. None (nothing done) without a stage folder."""
+    root = stage_dir(environ)
+    if root is None:
+        return None
+    from . import parent as P
+
+    t0 = time.monotonic()
+    spec = config.spec
+    stager = Stager(root)
+    stager.start()
+    if remote(spec.model.uri):
+        stager.add(spec.model.uri, spec.model, "MODEL", environ)
+    if config.parent is not None:
+        target, record_uri = P.locate(config, environ)
+        if remote(target):
+            stager.add(target, spec.model, "MODEL", environ)
+        record = None
+        if record_uri:
+            rfs, rpath = P.filesystem(record_uri, spec.model, "MODEL", environ)
+            record = P._read_json(rfs, rpath)
+        stager.parent = {"target": target, "record": record_uri, "runRecord": record}
+    for source in data_sources(spec):
+        stager.add(source.uri, spec.dataset, "DATASET", environ)
+    stager.finish()
+    for uri, entry in stager.entries.items():  # just hashed: the driver reads them as they are
+        folder = root / entry["dir"]
+        _verified[(str(root), uri)] = str(folder / entry["file"]) if entry["file"] else str(folder)
+    files = sum(len(e["files"]) for e in stager.entries.values())
+    log(f"kubetune: staged {len(stager.entries)} source(s), {files} file(s) in {root} "
+        f"in {time.monotonic() - t0:.1f}s")  # fmt: skip
+    return root
+
+
+def clean(environ=None) -> None:
+    """The driver's last step: the stage folder goes (the next attempt stages afresh)."""
+    root = stage_dir(environ)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- every process
+
+_verified: dict[tuple[str, str], str] = {}  # (stage, uri) -> the checked copy
+
+
+def _manifest(root: Path, environ=None) -> dict:
+    environ = os.environ if environ is None else environ
+    timeout = float(environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    deadline = time.monotonic() + timeout
+    while not (root / COMPLETE).exists():
+        if time.monotonic() > deadline:
+            raise StagingError(
+                f"staging: {root} is not complete after {timeout:.0f}s (no {COMPLETE}): the "
+                "driver on the Ray head stages the model and data there before the workers "
+                "start; see the head's log (raise the wait with "
+                f"{TIMEOUT_ENV})"
+            )
+        time.sleep(0.5)
+    return json.loads((root / MANIFEST).read_text())
+
+
+def local(uri: Optional[str], environ=None) -> Optional[str]:
+    """The staged copy of `uri` (a folder, or the one file), its hashes checked
+    once per process; None when there is no stage or `uri` is not an object-store URI."""
+    root = stage_dir(environ)
+    if root is None or not remote(uri):
+        return None
+    uri = uri.rstrip("/")
+    if (str(root), uri) in _verified:
+        return _verified[(str(root), uri)]
+    entry = _manifest(root, environ)["entries"].get(uri)
+    if entry is None:
+        raise StagingError(
+            f"staging: {uri} is not in {root / MANIFEST}: the driver staged something "
+            "else (a different trainer image on the head than on the workers?)"
+        )
+    folder = root / entry["dir"]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    if present != set(entry["files"]):
+        raise StagingError(
+            f"staging: {folder} holds other files than the manifest names for {uri} "
+            f"(missing {sorted(set(entry['files']) - present)[:5]}, extra "
+            f"{sorted(present - set(entry['files']))[:5]}); the attempt fails, the retry "
+            "stages again"
+        )
+    for rel, want in entry["files"].items():
+        got = sha256_file(folder / rel)
+        if got != want:
+            raise StagingError(
+                f"staging: {folder / rel} (from {uri}) has sha256 {got}, the manifest says "
+                f"{want}: the shared volume changed it; the attempt fails, the retry stages again"
+            )
+    path = str(folder / entry["file"]) if entry["file"] else str(folder)
+    _verified[(str(root), uri)] = path
+    return path
+
+
+def parent_location(environ=None) -> Optional[dict]:
+    """parent.locate's answer as the driver found it: {"target", "record", "runRecord"}."""
+    root = stage_dir(environ)
+    if root is None:
+        return None
+    return _manifest(root, environ).get("parent")

@@ -42,7 +42,7 @@ SCRATCH_DIR = "/var/kubetune/scratch"
 SCRATCH_ENV = "KUBETUNE_SCRATCH_DIR"
 # The staging claim (spec.staging, or Settings.staging_claim): mounted here in the
 # head (read-write: its driver stages) and the workers (read-only: they read);
-# each job stages under <mount>/<namespace>/<uid>, named to them in STAGE_ENV.
+# each attempt stages under <mount>/<namespace>/<uid>/<attempt>, named in STAGE_ENV.
 STAGE_MOUNT = "/var/kubetune/stage"
 STAGE_ENV = "KUBETUNE_STAGE_DIR"  # kubetune_trainer.staging reads it
 RAY_TOKEN_KEY = "auth_token"  # the key KubeRay reads from authOptions.secretName
@@ -235,16 +235,20 @@ def staging_claim(job: Body, settings: Settings) -> Optional[str]:
     return own or settings.staging_claim
 
 
-def staging_volume(job: Body, settings: Settings, writer: bool) -> tuple[list, list, list]:
-    """(volumes, mounts, env) for the job's stage; empty without a staging claim.
-    The writer (the head, whose driver stages) mounts it read-write, the rest read-only."""
+def staging_volume(
+    job: Body, settings: Settings, attempt: int, writer: bool
+) -> tuple[list, list, list]:
+    """(volumes, mounts, env) for the attempt's stage; empty without a staging claim.
+    The writer (the head, whose driver stages) mounts it read-write, the rest read-only.
+    One folder per attempt: a late driver of an older one never removes a newer one's."""
     claim = staging_claim(job, settings)
     if not claim:
         return [], [], []
     meta = job["metadata"]
     volume = {"name": "stage", "persistentVolumeClaim": {"claimName": claim}}
     mount = {"name": "stage", "mountPath": STAGE_MOUNT, "readOnly": not writer}
-    env = {"name": STAGE_ENV, "value": f"{STAGE_MOUNT}/{meta['namespace']}/{meta['uid']}"}
+    folder = f"{STAGE_MOUNT}/{meta['namespace']}/{meta['uid']}/{attempt}"
+    env = {"name": STAGE_ENV, "value": folder}
     return [volume], [mount], [env]
 
 
@@ -292,7 +296,9 @@ def _pod_template(
     volumes, mounts = _writable(scratch, shm=resources["limits"]["memory"])
     grader_vols, grader_mounts = grader_volumes(job["spec"])
     volumes, mounts = volumes + grader_vols, mounts + grader_mounts
-    stage_vols, stage_mounts, stage_env = staging_volume(job, settings, component == "ray-head")
+    stage_vols, stage_mounts, stage_env = staging_volume(
+        job, settings, attempt, writer=component == "ray-head"
+    )
     volumes, mounts = volumes + stage_vols, mounts + stage_mounts
     env = [*trainer_env(job, attempt), {"name": "KUBETUNE_IMAGE", "value": image}]
     env += stage_env

@@ -266,7 +266,7 @@ def test_lora_zero2_on_two_worker_pods(cluster, staged, tmp_path):
     print(f"S3 GETs of the model's objects, head and two workers: {gets}")
     assert gets and set(gets.values()) == {1}, gets
     assert "config.json" in gets and any(n.endswith(".safetensors") for n in gets), gets
-    # the driver removes the job's stage when it ends
+    # the driver removes the attempt's stage, and the job's folder, when it ends
     uid = get(plane, "finetunejob", "pods", ns)["metadata"]["uid"]
     assert (stage_root / ns).is_dir() and not (stage_root / ns / uid).exists()
 

@@ -38,7 +38,8 @@ def staged_job(s3, tmp_path, monkeypatch):
     j["spec"]["dataset"] |= access
     cfg = H.trainer_config(j)
     cfg.parent = SimpleNamespace(uri=s3.url("parent/adapter"), job=None)
-    stage = tmp_path / "stage" / "ns" / "uid"
+    stage = tmp_path / "stage" / "ns" / "uid" / "2"
+    (stage.parent / "1" / "abc").mkdir(parents=True)  # what a killed attempt 1 left
     monkeypatch.setenv("KUBETUNE_STAGE_DIR", str(stage))
     monkeypatch.setenv("KUBETUNE_STAGE_TIMEOUT_SECONDS", "1")
     return cfg, stage, model
@@ -60,6 +61,7 @@ def test_staged_once_then_read_without_the_store(staged_job, s3, tmp_path):
     assert manifest["parent"] == {"target": s3.url("parent/adapter"), "record": None,
                                   "runRecord": None}  # fmt: skip
     assert (stage / ".complete").exists()
+    assert sorted(p.name for p in stage.parent.iterdir()) == ["2"]  # attempt 1's is gone
 
     # A worker: a fresh process's view (nothing checked yet), and an empty bucket.
     staging._verified.clear()
@@ -86,7 +88,7 @@ def test_staged_once_then_read_without_the_store(staged_job, s3, tmp_path):
         M.resolve_model_path(cfg.spec.model)
 
     staging.clean()
-    assert not stage.exists()
+    assert not stage.parent.exists()  # the job's folder goes with its last attempt's
 
 
 def test_workers_wait_for_the_stage_and_say_why(staged_job):

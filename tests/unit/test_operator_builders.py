@@ -243,7 +243,7 @@ def test_staging_claim_is_mounted_only_when_configured():
 
     job = _job("lora-minimal.yaml")
     assert all(v == ([], [], []) for v in stage(_pods(spec_to_rayjob(job, SETTINGS, 1))).values())
-    folder = f"/var/kubetune/stage/{job['metadata']['namespace']}/{job['metadata']['uid']}"
+    folder = f"/var/kubetune/stage/{job['metadata']['namespace']}/{job['metadata']['uid']}/1"
     default = dataclasses.replace(SETTINGS, staging_claim="shared")
     for settings, own, want in ((default, None, "shared"), (SETTINGS, "mine", "mine"),
                                 (default, "mine", "mine")):  # fmt: skip

@@ -3,13 +3,13 @@ data into a volume that every pod of the job mounts (spec.staging, or the
 operator's default claim); the workers read them from there and never fetch
 them from object storage.
 
-The operator sets KUBETUNE_STAGE_DIR (`<mount>/<namespace>/<job uid>`) on the
+The operator sets KUBETUNE_STAGE_DIR (`<mount>/<namespace>/<job uid>/<attempt>`) on the
 head, where the claim is writable, and on the workers, where it is mounted
 read-only. Without it nothing changes: each process fetches for itself
 (model.resolve_model_path's per-node cache).
 
-Layout of the stage folder (one attempt's; the next attempt's driver starts it
-afresh, and the driver removes it when it exits):
+Layout of the stage folder (one attempt's; the next attempt's driver removes it
+if it is still there, and the driver removes its own when it exits):
 
     manifest.json      {"entries": {uri: {"dir", "file", "files": {rel: sha256}}},
                         "parent": {"target", "record", "runRecord"}}
@@ -23,6 +23,7 @@ again), it is never fetched again by the worker.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,8 +87,11 @@ class Stager:
         self.parent: Optional[dict] = None
 
     def start(self) -> None:
-        """An empty stage: what an earlier attempt left (a killed driver) goes."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        """An empty stage. Its siblings are older attempts' (this one owns the job's
+        prefix, so no newer one runs): what a killed driver left goes too."""
+        if self.root.parent.is_dir():
+            for old in self.root.parent.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
         self.root.mkdir(parents=True)
 
     def add(self, uri: str, access, role: str, environ=None) -> None:
@@ -155,10 +159,13 @@ def stage_job(config, environ=None, log=print) -> Optional[Path]:
 
 
 def clean(environ=None) -> None:
-    """The driver's last step: the stage folder goes (the next attempt stages afresh)."""
+    """The driver's last step: its attempt's stage goes (the next attempt stages
+    afresh), and the job's folder with it once no attempt has one there."""
     root = stage_dir(environ)
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another attempt's is there, or it is gone
+            root.parent.rmdir()
 
 
 # ---------------------------------------------------------------- every process

@@ -187,6 +187,13 @@ def _stage_claim(cluster, ns: str) -> Path:
     }
     cluster.plane.kubectl("apply", "-f", "-", input=json.dumps(pv))
     apply(cluster.plane, ns, pvc)
+    # Bound before the job, as an existing claim is: a pod on an unbound claim waits
+    # in the scheduler's backoff, which the startup table would count.
+    wait_until(
+        lambda: (get(cluster.plane, "pvc", STAGE_CLAIM, ns) or {}).get("status", {}).get("phase")
+        == "Bound",
+        60, interval=0.5, what=f"the claim {STAGE_CLAIM} Bound",
+    )  # fmt: skip
     return folder
 
 

@@ -49,11 +49,11 @@ def test_staged_once_then_read_without_the_store(staged_job, s3, tmp_path):
     from kubetune_trainer import data as D
     from kubetune_trainer import model as M
     from kubetune_trainer import parent as P
-    from kubetune_trainer import staging
+    from kubetune_trainer import stager, staging
 
     cfg, stage, model = staged_job
     logged = []
-    assert staging.stage_job(cfg, log=logged.append) == stage
+    assert stager.stage_job(cfg, log=logged.append) == stage
     assert "staged 3 source(s)" in logged[0], logged
     manifest = json.loads((stage / "manifest.json").read_text())
     entry = manifest["entries"][cfg.spec.model.uri]
@@ -105,11 +105,11 @@ def test_workers_wait_for_the_stage_and_say_why(staged_job):
 
 def test_no_stage_no_change(staged_job, monkeypatch, tmp_path):
     from kubetune_trainer import model as M
-    from kubetune_trainer import staging
+    from kubetune_trainer import stager
 
     cfg, stage, _ = staged_job
     monkeypatch.delenv("KUBETUNE_STAGE_DIR")
     monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "cache"))
-    assert staging.stage_job(cfg) is None and not stage.exists()
+    assert stager.stage_job(cfg) is None and not stage.exists()
     path = M.resolve_model_path(cfg.spec.model)  # today's per-node cache
     assert path.startswith(str(tmp_path / "cache" / "models"))

@@ -23,7 +23,7 @@ from kubetune_api.trainer_config import RAY_ENV
 
 from . import data as D
 from . import model as M
-from . import objectives, staging
+from . import objectives, stager, staging
 from .data import DataError
 from .launch import fit
 from .parent import locate
@@ -149,7 +149,7 @@ def run(
         )
         # the job's stage, when its pods share a volume: fetched once, here, before
         # any worker starts; the workers read it from there (kubetune_trainer.staging)
-        staging.stage_job(config, log=lambda text: quiet or print(text, flush=True))
+        stager.stage_job(config, log=lambda text: quiet or print(text, flush=True))
         if check:
             report = check_data(config.spec)
             if not quiet:

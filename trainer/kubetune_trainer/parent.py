@@ -52,6 +52,11 @@ def _read_json(fs, path: str) -> Optional[dict]:
         return None
 
 
+def read_json_uri(uri: str, access, environ=None) -> Optional[dict]:
+    fs, path = filesystem(uri, access, "MODEL", environ)
+    return _read_json(fs, path)
+
+
 def _field(config) -> str:
     return "spec.model.fromJob" if config.parent.job else "spec.model.fromCheckpoint"
 
@@ -124,8 +129,7 @@ def resolve(config, environ=None) -> Optional[Parent]:
         raise ParentError(f"{_field(config)}: {target} holds neither a peft adapter nor a model")
     record = staged["runRecord"] if staged is not None else None
     if record_uri and staged is None:
-        rfs, rpath = filesystem(record_uri, m, "MODEL", environ)
-        record = _read_json(rfs, rpath)
+        record = read_json_uri(record_uri, m, environ)
     merge = kind == "adapter" and (m.merge_parent or config.spec.method.type == "full")
     job = config.parent.job.to_dict() if config.parent.job else None
     return Parent(kind, target, local, merge, job, record_uri, record)

@@ -1,5 +1,5 @@
-"""Stage once per job: the driver fetches the model, a parent's outputs and the
-data into a volume that every pod of the job mounts (spec.staging, or the
+"""Stage once per job: the driver (kubetune_trainer.stager) fetches the model, a
+parent's outputs and the data into a volume that every pod of the job mounts (spec.staging, or the
 operator's default claim); the workers read them from there and never fetch
 them from object storage.
 
@@ -67,95 +67,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _hashes(root: Path) -> dict[str, str]:
+def hashes(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-# ---------------------------------------------------------------- the driver
-
-
-class Stager:
-    """The driver's side: fetch each source once, hash it, then mark the stage complete."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.entries: dict[str, dict] = {}
-        self.parent: Optional[dict] = None
-
-    def start(self) -> None:
-        """An empty stage. Its siblings are older attempts' (this one owns the job's
-        prefix, so no newer one runs): what a killed driver left goes too."""
-        if self.root.parent.is_dir():
-            for old in self.root.parent.iterdir():
-                shutil.rmtree(old, ignore_errors=True)
-        self.root.mkdir(parents=True)
-
-    def add(self, uri: str, access, role: str, environ=None) -> None:
-        """Fetch a file or folder URI (once, however often it is named)."""
-        from .storage import filesystem
-
-        uri = uri.rstrip("/")
-        if uri in self.entries:
-            return
-        fs, path = filesystem(uri, access, role, environ)
-        dest = self.root / key(uri)
-        dest.mkdir()
-        if fs.isdir(path):
-            fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
-            file = None
-        else:
-            file = path.rstrip("/").rsplit("/", 1)[-1]
-            fs.get(path, str(dest / file))
-        self.entries[uri] = {"dir": dest.name, "file": file, "files": _hashes(dest)}
-
-    def finish(self) -> None:
-        body = {"entries": self.entries, "parent": self.parent}
-        (self.root / MANIFEST).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
-        (self.root / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-
-def data_sources(spec) -> list:
-    ds = spec.dataset
-    return [s for s in (ds.train, ds.validation, ds.test) if s is not None and remote(s.uri)]
-
-
-def stage_job(config, environ=None, log=print) -> Optional[Path]:
-    """On the driver, before any worker starts: the job's model, parent and data
-    in the stage folder. None (nothing done) without a stage folder."""
-    root = stage_dir(environ)
-    if root is None:
-        return None
-    from . import parent as P
-
-    t0 = time.monotonic()
-    spec = config.spec
-    stager = Stager(root)
-    stager.start()
-    if remote(spec.model.uri):
-        stager.add(spec.model.uri, spec.model, "MODEL", environ)
-    if config.parent is not None:
-        target, record_uri = P.locate(config, environ)
-        if remote(target):
-            stager.add(target, spec.model, "MODEL", environ)
-        record = None
-        if record_uri:
-            rfs, rpath = P.filesystem(record_uri, spec.model, "MODEL", environ)
-            record = P._read_json(rfs, rpath)
-        stager.parent = {"target": target, "record": record_uri, "runRecord": record}
-    for source in data_sources(spec):
-        stager.add(source.uri, spec.dataset, "DATASET", environ)
-    stager.finish()
-    for uri, entry in stager.entries.items():  # just hashed: the driver reads them as they are
-        folder = root / entry["dir"]
-        _verified[(str(root), uri)] = str(folder / entry["file"]) if entry["file"] else str(folder)
-    files = sum(len(e["files"]) for e in stager.entries.values())
-    log(f"kubetune: staged {len(stager.entries)} source(s), {files} file(s) in {root} "
-        f"in {time.monotonic() - t0:.1f}s")  # fmt: skip
-    return root
 
 
 def clean(environ=None) -> None:
@@ -171,6 +88,11 @@ def clean(environ=None) -> None:
 # ---------------------------------------------------------------- every process
 
 _verified: dict[tuple[str, str], str] = {}  # (stage, uri) -> the checked copy
+
+
+def mark_verified(root: Path, uri: str, path: Path) -> None:
+    """`path` holds `uri`'s staged copy as the manifest hashes it (the stager just did)."""
+    _verified[(str(root), uri.rstrip("/"))] = str(path)
 
 
 def _manifest(root: Path, environ=None) -> dict:

@@ -458,6 +458,7 @@ IMMUTABLE_FIELDS = (
     "output",
     "tracking",
     "sweep",
+    "staging",
 )
 MUTABLE_FIELDS = (
     "suspend",

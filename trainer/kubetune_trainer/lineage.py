@@ -20,7 +20,7 @@ from .storage import filesystem, now, to_uri
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "kubetune")
 CHUNK = 1 << 20
 # Fields that change how a job runs, not what it learns: left out of the spec hash.
-UNHASHED_FIELDS = (*MUTABLE_FIELDS, "tracking", "output")
+UNHASHED_FIELDS = (*MUTABLE_FIELDS, "tracking", "output", "staging")
 
 
 def spec_hash(spec) -> str:

@@ -319,6 +319,25 @@ def grpo_job() -> dict:
     return doc
 
 
+def distill_job() -> dict:
+    """FULL_SPEC as a distillation job: every method.distill setting set (logits mode,
+    so maxNewTokens, a sequence-mode setting, may take its whole range)."""
+    doc = job()
+    spec = doc["spec"]
+    spec["method"]["objective"] = "distill"
+    spec["method"]["distill"] = {
+        "teacher": {"name": "org/teacher", "revision": "main"},
+        "mode": "logits",
+        "loss": "reverseKL",
+        "temperature": 2.0,
+        "weight": 0.7,
+        "maxNewTokens": 64,
+        "onPolicyFraction": 0.0,
+    }
+    spec["earlyStopping"].update({"metric": "eval_agreement", "mode": "max"})
+    return doc
+
+
 # ---------------------------------------------------------------------------- generated
 
 
@@ -427,6 +446,7 @@ def spec_cases() -> list[Case]:
         (dpo_job, "spec.method.dpo", None),
         (kto_job, "spec.method.kto", None),
         (grpo_job, "spec.method.grpo", "spec.method.grpo.grader"),
+        (distill_job, "spec.method.distill", None),
     )
     for make, block, elsewhere in blocks:
         for path, node in _leaves(spec_schema(), "spec", make()["spec"]):
@@ -833,6 +853,61 @@ def _written() -> list[Case]:
         "dpo:perplexity-early-stopping",
         _set(dpo_job(), "spec.earlyStopping.metric", "eval_perplexity"),
         "spec.earlyStopping.metric",
+    )
+    d = "spec.method.distill"
+    add("distill:ok", distill_job())
+    add("distill:sequence-ok", _set(distill_job(), f"{d}.mode", "sequence"))
+    add("distill:teacher-default", _set(distill_job(), f"{d}.teacher", DELETE))
+    add("distill:teacher-uri", _set(distill_job(), f"{d}.teacher", {"uri": "s3://models/teacher"}))
+    add(
+        "distill:teacher-name-and-uri",
+        _set(distill_job(), f"{d}.teacher.uri", "s3://models/teacher"),
+        f"{d}.teacher",
+    )
+    add(
+        "distill:preference-data",
+        _set(distill_job(), "spec.dataset.format", "preference"),
+        "spec.method.objective",
+    )
+    add(
+        "distill:sequence-on-text",
+        _set(_set(distill_job(), f"{d}.mode", "sequence"), "spec.dataset.format", "text"),
+        "spec.dataset.format",
+    )
+    add("distill:on-policy-ok", _set(distill_job(), f"{d}.onPolicyFraction", 0.25))
+    add(
+        "distill:on-policy-sequence",
+        _set(_set(distill_job(), f"{d}.mode", "sequence"), f"{d}.onPolicyFraction", 0.25),
+        f"{d}.onPolicyFraction",
+    )
+    add(
+        "distill:on-policy-on-text",
+        _set(_set(distill_job(), f"{d}.onPolicyFraction", 0.5), "spec.dataset.format", "text"),
+        "spec.dataset.format",
+    )
+    add(
+        "distill:on-policy-answer-fills-max-seq-length",
+        _set(_set(distill_job(), f"{d}.onPolicyFraction", 1.0), f"{d}.maxNewTokens", 4096),
+        f"{d}.maxNewTokens",
+    )
+    add(
+        "distill:answer-fills-max-seq-length",
+        _set(_set(distill_job(), f"{d}.mode", "sequence"), f"{d}.maxNewTokens", 2048),
+        f"{d}.maxNewTokens",
+    )
+    add("distill:settings-on-sft", mutate(d, {"mode": "logits"}), d)
+    add("distill:weight-above-one", _set(distill_job(), f"{d}.weight", 1.5), f"{d}.weight")
+    add("distill:temperature-zero", _set(distill_job(), f"{d}.temperature", 0), f"{d}.temperature")
+    add("distill:loss-unknown", _set(distill_job(), f"{d}.loss", "jsd"), f"{d}.loss")
+    add(
+        "sft:agreement-early-stopping",
+        mutate("spec.earlyStopping.metric", "eval_agreement"),
+        "spec.earlyStopping.metric",
+    )
+    add(
+        "distill:agreement-mode-min",
+        _set(distill_job(), "spec.earlyStopping.mode", "min"),
+        "spec.earlyStopping.mode",
     )
     add("kto:ok", kto_job())
     add(
@@ -1488,6 +1563,17 @@ _safe(
 _safe(("dpo:ok",), "a preference-tuning job with every DPO setting: the valid baseline")
 _safe(("kto:ok",), "a job learning from thumbs up/down feedback with every KTO setting")
 _safe(("grpo:ok",), "a GRPO job with every method.grpo setting: the valid baseline")
+_safe(
+    (
+        "distill:ok",
+        "distill:sequence-ok",
+        "distill:teacher-default",
+        "distill:teacher-uri",
+        "distill:on-policy-ok",
+    ),
+    "distillation jobs: every method.distill setting, sequence mode, the default teacher "
+    "(spec.model) and a teacher from a folder of weights",
+)
 _safe(
     ("sweep:full-lr-only",), "a full fine-tune's learning rate can be swept; only LoRA's fields not"
 )

@@ -368,6 +368,86 @@ class GrpoConfig(_Model):
     )
 
 
+class TeacherSource(_Model):
+    """The teacher of method.objective distill: a Hugging Face id or a folder of
+    weights, read with spec.model's endpoint, region and Secrets."""
+
+    name: Optional[ModelId] = Field(
+        None,
+        description="Hugging Face model id of the teacher. Set at most one of name or uri; "
+        "with neither, the teacher is spec.model itself (its name or uri and revision, "
+        "without a parent and without pruning).",
+    )
+    uri: Optional[StorageUri] = Field(
+        None,
+        description="Folder with the teacher's weights (s3://, gs://, file:// or a path on a "
+        "mounted volume), e.g. a merged model another job wrote.",
+    )
+    revision: Optional[SpecWord] = Field(
+        None, description="Git revision of a Hugging Face teacher."
+    )
+
+
+class DistillMode(str, Enum):
+    logits = "logits"
+    sequence = "sequence"
+
+
+class DistillLoss(str, Enum):
+    forward_kl = "forwardKL"
+    reverse_kl = "reverseKL"
+
+
+class DistillConfig(_Model):
+    teacher: Optional[TeacherSource] = Field(
+        None,
+        description="The model whose answers the student learns: unset, spec.model without "
+        "its parent or pruning. It must share the student's tokenizer (the same vocabulary).",
+    )
+    mode: DistillMode = Field(
+        DistillMode.logits,
+        description="logits: the student matches the teacher's next-token distribution on "
+        "the data's response tokens (loss, temperature, weight); sequence: the teacher answers "
+        "the training prompts once (greedy, maxNewTokens), the answers are cached under the "
+        "job's prefix, and the student trains on them with the next-token loss.",
+    )
+    loss: DistillLoss = Field(
+        DistillLoss.forward_kl,
+        description="logits mode: forwardKL, KL(teacher || student), covers every answer the "
+        "teacher gives weight to; reverseKL, KL(student || teacher), settles on the teacher's "
+        "most likely answers.",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        le=20,
+        description="logits mode: both distributions are softened by this temperature, and "
+        "the KL term multiplied by its square (so its gradients keep their size).",
+    )
+    weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="logits mode: the share of the distillation term in the loss; the rest "
+        "is the next-token loss on the data's own answers (1: distillation only).",
+    )
+    max_new_tokens: int = Field(
+        256,
+        ge=1,
+        le=8192,
+        description="sequence mode: the most tokens of each teacher answer; with "
+        "onPolicyFraction: of each answer the student samples.",
+    )
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="logits mode (GKD): the share of micro-batches whose answers the student "
+        "samples itself from the data's prompts (temperature 1, up to maxNewTokens), the KL "
+        "to the teacher taken on those tokens alone; 0: the data's answers only.",
+    )
+
+
 class Method(_Model):
     objective: Objective = Field(
         Objective(objectives.DEFAULT), description=objectives.enum_description()
@@ -380,6 +460,11 @@ class Method(_Model):
     )
     grpo: Optional[GrpoConfig] = Field(
         None, description="GRPO settings (objective grpo only, which needs its grader)."
+    )
+    distill: Optional[DistillConfig] = Field(
+        None,
+        description="Distillation settings (objective distill only; defaults apply when unset: "
+        "logit distillation from spec.model).",
     )
     type: MethodType = Field(
         MethodType.lora,
@@ -959,6 +1044,11 @@ class Metrics(_Model):
     eval_reward: Optional[float] = None
     grader_errors_total: Optional[int] = None
     grader_timeouts_total: Optional[int] = None
+    # objective distill: the KL to the teacher since the previous row, the held-out
+    # top-1 agreement with the teacher and the teacher's own held-out loss
+    distill_kl: Optional[float] = None
+    eval_agreement: Optional[float] = None
+    teacher_eval_loss: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")

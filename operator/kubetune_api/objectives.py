@@ -47,6 +47,13 @@ class ObjectiveRow:
 
 EVAL_LOSS = Metric("eval_loss", "min")
 
+
+def _generates(spec: dict) -> bool:
+    """Objective distill generates answers: sequence mode, or an on-policy share."""
+    d = spec["method"].get("distill")
+    return bool(d) and (d["mode"] == "sequence" or d["onPolicyFraction"] > 0)
+
+
 OBJECTIVES: tuple[ObjectiveRow, ...] = (
     ObjectiveRow(
         name="sft",
@@ -136,6 +143,77 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
                     or s["method"]["grpo"]["maxNewTokens"] < s["dataset"]["maxSeqLength"]
                 ),
                 "field": "method.grpo.maxNewTokens",
+            },
+        ),
+    ),
+    ObjectiveRow(
+        name="distill",
+        summary="knowledge distillation from a teacher model (method.distill.teacher, "
+        "spec.model when unset) on supervised data: logits mode matches the teacher's "
+        "next-token distribution on the response tokens (forward or reverse KL, a "
+        "temperature, a weight against the next-token loss); sequence mode trains on the "
+        "teacher's own greedy answers to the prompts, generated once and cached",
+        formats=("text", "prompt-completion", "chat", "alpaca", "sharegpt"),
+        metrics=(
+            EVAL_LOSS,
+            Metric("eval_agreement", "max"),
+            Metric("eval_distill_kl", "min"),
+            Metric("eval_perplexity", "min"),
+            Metric("eval_token_accuracy", "max"),
+        ),
+        learning_rate={"lora": 2e-4, "qlora": 2e-4, "full": 2e-5},
+        settings="distill",
+        settings_rules=(
+            {
+                "id": "distill-teacher-source",
+                "message": "set at most one of method.distill.teacher.name (a Hugging Face id) "
+                "or method.distill.teacher.uri (a folder of weights); with neither the "
+                "teacher is spec.model",
+                "cel": "!has(self.teacher) || !(has(self.teacher.name) && has(self.teacher.uri))",
+                "python": lambda d: (
+                    d is None
+                    or not isinstance(d.get("teacher"), dict)
+                    or d["teacher"].get("name") is None
+                    or d["teacher"].get("uri") is None
+                ),
+                "field": "teacher",
+            },
+            {
+                "id": "distill-on-policy-needs-logits",
+                "message": "method.distill.onPolicyFraction scores the student's own answers "
+                "against the teacher's logits: use mode logits, or set onPolicyFraction to 0",
+                "cel": "self.onPolicyFraction == 0.0 || self.mode == 'logits'",
+                "python": lambda d: (
+                    d is None or d["onPolicyFraction"] == 0 or d["mode"] == "logits"
+                ),
+                "field": "onPolicyFraction",
+            },
+        ),
+        spec_rules=(
+            {
+                "id": "distill-generation-needs-prompts",
+                "message": "method.distill.mode sequence and onPolicyFraction have answers "
+                "generated for the data's prompts, and dataset.format text has none: use a "
+                "format with prompts (prompt-completion, chat, alpaca, sharegpt), or mode "
+                "logits with onPolicyFraction 0",
+                "cel": "!has(self.method.distill) || (self.method.distill.mode != 'sequence' "
+                "&& self.method.distill.onPolicyFraction == 0.0) || self.dataset.format != 'text'",
+                "python": lambda s: not _generates(s) or s["dataset"]["format"] != "text",
+                "field": "dataset.format",
+            },
+            {
+                "id": "distill-answers-fit-max-seq-length",
+                "message": "method.distill.maxNewTokens must be below dataset.maxSeqLength "
+                "(the prompt and the generated answer share it): lower maxNewTokens or raise "
+                "maxSeqLength",
+                "cel": "!has(self.method.distill) || (self.method.distill.mode != 'sequence' "
+                "&& self.method.distill.onPolicyFraction == 0.0) || "
+                "self.method.distill.maxNewTokens < self.dataset.maxSeqLength",
+                "python": lambda s: (
+                    not _generates(s)
+                    or s["method"]["distill"]["maxNewTokens"] < s["dataset"]["maxSeqLength"]
+                ),
+                "field": "method.distill.maxNewTokens",
             },
         ),
     ),

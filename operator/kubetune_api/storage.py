@@ -259,6 +259,24 @@ class MetricsRow(_Model):
     eval_completion_length: Optional[float] = None
     eval_grader_errors: Optional[dict[str, int]] = None
     eval_grader_timeouts: Optional[dict[str, int]] = None
+    # objective distill (objectives/distill.py): since the previous row, the KL term
+    # (per response token, at the temperature) and the next-token loss on the data's
+    # answers; the teacher's forward throughput and size. On evaluation rows: the top-1
+    # agreement with the teacher, the KL at temperature 1 and the teacher's own
+    # held-out loss on the same tokens
+    distill_kl: Optional[float] = None
+    distill_ce: Optional[float] = None
+    distill_on_policy_batches: Optional[int] = Field(
+        None,
+        description="method.distill.onPolicyFraction: micro-batches of the student's own "
+        "answers since the previous row, all workers together.",
+    )
+    teacher_tokens_per_second: Optional[float] = None
+    teacher_parameters: Optional[int] = None
+    student_parameters: Optional[int] = None
+    eval_agreement: Optional[float] = None
+    eval_distill_kl: Optional[float] = None
+    teacher_eval_loss: Optional[float] = None
     resumed_from: Optional[int] = Field(
         None, description="On the first row after a resume: the checkpoint step resumed from."
     )

@@ -268,9 +268,15 @@ _METHOD_HYPER = {
     "reinforcement": ("n_epochs", "batch_size", "learning_rate_multiplier"),
 }
 # spec.method.objective -> OpenAI's method type, for jobs listed through the API
-# (made here or with kubectl). KTO has no OpenAI counterpart: it lists as
-# supervised, and the job object's `kubetune.objective` says which it is.
-OPENAI_METHOD = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement", "kto": "supervised"}
+# (made here or with kubectl). KTO and distillation have no OpenAI counterpart: they
+# list as supervised, and the job object's `kubetune.objective` says which it is.
+OPENAI_METHOD = {
+    "sft": "supervised",
+    "dpo": "dpo",
+    "grpo": "reinforcement",
+    "kto": "supervised",
+    "distill": "supervised",
+}
 
 
 def _objective_of(job: dict) -> str:

@@ -46,6 +46,33 @@ def test_kto_metrics_reach_status():
     models.FineTuneJobStatus.model_validate(status)
 
 
+def test_distill_metrics_reach_status():
+    rows = [
+        {"step": 0, "evalLoss": 10.8, "evalAgreement": 0.0, "teacherEvalLoss": 2.1},
+        {
+            "step": 1,
+            "loss": 9.0,
+            "distillKl": 9.0,
+            "teacherParameters": 1700,
+            "studentParameters": 135,
+        },
+        {
+            "step": 4,
+            "loss": 6.2,
+            "distillKl": 6.1,
+            "distillCe": 9.8,
+            "evalLoss": 9.9,
+            "evalAgreement": 0.8,
+            "evalDistillKl": 6.4,
+            "teacherEvalLoss": 2.1,
+        },
+    ]
+    status = progress_to_status({"prefix": "s3://b/p", "metrics": rows})
+    m = status["metrics"]
+    assert (m["distillKl"], m["evalAgreement"], m["teacherEvalLoss"]) == (6.1, 0.8, 2.1)
+    models.FineTuneJobStatus.model_validate(status)
+
+
 def test_grpo_metrics_reach_status_and_grader_failures_are_totalled():
     rows = [
         {"step": 0, "evalLoss": -0.35, "evalReward": 0.35, "evalRewardsPerGrader": {"a": 0.35}},

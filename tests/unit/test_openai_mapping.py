@@ -125,7 +125,12 @@ def test_dpo_needs_a_preference_file_and_maps_beta():
 
 @pytest.mark.parametrize(
     "objective, method, rate",
-    [("grpo", "reinforcement", 2e-5), ("kto", "supervised", 1e-5), ("dpo", "dpo", 1e-5)],
+    [
+        ("grpo", "reinforcement", 2e-5),
+        ("kto", "supervised", 1e-5),
+        ("dpo", "dpo", 1e-5),
+        ("distill", "supervised", 1e-4),
+    ],
 )
 def test_jobs_made_with_kubectl_list_under_their_objectives_method(objective, method, rate):
     """A GRPO job lists as OpenAI's reinforcement, KTO (no OpenAI counterpart) as
@@ -135,9 +140,12 @@ def test_jobs_made_with_kubectl_list_under_their_objectives_method(objective, me
 
     job = _job({})
     spec = job["spec"]
-    spec["dataset"]["format"] = {"grpo": "prompt", "kto": "feedback", "dpo": "preference"}[
-        objective
-    ]
+    spec["dataset"]["format"] = {
+        "grpo": "prompt",
+        "kto": "feedback",
+        "dpo": "preference",
+        "distill": "chat",
+    }[objective]
     spec["method"] = {"objective": objective}
     if objective == "grpo":
         spec["method"]["grpo"] = {

@@ -99,6 +99,31 @@ BREAKERS = {
         "dataset": {**BASE["dataset"], "format": "prompt", "maxSeqLength": 64},
         "method": {"objective": "grpo", "grpo": {**GRPO, "maxNewTokens": 64}},
     },
+    "distill-settings-need-distill": {**BASE, "method": {"distill": {"weight": 0.5}}},
+    "distill-teacher-source": {
+        **BASE,
+        "method": {
+            "objective": "distill",
+            "distill": {"teacher": {"name": "org/big", "uri": "s3://models/big"}},
+        },
+    },
+    "distill-generation-needs-prompts": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "text"},
+        "method": {"objective": "distill", "distill": {"mode": "sequence"}},
+    },
+    "distill-on-policy-needs-logits": {
+        **BASE,
+        "method": {
+            "objective": "distill",
+            "distill": {"mode": "sequence", "onPolicyFraction": 0.5},
+        },
+    },
+    "distill-answers-fit-max-seq-length": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "maxSeqLength": 64},
+        "method": {"objective": "distill", "distill": {"mode": "sequence", "maxNewTokens": 64}},
+    },
     "label-smoothing-needs-sigmoid": {
         **BASE,
         "dataset": {**BASE["dataset"], "format": "preference"},

@@ -258,8 +258,12 @@ class Watcher:
             for key, word in (("rewards_desirable", "up"), ("rewards_undesirable", "down")):
                 if row.get(key) is not None:
                     parts.append(f"reward {word} {row[key]:.3f}")
+        if row.get("distill_kl") is not None:  # distill, logits mode
+            parts.append(f"kl {row['distill_kl']:.4f}")
         if row.get("eval_loss") is not None:
             parts.append(f"eval {row['eval_loss']:.4f}")
+        if row.get("eval_agreement") is not None:
+            parts.append(f"agree {row['eval_agreement']:.2f}")
         if row.get("eval_reward_accuracy") is not None:
             parts.append(f"eval reward acc {row['eval_reward_accuracy']:.2f}")
         if row.get("eval_ranking_accuracy") is not None:
@@ -319,6 +323,7 @@ def summary(storage) -> str:
             f"  {'gguf ' + g['type'] + ':':<14}{P.display(g['uri'])} "
             f"({g['bytes'] / 2**20:.1f} MiB{score})"
         )
+    lines += distill_lines(storage)
     if out.get("stoppedEarly"):
         lines.append("  stopped early (no improvement)")
     if storage.read_json(contract.RUN_RECORD):
@@ -331,6 +336,36 @@ def summary(storage) -> str:
     lines += startup_lines(storage)
     lines += summary_lines(out, storage, show=P.display)
     return "\n".join(lines)
+
+
+def distill_lines(storage) -> list[str]:
+    """Objective distill: the teacher against the student (metrics.jsonl's rows)."""
+    rows = storage.read_metrics()
+    sizes = next((r for r in rows if r.get("teacher_parameters") is not None), None)
+    evals = [r for r in rows if r.get("eval_agreement") is not None]
+    if sizes is None and not evals:
+        return []
+    lines = []
+    if sizes is not None:
+        speeds = [r for r in rows if r.get("teacher_tokens_per_second") is not None]
+        speed = ""
+        if speeds:
+            last = speeds[-1]
+            speed = f"; tokens/s teacher {last['teacher_tokens_per_second']:.0f}"
+            if last.get("tokens_per_second") is not None:
+                speed += f", student {last['tokens_per_second']:.0f} (forward and backward)"
+        lines.append(
+            f"  {'distillation:':<14}teacher {sizes['teacher_parameters'] / 1e6:.1f}M "
+            f"parameters, student {sizes['student_parameters'] / 1e6:.1f}M{speed}"
+        )
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(
+            f"  {'':<14}held-out loss teacher {last['teacher_eval_loss']:.4f}, student "
+            f"{last['eval_loss']:.4f}; agreement with the teacher {first['eval_agreement']:.3f}"
+            f" -> {last['eval_agreement']:.3f}"
+        )
+    return lines
 
 
 STARTUP_LABELS = {

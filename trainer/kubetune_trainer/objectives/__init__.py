@@ -8,12 +8,19 @@ that the two agree.
 from __future__ import annotations
 
 from .base import Objective, Splits, TrainContext
+from .distill import Distill
 from .dpo import Dpo
 from .grpo import Grpo
 from .kto import Kto
 from .sft import Sft
 
-REGISTRY: dict[str, type] = {Sft.name: Sft, Dpo.name: Dpo, Kto.name: Kto, Grpo.name: Grpo}
+REGISTRY: dict[str, type] = {
+    Sft.name: Sft,
+    Dpo.name: Dpo,
+    Kto.name: Kto,
+    Grpo.name: Grpo,
+    Distill.name: Distill,
+}
 
 __all__ = ["REGISTRY", "Objective", "Splits", "TrainContext", "for_spec"]
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
+from .. import data as D
 from ..data import DataReport, Example
 from ..storage import JobStorage
 from ..worker import Worker
@@ -102,6 +103,23 @@ class Objective(Protocol):
         ...
 
 
+class SupervisedData:
+    """The examples, units and collation of the supervised formats (data's own: one
+    example per row, padded or packed): SFT's, and distillation's."""
+
+    def build_examples(self, rows, fmt, tokenizer, max_len):
+        return D.build_examples(rows, fmt, tokenizer, max_len)
+
+    def tokenize(self, norm, tokenizer):
+        return D.tokenize(norm, tokenizer)
+
+    def units(self, examples, max_len, packing, seed):
+        return D.sequences(examples, max_len, packing, seed)
+
+    def collate(self, examples, units, pad_id, packing):
+        return D.collate(examples, units, pad_id, packing)
+
+
 class FixedExamples:
     """For objectives that train on the examples the data gives (SFT, DPO): a step
     is its micro-batches, one optimiser step."""
@@ -110,3 +128,50 @@ class FixedExamples:
 
     def step_batches(self, batches: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
         return batches
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    """Prompts of token ids, padded on the left (as generate wants): (ids, mask)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
+def completion_mask(completions, eos_id: int):
+    """1 on each completion's tokens up to and including its first EOS."""
+    import torch
+
+    is_eos = completions == eos_id
+    n = completions.shape[1]
+    first = torch.where(
+        is_eos.any(dim=1),
+        is_eos.int().argmax(dim=1),
+        torch.full_like(is_eos[:, 0], n, dtype=torch.long),
+    )
+    return (torch.arange(n, device=completions.device)[None, :] <= first[:, None]).long()
+
+
+def rollout_batch(prompt_ids, prompt_mask, completions, comp_mask) -> dict:
+    """The model inputs of prompt + completion (positions counted from each row's
+    first real token), labels on the completion's tokens only."""
+    import torch
+
+    ids = torch.cat([prompt_ids, completions], dim=1)
+    mask = torch.cat([prompt_mask, comp_mask], dim=1)
+    labels = torch.cat(
+        [torch.full_like(prompt_ids, D.IGNORE), completions.masked_fill(comp_mask == 0, D.IGNORE)],
+        dim=1,
+    )
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "labels": labels,
+    }

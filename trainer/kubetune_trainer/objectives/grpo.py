@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from .. import data as D
 from ..data import IGNORE
-from .base import Splits, TrainContext
+from .base import Splits, TrainContext, completion_mask, left_pad, rollout_batch
 
 NAME = "grpo"
 STD_EPS = 1e-4  # added to a group's standard deviation before dividing by it
@@ -156,52 +156,6 @@ def policy_loss(
 
 
 # ---------------------------------------------------------------------------- rollouts
-def completion_mask(completions, eos_id: int):
-    """1 on each completion's tokens up to and including its first EOS."""
-    import torch
-
-    is_eos = completions == eos_id
-    n = completions.shape[1]
-    first = torch.where(
-        is_eos.any(dim=1),
-        is_eos.int().argmax(dim=1),
-        torch.full_like(is_eos[:, 0], n, dtype=torch.long),
-    )
-    return (torch.arange(n, device=completions.device)[None, :] <= first[:, None]).long()
-
-
-def left_pad(prompts: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p) :] = 1
-    return ids, mask
-
-
-def rollout_batch(prompt_ids, prompt_mask, completions, comp_mask) -> dict:
-    """The model inputs of prompt + completion (positions counted from each row's
-    first real token), labels on the completion's tokens only."""
-    import torch
-
-    ids = torch.cat([prompt_ids, completions], dim=1)
-    mask = torch.cat([prompt_mask, comp_mask], dim=1)
-    labels = torch.cat(
-        [torch.full_like(prompt_ids, IGNORE), completions.masked_fill(comp_mask == 0, IGNORE)],
-        dim=1,
-    )
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": position_ids,
-        "labels": labels,
-    }
-
-
 def token_logps(head, forward, batch: dict, temperature: float):
     """Per completion token (flattened, in row order): its log-probability under
     softmax(logits / temperature), and the row it belongs to."""

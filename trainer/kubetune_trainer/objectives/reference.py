@@ -120,6 +120,27 @@ def _restore(model, flags: dict[str, bool]) -> None:
             p.requires_grad_(want)
 
 
+def place_frozen(model, worker):
+    """A frozen model (a reference copy, a teacher) where it runs: on its own ZeRO-3
+    engine (no optimizer, its weights partitioned over the workers like the trained
+    model's) under ZeRO-3, else on the worker's device. Every rank calls it."""
+    import torch
+
+    if worker.stage != 3:
+        return model.to(worker.device)
+    import deepspeed
+
+    dtype = next(model.parameters()).dtype
+    cfg: dict = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    if dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        cfg["fp16"] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
 class Reference:
     """The policy the job starts from, frozen: LoRA without parent or a merged parent ->
     the adapter switched off; LoRA continuing a parent adapter -> a frozen copy of that
@@ -161,22 +182,7 @@ class Reference:
             self._engine = self._place(ctx.reference_copy)
 
     def _place(self, model):
-        import torch
-
-        w = self.ctx.worker
-        if w.stage != 3:
-            return model.to(w.device)
-        import deepspeed
-
-        dtype = next(model.parameters()).dtype
-        cfg: dict = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-        if dtype == torch.bfloat16:
-            cfg["bf16"] = {"enabled": True}
-        elif dtype == torch.float16:
-            cfg["fp16"] = {"enabled": True}
-        engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
-        engine.eval()
-        return engine
+        return place_frozen(model, self.ctx.worker)
 
     def describe(self) -> str:
         return describe(self.mode, self.ctx.parent)

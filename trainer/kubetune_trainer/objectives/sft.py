@@ -11,30 +11,17 @@ import math
 from typing import Optional
 
 from .. import data as D
-from .base import FixedExamples, Splits, TrainContext
+from .base import FixedExamples, Splits, SupervisedData, TrainContext
 
 NAME = "sft"
 
 
-class Sft(FixedExamples):
+class Sft(SupervisedData, FixedExamples):
     name = NAME
 
     def __init__(self, spec):
         self.spec = spec
         self.ctx: Optional[TrainContext] = None
-
-    # ---------------------------------------------------------------- data
-    def build_examples(self, rows, fmt, tokenizer, max_len):
-        return D.build_examples(rows, fmt, tokenizer, max_len)
-
-    def tokenize(self, norm, tokenizer):
-        return D.tokenize(norm, tokenizer)
-
-    def units(self, examples, max_len, packing, seed):
-        return D.sequences(examples, max_len, packing, seed)
-
-    def collate(self, examples, units, pad_id, packing):
-        return D.collate(examples, units, pad_id, packing)
 
     # ---------------------------------------------------------------- training
     def setup(self, ctx: TrainContext, splits: Splits) -> None:

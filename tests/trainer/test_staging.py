@@ -74,6 +74,7 @@ def test_staged_once_then_read_without_the_store(staged_job, s3, tmp_path):
     ).read_bytes()
     rows = D.read_rows(cfg.spec.dataset.train, cfg.spec.dataset)
     assert len(rows) == 20
+    assert staging.local(s3.url("models/other")) is None  # not staged: fetched as before
     parent = P.resolve(cfg)
     assert parent.kind == "adapter" and parent.uri == s3.url("parent/adapter")
     assert parent.local.startswith(str(stage))

@@ -1,6 +1,7 @@
 """The driver's side of staging (kubetune_trainer.staging): before any worker
-starts, fetch the job's model, its parent's outputs and its data once into the
-attempt's stage folder, hash every file into the manifest, then mark it complete."""
+starts, fetch the job's model, its parent's outputs, a distill teacher and its
+data once into the attempt's stage folder, hash every file into the manifest,
+then mark it complete."""
 
 from __future__ import annotations
 
@@ -61,6 +62,15 @@ def data_sources(spec) -> list:
     return [s for s in (ds.train, ds.validation, ds.test) if s is not None and remote(s.uri)]
 
 
+def teacher_uri(spec) -> Optional[str]:
+    """A distill job's teacher, when it is a folder in object storage."""
+    if getattr(spec.method.objective, "value", spec.method.objective) != "distill":
+        return None
+    teacher = getattr(spec.method.distill, "teacher", None)
+    uri = teacher.uri if teacher is not None else None
+    return uri if remote(uri) else None
+
+
 def stage_job(config, environ=None, log=print) -> Optional[Path]:
     """The job's model, parent and data in the stage folder; None (nothing done)
     without one (KUBETUNE_STAGE_DIR unset: no staging claim)."""
@@ -82,6 +92,9 @@ def stage_job(config, environ=None, log=print) -> Optional[Path]:
         if record_uri:
             record = P.read_json_uri(record_uri, spec.model, environ)
         stager.parent = {"target": target, "record": record_uri, "runRecord": record}
+    teacher = teacher_uri(spec)
+    if teacher:
+        stager.add(teacher, spec.model, "MODEL", environ)  # with spec.model's access
     for source in data_sources(spec):
         stager.add(source.uri, spec.dataset, "DATASET", environ)
     stager.finish()

@@ -113,7 +113,8 @@ def _manifest(root: Path, environ=None) -> dict:
 
 def local(uri: Optional[str], environ=None) -> Optional[str]:
     """The staged copy of `uri` (a folder, or the one file), its hashes checked
-    once per process; None when there is no stage or `uri` is not an object-store URI."""
+    once per process; None when there is no stage, `uri` is not an object-store URI
+    or the driver did not stage it (the caller fetches it itself then)."""
     root = stage_dir(environ)
     if root is None or not remote(uri):
         return None
@@ -121,11 +122,8 @@ def local(uri: Optional[str], environ=None) -> Optional[str]:
     if (str(root), uri) in _verified:
         return _verified[(str(root), uri)]
     entry = _manifest(root, environ)["entries"].get(uri)
-    if entry is None:
-        raise StagingError(
-            f"staging: {uri} is not in {root / MANIFEST}: the driver staged something "
-            "else (a different trainer image on the head than on the workers?)"
-        )
+    if entry is None:  # not one the driver stages: fetched as without a stage
+        return None
     folder = root / entry["dir"]
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     if present != set(entry["files"]):

@@ -114,3 +114,17 @@ def test_no_stage_no_change(staged_job, monkeypatch, tmp_path):
     assert stager.stage_job(cfg) is None and not stage.exists()
     path = M.resolve_model_path(cfg.spec.model)  # today's per-node cache
     assert path.startswith(str(tmp_path / "cache" / "models"))
+
+
+def test_a_distill_teacher_in_object_storage_is_staged_too(tmp_path):
+    from kubetune_trainer import stager
+
+    distill = {"type": "lora", "objective": "distill", "distill": {"teacher": {}}}
+    distill["distill"]["teacher"]["uri"] = "s3://bkt/teacher"
+    j = H.job(tmp_path / "m", tmp_path / "d.jsonl", "file:///tmp/out", method=distill)
+    assert stager.teacher_uri(H.trainer_config(j).spec) == "s3://bkt/teacher"
+    distill["distill"]["teacher"]["uri"] = str(tmp_path / "teacher")  # on this machine
+    j = H.job(tmp_path / "m", tmp_path / "d.jsonl", "file:///tmp/out", method=distill)
+    assert stager.teacher_uri(H.trainer_config(j).spec) is None
+    plain = H.job(tmp_path / "m", tmp_path / "d.jsonl", "file:///tmp/out")
+    assert stager.teacher_uri(H.trainer_config(plain).spec) is None

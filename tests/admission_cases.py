@@ -131,6 +131,7 @@ FULL_SPEC: dict[str, Any] = {
         "region": "us-east-1",
         "secretRef": {"name": "s3-creds"},
     },
+    "staging": {"claimName": "kubetune-stage"},
     "tracking": {
         "mlflow": {
             "trackingUri": "https://mlflow.example:5000",
@@ -560,6 +561,10 @@ def _written() -> list[Case]:
         mutate(f"{res}.priorityClassName", "p" * 254),
         f"{res}.priorityClassName",
     )
+    claim = "spec.staging.claimName"
+    add("staging-claim:underscore", mutate(claim, "kubetune_stage"), claim)
+    add("staging-claim:uppercase", mutate(claim, "Stage"), claim)
+    add("staging-claim:absent", mutate("spec.staging", {}), claim)
     add("image:space", mutate(f"{res}.image", "ghcr.io/org/img :1.0"), f"{res}.image")
     add("image:trailing-space", mutate(f"{res}.image", "ghcr.io/org/img:1.0 "), f"{res}.image")
     add("image:uppercase-repo", mutate(f"{res}.image", "ghcr.io/Org/Img:1.0"), f"{res}.image")

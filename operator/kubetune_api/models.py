@@ -70,6 +70,11 @@ PriorityClassName = Annotated[
     Field(max_length=checks.DNS_SUBDOMAIN_MAX),
     checks.dns_subdomain("PriorityClass", "high-priority"),
 ]
+ClaimName = Annotated[
+    str,
+    Field(max_length=checks.DNS_SUBDOMAIN_MAX),
+    checks.dns_subdomain("PersistentVolumeClaim in the FineTuneJob's namespace", "kubetune-stage"),
+]
 ImageRef = Annotated[str, Field(max_length=checks.IMAGE_MAX), checks.IMAGE]
 JobName = Annotated[
     str,
@@ -680,6 +685,20 @@ class Resources(_Model):
     )
 
 
+class Staging(_Model):
+    """A volume that every pod of the job mounts: the Ray head's driver fetches the
+    model, a parent's outputs and the data into it once, before the workers start;
+    the workers read them from there (sha256-checked) instead of from object storage."""
+
+    claim_name: ClaimName = Field(
+        description="A ReadWriteMany PersistentVolumeClaim in the FineTuneJob's namespace "
+        "(the head writes, the workers mount it read-only); its root must be writable by the "
+        "pods' user (the chart's trainer.runAsUser). Default: the operator's "
+        "(KUBETUNE_STAGING_CLAIM, the chart's trainer.stagingClaim); neither: every worker "
+        "fetches for itself."
+    )
+
+
 class Generation(_Model):
     """Evaluation by generation: the model answers held-out prompts before and after
     training; the answers are scored against the references."""
@@ -937,6 +956,11 @@ class FineTuneJobSpec(_Model):
         default_factory=Checkpointing, description="Checkpoint cadence and retention."
     )
     output: Output = Field(default_factory=Output, description="Where results go.")
+    staging: Optional[Staging] = Field(
+        None,
+        description="Fetch the model, a parent's outputs and the data once per job into a "
+        "shared volume. See docs/operator.md (Staging).",
+    )
     tracking: Optional[Tracking] = Field(None, description="Experiment tracking.")
     sweep: Optional[Sweep] = Field(
         None,

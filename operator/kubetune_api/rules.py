@@ -488,6 +488,7 @@ IMMUTABLE_FIELDS = (
     "output",
     "tracking",
     "sweep",
+    "staging",
 )
 MUTABLE_FIELDS = (
     "suspend",

@@ -40,6 +40,11 @@ from .names import (
 HOME_DIR = "/home/kubetune"
 SCRATCH_DIR = "/var/kubetune/scratch"
 SCRATCH_ENV = "KUBETUNE_SCRATCH_DIR"
+# The staging claim (spec.staging, or Settings.staging_claim): mounted here in the
+# head (read-write: its driver stages) and the workers (read-only: they read);
+# each attempt stages under <mount>/<namespace>/<uid>/<attempt>, named in STAGE_ENV.
+STAGE_MOUNT = "/var/kubetune/stage"
+STAGE_ENV = "KUBETUNE_STAGE_DIR"  # kubetune_trainer.staging reads it
 RAY_TOKEN_KEY = "auth_token"  # the key KubeRay reads from authOptions.secretName
 RAY_DASHBOARD_PORT = 8265
 SUBMITTER_CONTAINER = "ray-job-submitter"  # KubeRay's name for it
@@ -66,6 +71,9 @@ class Settings:
     # peer, JSON: a NetworkPolicyPeer) on the dashboard port, reach its Ray pods.
     network_policy: bool = True
     ray_operator_peer: Optional[str] = None
+    # A ReadWriteMany PersistentVolumeClaim (in each job's namespace) for jobs
+    # without spec.staging: the model and data are staged there once per job.
+    staging_claim: Optional[str] = None
 
 
 def _child_metadata(job: Body, name: str, component: str) -> Body:
@@ -222,6 +230,29 @@ def container_security_context(settings: Settings) -> dict:
     }
 
 
+def staging_claim(job: Body, settings: Settings) -> Optional[str]:
+    """The claim the job stages on: its own spec.staging, else the operator's default."""
+    own = (job["spec"].get("staging") or {}).get("claimName")
+    return own or settings.staging_claim
+
+
+def staging_volume(
+    job: Body, settings: Settings, attempt: int, writer: bool
+) -> tuple[list, list, list]:
+    """(volumes, mounts, env) for the attempt's stage; empty without a staging claim.
+    The writer (the head, whose driver stages) mounts it read-write, the rest read-only.
+    One folder per attempt: a late driver of an older one never removes a newer one's."""
+    claim = staging_claim(job, settings)
+    if not claim:
+        return [], [], []
+    meta = job["metadata"]
+    volume = {"name": "stage", "persistentVolumeClaim": {"claimName": claim}}
+    mount = {"name": "stage", "mountPath": STAGE_MOUNT, "readOnly": not writer}
+    folder = f"{STAGE_MOUNT}/{meta['namespace']}/{meta['uid']}/{attempt}"
+    env = {"name": STAGE_ENV, "value": folder}
+    return [volume], [mount], [env]
+
+
 def _writable(scratch: Optional[str] = None, shm: Optional[str] = None) -> tuple[list, list]:
     """(volumes, mounts) for what the pod writes; scratch and /dev/shm with size limits."""
     vols = [("tmp", "/tmp", {}), ("home", HOME_DIR, {})]
@@ -266,7 +297,12 @@ def _pod_template(
     volumes, mounts = _writable(scratch, shm=resources["limits"]["memory"])
     grader_vols, grader_mounts = grader_volumes(job["spec"])
     volumes, mounts = volumes + grader_vols, mounts + grader_mounts
+    stage_vols, stage_mounts, stage_env = staging_volume(
+        job, settings, attempt, writer=component == "ray-head"
+    )
+    volumes, mounts = volumes + stage_vols, mounts + stage_mounts
     env = [*trainer_env(job, attempt), {"name": "KUBETUNE_IMAGE", "value": image}]
+    env += stage_env
     env.append({"name": "HOME", "value": HOME_DIR})
     env += [{"name": k, "value": v} for k, v in RAY_ENV.items()]
     if scratch:

@@ -74,6 +74,7 @@ def settings_from_env() -> tuple[Settings, Timing]:
         run_as_user=int(env.get("KUBETUNE_RUN_AS_USER", Settings.run_as_user)),
         network_policy=env.get("KUBETUNE_NETWORK_POLICY", "true").lower() != "false",
         ray_operator_peer=env.get("KUBETUNE_RAY_OPERATOR_PEER") or None,
+        staging_claim=env.get("KUBETUNE_STAGING_CLAIM") or None,
     )
     timing = Timing(
         poll_seconds=float(env.get("KUBETUNE_POLL_SECONDS", Timing.poll_seconds)),

@@ -151,10 +151,76 @@ def _adapter_loads(s3, uri: str, model_dir: Path, tmp: Path) -> None:
     assert out.logits.shape[-1] == base.config.vocab_size
 
 
+STAGE_CLAIM = "kubetune-stage"
+
+
+def _stage_claim(cluster, ns: str) -> Path:
+    """A ReadWriteMany claim on a hostPath PersistentVolume (the node's folder,
+    writable by the pods' uid), bound by kube-controller-manager's binder. Restricted
+    pods may mount a claim, never a hostPath. Returns the folder."""
+    folder = cluster.dir / f"stage-{ns}"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)  # past the umask: uid 10001 creates <namespace>/<uid> in it
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"stage-{ns}"},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": str(folder), "type": "Directory"},
+            "claimRef": {"namespace": ns, "name": STAGE_CLAIM},
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": STAGE_CLAIM},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": pv["metadata"]["name"],
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    cluster.plane.kubectl("apply", "-f", "-", input=json.dumps(pv))
+    apply(cluster.plane, ns, pvc)
+    # Bound before the job, as an existing claim is: a pod on an unbound claim waits
+    # in the scheduler's backoff, which the startup table would count.
+    wait_until(
+        lambda: (get(cluster.plane, "pvc", STAGE_CLAIM, ns) or {}).get("status", {}).get("phase")
+        == "Bound",
+        60, interval=0.5, what=f"the claim {STAGE_CLAIM} Bound",
+    )  # fmt: skip
+    return folder
+
+
+def _model_gets(s3, log_from: int) -> dict[str, int]:
+    """GETs of each model object in the S3 server's request log since `log_from`
+    (its size then): the pods' downloads, lists left out."""
+    text = s3.server.log.read_bytes()[log_from:].decode(errors="replace")
+    counts: dict[str, int] = {}
+    prefix = f"/{s3.bucket}/models/tiny/"
+    for line in text.splitlines():
+        cols = [c.strip() for c in line.split("|")]
+        if len(cols) > 6 and cols[5] == "GET" and cols[6].startswith(prefix):
+            name = cols[6][len(prefix) :]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def test_lora_zero2_on_two_worker_pods(cluster, staged, tmp_path):
     plane, ns, s3 = staged
+    # Staged once per job: the head fetches the model and data into the claim
+    # before the workers start; they read it there (kubetune_trainer.staging).
+    stage_root = _stage_claim(cluster, ns)
+    log_from = s3.server.log.stat().st_size
     t0 = time.monotonic()
-    apply(plane, ns, _job("pods", s3, steps=6, every=3))
+    job = _job("pods", s3, steps=6, every=3)
+    job["spec"]["staging"] = {"claimName": STAGE_CLAIM}
+    apply(plane, ns, job)
     # From another namespace, while the job runs: its Ray job API without the token.
     probe_ns, probe = _start_probe(cluster, ns)
 
@@ -200,6 +266,16 @@ def test_lora_zero2_on_two_worker_pods(cluster, staged, tmp_path):
     _adapter_loads(s3, st["outputs"]["adapter"], ROOT / ".cache/models/tiny-llama-e2e", tmp_path)
     assert len(names(plane, "rayjob", ns)) <= 1
     _assert_probe_refused(plane, probe_ns, probe)
+    # Two workers, one fetch of each model file: the head's (main fetched it on
+    # the head and on every worker: 3 GETs of each).
+    gets = _model_gets(s3, log_from)
+    (EVIDENCE / "s3-model-gets.json").write_text(json.dumps(gets, indent=1, sort_keys=True))
+    print(f"S3 GETs of the model's objects, head and two workers: {gets}")
+    assert gets and set(gets.values()) == {1}, gets
+    assert "config.json" in gets and any(n.endswith(".safetensors") for n in gets), gets
+    # the driver removes the attempt's stage, and the job's folder, when it ends
+    uid = get(plane, "finetunejob", "pods", ns)["metadata"]["uid"]
+    assert (stage_root / ns).is_dir() and not (stage_root / ns / uid).exists()
 
 
 # --- restricted pods, closed Ray clusters ------------------------------------
@@ -230,7 +306,8 @@ def _assert_restricted_pods(plane, ns: str) -> dict[str, dict]:
             mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
             assert not any(m.startswith(SA_TOKEN_PATH) for m in mounts), (name, mounts)
         for v in spec.get("volumes", []):
-            assert set(v) & {"emptyDir", "configMap"}, (name, v)  # no projected SA token
+            # no projected SA token; a claim where the job stages
+            assert set(v) & {"emptyDir", "configMap", "persistentVolumeClaim"}, (name, v)
     assert {"ray-head", "ray-worker", "ray-submitter"} <= set(by_role), sorted(by_role)
     worker = by_role["ray-worker"]["spec"]
     vols = {v["name"]: v for v in worker["volumes"]}
@@ -238,6 +315,11 @@ def _assert_restricted_pods(plane, ns: str) -> dict[str, dict]:
     assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2560Mi"}
     requests = worker["containers"][0]["resources"]["requests"]
     assert requests["ephemeral-storage"] == "1Gi", requests
+    if "stage" in vols:  # the stage: the head writes it, the workers only read it
+        stage = {r: {m["name"]: m for m in by_role[r]["spec"]["containers"][0]["volumeMounts"]}
+                 for r in ("ray-head", "ray-worker")}  # fmt: skip
+        assert stage["ray-worker"]["stage"]["readOnly"] is True, stage
+        assert not stage["ray-head"]["stage"].get("readOnly"), stage
     print("restricted pods:", {r: p["metadata"]["name"] for r, p in by_role.items()})
     return by_role
 

@@ -8,6 +8,7 @@ and review the diff of tests/golden/ like any other code change.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -222,6 +223,38 @@ def test_shm_and_scratch_are_sized_from_the_spec():
     # the default, when the spec says nothing
     default = _pods(spec_to_rayjob(_job("lora-minimal.yaml"), SETTINGS, 1))["worker"]["spec"]
     assert {"name": "scratch", "emptyDir": {"sizeLimit": "20Gi"}} in default["volumes"]
+
+
+def test_staging_claim_is_mounted_only_when_configured():
+    """spec.staging or the operator's default claim: the head mounts it read-write
+    (its driver stages), the workers read-only, both told the job's folder; neither:
+    no volume, no env (each worker fetches, as before)."""
+
+    def stage(pods: dict) -> dict:
+        out = {}
+        for role, tpl in pods.items():
+            pod, c = tpl["spec"], tpl["spec"]["containers"][0]
+            out[role] = (
+                [v for v in pod["volumes"] if v["name"] == "stage"],
+                [m for m in c.get("volumeMounts", []) if m["name"] == "stage"],
+                [e["value"] for e in c.get("env", []) if e["name"] == "KUBETUNE_STAGE_DIR"],
+            )
+        return out
+
+    job = _job("lora-minimal.yaml")
+    assert all(v == ([], [], []) for v in stage(_pods(spec_to_rayjob(job, SETTINGS, 1))).values())
+    folder = f"/var/kubetune/stage/{job['metadata']['namespace']}/{job['metadata']['uid']}/1"
+    default = dataclasses.replace(SETTINGS, staging_claim="shared")
+    for settings, own, want in ((default, None, "shared"), (SETTINGS, "mine", "mine"),
+                                (default, "mine", "mine")):  # fmt: skip
+        if own:
+            job["spec"]["staging"] = {"claimName": own}
+        got = stage(_pods(spec_to_rayjob(job, settings, 1)))
+        claim = [{"name": "stage", "persistentVolumeClaim": {"claimName": want}}]
+        for role, read_only in (("head", False), ("worker", True)):
+            mount = {"name": "stage", "mountPath": "/var/kubetune/stage", "readOnly": read_only}
+            assert got[role] == (claim, [mount], [folder]), (role, got[role])
+        assert got["submitter"] == ([], [], [])  # `ray job submit` reads nothing
 
 
 def test_ray_token_auth_and_the_token_secret():

@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import staging
 from .storage import filesystem, to_uri
 
 IGNORE = -100
@@ -171,8 +172,11 @@ def read_rows(source, access=None, environ=None) -> Rows:
 
         ds = datasets.load_dataset(source.name, split=source.split)
         return Rows(ds)
-    uri = to_uri(source.uri)
-    fs, path = filesystem(uri, access, "DATASET", environ)
+    staged = staging.local(source.uri, environ)  # the job's stage, when the pods share one
+    if staged is not None:
+        fs, path = filesystem(to_uri(staged), None, "DATASET", environ)
+    else:
+        fs, path = filesystem(to_uri(source.uri), access, "DATASET", environ)
     if fs.isdir(path):
         files = sorted(
             p for p in fs.find(path) if p.lower().endswith((".jsonl", ".json", ".parquet"))

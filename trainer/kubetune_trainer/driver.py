@@ -23,7 +23,7 @@ from kubetune_api.trainer_config import RAY_ENV
 
 from . import data as D
 from . import model as M
-from . import objectives
+from . import objectives, stager, staging
 from .data import DataError
 from .launch import fit
 from .parent import locate, locate_teacher
@@ -147,6 +147,9 @@ def run(
                 updated_at=now(),
             )
         )
+        # the job's stage, when its pods share a volume: fetched once, here, before
+        # any worker starts; the workers read it from there (kubetune_trainer.staging)
+        stager.stage_job(config, log=lambda text: quiet or print(text, flush=True))
         if check:
             report = check_data(config.spec)
             if not quiet:
@@ -173,6 +176,8 @@ def run(
         if stopping is not None and stopping.is_set():
             return STOPPED
         return _failed(exc, storage, config, say)
+    finally:
+        staging.clean()  # the workers are done with it; a retry stages afresh
     if not quiet:
         print(f"kubetune: done in {time.monotonic() - t0:.0f}s; results under {storage.prefix}")
     return 0

@@ -14,12 +14,13 @@ from typing import Optional
 from kubetune_api import storage as contract
 from kubetune_api.rules import MUTABLE_FIELDS
 
+from . import staging
 from .storage import filesystem, now, to_uri
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "kubetune")
 CHUNK = 1 << 20
 # Fields that change how a job runs, not what it learns: left out of the spec hash.
-UNHASHED_FIELDS = (*MUTABLE_FIELDS, "tracking", "output")
+UNHASHED_FIELDS = (*MUTABLE_FIELDS, "tracking", "output", "staging")
 
 
 def spec_hash(spec) -> str:
@@ -45,7 +46,11 @@ def _hash_file(fs, path: str) -> tuple[str, int]:
 def data_files(source, access, environ=None) -> list[contract.FileHash]:
     """The files a DataSource reads (as data.read_rows picks them), hashed."""
     uri = to_uri(source.uri)
-    fs, path = filesystem(uri, access, "DATASET", environ)
+    staged = staging.local(source.uri, environ)  # the same bytes, already on the stage
+    if staged is not None:
+        fs, path = filesystem(to_uri(staged), None, "DATASET", environ)
+    else:
+        fs, path = filesystem(uri, access, "DATASET", environ)
     if fs.isdir(path):
         files = sorted(
             p for p in fs.find(path) if p.lower().endswith((".jsonl", ".json", ".parquet"))

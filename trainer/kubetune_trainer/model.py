@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from . import prune as prune_mod
+from . import staging
 from .data import IGNORE
 from .storage import filesystem
 
@@ -22,7 +23,8 @@ def cache_root() -> Path:
 
 def resolve_model_path(source, environ=None) -> str:
     """A local folder or Hugging Face id that from_pretrained can read. Object-store
-    URIs are fetched once per node into the cache (a marker file says complete)."""
+    URIs are fetched once per node into the cache (a marker file says complete),
+    or read from the job's stage (kubetune_trainer.staging) when there is one."""
     if source.name:
         return source.name
     uri = source.uri
@@ -30,6 +32,9 @@ def resolve_model_path(source, environ=None) -> str:
         return str(Path(uri).expanduser().resolve())
     if uri.startswith("file://"):
         return uri[len("file://") :]
+    staged = staging.local(uri, environ)  # the job's stage, when the pods share one
+    if staged is not None:
+        return staged
     dest = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     done = dest / ".kubetune-complete"
     if done.exists():

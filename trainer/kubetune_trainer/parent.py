@@ -11,6 +11,7 @@ from typing import Optional
 
 from kubetune_api import storage as contract
 
+from . import staging
 from .model import resolve_model_path
 from .storage import filesystem, to_uri
 
@@ -49,6 +50,11 @@ def _read_json(fs, path: str) -> Optional[dict]:
             return json.load(f)
     except FileNotFoundError:
         return None
+
+
+def read_json_uri(uri: str, access, environ=None) -> Optional[dict]:
+    fs, path = filesystem(uri, access, "MODEL", environ)
+    return _read_json(fs, path)
 
 
 def _field(config) -> str:
@@ -133,7 +139,11 @@ def resolve(config, environ=None) -> Optional[Parent]:
     """The parent, fetched into the local cache (None when the job has none)."""
     if config.parent is None:
         return None
-    target, record_uri = locate(config, environ)
+    staged = staging.parent_location(environ)  # the driver located it on the job's stage
+    if staged is not None:
+        target, record_uri = staged["target"], staged["record"]
+    else:
+        target, record_uri = locate(config, environ)
     m = config.spec.model
     source = SimpleNamespace(
         name=None, uri=target, endpoint=m.endpoint, region=m.region, secret_ref=m.secret_ref
@@ -146,10 +156,9 @@ def resolve(config, environ=None) -> Optional[Parent]:
         kind = "model"
     else:
         raise ParentError(f"{_field(config)}: {target} holds neither a peft adapter nor a model")
-    record = None
-    if record_uri:
-        rfs, rpath = filesystem(record_uri, m, "MODEL", environ)
-        record = _read_json(rfs, rpath)
+    record = staged["runRecord"] if staged is not None else None
+    if record_uri and staged is None:
+        record = read_json_uri(record_uri, m, environ)
     merge = kind == "adapter" and (m.merge_parent or config.spec.method.type == "full")
     job = config.parent.job.to_dict() if config.parent.job else None
     return Parent(kind, target, local, merge, job, record_uri, record)

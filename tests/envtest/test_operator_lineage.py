@@ -109,3 +109,43 @@ def test_from_job_whose_parent_failed_fails(kube, namespace, s3, operator):
     assert st["reason"] == "ParentFailed" and "rayJobName" not in st
     assert "create a new job from another parent" in st["message"]
     assert status(kube, "after-broken", namespace).get("parent") is None
+
+
+def test_teacher_from_job_waits_for_a_whole_model_then_teaches(kube, namespace, s3, operator):
+    """spec.method.distill.teacher.fromJob waits like fromJob, pins the teacher job's
+    prefix in status.teacher and the trainer config; a job that saves an adapter only
+    cannot teach and the student fails at once, saying what to change."""
+    s3_secret(kube, namespace, s3)
+
+    def student(name: str, teacher: str) -> dict:
+        distill = {"teacher": {"fromJob": teacher}}
+        return finetunejob(name, s3, method={"objective": "distill", "distill": distill})
+
+    apply(kube, namespace, finetunejob("adapter-only", s3))  # LoRA, no merge
+    apply(kube, namespace, student("taught-by-adapter", "adapter-only"))
+    st = wait_phase(kube, "taught-by-adapter", namespace, "Failed")
+    assert st["reason"] == "ParentFailed" and "rayJobName" not in st
+    assert "saves an adapter only" in st["message"]
+    assert "output.mergeAdapter: true" in st["message"]
+
+    apply(kube, namespace, student("small", "big"))
+    st = _reason(kube, "small", namespace, "ParentNotFound")
+    assert "spec.method.distill.teacher.fromJob" in st["message"]
+    apply(kube, namespace, finetunejob("big", s3, method={"type": "full"}))
+    wait_status(kube, "big", namespace, lambda s: s.get("rayJobName"), 60, "big's RayJob")
+    st = _reason(kube, "small", namespace, "ParentNotSucceeded")
+    assert st["phase"] == "Pending" and get(kube, "rayjob", "small", namespace) is None
+    rayjob_running(kube, "big", namespace)
+    rayjob_finished(kube, "big", namespace)
+    wait_phase(kube, "big", namespace, "Succeeded")
+    st = wait_status(kube, "small", namespace, lambda s: s.get("rayJobName"), 60, "RayJob")
+    big_uid = get(kube, "finetunejob", "big", namespace)["metadata"]["uid"]
+    prefix = f"s3://{s3.bucket}/runs/{namespace}/big/{big_uid}"
+    assert st["teacher"] == {"name": "big", "uid": big_uid, "uri": prefix}
+    assert st.get("parent") is None
+    config = json.loads(get(kube, "configmap", "small-config", namespace)["data"]["config.json"])
+    assert config["teacher"] == {
+        "job": {"name": "big", "namespace": namespace, "uid": big_uid},
+        "uri": prefix,
+    }
+    assert config.get("parent") is None

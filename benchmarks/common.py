@@ -144,9 +144,10 @@ def with_adapters(base, adapters: list):
         base = model.unload()
 
 
-def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> float:
-    """Mean loss over assistant tokens of the held-out conversations (kubetune's
-    tokenization and masks), the same function for every contender."""
+def heldout_scores(model, tokenizer, rows, max_len: int = 128, batch: int = 8):
+    """(mean loss over the assistant tokens of the held-out conversations, the
+    model's top-1 next token at each of those tokens), with kubetune's tokenization
+    and masks: the same function for every contender."""
     import torch
     import torch.nn.functional as F
 
@@ -154,6 +155,7 @@ def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> 
 
     examples, _ = D.build_examples(rows, "chat", tokenizer, max_len)
     total = count = 0.0
+    tops = []
     model.eval()
     with torch.no_grad():
         for i in range(0, len(examples), batch):
@@ -169,7 +171,14 @@ def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> 
             mask = target != D.IGNORE
             total += F.cross_entropy(logits[mask], target[mask], reduction="sum").item()
             count += mask.sum().item()
-    return total / count if count else math.nan
+            tops.append(logits[mask].argmax(-1))
+    loss = total / count if count else math.nan
+    return loss, (torch.cat(tops) if tops else torch.empty(0, dtype=torch.long))
+
+
+def heldout_loss(model, tokenizer, rows, max_len: int = 128, batch: int = 8) -> float:
+    """Mean loss over assistant tokens of the held-out conversations."""
+    return heldout_scores(model, tokenizer, rows, max_len, batch)[0]
 
 
 # ------------------------------------------------------------------ one process per contender

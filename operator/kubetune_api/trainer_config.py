@@ -55,6 +55,21 @@ class TrainerConfig(_Model):
     )
 
 
+def _job_source(field: str, name: str, resolved: Optional[dict], namespace: str) -> ParentSource:
+    """The FineTuneJob a fromJob field names, as the operator resolved it (its
+    status.parent or status.teacher); unresolved, an error naming the field."""
+    if not resolved or not resolved.get("uri"):
+        raise SpecError(
+            [
+                FieldError(
+                    field, f"FineTuneJob {name} is not resolved", "wait until it has Succeeded"
+                )
+            ]
+        )
+    uid = resolved.get("uid") or "local"
+    return ParentSource(job=JobRef(name=name, namespace=namespace, uid=uid), uri=resolved["uri"])
+
+
 def spec_to_trainer_config(
     job: models.FineTuneJob | dict,
     default_output_uri: Optional[str] = None,
@@ -80,42 +95,15 @@ def spec_to_trainer_config(
     uid = meta.uid or "local"
     source = None
     if spec.model.from_job:
-        if not parent or not parent.get("uri"):
-            raise SpecError(
-                [
-                    FieldError(
-                        "spec.model.fromJob",
-                        f"FineTuneJob {spec.model.from_job} is not resolved",
-                        "wait until it has Succeeded",
-                    )
-                ]
-            )
-        source = ParentSource(
-            job=JobRef(
-                name=spec.model.from_job, namespace=namespace, uid=parent.get("uid") or "local"
-            ),
-            uri=parent["uri"],
-        )
+        source = _job_source("spec.model.fromJob", spec.model.from_job, parent, namespace)
     elif spec.model.from_checkpoint:
         source = ParentSource(uri=spec.model.from_checkpoint)
     teacher_source = None
     distill = spec.method.distill
     named = distill.teacher.from_job if distill and distill.teacher else None
     if named and spec.method.objective == "distill":
-        if not teacher or not teacher.get("uri"):
-            raise SpecError(
-                [
-                    FieldError(
-                        "spec.method.distill.teacher.fromJob",
-                        f"FineTuneJob {named} is not resolved",
-                        "wait until it has Succeeded",
-                    )
-                ]
-            )
-        teacher_source = ParentSource(
-            job=JobRef(name=named, namespace=namespace, uid=teacher.get("uid") or "local"),
-            uri=teacher["uri"],
-        )
+        field = "spec.method.distill.teacher.fromJob"
+        teacher_source = _job_source(field, named, teacher, namespace)
     config = TrainerConfig(
         job=JobRef(name=meta.name, namespace=namespace, uid=uid),
         storage_prefix=job_prefix(output_uri, namespace, meta.name, uid),

@@ -121,11 +121,23 @@ def sft(train: str, out: str, teacher_dir: str, steps: int, layers: int) -> dict
 
 
 def distill(
-    train: str, out: str, teacher_dir: str, steps: int, layers: int, weight: float = 1.0
+    train: str,
+    out: str,
+    teacher_dir: str,
+    steps: int,
+    layers: int,
+    weight: float = 1.0,
+    tokens: str = "responses",
 ) -> dict:
     method = {
         "objective": "distill",
-        "distill": {"mode": "logits", "loss": "forwardKL", "temperature": 1.0, "weight": weight},
+        "distill": {
+            "mode": "logits",
+            "loss": "forwardKL",
+            "temperature": 1.0,
+            "weight": weight,
+            "tokens": tokens,
+        },
     }
     prefix = _run(_student_job(train, out, "distill", teacher_dir, steps, layers, method))
     tps, tokens = C.steady_tokens_per_second(prefix, steps)
@@ -234,12 +246,45 @@ def score(heldout: str, teacher_dir: str, models: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the run
+# name: (the contender function, its settings)
+CONTENDERS = {
+    "sft": ("sft", {}),
+    "distill": ("distill", {"weight": 1.0}),
+    "distill_mixed": ("distill", {"weight": 0.5}),
+    "distill_all": ("distill", {"weight": 1.0, "tokens": "all"}),
+    "distill_all_mixed": ("distill", {"weight": 0.5, "tokens": "all"}),
+    "trl": ("trl", {}),
+}
+LABELS = {
+    "sft": "kubetune sft",
+    "distill": "kubetune distill (KL only on the responses, as TRL's)",
+    "distill_mixed": "kubetune distill (KL 0.5 + CE 0.5 on the responses: the defaults)",
+    "distill_all": "kubetune distill (KL only, tokens all)",
+    "distill_all_mixed": "kubetune distill (KL 0.5 + CE 0.5, tokens all)",
+    "trl": "TRL GKDTrainer",
+}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--teacher-steps", type=int, default=60)
     p.add_argument("--layers", type=int, default=15, help="decoder layers the student keeps")
+    p.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help="which students to train, comma-separated (default: all of them)",
+    )
+    p.add_argument(
+        "--work",
+        help="a folder to keep the teacher and the students in (reused: a teacher found "
+        "there is not trained again); default: a temporary folder, removed at the end",
+    )
     args = p.parse_args()
+    chosen = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(chosen) - set(CONTENDERS))
+    if unknown:
+        p.error(f"--contenders: unknown {unknown}; choose from {', '.join(CONTENDERS)}")
     C.prepare()
     train_rows, val_rows = C.split()
     # Conversations that fit MAX_LEN whole: TRL's GKD collator refuses one whose answer
@@ -253,20 +298,28 @@ def main() -> int:
     fits = [r for r in train_rows if length(r) <= MAX_LEN]
     print(f"training rows: {len(fits)} of {len(train_rows)} fit {MAX_LEN} tokens", flush=True)
     train_rows = fits
-    work = Path(tempfile.mkdtemp(prefix="kubetune-distill-"))
+    keep = args.work is not None
+    work = Path(args.work) if keep else Path(tempfile.mkdtemp(prefix="kubetune-distill-"))
+    work.mkdir(parents=True, exist_ok=True)
     train = C.write_jsonl(work / "train.jsonl", train_rows)
     heldout = C.write_jsonl(work / "heldout.jsonl", val_rows)
     peaks, runs = {}, {}
     try:
-        t, peaks["teacher"] = C.isolated(
-            __file__,
-            "teacher",
-            train=str(train),
-            out=str(work / "teacher"),
-            steps=args.teacher_steps,
-        )
+        made = work / f"teacher-{args.teacher_steps}.json"
+        if keep and made.exists():
+            t = json.loads(made.read_text())
+            print(f"teacher: read back from {work}", flush=True)
+        else:
+            t, peaks["teacher"] = C.isolated(
+                __file__,
+                "teacher",
+                train=str(train),
+                out=str(work / f"teacher-{args.teacher_steps}"),
+                steps=args.teacher_steps,
+            )
+            made.write_text(json.dumps(t))
+            print(f"teacher: trained, peak {peaks['teacher']:.1f} GiB", flush=True)
         teacher_dir = t["model"]
-        print(f"teacher: trained, peak {peaks['teacher']:.1f} GiB", flush=True)
         start, _ = C.isolated(
             __file__,
             "pruned",
@@ -275,22 +328,24 @@ def main() -> int:
             layers=args.layers,
         )
         common = {"train": str(train), "teacher_dir": teacher_dir, "steps": args.steps}
-        for name, extra in (("sft", {}), ("distill", {}), ("distill_mixed", {"weight": 0.5})):
-            contender = "distill" if name.startswith("distill") else name
+        for name in chosen:
+            contender, extra = CONTENDERS[name]
+            if contender == "trl":
+                extra = {**extra, "student_dir": start["model"]}
+            else:
+                extra = {**extra, "layers": args.layers}
+            shutil.rmtree(work / name, ignore_errors=True)
             runs[name], peaks[name] = C.isolated(
-                __file__, contender, out=str(work / name), layers=args.layers, **common, **extra
+                __file__, contender, out=str(work / name), **common, **extra
             )
             print(f"{name}: trained, peak {peaks[name]:.1f} GiB", flush=True)
-        runs["trl"], peaks["trl"] = C.isolated(
-            __file__, "trl", out=str(work / "trl"), student_dir=start["model"], **common
-        )
-        print(f"trl: trained, peak {peaks['trl']:.1f} GiB", flush=True)
         models = {"pruned": start["model"], **{k: v["model"] for k, v in runs.items()}}
         scores, _ = C.isolated(
             __file__, "score", heldout=str(heldout), teacher_dir=teacher_dir, models=models
         )
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     t, before = scores["teacher"], scores["pruned"]
     print()
@@ -308,10 +363,7 @@ def main() -> int:
     rows = [
         ("teacher", t, None),
         ("pruned student, before training", before, None),
-        ("kubetune sft", scores["sft"], "sft"),
-        ("kubetune distill (KL only, as TRL's)", scores["distill"], "distill"),
-        ("kubetune distill (defaults: KL 0.5 + CE 0.5)", scores["distill_mixed"], "distill_mixed"),
-        ("TRL GKDTrainer", scores["trl"], "trl"),
+        *((LABELS[name], scores[name], name) for name in chosen),
     ]
     for label, s, run in rows:
         closed = (before["loss"] - s["loss"]) / gap if gap > 0 and label != "teacher" else None
@@ -323,9 +375,10 @@ def main() -> int:
             f"{'' if tps is None else f'{tps:.0f}'} | "
             f"{'' if math.isnan(peak) else f'{peak:.1f} GiB'} |"
         )
-    ratio = runs["distill"]["tps"] / runs["trl"]["tps"]
-    print(f"\ntokens/s ratio kubetune distill / TRL GKD: {ratio:.2f} (target >= 1.0)")
-    for name in ("distill", "distill_mixed"):
+    if "distill" in runs and "trl" in runs:
+        ratio = runs["distill"]["tps"] / runs["trl"]["tps"]
+        print(f"\ntokens/s ratio kubetune distill / TRL GKD: {ratio:.2f} (target >= 1.0)")
+    for name in (n for n in chosen if n.startswith("distill") and "sft" in scores):
         print(
             f"{name}: closed more of the gap than SFT: "
             f"{scores[name]['loss'] < scores['sft']['loss']}"

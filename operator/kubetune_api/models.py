@@ -455,6 +455,11 @@ class DistillLoss(str, Enum):
     reverse_kl = "reverseKL"
 
 
+class DistillTokens(str, Enum):
+    responses = "responses"
+    all = "all"
+
+
 class DistillConfig(_Model):
     teacher: Optional[TeacherSource] = Field(
         None,
@@ -487,6 +492,13 @@ class DistillConfig(_Model):
         le=1,
         description="logits mode: the share of the distillation term in the loss; the rest "
         "is the next-token loss on the data's own answers (1: distillation only).",
+    )
+    tokens: DistillTokens = Field(
+        DistillTokens.responses,
+        description="logits mode: where the student is pulled towards the teacher. "
+        "responses: the data's response tokens (where the next-token loss is); all: every "
+        "token of each example, prompts included (the next-token loss stays on the "
+        "responses), which gives a pruned student twice the signal per step on chat data.",
     )
     max_new_tokens: int = Field(
         256,

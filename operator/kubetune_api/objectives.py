@@ -175,8 +175,7 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
                 "python": lambda d: (
                     d is None
                     or not isinstance(d.get("teacher"), dict)
-                    or sum(d["teacher"].get(k) is not None for k in ("name", "uri", "fromJob"))
-                    <= 1
+                    or sum(d["teacher"].get(k) is not None for k in ("name", "uri", "fromJob")) <= 1
                 ),
                 "field": "teacher",
             },
@@ -203,6 +202,17 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
                     d is None or d["onPolicyFraction"] == 0 or d["mode"] == "logits"
                 ),
                 "field": "onPolicyFraction",
+            },
+            {
+                "id": "distill-tokens-needs-logits",
+                "message": "method.distill.tokens picks the tokens of the logit KL, and mode "
+                "sequence has none (the student learns the teacher's answers by the next-token "
+                "loss): use mode logits, or remove tokens",
+                "cel": "self.tokens == 'responses' || self.mode == 'logits'",
+                "python": lambda d: (
+                    d is None or d["tokens"] == "responses" or d["mode"] == "logits"
+                ),
+                "field": "tokens",
             },
         ),
         spec_rules=(

@@ -102,8 +102,7 @@ def resolve_parent(
         return None, (
             Phase.Pending,
             Reason.ParentNotSucceeded,
-            f"waiting for FineTuneJob {name} ({field}) to succeed; it is "
-            f"{phase or 'not started'}",
+            f"waiting for FineTuneJob {name} ({field}) to succeed; it is {phase or 'not started'}",
         )
     output = ((parent.get("spec") or {}).get("output") or {}).get("uri") or default_output_uri
     if not output:

@@ -541,8 +541,7 @@ class Reconciler:
                 Reason.ParentResolved,
                 f"continuing from FineTuneJob {parent['name']} at {parent['uri']}"
                 if ref is MODEL_FROM_JOB
-                else f"learning from FineTuneJob {parent['name']} at {parent['uri']} "
-                f"({ref.field})",
+                else f"learning from FineTuneJob {parent['name']} at {parent['uri']} ({ref.field})",
                 now,
                 gen,
             )

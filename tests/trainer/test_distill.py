@@ -66,6 +66,50 @@ def test_distill_loss_weighs_the_kl_by_t_squared_against_cross_entropy():
     assert same.item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_distill_loss_takes_the_kl_on_every_position_and_the_ce_on_labelled_ones():
+    """tokens all: prompt positions (target IGNORE) count in the KL, not in the CE."""
+    from kubetune_trainer import data as D
+
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.2, -1.0, 0.3], [0.0, 0.5, 1.0]])
+    teacher = torch.tensor([[3.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 1.0, -2.0]])
+    target = torch.tensor([D.IGNORE, 1, D.IGNORE])
+    total, kl, ce = Dl.distill_loss(student, teacher, target, 1.0, "forwardKL", 0.5)
+    s = [_softmax(r, 1.0) for r in student.tolist()]
+    q = [_softmax(r, 1.0) for r in teacher.tolist()]
+    want_kl = sum(_kl(q[i], s[i]) for i in range(3)) / 3
+    assert kl.item() == pytest.approx(want_kl, abs=1e-6)
+    assert ce.item() == pytest.approx(-math.log(s[1][1]), abs=1e-6)
+    assert total.item() == pytest.approx(0.5 * want_kl + 0.5 * ce.item(), abs=1e-6)
+    # no labelled position at all: the KL alone, and a CE of 0
+    _, kl2, ce2 = Dl.distill_loss(
+        student, teacher, torch.full((3,), D.IGNORE), 1.0, "forwardKL", 0.5
+    )
+    assert kl2.item() == pytest.approx(want_kl, abs=1e-6) and ce2.item() == 0.0
+
+
+def test_next_token_positions_of_padded_and_packed_batches():
+    from kubetune_trainer import data as D
+
+    pad, ig = 0, D.IGNORE
+    examples = [
+        D.Example([5, 6, 7, 8], [ig, ig, 7, 8]),  # a prompt of 2, an answer of 2
+        D.Example([9, 0, 3], [ig, 0, 3]),  # its answer holds the pad id: a real token
+        D.Example([4, 4], [ig, 4]),
+    ]
+    padded = D.collate(examples, [[0], [2]], pad, packing=False)
+    assert D.next_token_positions(padded, pad).tolist() == [
+        [True, True, True],
+        [True, False, False],
+    ]
+    packed = D.collate(examples, [[0, 2], [1]], pad, packing=True)
+    # row 0: 5 6 7 8 | 4 4 (position 3 -> 4 crosses into the next example);
+    # row 1: 9 0 3, then three pads (unlabelled pad ids at the end: padding)
+    assert D.next_token_positions(packed, pad).tolist() == [
+        [True, True, True, False, True],
+        [True, True, False, False, False],
+    ]
+
+
 def test_teacher_source_is_spec_model_without_parent_or_pruning():
     from kubetune_api.models import ModelSource, TeacherSource
 

@@ -135,6 +135,10 @@ BREAKERS = {
             "distill": {"mode": "sequence", "onPolicyFraction": 0.5},
         },
     },
+    "distill-tokens-needs-logits": {
+        **BASE,
+        "method": {"objective": "distill", "distill": {"mode": "sequence", "tokens": "all"}},
+    },
     "distill-answers-fit-max-seq-length": {
         **BASE,
         "dataset": {**BASE["dataset"], "maxSeqLength": 64},

@@ -521,6 +521,23 @@ def collate(examples: list[Example], seqs: list[list[int]], pad_id: int, packing
     return batch
 
 
+def next_token_positions(batch: dict, pad_id: int):
+    """[batch, length - 1] bool: the positions t of a collated batch whose next token
+    (t + 1) is a real token of the same example, prompt or response. Padded: from
+    the attention mask. Packed (no mask): a row's padding is the run of unlabelled
+    pad tokens at its end, and a position id of 0 starts the next example."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    if "attention_mask" in batch:
+        real = batch["attention_mask"] > 0
+    else:
+        pad = (ids == pad_id) & (labels == IGNORE)
+        real = ~pad.flip(-1).long().cumprod(-1).flip(-1).bool()
+    keep = real[:, 1:] & real[:, :-1]
+    if "position_ids" in batch:
+        keep &= batch["position_ids"][:, 1:] != 0
+    return keep
+
+
 def data_dir(spec) -> Optional[str]:
     """The training data's folder when it is on this machine (a python grader's
     `file` is read beside it), else None."""

@@ -627,9 +627,7 @@ def _run_job(opts, raw, job, result, base, out, err, t0, last: bool) -> int:
         err.write(f"  {problem or teacher_problem}\nkubetune run: nothing was trained\n")
         return EXIT_INVALID
     config = load_trainer_config(
-        spec_to_trainer_config(
-            job, default_output_uri=default_out, parent=parent, teacher=teacher
-        )
+        spec_to_trainer_config(job, default_output_uri=default_out, parent=parent, teacher=teacher)
     )
     storage = JobStorage(config.storage_prefix, config.spec.output)
     bar = opts.progress is not False and out.isatty()

@@ -254,20 +254,25 @@ class LabelledHead:
     def logits(self, forward, batch: dict):
         """(logits, targets) of the labelled positions: forward(**inputs) runs the
         model (or the DeepSpeed engine) on the batch without its labels."""
+        target = batch["labels"][:, 1:]
+        keep = target != IGNORE
+        return self.logits_at(forward, batch, keep), target[keep]
+
+    def logits_at(self, forward, batch: dict, keep):
+        """The logits of the positions t where keep[:, t] ([batch, length - 1]: position
+        t predicts token t + 1), in row-major order."""
         import torch.nn.functional as F
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        target = batch["labels"][:, 1:]
-        keep = target != IGNORE
         if self.enabled:
-            self.keep = F.pad(keep, (0, 1), value=False)  # position t predicts t+1
+            self.keep = F.pad(keep, (0, 1), value=False)
         try:
             logits = forward(**inputs, use_cache=False).logits
         finally:
             self.keep = None
         if logits.dim() == 3:  # no head hook (or a model that reshapes): select here
             logits = logits[:, :-1][keep]
-        return logits.float(), target[keep]
+        return logits.float()
 
     def loss(self, forward, batch: dict):
         """Mean cross-entropy over the labelled tokens (what the model's own loss

@@ -21,6 +21,12 @@ Two modes (method.distill.mode):
   averaged over the micro-batch's response tokens and multiplied by T^2 (so the
   gradients keep their size as T grows; Hinton et al.). The loss is
       weight x T^2 x KL + (1 - weight) x cross-entropy on the data's own answers.
+  tokens picks the positions of the KL: responses (the default), the response
+  tokens, where the next-token loss is; all, every next token of each example,
+  the prompt's included (the next-token loss stays on the responses). A pruned
+  student, which must relearn the language as well as the task, gets more of the
+  teacher's signal per step from all. The student's own answers (onPolicyFraction)
+  take the KL on the answer tokens whatever tokens says.
   Train rows: distill_kl (the KL per token at T, without the T^2), distill_ce.
 - sequence: before the first step the teacher answers every training prompt
   once (greedy, up to maxNewTokens; the prompt is each example's tokens before
@@ -86,15 +92,21 @@ def token_kl(student_logits, teacher_logits, temperature: float, loss: str):
 
 
 def distill_loss(student_logits, teacher_logits, target, temperature: float, loss: str, weight):
-    """(loss, kl, ce) of the labelled tokens: weight x T^2 x mean KL + (1 - weight) x
-    cross-entropy; kl (per token at T) and ce come back detached."""
+    """(loss, kl, ce) of a set of token positions: weight x T^2 x mean KL over all of
+    them + (1 - weight) x cross-entropy over those with a label (target not IGNORE:
+    tokens all's prompt positions have none); kl (per token at T) and ce come back
+    detached."""
     import torch.nn.functional as F
 
+    labelled = target != D.IGNORE
+    zero = student_logits.sum() * 0.0
     if target.numel() == 0:
-        zero = student_logits.sum() * 0.0
         return zero, zero.detach(), zero.detach()
     kl = token_kl(student_logits, teacher_logits, temperature, loss).mean()
-    ce = F.cross_entropy(student_logits.float(), target)
+    if labelled.any():
+        ce = F.cross_entropy(student_logits[labelled].float(), target[labelled])
+    else:
+        ce = zero
     total = weight * temperature**2 * kl + (1 - weight) * ce
     return total, kl.detach(), ce.detach()
 
@@ -176,6 +188,7 @@ class Distill(SupervisedData, FixedExamples):
         # the settings' enums, as their values (the spec may hold either)
         self.mode = getattr(self.cfg.mode, "value", self.cfg.mode)
         self.loss_kind = getattr(self.cfg.loss, "value", self.cfg.loss)
+        self.tokens = getattr(self.cfg.tokens, "value", self.cfg.tokens)
         self.ctx: Optional[TrainContext] = None
         self.teacher = None
         self.t_head = None
@@ -370,12 +383,16 @@ class Distill(SupervisedData, FixedExamples):
         return made, int(made["attention_mask"].sum())
 
     # ---------------------------------------------------------------- teacher forward
-    def _teacher_logits(self, batch: dict):
+    def _teacher_logits(self, batch: dict, keep=None):
+        """The teacher's logits at the labelled positions, or at `keep`'s."""
         import torch
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits, _ = self.t_head.logits(self.teacher, batch)
+            if keep is None:
+                logits, _ = self.t_head.logits(self.teacher, batch)
+            else:
+                logits = self.t_head.logits_at(self.teacher, batch, keep)
         if logits.is_cuda:
             torch.cuda.synchronize()
         self._teacher_time += time.perf_counter() - t0
@@ -394,15 +411,29 @@ class Distill(SupervisedData, FixedExamples):
         if self.mode == "sequence":
             return w.head.loss(w.engine, batch)
         # the student's own answers (GKD): the KL only, no next-token loss on them
-        weight = 1.0 if batch.pop("_on_policy", False) else self.cfg.weight
-        logits, target = w.head.logits(w.engine, batch)
-        teacher = self._teacher_logits(batch)
+        on_policy = batch.pop("_on_policy", False)
+        weight = 1.0 if on_policy else self.cfg.weight
+        if self.tokens == "all" and not on_policy:
+            # every next token of each example; the prompts' positions have no label
+            keep = D.next_token_positions(batch, self.ctx.pad_id)
+            logits = w.head.logits_at(w.engine, batch, keep)
+            target = batch["labels"][:, 1:][keep]
+            teacher = self._teacher_logits(batch, keep)
+        else:
+            logits, target = w.head.logits(w.engine, batch)
+            teacher = self._teacher_logits(batch)
         c = self.cfg
         total, kl, ce = distill_loss(
             logits[:, : self.vocab], teacher, target, c.temperature, self.loss_kind, weight
         )
+        labelled = float((target != D.IGNORE).sum())
         stats = torch.stack(
-            [kl * target.numel(), ce * target.numel(), kl.new_tensor(float(target.numel()))]
+            [
+                kl * target.numel(),
+                ce * labelled,
+                kl.new_tensor(float(target.numel())),
+                kl.new_tensor(labelled),
+            ]
         )
         self._stats = stats if self._stats is None else self._stats + stats
         return total
@@ -413,9 +444,9 @@ class Distill(SupervisedData, FixedExamples):
             out.update(self._sizes)
             self._sizes = None
         if self._stats is not None:
-            kl, ce, n = self.ctx.worker.allreduce([float(x) for x in self._stats])
+            kl, ce, n, n_ce = self.ctx.worker.allreduce([float(x) for x in self._stats])
             self._stats = None
-            out.update(distill_kl=kl / max(n, 1), distill_ce=ce / max(n, 1))
+            out.update(distill_kl=kl / max(n, 1), distill_ce=ce / max(n_ce, 1))
         if self.cfg.on_policy_fraction and self.mode == "logits":
             (n,) = self.ctx.worker.allreduce([self._on_policy_batches])
             out["distill_on_policy_batches"] = int(n)

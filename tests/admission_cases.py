@@ -782,6 +782,7 @@ def _written() -> list[Case]:
     clean = "spec.dataset.clean"
     add("clean:defaults", mutate(clean, {}))
     add("clean:redact", mutate(clean, {"action": "redact", "pii": ["email", "phone"]}))
+    add("clean:redact-default-kinds", mutate(clean, {"action": "redact"}))
     add("clean:report-no-pii", mutate(clean, {"action": "report", "pii": []}))
     add("clean:exact-only", mutate(clean, {"nearDuplicateThreshold": 1.0}))
     add("clean:redact-no-pii", mutate(clean, {"action": "redact", "pii": []}), f"{clean}.pii")
@@ -1634,6 +1635,7 @@ _safe(("parent:continue-adapter",), "fromJob without mergeParent: the parent's a
 _safe(("tracking:none",), "tracking is optional")
 _safe(("clean:defaults",), "dataset.clean with its defaults: report every kind of finding")
 _safe(("clean:redact",), "redact with the PII kinds to redact named")
+_safe(("clean:redact-default-kinds",), "redact with the default kinds: all four")
 _safe(("clean:report-no-pii",), "a report of duplicates and leaks only: no PII scan")
 _safe(("clean:exact-only",), "threshold 1.0 counts exact duplicates only")
 _safe(("prune:layers-ok",), "layers to keep by index, increasing: the alternative to keepLayers")

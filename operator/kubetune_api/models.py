@@ -284,7 +284,7 @@ class Clean(_Model):
         "1.0: exact duplicates only (text compared case-folded, white space collapsed).",
     )
     pii: Annotated[list[PiiKind], Field(max_length=len(PiiKind)), PII_KINDS_ONCE] = Field(
-        default_factory=lambda: list(PiiKind),
+        [kind.value for kind in PiiKind],  # a plain default: the CRD carries it
         description="PII kinds scanned for: email (addresses outside the reserved "
         "example domains), phone (10 to 15 digits, or + and 8 or more; dates and "
         "addresses left out), card (13 to 19 digits of a card network that pass the Luhn "

@@ -218,3 +218,34 @@ def test_kubetune_validate_shows_the_counts(tmp_path, action):
     warned = "warning: dataset.clean found 16 duplicate, leaked or PII finding(s)" in proc.stdout
     assert warned == (action == "report")
     assert "maria.lopez" not in proc.stdout
+
+
+def test_every_format_is_compared_on_the_text_it_trains_on():
+    rows = {
+        "text": [{"text": "one two three four five"}, {"text": "One  two three four FIVE"}],
+        "preference": [
+            {"prompt": "p q r s", "chosen": "a b c d e", "rejected": "x y z w v"},
+            {"prompt": "p q r s", "chosen": "a b c d e", "rejected": "x y z w v"},
+        ],
+        "alpaca": [
+            {"instruction": "mail me", "input": "at ana@corp-mail.net", "output": "ok"},
+            {"instruction": "mail me", "input": "at ana@corp-mail.net", "output": "no"},
+        ],
+        "prompt": [
+            {"prompt": "say hi", "secret": "AKIAIOSFODNN7EXAMPLE"},  # a grader field
+            {"prompt": "say bye", "secret": "AKIAIOSFODNN7EXAMPLE"},
+        ],
+    }
+    found = {}
+    for fmt, pair in rows.items():
+        part = C.scan({"train": [D.normalize(r, fmt)[0] for r in pair]})["splits"]["train"]
+        found[fmt] = (
+            part["counts"]["exactDuplicates"],
+            [(e["row"], e["field"], e["kind"]) for e in part["pii"]],
+        )
+    assert found == {
+        "text": (1, []),
+        "preference": (1, []),
+        "alpaca": (0, [(0, "messages[0].content", "email"), (1, "messages[0].content", "email")]),
+        "prompt": (0, []),  # item fields are not trained on
+    }

@@ -47,6 +47,7 @@ FULL_SPEC: dict[str, Any] = {
         "format": "chat",
         "maxSeqLength": 2048,
         "packing": True,
+        "clean": {"action": "drop", "nearDuplicateThreshold": 0.8, "pii": ["email", "key"]},
         "endpoint": "https://minio.example:9000",
         "region": "us-east-1",
         "secretRef": {"name": "s3-creds"},
@@ -776,6 +777,23 @@ def _written() -> list[Case]:
     qlora = copy.deepcopy(FULL_SPEC)
     qlora["method"]["type"] = "qlora"
     add("parent:merge-into-qlora", job(qlora), "spec.model.mergeParent")
+
+    # clean, leak-free data (spec.dataset.clean)
+    clean = "spec.dataset.clean"
+    add("clean:defaults", mutate(clean, {}))
+    add("clean:redact", mutate(clean, {"action": "redact", "pii": ["email", "phone"]}))
+    add("clean:redact-default-kinds", mutate(clean, {"action": "redact"}))
+    add("clean:report-no-pii", mutate(clean, {"action": "report", "pii": []}))
+    add("clean:exact-only", mutate(clean, {"nearDuplicateThreshold": 1.0}))
+    add("clean:redact-no-pii", mutate(clean, {"action": "redact", "pii": []}), f"{clean}.pii")
+    add("clean:pii-repeated", mutate(clean, {"pii": ["email", "email"]}), f"{clean}.pii")
+    add("clean:pii-unknown", mutate(clean, {"pii": ["ssn"]}), f"{clean}.pii[0]")
+    add("clean:action-unknown", mutate(clean, {"action": "fix"}), f"{clean}.action")
+    add(
+        "clean:threshold-low",
+        mutate(clean, {"nearDuplicateThreshold": 0.3}),
+        f"{clean}.nearDuplicateThreshold",
+    )
 
     # structured pruning (spec.model.prune)
     prune = "spec.model.prune"
@@ -1615,6 +1633,11 @@ _safe(("rule:lora-on-cpu",), "LoRA (not QLoRA) with bf16 trains on CPU")
 _safe(("parent:checkpoint",), "a checkpoint URI as the parent, with the base model named")
 _safe(("parent:continue-adapter",), "fromJob without mergeParent: the parent's adapter continues")
 _safe(("tracking:none",), "tracking is optional")
+_safe(("clean:defaults",), "dataset.clean with its defaults: report every kind of finding")
+_safe(("clean:redact",), "redact with the PII kinds to redact named")
+_safe(("clean:redact-default-kinds",), "redact with the default kinds: all four")
+_safe(("clean:report-no-pii",), "a report of duplicates and leaks only: no PII scan")
+_safe(("clean:exact-only",), "threshold 1.0 counts exact duplicates only")
 _safe(("prune:layers-ok",), "layers to keep by index, increasing: the alternative to keepLayers")
 _safe(("prune:one-layer",), "a single kept layer is a model (a very small one)")
 _safe(("prune:layers-max",), "256 increasing indices: the list's longest form")

@@ -239,6 +239,60 @@ class DataSource(_Model):
     split: SpecWord = Field("train", description="Split to read when name is a datasets name.")
 
 
+class CleanAction(str, Enum):
+    report = "report"
+    drop = "drop"
+    redact = "redact"
+
+
+class PiiKind(str, Enum):
+    email = "email"
+    phone = "phone"
+    card = "card"
+    key = "key"
+
+
+PII_KINDS_ONCE = checks.Check(
+    cel="self.all(k, self.indexOf(k) == self.lastIndexOf(k))",
+    message="must name each kind once (e.g. [email, phone, card, key]): remove the repeats",
+    python=lambda v: isinstance(v, list) and len(set(v)) == len(v),
+)
+
+
+class Clean(_Model):
+    """Duplicates, leakage between splits and PII, found before training
+    (docs/practice.md, "Clean, leak-free data"). The report is saved as clean.json
+    under the job's output prefix and summed up by `kubetune validate`, `kubetune
+    run` and the trainer's log."""
+
+    action: CleanAction = Field(
+        CleanAction.report,
+        description="report: count and list what is found, train on the data as it is; "
+        "drop: leave out, before tokenizing, every duplicate after its first row (in each "
+        "split), every train row that is also (or nearly) in validation or test, and every "
+        "row with PII; redact: drop the duplicates and leaked rows the same way, and "
+        "replace each PII span with a placeholder (<EMAIL>, <PHONE>, <CARD>, <KEY>) "
+        "instead of dropping its row.",
+    )
+    near_duplicate_threshold: float = Field(
+        0.8,
+        ge=0.5,
+        le=1.0,
+        description="Two rows are near duplicates when their word 3-grams overlap at "
+        "least this much (Jaccard similarity; MinHash LSH finds the candidates, the exact "
+        "overlap confirms them). Rows of fewer than three 3-grams count only when equal. "
+        "1.0: exact duplicates only (text compared case-folded, white space collapsed).",
+    )
+    pii: Annotated[list[PiiKind], Field(max_length=len(PiiKind)), PII_KINDS_ONCE] = Field(
+        [kind.value for kind in PiiKind],  # a plain default: the CRD carries it
+        description="PII kinds scanned for: email (addresses outside the reserved "
+        "example domains), phone (10 to 15 digits, or + and 8 or more; dates and "
+        "addresses left out), card (13 to 19 digits of a card network that pass the Luhn "
+        "check), key (cloud and API keys and tokens, private key blocks, long random "
+        "values set to a key, token, secret or password). [] scans for none.",
+    )
+
+
 class Dataset(StorageAccess):
     train: DataSource = Field(description="Training data.")
     validation: Optional[DataSource] = Field(
@@ -278,6 +332,12 @@ class Dataset(StorageAccess):
         True,
         description="Pack several examples into each sequence (position ids reset per "
         "example, no cross-example attention) instead of padding.",
+    )
+    clean: Optional[Clean] = Field(
+        None,
+        description="Find exact and near-duplicate rows, train rows leaked into "
+        "validation or test, and PII (emails, phone numbers, card numbers, keys); report "
+        "them, or drop or redact them before training. Unset: no scan.",
     )
 
 

@@ -279,6 +279,15 @@ RULES: list[Rule] = [
         cel="has(self.uri) != has(self.name)",
         python=lambda d: d is None or _has(d, "uri") != _has(d, "name"),
     ),
+    Rule(
+        "clean-redact-needs-pii",
+        ("dataset", "clean"),
+        "dataset.clean.action redact replaces PII: list the kinds to redact in "
+        "dataset.clean.pii (email, phone, card, key), or use action drop or report",
+        cel="self.action != 'redact' || size(self.pii) > 0",
+        python=lambda c: c["action"] != "redact" or len(c["pii"]) > 0,
+        field="pii",
+    ),
     *objective_rules(),
     Rule(
         "generation-needs-held-out-data",

@@ -54,6 +54,7 @@ CONFIG = "config.json"
 ATTEMPT = "attempt.json"  # AttemptRecord, the fence: written first by every attempt
 RUN_RECORD = "run.json"
 TRACKING = "tracking.json"
+CLEAN = "clean.json"  # spec.dataset.clean's report (kubetune_trainer.clean)
 LOSS_CURVE = "loss.png"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"

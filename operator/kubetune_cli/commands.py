@@ -6,8 +6,8 @@ the function taking the parsed arguments and returning the exit status; the CLI
 defines its arguments and loads the function only when the command runs. Checks
 that `kubetune validate` adds for what this machine can see are registered the
 same way under `kubetune.validate_checks` (function(doc, file) -> (errors as
-FieldError dicts, warnings)). An extra that is not installed is said in one
-line, with the command that installs it.
+FieldError dicts, warnings[, notes: findings that are no problem])). An extra
+that is not installed is said in one line, with the command that installs it.
 """
 
 from __future__ import annotations
@@ -47,17 +47,19 @@ def _registered_checks() -> list[EntryPoint]:
     return sorted(entry_points(group=VALIDATE_CHECKS), key=lambda e: e.name)
 
 
-def validate_checks(doc: Any, file: str) -> tuple[list[dict], list[str]]:
-    """Every registered check's findings for one valid document; a check whose
-    package is not installed adds nothing."""
+def validate_checks(doc: Any, file: str) -> tuple[list[dict], list[str], list[str]]:
+    """Every registered check's findings for one valid document (errors, warnings,
+    notes); a check whose package is not installed adds nothing."""
     errors: list[dict] = []
     warnings: list[str] = []
+    notes: list[str] = []
     for ep in _registered_checks():
         try:
             check = ep.load()
         except ImportError:
             continue
-        more_errors, more_warnings = check(doc, file)
-        errors += more_errors
-        warnings += more_warnings
-    return errors, warnings
+        found = check(doc, file)
+        errors += found[0]
+        warnings += found[1]
+        notes += found[2] if len(found) > 2 else []
+    return errors, warnings, notes

@@ -57,9 +57,11 @@ def _validate_one(name: str, index: int, doc: Any, warnings: list[str]) -> dict:
             "please report this with the file",
         )
         return _report(name, index, [error], warnings, shown)
-    local_errors, local_warnings = validate_checks(doc, name) if result.ok else ([], [])
+    local_errors, local_warnings, notes = validate_checks(doc, name) if result.ok else ([], [], [])
     errors = result.errors + [FieldError(**e) for e in local_errors]
     report = _report(name, index, errors, warnings + result.warnings + local_warnings, shown)
+    if notes:
+        report["notes"] = notes  # e.g. dataset.clean's counts
     if not errors and result.job is not None and result.job.spec.sweep is not None:
         from kubetune_api.sweep import describe
 
@@ -120,6 +122,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print("  " + str(FieldError(**e)))
             for w in r["warnings"]:
                 print(f"  warning: {w}")
+            for line in r.get("notes", []):
+                print(f"  {line}")
             for line in r.get("sweep", []):
                 print(f"  {line}")
         total = sum(len(r["errors"]) for r in reports)

@@ -17,6 +17,10 @@ BREAKERS = {
     "model-source": {**BASE, "model": {"name": "a", "uri": "s3://bucket/m"}},
     "train-source": {**BASE, "dataset": {"train": {}}},
     "validation-source": {**BASE, "dataset": {**BASE["dataset"], "validation": {}}},
+    "clean-redact-needs-pii": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "clean": {"action": "redact", "pii": []}},
+    },
     "epochs-xor-max-steps": {**BASE, "hyperparameters": {"epochs": 1, "maxSteps": 2}},
     "lora-needs-adapter-method": {**BASE, "method": {"type": "full", "lora": {}}},
     "quantization-needs-qlora": {**BASE, "method": {"type": "lora", "quantization": {}}},

@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import clean as C
 from . import staging
 from .storage import filesystem, to_uri
 
@@ -566,6 +567,26 @@ def split_validation(rows: list, fraction: float, seed: int) -> tuple[Rows, Rows
     )
 
 
+def clean_splits(splits: dict[str, list], fmt: str, clean) -> tuple[dict[str, Rows], dict]:
+    """spec.dataset.clean on the raw rows of each split (train, validation, test):
+    the rows left after its action, labels kept, and the report (kubetune_trainer.clean).
+    Rows that do not fit the format are passed through, for the example builder to
+    count as it always does."""
+    action = clean.action.value if hasattr(clean.action, "value") else str(clean.action)
+    kinds = [k.value if hasattr(k, "value") else str(k) for k in clean.pii]
+    norms, labels = {}, {}
+    for name, rows in splits.items():
+        label = rows.label if isinstance(rows, Rows) else (lambda i: f"row {i + 1}")
+        norms[name] = [normalize(row, fmt)[0] for row in rows]
+        labels[name] = [label(i) for i in range(len(rows))]
+    report = C.scan(norms, labels, clean.near_duplicate_threshold, kinds, action)
+    out = {}
+    for name, rows in splits.items():
+        kept_rows, kept = C.apply(list(rows), report["splits"][name], action, kinds)
+        out[name] = Rows(kept_rows, (labels[name][i] for i in kept))
+    return out, report
+
+
 @dataclass
 class Prepared:
     train: list[Example]
@@ -577,6 +598,7 @@ class Prepared:
     # the held-out rows, normalised, for evaluation by generation
     val_rows: list = field(default_factory=list)
     test_rows: list = field(default_factory=list)
+    clean: Optional[dict] = None  # spec.dataset.clean's report (kubetune_trainer.clean)
 
 
 def prepare(spec, tokenizer, environ=None, build=build_examples) -> Prepared:
@@ -590,15 +612,26 @@ def prepare(spec, tokenizer, environ=None, build=build_examples) -> Prepared:
         train_rows, val_rows = split_validation(
             rows, ds.validation_split, spec.hyperparameters.seed
         )
+    test_rows = read_rows(ds.test, ds, environ) if ds.test is not None else None
+    report = None
+    if ds.clean is not None:  # before tokenizing: what is dropped is never seen
+        splits = {"train": train_rows}
+        if val_rows:
+            splits["validation"] = val_rows
+        if test_rows is not None:
+            splits["test"] = test_rows
+        splits, report = clean_splits(splits, ds.format, ds.clean)
+        train_rows = splits["train"]
+        val_rows, test_rows = splits.get("validation", val_rows), splits.get("test")
     train, train_report = build(train_rows, ds.format, tokenizer, ds.max_seq_length)
     require_usable(train_report, "train")
     val, val_report = [], None
     if val_rows:
         val, val_report = build(val_rows, ds.format, tokenizer, ds.max_seq_length)
-    prepared = Prepared(train, val, train_report, val_report, val_rows=val_rows)
-    if ds.test is not None:
-        prepared.test_rows = read_rows(ds.test, ds, environ)
+    prepared = Prepared(train, val, train_report, val_report, val_rows=val_rows, clean=report)
+    if test_rows is not None:
+        prepared.test_rows = test_rows
         prepared.test, prepared.test_report = build(
-            prepared.test_rows, ds.format, tokenizer, ds.max_seq_length
+            test_rows, ds.format, tokenizer, ds.max_seq_length
         )
     return prepared

@@ -21,6 +21,7 @@ from pathlib import Path
 from kubetune_api import storage as contract
 from kubetune_api.trainer_config import RAY_ENV
 
+from . import clean as C
 from . import data as D
 from . import model as M
 from . import objectives, stager, staging
@@ -54,6 +55,8 @@ def check_data(spec) -> str:
         text += "\n" + prepared.val_report.summary("validation")
     if prepared.test_report:
         text += "\n" + prepared.test_report.summary("test")
+    if prepared.clean is not None:
+        text += "".join(f"\nclean: {line}" for line in C.summary(prepared.clean))
     return text
 
 

@@ -41,6 +41,7 @@ from kubetune_api import storage as contract
 from kubetune_api import sweep as S
 from kubetune_api.validation import validate_document
 
+from . import clean as C
 from . import preflight as P
 from .driver import ensure_env, run
 from .evalgen import summary_lines
@@ -302,6 +303,13 @@ def summary(storage) -> str:
     pruned = out.get("pruned")
     if pruned:
         lines.append("  " + summary_line(pruned))
+    cleaned = storage.read_json(contract.CLEAN)
+    if cleaned:
+        lines.append(
+            f"  {'data clean:':<14}{P.display(storage.uri(contract.CLEAN))} "
+            f"(action {cleaned['action']})"
+        )
+        lines += [f"  {'':<14}{line}" for line in C.summary(cleaned)]
     before, after = out.get("initialEvalLoss"), out.get("finalEvalLoss")
     if before is not None and after is not None:
         verdict = "better" if after < before else "NOT better"

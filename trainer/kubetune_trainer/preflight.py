@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from kubetune_api.validation import FieldError
 
+from . import clean as C
 from . import data as D
 from . import gguf_export as G
 from . import model as M
@@ -327,8 +328,8 @@ def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Opti
     check_model(model, (raw_spec.get("model") or {}).get("uri"), base, job_dir, report)
     dataset = spec.get("dataset") or {}
     fmt = dataset.get("format") or "chat"
-    usable = {}
-    for part in ("train", "validation"):
+    usable, raw_rows = {}, {}
+    for part in ("train", "validation", "test"):
         src = dataset.get(part)
         if not isinstance(src, dict) or not is_local(src.get("uri")):
             continue
@@ -337,6 +338,7 @@ def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Opti
         rows = read_local(field_path, src["uri"], raw_uri, base, job_dir, report)
         if rows is None:
             continue
+        raw_rows[part] = rows
         usable[part] = check_format(field_path, part, rows, fmt, report)
         if fmt == "prompt":
             check_grader_fields(spec, part, usable[part], report)
@@ -344,8 +346,48 @@ def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Opti
             f"{part}: {display(src['uri'])} ({len(rows)} rows, {len(usable[part])} fit "
             f"format {fmt})"
         )
+    if isinstance(dataset.get("clean"), dict) and "train" in raw_rows:
+        check_clean(spec, raw_rows, report)
     report.seconds = time.monotonic() - t0
     return report, usable
+
+
+def check_clean(spec: dict, raw_rows: dict, report: Report) -> Optional[dict]:
+    """spec.dataset.clean on the local data, split as the trainer splits it: the
+    counts as notes, and a warning for what action report leaves in. Returns the
+    report (None when the spec does not resolve: its errors are reported elsewhere)."""
+    from kubetune_api.validation import SpecError, resolve_spec
+
+    try:
+        resolved = resolve_spec(spec)
+    except (SpecError, ValueError):
+        return None
+    ds = resolved.dataset
+    splits = {"train": raw_rows["train"]}
+    if ds.validation is not None:
+        if "validation" not in raw_rows:
+            report.notes.append("clean: validation is not on this machine; leaks not checked")
+        else:
+            splits["validation"] = raw_rows["validation"]
+    else:
+        splits["train"], held = D.split_validation(
+            raw_rows["train"], ds.validation_split, resolved.hyperparameters.seed
+        )
+        if held:
+            splits["validation"] = held
+    if ds.test is not None and "test" in raw_rows:
+        splits["test"] = raw_rows["test"]
+    _, cleaned = D.clean_splits(splits, ds.format, ds.clean)
+    for line in C.summary(cleaned):
+        report.notes.append(f"clean: {line}")
+    n = C.found(cleaned)
+    if n and cleaned["action"] == "report":
+        report.warnings.append(
+            f"dataset.clean found {n} duplicate, leaked or PII finding(s) and action is "
+            "report: the job trains on them; set spec.dataset.clean.action to drop (or "
+            "redact) to leave them out"
+        )
+    return cleaned
 
 
 def load_tokenizer(spec, path: str):
@@ -501,10 +543,12 @@ def validate_findings(doc: Any, base: Path, job_dir: Optional[Path] = None) -> R
     return report
 
 
-def local_findings(doc: Any, file: str) -> tuple[list[dict], list[str]]:
+def local_findings(doc: Any, file: str) -> tuple[list[dict], list[str], list[str]]:
     """`kubetune validate`'s look at what this machine can see (registered under the
     CLI's kubetune.validate_checks): local model folders and data files of one valid
-    document, the checks that need no tokenizer. (errors as FieldError dicts, warnings)"""
+    document, the checks that need no tokenizer. (errors as FieldError dicts,
+    warnings, notes: dataset.clean's counts)"""
     job_dir = None if file == "-" else Path(file).resolve().parent
     report = validate_findings(doc, Path.cwd(), job_dir)
-    return [e.to_dict() for e in report.errors], report.warnings
+    notes = [n for n in report.notes if n.startswith("clean:")]
+    return [e.to_dict() for e in report.errors], report.warnings, notes

@@ -25,6 +25,7 @@ from kubetune_api import load_trainer_config
 from kubetune_api import storage as contract
 from kubetune_api.sweep_space import mode_for
 
+from . import clean as C
 from . import data as D
 from . import gguf_export as G
 from . import lineage as L
@@ -202,6 +203,13 @@ class Recipe:
             self.log(prepared.val_report.summary("validation"))
         if prepared.test_report:
             self.log(prepared.test_report.summary("test"))
+        if prepared.clean is not None and self.rank == 0:
+            report = prepared.clean  # counts in the log; rows and masked values in clean.json
+            for line in C.summary(report):
+                self.log(f"dataset.clean ({report['action']}): {line}")
+            self.writer.submit(
+                contract.CLEAN, lambda: self.storage.write_json(contract.CLEAN, report)
+            )
         self.prepared = prepared
         self.splits: objectives.Splits = {}
         for name, examples in (

@@ -42,10 +42,25 @@ def chat_rows() -> list[dict]:
     return read_jsonl(DATA)
 
 
-def split(n_val: int = 150, seed: int = 0):
+def split(n_val: int = 150, seed: int = 0, distinct: bool = False):
+    """(train, held-out) of the chatterbot conversations, shuffled with `seed`.
+    distinct: each conversation once (the corpus repeats many: 2,026 rows hold 899
+    distinct ones, compared as `dataset.clean` compares them), so no held-out
+    conversation is also a training one."""
     import random
 
     rows = chat_rows()
+    if distinct:
+        from kubetune_trainer import clean
+
+        seen: set[str] = set()
+        unique = []
+        for row in rows:
+            key = clean.canonical(row)
+            if key not in seen:
+                seen.add(key)
+                unique.append(row)
+        rows = unique
     random.Random(seed).shuffle(rows)
     return rows[n_val:], rows[:n_val]
 

@@ -44,6 +44,7 @@ from kubetune_api.validation import validate_document
 from . import preflight as P
 from .driver import ensure_env, run
 from .evalgen import summary_lines
+from .freeze import summary_line as freeze_summary_line
 from .prune import summary_line
 from .stop import StopFiles
 from .storage import JobStorage, now
@@ -302,6 +303,8 @@ def summary(storage) -> str:
     pruned = out.get("pruned")
     if pruned:
         lines.append("  " + summary_line(pruned))
+    if out.get("parameters"):
+        lines.append("  " + freeze_summary_line(out["parameters"]))
     before, after = out.get("initialEvalLoss"), out.get("finalEvalLoss")
     if before is not None and after is not None:
         verdict = "better" if after < before else "NOT better"
@@ -627,9 +630,7 @@ def _run_job(opts, raw, job, result, base, out, err, t0, last: bool) -> int:
         err.write(f"  {problem or teacher_problem}\nkubetune run: nothing was trained\n")
         return EXIT_INVALID
     config = load_trainer_config(
-        spec_to_trainer_config(
-            job, default_output_uri=default_out, parent=parent, teacher=teacher
-        )
+        spec_to_trainer_config(job, default_output_uri=default_out, parent=parent, teacher=teacher)
     )
     storage = JobStorage(config.storage_prefix, config.spec.output)
     bar = opts.progress is not False and out.isatty()

@@ -138,12 +138,14 @@ def test_lora_adapters_only_on_the_chosen_layers(tmp_path):
     job["spec"]["method"]["lora"]["layers"] = [0, 3]
     spec = load_trainer_config(spec_to_trainer_config(job)).spec
     model = load_model(spec, str(path), use_gpu=False)
-    adapted = {
-        int(n.split(".layers.")[1].split(".")[0])
-        for n, p in model.named_parameters()
-        if "lora_" in n and p.requires_grad
-    }
-    assert adapted == {0, 3}
+    adapted: dict[int, set] = {}
+    for n, p in model.named_parameters():
+        if "lora_A" in n and p.requires_grad:
+            layer, module = n.split(".layers.")[1].split(".")[0], n.split(".")[-3]
+            adapted.setdefault(int(layer), set()).add(module)
+    # all-linear on the chosen layers: each of their seven linear modules, nothing else
+    every = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted == {0: every, 3: every}
     job["spec"]["method"]["lora"]["layers"] = [1, 4]
     spec = load_trainer_config(spec_to_trainer_config(job)).spec
     with pytest.raises(FreezeError, match=r"^spec.method.lora.layers: \[4\] beyond the model's 4"):
@@ -342,3 +344,41 @@ def test_resume_mid_unfreezing_ends_with_the_uninterrupted_weights(frozen_run, t
     for step in (5, 6):
         assert rows[step]["learningRate"] == pytest.approx(ref_rows[step]["learningRate"])
         assert rows[step]["loss"] == pytest.approx(ref_rows[step]["loss"], rel=1e-5)
+
+
+def test_zero3_keeps_frozen_and_waiting_parts_and_trains_the_rest(ray_local, frozen_run, tmp_path):
+    """The same under ZeRO-3, where DeepSpeed partitions every parameter group (and
+    the frozen weights too): 2 steps, one part unfrozen per step."""
+    import torch
+
+    model, _, _ = frozen_run
+    data = H.write_jsonl(tmp_path / "chat.jsonl", H.chat_rows(32))
+    full = {"trainableLayers": [2, 3], "trainEmbeddings": False, "unfreeze": {"everySteps": 1}}
+    cfg = H.trainer_config(
+        H.job(
+            model,
+            data,
+            (tmp_path / "out").as_uri(),
+            name="zero3",
+            method={"type": "full", "full": {**full, "layerLrDecay": 0.5}},
+            hyperparameters={"maxSteps": 2, "learningRate": 1e-3, "weightDecay": 0.1},
+            distributed={"zeroStage": 3},
+            evaluation={"enabled": False},
+            checkpointing={"everySteps": 100, "keepLast": 1},
+        )
+    )
+    H.fit(cfg)
+    start, final = _weights(model), _weights(Path(H.local(cfg, "model")))
+    for part, trained in (
+        ("head", True),  # from step 0
+        ("norm", True),
+        ("3", True),  # from step 1
+        ("2", False),  # from step 2: after the last step
+        ("1", False),  # frozen
+        ("0", False),
+        ("embeddings", False),
+    ):
+        keys = [k for k in start if k.startswith(_part(part))]
+        assert any(not torch.equal(final[k], start[k]) for k in keys) == trained, part
+    manifest = json.loads(Path(H.local(cfg, "checkpoints/step-00000002/manifest.json")).read_text())
+    assert manifest["zeroStage"] == 3

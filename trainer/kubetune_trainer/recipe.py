@@ -102,6 +102,7 @@ class Recipe:
         self.pruned = None  # kubetune_trainer.prune.PruneReport, with spec.model.prune
         self.freeze: Optional[F.Plan] = None  # spec.method.full: what trains, how fast
         self.parameters: Optional[contract.ParameterCounts] = None
+        self.trainable = 0  # parameters the optimizer updates (set by setup)
         self.parent: Optional[P.Parent] = None
         self.reference_copy = None  # objectives.reference.prepare: full fine-tuning, online
         self.run_record: Optional[contract.RunRecord] = None

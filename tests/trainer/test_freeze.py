@@ -141,7 +141,7 @@ def test_lora_adapters_only_on_the_chosen_layers(tmp_path):
     adapted: dict[int, set] = {}
     for n, p in model.named_parameters():
         if "lora_A" in n and p.requires_grad:
-            layer, module = n.split(".layers.")[1].split(".")[0], n.split(".")[-3]
+            layer, module = n.split(".layers.")[1].split(".")[0], n.split(".")[-4]
             adapted.setdefault(int(layer), set()).add(module)
     # all-linear on the chosen layers: each of their seven linear modules, nothing else
     every = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -116,6 +116,11 @@ def test_errors_name_the_field_and_the_layer_count():
         "spec.method.full.trainableLayers: [4, 7] beyond the model's 4 decoder layers "
         "(indices 0 to 3): remove them"
     )
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = small_lm(config_cls=GPT2Config, model_cls=GPT2LMHeadModel)
+    with pytest.raises(F.FreezeError, match=r"^spec.method.full: cannot find the decoder layers"):
+        F.plan(gpt2, _full())
     tied = small_lm(num_hidden_layers=4, tie_word_embeddings=True)
     with pytest.raises(F.FreezeError, match=r"trainEmbeddings: .*tie_word_embeddings.*alike"):
         F.plan(tied, _full(trainEmbeddings=False))

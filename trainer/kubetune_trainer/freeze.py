@@ -72,10 +72,9 @@ def tied_embeddings(model) -> bool:
     return inp is not None and out is not None and out.weight is inp.weight
 
 
-def model_parts(model, field_path: str = FIELD) -> tuple[list[Part], int]:
-    """(the parts bottom up: embeddings, layer 0 .. layer L-1, head; L). Each
-    parameter is in one part (a tied embedding weight in the head's: it is the
-    output head as much as the input table)."""
+def decoder_blocks(model, field_path: str):
+    """The model's ModuleList of decoder layers; a model without one fails at the
+    field that asked for layers."""
     try:
         owner, name = prune_mod.decoder_layers(model)
     except prune_mod.PruneError as err:
@@ -84,7 +83,14 @@ def model_parts(model, field_path: str = FIELD) -> tuple[list[Part], int]:
             err.what,
             "remove it, or start from a model of such a family",
         ) from err
-    layers = getattr(owner, name)
+    return getattr(owner, name)
+
+
+def model_parts(model, field_path: str = FIELD) -> tuple[list[Part], int]:
+    """(the parts bottom up: embeddings, layer 0 .. layer L-1, head; L). Each
+    parameter is in one part (a tied embedding weight in the head's: it is the
+    output head as much as the input table)."""
+    layers = decoder_blocks(model, field_path)
     total = len(layers)
     where = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
     tied = tied_embeddings(model)

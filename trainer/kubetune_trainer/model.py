@@ -152,9 +152,9 @@ def load_model(spec, path: str, use_gpu: bool, parent=None, on_prune=None):
     targets = "all-linear" if targets == ["all-linear"] else list(targets)
     layers = None
     if lc.layers is not None:
-        owner, name = prune_mod.decoder_layers(model)
-        blocks = getattr(owner, name)
-        layers = freeze_mod.check_layers("spec.method.lora.layers", lc.layers, len(blocks))
+        field = "spec.method.lora.layers"
+        blocks = freeze_mod.decoder_blocks(model, field)
+        layers = freeze_mod.check_layers(field, lc.layers, len(blocks))
         if targets == "all-linear":  # peft takes layers_to_transform with names only
             targets = sorted(
                 {

@@ -298,6 +298,33 @@ def prune_job() -> dict:
     return _set(job(), "spec.model.prune", {"keepLayers": 15})
 
 
+def full_job() -> dict:
+    """FULL_SPEC as a full fine-tune with every method.full field set (no adapter to
+    merge or sweep)."""
+    doc = job()
+    spec = doc["spec"]
+    spec["method"] = {
+        "objective": "sft",
+        "type": "full",
+        "full": {
+            "trainableLayers": [29],
+            "trainEmbeddings": False,
+            "trainHead": False,
+            "unfreeze": {"everySteps": 100},
+            "layerLrDecay": 0.9,
+        },
+    }
+    spec["model"]["mergeParent"] = False
+    spec["output"]["mergeAdapter"] = False
+    spec["sweep"]["parameters"].pop("method.lora.r")
+    return doc
+
+
+def lora_layers_job() -> dict:
+    """FULL_SPEC with adapters on one decoder layer only."""
+    return _set(job(), "spec.method.lora.layers", [3])
+
+
 def grpo_job() -> dict:
     """FULL_SPEC as a GRPO job: every method.grpo setting set (its grader: one check)."""
     doc = job()
@@ -454,6 +481,8 @@ def spec_cases() -> list[Case]:
         (grpo_job, "spec.method.grpo", "spec.method.grpo.grader"),
         (distill_job, "spec.method.distill", None),
         (prune_job, "spec.model.prune", None),
+        (full_job, "spec.method.full", None),
+        (lora_layers_job, "spec.method.lora.layers", None),
     )
     for make, block, elsewhere in blocks:
         for path, node in _leaves(spec_schema(), "spec", make()["spec"]):
@@ -833,6 +862,40 @@ def _written() -> list[Case]:
     q = pruned({"keepLayers": 15}, ("spec.method.type", "qlora"), ("spec.model.mergeParent", False))
     q["spec"]["model"].pop("fromJob")
     add("prune:qlora-without-parent", q)
+
+    # which layers train (spec.method.full, spec.method.lora.layers)
+    def full(settings: dict) -> dict:
+        return _set(full_job(), "spec.method.full", settings)
+
+    add("full:head-only", full({"trainableLayers": [], "trainHead": True}))
+    add("full:defaults", full({}))
+    add(
+        "full:trains-nothing",
+        full({"trainableLayers": [], "trainEmbeddings": False, "trainHead": False}),
+        "spec.method.full.trainableLayers",
+    )
+    add(
+        "full:layers-repeated",
+        full({"trainableLayers": [3, 3]}),
+        "spec.method.full.trainableLayers",
+    )
+    add("full:decay-zero", full({"layerLrDecay": 0}), "spec.method.full.layerLrDecay")
+    add("full:unfreeze-empty", full({"unfreeze": {}}), "spec.method.full.unfreeze")
+    add(
+        "full:with-lora",
+        _set(job(), "spec.method.full", {"layerLrDecay": 0.9}),
+        "spec.method.full",
+    )
+    add(
+        "lora:layers-empty",
+        _set(job(), "spec.method.lora.layers", []),
+        "spec.method.lora.layers",
+    )
+    add(
+        "lora:layers-decreasing",
+        _set(job(), "spec.method.lora.layers", [5, 2]),
+        "spec.method.lora.layers",
+    )
     for cid, mlflow, where in (
         ("tracking:uri-not-http", {"trackingUri": "ftp://mlflow.example"}, "trackingUri"),
         ("tracking:uri-credentials", {"trackingUri": "https://u:p@mlflow.example"}, "trackingUri"),
@@ -1639,6 +1702,11 @@ _safe(("clean:redact-default-kinds",), "redact with the default kinds: all four"
 _safe(("clean:report-no-pii",), "a report of duplicates and leaks only: no PII scan")
 _safe(("clean:exact-only",), "threshold 1.0 counts exact duplicates only")
 _safe(("prune:layers-ok",), "layers to keep by index, increasing: the alternative to keepLayers")
+_safe(
+    ("full:head-only",),
+    "no decoder layer trains, the head does: a probe of the head alone",
+)
+_safe(("full:defaults",), "method.full with its defaults: every weight at one rate")
 _safe(("prune:one-layer",), "a single kept layer is a model (a very small one)")
 _safe(("prune:layers-max",), "256 increasing indices: the list's longest form")
 _safe(

@@ -121,6 +121,19 @@ KEPT_LAYERS_INCREASING = checks.Check(
     "sort the list and remove repeated indices",
     python=lambda v: isinstance(v, list) and all(a < b for a, b in zip(v, v[1:], strict=False)),
 )
+LAYERS_INCREASING = checks.Check(
+    cel=KEPT_LAYERS_INCREASING.cel,
+    message="must list each decoder layer once, in increasing order (e.g. [12, 13, 14]): "
+    "sort the list and remove repeated indices",
+    python=KEPT_LAYERS_INCREASING.python,
+)
+# decoder layers by index (0 is the one next to the embeddings); the model's own
+# layer count bounds them, which only the trainer knows
+LayerIndices = Annotated[
+    list[Annotated[int, Field(ge=0, le=PRUNE_LAYERS_MAX - 1)]],
+    Field(max_length=PRUNE_LIST_MAX),
+    LAYERS_INCREASING,
+]
 PRUNE_ONE_CHOICE = checks.Check(
     cel="has(self.keepLayers) != has(self.layers)",
     message="set exactly one of model.prune.keepLayers (how many decoder layers to keep) "
@@ -366,6 +379,62 @@ class LoraConfig(_Model):
         max_length=LIST_MAX,
         description="Modules trained in full and saved with the adapter (e.g. lm_head).",
     )
+    layers: Optional[Annotated[LayerIndices, Field(min_length=1)]] = Field(
+        None,
+        description="The decoder layers that get adapters, by index (0 is the one next to "
+        "the embeddings), in increasing order; each below the model's layer count (the "
+        "trainer checks it and names the count). Unset: every layer. A parent's adapter "
+        "that continues keeps its own layers.",
+    )
+
+
+class Unfreeze(_Model):
+    """Gradual unfreezing (ULMFiT): the trainable parts start one at a time, from the
+    top of the model down."""
+
+    every_steps: int = Field(
+        ge=1,
+        le=10_000_000,
+        description="Steps between two unfreezings. The trainable parts in order from the "
+        "top (the head, then the decoder layers from the last down, then the embeddings); "
+        "part k (0 is the first) trains from step k x everySteps on. Until then its learning "
+        "rate is 0: its weights stay as they started, its gradients are still computed.",
+    )
+
+
+class FullConfig(_Model):
+    """Which weights of a full fine-tune train, and at which rate."""
+
+    trainable_layers: Optional[LayerIndices] = Field(
+        None,
+        description="The decoder layers that train, by index (0 is the one next to the "
+        "embeddings), in increasing order; each below the model's layer count (the trainer "
+        "checks it and names the count). Unset: all of them; []: none (with trainHead, the "
+        "head alone trains). The others keep their starting weights and take no gradients "
+        "or optimizer state.",
+    )
+    train_embeddings: bool = Field(
+        True,
+        description="Train the input embeddings. A model whose head shares the embedding "
+        "weight (tie_word_embeddings, as SmolLM2's) needs trainEmbeddings and trainHead alike.",
+    )
+    train_head: bool = Field(
+        True,
+        description="Train what lies above the last decoder layer: the final norm and the "
+        "output head.",
+    )
+    unfreeze: Optional[Unfreeze] = Field(
+        None, description="Gradual unfreezing; unset, every trainable part trains from step 0."
+    )
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Layer-wise learning-rate decay: of L decoder layers, layer i trains at "
+        "learningRate x layerLrDecay^(L-1-i), the embeddings at learningRate x "
+        "layerLrDecay^L, the head at learningRate (a shared embedding weight too). 1: one "
+        "rate for all.",
+    )
 
 
 class QuantizationConfig(_Model):
@@ -602,6 +671,11 @@ class Method(_Model):
     )
     lora: Optional[LoraConfig] = Field(
         None, description="LoRA parameters (lora and qlora only; defaults apply when unset)."
+    )
+    full: Optional[FullConfig] = Field(
+        None,
+        description="Which layers of a full fine-tune train, gradual unfreezing and "
+        "layer-wise learning rates (type full only; unset: every weight at one rate).",
     )
     quantization: Optional[QuantizationConfig] = Field(
         None, description="4-bit quantization (qlora only; defaults apply when unset)."
@@ -1180,6 +1254,9 @@ class Metrics(_Model):
     teacher_eval_loss: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
+    trainable_parameters: Optional[int] = Field(
+        None, description="Parameters the latest step updated (adapters, or method.full's parts)."
+    )
     display_loss: Optional[Text] = Field(None, description="Latest loss for kubect get.")
 
 

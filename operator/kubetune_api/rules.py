@@ -331,6 +331,30 @@ RULES: list[Rule] = [
         field="lora",
     ),
     Rule(
+        "full-settings-need-full",
+        ("method",),
+        "method.full applies to method.type full only: remove it, or set method.type to full "
+        "(for lora and qlora, method.lora.layers chooses the layers that get adapters)",
+        cel="!has(self.full) || self.type == 'full'",
+        python=lambda m: not _has(m, "full") or m.get("type") == "full",
+        field="full",
+    ),
+    Rule(
+        "full-trains-something",
+        ("method", "full"),
+        "method.full trains nothing: trainableLayers is empty and trainEmbeddings and "
+        "trainHead are false; list layers in trainableLayers or set trainHead to true",
+        cel="!has(self.trainableLayers) || size(self.trainableLayers) > 0 || "
+        "self.trainEmbeddings || self.trainHead",
+        python=lambda f: (
+            f.get("trainableLayers") is None
+            or len(f["trainableLayers"]) > 0
+            or f["trainEmbeddings"]
+            or f["trainHead"]
+        ),
+        field="trainableLayers",
+    ),
+    Rule(
         "quantization-needs-qlora",
         ("method",),
         "method.quantization applies to qlora only: remove it, or set method.type to qlora",

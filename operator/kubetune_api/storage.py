@@ -217,6 +217,10 @@ class MetricsRow(_Model):
     tokens: Optional[int] = Field(
         None, description="Useful (non-pad) tokens trained so far, all workers together."
     )
+    trainable_parameters: Optional[int] = Field(
+        None,
+        description="Parameters the row's last step updated (grows with method.full.unfreeze).",
+    )
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None
@@ -471,6 +475,41 @@ class PruneRecord(_Model):
     parameters_after: int
 
 
+class ParameterGroupRecord(_Model):
+    """One optimizer parameter group of spec.method.full."""
+
+    name: str = Field(description="The parts in it, e.g. 'head, layer 29' or 'embeddings'.")
+    parameters: int
+    lr_scale: float = Field(description="Its learning rate over hyperparameters.learningRate.")
+    from_step: int = Field(description="The first step (0-based) that updates it.")
+
+
+class ParameterCounts(_Model):
+    """The model's parameters and the ones training updates."""
+
+    total: int
+    trainable: int = Field(
+        description="Parameters the optimizer updates (with unfreezing: by the last part's "
+        "step); the rest never change and hold no gradients or optimizer state."
+    )
+    layers: Optional[int] = Field(None, description="The model's decoder layers.")
+    trainable_layers: Optional[list[int]] = Field(
+        None, description="method.full: the decoder layers that train."
+    )
+    train_embeddings: Optional[bool] = None
+    train_head: Optional[bool] = None
+    adapter_layers: Optional[list[int]] = Field(
+        None, description="method.lora.layers: the decoder layers that got adapters."
+    )
+    unfreeze_every_steps: Optional[int] = None
+    layer_lr_decay: Optional[float] = None
+    groups: Optional[list[ParameterGroupRecord]] = Field(
+        None,
+        description="method.full with unfreezing or layer-wise decay: the optimizer's "
+        "parameter groups, top down.",
+    )
+
+
 class OutputsRecord(_Model):
     adapter: Optional[str] = None
     merged_model: Optional[str] = None
@@ -506,6 +545,11 @@ class OutputsRecord(_Model):
         None,
         description="spec.model.prune: the layers kept and the parameter count before and "
         "after; the saved models hold the pruned layers only.",
+    )
+    parameters: Optional[ParameterCounts] = Field(
+        None,
+        description="The model's parameter count and what trained (method.full's layers, "
+        "embeddings, head and parameter groups; method.lora.layers).",
     )
 
 

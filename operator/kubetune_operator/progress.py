@@ -95,8 +95,9 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
     rows = [r for r in snap.metrics if row_counts(r.step, r.attempt, fence)]
     for row in rows:  # oldest first: later rows win
         for src, dst in ROW_TO_STATUS:
-            if getattr(row, src) is not None:
-                metrics[dst] = _round(getattr(row, src))
+            value = getattr(row, src)
+            if value is not None:
+                metrics[dst] = value if isinstance(value, int) else _round(value)
     # grader failures: counted per row, totalled over the rows that count
     for src, dst in (
         ("grader_errors", "graderErrorsTotal"),

@@ -24,6 +24,14 @@ BREAKERS = {
     "epochs-xor-max-steps": {**BASE, "hyperparameters": {"epochs": 1, "maxSteps": 2}},
     "lora-needs-adapter-method": {**BASE, "method": {"type": "full", "lora": {}}},
     "quantization-needs-qlora": {**BASE, "method": {"type": "lora", "quantization": {}}},
+    "full-settings-need-full": {**BASE, "method": {"type": "lora", "full": {"layerLrDecay": 0.9}}},
+    "full-trains-something": {
+        **BASE,
+        "method": {
+            "type": "full",
+            "full": {"trainableLayers": [], "trainEmbeddings": False, "trainHead": False},
+        },
+    },
     "qlora-needs-gpu": {**BASE, "method": {"type": "qlora"}, "resources": {"gpusPerWorker": 0}},
     "fp16-needs-gpu": {
         **BASE,

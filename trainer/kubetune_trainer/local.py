@@ -45,6 +45,7 @@ from . import clean as C
 from . import preflight as P
 from .driver import ensure_env, run
 from .evalgen import summary_lines
+from .freeze import summary_line as freeze_summary_line
 from .prune import summary_line
 from .stop import StopFiles
 from .storage import JobStorage, now
@@ -303,6 +304,8 @@ def summary(storage) -> str:
     pruned = out.get("pruned")
     if pruned:
         lines.append("  " + summary_line(pruned))
+    if out.get("parameters"):
+        lines.append("  " + freeze_summary_line(out["parameters"]))
     cleaned = storage.read_json(contract.CLEAN)
     if cleaned:
         lines.append(

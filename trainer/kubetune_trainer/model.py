@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from . import freeze as freeze_mod
 from . import prune as prune_mod
 from . import staging
 from .data import IGNORE
@@ -148,14 +149,29 @@ def load_model(spec, path: str, use_gpu: bool, parent=None, on_prune=None):
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     lc = method.lora
     targets = lc.target_modules
+    targets = "all-linear" if targets == ["all-linear"] else list(targets)
+    layers = None
+    if lc.layers is not None:
+        field = "spec.method.lora.layers"
+        blocks = freeze_mod.decoder_blocks(model, field)
+        layers = freeze_mod.check_layers(field, lc.layers, len(blocks))
+        if targets == "all-linear":  # peft takes layers_to_transform with names only
+            targets = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in blocks.named_modules()
+                    if isinstance(m, torch.nn.Linear)
+                }
+            )
     model = get_peft_model(
         model,
         LoraConfig(
             r=lc.r,
             lora_alpha=lc.alpha,
             lora_dropout=lc.dropout,
-            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+            target_modules=targets,
             modules_to_save=list(lc.modules_to_save) or None,
+            layers_to_transform=layers,
             task_type="CAUSAL_LM",
         ),
     )
@@ -173,19 +189,20 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def pick_zero_stage(
-    spec, n_params: int, gpu_memory_bytes: int | None, world: int
+    spec, n_params: int, gpu_memory_bytes: int | None, world: int, trainable: int | None = None
 ) -> tuple[int, str]:
     """The ZeRO stage for zeroStage: auto, and why. Bytes per parameter (mixed
     precision Adam): weights 2, gradients 2, optimizer state 12 (fp32 master +
     two moments) for trainable parameters; ZeRO-1 shards the 12, ZeRO-2 also
-    the gradients, ZeRO-3 everything."""
+    the gradients, ZeRO-3 everything. `trainable`: a full fine-tune's count
+    when method.full leaves layers frozen (else all of them)."""
     d = spec.distributed
     if d.zero_stage != "auto":
         return int(d.zero_stage), "set in the spec"
     if d.offload_parameters:
         return 3, "parameter offload needs ZeRO-3"
     full = spec.method.type == "full"
-    trainable = n_params if full else max(1, n_params // 100)
+    trainable = (trainable or n_params) if full else max(1, n_params // 100)
     weights = n_params * (0.5 if spec.method.type == "qlora" else 2)
     if gpu_memory_bytes is None:
         return 2, "CPU training: ZeRO-2 shards optimizer state and gradients across workers"

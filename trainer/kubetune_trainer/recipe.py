@@ -27,6 +27,7 @@ from kubetune_api.sweep_space import mode_for
 
 from . import clean as C
 from . import data as D
+from . import freeze as F
 from . import gguf_export as G
 from . import lineage as L
 from . import model as M
@@ -100,6 +101,9 @@ class Recipe:
         self.stopped: Optional[int] = None  # the step a stop request ended training at
         self.notice: Optional[str] = None
         self.pruned = None  # kubetune_trainer.prune.PruneReport, with spec.model.prune
+        self.freeze: Optional[F.Plan] = None  # spec.method.full: what trains, how fast
+        self.parameters: Optional[contract.ParameterCounts] = None
+        self.trainable = 0  # parameters the optimizer updates (set by setup)
         self.parent: Optional[P.Parent] = None
         self.reference_copy = None  # objectives.reference.prepare: full fine-tuning, online
         self.run_record: Optional[contract.RunRecord] = None
@@ -171,10 +175,15 @@ class Recipe:
             why = G.supported(model.config.to_dict())
             if why:
                 raise G.ExportError(why)
+        self.freeze = F.apply(model, self.spec)  # before DeepSpeed: frozen parts take no state
         total_params, trainable = M.count_parameters(model)
+        self.trainable = trainable
+        self.parameters = self.parameter_counts(model, total_params, trainable)
         use_gpu = self.worker.use_gpu
         gpu_mem = torch.cuda.get_device_properties(0).total_memory if use_gpu else None
-        stage, why = M.pick_zero_stage(self.spec, total_params, gpu_mem, self.world)
+        stage, why = M.pick_zero_stage(
+            self.spec, total_params, gpu_mem, self.world, trainable if self.freeze else None
+        )
         # the objective's reference model: loaded before DeepSpeed so ZeRO places it
         self.reference_copy = R.prepare(
             model, self.spec.method.type, self.parent, R.use_of(self.objective)
@@ -189,11 +198,38 @@ class Recipe:
             self.notice = f"{self.pruned.line()}; {self.notice}"
         self.reached("modelLoaded")
         self.log(self.notice)
+        if self.freeze is not None or self.parameters.adapter_layers is not None:
+            self.log(F.summary_line(self.parameters.to_dict()))
         ds_config = M.deepspeed_config(self.spec, stage, use_gpu)
-        updates = self.total_steps * self.objective.updates_per_step  # the schedule's steps
-        self.worker.init_engine(model, ds_config, stage, self.hp, updates)
+        per_step = self.objective.updates_per_step
+        updates = self.total_steps * per_step  # the schedule's steps
+        groups = self.freeze.optimizer_groups(per_step) if self.freeze else None
+        self.worker.init_engine(model, ds_config, stage, self.hp, updates, groups)
         self.reached("engineReady")
         set_seed(self.hp.seed + self.rank)  # dropout differs per rank; resume restores it
+
+    def parameter_counts(self, model, total: int, trainable: int) -> contract.ParameterCounts:
+        """outputs.json's `parameters`: the counts, and what method.full or
+        method.lora.layers chose."""
+        if self.freeze is not None:
+            return self.freeze.record()
+        lora = self.spec.method.lora
+        # a parent's adapter that continues keeps its own layers
+        continued = (
+            self.parent is not None and self.parent.kind == "adapter" and not self.parent.merge
+        )
+        chose = lora is not None and lora.layers is not None and self.spec.method.type != "full"
+        adapter_layers = list(lora.layers) if chose and not continued else None
+        return contract.ParameterCounts(
+            total=total,
+            trainable=trainable,
+            layers=getattr(model.config, "num_hidden_layers", None),
+            adapter_layers=adapter_layers,
+        )
+
+    def trainable_at(self, step: int) -> int:
+        """Parameters the optimizer step `step` (0-based) updated."""
+        return self.freeze.trainable_at(step) if self.freeze is not None else self.trainable
 
     def setup_data(self) -> None:
         ds, hp, obj = self.spec.dataset, self.hp, self.objective
@@ -377,6 +413,7 @@ class Recipe:
                     "grad_norm": float(gn) if gn is not None else None,
                     "tokens_per_second": self.tokens_per_second,
                     "tokens": self.state["tokens"],
+                    "trainable_parameters": self.trainable_at(step - 1),
                     "time": now(),
                 }
                 row.update(self.objective.metrics())
@@ -485,6 +522,7 @@ class Recipe:
             stopped_early=self.state["stopped_early"],
             attempt=self.cfg.attempt,
             pruned=self.pruned.record() if self.pruned is not None else None,
+            parameters=self.parameters,
         )
         local = self.tmp / "final"
         held_out = {"validation": self.prepared.val_rows, "test": self.prepared.test_rows}

@@ -29,6 +29,17 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
+def gated(schedule, start: int):
+    """`schedule` from optimizer update `start` on, 0 before it (a part that waits
+    for its unfreezing). A plain function: LambdaLR saves no state of it, so a
+    resumed run rebuilds it from the spec."""
+
+    def f(step: int) -> float:
+        return schedule(step) if step >= start else 0.0
+
+    return f
+
+
 class Worker:
     def __init__(self, rank: int, world: int, use_gpu: bool):
         self.rank, self.world, self.use_gpu = rank, world, use_gpu
@@ -38,17 +49,31 @@ class Worker:
         self.stage = 0
 
     # ------------------------------------------------------------------ engine
-    def init_engine(self, model, ds_config: dict, stage: int, hp, total_steps: int) -> None:
-        """AdamW over the trainable parameters, the learning-rate schedule, DeepSpeed."""
+    def init_engine(
+        self, model, ds_config: dict, stage: int, hp, total_steps: int, groups=None
+    ) -> None:
+        """AdamW over the trainable parameters, the learning-rate schedule, DeepSpeed.
+
+        `groups` (kubetune_trainer.freeze.Plan.optimizer_groups): (params, rate
+        scale, first update) per parameter group; each group's rate is the
+        schedule's times its scale, and 0 before its first update."""
         import deepspeed
         import torch
 
         self.stage = stage
         self.head = LabelledHead(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         warmup = math.ceil(hp.warmup_ratio * total_steps)
         schedule = lr_lambda(hp.lr_scheduler, warmup, total_steps)
+        if groups:
+            optimizer = torch.optim.AdamW(
+                [{"params": ps, "lr": hp.learning_rate * scale} for ps, scale, _ in groups],
+                lr=hp.learning_rate,
+                weight_decay=hp.weight_decay,
+            )
+            schedule = [gated(schedule, start) for _, _, start in groups]
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         if not self.use_gpu and os.environ.get("KUBETUNE_DEEPSPEED_SHM") != "1":
             # On CPU DeepSpeed compiles a shared-memory all-reduce at init (needs
             # g++, ~1 min cold). gloo does the job; skip the build.

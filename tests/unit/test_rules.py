@@ -175,6 +175,47 @@ BREAKERS = {
         "dataset": {**BASE["dataset"], "format": "text"},
         "evaluation": {"generation": {"examples": 4}},
     },
+    "calibration-needs-held-out-data": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "validationSplit": 0},
+        "evaluation": {"calibration": {}},
+    },
+    "calibration-needs-answer-tokens": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "preference"},
+        "method": {"objective": "dpo"},
+        "evaluation": {"calibration": {}},
+    },
+    "save-temperature-needs-fit": {
+        **BASE,
+        "evaluation": {"calibration": {"saveTemperature": True}},
+    },
+    "retention-source": {
+        **BASE,
+        "evaluation": {"retention": {"dataset": {"format": "chat"}}},
+    },
+    "retention-fail-needs-bound": {
+        **BASE,
+        "evaluation": {
+            "retention": {"dataset": {"uri": "s3://bucket/r.jsonl"}, "failOnRegression": True}
+        },
+    },
+    "retention-generation-needs-generation": {
+        **BASE,
+        "evaluation": {
+            "retention": {"dataset": {"uri": "s3://bucket/r.jsonl"}, "generation": True}
+        },
+    },
+    "retention-generation-needs-prompts": {
+        **BASE,
+        "evaluation": {
+            "generation": {},
+            "retention": {
+                "dataset": {"uri": "s3://bucket/r.jsonl", "format": "text"},
+                "generation": True,
+            },
+        },
+    },
 }
 
 

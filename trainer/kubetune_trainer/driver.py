@@ -22,8 +22,8 @@ from kubetune_api import storage as contract
 from kubetune_api.trainer_config import RAY_ENV
 
 from . import data as D
+from . import heldout, objectives, stager, staging
 from . import model as M
-from . import objectives, stager, staging
 from .data import DataError
 from .launch import fit
 from .parent import locate, locate_teacher
@@ -54,6 +54,9 @@ def check_data(spec) -> str:
         text += "\n" + prepared.val_report.summary("validation")
     if prepared.test_report:
         text += "\n" + prepared.test_report.summary("test")
+    if spec.evaluation.retention is not None:  # its data fails here too, not after training
+        scored = heldout.retention_examples(spec, tok)
+        text += f"\nretention: {len(scored)} rows scored before and after training"
     return text
 
 

@@ -20,6 +20,11 @@ import trainer_helpers as H
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
 
 
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def _binary(probs: list[float], labels: list[int], scale: float = 1.0):
     """Two-class logits [0, scale * logit(p)] (so P(class 1) = p at scale 1)."""
     import torch
@@ -151,7 +156,7 @@ def test_calibration_and_retention_before_and_after(ray_local, tmp_path):
     config = H.trainer_config(j)
     H.fit(config)
 
-    outputs = json.loads(open(H.local(config, "outputs.json")).read())
+    outputs = _read(H.local(config, "outputs.json"))
     cal = outputs["calibration"]
     assert cal["bins"] == 15 and cal["tokens"] > 100
     for key in ("eceBefore", "ece", "eceAtTemperature", "accuracy", "confidence"):
@@ -160,7 +165,7 @@ def test_calibration_and_retention_before_and_after(ray_local, tmp_path):
     # fitted on at most 1024 tokens of the validation split's answers
     assert 0.05 < cal["temperature"] < 20 and 0 < cal["temperatureTokens"] <= 1024
     assert cal["savedIn"] == ["model"]
-    gen = json.loads(open(H.local(config, "model", "generation_config.json")).read())
+    gen = _read(H.local(config, "model", "generation_config.json"))
     assert gen["temperature"] == pytest.approx(cal["temperature"], abs=1e-6)
     assert gen["do_sample"] is True
     assert gen["eos_token_id"] is not None  # the base's settings are kept
@@ -190,11 +195,11 @@ def test_calibration_and_retention_before_and_after(ray_local, tmp_path):
     j["spec"]["evaluation"]["retention"]["failOnRegression"] = True
     config = H.trainer_config(j)
     assert run(config, quiet=True) == 1
-    progress = json.loads(open(H.local(config, "progress.json")).read())
+    progress = _read(H.local(config, "progress.json"))
     assert progress["phase"] == "Failed", progress
     assert "evaluation.retention: the retention loss" in progress["message"]
     assert "failOnRegression" in progress["message"]
-    again = json.loads(open(H.local(config, "outputs.json")).read())["retention"]
+    again = _read(H.local(config, "outputs.json"))["retention"]
     assert again["lossBefore"] == pytest.approx(before, rel=1e-9)
     assert again["lossAfter"] == pytest.approx(after, rel=1e-5)
     assert again["failOnRegression"] is True

@@ -230,6 +230,27 @@ def test_dpo_spec_with_every_setting_breaks_no_rule():
     assert validate_spec(spec).ok, validate_spec(spec).errors
 
 
+def test_calibration_and_retention_with_every_setting_break_no_rule():
+    spec = {
+        **BASE,
+        "evaluation": {
+            "generation": {"examples": 4},
+            "calibration": {"fitTemperature": True, "saveTemperature": True},
+            "retention": {
+                "dataset": {"name": "org/general", "split": "test", "format": "alpaca"},
+                "maxExamples": 64,
+                "maxRegression": 0.05,
+                "failOnRegression": True,
+                "generation": True,
+            },
+        },
+    }
+    assert validate_spec(spec).ok, validate_spec(spec).errors
+    # a format without answer tokens is refused by the schema itself
+    spec["evaluation"]["retention"]["dataset"]["format"] = "preference"
+    assert not validate_spec(spec).ok
+
+
 def test_every_python_rule_has_a_breaking_example():
     python_rules = {r.id for r in RULES if r.python is not None}
     assert python_rules == set(BREAKERS)

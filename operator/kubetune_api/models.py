@@ -748,7 +748,7 @@ class Retention(_Model):
 
     dataset: RetentionSet = Field(
         description="The general-purpose held-out set: a file or folder (uri) or a datasets "
-        "name, and its format. Rows beyond maxExamples are not read into the score."
+        "name, and its format; read with spec.dataset's endpoint, region and secretRef."
     )
     max_examples: int = Field(
         256, ge=1, le=1_000_000, description="Rows scored (the first n usable ones)."

@@ -171,6 +171,7 @@ def test_calibration_and_retention_before_and_after(ray_local, tmp_path):
     assert gen["eos_token_id"] is not None  # the base's settings are kept
 
     ret = outputs["retention"]
+    print(f"calibration {cal}\nretention {ret}")  # pytest -s: the numbers
     assert ret["examples"] == 8 and ret["tokens"] > 8 * 30
     before, after = ret["lossBefore"], ret["lossAfter"]
     assert ret["regression"] == pytest.approx((after - before) / before, rel=1e-9)

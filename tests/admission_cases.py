@@ -110,6 +110,14 @@ FULL_SPEC: dict[str, Any] = {
             "topP": 0.9,
             "seed": 3,
         },
+        "calibration": {"fitTemperature": True, "saveTemperature": True},
+        "retention": {
+            "dataset": {"uri": "s3://bucket/general.jsonl", "format": "chat"},
+            "maxExamples": 256,
+            "maxRegression": 0.05,
+            "failOnRegression": True,
+            "generation": True,
+        },
     },
     "earlyStopping": {
         "enabled": True,
@@ -276,6 +284,7 @@ def dpo_job() -> dict:
     doc = job()
     spec = doc["spec"]
     spec["dataset"]["format"] = "preference"
+    spec["evaluation"].pop("calibration")  # answer tokens only
     spec["method"]["objective"] = "dpo"
     spec["method"]["dpo"] = {"beta": 0.1, "lossType": "sigmoid", "labelSmoothing": 0.1}
     spec["earlyStopping"].update({"metric": "eval_reward_accuracy", "mode": "max"})
@@ -287,6 +296,7 @@ def kto_job() -> dict:
     doc = job()
     spec = doc["spec"]
     spec["dataset"]["format"] = "feedback"
+    spec["evaluation"].pop("calibration")  # answer tokens only
     spec["method"]["objective"] = "kto"
     spec["method"]["kto"] = {"beta": 0.1, "desirableWeight": 1.33, "undesirableWeight": 1.0}
     spec["earlyStopping"].update({"metric": "eval_ranking_accuracy", "mode": "max"})
@@ -330,6 +340,7 @@ def grpo_job() -> dict:
     doc = job()
     spec = doc["spec"]
     spec["dataset"]["format"] = "prompt"
+    spec["evaluation"].pop("calibration")  # answer tokens only
     spec["method"]["objective"] = "grpo"
     spec["method"]["grpo"] = {
         "generationsPerPrompt": 4,
@@ -1352,6 +1363,7 @@ def grader_job(grader: Any = None) -> dict:
     doc = job()
     spec = doc["spec"]
     spec["dataset"]["format"] = "prompt"
+    spec["evaluation"].pop("calibration")  # answer tokens only
     spec["method"]["objective"] = "grpo"
     spec["method"]["grpo"] = {"grader": copy.deepcopy(ALL_GRADERS if grader is None else grader)}
     return doc

@@ -863,6 +863,61 @@ class Generation(_Model):
     )
 
 
+SUPERVISED_FORMATS = objectives.SUPERVISED_FORMATS
+
+
+class Calibration(_Model):
+    """Expected calibration error of the answer tokens, before and after training."""
+
+    fit_temperature: bool = Field(
+        False,
+        description="Also fit one softmax temperature on the validation split (minimising "
+        "the answer tokens' negative log-likelihood) and report the error at it.",
+    )
+    save_temperature: bool = Field(
+        False,
+        description="Write the fitted temperature (with doSample true) into the saved "
+        "models' generation_config.json; needs fitTemperature.",
+    )
+
+
+class RetentionSet(DataSource):
+    format: Literal[SUPERVISED_FORMATS] = Field(
+        "chat",
+        description="Row format of the retention set: text, prompt-completion, chat, alpaca "
+        "or sharegpt (scored on its labelled tokens, as dataset.format is).",
+    )
+
+
+class Retention(_Model):
+    """Forgetting: a general-purpose held-out set scored before and after training."""
+
+    dataset: RetentionSet = Field(
+        description="The general-purpose held-out set: a file or folder (uri) or a datasets "
+        "name, and its format; read with spec.dataset's endpoint, region and secretRef."
+    )
+    max_examples: int = Field(
+        256, ge=1, le=1_000_000, description="Rows scored (the first n usable ones)."
+    )
+    max_regression: Optional[float] = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Bound on the relative rise of the retention loss: (after - before) / "
+        "before, e.g. 0.05 for 5%. Exceeded, the job gets the condition RetentionRegressed "
+        "(True); within it, RetentionRegressed False. Unset: reported only.",
+    )
+    fail_on_regression: bool = Field(
+        False, description="Fail the job when maxRegression is exceeded; needs maxRegression."
+    )
+    generation: bool = Field(
+        False,
+        description="Also answer retention prompts before and after training with "
+        "evaluation.generation's settings and score them (split `retention` in the "
+        "generation scores); needs evaluation.generation and a format with prompts.",
+    )
+
+
 class Evaluation(_Model):
     enabled: bool = Field(True, description="Evaluate on the held-out data.")
     every_steps: Optional[int] = Field(
@@ -878,6 +933,18 @@ class Evaluation(_Model):
         None,
         description="Also generate answers to held-out prompts before and after training and "
         "score them (exact match, ROUGE-L, BLEU, chrF); the test split too when set.",
+    )
+    calibration: Optional[Calibration] = Field(
+        None,
+        description="Measure the expected calibration error (15 equal-width bins of the "
+        "top token's probability) of the validation split's answer tokens before and after "
+        "training; optionally fit and save a temperature.",
+    )
+    retention: Optional[Retention] = Field(
+        None,
+        description="Measure forgetting: the loss on a general-purpose held-out set before "
+        "and after training, its regression, and an optional bound that marks or fails the "
+        "job.",
     )
 
 
@@ -1252,6 +1319,16 @@ class Metrics(_Model):
     distill_kl: Optional[float] = None
     eval_agreement: Optional[float] = None
     teacher_eval_loss: Optional[float] = None
+    # evaluation.calibration: expected calibration error of the answer tokens before and
+    # after training, the fitted temperature and the error at it
+    eval_ece_before: Optional[float] = None
+    eval_ece: Optional[float] = None
+    calibration_temperature: Optional[float] = None
+    eval_ece_at_temperature: Optional[float] = None
+    # evaluation.retention: the retention set's loss before and after, relative rise
+    retention_loss_before: Optional[float] = None
+    retention_loss: Optional[float] = None
+    retention_regression: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     trainable_parameters: Optional[int] = Field(

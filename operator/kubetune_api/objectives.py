@@ -46,6 +46,9 @@ class ObjectiveRow:
 
 
 EVAL_LOSS = Metric("eval_loss", "min")
+# The formats with one target per row: their labelled tokens are the answer tokens
+# that a token-level loss and a calibration error are measured on.
+SUPERVISED_FORMATS = ("text", "prompt-completion", "chat", "alpaca", "sharegpt")
 
 
 def _generates(spec: dict) -> bool:
@@ -58,7 +61,7 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
     ObjectiveRow(
         name="sft",
         summary="next-token loss on the responses",
-        formats=("text", "prompt-completion", "chat", "alpaca", "sharegpt"),
+        formats=SUPERVISED_FORMATS,
         metrics=(EVAL_LOSS, Metric("eval_perplexity", "min"), Metric("eval_token_accuracy", "max")),
         learning_rate={"lora": 2e-4, "qlora": 2e-4, "full": 2e-5},
     ),
@@ -153,7 +156,7 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
         "next-token distribution on the response tokens (forward or reverse KL, a "
         "temperature, a weight against the next-token loss); sequence mode trains on the "
         "teacher's own greedy answers to the prompts, generated once and cached",
-        formats=("text", "prompt-completion", "chat", "alpaca", "sharegpt"),
+        formats=SUPERVISED_FORMATS,
         metrics=(
             EVAL_LOSS,
             Metric("eval_agreement", "max"),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .objectives import OBJECTIVES, metric_mode, metric_names, words
+from .objectives import OBJECTIVES, SUPERVISED_FORMATS, metric_mode, metric_names, words
 from .sweep_space import grace_period, grace_period_cel
 
 Spec = dict[str, Any]
@@ -314,6 +314,86 @@ RULES: list[Rule] = [
             not _has(s["evaluation"], "generation") or s["dataset"]["format"] != "text"
         ),
         field="evaluation.generation",
+    ),
+    Rule(
+        "calibration-needs-held-out-data",
+        (),
+        "evaluation.calibration is measured on the validation split: give "
+        "dataset.validation or a dataset.validationSplit above 0",
+        cel="!has(self.evaluation.calibration) || has(self.dataset.validation) || "
+        "self.dataset.validationSplit > 0.0",
+        python=lambda s: (
+            not _has(s["evaluation"], "calibration")
+            or _has(s["dataset"], "validation")
+            or s["dataset"]["validationSplit"] > 0
+        ),
+        field="evaluation.calibration",
+    ),
+    Rule(
+        "calibration-needs-answer-tokens",
+        (),
+        "evaluation.calibration scores answer tokens: dataset.format must be one of "
+        + ", ".join(SUPERVISED_FORMATS)
+        + "; remove evaluation.calibration or change the format",
+        cel="!has(self.evaluation.calibration) || "
+        + _one_of("self.dataset.format", SUPERVISED_FORMATS),
+        python=lambda s: (
+            not _has(s["evaluation"], "calibration") or s["dataset"]["format"] in SUPERVISED_FORMATS
+        ),
+        field="evaluation.calibration",
+    ),
+    Rule(
+        "save-temperature-needs-fit",
+        ("evaluation", "calibration"),
+        "evaluation.calibration.saveTemperature saves the fitted temperature: set "
+        "fitTemperature: true too, or remove saveTemperature",
+        cel="!has(self.saveTemperature) || !self.saveTemperature || "
+        "(has(self.fitTemperature) && self.fitTemperature)",
+        python=lambda c: c is None or not c.get("saveTemperature") or c.get("fitTemperature"),
+        field="saveTemperature",
+    ),
+    Rule(
+        "retention-source",
+        ("evaluation", "retention", "dataset"),
+        "set exactly one of evaluation.retention.dataset.uri or evaluation.retention.dataset.name",
+        cel="has(self.uri) != has(self.name)",
+        python=lambda d: d is None or _has(d, "uri") != _has(d, "name"),
+    ),
+    Rule(
+        "retention-fail-needs-bound",
+        ("evaluation", "retention"),
+        "evaluation.retention.failOnRegression fails the job past maxRegression: set "
+        "maxRegression (e.g. 0.05 for 5%), or remove failOnRegression",
+        cel="!has(self.failOnRegression) || !self.failOnRegression || has(self.maxRegression)",
+        python=lambda r: (
+            r is None or not r.get("failOnRegression") or r.get("maxRegression") is not None
+        ),
+        field="failOnRegression",
+    ),
+    Rule(
+        "retention-generation-needs-generation",
+        ("evaluation",),
+        "evaluation.retention.generation answers with evaluation.generation's settings: "
+        "set evaluation.generation, or remove retention.generation",
+        cel="!has(self.retention) || !has(self.retention.generation) || "
+        "!self.retention.generation || has(self.generation)",
+        python=lambda e: (
+            not _has(e, "retention")
+            or not e["retention"].get("generation")
+            or _has(e, "generation")
+        ),
+        field="retention.generation",
+    ),
+    Rule(
+        "retention-generation-needs-prompts",
+        ("evaluation", "retention"),
+        "evaluation.retention.generation needs prompts and reference answers: format text "
+        "has neither; remove retention.generation or use a format with prompts",
+        cel="!has(self.generation) || !self.generation || self.dataset.format != 'text'",
+        python=lambda r: (
+            r is None or not r.get("generation") or r["dataset"].get("format") != "text"
+        ),
+        field="generation",
     ),
     Rule(
         "epochs-xor-max-steps",

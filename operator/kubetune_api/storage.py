@@ -510,6 +510,62 @@ class ParameterCounts(_Model):
     )
 
 
+class CalibrationRecord(_Model):
+    """evaluation.calibration: the validation split's answer tokens, before and after."""
+
+    tokens: int = Field(description="Answer tokens scored (after training).")
+    bins: int = Field(description="Equal-width confidence bins of the error.")
+    ece_before: Optional[float] = Field(
+        None,
+        description="Expected calibration error of the base model (None on a resume "
+        "that did not measure it).",
+    )
+    ece: float = Field(description="Expected calibration error after training.")
+    accuracy: float = Field(description="Share of answer tokens whose top token is right.")
+    confidence: float = Field(description="Mean top-token probability.")
+    temperature: Optional[float] = Field(
+        None, description="fitTemperature: the temperature minimising the answer tokens' NLL."
+    )
+    temperature_tokens: Optional[int] = Field(
+        None, description="Answer tokens the temperature was fitted on."
+    )
+    ece_at_temperature: Optional[float] = Field(
+        None, description="The error with the logits divided by the temperature."
+    )
+    saved_in: list[str] = Field(
+        default_factory=list,
+        description="saveTemperature: the saved folders whose generation_config.json holds it.",
+    )
+
+
+class RetentionRecord(_Model):
+    """evaluation.retention: the retention set's loss before and after training."""
+
+    examples: int = Field(description="Retention rows scored.")
+    tokens: int = Field(description="Labelled tokens scored.")
+    loss_before: Optional[float] = Field(
+        None, description="Loss of the base model (None on a resume that did not measure it)."
+    )
+    loss_after: float
+    regression: Optional[float] = Field(
+        None, description="Relative rise of the loss: (after - before) / before."
+    )
+    max_regression: Optional[float] = Field(None, description="The bound, when set.")
+    exceeded: bool = Field(False, description="The regression is above the bound.")
+    fail_on_regression: bool = False
+
+    def describe(self) -> str:
+        """One line: the losses, the regression and the bound (log, summary, status)."""
+        before = "n/a" if self.loss_before is None else f"{self.loss_before:.4f}"
+        text = f"loss {before} before, {self.loss_after:.4f} after"
+        if self.regression is not None:
+            text += f" ({100 * self.regression:+.2f}%)"
+        if self.max_regression is not None:
+            verdict = "above" if self.exceeded else "within"
+            text += f", {verdict} the bound of {100 * self.max_regression:g}%"
+        return text
+
+
 class OutputsRecord(_Model):
     adapter: Optional[str] = None
     merged_model: Optional[str] = None
@@ -532,6 +588,8 @@ class OutputsRecord(_Model):
         "length_ratio; or reward), per split the answers that score higher, the same or "
         "lower after than before (<split>_after_vs_before) and the samples file.",
     )
+    calibration: Optional[CalibrationRecord] = None
+    retention: Optional[RetentionRecord] = None
     artifacts: list[ServableOutput] = Field(
         default_factory=list, description="What each saved folder is and how to load it."
     )

@@ -11,6 +11,7 @@ from pydantic.alias_generators import to_camel
 from kubetune_api.models import SKIPPED_CHECKPOINTS_MAX, TEXT_MAX, Metrics
 from kubetune_api.storage import (
     MetricsRow,
+    OutputsRecord,
     RunRecord,
     checkpoint_counts,
     record_counts,
@@ -152,6 +153,9 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
             metrics.setdefault("displayLoss", f"{metrics['trainLoss']:.4f}")
         if done.final_eval_loss is not None:
             out.setdefault("metrics", {}).setdefault("evalLoss", _round(done.final_eval_loss))
+        checks = held_out_metrics(done)
+        if checks:
+            out.setdefault("metrics", {}).update(checks)
     if snap.run_record:
         out["lineage"] = lineage_summary(snap.run_record, snap.prefix)
     track = snap.tracking
@@ -168,6 +172,49 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
     if snap.sweep:
         out |= sweep_to_status(snap.sweep, out.get("progress"))
     return out
+
+
+def held_out_metrics(done: OutputsRecord) -> dict[str, float]:
+    """outputs.json's calibration and retention → status.metrics."""
+    cal, ret = done.calibration, done.retention
+    pairs = []
+    if cal is not None:
+        pairs += [
+            ("evalEceBefore", cal.ece_before),
+            ("evalEce", cal.ece),
+            ("calibrationTemperature", cal.temperature),
+            ("evalEceAtTemperature", cal.ece_at_temperature),
+        ]
+    if ret is not None:
+        pairs += [
+            ("retentionLossBefore", ret.loss_before),
+            ("retentionLoss", ret.loss_after),
+            ("retentionRegression", ret.regression),
+        ]
+    return {k: _round(v) for k, v in pairs if v is not None}
+
+
+def retention_condition(snapshot: Snapshot, attempt: int = 1) -> Optional[tuple[bool, str]]:
+    """(exceeded, message) for the RetentionRegressed condition, from outputs.json's
+    retention of the current attempt; None without evaluation.retention.maxRegression
+    or before the job's end."""
+    snap = as_snapshot(snapshot)
+    done = snap.outputs if snap else None
+    current = max(attempt, snap.fence.attempt if snap and snap.fence else 0)
+    if done is None or not record_counts(done.attempt, current):
+        return None
+    ret = done.retention
+    if ret is None or ret.max_regression is None or ret.regression is None:
+        return None
+    text = f"evaluation.retention: the retention set's {ret.describe()}"
+    if ret.exceeded:
+        text += (
+            "; the job fails (failOnRegression)"
+            if ret.fail_on_regression
+            else " (hint: set failOnRegression to fail such a job, or train less far: fewer "
+            "steps, a lower learning rate, LoRA)"
+        )
+    return ret.exceeded, text
 
 
 def sweep_to_status(sweep: SweepRecord, progress: Optional[dict]) -> dict[str, Any]:

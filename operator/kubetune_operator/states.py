@@ -57,6 +57,7 @@ class Cond(str, Enum):
     PodsScheduled = "PodsScheduled"
     ParentReady = "ParentReady"
     TrackingReachable = "TrackingReachable"
+    RetentionRegressed = "RetentionRegressed"
 
 
 # The condition that is True while the job is in a phase (Pending has none).
@@ -116,6 +117,9 @@ class Reason(str, Enum):
     TTLExpired = "TTLExpired"
     RayJobCreated = "RayJobCreated"
     OldAttemptDeleted = "OldAttemptDeleted"  # a RayJob an earlier attempt left behind
+    # evaluation.retention.maxRegression
+    RetentionAboveBound = "RetentionAboveBound"
+    RetentionWithinBound = "RetentionWithinBound"
     # spec.model.fromJob
     ParentResolved = "ParentResolved"
     ParentNotFound = "ParentNotFound"

@@ -27,7 +27,7 @@ from . import kube, metrics, storage_reader
 from .conditions import get_condition, set_condition
 from .endpoints import Allowlist, endpoint_problem
 from .names import Body
-from .progress import progress_to_status, tracking_condition
+from .progress import progress_to_status, retention_condition, tracking_condition
 from .states import Cond, Reason
 from .storage_limits import THREADS, ReadSlots, Ticket
 
@@ -244,6 +244,18 @@ class StorageView:
                 Cond.TrackingReachable,
                 "True" if ok else "False",
                 Reason.TrackingRunStarted if ok else Reason.TrackingUnreachable,
+                message,
+                now,
+                gen,
+            )
+        retained = retention_condition(reads.snapshot, int(status.get("attempts") or 1))
+        if retained is not None:
+            exceeded, message = retained
+            status["conditions"] = set_condition(
+                status["conditions"],
+                Cond.RetentionRegressed,
+                "True" if exceeded else "False",
+                Reason.RetentionAboveBound if exceeded else Reason.RetentionWithinBound,
                 message,
                 now,
                 gen,

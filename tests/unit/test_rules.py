@@ -191,6 +191,47 @@ BREAKERS = {
         "dataset": {**BASE["dataset"], "format": "text"},
         "evaluation": {"generation": {"examples": 4}},
     },
+    "calibration-needs-held-out-data": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "validationSplit": 0},
+        "evaluation": {"calibration": {}},
+    },
+    "calibration-needs-answer-tokens": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "preference"},
+        "method": {"objective": "dpo"},
+        "evaluation": {"calibration": {}},
+    },
+    "save-temperature-needs-fit": {
+        **BASE,
+        "evaluation": {"calibration": {"saveTemperature": True}},
+    },
+    "retention-source": {
+        **BASE,
+        "evaluation": {"retention": {"dataset": {"format": "chat"}}},
+    },
+    "retention-fail-needs-bound": {
+        **BASE,
+        "evaluation": {
+            "retention": {"dataset": {"uri": "s3://bucket/r.jsonl"}, "failOnRegression": True}
+        },
+    },
+    "retention-generation-needs-generation": {
+        **BASE,
+        "evaluation": {
+            "retention": {"dataset": {"uri": "s3://bucket/r.jsonl"}, "generation": True}
+        },
+    },
+    "retention-generation-needs-prompts": {
+        **BASE,
+        "evaluation": {
+            "generation": {},
+            "retention": {
+                "dataset": {"uri": "s3://bucket/r.jsonl", "format": "text"},
+                "generation": True,
+            },
+        },
+    },
 }
 
 
@@ -203,6 +244,27 @@ def test_dpo_spec_with_every_setting_breaks_no_rule():
         "evaluation": {"generation": {"examples": 4, "maxNewTokens": 16}},
     }
     assert validate_spec(spec).ok, validate_spec(spec).errors
+
+
+def test_calibration_and_retention_with_every_setting_break_no_rule():
+    spec = {
+        **BASE,
+        "evaluation": {
+            "generation": {"examples": 4},
+            "calibration": {"fitTemperature": True, "saveTemperature": True},
+            "retention": {
+                "dataset": {"name": "org/general", "split": "test", "format": "alpaca"},
+                "maxExamples": 64,
+                "maxRegression": 0.05,
+                "failOnRegression": True,
+                "generation": True,
+            },
+        },
+    }
+    assert validate_spec(spec).ok, validate_spec(spec).errors
+    # a format without answer tokens is refused by the schema itself
+    spec["evaluation"]["retention"]["dataset"]["format"] = "preference"
+    assert not validate_spec(spec).ok
 
 
 def test_every_python_rule_has_a_breaking_example():

@@ -23,8 +23,8 @@ from kubetune_api.trainer_config import RAY_ENV
 
 from . import clean as C
 from . import data as D
+from . import heldout, objectives, stager, staging
 from . import model as M
-from . import objectives, stager, staging
 from .data import DataError
 from .launch import fit
 from .parent import locate, locate_teacher
@@ -57,6 +57,9 @@ def check_data(spec) -> str:
         text += "\n" + prepared.test_report.summary("test")
     if prepared.clean is not None:
         text += "".join(f"\nclean: {line}" for line in C.summary(prepared.clean))
+    if spec.evaluation.retention is not None:  # its data fails here too, not after training
+        scored = heldout.retention_examples(spec, tok)
+        text += f"\nretention: {len(scored)} rows scored before and after training"
     return text
 
 

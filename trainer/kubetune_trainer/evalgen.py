@@ -217,16 +217,22 @@ def run(
     log: Callable[[str], None],
     grader=None,
     base_dir: Optional[str] = None,
+    formats: Optional[dict[str, str]] = None,
 ) -> Optional[dict]:
     """Rank 0: answers before and after on the held-out prompts (`held_out`: split ->
     rows; `models`: "before"/"after" -> a loader); writes samples.jsonl beside the
     outputs; returns the record for outputs.json. Prompt rows (objective grpo) are
     scored by the job's `grader` instead of against a reference answer: each sample
     carries its rewards before and after (else its chrF1 before and after), and
-    `<split>_after_vs_before` counts the answers that score higher, the same, lower."""
+    `<split>_after_vs_before` counts the answers that score higher, the same, lower.
+    `formats`: a split in its own format (evaluation.retention's set), never graded."""
     if settings is None:
         return None
-    sets = {k: pick(rows, fmt, settings.examples, settings.seed) for k, rows in held_out.items()}
+    formats = formats or {}
+    sets = {
+        k: pick(rows, formats.get(k, fmt), settings.examples, settings.seed)
+        for k, rows in held_out.items()
+    }
     sets = {k: v for k, v in sets.items() if v}
     if not sets:
         log("evaluation.generation: no held-out prompt with a reference answer")
@@ -244,8 +250,9 @@ def run(
         # per answer: what samples.jsonl keeps (its rewards or its chrF1) and one number
         each: dict[str, list] = {}
         per: dict[str, list[float]] = {}
+        graded = grader is not None and split not in formats
         for when in ("before", "after"):
-            if grader is not None:
+            if graded:
                 record[f"{split}_{when}"], each[when] = rewards(
                     grader, answers[split][when], refs, base_dir
                 )
@@ -253,7 +260,7 @@ def run(
             else:
                 record[f"{split}_{when}"] = score(answers[split][when], refs)
                 each[when] = per[when] = chrf1(answers[split][when], refs)
-        by = "reward" if grader is not None else "chrf1"
+        by = "reward" if graded else "chrf1"
         record[f"{split}_after_vs_before"] = after_vs_before(per["before"], per["after"], by)
         for k, (prompt, ref) in enumerate(pairs):
             line = {
@@ -263,7 +270,7 @@ def run(
                 "before": answers[split]["before"][k],
                 "after": answers[split]["after"][k],
             }
-            kind = "rewards" if grader is not None else "chrf1"
+            kind = "rewards" if graded else "chrf1"
             line[f"{kind}_before"] = each["before"][k]
             line[f"{kind}_after"] = each["after"][k]
             lines.append(json.dumps(line))

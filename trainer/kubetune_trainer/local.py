@@ -42,6 +42,7 @@ from kubetune_api import sweep as S
 from kubetune_api.validation import validate_document
 
 from . import clean as C
+from . import heldout
 from . import preflight as P
 from .driver import ensure_env, run
 from .evalgen import summary_lines
@@ -317,6 +318,7 @@ def summary(storage) -> str:
     if before is not None and after is not None:
         verdict = "better" if after < before else "NOT better"
         lines.append(f"  held-out loss: before {before:.4f} -> after {after:.4f} ({verdict})")
+    lines += heldout.summary_lines(out)
     for key, label in (
         ("adapter", "adapter"),
         ("mergedModel", "merged model"),

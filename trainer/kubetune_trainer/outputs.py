@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kubetune_api import storage as contract
+from kubetune_api.objectives import SUPERVISED_FORMATS
 
+from . import calibration, evalgen, export, gguf_export
 from . import data as D
-from . import evalgen, export, gguf_export
 from .checkpoint import save_adapter
 from .storage import JobStorage
 from .worker import Worker
@@ -39,6 +40,9 @@ class Finish:
     test: Optional[Callable[[], Optional[dict]]]  # the objective's test-split evaluation
     log: Callable[[str], None]
     progress: Callable[..., None]
+    # evaluation.calibration / .retention after training: outputs.json's sections
+    checks: Optional[Callable[[], dict]] = None
+    held_out_formats: dict[str, str] = field(default_factory=dict)  # split -> its format
     final_dir: Optional[Path] = None  # set by final_weights
     sections: dict = field(default_factory=dict)
 
@@ -50,6 +54,26 @@ def test_metrics(f: Finish) -> dict:
         return {}
     f.log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
     return {"test_metrics": {k.replace("eval_", "test_", 1): v for k, v in test.items()}}
+
+
+def held_out_checks(f: Finish) -> dict:
+    """evaluation.calibration and .retention on the fine-tuned weights (every rank),
+    before they are saved: a fitted temperature goes into the saved folders."""
+    if f.checks is None:
+        return {}
+    f.progress(contract.TrainPhase.evaluating, "calibration and retention after training")
+    return f.checks()
+
+
+def stamp_temperature(f: Finish, rel: str) -> None:
+    """calibration.saveTemperature: the fitted temperature into a saved folder's
+    generation_config.json, before it is uploaded (rank 0)."""
+    cal = f.sections.get("calibration")
+    settings = f.spec.evaluation.calibration
+    if cal is None or cal.temperature is None or not (settings and settings.save_temperature):
+        return
+    calibration.write_temperature(f.local / rel, cal.temperature)
+    cal.saved_in.append(rel)
 
 
 def save_full_model(f: Finish, path: Path) -> None:
@@ -67,6 +91,7 @@ def final_weights(f: Finish) -> dict:
     artifacts: list[contract.ServableOutput] = []
 
     def publish(kind: contract.OutputKind, rel: str) -> str:
+        stamp_temperature(f, rel)
         f.storage.upload_dir(f.local / rel, rel)
         uri = f.storage.uri(rel)
         artifacts.append(export.describe(kind.value, uri, f.spec, f.local / rel))
@@ -102,7 +127,7 @@ def final_weights(f: Finish) -> dict:
 
 GGUF_HELD_OUT_ROWS = 64  # validation rows scored for each GGUF file's read-back check
 GGUF_MAX_TOKENS = 512
-SFT_FORMATS = ("text", "prompt-completion", "chat", "alpaca", "sharegpt")
+SFT_FORMATS = SUPERVISED_FORMATS
 
 
 def gguf_files(f: Finish) -> dict:
@@ -222,12 +247,14 @@ def generation(f: Finish) -> dict:
         # prompt rows are scored by the job's grader (objective grpo)
         grader=f.spec.method.grpo.grader if f.spec.method.grpo else None,
         base_dir=D.data_dir(f.spec),
+        formats=f.held_out_formats,
     )
     return {"generation": record} if record else {}
 
 
 FINISHERS: list[Callable[[Finish], dict]] = [
     test_metrics,
+    held_out_checks,
     final_weights,
     gguf_files,
     loss_curve,

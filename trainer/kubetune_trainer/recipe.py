@@ -23,12 +23,14 @@ from typing import Optional
 
 from kubetune_api import load_trainer_config
 from kubetune_api import storage as contract
+from kubetune_api.objectives import SUPERVISED_FORMATS
 from kubetune_api.sweep_space import mode_for
 
 from . import clean as C
 from . import data as D
 from . import freeze as F
 from . import gguf_export as G
+from . import heldout as H
 from . import lineage as L
 from . import model as M
 from . import objectives
@@ -91,6 +93,8 @@ class Recipe:
             "train_loss": None,
             "tokens": 0,
             "stopped_early": False,
+            # evaluation.calibration / .retention on the base model (heldout.before)
+            "checks_before": None,
         }
         self.halted = False  # a sweep stopped this trial: no outputs
         # Save on stop (kubetune_trainer.stop): a request newer than this rank's
@@ -262,6 +266,18 @@ class Recipe:
         self.steps_per_epoch = max(1, self.micro_per_epoch // hp.gradient_accumulation_steps)
         self.total_steps = hp.max_steps or math.ceil((hp.epochs or 1.0) * self.steps_per_epoch)
         self.eval_enabled = self.spec.evaluation.enabled and "validation" in self.splits
+        retention = self.spec.evaluation.retention
+        self.retention_rows = (
+            H.retention_rows(self.spec) if retention and retention.generation else []
+        )
+        self.checks = H.HeldOutChecks(
+            self.spec,
+            self.worker,
+            self.tokenizer.pad_token_id,
+            self.splits.get("validation") if ds.format in SUPERVISED_FORMATS else None,
+            H.retention_examples(self.spec, self.tokenizer) if retention else None,
+            self.log,
+        )
         self.tokens_per_second = None
         self.start_step = 0
         self.t_train = time.monotonic()
@@ -380,6 +396,9 @@ class Recipe:
                 self.metrics.append(
                     {"step": 0, "epoch": 0.0, **first, "attempt": self.cfg.attempt, "time": now()}
                 )
+        if self.checks.wanted and self.state["step"] == 0 and not self.state["checks_before"]:
+            self.progress(contract.TrainPhase.evaluating, "calibration and retention of the base")
+            self.state["checks_before"] = self.checks.before()
         self.t_train = time.monotonic()
         self.progress(contract.TrainPhase.training)
         # the loss stays on the device until a log step: no sync per micro-batch
@@ -526,6 +545,11 @@ class Recipe:
         )
         local = self.tmp / "final"
         held_out = {"validation": self.prepared.val_rows, "test": self.prepared.test_rows}
+        formats = {}
+        if self.retention_rows:  # evaluation.retention.generation
+            held_out["retention"] = self.retention_rows
+            formats["retention"] = self.spec.evaluation.retention.dataset.format
+        before = self.state.get("checks_before") or {}
         outputs = O.finish(
             O.Finish(
                 worker=self.worker,
@@ -537,15 +561,27 @@ class Recipe:
                 local=local,
                 metrics=self.metrics,
                 held_out=held_out,
+                held_out_formats=formats,
+                checks=(lambda: self.checks.after(before)) if self.checks.wanted else None,
                 test=(lambda: self.evaluate("test")) if "test" in self.splits else None,
                 log=self.log,
                 progress=self.progress,
             ),
             summary,
         )
+        retention = outputs.retention
+        gate = retention is not None and retention.exceeded and retention.fail_on_regression
         if self.rank == 0:
             self.writer.flush()
             self.storage.write_record(contract.OUTPUTS, outputs)
+        if gate:  # every rank knows (the losses are all-reduced): every rank stops here
+            raise H.RetentionRegressed(
+                "evaluation.retention: the retention "
+                + retention.describe()
+                + " and failOnRegression is set (the outputs are saved; raise "
+                "evaluation.retention.maxRegression or train less far to pass)"
+            )
+        if self.rank == 0:
             self.progress(contract.TrainPhase.succeeded)
             loss_png = local / contract.LOSS_CURVE
             T.finish_for_job(

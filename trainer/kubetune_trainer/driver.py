@@ -57,6 +57,7 @@ def check_data(spec) -> str:
         text += "\n" + prepared.test_report.summary("test")
     if prepared.clean is not None:
         text += "".join(f"\nclean: {line}" for line in C.summary(prepared.clean))
+    text += "".join(f"\nmixture: {line}" for line in D.describe_mixture(prepared.sources))
     return text
 
 

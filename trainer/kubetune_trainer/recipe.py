@@ -90,6 +90,11 @@ class Recipe:
             "train_loss": None,
             "tokens": 0,
             "stopped_early": False,
+            # dataset.mixture: examples trained per source so far, all ranks together,
+            # and each source's held-out loss before training and at the latest evaluation
+            "source_examples": None,
+            "initial_eval_loss_per_source": None,
+            "last_eval_loss_per_source": None,
         }
         self.halted = False  # a sweep stopped this trial: no outputs
         # Save on stop (kubetune_trainer.stop): a request newer than this rank's
@@ -211,18 +216,45 @@ class Recipe:
                 contract.CLEAN, lambda: self.storage.write_json(contract.CLEAN, report)
             )
         self.prepared = prepared
+        self.sources = prepared.sources  # dataset.mixture's (empty: one source)
+        for line in D.describe_mixture(self.sources):
+            self.log(f"dataset.mixture: {line}")
         self.splits: objectives.Splits = {}
+        # dataset.mixture: each source's range of units, per split
+        self.source_spans: dict[str, list] = {}
         for name, examples in (
             ("train", prepared.train),
             ("validation", prepared.val),
             ("test", prepared.test),
         ):
             if examples or name == "train":
-                units = obj.units(examples, ds.max_seq_length, ds.packing, hp.seed)
+                if self.sources and name != "test":
+                    spans = [s.train if name == "train" else s.val for s in self.sources]
+                    units, self.source_spans[name] = D.source_units(
+                        obj.units, examples, spans, ds.max_seq_length, ds.packing, hp.seed
+                    )
+                    if name == "validation":  # a cut-short evaluation sees every source
+                        units, self.source_spans[name] = D.interleave(
+                            units, self.source_spans[name]
+                        )
+                else:
+                    units = obj.units(examples, ds.max_seq_length, ds.packing, hp.seed)
                 self.splits[name] = (examples, units)
         self.train_ex, self.train_seqs = self.splits["train"]
+        epoch_units = len(self.train_seqs)
+        if self.sources:
+            spans = self.source_spans["train"]
+            self.mix_counts = D.mixture_counts(
+                spans, [len(s.train) for s in self.sources], [s.weight for s in self.sources]
+            )
+            epoch_units = sum(self.mix_counts)
+            self.unit_source = [0] * len(self.train_seqs)
+            for i, span in enumerate(spans):
+                for u in span:
+                    self.unit_source[u] = i
+            self.seen = [0] * len(self.sources)  # this rank's examples per source, since a row
         per_micro = hp.batch_size * self.world
-        self.micro_per_epoch = max(1, len(self.train_seqs) // per_micro)
+        self.micro_per_epoch = max(1, epoch_units // per_micro)
         self.steps_per_epoch = max(1, self.micro_per_epoch // hp.gradient_accumulation_steps)
         self.total_steps = hp.max_steps or math.ceil((hp.epochs or 1.0) * self.steps_per_epoch)
         self.eval_enabled = self.spec.evaluation.enabled and "validation" in self.splits
@@ -258,11 +290,20 @@ class Recipe:
         accum = hp.gradient_accumulation_steps
         epoch, k = divmod(m, self.steps_per_epoch * accum)
         if not hasattr(self, "_order") or self._order[0] != epoch:
-            self._order = (epoch, D.epoch_order(len(self.train_seqs), hp.seed, epoch))
+            if self.sources:
+                spans = self.source_spans["train"]
+                order = D.mixture_order(spans, self.mix_counts, hp.seed, epoch)
+            else:
+                order = D.epoch_order(len(self.train_seqs), hp.seed, epoch)
+            self._order = (epoch, order)
         order = self._order[1]
         n = len(order)
         base = k * hp.batch_size * self.world + self.rank * hp.batch_size
-        seqs = [self.train_seqs[order[(base + j) % n]] for j in range(hp.batch_size)]
+        picked = [order[(base + j) % n] for j in range(hp.batch_size)]
+        seqs = [self.train_seqs[u] for u in picked]
+        if self.sources:
+            for u in picked:
+                self.seen[self.unit_source[u]] += len(self.train_seqs[u])
         batch = self.objective.collate(
             self.train_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing
         )
@@ -289,7 +330,17 @@ class Recipe:
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, split: str = "validation") -> dict:
         examples, units = self.splits[split]
-        return self.objective.evaluate(examples, units, split)
+        result = self.objective.evaluate(examples, units, split)
+        if split in self.source_spans:  # dataset.mixture: each source's own held-out loss
+            per_source = {}
+            for source, span in zip(self.sources, self.source_spans[split], strict=False):
+                if len(span):
+                    own = [units[u] for u in span]
+                    per_source[source.id] = self.objective.evaluate(examples, own, split)[
+                        "eval_loss"
+                    ]
+            result["eval_loss_per_source"] = per_source
+        return result
 
     def save_checkpoint(self) -> None:
         self.progress(contract.TrainPhase.saving)
@@ -338,6 +389,7 @@ class Recipe:
             self.progress(contract.TrainPhase.evaluating, "evaluating the base model")
             first = self.evaluate()
             self.state["initial_eval_loss"] = first["eval_loss"]
+            self.state["initial_eval_loss_per_source"] = first.get("eval_loss_per_source")
             self.log(f"held-out loss before training: {first['eval_loss']:.4f}")
             self.reached("baseEvaluated")
             if self.rank == 0:
@@ -363,7 +415,10 @@ class Recipe:
             last = step == self.total_steps
             row = None
             if step % hp.log_every_steps == 0 or last:
-                total, n, tok = self.worker.allreduce([float(loss_sum), n_losses, tokens])
+                seen = self.seen if self.sources else []
+                total, n, tok, *seen = self.worker.allreduce(
+                    [float(loss_sum), n_losses, tokens, *seen]
+                )
                 elapsed = time.monotonic() - t_log
                 self.tokens_per_second = round(tok / max(elapsed, 1e-9), 1)
                 self.state["tokens"] += int(tok)
@@ -380,6 +435,13 @@ class Recipe:
                     "time": now(),
                 }
                 row.update(self.objective.metrics())
+                if self.sources:
+                    counts = self.state["source_examples"] or {}
+                    for source, k in zip(self.sources, seen, strict=False):
+                        counts[source.id] = counts.get(source.id, 0) + int(k)
+                    self.state["source_examples"] = counts
+                    row["train_examples_per_source"] = dict(counts)
+                    self.seen = [0] * len(self.sources)
                 loss_sum, n_losses, tokens, t_log = 0.0, 0, 0, time.monotonic()
             if self.eval_enabled and (step % eval_every == 0 or last):
                 self.progress(contract.TrainPhase.evaluating)
@@ -387,6 +449,7 @@ class Recipe:
                 result = self.evaluate()
                 t_log += time.monotonic() - t_eval  # evaluation is not training time
                 self.state["last_eval_loss"] = result["eval_loss"]
+                self.state["last_eval_loss_per_source"] = result.get("eval_loss_per_source")
                 row = {
                     **(
                         row
@@ -399,6 +462,13 @@ class Recipe:
                     **result,
                 }
                 self.log(f"step {step}: eval loss {result['eval_loss']:.4f}")
+                if result.get("eval_loss_per_source"):
+                    self.log(
+                        f"step {step}: eval loss per source "
+                        + ", ".join(
+                            f"{k} {v:.4f}" for k, v in result["eval_loss_per_source"].items()
+                        )
+                    )
                 self.early_stopping(result)
             if row is not None and self.rank == 0:
                 row.update(self.resume_note)
@@ -474,6 +544,26 @@ class Recipe:
                 self.state["stopped_early"] = True
 
     # ------------------------------------------------------------------ finish
+    def mixture_record(self) -> Optional[list[contract.MixtureRecord]]:
+        if not self.sources:
+            return None
+        seen = self.state["source_examples"] or {}
+        before = self.state["initial_eval_loss_per_source"] or {}
+        after = self.state["last_eval_loss_per_source"] or {}
+        return [
+            contract.MixtureRecord(
+                id=s.id,
+                format=s.format,
+                weight=round(s.weight, 6),
+                train_examples=len(s.train),
+                validation_examples=len(s.val),
+                trained_examples=seen.get(s.id),
+                initial_eval_loss=before.get(s.id),
+                final_eval_loss=after.get(s.id),
+            )
+            for s in self.sources
+        ]
+
     def finish(self) -> None:
         summary = contract.OutputsRecord(
             metrics=self.storage.uri(contract.METRICS),
@@ -485,6 +575,7 @@ class Recipe:
             stopped_early=self.state["stopped_early"],
             attempt=self.cfg.attempt,
             pruned=self.pruned.record() if self.pruned is not None else None,
+            mixture=self.mixture_record(),
         )
         local = self.tmp / "final"
         held_out = {"validation": self.prepared.val_rows, "test": self.prepared.test_rows}

@@ -32,7 +32,9 @@ def sums(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def run(weights: tuple[float, float], steps: int, work: Path, sums_file: Path) -> dict:
+def run(
+    weights: tuple[float, float], steps: int, work: Path, sums_file: Path, eval_batches: int
+) -> dict:
     from kubetune_trainer.local import LocalRun, run_local
 
     name = f"mix-{weights[0]:g}-{weights[1]:g}".replace(".", "p")
@@ -47,7 +49,7 @@ def run(weights: tuple[float, float], steps: int, work: Path, sums_file: Path) -
     spec = doc["spec"]
     spec["hyperparameters"].update(maxSteps=steps, learningRate=5e-4, seed=0)
     spec["hyperparameters"]["logEverySteps"] = max(1, steps // 10)
-    spec["evaluation"] = {"enabled": True, "everySteps": steps, "maxBatches": 16}
+    spec["evaluation"] = {"enabled": True, "everySteps": steps, "maxBatches": eval_batches}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     t0 = time.monotonic()
@@ -63,6 +65,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--weights", default="3:1,1:3", help="chat:sums weightings, comma separated")
     ap.add_argument("--sums", type=int, default=600, help="rows of the sums source")
+    ap.add_argument(
+        "--eval-batches", type=int, default=16, help="evaluation.maxBatches (of 4), per source"
+    )
     args = ap.parse_args()
     prepare()
     work = Path(tempfile.mkdtemp(prefix="kubetune-mixture-"))
@@ -70,7 +75,7 @@ def main() -> None:
     results = []
     for pair in args.weights.split(","):
         a, b = (float(x) for x in pair.split(":"))
-        results.append(run((a, b), args.steps, work, sums_file))
+        results.append(run((a, b), args.steps, work, sums_file, args.eval_batches))
     print(f"\n{args.steps} steps, batch 4, LoRA r16, SmolLM2-135M-Instruct, CPU:")
     print(
         "| weights chat:sums | source | share | examples trained | held-out loss before | after |"

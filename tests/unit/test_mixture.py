@@ -1,6 +1,6 @@
 """dataset.mixture: the shares, the deterministic epoch order, packing per source,
 the local checks, status and the summary (docs/practice.md, "Data mixtures and
-multi-task"). The trainer-tier run is tests/trainer/test_mixture.py."""
+multi-task"). The trainer-tier run is tests/trainer/test_mixture_run.py."""
 
 import json
 from collections import Counter

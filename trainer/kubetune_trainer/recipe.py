@@ -90,9 +90,8 @@ class Recipe:
             "train_loss": None,
             "tokens": 0,
             "stopped_early": False,
-            # dataset.mixture: examples trained per source so far, all ranks together,
-            # and each source's held-out loss before training and at the latest evaluation
-            "source_examples": None,
+            # dataset.mixture: each source's held-out loss before training and at the
+            # latest evaluation
             "initial_eval_loss_per_source": None,
             "last_eval_loss_per_source": None,
         }
@@ -252,7 +251,6 @@ class Recipe:
             for i, span in enumerate(spans):
                 for u in span:
                     self.unit_source[u] = i
-            self.seen = [0] * len(self.sources)  # this rank's examples per source, since a row
         per_micro = hp.batch_size * self.world
         self.micro_per_epoch = max(1, epoch_units // per_micro)
         self.steps_per_epoch = max(1, self.micro_per_epoch // hp.gradient_accumulation_steps)
@@ -283,27 +281,48 @@ class Recipe:
             self.log(f"starting from the parent {self.parent.kind} {self.parent.uri} ({how})")
         self.tracker = T.start_for_job(self.cfg, self.storage, record, self.log)
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The units of an epoch in the order trained (one source, or a mixture's)."""
+        if not hasattr(self, "_order") or self._order[0] != epoch:
+            if self.sources:
+                spans = self.source_spans["train"]
+                order = D.mixture_order(spans, self.mix_counts, self.hp.seed, epoch)
+            else:
+                order = D.epoch_order(len(self.train_seqs), self.hp.seed, epoch)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def source_examples(self, step: int) -> dict[str, int]:
+        """dataset.mixture: the examples of each source trained through `step`, all
+        ranks together. Like the batches, a function of the step: counted from the
+        epoch orders (on from the last count), so a resumed run counts the same."""
+        hp = self.hp
+        per_micro = hp.batch_size * self.world
+        per_epoch = self.steps_per_epoch * hp.gradient_accumulation_steps
+        start, counts = getattr(self, "_counted", (0, [0] * len(self.sources)))
+        order: tuple = (None, [])
+        for m in range(start, step * hp.gradient_accumulation_steps):
+            epoch, k = divmod(m, per_epoch)
+            if order[0] != epoch:
+                spans = self.source_spans["train"]
+                order = (epoch, D.mixture_order(spans, self.mix_counts, hp.seed, epoch))
+            units = order[1]
+            for p in range(k * per_micro, (k + 1) * per_micro):
+                u = units[p % len(units)]
+                counts[self.unit_source[u]] += len(self.train_seqs[u])
+        self._counted = (max(start, step * hp.gradient_accumulation_steps), counts)
+        return {s.id: n for s, n in zip(self.sources, counts, strict=True)}
+
     def micro_batch(self, m: int) -> tuple[dict, int]:
         """Micro-batch number m (counted from the start of training) of this rank:
         the data position is a function of the step, so resuming needs no state."""
         hp = self.hp
         accum = hp.gradient_accumulation_steps
         epoch, k = divmod(m, self.steps_per_epoch * accum)
-        if not hasattr(self, "_order") or self._order[0] != epoch:
-            if self.sources:
-                spans = self.source_spans["train"]
-                order = D.mixture_order(spans, self.mix_counts, hp.seed, epoch)
-            else:
-                order = D.epoch_order(len(self.train_seqs), hp.seed, epoch)
-            self._order = (epoch, order)
-        order = self._order[1]
+        order = self.epoch_order(epoch)
         n = len(order)
         base = k * hp.batch_size * self.world + self.rank * hp.batch_size
-        picked = [order[(base + j) % n] for j in range(hp.batch_size)]
-        seqs = [self.train_seqs[u] for u in picked]
-        if self.sources:
-            for u in picked:
-                self.seen[self.unit_source[u]] += len(self.train_seqs[u])
+        seqs = [self.train_seqs[order[(base + j) % n]] for j in range(hp.batch_size)]
         batch = self.objective.collate(
             self.train_ex, seqs, self.tokenizer.pad_token_id, self.spec.dataset.packing
         )
@@ -415,10 +434,7 @@ class Recipe:
             last = step == self.total_steps
             row = None
             if step % hp.log_every_steps == 0 or last:
-                seen = self.seen if self.sources else []
-                total, n, tok, *seen = self.worker.allreduce(
-                    [float(loss_sum), n_losses, tokens, *seen]
-                )
+                total, n, tok = self.worker.allreduce([float(loss_sum), n_losses, tokens])
                 elapsed = time.monotonic() - t_log
                 self.tokens_per_second = round(tok / max(elapsed, 1e-9), 1)
                 self.state["tokens"] += int(tok)
@@ -435,13 +451,8 @@ class Recipe:
                     "time": now(),
                 }
                 row.update(self.objective.metrics())
-                if self.sources:
-                    counts = self.state["source_examples"] or {}
-                    for source, k in zip(self.sources, seen, strict=False):
-                        counts[source.id] = counts.get(source.id, 0) + int(k)
-                    self.state["source_examples"] = counts
-                    row["train_examples_per_source"] = dict(counts)
-                    self.seen = [0] * len(self.sources)
+                if self.sources and self.rank == 0:
+                    row["train_examples_per_source"] = self.source_examples(step)
                 loss_sum, n_losses, tokens, t_log = 0.0, 0, 0, time.monotonic()
             if self.eval_enabled and (step % eval_every == 0 or last):
                 self.progress(contract.TrainPhase.evaluating)
@@ -547,7 +558,7 @@ class Recipe:
     def mixture_record(self) -> Optional[list[contract.MixtureRecord]]:
         if not self.sources:
             return None
-        seen = self.state["source_examples"] or {}
+        seen = self.source_examples(self.state["step"]) if self.rank == 0 else {}
         before = self.state["initial_eval_loss_per_source"] or {}
         after = self.state["last_eval_loss_per_source"] or {}
         return [

@@ -186,3 +186,29 @@ def test_held_out_units_take_the_sources_in_turn():
     mixed, positions = D.interleave(units, spans)
     assert mixed == [[0], [4], [1], [5], [2], [3]]
     assert [[mixed[p] for p in pos] for pos in positions] == [[[0], [1], [2], [3]], [[4], [5]]]
+
+
+def test_every_remote_source_is_staged_and_formats_resolve():
+    from kubetune_api.validation import resolve_spec
+    from kubetune_trainer.stager import data_sources
+
+    spec = resolve_spec(
+        {
+            "model": {"name": "org/m"},
+            "dataset": {
+                "mixture": [
+                    {"id": "a", "uri": "s3://bkt/a.jsonl"},
+                    {"id": "b", "uri": "/data/b.jsonl", "format": "text"},
+                    {"id": "c", "uri": "gs://bkt/c/"},
+                ],
+                "test": {"uri": "s3://bkt/t.jsonl"},
+            },
+        }
+    )
+    assert [s.uri for s in data_sources(spec)] == [
+        "s3://bkt/a.jsonl",
+        "gs://bkt/c/",
+        "s3://bkt/t.jsonl",
+    ]
+    ds = spec.dataset
+    assert [ds.format_of(s) for s in ds.train_sources()] == ["chat", "text", "chat"]

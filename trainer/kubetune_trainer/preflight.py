@@ -486,8 +486,11 @@ def check_tokens(spec, usable: dict, report: Report) -> None:
         lengths.sort()
         over = sum(1 for n in lengths if n > max_len)
         share = over / len(lengths)
+        label = part
+        if part.startswith("mixture[") and spec.dataset.mixture:
+            label = f"mixture source {spec.dataset.mixture[int(part[8:-1])].id}"
         report.notes.append(
-            f"{part} tokens per example (sample of {len(lengths)}): median "
+            f"{label} tokens per example (sample of {len(lengths)}): median "
             f"{_percentile(lengths, 0.5)}, p90 {_percentile(lengths, 0.9)}, max {lengths[-1]}; "
             f"{share:.0%} longer than maxSeqLength {max_len} (truncated)"
         )

@@ -303,6 +303,21 @@ def kto_job() -> dict:
     return doc
 
 
+def mixture_job() -> dict:
+    """FULL_SPEC trained on a mixture of two sources (no train, validation or clean:
+    a mixture holds out validationSplit of each source), every source field set."""
+    doc = job()
+    ds = doc["spec"]["dataset"]
+    for key in ("train", "validation", "clean"):
+        ds.pop(key)
+    ds["mixture"] = [
+        {"id": "chat", "uri": "s3://bucket/chat.jsonl", "weight": 3.0},
+        {"id": "math_qa", "name": "org/math", "split": "train", "format": "alpaca", "weight": 1.0},
+    ]
+    ds["mixtureTemperature"] = 2.0
+    return doc
+
+
 def prune_job() -> dict:
     """FULL_SPEC with structured pruning (its adapter merged, as pruning needs)."""
     return _set(job(), "spec.model.prune", {"keepLayers": 15})
@@ -494,6 +509,7 @@ def spec_cases() -> list[Case]:
         (prune_job, "spec.model.prune", None),
         (full_job, "spec.method.full", None),
         (lora_layers_job, "spec.method.lora.layers", None),
+        (mixture_job, "spec.dataset.mixture", None),
     )
     for make, block, elsewhere in blocks:
         for path, node in _leaves(spec_schema(), "spec", make()["spec"]):
@@ -833,6 +849,39 @@ def _written() -> list[Case]:
         "clean:threshold-low",
         mutate(clean, {"nearDuplicateThreshold": 0.3}),
         f"{clean}.nearDuplicateThreshold",
+    )
+
+    # data mixtures (spec.dataset.mixture)
+    mix = "spec.dataset.mixture"
+
+    def mixed(path: str, value: Any) -> dict:
+        return _set(mixture_job(), path, value)
+
+    add("mixture:weights", mixture_job())
+    add("mixture:temperature", _set(mixed(f"{mix}[0].weight", DELETE), f"{mix}[1].weight", DELETE))
+    add(
+        "mixture:and-train",
+        mixed("spec.dataset.train", {"uri": "s3://bucket/t.jsonl"}),
+        "spec.dataset.train",
+    )
+    add("mixture:neither", mixed(mix, DELETE), "spec.dataset.train")
+    add("mixture:one-source", mixed(mix, [{"id": "chat", "uri": "s3://bucket/c.jsonl"}]), mix)
+    add("mixture:ids-repeated", mixed(f"{mix}[1].id", "chat"), mix)
+    add("mixture:id-invalid", mixed(f"{mix}[1].id", "Math-QA"), f"{mix}[1].id")
+    add("mixture:weight-on-one", mixed(f"{mix}[1].weight", DELETE), mix)
+    add("mixture:weight-zero", mixed(f"{mix}[1].weight", 0), f"{mix}[1].weight")
+    add("mixture:uri-and-name", mixed(f"{mix}[0].name", "org/chats"), "spec.dataset.mixture")
+    add(
+        "mixture:with-validation",
+        mixed("spec.dataset.validation", {"uri": "s3://bucket/v.jsonl"}),
+        "spec.dataset.validation",
+    )
+    add("mixture:with-clean", mixed("spec.dataset.clean", {}), "spec.dataset.clean")
+    add("mixture:format-for-dpo", mixed(f"{mix}[1].format", "preference"), mix)
+    add(
+        "mixture:temperature-zero",
+        mixed("spec.dataset.mixtureTemperature", 0),
+        "spec.dataset.mixtureTemperature",
     )
 
     # structured pruning (spec.model.prune)
@@ -1713,6 +1762,8 @@ _safe(("clean:redact",), "redact with the PII kinds to redact named")
 _safe(("clean:redact-default-kinds",), "redact with the default kinds: all four")
 _safe(("clean:report-no-pii",), "a report of duplicates and leaks only: no PII scan")
 _safe(("clean:exact-only",), "threshold 1.0 counts exact duplicates only")
+_safe(("mixture:weights",), "two sources, weighted 3:1, one with its own format")
+_safe(("mixture:temperature",), "no weights: mixtureTemperature sets the shares from the sizes")
 _safe(("prune:layers-ok",), "layers to keep by index, increasing: the alternative to keepLayers")
 _safe(
     ("full:head-only",),

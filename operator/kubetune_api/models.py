@@ -9,6 +9,7 @@ the CRD (CEL) and the CLI/operator (Python).
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -252,6 +253,60 @@ class DataSource(_Model):
     split: SpecWord = Field("train", description="Split to read when name is a datasets name.")
 
 
+MIXTURE_MAX = 16
+SOURCE_ID_RE = r"^[a-z0-9]([a-z0-9_]{0,30}[a-z0-9])?$"
+
+SourceId = Annotated[
+    str,
+    Field(max_length=32),
+    checks.Check(
+        cel=f"self.matches('{SOURCE_ID_RE}')",
+        message="must be 1 to 32 lower-case letters, digits and '_', starting and ending "
+        "with a letter or digit (e.g. math_qa): it names the source's metrics",
+        python=lambda v: isinstance(v, str) and re.fullmatch(SOURCE_ID_RE[1:-1], v) is not None,
+    ),
+]
+
+
+class MixtureSource(DataSource):
+    """One source of dataset.mixture (docs/practice.md, "Data mixtures and multi-task")."""
+
+    id: SourceId = Field(
+        description="The source's name in metrics (eval_loss_per_source, "
+        "train_examples_per_source), status and the summary."
+    )
+    format: Optional[DatasetFormat] = Field(
+        None, description="Row format of this source (default: dataset.format)."
+    )
+    weight: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=1e6,
+        description="Relative share of the training examples drawn from this source "
+        "(normalised over the sources). Set on every source or on none; none: "
+        "dataset.mixtureTemperature sets the shares from the sources' sizes.",
+    )
+
+
+def _plain_items(v: Any) -> list:
+    """A list's items as CEL sees them: camelCase dicts (models converted)."""
+    items = v if isinstance(v, list) else []
+    return [s.to_dict() if isinstance(s, BaseModel) else s for s in items]
+
+
+MIXTURE_IDS_ONCE = checks.Check(
+    cel="self.all(s, self.exists_one(t, t.id == s.id))",
+    message="must give each source its own id: rename the repeats",
+    python=lambda v: len({s.get("id") for s in _plain_items(v)}) == len(_plain_items(v)),
+)
+MIXTURE_WEIGHTS_ALL_OR_NONE = checks.Check(
+    cel="self.all(s, has(s.weight)) || self.all(s, !has(s.weight))",
+    message="must set weight on every source or on none (none: dataset.mixtureTemperature "
+    "sets the shares from the sources' sizes)",
+    python=lambda v: len({s.get("weight") is not None for s in _plain_items(v)}) <= 1,
+)
+
+
 class CleanAction(str, Enum):
     report = "report"
     drop = "drop"
@@ -307,7 +362,33 @@ class Clean(_Model):
 
 
 class Dataset(StorageAccess):
-    train: DataSource = Field(description="Training data.")
+    train: Optional[DataSource] = Field(
+        None, description="Training data: one source. Set exactly one of train or mixture."
+    )
+    mixture: Optional[
+        Annotated[
+            list[MixtureSource],
+            Field(min_length=2, max_length=MIXTURE_MAX),
+            MIXTURE_IDS_ONCE,
+            MIXTURE_WEIGHTS_ALL_OR_NONE,
+        ]
+    ] = Field(
+        None,
+        description="Training data: several sources, each with its id, its own format and "
+        "a weight; each epoch draws its examples from the sources by weight, in an order "
+        "fixed by hyperparameters.seed (a resumed run sees the same batches). "
+        "validationSplit holds out that share of each source, and evaluation reports the "
+        "held-out loss of each source (eval_loss_per_source) beside the overall one. Set "
+        "exactly one of train or mixture.",
+    )
+    mixture_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="mixture without weights: source i's share is proportional to "
+        "n_i^(1/T), n_i its training examples. 1: proportional to size (every example "
+        "seen once an epoch); higher evens the sources out (large T: uniform).",
+    )
     validation: Optional[DataSource] = Field(
         None, description="Held-out data. Without it, validationSplit of train is held out."
     )
@@ -352,6 +433,15 @@ class Dataset(StorageAccess):
         "validation or test, and PII (emails, phone numbers, card numbers, keys); report "
         "them, or drop or redact them before training. Unset: no scan.",
     )
+
+    def train_sources(self) -> list[DataSource]:
+        """What training reads: train, or the mixture's sources."""
+        return list(self.mixture) if self.mixture else [self.train] if self.train else []
+
+    def format_of(self, source: DataSource) -> str:
+        """A source's row format: its own (a mixture source's) or dataset.format."""
+        fmt = getattr(source, "format", None) or self.format
+        return fmt.value if isinstance(fmt, Enum) else str(fmt)
 
 
 # ---------------------------------------------------------------------------- method
@@ -1329,6 +1419,10 @@ class Metrics(_Model):
     retention_loss_before: Optional[float] = None
     retention_loss: Optional[float] = None
     retention_regression: Optional[float] = None
+    # dataset.mixture: the latest held-out loss of each source, by its id
+    eval_loss_per_source: Optional[Annotated[dict[str, float], Field(max_length=MIXTURE_MAX)]] = (
+        None
+    )
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     trainable_parameters: Optional[int] = Field(

@@ -57,6 +57,9 @@ def _one_of(expr: str, values: tuple[str, ...]) -> str:
     return f"{expr} == {quoted[0]}" if len(values) == 1 else f"{expr} in [{', '.join(quoted)}]"
 
 
+FORMATS = {row.name: row.formats for row in OBJECTIVES}
+
+
 def objective_rules() -> list[Rule]:
     """The rules that come from the objectives table (objectives.OBJECTIVES): per
     objective its formats, the formats only it trains on, its settings block;
@@ -124,6 +127,32 @@ def objective_rules() -> list[Rule]:
                 )
         for extra in row.spec_rules:
             out.append(Rule(path=(), **extra))
+    # a mixture source's own format: one its objective trains on (the sources without
+    # one take dataset.format, which the rules above check)
+    fits = " || ".join(
+        f"(self.method.objective == '{row.name}' && " + _one_of("s.format", row.formats) + ")"
+        for row in OBJECTIVES
+    )
+    out.append(
+        Rule(
+            "mixture-formats-fit-objective",
+            (),
+            "each dataset.mixture source's format must be one method.objective trains on "
+            "("
+            + "; ".join(f"{row.name}: {', '.join(row.formats)}" for row in OBJECTIVES)
+            + "): change the format or the objective",
+            cel="!has(self.dataset.mixture) || self.dataset.mixture.all(s, !has(s.format) "
+            f"|| {fits})",
+            python=lambda s: (
+                not _has(s["dataset"], "mixture")
+                or all(
+                    not _has(src, "format") or src["format"] in FORMATS[s["method"]["objective"]]
+                    for src in s["dataset"]["mixture"]
+                )
+            ),
+            field="dataset.mixture",
+        )
+    )
     out += metric_rules("earlyStopping", "early-stopping", always=True)
     out += metric_rules("sweep", "sweep", always=False)
     return out
@@ -256,6 +285,44 @@ RULES: list[Rule] = [
             or not (_has(s["model"], "fromJob") or _has(s["model"], "fromCheckpoint"))
         ),
         field="model.mergeParent",
+    ),
+    Rule(
+        "train-xor-mixture",
+        ("dataset",),
+        "set exactly one of dataset.train (one source) or dataset.mixture (several, "
+        "each with an id and a weight)",
+        cel="has(self.train) != has(self.mixture)",
+        python=lambda d: _has(d, "train") != _has(d, "mixture"),
+        field="train",
+    ),
+    Rule(
+        "mixture-source",
+        ("dataset",),
+        "set exactly one of uri (a file or folder) or name (a datasets name) on each "
+        "dataset.mixture source",
+        cel="!has(self.mixture) || self.mixture.all(s, has(s.uri) != has(s.name))",
+        python=lambda d: (
+            not _has(d, "mixture") or all(_has(s, "uri") != _has(s, "name") for s in d["mixture"])
+        ),
+        field="mixture",
+    ),
+    Rule(
+        "mixture-held-out-per-source",
+        ("dataset",),
+        "dataset.mixture holds out validationSplit of each source (for a held-out loss "
+        "per source): remove dataset.validation, or train on one source (dataset.train)",
+        cel="!has(self.mixture) || !has(self.validation)",
+        python=lambda d: not _has(d, "mixture") or not _has(d, "validation"),
+        field="validation",
+    ),
+    Rule(
+        "mixture-clean-one-format",
+        ("dataset",),
+        "dataset.clean scans one source in one format: remove dataset.clean, or train on "
+        "one source (dataset.train)",
+        cel="!has(self.mixture) || !has(self.clean)",
+        python=lambda d: not _has(d, "mixture") or not _has(d, "clean"),
+        field="clean",
     ),
     Rule(
         "train-source",

@@ -282,6 +282,11 @@ class MetricsRow(_Model):
     eval_agreement: Optional[float] = None
     eval_distill_kl: Optional[float] = None
     teacher_eval_loss: Optional[float] = None
+    # dataset.mixture: on evaluation rows the held-out loss of each source (by its id;
+    # eval_loss is over them all); on training rows the examples trained from each
+    # source so far, all workers together
+    eval_loss_per_source: Optional[dict[str, float]] = None
+    train_examples_per_source: Optional[dict[str, int]] = None
     resumed_from: Optional[int] = Field(
         None, description="On the first row after a resume: the checkpoint step resumed from."
     )
@@ -566,6 +571,21 @@ class RetentionRecord(_Model):
         return text
 
 
+class MixtureRecord(_Model):
+    """One dataset.mixture source as trained."""
+
+    id: str
+    format: str
+    weight: float = Field(description="Its share of the training examples drawn (sums to 1).")
+    train_examples: int = Field(description="Its usable training examples.")
+    validation_examples: int = Field(description="Its held-out examples.")
+    trained_examples: Optional[int] = Field(
+        None, description="Examples drawn from it over the whole run, all workers together."
+    )
+    initial_eval_loss: Optional[float] = None
+    final_eval_loss: Optional[float] = None
+
+
 class OutputsRecord(_Model):
     adapter: Optional[str] = None
     merged_model: Optional[str] = None
@@ -580,6 +600,9 @@ class OutputsRecord(_Model):
     stopped_early: bool = False
     test_metrics: Optional[dict[str, float]] = Field(
         None, description="Metrics on dataset.test, computed once after training."
+    )
+    mixture: Optional[list[MixtureRecord]] = Field(
+        None, description="dataset.mixture: each source's share, examples and held-out loss."
     )
     generation: Optional[dict] = Field(
         None,

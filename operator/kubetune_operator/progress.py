@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 
 from pydantic.alias_generators import to_camel
 
-from kubetune_api.models import SKIPPED_CHECKPOINTS_MAX, TEXT_MAX, Metrics
+from kubetune_api.models import MIXTURE_MAX, SKIPPED_CHECKPOINTS_MAX, TEXT_MAX, Metrics
 from kubetune_api.storage import (
     MetricsRow,
     OutputsRecord,
@@ -25,6 +25,7 @@ Snapshot = Union[StorageSnapshot, Mapping[str, Any], None]
 
 # metrics.jsonl's fields (MetricsRow) → status.metrics (models.Metrics): the train
 # loss, and every field the two share (each objective's metrics among them)
+SOURCE_ID_MAX = 32  # models.SourceId
 ROW_TO_STATUS = (("loss", "trainLoss"),) + tuple(
     (name, to_camel(name)) for name in Metrics.model_fields if name in MetricsRow.model_fields
 )
@@ -97,7 +98,13 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
     for row in rows:  # oldest first: later rows win
         for src, dst in ROW_TO_STATUS:
             value = getattr(row, src)
-            if value is not None:
+            if isinstance(value, dict):  # per source (dataset.mixture): its first few
+                metrics[dst] = {
+                    str(k)[:SOURCE_ID_MAX]: _round(v)
+                    for k, v in list(value.items())[:MIXTURE_MAX]
+                    if isinstance(v, (int, float))
+                }
+            elif value is not None:
                 metrics[dst] = value if isinstance(value, int) else _round(value)
     # grader failures: counted per row, totalled over the rows that count
     for src, dst in (

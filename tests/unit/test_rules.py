@@ -13,7 +13,23 @@ _LR_SWEEP = {
 
 # rule id -> a spec that breaks it (and breaks nothing else)
 GRPO = {"grader": {"type": "stringCheck", "name": "x", "reference": "y", "operation": "eq"}}
+MIXTURE = [{"id": "chat", "uri": "s3://bucket/c.jsonl"}, {"id": "qa", "uri": "s3://bucket/q.jsonl"}]
+MIXED = {**BASE, "dataset": {"mixture": MIXTURE}}
 BREAKERS = {
+    "train-xor-mixture": {**BASE, "dataset": {**BASE["dataset"], "mixture": MIXTURE}},
+    "mixture-source": {
+        **BASE,
+        "dataset": {"mixture": [MIXTURE[0], {"id": "qa", "uri": "s3://bucket/q", "name": "o/d"}]},
+    },
+    "mixture-held-out-per-source": {
+        **MIXED,
+        "dataset": {**MIXED["dataset"], "validation": {"uri": "s3://bucket/v.jsonl"}},
+    },
+    "mixture-clean-one-format": {**MIXED, "dataset": {**MIXED["dataset"], "clean": {}}},
+    "mixture-formats-fit-objective": {
+        **MIXED,
+        "dataset": {"mixture": [MIXTURE[0], {**MIXTURE[1], "format": "preference"}]},
+    },
     "model-source": {**BASE, "model": {"name": "a", "uri": "s3://bucket/m"}},
     "train-source": {**BASE, "dataset": {"train": {}}},
     "validation-source": {**BASE, "dataset": {**BASE["dataset"], "validation": {}}},
@@ -283,6 +299,29 @@ def test_rule_fires_alone_with_its_message(rule_id):
 
 def test_base_spec_breaks_no_rule():
     assert validate_spec(BASE).ok
+
+
+def test_a_mixture_breaks_no_rule_and_resolves_its_formats():
+    spec = {
+        **MIXED,
+        "dataset": {
+            "format": "chat",
+            "mixture": [
+                {**MIXTURE[0], "weight": 3},
+                {**MIXTURE[1], "format": "alpaca", "weight": 1},
+            ],
+            "test": {"uri": "s3://bucket/t.jsonl"},
+        },
+    }
+    assert validate_spec(spec).ok, validate_spec(spec).errors
+    ds = resolve_spec(spec).dataset
+    assert [ds.format_of(s) for s in ds.train_sources()] == ["chat", "alpaca"]
+    dpo = {
+        **MIXED,
+        "method": {"objective": "dpo"},
+        "dataset": {**MIXED["dataset"], "format": "preference"},
+    }
+    assert validate_spec(dpo).ok, validate_spec(dpo).errors
 
 
 def test_auto_zero_stage_allows_any_offload():

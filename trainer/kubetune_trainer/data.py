@@ -481,6 +481,83 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+# ---------------------------------------------------------------------------- mixtures
+
+
+def mixture_weights(sizes: list[int], weights: list, temperature: float) -> list[float]:
+    """dataset.mixture's shares of the examples drawn (summing to 1): the sources'
+    weights, normalised; without weights, size^(1/temperature) (1: proportional to
+    size; large: uniform)."""
+    if all(w is not None for w in weights):
+        raw = [float(w) for w in weights]
+    else:
+        raw = [float(n) ** (1.0 / temperature) for n in sizes]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def source_units(
+    units_fn, examples: list, spans: list[range], max_len: int, packing: bool, seed: int
+):
+    """The batch units of each source on its own (a packed sequence never mixes two
+    sources), in one list: (units, each source's range of units)."""
+    units: list[list[int]] = []
+    out: list[range] = []
+    for span in spans:
+        own = units_fn(examples[span.start : span.stop], max_len, packing, seed)
+        start = len(units)
+        units += [[span.start + i for i in u] for u in own]
+        out.append(range(start, len(units)))
+    return units, out
+
+
+def interleave(
+    units: list[list[int]], spans: list[range]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The held-out units of the sources taken in turn (one of each, then the next),
+    so that an evaluation cut short by evaluation.maxBatches still sees every source;
+    with each source's positions in the new list."""
+    order: list[int] = []
+    positions: list[list[int]] = [[] for _ in spans]
+    for k in range(max((len(s) for s in spans), default=0)):
+        for i, span in enumerate(spans):
+            if k < len(span):
+                positions[i].append(len(order))
+                order.append(span[k])
+    return [units[u] for u in order], positions
+
+
+def mixture_counts(unit_spans: list[range], examples: list[int], weights: list[float]) -> list[int]:
+    """Units drawn from each source per epoch, so that its share of the epoch's
+    examples is its weight; an epoch holds as many examples as the sources do
+    together (at temperature 1: each unit once). A unit may hold several examples
+    (packing), so a source's count is scaled by its units per example."""
+    total = sum(examples)
+    return [
+        max(1, round(w * total * len(span) / max(x, 1)))
+        for w, span, x in zip(weights, unit_spans, examples, strict=False)
+    ]
+
+
+def mixture_order(unit_spans: list[range], counts: list[int], seed: int, epoch: int) -> list[int]:
+    """One epoch of a mixture: counts[i] units of source i (its units in a shuffled
+    order, again reshuffled when it runs out: a source drawn above its size repeats,
+    one below is subsampled), the sources interleaved at random. A function of
+    (seed, epoch) only, like epoch_order: a resumed run sees the same batches."""
+    rng = random.Random((seed * 1000003 + epoch) * 31 + 7)
+    picks = []
+    for span, count in zip(unit_spans, counts, strict=False):
+        drawn: list[int] = []
+        while len(drawn) < count:
+            perm = list(span)
+            rng.shuffle(perm)
+            drawn += perm
+        picks.append(iter(drawn[:count]))
+    slots = [i for i, count in enumerate(counts) for _ in range(count)]
+    rng.shuffle(slots)
+    return [next(picks[i]) for i in slots]
+
+
 def sequences(examples: list[Example], max_len: int, packing: bool, seed: int) -> list[list[int]]:
     if packing:
         return pack(examples, max_len, seed)
@@ -544,7 +621,7 @@ def data_dir(spec) -> Optional[str]:
     `file` is read beside it), else None."""
     import os
 
-    uri = spec.dataset.train.uri
+    uri = spec.dataset.train_sources()[0].uri
     if not uri or ("://" in uri and not uri.startswith("file://")):
         return None
     path = uri.removeprefix("file://")
@@ -588,6 +665,32 @@ def clean_splits(splits: dict[str, list], fmt: str, clean) -> tuple[dict[str, Ro
 
 
 @dataclass
+class Source:
+    """A dataset.mixture source as prepared: where its examples lie in the splits."""
+
+    id: str
+    format: str
+    weight: float  # its share of the training examples drawn (the shares sum to 1)
+    train: range  # its examples in Prepared.train
+    val: range  # and in Prepared.val
+    train_report: DataReport
+    val_report: Optional[DataReport] = None
+
+
+def merge_reports(reports: list[DataReport]) -> DataReport:
+    out = DataReport()
+    for r in reports:
+        out.rows += r.rows
+        out.usable += r.usable
+        out.truncated += r.truncated
+        out.bad.update(r.bad)
+        out.bad_examples += r.bad_examples[: max(0, 5 - len(out.bad_examples))]
+        out.tokens += r.tokens
+        out.loss_tokens += r.loss_tokens
+    return out
+
+
+@dataclass
 class Prepared:
     train: list[Example]
     val: list[Example]
@@ -599,12 +702,15 @@ class Prepared:
     val_rows: list = field(default_factory=list)
     test_rows: list = field(default_factory=list)
     clean: Optional[dict] = None  # spec.dataset.clean's report (kubetune_trainer.clean)
+    sources: list[Source] = field(default_factory=list)  # dataset.mixture's, in order
 
 
 def prepare(spec, tokenizer, environ=None, build=build_examples) -> Prepared:
     """The three splits of spec.dataset as examples. `build(rows, format, tokenizer,
     max_len)` is the objective's example builder (default: one example per row)."""
     ds = spec.dataset
+    if ds.mixture:
+        return prepare_mixture(spec, tokenizer, environ, build)
     rows = read_rows(ds.train, ds, environ)
     if ds.validation is not None:
         train_rows, val_rows = rows, read_rows(ds.validation, ds, environ)
@@ -635,3 +741,69 @@ def prepare(spec, tokenizer, environ=None, build=build_examples) -> Prepared:
             test_rows, ds.format, tokenizer, ds.max_seq_length
         )
     return prepared
+
+
+def prepare_mixture(spec, tokenizer, environ=None, build=build_examples) -> Prepared:
+    """dataset.mixture: each source read, split (validationSplit of each, with the
+    seed) and built in its own format; the splits hold the sources one after the
+    other, and Prepared.sources says where each lies and what share it gets."""
+    ds, seed = spec.dataset, spec.hyperparameters.seed
+    train: list[Example] = []
+    val: list[Example] = []
+    gen_rows: list = []  # evaluation.generation reads the held-out rows of dataset.format
+    gen_where: list[str] = []
+    base_format = ds.format.value if hasattr(ds.format, "value") else str(ds.format)
+    sources: list[Source] = []
+    for src in ds.mixture:
+        fmt = ds.format_of(src)
+        train_rows, held = split_validation(read_rows(src, ds, environ), ds.validation_split, seed)
+        examples, report = build(train_rows, fmt, tokenizer, ds.max_seq_length)
+        require_usable(report, f"train source {src.id}")
+        held_out, held_report = [], None
+        if held:
+            held_out, held_report = build(held, fmt, tokenizer, ds.max_seq_length)
+            if fmt == base_format:
+                gen_rows += held
+                gen_where += [f"{src.id}: {held.label(i)}" for i in range(len(held))]
+        sources.append(
+            Source(
+                src.id,
+                fmt,
+                0.0,
+                range(len(train), len(train) + len(examples)),
+                range(len(val), len(val) + len(held_out)),
+                report,
+                held_report,
+            )
+        )
+        train += examples
+        val += held_out
+    shares = mixture_weights(
+        [len(s.train) for s in sources], [src.weight for src in ds.mixture], ds.mixture_temperature
+    )
+    for s, share in zip(sources, shares, strict=False):
+        s.weight = share
+    val_reports = [s.val_report for s in sources if s.val_report is not None]
+    prepared = Prepared(
+        train,
+        val,
+        merge_reports([s.train_report for s in sources]),
+        merge_reports(val_reports) if val_reports else None,
+        val_rows=Rows(gen_rows, gen_where),
+        sources=sources,
+    )
+    if ds.test is not None:
+        prepared.test_rows = read_rows(ds.test, ds, environ)
+        prepared.test, prepared.test_report = build(
+            prepared.test_rows, ds.format, tokenizer, ds.max_seq_length
+        )
+    return prepared
+
+
+def describe_mixture(sources: list[Source]) -> list[str]:
+    """One line per source, for the logs and `kubetune validate`."""
+    return [
+        f"source {s.id} ({s.format}): {len(s.train)} train / {len(s.val)} held-out "
+        f"examples, share {s.weight:.1%}"
+        for s in sources
+    ]

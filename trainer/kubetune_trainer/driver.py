@@ -60,6 +60,7 @@ def check_data(spec) -> str:
     if spec.evaluation.retention is not None:  # its data fails here too, not after training
         scored = heldout.retention_examples(spec, tok)
         text += f"\nretention: {len(scored)} rows scored before and after training"
+    text += "".join(f"\nmixture: {line}" for line in D.describe_mixture(prepared.sources))
     return text
 
 

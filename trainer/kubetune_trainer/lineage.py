@@ -82,14 +82,20 @@ def row_counts(report) -> Optional[contract.RowCounts]:
 
 def dataset_lineage(spec, train_report=None, val_report=None, environ=None) -> contract.DataLineage:
     ds = spec.dataset
-    train = data_files(ds.train, ds, environ) if ds.train.uri else []
+    sources = ds.train_sources()
+    train = [f for s in sources if s.uri for f in data_files(s, ds, environ)]
     val = data_files(ds.validation, ds, environ) if ds.validation and ds.validation.uri else []
     if ds.validation is not None:
         split = {"validation": "dataset.validation"}
     else:
         split = {"validationSplit": ds.validation_split, "seed": spec.hyperparameters.seed}
+    if ds.mixture:  # each source's id, format and weight make the data what it is
+        split["mixture"] = [
+            {"id": s.id, "format": ds.format_of(s), "weight": s.weight} for s in ds.mixture
+        ]
+        split["mixtureTemperature"] = ds.mixture_temperature
     names = {
-        "train_name": f"{ds.train.name}:{ds.train.split}" if ds.train.name else None,
+        "train_name": ", ".join(f"{s.name}:{s.split}" for s in sources if s.name) or None,
         "validation_name": (
             f"{ds.validation.name}:{ds.validation.split}"
             if ds.validation and ds.validation.name

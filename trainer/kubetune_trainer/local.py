@@ -319,6 +319,7 @@ def summary(storage) -> str:
         verdict = "better" if after < before else "NOT better"
         lines.append(f"  held-out loss: before {before:.4f} -> after {after:.4f} ({verdict})")
     lines += heldout.summary_lines(out)
+    lines += mixture_lines(out)
     for key, label in (
         ("adapter", "adapter"),
         ("mergedModel", "merged model"),
@@ -353,6 +354,24 @@ def summary(storage) -> str:
     lines += startup_lines(storage)
     lines += summary_lines(out, storage, show=P.display)
     return "\n".join(lines)
+
+
+def mixture_lines(out: dict) -> list[str]:
+    """dataset.mixture: per source its share, the examples trained and the held-out
+    loss before -> after (outputs.json's mixture)."""
+    lines = []
+    for s in out.get("mixture") or []:
+        text = f"{s['id']} ({s['format']}): share {s['weight']:.1%}"
+        if s.get("trainedExamples") is not None:
+            text += f", {s['trainedExamples']} examples trained ({s['trainExamples']} in the set)"
+        before, after = s.get("initialEvalLoss"), s.get("finalEvalLoss")
+        if before is not None and after is not None:
+            text += f", held-out loss {before:.4f} -> {after:.4f}"
+        elif after is not None:
+            text += f", held-out loss {after:.4f}"
+        label = "" if lines else "mixture:"
+        lines.append(f"  {label:<14}{text}")
+    return lines
 
 
 def distill_lines(storage) -> list[str]:

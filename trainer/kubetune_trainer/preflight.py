@@ -84,6 +84,10 @@ def resolve_job_paths(job: dict, base: Path) -> dict:
                 holder = holder.get(part) if isinstance(holder, dict) else None
             if isinstance(holder, dict) and isinstance(holder.get(key[-1]), str):
                 holder[key[-1]] = resolve(holder[key[-1]], base)
+    mixture = (spec.get("dataset") or {}).get("mixture")
+    for src in mixture if isinstance(mixture, list) else ():
+        if isinstance(src, dict) and isinstance(src.get("uri"), str):
+            src["uri"] = resolve(src["uri"], base)
     return job
 
 
@@ -245,6 +249,13 @@ def read_local(
     return rows
 
 
+def format_field(field_path: str) -> str:
+    """The field that sets the format of the source at field_path (….uri)."""
+    if field_path.startswith("spec.dataset.mixture["):
+        return field_path.removesuffix(".uri") + ".format"
+    return "spec.dataset.format"
+
+
 def check_format(
     field_path: str, name: str, rows: D.Rows, fmt: str, report: Report
 ) -> list[tuple[str, dict]]:
@@ -268,8 +279,8 @@ def check_format(
                 FieldError(
                     field_path,
                     f"no row of {name} fits {expected}: {shown}{more}",
-                    "rename the keys in the data, or set spec.dataset.format to the data's "
-                    "format (text, prompt-completion, chat, alpaca, sharegpt, preference, "
+                    f"rename the keys in the data, or set {format_field(field_path)} to the "
+                    "data's format (text, prompt-completion, chat, alpaca, sharegpt, preference, "
                     "feedback, prompt)",
                 )
             )
@@ -329,22 +340,34 @@ def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Opti
     dataset = spec.get("dataset") or {}
     fmt = dataset.get("format") or "chat"
     usable, raw_rows = {}, {}
-    for part in ("train", "validation", "test"):
-        src = dataset.get(part)
+    # (part, its source, the source as written, its format): one source per split, or
+    # dataset.mixture's sources, each in its own format
+    parts = [
+        (part, dataset.get(part), (raw_spec.get("dataset") or {}).get(part), fmt)
+        for part in ("train", "validation", "test")
+    ]
+    mixture = dataset.get("mixture")
+    raw_mixture = (raw_spec.get("dataset") or {}).get("mixture")
+    for i, src in enumerate(mixture if isinstance(mixture, list) else ()):
+        raw_src = raw_mixture[i] if isinstance(raw_mixture, list) and i < len(raw_mixture) else {}
+        own = src.get("format") if isinstance(src, dict) else None
+        parts.append((f"mixture[{i}]", src, raw_src, own if isinstance(own, str) else fmt))
+    for part, src, raw_src, src_fmt in parts:
         if not isinstance(src, dict) or not is_local(src.get("uri")):
             continue
         field_path = f"spec.dataset.{part}.uri"
-        raw_uri = ((raw_spec.get("dataset") or {}).get(part) or {}).get("uri")
+        raw_uri = (raw_src if isinstance(raw_src, dict) else {}).get("uri")
         rows = read_local(field_path, src["uri"], raw_uri, base, job_dir, report)
         if rows is None:
             continue
         raw_rows[part] = rows
-        usable[part] = check_format(field_path, part, rows, fmt, report)
-        if fmt == "prompt":
+        name = f"mixture source {src.get('id')}" if part.startswith("mixture") else part
+        usable[part] = check_format(field_path, name, rows, src_fmt, report)
+        if src_fmt == "prompt":
             check_grader_fields(spec, part, usable[part], report)
         report.notes.append(
-            f"{part}: {display(src['uri'])} ({len(rows)} rows, {len(usable[part])} fit "
-            f"format {fmt})"
+            f"{name}: {display(src['uri'])} ({len(rows)} rows, {len(usable[part])} fit "
+            f"format {src_fmt})"
         )
     if isinstance(dataset.get("clean"), dict) and "train" in raw_rows:
         check_clean(spec, raw_rows, report)
@@ -463,8 +486,11 @@ def check_tokens(spec, usable: dict, report: Report) -> None:
         lengths.sort()
         over = sum(1 for n in lengths if n > max_len)
         share = over / len(lengths)
+        label = part
+        if part.startswith("mixture[") and spec.dataset.mixture:
+            label = f"mixture source {spec.dataset.mixture[int(part[8:-1])].id}"
         report.notes.append(
-            f"{part} tokens per example (sample of {len(lengths)}): median "
+            f"{label} tokens per example (sample of {len(lengths)}): median "
             f"{_percentile(lengths, 0.5)}, p90 {_percentile(lengths, 0.9)}, max {lengths[-1]}; "
             f"{share:.0%} longer than maxSeqLength {max_len} (truncated)"
         )

@@ -95,6 +95,10 @@ class Recipe:
             "stopped_early": False,
             # evaluation.calibration / .retention on the base model (heldout.before)
             "checks_before": None,
+            # dataset.mixture: each source's held-out loss before training and at the
+            # latest evaluation
+            "initial_eval_loss_per_source": None,
+            "last_eval_loss_per_source": None,
         }
         self.halted = False  # a sweep stopped this trial: no outputs
         # Save on stop (kubetune_trainer.stop): a request newer than this rank's
@@ -251,18 +255,44 @@ class Recipe:
                 contract.CLEAN, lambda: self.storage.write_json(contract.CLEAN, report)
             )
         self.prepared = prepared
+        self.sources = prepared.sources  # dataset.mixture's (empty: one source)
+        for line in D.describe_mixture(self.sources):
+            self.log(f"dataset.mixture: {line}")
         self.splits: objectives.Splits = {}
+        # dataset.mixture: each source's range of units, per split
+        self.source_spans: dict[str, list] = {}
         for name, examples in (
             ("train", prepared.train),
             ("validation", prepared.val),
             ("test", prepared.test),
         ):
             if examples or name == "train":
-                units = obj.units(examples, ds.max_seq_length, ds.packing, hp.seed)
+                if self.sources and name != "test":
+                    spans = [s.train if name == "train" else s.val for s in self.sources]
+                    units, self.source_spans[name] = D.source_units(
+                        obj.units, examples, spans, ds.max_seq_length, ds.packing, hp.seed
+                    )
+                    if name == "validation":  # a cut-short evaluation sees every source
+                        units, self.source_spans[name] = D.interleave(
+                            units, self.source_spans[name]
+                        )
+                else:
+                    units = obj.units(examples, ds.max_seq_length, ds.packing, hp.seed)
                 self.splits[name] = (examples, units)
         self.train_ex, self.train_seqs = self.splits["train"]
+        epoch_units = len(self.train_seqs)
+        if self.sources:
+            spans = self.source_spans["train"]
+            self.mix_counts = D.mixture_counts(
+                spans, [len(s.train) for s in self.sources], [s.weight for s in self.sources]
+            )
+            epoch_units = sum(self.mix_counts)
+            self.unit_source = [0] * len(self.train_seqs)
+            for i, span in enumerate(spans):
+                for u in span:
+                    self.unit_source[u] = i
         per_micro = hp.batch_size * self.world
-        self.micro_per_epoch = max(1, len(self.train_seqs) // per_micro)
+        self.micro_per_epoch = max(1, epoch_units // per_micro)
         self.steps_per_epoch = max(1, self.micro_per_epoch // hp.gradient_accumulation_steps)
         self.total_steps = hp.max_steps or math.ceil((hp.epochs or 1.0) * self.steps_per_epoch)
         self.eval_enabled = self.spec.evaluation.enabled and "validation" in self.splits
@@ -303,15 +333,45 @@ class Recipe:
             self.log(f"starting from the parent {self.parent.kind} {self.parent.uri} ({how})")
         self.tracker = T.start_for_job(self.cfg, self.storage, record, self.log)
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The units of an epoch in the order trained (one source, or a mixture's)."""
+        if not hasattr(self, "_order") or self._order[0] != epoch:
+            if self.sources:
+                spans = self.source_spans["train"]
+                order = D.mixture_order(spans, self.mix_counts, self.hp.seed, epoch)
+            else:
+                order = D.epoch_order(len(self.train_seqs), self.hp.seed, epoch)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def source_examples(self, step: int) -> dict[str, int]:
+        """dataset.mixture: the examples of each source trained through `step`, all
+        ranks together. Like the batches, a function of the step: counted from the
+        epoch orders (on from the last count), so a resumed run counts the same."""
+        hp = self.hp
+        per_micro = hp.batch_size * self.world
+        per_epoch = self.steps_per_epoch * hp.gradient_accumulation_steps
+        start, counts = getattr(self, "_counted", (0, [0] * len(self.sources)))
+        order: tuple = (None, [])
+        for m in range(start, step * hp.gradient_accumulation_steps):
+            epoch, k = divmod(m, per_epoch)
+            if order[0] != epoch:
+                spans = self.source_spans["train"]
+                order = (epoch, D.mixture_order(spans, self.mix_counts, hp.seed, epoch))
+            units = order[1]
+            for p in range(k * per_micro, (k + 1) * per_micro):
+                u = units[p % len(units)]
+                counts[self.unit_source[u]] += len(self.train_seqs[u])
+        self._counted = (max(start, step * hp.gradient_accumulation_steps), counts)
+        return {s.id: n for s, n in zip(self.sources, counts, strict=True)}
+
     def micro_batch(self, m: int) -> tuple[dict, int]:
         """Micro-batch number m (counted from the start of training) of this rank:
         the data position is a function of the step, so resuming needs no state."""
         hp = self.hp
         accum = hp.gradient_accumulation_steps
         epoch, k = divmod(m, self.steps_per_epoch * accum)
-        if not hasattr(self, "_order") or self._order[0] != epoch:
-            self._order = (epoch, D.epoch_order(len(self.train_seqs), hp.seed, epoch))
-        order = self._order[1]
+        order = self.epoch_order(epoch)
         n = len(order)
         base = k * hp.batch_size * self.world + self.rank * hp.batch_size
         seqs = [self.train_seqs[order[(base + j) % n]] for j in range(hp.batch_size)]
@@ -341,7 +401,17 @@ class Recipe:
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, split: str = "validation") -> dict:
         examples, units = self.splits[split]
-        return self.objective.evaluate(examples, units, split)
+        result = self.objective.evaluate(examples, units, split)
+        if split in self.source_spans:  # dataset.mixture: each source's own held-out loss
+            per_source = {}
+            for source, span in zip(self.sources, self.source_spans[split], strict=False):
+                if len(span):
+                    own = [units[u] for u in span]
+                    per_source[source.id] = self.objective.evaluate(examples, own, split)[
+                        "eval_loss"
+                    ]
+            result["eval_loss_per_source"] = per_source
+        return result
 
     def save_checkpoint(self) -> None:
         self.progress(contract.TrainPhase.saving)
@@ -390,6 +460,7 @@ class Recipe:
             self.progress(contract.TrainPhase.evaluating, "evaluating the base model")
             first = self.evaluate()
             self.state["initial_eval_loss"] = first["eval_loss"]
+            self.state["initial_eval_loss_per_source"] = first.get("eval_loss_per_source")
             self.log(f"held-out loss before training: {first['eval_loss']:.4f}")
             self.reached("baseEvaluated")
             if self.rank == 0:
@@ -436,6 +507,8 @@ class Recipe:
                     "time": now(),
                 }
                 row.update(self.objective.metrics())
+                if self.sources and self.rank == 0:
+                    row["train_examples_per_source"] = self.source_examples(step)
                 loss_sum, n_losses, tokens, t_log = 0.0, 0, 0, time.monotonic()
             if self.eval_enabled and (step % eval_every == 0 or last):
                 self.progress(contract.TrainPhase.evaluating)
@@ -443,6 +516,7 @@ class Recipe:
                 result = self.evaluate()
                 t_log += time.monotonic() - t_eval  # evaluation is not training time
                 self.state["last_eval_loss"] = result["eval_loss"]
+                self.state["last_eval_loss_per_source"] = result.get("eval_loss_per_source")
                 row = {
                     **(
                         row
@@ -455,6 +529,13 @@ class Recipe:
                     **result,
                 }
                 self.log(f"step {step}: eval loss {result['eval_loss']:.4f}")
+                if result.get("eval_loss_per_source"):
+                    self.log(
+                        f"step {step}: eval loss per source "
+                        + ", ".join(
+                            f"{k} {v:.4f}" for k, v in result["eval_loss_per_source"].items()
+                        )
+                    )
                 self.early_stopping(result)
             if row is not None and self.rank == 0:
                 row.update(self.resume_note)
@@ -530,6 +611,26 @@ class Recipe:
                 self.state["stopped_early"] = True
 
     # ------------------------------------------------------------------ finish
+    def mixture_record(self) -> Optional[list[contract.MixtureRecord]]:
+        if not self.sources:
+            return None
+        seen = self.source_examples(self.state["step"]) if self.rank == 0 else {}
+        before = self.state["initial_eval_loss_per_source"] or {}
+        after = self.state["last_eval_loss_per_source"] or {}
+        return [
+            contract.MixtureRecord(
+                id=s.id,
+                format=s.format,
+                weight=round(s.weight, 6),
+                train_examples=len(s.train),
+                validation_examples=len(s.val),
+                trained_examples=seen.get(s.id),
+                initial_eval_loss=before.get(s.id),
+                final_eval_loss=after.get(s.id),
+            )
+            for s in self.sources
+        ]
+
     def finish(self) -> None:
         summary = contract.OutputsRecord(
             metrics=self.storage.uri(contract.METRICS),
@@ -542,6 +643,7 @@ class Recipe:
             attempt=self.cfg.attempt,
             pruned=self.pruned.record() if self.pruned is not None else None,
             parameters=self.parameters,
+            mixture=self.mixture_record(),
         )
         local = self.tmp / "final"
         held_out = {"validation": self.prepared.val_rows, "test": self.prepared.test_rows}

@@ -59,7 +59,8 @@ class Stager:
 
 def data_sources(spec) -> list:
     ds = spec.dataset
-    return [s for s in (ds.train, ds.validation, ds.test) if s is not None and remote(s.uri)]
+    every = (*ds.train_sources(), ds.validation, ds.test)
+    return [s for s in every if s is not None and remote(s.uri)]
 
 
 def teacher_uri(spec) -> Optional[str]:

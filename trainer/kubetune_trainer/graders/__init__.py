@@ -115,7 +115,7 @@ def data_files(spec, environ: Optional[Mapping[str, str]] = None) -> dict:
     """Graders' keyword arguments for a job spec (kubetune_api models): a python
     grader's `file` is read beside the training data, on this machine or in object
     storage (with the dataset's endpoint and credentials)."""
-    uri = spec.dataset.train.uri
+    uri = spec.dataset.train_sources()[0].uri  # a mixture's: its first source's folder
     if not uri:
         return {"base_dir": None}
     from ..storage import filesystem

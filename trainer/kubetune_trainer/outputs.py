@@ -18,6 +18,8 @@ from kubetune_api import storage as contract
 
 from . import data as D
 from . import evalgen, export, gguf_export
+from . import interpolate as I
+from . import model as M
 from .checkpoint import save_adapter
 from .storage import JobStorage
 from .worker import Worker
@@ -39,6 +41,9 @@ class Finish:
     test: Optional[Callable[[], Optional[dict]]]  # the objective's test-split evaluation
     log: Callable[[str], None]
     progress: Callable[..., None]
+    # the objective's evaluation of a split on the engine's model as it is now
+    evaluate: Optional[Callable[[str], dict]] = None
+    splits: tuple[str, ...] = ()  # the splits `evaluate` can score
     final_dir: Optional[Path] = None  # set by final_weights
     sections: dict = field(default_factory=dict)
 
@@ -98,6 +103,96 @@ def final_weights(f: Finish) -> dict:
                 out["merged_model"] = publish(contract.OutputKind.merged, contract.MERGED)
     out["artifacts"] = artifacts
     return out
+
+
+def retention_at(f: Finish, alpha: float) -> Optional[float]:
+    """The hook for evaluation.retention: the retention set's regression of the
+    model as the engine holds it now (at weight `alpha`), against the base's.
+    None until retention sets are scored; `I.choose` already reads the value and
+    the bound."""
+    return None
+
+
+def interpolation(f: Finish) -> dict:
+    """output.interpolation (WiSE-FT, kubetune_trainer.interpolate): every weight
+    scored with the objective's evaluation on the validation split (every rank),
+    the chosen one saved and published under interpolated/ (rank 0)."""
+    settings = f.spec.output.interpolation
+    if settings is None:
+        return {}
+    if f.evaluate is None or "validation" not in f.splits:
+        f.log("warning: output.interpolation: no validation examples to score: skipped")
+        return {}
+    import time
+
+    t0 = time.monotonic()
+    w = f.worker
+    full = f.spec.method.type == "full"
+    f.progress(contract.TrainPhase.evaluating, "scoring interpolated weights")
+    module = w.engine.module
+    if full:
+        holds = w.stage < 3 or w.rank == 0
+        base = None
+        if holds:  # the model training started from, on the CPU
+            base = M.load_model(f.spec, f.model_path, False, f.parent)
+        mixer = I.FullMix(module, I.base_parameters(base) if base else {}, w.writable, holds)
+        del base
+    else:
+        mixer = I.LoraMix(module)
+    points: list[contract.InterpolationPoint] = []
+    rel = f"{contract.INTERPOLATED}/{contract.FULL_MODEL if full else contract.ADAPTER}"
+    with I.mixing(mixer):
+        for alpha in sorted(settings.weights):
+            mixer.set(alpha)
+            result = f.evaluate("validation")
+            points.append(I.point(alpha, result, retention_at(f, alpha)))
+        chosen, rule = I.choose(points, settings.select, settings.weight)
+        if full:  # every rank: ZeRO-3 gathers
+            mixer.set(chosen)
+            save_full_model(f, f.local / rel)
+    if w.rank != 0:
+        return {}
+    out: dict = {}
+    artifacts: list[contract.ServableOutput] = []
+
+    def publish(kind: contract.OutputKind, rel: str) -> str:
+        f.storage.upload_dir(f.local / rel, rel)
+        uri = f.storage.uri(rel)
+        described = export.describe(kind.value, uri, f.spec, f.local / rel)
+        artifacts.append(described.model_copy(update={"interpolation_weight": chosen}))
+        return uri
+
+    if full:
+        out["model"] = publish(contract.OutputKind.full, rel)
+    else:
+        f.progress(contract.TrainPhase.saving, f"saving the adapter at weight {chosen:g}")
+        I.scale_adapter(f.final_dir, f.local / rel, chosen)
+        out["adapter"] = publish(contract.OutputKind.adapter, rel)
+        if f.spec.output.merge_adapter:
+            parent = f.parent
+            merged = f"{contract.INTERPOLATED}/{contract.MERGED}"
+            export.merge_adapter(
+                parent.local if parent and parent.kind == "model" else f.model_path,
+                f.spec,
+                f.local / rel,
+                f.local / merged,
+                parent.local if parent and parent.merge else None,
+            )
+            out["merged_model"] = publish(contract.OutputKind.merged, merged)
+    record = contract.InterpolationRecord(
+        rule=rule,
+        select=settings.select,
+        chosen=chosen,
+        weights=points,
+        seconds=round(time.monotonic() - t0, 3),
+        **out,
+    )
+    for line in I.curve_lines(record):
+        f.log(f"interpolation {line}")
+    return {
+        "interpolation": record,
+        "artifacts": [*f.sections.get("artifacts", []), *artifacts],
+    }
 
 
 GGUF_HELD_OUT_ROWS = 64  # validation rows scored for each GGUF file's read-back check
@@ -229,6 +324,7 @@ def generation(f: Finish) -> dict:
 FINISHERS: list[Callable[[Finish], dict]] = [
     test_metrics,
     final_weights,
+    interpolation,
     gguf_files,
     loss_curve,
     generation,

@@ -500,6 +500,8 @@ class Recipe:
                 metrics=self.metrics,
                 held_out=held_out,
                 test=(lambda: self.evaluate("test")) if "test" in self.splits else None,
+                evaluate=self.evaluate,
+                splits=tuple(self.splits),
                 log=self.log,
                 progress=self.progress,
             ),

@@ -189,7 +189,8 @@ def test_full_zero3_run_publishes_the_best_held_out_weight(ray_local, tmp_path):
     job["spec"]["output"]["interpolation"] = {"weights": [0.5, 1.0, 0.25]}
     config = H.trainer_config(job)
     H.fit(config)
-    outputs = json.loads(open(H.local(config, "outputs.json")).read())
+    with open(H.local(config, "outputs.json")) as fh:
+        outputs = json.load(fh)
     wise = _check_scores(outputs)
     best = min(p["evalLoss"] for p in wise["weights"])
     assert wise["chosen"] == min(p["alpha"] for p in wise["weights"] if p["evalLoss"] <= best)
@@ -200,5 +201,3 @@ def test_full_zero3_run_publishes_the_best_held_out_weight(ray_local, tmp_path):
     wa = _state(H.local(config, "interpolated/model"))
     for k in w0:
         torch.testing.assert_close(wa[k], torch.lerp(w0[k], w1[k], a), atol=1e-6, rtol=1e-5)
-    status_loss = next(p["evalLoss"] for p in wise["weights"] if p["alpha"] == a)
-    assert status_loss <= min(p["evalLoss"] for p in wise["weights"]) + 1e-6

@@ -1105,6 +1105,32 @@ class GgufExport(_Model):
     )
 
 
+INTERPOLATION_MAX = 8
+INTERPOLATION_RULES = ("bestHeldOut", "fixed")
+
+
+class Interpolation(_Model):
+    """WiSE-FT: models between the base and the fine-tuned weights, each scored on
+    the held-out set; one is published (docs/practice.md, Weight interpolation)."""
+
+    weights: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        min_length=1,
+        max_length=INTERPOLATION_MAX,
+        description="Mixing weights α in (0, 1], each listed once: the model at α is "
+        "(1-α)·base + α·fine-tuned (lora/qlora: the adapter's update scaled by α; full: the "
+        "weights averaged). 1.0 is the fine-tuned model itself.",
+    )
+    select: Literal[INTERPOLATION_RULES] = Field(
+        "bestHeldOut",
+        description="Which one is published under interpolated/: bestHeldOut, the lowest "
+        "held-out loss (a tie goes to the smaller α, closer to the base); fixed, the one "
+        "at `weight`. Every weight is scored and listed in outputs.json either way.",
+    )
+    weight: Optional[float] = Field(
+        None, gt=0, le=1, description="select: fixed: the weight published, one of weights."
+    )
+
+
 class Output(StorageAccess):
     uri: Optional[OutputUri] = Field(
         None,
@@ -1120,6 +1146,12 @@ class Output(StorageAccess):
         None,
         description="Also write the merged model (lora/qlora with mergeAdapter) or the full "
         "fine-tune as GGUF files (Llama-family models only). Default: no GGUF.",
+    )
+    interpolation: Optional[Interpolation] = Field(
+        None,
+        description="Also score models interpolated between the base and the fine-tuned "
+        "weights (WiSE-FT) on the held-out set and publish the one `select` picks under "
+        "interpolated/. Default: none.",
     )
 
 
@@ -1423,6 +1455,8 @@ class Metrics(_Model):
     eval_loss_per_source: Optional[Annotated[dict[str, float], Field(max_length=MIXTURE_MAX)]] = (
         None
     )
+    # output.interpolation: the held-out loss of the published interpolated model
+    interpolated_eval_loss: Optional[float] = None
     tokens_per_second: Optional[float] = None
     learning_rate: Optional[float] = None
     trainable_parameters: Optional[int] = Field(
@@ -1447,6 +1481,14 @@ class Outputs(_Model):
     )
     metrics: Optional[Uri] = None
     loss_curve: Optional[Uri] = None
+    interpolated: Optional[Uri] = Field(
+        None,
+        description="output.interpolation: the published interpolated model (full, or "
+        "lora with mergeAdapter) or adapter.",
+    )
+    interpolation_weight: Optional[float] = Field(
+        None, description="output.interpolation: the α of the published one."
+    )
 
 
 class ParentStatus(_Model):

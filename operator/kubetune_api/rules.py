@@ -651,6 +651,49 @@ RULES: list[Rule] = [
         ),
         field="output.gguf",
     ),
+    Rule(
+        "interpolation-unique-weights",
+        ("output", "interpolation"),
+        "output.interpolation.weights lists a weight twice: remove the repeats",
+        cel="self.weights.all(w, self.weights.filter(u, u == w).size() == 1)",
+        python=lambda i: len(set(i["weights"])) == len(i["weights"]),
+        field="weights",
+    ),
+    Rule(
+        "interpolation-fixed-weight-listed",
+        ("output", "interpolation"),
+        "output.interpolation.select: fixed publishes output.interpolation.weight: set weight "
+        "to one of output.interpolation.weights, or set select: bestHeldOut",
+        cel="self.select != 'fixed' || (has(self.weight) && self.weight in self.weights)",
+        python=lambda i: i["select"] != "fixed" or i.get("weight") in i["weights"],
+        field="weight",
+    ),
+    Rule(
+        "interpolation-weight-needs-fixed",
+        ("output", "interpolation"),
+        "output.interpolation.weight is read with select: fixed only: set select: fixed, or "
+        "remove weight",
+        cel="self.select == 'fixed' || !has(self.weight)",
+        python=lambda i: i["select"] == "fixed" or i.get("weight") is None,
+        field="weight",
+    ),
+    Rule(
+        "interpolation-needs-evaluation",
+        (),
+        "output.interpolation scores each weight on held-out data: set evaluation.enabled "
+        "to true and give dataset.validation or a dataset.validationSplit above 0, or remove "
+        "output.interpolation",
+        cel="!has(self.output.interpolation) || (self.evaluation.enabled && "
+        "(has(self.dataset.validation) || self.dataset.validationSplit > 0.0))",
+        python=lambda s: (
+            not _has(s["output"], "interpolation")
+            or (
+                s["evaluation"]["enabled"]
+                and (_has(s["dataset"], "validation") or s["dataset"]["validationSplit"] > 0)
+            )
+        ),
+        field="output.interpolation",
+    ),
 ]
 
 # Fields that define what is trained. Changing them under a running job would

@@ -64,6 +64,8 @@ ADAPTER = "adapter"
 MERGED = "merged"
 FULL_MODEL = "model"
 GGUF = "gguf"  # output.gguf: one model-{type}.gguf per type
+# output.interpolation: the published interpolated model: adapter/, merged/ or model/
+INTERPOLATED = "interpolated"
 HALT = "halt.json"  # a sweep asks a trial to stop (written by the sweep, read by the recipe)
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -447,6 +449,9 @@ class ServableOutput(_Model):
     base_model: str = Field(description="The model the job started from (id@revision or URI).")
     lora_rank: Optional[int] = Field(None, description="Adapters: r (vLLM's --max-lora-rank).")
     files: list[str] = Field(default_factory=list, description="Paths relative to uri.")
+    interpolation_weight: Optional[float] = Field(
+        None, description="output.interpolation: the α of an interpolated model or adapter."
+    )
 
 
 class GgufFile(_Model):
@@ -586,6 +591,34 @@ class MixtureRecord(_Model):
     final_eval_loss: Optional[float] = None
 
 
+class InterpolationPoint(_Model):
+    """One weight of output.interpolation and its scores."""
+
+    alpha: float = Field(description="(1-α)·base + α·fine-tuned.")
+    eval_loss: float = Field(description="Held-out (validation) loss, the objective's eval_loss.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="The objective's other eval_* metrics at this weight."
+    )
+    retention_regression: Optional[float] = Field(
+        None,
+        description="evaluation.retention: the retention set's regression at this weight "
+        "(none until retention sets are scored).",
+    )
+
+
+class InterpolationRecord(_Model):
+    """output.interpolation as outputs.json lists it: every weight scored, one published."""
+
+    rule: str = Field(description="How the published weight was chosen, in words.")
+    select: str = Field(description="bestHeldOut or fixed.")
+    chosen: float = Field(description="The α published under interpolated/.")
+    weights: list[InterpolationPoint] = Field(description="Every weight, by α.")
+    adapter: Optional[str] = Field(None, description="lora/qlora: the adapter scaled by α.")
+    merged_model: Optional[str] = Field(None, description="lora with mergeAdapter: merged.")
+    model: Optional[str] = Field(None, description="Full fine-tune: the averaged model.")
+    seconds: float = Field(description="Time spent scoring and saving.")
+
+
 class OutputsRecord(_Model):
     adapter: Optional[str] = None
     merged_model: Optional[str] = None
@@ -622,6 +655,11 @@ class OutputsRecord(_Model):
         "check (tensors, tokenizer, held-out loss against the safetensors model, tolerance).",
     )
     attempt: Optional[int] = Field(None, description="The attempt that finished the job.")
+    interpolation: Optional[InterpolationRecord] = Field(
+        None,
+        description="output.interpolation (WiSE-FT): each weight's held-out scores, the "
+        "rule, the chosen weight and its folders under interpolated/.",
+    )
     pruned: Optional[PruneRecord] = Field(
         None,
         description="spec.model.prune: the layers kept and the parameter count before and "

@@ -154,6 +154,13 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
                 outputs[dst] = value
         if done.gguf and "gguf" not in outputs:
             outputs["gguf"] = [g.uri for g in done.gguf]
+        wise = done.interpolation
+        if wise and "interpolated" not in outputs:
+            outputs["interpolated"] = wise.model or wise.merged_model or wise.adapter
+            outputs["interpolationWeight"] = wise.chosen
+            picked = next(p for p in wise.weights if p.alpha == wise.chosen)
+            metrics = out.setdefault("metrics", {})
+            metrics.setdefault("interpolatedEvalLoss", _round(picked.eval_loss))
         if done.final_train_loss is not None:
             metrics = out.setdefault("metrics", {})
             metrics.setdefault("trainLoss", _round(done.final_train_loss))

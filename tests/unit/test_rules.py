@@ -110,6 +110,26 @@ BREAKERS = {
         **BASE,
         "output": {"gguf": {"types": ["q8_0"]}, "uri": "s3://bucket"},
     },
+    "interpolation-unique-weights": {
+        **BASE,
+        "output": {"interpolation": {"weights": [0.5, 1.0, 0.5]}, "uri": "s3://bucket"},
+    },
+    "interpolation-fixed-weight-listed": {
+        **BASE,
+        "output": {
+            "interpolation": {"weights": [0.5, 1.0], "select": "fixed", "weight": 0.25},
+            "uri": "s3://bucket",
+        },
+    },
+    "interpolation-weight-needs-fixed": {
+        **BASE,
+        "output": {"interpolation": {"weights": [0.5, 1.0], "weight": 0.5}, "uri": "s3://bucket"},
+    },
+    "interpolation-needs-evaluation": {
+        **BASE,
+        "output": {"interpolation": {"weights": [0.5, 1.0]}, "uri": "s3://bucket"},
+        "evaluation": {"enabled": False},
+    },
     "test-source": {**BASE, "dataset": {**BASE["dataset"], "test": {}}},
     "dpo-needs-preference-data": {**BASE, "method": {"objective": "dpo"}},
     "preference-data-needs-dpo": {

@@ -150,6 +150,14 @@ class HeldOutChecks:
             self.log(f"retention loss before training: {out['retention_loss']:.4f}")
         return out
 
+    def regression(self, before: dict) -> Optional[float]:
+        """The retention set's relative rise of the loss, the model as it is now
+        against the base's (None when the base was not scored)."""
+        first = before.get("retention_loss")
+        if not first:
+            return None
+        return (self.score(*self.retention_set, None)[0] - first) / first
+
     def after(self, before: dict) -> dict:
         """outputs.json's `calibration` and `retention` sections, and the metrics
         (metrics.jsonl's last row gets them)."""

@@ -341,6 +341,18 @@ def summary(storage) -> str:
             f"  {'gguf ' + g['type'] + ':':<14}{P.display(g['uri'])} "
             f"({g['bytes'] / 2**20:.1f} MiB{score})"
         )
+    wise = out.get("interpolation")
+    if wise:
+        published = wise.get("model") or wise.get("mergedModel") or wise.get("adapter")
+        lines.append(
+            f"  {'interpolated:':<14}{P.display(published)} (weight {wise['chosen']:g}: "
+            f"{wise['rule']})"
+        )
+        for p in wise["weights"]:
+            mark = "  <- published" if p["alpha"] == wise["chosen"] else ""
+            lines.append(
+                f"  {'':<14}weight {p['alpha']:.2f}: held-out loss {p['evalLoss']:.4f}{mark}"
+            )
     lines += distill_lines(storage)
     if out.get("stoppedEarly"):
         lines.append("  stopped early (no improvement)")

@@ -19,6 +19,8 @@ from kubetune_api.objectives import SUPERVISED_FORMATS
 
 from . import calibration, evalgen, export, gguf_export
 from . import data as D
+from . import interpolate as I
+from . import model as M
 from .checkpoint import save_adapter
 from .storage import JobStorage
 from .worker import Worker
@@ -42,7 +44,13 @@ class Finish:
     progress: Callable[..., None]
     # evaluation.calibration / .retention after training: outputs.json's sections
     checks: Optional[Callable[[], dict]] = None
+    # evaluation.retention: the retention set's regression of the model as the
+    # engine holds it now, against the base's (every rank)
+    retention: Optional[Callable[[], Optional[float]]] = None
     held_out_formats: dict[str, str] = field(default_factory=dict)  # split -> its format
+    # the objective's evaluation of a split on the engine's model as it is now
+    evaluate: Optional[Callable[[str], dict]] = None
+    splits: tuple[str, ...] = ()  # the splits `evaluate` can score
     final_dir: Optional[Path] = None  # set by final_weights
     sections: dict = field(default_factory=dict)
 
@@ -123,6 +131,97 @@ def final_weights(f: Finish) -> dict:
                 out["merged_model"] = publish(contract.OutputKind.merged, contract.MERGED)
     out["artifacts"] = artifacts
     return out
+
+
+def retention_at(f: Finish, alpha: float) -> Optional[float]:
+    """evaluation.retention: the retention set's regression of the model as the
+    engine holds it now (at weight `alpha`), against the base's; None without a
+    retention set (or a base score: a resume that did not measure it)."""
+    return f.retention() if f.retention is not None else None
+
+
+def interpolation(f: Finish) -> dict:
+    """output.interpolation (WiSE-FT, kubetune_trainer.interpolate): every weight
+    scored with the objective's evaluation on the validation split (every rank),
+    the chosen one saved and published under interpolated/ (rank 0)."""
+    settings = f.spec.output.interpolation
+    if settings is None:
+        return {}
+    if f.evaluate is None or "validation" not in f.splits:
+        f.log("warning: output.interpolation: no validation examples to score: skipped")
+        return {}
+    import time
+
+    t0 = time.monotonic()
+    w = f.worker
+    full = f.spec.method.type == "full"
+    f.progress(contract.TrainPhase.evaluating, "scoring interpolated weights")
+    module = w.engine.module
+    if full:
+        holds = w.stage < 3 or w.rank == 0
+        base = None
+        if holds:  # the model training started from, on the CPU
+            base = M.load_model(f.spec, f.model_path, False, f.parent)
+        mixer = I.FullMix(module, I.base_parameters(base) if base else {}, w.writable, holds)
+        del base
+    else:
+        mixer = I.LoraMix(module)
+    points: list[contract.InterpolationPoint] = []
+    rel = f"{contract.INTERPOLATED}/{contract.FULL_MODEL if full else contract.ADAPTER}"
+    with I.mixing(mixer):
+        for alpha in sorted(settings.weights):
+            mixer.set(alpha)
+            result = f.evaluate("validation")
+            points.append(I.point(alpha, result, retention_at(f, alpha)))
+        retention = f.spec.evaluation.retention
+        bound = retention.max_regression if retention is not None else None
+        chosen, rule = I.choose(points, settings.select, settings.weight, bound)
+        if full:  # every rank: ZeRO-3 gathers
+            mixer.set(chosen)
+            save_full_model(f, f.local / rel)
+    if w.rank != 0:
+        return {}
+    out: dict = {}
+    artifacts: list[contract.ServableOutput] = []
+
+    def publish(kind: contract.OutputKind, rel: str) -> str:
+        f.storage.upload_dir(f.local / rel, rel)
+        uri = f.storage.uri(rel)
+        described = export.describe(kind.value, uri, f.spec, f.local / rel)
+        artifacts.append(described.model_copy(update={"interpolation_weight": chosen}))
+        return uri
+
+    if full:
+        out["model"] = publish(contract.OutputKind.full, rel)
+    else:
+        f.progress(contract.TrainPhase.saving, f"saving the adapter at weight {chosen:g}")
+        I.scale_adapter(f.final_dir, f.local / rel, chosen)
+        out["adapter"] = publish(contract.OutputKind.adapter, rel)
+        if f.spec.output.merge_adapter:
+            parent = f.parent
+            merged = f"{contract.INTERPOLATED}/{contract.MERGED}"
+            export.merge_adapter(
+                parent.local if parent and parent.kind == "model" else f.model_path,
+                f.spec,
+                f.local / rel,
+                f.local / merged,
+                parent.local if parent and parent.merge else None,
+            )
+            out["merged_model"] = publish(contract.OutputKind.merged, merged)
+    record = contract.InterpolationRecord(
+        rule=rule,
+        select=settings.select,
+        chosen=chosen,
+        weights=points,
+        seconds=round(time.monotonic() - t0, 3),
+        **out,
+    )
+    for line in I.curve_lines(record):
+        f.log(f"interpolation {line}")
+    return {
+        "interpolation": record,
+        "artifacts": [*f.sections.get("artifacts", []), *artifacts],
+    }
 
 
 GGUF_HELD_OUT_ROWS = 64  # validation rows scored for each GGUF file's read-back check
@@ -256,6 +355,7 @@ FINISHERS: list[Callable[[Finish], dict]] = [
     test_metrics,
     held_out_checks,
     final_weights,
+    interpolation,
     gguf_files,
     loss_curve,
     generation,

@@ -665,7 +665,14 @@ class Recipe:
                 held_out=held_out,
                 held_out_formats=formats,
                 checks=(lambda: self.checks.after(before)) if self.checks.wanted else None,
+                retention=(
+                    (lambda: self.checks.regression(before))
+                    if self.checks.retention_set is not None
+                    else None
+                ),
                 test=(lambda: self.evaluate("test")) if "test" in self.splits else None,
+                evaluate=self.evaluate,
+                splits=tuple(self.splits),
                 log=self.log,
                 progress=self.progress,
             ),

@@ -130,6 +130,15 @@ class Worker:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
+    def writable(self, params):
+        """ZeRO-3: the full parameters inside the block; what rank 0 writes there
+        reaches every rank's partition when it ends (every rank enters it)."""
+        if self.stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        return contextlib.nullcontext()
+
     def eval_shards(
         self, n_units: int, batch_size: int, max_batches: int | None = None
     ) -> Iterator[tuple[float, int, int]]:

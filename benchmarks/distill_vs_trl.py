@@ -52,11 +52,11 @@ BATCH = 4
 MAX_LEN = 128
 
 
-def _hp(steps: int, **extra) -> dict:
+def _hp(steps: int, seed: int = SEED, **extra) -> dict:
     return {
         "maxSteps": steps,
         "batchSize": BATCH,
-        "seed": SEED,
+        "seed": seed,
         "logEverySteps": 1,
         "learningRate": LR,
         "lrScheduler": "constant",
@@ -101,21 +101,28 @@ def teacher(train: str, out: str, steps: int) -> dict:
 
 
 def _student_job(
-    train: str, out: str, name: str, teacher_dir: str, steps: int, layers: int, method: dict
+    train: str,
+    out: str,
+    name: str,
+    teacher_dir: str,
+    steps: int,
+    layers: int,
+    method: dict,
+    seed: int = SEED,
 ) -> dict:
     job = C.job(
         Path(train),
         Path(out).as_uri(),
         name,
         model={"uri": teacher_dir, "prune": {"keepLayers": layers}},
-        hyperparameters=_hp(steps),
+        hyperparameters=_hp(steps, seed),
     )
     job["spec"]["method"] = {"type": "full", **method}  # no lora block
     return job
 
 
-def sft(train: str, out: str, teacher_dir: str, steps: int, layers: int) -> dict:
-    job = _student_job(train, out, "sft", teacher_dir, steps, layers, {"objective": "sft"})
+def sft(train: str, out: str, teacher_dir: str, steps: int, layers: int, seed: int = SEED) -> dict:
+    job = _student_job(train, out, "sft", teacher_dir, steps, layers, {"objective": "sft"}, seed)
     prefix = _run(job)
     tps, tokens = C.steady_tokens_per_second(prefix, steps)
     return {"model": _published(prefix, "model"), "tps": tps, "tokens": tokens}
@@ -129,6 +136,7 @@ def distill(
     layers: int,
     weight: float = 1.0,
     tokens: str = "responses",
+    seed: int = SEED,
 ) -> dict:
     method = {
         "objective": "distill",
@@ -140,7 +148,7 @@ def distill(
             "tokens": tokens,
         },
     }
-    prefix = _run(_student_job(train, out, "distill", teacher_dir, steps, layers, method))
+    prefix = _run(_student_job(train, out, "distill", teacher_dir, steps, layers, method, seed))
     tps, tokens = C.steady_tokens_per_second(prefix, steps)
     return {"model": _published(prefix, "model"), "tps": tps, "tokens": tokens}
 
@@ -160,7 +168,9 @@ def pruned(teacher_dir: str, out: str, layers: int) -> dict:
     return {"model": out}
 
 
-def trl(train: str, out: str, teacher_dir: str, student_dir: str, steps: int) -> dict:
+def trl(
+    train: str, out: str, teacher_dir: str, student_dir: str, steps: int, seed: int = SEED
+) -> dict:
     """TRL's GKDTrainer, off-policy forward KL at temperature 1: the same objective."""
     import torch
     from datasets import Dataset
@@ -168,7 +178,7 @@ def trl(train: str, out: str, teacher_dir: str, student_dir: str, steps: int) ->
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     torch.set_num_threads(os.cpu_count())
-    rows = C.in_kubetune_order(C.read_jsonl(train), steps * BATCH, SEED)
+    rows = C.in_kubetune_order(C.read_jsonl(train), steps * BATCH, seed)
     tok = AutoTokenizer.from_pretrained(student_dir)
     clock = C.StepClock(steps)
     trainer = GKDTrainer(
@@ -195,7 +205,7 @@ def trl(train: str, out: str, teacher_dir: str, student_dir: str, steps: int) ->
             report_to=[],
             logging_steps=5,
             shuffle_dataset=False,
-            seed=SEED,
+            seed=seed,
         ),
         train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
         processing_class=tok,
@@ -277,6 +287,12 @@ def main() -> int:
         help="which students to train, comma-separated (default: all of them)",
     )
     p.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="the students' seed (their data order); the teacher keeps 42",
+    )
+    p.add_argument(
         "--with-repeats",
         action="store_true",
         help="keep the corpus's repeated conversations (then many held-out ones are also "
@@ -338,7 +354,12 @@ def main() -> int:
             out=str(work / "pruned"),
             layers=args.layers,
         )
-        common = {"train": str(train), "teacher_dir": teacher_dir, "steps": args.steps}
+        common = {
+            "train": str(train),
+            "teacher_dir": teacher_dir,
+            "steps": args.steps,
+            "seed": args.seed,
+        }
         for name in chosen:
             contender, extra = CONTENDERS[name]
             if contender == "trl":
@@ -363,7 +384,7 @@ def main() -> int:
     print(
         f"SmolLM2-135M-Instruct teacher ({args.teacher_steps} LoRA steps, merged); student: "
         f"{args.layers} of its decoder layers, full fine-tuning, {args.steps} steps of "
-        f"batch {BATCH}; held-out: {len(val_rows)} conversations"
+        f"batch {BATCH}, seed {args.seed}; held-out: {len(val_rows)} conversations"
         f"{' (some also in training)' if args.with_repeats else ', none of them in training'}; "
         f"training: {len(train_rows)} conversations"
     )

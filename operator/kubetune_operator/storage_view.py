@@ -236,30 +236,33 @@ class StorageView:
         progress = status.get("progress")
         if shown and isinstance(progress, dict) and "startup" not in progress:
             progress["startup"] = shown  # the reconciler's (startup.py), kept
-        tracked = tracking_condition(reads.snapshot)
-        if tracked is not None:
-            ok, message = tracked
-            status["conditions"] = set_condition(
-                status["conditions"],
+        attempts = int(status.get("attempts") or 1)
+        # (condition, (its state, message) or None, reason when True, reason when False)
+        for cond, found, when_true, when_false in (
+            (
                 Cond.TrackingReachable,
-                "True" if ok else "False",
-                Reason.TrackingRunStarted if ok else Reason.TrackingUnreachable,
-                message,
-                now,
-                gen,
-            )
-        retained = retention_condition(reads.snapshot, int(status.get("attempts") or 1))
-        if retained is not None:
-            exceeded, message = retained
-            status["conditions"] = set_condition(
-                status["conditions"],
+                tracking_condition(reads.snapshot),
+                Reason.TrackingRunStarted,
+                Reason.TrackingUnreachable,
+            ),
+            (
                 Cond.RetentionRegressed,
-                "True" if exceeded else "False",
-                Reason.RetentionAboveBound if exceeded else Reason.RetentionWithinBound,
-                message,
-                now,
-                gen,
-            )
+                retention_condition(reads.snapshot, attempts),
+                Reason.RetentionAboveBound,
+                Reason.RetentionWithinBound,
+            ),
+        ):
+            if found is not None:
+                state, message = found
+                status["conditions"] = set_condition(
+                    status["conditions"],
+                    cond,
+                    "True" if state else "False",
+                    when_true if state else when_false,
+                    message,
+                    now,
+                    gen,
+                )
         if status.get("checkpoints"):
             last = status["checkpoints"][-1]
             status["conditions"] = set_condition(

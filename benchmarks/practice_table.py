@@ -1,0 +1,314 @@
+"""The fine-tuning practice of docs/practice.md measured in one table, on
+SmolLM2-135M-Instruct and the shipped chatterbot corpus, every number from the
+trainer's own outputs.json (no separate scoring code).
+
+Data, leak-free: every conversation once (the corpus repeats many, compared as
+`dataset.clean` compares them). The job's domain is the categories other than
+trivia, science, history, literature, psychology and ai; 150 of its
+conversations are held out (`dataset.validation`), none of them in training. The
+retention set is 64 conversations of those six categories, which no job trains on.
+
+Parts (`--parts`, each a `kubetune run` on local Ray + DeepSpeed, results kept in
+`--work` so parts can run apart and the table is printed from all of them):
+
+- `all`: full fine-tune, every layer; with `evaluation.retention`,
+  `evaluation.calibration` (a fitted temperature) and `output.interpolation` at
+  four weights, each scored on the held-out and the retention set (WiSE-FT);
+- `frozen`: the same job with the bottom half of the decoder layers, the
+  embeddings and the (tied) head frozen (`method.full.trainableLayers`);
+- `mixture`: LoRA on a two-source `dataset.mixture` (the domain's chats and
+  short sums, prompt-completion) at two weightings, each source's held-out loss;
+- `classify`: `method.task: classification` (LoRA) on the topic of a
+  conversation's first message (kubetune_trainer.quickstart.classification_rows):
+  held-out accuracy, macro-F1 and label ECE before and after.
+
+    .venv/bin/python benchmarks/practice_table.py [--parts all,frozen,mixture,classify]
+        [--work DIR] [--full-steps 16] [--lora-steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import common as C
+import yaml
+from calibration_retention import RETAIN, category_rows
+from practice_mixture import sums
+
+HELDOUT, RETAINED, EVAL_BATCHES = 150, 64, 16
+WEIGHTS = [0.25, 0.5, 0.75, 1.0]
+
+
+def distinct(rows: list[dict]) -> list[dict]:
+    from kubetune_trainer import clean
+
+    seen, out = set(), []
+    for row in rows:
+        key = clean.canonical(row)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+def data(work: Path) -> dict:
+    """The domain's train and held-out files and the retention file (made once)."""
+    files = {k: work / f"{k}.jsonl" for k in ("train", "heldout", "retain")}
+    if all(f.exists() for f in files.values()):
+        return files
+    import importlib.metadata as metadata
+
+    stems = {
+        Path(f.locate()).stem
+        for f in metadata.files("chatterbot-corpus") or []
+        if Path(f.locate()).suffix == ".yml" and Path(f.locate()).parent.name == "english"
+    }
+    domain = distinct(category_rows(tuple(sorted(stems - set(RETAIN)))))
+    retain = distinct(category_rows(RETAIN))
+    random.Random(0).shuffle(domain)
+    random.Random(0).shuffle(retain)
+    C.write_jsonl(files["train"], domain[HELDOUT:])
+    C.write_jsonl(files["heldout"], domain[:HELDOUT])
+    C.write_jsonl(files["retain"], retain[:RETAINED])
+    return files
+
+
+def run_job(work: Path, name: str, spec: dict) -> tuple[dict, float]:
+    """One `kubetune run`; (its outputs.json, seconds per step over steps 2..N)."""
+    from kubetune_trainer.local import LocalRun, run_local
+
+    files = data(work)
+    doc = C.job(files["train"], (work / "runs").as_uri(), name)
+    for key, value in spec.items():
+        if isinstance(value, dict) and key != "method":  # the method is replaced whole
+            doc["spec"].setdefault(key, {}).update(value)
+        else:
+            doc["spec"][key] = value
+    doc["spec"]["dataset"] = {k: v for k, v in doc["spec"]["dataset"].items() if v is not None}
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert run_local(LocalRun(file=str(path), progress=False)) == 0, name
+    prefix = work / "runs/bench" / name / "b"
+    steps = doc["spec"]["hyperparameters"]["maxSteps"]
+    _, seconds = C.steady_steps(prefix, steps)
+    return json.loads((prefix / "outputs.json").read_text()), seconds / max(1, steps - 1)
+
+
+def full(work: Path, name: str, steps: int, frozen: bool) -> dict:
+    files = data(work)
+    layers = json.loads((C.MODEL / "config.json").read_text())["num_hidden_layers"]
+    method: dict = {"type": "full"}
+    if frozen:
+        method["full"] = {
+            "trainableLayers": list(range(layers // 2, layers)),
+            "trainEmbeddings": False,
+            "trainHead": False,
+        }
+    spec = {
+        "dataset": {"validation": {"uri": str(files["heldout"])}},
+        "method": method,
+        "hyperparameters": {
+            "maxSteps": steps,
+            "learningRate": 2e-5,
+            "lrScheduler": "constant",
+            "warmupRatio": 0.0,
+            "seed": 0,
+            "precision": "fp32",
+        },
+        "evaluation": {
+            "enabled": True,
+            "everySteps": steps,
+            "maxBatches": EVAL_BATCHES,
+            "calibration": {"fitTemperature": True},
+            "retention": {
+                "dataset": {"uri": str(files["retain"]), "format": "chat"},
+                "maxExamples": RETAINED,
+            },
+        },
+    }
+    if not frozen:
+        spec["output"] = {"interpolation": {"weights": WEIGHTS, "select": "bestHeldOut"}}
+    out, per_step = run_job(work, name, spec)
+    return {"outputs": out, "secondsPerStep": per_step}
+
+
+def mixture(work: Path, steps: int) -> dict:
+    files = data(work)
+    sums_file = C.write_jsonl(work / "sums.jsonl", sums(600))
+    results = []
+    for a, b in ((3, 1), (1, 3)):
+        spec = {
+            "dataset": {
+                "train": None,
+                "validationSplit": 0.05,
+                "mixture": [
+                    {"id": "chat", "uri": str(files["train"]), "weight": a},
+                    {
+                        "id": "sums",
+                        "uri": str(sums_file),
+                        "format": "prompt-completion",
+                        "weight": b,
+                    },
+                ],
+            },
+            "hyperparameters": {"maxSteps": steps, "learningRate": 5e-4, "seed": 0},
+            "evaluation": {"enabled": True, "everySteps": steps, "maxBatches": EVAL_BATCHES},
+        }
+        out, per_step = run_job(work, f"mix-{a}-{b}", spec)
+        results.append({"weights": [a, b], "mixture": out["mixture"], "secondsPerStep": per_step})
+    return {"runs": results}
+
+
+def classify(work: Path, steps: int) -> dict:
+    from kubetune_trainer import quickstart
+
+    rows = quickstart.classification_rows()
+    random.Random(0).shuffle(rows)
+    n_val = max(50, len(rows) // 5)
+    train = C.write_jsonl(work / "cls-train.jsonl", rows[n_val:])
+    val = C.write_jsonl(work / "cls-val.jsonl", rows[:n_val])
+    spec = {
+        "dataset": {
+            "train": {"uri": str(train)},
+            "validation": {"uri": str(val)},
+            "format": "classification",
+            "packing": False,
+        },
+        "method": {
+            "task": "classification",
+            "type": "lora",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        },
+        "hyperparameters": {"maxSteps": steps, "learningRate": 5e-4, "seed": 0},
+        "evaluation": {"enabled": True, "everySteps": steps},
+    }
+    out, per_step = run_job(work, "classify", spec)
+    return {
+        "outputs": out,
+        "secondsPerStep": per_step,
+        "rows": {"train": len(rows) - n_val, "validation": n_val},
+        "labels": sorted({str(r["label"]) for r in rows}),
+    }
+
+
+def _f(x, fmt=".4f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def _times(before, regression):
+    """A retention loss from the base's and the relative regression."""
+    return None if before is None or regression is None else before * (1 + regression)
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:+.2%}"
+
+
+def table(res: dict, args) -> None:
+    print()
+    print(
+        "SmolLM2-135M-Instruct on CPU, the shipped chatterbot corpus, every conversation "
+        f"once; held-out: {HELDOUT} of the domain's conversations, retention: {RETAINED} "
+        f"of {', '.join(RETAIN)} (never trained). Full: {args.full_steps} steps of batch 4, "
+        f"lr 2e-5 constant, fp32; LoRA r16: {args.lora_steps} steps of batch 4, lr 5e-4."
+    )
+    print()
+    print("| what | setting | held-out loss | retention loss (regression) | other | s/step |")
+    print("|---|---|---|---|---|---|")
+    for key, label in (("all", "every layer"), ("frozen", "bottom half frozen")):
+        if key not in res:
+            continue
+        out, p = res[key]["outputs"], res[key]["outputs"].get("parameters", {})
+        ret = out.get("retention") or {}
+        trainable = (
+            f"{p.get('trainable', 0) / 1e6:.1f}M of {p.get('total', 0) / 1e6:.1f}M trainable"
+        )
+        print(
+            f"| full fine-tune | {label} | {_f(out.get('initialEvalLoss'))} → "
+            f"{_f(out.get('finalEvalLoss'))} | {_f(ret.get('lossBefore'))} → "
+            f"{_f(ret.get('lossAfter'))} ({_pct(ret.get('regression'))}) | {trainable} | "
+            f"{res[key]['secondsPerStep']:.1f} |"
+        )
+    if "mixture" in res:
+        for r in res["mixture"]["runs"]:
+            for s in r["mixture"]:
+                print(
+                    f"| mixture (LoRA) | chat:sums {r['weights'][0]}:{r['weights'][1]}, "
+                    f"source {s['id']} | {_f(s.get('initialEvalLoss'))} → "
+                    f"{_f(s.get('finalEvalLoss'))} | | {s['weight']:.0%} of the draws, "
+                    f"{s.get('trainedExamples')} examples trained | {r['secondsPerStep']:.1f} |"
+                )
+    if "all" in res:
+        out = res["all"]["outputs"]
+        interp = out.get("interpolation") or {}
+        before = (out.get("retention") or {}).get("lossBefore")
+        for w in interp.get("weights", []):
+            chosen = (
+                " (published: " + interp.get("select", "") + ")"
+                if w["alpha"] == interp.get("chosen")
+                else ""
+            )
+            print(
+                f"| WiSE-FT of the full fine-tune | α = {w['alpha']:g}{chosen} | "
+                f"{_f(w.get('evalLoss'))} | {_f(_times(before, w.get('retentionRegression')))} "
+                f"({_pct(w.get('retentionRegression'))}) | | |"
+            )
+        cal = out.get("calibration") or {}
+        if cal:
+            print(
+                f"| calibration of the full fine-tune | answer tokens ({cal.get('tokens')}) | | | "
+                f"ECE {_f(cal.get('eceBefore'))} → {_f(cal.get('ece'))}; at fitted T = "
+                f"{_f(cal.get('temperature'), '.3f')}: {_f(cal.get('eceAtTemperature'))} | |"
+            )
+    if "classify" in res:
+        out = res["classify"]["outputs"]
+        c = out.get("classification") or {}
+        print(
+            f"| classification (LoRA, {len(res['classify']['labels'])} topics, "
+            f"{res['classify']['rows']['validation']} held out) | sequence-classification head | "
+            f"{_f(out.get('initialEvalLoss'))} → {_f(out.get('finalEvalLoss'))} | | "
+            f"accuracy {_f(c.get('accuracyBefore'), '.3f')} → {_f(c.get('accuracy'), '.3f')}; "
+            f"macro-F1 {_f(c.get('f1Before'), '.3f')} → {_f(c.get('f1'), '.3f')}; label ECE "
+            f"{_f(c.get('eceBefore'))} → {_f(c.get('ece'))} | "
+            f"{res['classify']['secondsPerStep']:.1f} |"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--parts", default="all,frozen,mixture,classify")
+    ap.add_argument("--work", help="keep the data and each part's results here (reused)")
+    ap.add_argument("--full-steps", type=int, default=16)
+    ap.add_argument("--lora-steps", type=int, default=30)
+    args = ap.parse_args()
+    C.prepare()
+    work = Path(args.work or tempfile.mkdtemp(prefix="kubetune-practice-"))
+    work.mkdir(parents=True, exist_ok=True)
+    parts = {
+        "all": lambda: full(work, "all", args.full_steps, frozen=False),
+        "frozen": lambda: full(work, "frozen", args.full_steps, frozen=True),
+        "mixture": lambda: mixture(work, args.lora_steps),
+        "classify": lambda: classify(work, args.lora_steps),
+    }
+    for name in [p for p in args.parts.split(",") if p]:
+        t0 = time.monotonic()
+        result = parts[name]()
+        result["seconds"] = time.monotonic() - t0
+        (work / f"result-{name}.json").write_text(json.dumps(result, indent=1))
+        print(f"{name}: {result['seconds']:.0f} s", flush=True)
+    res = {
+        p.stem.removeprefix("result-"): json.loads(p.read_text())
+        for p in sorted(work.glob("result-*.json"))
+    }
+    table(res, args)
+    print(f"\nresults in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,27 +42,42 @@ def chat_rows() -> list[dict]:
     return read_jsonl(DATA)
 
 
-def split(n_val: int = 150, seed: int = 0, distinct: bool = False):
+def distinct_rows(rows: list[dict]) -> list[dict]:
+    """Each row once, the first of its repeats kept, compared as `dataset.clean`
+    compares rows (kubetune_trainer.clean.canonical)."""
+    from kubetune_trainer import clean
+
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        key = clean.canonical(row)
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    return unique
+
+
+def split(n_val: int = 150, seed: int = 0, distinct: bool = True):
     """(train, held-out) of the chatterbot conversations, shuffled with `seed`.
-    distinct: each conversation once (the corpus repeats many: 2,026 rows hold 899
-    distinct ones, compared as `dataset.clean` compares them), so no held-out
-    conversation is also a training one."""
+    distinct (the default): each conversation once (the corpus repeats many: 2,026
+    rows hold 899 distinct ones, compared as `dataset.clean` compares them), so no
+    held-out conversation is also a training one. False: the corpus as shipped, as
+    the benchmarks' runs before 7 December split it (`--with-repeats`)."""
     import random
 
-    rows = chat_rows()
-    if distinct:
-        from kubetune_trainer import clean
-
-        seen: set[str] = set()
-        unique = []
-        for row in rows:
-            key = clean.canonical(row)
-            if key not in seen:
-                seen.add(key)
-                unique.append(row)
-        rows = unique
+    rows = distinct_rows(chat_rows()) if distinct else chat_rows()
     random.Random(seed).shuffle(rows)
     return rows[n_val:], rows[:n_val]
+
+
+def add_split_flag(parser) -> None:
+    """`--with-repeats`: split the corpus as shipped (see `split`)."""
+    parser.add_argument(
+        "--with-repeats",
+        action="store_true",
+        help="keep the corpus's repeated conversations (then many held-out ones are also "
+        "training ones), as this benchmark's runs before 7 December did",
+    )
 
 
 def varied_chats(seed: int = 0, median: float = 3.0, sigma: float = 1.2) -> list[dict]:

@@ -62,8 +62,10 @@ def preference_rows() -> list[dict]:
     return rows
 
 
-def split(heldout: int) -> tuple[list[dict], list[dict]]:
-    rows = preference_rows()
+def split(heldout: int, distinct: bool = True) -> tuple[list[dict], list[dict]]:
+    """(train, held-out); distinct: each row once (common.distinct_rows), so no held-out
+    row is also a training one."""
+    rows = C.distinct_rows(preference_rows()) if distinct else preference_rows()
     random.Random(0).shuffle(rows)
     return rows[heldout:], rows[:heldout]
 
@@ -219,9 +221,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--heldout", type=int, default=150)
+    C.add_split_flag(p)
     args = p.parse_args()
     C.prepare()
-    train_rows, val_rows = split(args.heldout)
+    train_rows, val_rows = split(args.heldout, distinct=not args.with_repeats)
     train_rows = usable(train_rows, EQUAL["max_length"])
     val_rows = usable(val_rows, EQUAL["max_length"])
     work = Path(tempfile.mkdtemp(prefix="kubetune-dpo-"))

@@ -92,8 +92,10 @@ def prompt_rows() -> list[dict]:
     return rows
 
 
-def split(heldout: int) -> tuple[list[dict], list[dict]]:
-    rows = prompt_rows()
+def split(heldout: int, distinct: bool = True) -> tuple[list[dict], list[dict]]:
+    """(train, held-out); distinct: each row once (common.distinct_rows), so no held-out
+    row is also a training one."""
+    rows = C.distinct_rows(prompt_rows()) if distinct else prompt_rows()
     random.Random(0).shuffle(rows)
     return rows[heldout:], rows[:heldout]
 
@@ -282,9 +284,10 @@ def main() -> int:
     p.add_argument(
         "--only", choices=("kubetune", "trl"), help="train one contender (and score it) only"
     )
+    C.add_split_flag(p)
     args = p.parse_args()
     C.prepare()
-    train_rows, val_rows = split(args.heldout)
+    train_rows, val_rows = split(args.heldout, distinct=not args.with_repeats)
     work = Path(tempfile.mkdtemp(prefix="kubetune-grpo-"))
     train = C.write_jsonl(work / "train.jsonl", train_rows)
     heldout = C.write_jsonl(work / "heldout.jsonl", val_rows)

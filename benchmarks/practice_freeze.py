@@ -108,9 +108,10 @@ def main() -> int:
         default=150,
         help="held-out conversations scored (a smoke run: fewer)",
     )
+    C.add_split_flag(p)
     args = p.parse_args()
     C.prepare()
-    train_rows, val_rows = C.split()
+    train_rows, val_rows = C.split(distinct=not args.with_repeats)
     val_rows = val_rows[: args.heldout]
     work = Path(tempfile.mkdtemp(prefix="kubetune-freeze-"))
     runs, peaks = {}, {}

@@ -44,18 +44,6 @@ HELDOUT, RETAINED, EVAL_BATCHES = 150, 64, 16
 WEIGHTS = [0.25, 0.5, 0.75, 1.0]
 
 
-def distinct(rows: list[dict]) -> list[dict]:
-    from kubetune_trainer import clean
-
-    seen, out = set(), []
-    for row in rows:
-        key = clean.canonical(row)
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out
-
-
 def data(work: Path) -> dict:
     """The domain's train and held-out files and the retention file (made once)."""
     files = {k: work / f"{k}.jsonl" for k in ("train", "heldout", "retain")}
@@ -68,8 +56,8 @@ def data(work: Path) -> dict:
         for f in metadata.files("chatterbot-corpus") or []
         if Path(f.locate()).suffix == ".yml" and Path(f.locate()).parent.name == "english"
     }
-    domain = distinct(category_rows(tuple(sorted(stems - set(RETAIN)))))
-    retain = distinct(category_rows(RETAIN))
+    domain = C.distinct_rows(category_rows(tuple(sorted(stems - set(RETAIN)))))
+    retain = C.distinct_rows(category_rows(RETAIN))
     random.Random(0).shuffle(domain)
     random.Random(0).shuffle(retain)
     C.write_jsonl(files["train"], domain[HELDOUT:])

@@ -113,9 +113,10 @@ def score(heldout: str, adapters: list) -> list[float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=20)
+    C.add_split_flag(p)
     args = p.parse_args()
     C.prepare()
-    train_rows, val_rows = C.split()
+    train_rows, val_rows = C.split(distinct=not args.with_repeats)
     work = Path(tempfile.mkdtemp(prefix="kubetune-quality-"))
     train = C.write_jsonl(work / "train.jsonl", train_rows)
     heldout = C.write_jsonl(work / "heldout.jsonl", val_rows)

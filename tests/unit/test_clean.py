@@ -77,7 +77,7 @@ def test_drop_leaves_out_duplicates_leaks_and_pii_rows():
     part = report["splits"]["train"]
     assert part["drop"] == list(range(30, 46))
     assert part["counts"]["dropped"] == 16 and part["counts"]["kept"] == 30
-    kept, positions = C.apply(train, part, "drop", C.KINDS)
+    kept, positions = C.apply(train, part, "drop", C.KINDS, "chat")
     assert positions == list(range(30)) and kept == train[:30]
     assert report["splits"]["validation"]["drop"] == []  # held-out rows stay whole
 
@@ -88,7 +88,7 @@ def test_redact_replaces_the_spans_and_drops_duplicates_and_leaks():
     part = report["splits"]["train"]
     assert part["drop"] == [40, 41, 42, 43, 44, 45]
     assert part["counts"]["redacted"] == 10
-    kept, positions = C.apply(train, part, "redact", C.KINDS)
+    kept, positions = C.apply(train, part, "redact", C.KINDS, "chat")
     assert positions == list(range(40))
     answers = [r["messages"][1]["content"] for r in kept[30:40]]
     assert [a.split()[1] for a in answers[:2]] == ["<EMAIL>", "number"]
@@ -97,6 +97,35 @@ def test_redact_replaces_the_spans_and_drops_duplicates_and_leaks():
     rescan = _scan(kept, validation)["splits"]["train"]["counts"]
     assert rescan["pii"] == {"email": 0, "phone": 0, "card": 0, "key": 0}
     assert kept[:30] == train[:30]  # the decoys are untouched
+
+
+@pytest.mark.parametrize(
+    "fmt, row, trained, kept",
+    [
+        # a prompt row's reference field is the grader's answer: neither scanned nor rewritten
+        (
+            "prompt",
+            {"prompt": "Mail ann.lee@fastmail.fm the form.", "answer": "ann.lee@fastmail.fm"},
+            "prompt",
+            "answer",
+        ),
+        (
+            "prompt-completion",
+            {"prompt": "Who?", "completion": "Call +1 (415) 555-0132.", "id": "bo@fastmail.fm"},
+            "completion",
+            "id",
+        ),
+    ],
+)
+def test_redact_rewrites_only_the_fields_the_scan_counted(fmt, row, trained, kept):
+    norms = {"train": [D.normalize(row, fmt)[0]]}
+    part = C.scan(norms, action="redact")["splits"]["train"]
+    assert part["counts"]["redacted"] == 1  # the trained field's one span
+    (out,), positions = C.apply([row], part, "redact", C.KINDS, fmt)
+    assert positions == [0]
+    assert "<" in out[trained] and out[trained] != row[trained]
+    assert out[kept] == row[kept]  # untouched, as the count says
+    assert set(out) == set(row)
 
 
 def test_threshold_one_counts_exact_duplicates_only():
@@ -122,6 +151,9 @@ def test_only_the_kinds_asked_for_are_scanned():
         ("client_secret: 'Zq8xV2nL5tR9wK3mP7sJ'", ["key"]),
         ("build 2024.01.15, pi 3.14159265358979, isbn 978-3-16-148410-0", []),
         ("xoxb-1234567890-abcdefghij and hf_abcdefghijklmnopqrstuvwxyz123456", ["key", "key"]),
+        # at the end of a sentence: the full stop is not part of a longer number
+        ("Call +1 (415) 555-0132. Pay with 4111 1111 1111 1111.", ["phone", "card"]),
+        ("Version 1.2.3.4 of 192.168.1.10. Call 020 7946 0958.5 now", []),
     ],
 )
 def test_pii_patterns(text, kinds):

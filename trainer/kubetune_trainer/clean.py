@@ -141,12 +141,13 @@ _RESERVED = re.compile(
     r"|@(?:example|test|invalid|localhost)$",
     re.IGNORECASE,
 )
-_CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?![\w.-]|\.\d)")
+_CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?![\w-]|\.\d)")
 # A phone number: an optional +country code, an optional (area), then groups of
-# digits joined by single separators; `_phone` decides on the digit count.
+# digits joined by single separators; `_phone` decides on the digit count. Like a
+# card number, it may end a sentence (a full stop after it), not a longer number.
 _PHONE = re.compile(
     r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]\d{2,5}){1,4}"
-    r"(?![\w.-]|\.\d)"
+    r"(?![\w-]|\.\d)"
     r"|(?<![\w+])\+\d{8,15}(?!\w)"
 )
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
@@ -246,8 +247,36 @@ def redact(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, int]:
     return text, len(spans)
 
 
+# The raw fields each format trains on (data.normalize reads them; `fields` scans them).
+# Others (a prompt row's grader references, labels, ids) are neither scanned nor redacted.
+TRAINED_FIELDS = {
+    "text": ("text",),
+    "prompt-completion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "alpaca": ("instruction", "input", "output"),
+    "sharegpt": ("conversations",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "feedback": ("prompt", "completion"),
+    "prompt": ("prompt", "messages"),
+}
+
+
+def redact_fields(row: Any, fmt: str, kinds: Sequence[str] = KINDS) -> tuple[Any, int]:
+    """A raw row with the strings of the fields its format trains on redacted (the
+    fields the scan counted PII in); its other fields as they were."""
+    keys = TRAINED_FIELDS.get(fmt)
+    if not isinstance(row, dict) or keys is None:
+        return redact_row(row, kinds)  # a format without a list: every string
+    out, n = dict(row), 0
+    for key in keys:
+        if key in out:
+            out[key], k = redact_row(out[key], kinds)
+            n += k
+    return out, n
+
+
 def redact_row(row: Any, kinds: Sequence[str] = KINDS) -> tuple[Any, int]:
-    """A raw row (as read from the file, any format) with every string redacted."""
+    """A raw value (any shape) with every string in it redacted."""
     if isinstance(row, str):
         return redact(row, kinds)
     if isinstance(row, list):
@@ -475,14 +504,17 @@ def found(report: dict) -> int:
     )
 
 
-def apply(rows: list, part: dict, action: str, kinds: Sequence[str]) -> tuple[list, list[int]]:
-    """The raw rows of one split after `action` (drop: the report's rows go; redact:
-    they go too, and PII spans in the rest are replaced); and the kept positions."""
+def apply(
+    rows: list, part: dict, action: str, kinds: Sequence[str], fmt: str
+) -> tuple[list, list[int]]:
+    """The raw rows of one split (of format `fmt`) after `action` (drop: the report's
+    rows go; redact: they go too, and PII spans in the trained fields of the rest are
+    replaced); and the kept positions."""
     if action == "report":
         return rows, list(range(len(rows)))
     drop = set(part["drop"])
     kept = [i for i in range(len(rows)) if i not in drop]
     out = [rows[i] for i in kept]
     if action == "redact":
-        out = [redact_row(r, kinds)[0] for r in out]
+        out = [redact_fields(r, fmt, kinds)[0] for r in out]
     return out, kept

@@ -659,7 +659,7 @@ def clean_splits(splits: dict[str, list], fmt: str, clean) -> tuple[dict[str, Ro
     report = C.scan(norms, labels, clean.near_duplicate_threshold, kinds, action)
     out = {}
     for name, rows in splits.items():
-        kept_rows, kept = C.apply(list(rows), report["splits"][name], action, kinds)
+        kept_rows, kept = C.apply(list(rows), report["splits"][name], action, kinds, fmt)
         out[name] = Rows(kept_rows, (labels[name][i] for i in kept))
     return out, report
 

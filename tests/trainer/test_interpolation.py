@@ -129,7 +129,10 @@ def test_lora_run_publishes_the_fixed_weight_scaled_and_merged(ray_local, tmp_pa
     data = H.write_jsonl(tmp_path / "chat.jsonl", H.chat_rows(48))
     retention = H.write_jsonl(
         tmp_path / "general.jsonl",
-        [{"text": f"{n} plus {n} makes {2 * n}, and the sky is blue"} for n in range(12)],
+        [
+            {"prompt": f"{n} plus {n} makes", "completion": f" {2 * n}, and the sky is blue"}
+            for n in range(12)
+        ],
     )
     job = H.job(
         base,
@@ -140,8 +143,13 @@ def test_lora_run_publishes_the_fixed_weight_scaled_and_merged(ray_local, tmp_pa
         evaluation={
             "everySteps": 4,
             "maxBatches": 2,
-            # each weight is scored on the retention set too
-            "retention": {"dataset": {"uri": str(retention), "format": "text"}},
+            # each weight is scored on the retention set too; and its prompts are
+            # answered before and after (retention.generation)
+            "retention": {
+                "dataset": {"uri": str(retention), "format": "prompt-completion"},
+                "generation": True,
+            },
+            "generation": {"examples": 2, "maxNewTokens": 4},
         },
         checkpointing={"everySteps": 100, "keepLast": 1},
     )
@@ -164,6 +172,17 @@ def test_lora_run_publishes_the_fixed_weight_scaled_and_merged(ray_local, tmp_pa
     assert len(set(regressions)) == 3, regressions
     assert regressions[-1] == pytest.approx(outputs["retention"]["regression"], abs=1e-5)
     assert "interpolated:" in out and "weight 0.50: held-out loss" in out, out[-3000:]
+    # retention.generation: two of the set's prompts answered before and after, scored
+    # against their completions like the validation split's, in outputs and samples
+    gen = outputs["generation"]
+    assert gen["examples"] == {"validation": 2, "retention": 2}, gen
+    samples = [json.loads(x) for x in (prefix / "samples.jsonl").read_text().splitlines()]
+    kept = [s for s in samples if s["split"] == "retention"]
+    assert [s["prompt"] for s in kept] and all(s["prompt"].endswith(" makes") for s in kept)
+    assert all(s["reference"].endswith("the sky is blue") for s in kept)
+    for when in ("before", "after"):
+        assert gen[f"retention_{when}"]["chrf"] >= 0, gen
+        assert all(isinstance(s[when], str) and f"chrf1_{when}" in s for s in kept)
     assert wise["adapter"].endswith("interpolated/adapter")
     assert wise["mergedModel"].endswith("interpolated/merged")
     arts = [a for a in outputs["artifacts"] if a.get("interpolationWeight") == 0.5]

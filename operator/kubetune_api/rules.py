@@ -219,6 +219,87 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
     ]
 
 
+def _classifying(spec: Spec) -> bool:
+    return spec["method"].get("task", "generation") == "classification"
+
+
+CLASSIFYING = "self.method.task != 'classification'"  # CEL: the rule holds unless...
+
+
+def _without(block: str, key: str, what: str) -> Rule:
+    """method.task classification refuses spec.<block>.<key> (it has no answers to
+    generate or score, or no whole language model to convert): `what` says why."""
+    return Rule(
+        f"classification-without-{block}-{key}".lower(),
+        (),
+        f"method.task classification {what}: remove {block}.{key}, or set method.task to "
+        "generation",
+        cel=f"{CLASSIFYING} || !has(self.{block}.{key})",
+        python=lambda s: not _classifying(s) or not _has(s[block], key),
+        field=f"{block}.{key}",
+    )
+
+
+CLASSIFICATION_RULES = [
+    Rule(
+        "classification-needs-classification-data",
+        (),
+        "method.task classification learns one label per row: set dataset.format to "
+        "classification (rows of text and label), or method.task to generation",
+        cel=f"{CLASSIFYING} || self.dataset.format == 'classification'",
+        python=lambda s: not _classifying(s) or s["dataset"]["format"] == "classification",
+        field="dataset.format",
+    ),
+    Rule(
+        "classification-data-needs-task",
+        (),
+        "dataset.format classification (rows of text and label) trains a classification "
+        "head: set method.task to classification, or use a generation format (chat, "
+        "prompt-completion, ...)",
+        cel="self.dataset.format != 'classification' || self.method.task == 'classification'",
+        python=lambda s: s["dataset"]["format"] != "classification" or _classifying(s),
+        field="method.task",
+    ),
+    Rule(
+        "classification-needs-sft",
+        (),
+        "method.task classification trains with cross-entropy over the labels: set "
+        "method.objective to sft (dpo, kto, grpo and distill score generated answers)",
+        cel=f"{CLASSIFYING} || self.method.objective == 'sft'",
+        python=lambda s: not _classifying(s) or s["method"]["objective"] == "sft",
+        field="method.objective",
+    ),
+    Rule(
+        "classification-not-qlora",
+        (),
+        "method.task classification trains with lora or full: set method.type to lora "
+        "(a 4-bit base with a classification head is not supported)",
+        cel=f"{CLASSIFYING} || self.method.type != 'qlora'",
+        python=lambda s: not _classifying(s) or s["method"]["type"] != "qlora",
+        field="method.type",
+    ),
+    Rule(
+        "classification-trains-head",
+        (),
+        "method.task classification starts from a new, untrained head: set "
+        "method.full.trainHead to true",
+        cel=f"{CLASSIFYING} || !has(self.method.full) || !has(self.method.full.trainHead) "
+        "|| self.method.full.trainHead",
+        python=lambda s: (
+            not _classifying(s)
+            or not _has(s["method"], "full")
+            or s["method"]["full"].get("trainHead", True)
+        ),
+        field="method.full.trainHead",
+    ),
+    _without("dataset", "mixture", "reads one dataset of labelled rows"),
+    _without("evaluation", "generation", "generates no answers (it is scored by accuracy)"),
+    _without("evaluation", "retention", "replaces the language-model head (no retention loss)"),
+    _without("output", "gguf", "saves a classifier, which GGUF export does not convert"),
+    _without("output", "interpolation", "is not interpolated (its head starts untrained)"),
+]
+
+
 RULES: list[Rule] = [
     Rule(
         "model-source",
@@ -356,6 +437,7 @@ RULES: list[Rule] = [
         field="pii",
     ),
     *objective_rules(),
+    *CLASSIFICATION_RULES,
     Rule(
         "generation-needs-held-out-data",
         (),

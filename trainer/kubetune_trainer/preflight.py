@@ -281,7 +281,7 @@ def check_format(
                     f"no row of {name} fits {expected}: {shown}{more}",
                     f"rename the keys in the data, or set {format_field(field_path)} to the "
                     "data's format (text, prompt-completion, chat, alpaca, sharegpt, preference, "
-                    "feedback, prompt)",
+                    "feedback, prompt, classification)",
                 )
             )
         else:

@@ -53,6 +53,7 @@ FULL_SPEC: dict[str, Any] = {
         "secretRef": {"name": "s3-creds"},
     },
     "method": {
+        "task": "generation",
         "objective": "sft",
         "type": "lora",
         "lora": {

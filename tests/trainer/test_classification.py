@@ -18,7 +18,24 @@ import trainer_helpers as H
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
 
 KEYWORDS = {"apple": "fruit", "truck": "vehicle", "otter": "animal"}
-FILLER = "the a one big small red old new some this that my your our blue green".split()
+FILLER = [
+    "the",
+    "a",
+    "one",
+    "big",
+    "small",
+    "red",
+    "old",
+    "new",
+    "some",
+    "this",
+    "that",
+    "my",
+    "your",
+    "our",
+    "blue",
+    "green",
+]
 
 
 def _rows(n: int, seed: int) -> list[dict]:

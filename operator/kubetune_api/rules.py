@@ -17,7 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .objectives import OBJECTIVES, SUPERVISED_FORMATS, metric_mode, metric_names, words
+from .objectives import (
+    CLASSIFICATION_METRICS,
+    OBJECTIVES,
+    SUPERVISED_FORMATS,
+    metric_mode,
+    metric_names,
+    words,
+)
 from .sweep_space import grace_period, grace_period_cel
 
 Spec = dict[str, Any]
@@ -173,6 +180,8 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
         row.name: tuple(m for m in every if m not in {x.name for x in row.metrics})
         for row in OBJECTIVES
     }
+    # method.task classification (objective sft): its own metrics, not sft's
+    not_classifying = tuple(m for m in every if m not in {x.name for x in CLASSIFICATION_METRICS})
     first, *rest = OBJECTIVES
     order = [*rest, first]  # the first row (sft, the default) is the CEL's else branch
     var = f"self.{block}.metric"
@@ -182,11 +191,19 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
             f"self.method.objective == '{row.name}' ? "
             f"!({_metrics_cel(var, others[row.name])}) : {cel}"
         )
+    cel = f"self.method.task == 'classification' ? !({_metrics_cel(var, not_classifying)}) : {cel}"
     if not always:
         cel = f"!has(self.{block}) || ({cel})"
     reports = "; ".join(
-        f"{words([m.name for m in row.metrics], 'or')} for {row.name}" for row in order
+        [f"{words([m.name for m in row.metrics], 'or')} for {row.name}" for row in order]
+        + [f"{words([m.name for m in CLASSIFICATION_METRICS], 'or')} for classification"]
     )
+
+    def unreported(s: Spec) -> tuple[str, ...]:
+        if s["method"].get("task") == "classification":
+            return not_classifying
+        return others[s["method"]["objective"]]
+
     highest = tuple(m for m in every if metric_mode(m) == "max")
     lowest = tuple(m for m in every if metric_mode(m) == "min")
     return [
@@ -196,8 +213,7 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
             f"{block}.metric must be one the objective reports: {reports}",
             cel=cel,
             python=lambda s: (
-                (not always and not _has(s, block))
-                or s[block]["metric"] not in others[s["method"]["objective"]]
+                (not always and not _has(s, block)) or s[block]["metric"] not in unreported(s)
             ),
             field=f"{block}.metric",
         ),

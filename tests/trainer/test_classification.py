@@ -99,6 +99,8 @@ def runs(_ray_session, tmp_path_factory):
             evaluation={"everySteps": 12, "maxBatches": None},
             checkpointing={"everySteps": 24},
             output={"mergeAdapter": method == "lora"},
+            # watched, never triggered in two evaluations: the metric is reported
+            earlyStopping={"enabled": True, "metric": "eval_accuracy", "patience": 3},
         )
         cfg = H.trainer_config(job)
         H.fit(cfg)

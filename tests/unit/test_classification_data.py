@@ -107,3 +107,30 @@ def test_macro_f1_counts_every_label_alike():
     # gold 0 0 1 2, predicted 0 1 1 1: label 0 F1 2/3, label 1 F1 2/4, label 2 F1 0
     assert macro_f1([1, 1, 0], [0, 2, 0], [1, 0, 1]) == pytest.approx((2 / 3 + 0.5 + 0) / 3)
     assert macro_f1([2, 0], [0, 0], [0, 0]) == pytest.approx(0.5)  # a label never seen: 0
+
+
+def _write(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_the_local_check_names_unseen_and_single_labels(tmp_path):
+    from kubetune_trainer import preflight
+
+    train = _write(tmp_path / "t.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 2}])
+    val = _write(tmp_path / "v.jsonl", [{"text": "c", "label": "2"}, {"text": "d", "label": 3}])
+    ds = {"format": "classification", "train": {"uri": train}, "validation": {"uri": val}}
+    job = {"spec": {"model": {"name": "org/m"}, "dataset": ds}}
+    report, _ = preflight.check_files(job, tmp_path)
+    assert "train: 2 labels (1, 2)" in report.notes
+    (error,) = report.errors
+    assert error.path == "spec.dataset.validation.uri"
+    assert "1 row(s) have a label no training row has (v.jsonl line 2: 3)" in error.message
+
+    _write(tmp_path / "t.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 1}])
+    _write(tmp_path / "v.jsonl", [{"text": "c", "label": 1}])
+    report, _ = preflight.check_files(job, tmp_path)
+    (error,) = report.errors
+    assert error.path == "spec.dataset.train.uri" and "two labels at least" in error.message

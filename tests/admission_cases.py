@@ -346,6 +346,26 @@ def full_job() -> dict:
     return doc
 
 
+_LR_ONLY = {
+    "hyperparameters.learningRate": {"distribution": "logUniform", "low": 1e-5, "high": 1e-3}
+}
+
+
+def classification_job() -> dict:
+    """FULL_SPEC as a classification head (method.task classification): without what
+    the task refuses (answers generated or scored, retention, GGUF)."""
+    doc = job()
+    spec = doc["spec"]
+    spec["dataset"]["format"] = "classification"
+    spec["method"]["task"] = "classification"
+    for key in ("generation", "calibration", "retention"):
+        spec["evaluation"].pop(key)
+    spec["output"].pop("gguf")
+    spec["earlyStopping"].update({"metric": "eval_f1", "mode": "max"})
+    spec["sweep"].update({"metric": "eval_accuracy", "mode": "max"})
+    return doc
+
+
 def lora_layers_job() -> dict:
     """FULL_SPEC with adapters on one decoder layer only."""
     return _set(job(), "spec.method.lora.layers", [3])
@@ -883,6 +903,79 @@ def _written() -> list[Case]:
         "mixture:temperature-zero",
         mixed("spec.dataset.mixtureTemperature", 0),
         "spec.dataset.mixtureTemperature",
+    )
+
+    # classification heads (spec.method.task classification)
+    def classifier(*changes: tuple[str, Any]) -> dict:
+        doc = classification_job()
+        for path, v in changes:
+            # the values are shared between cases (DELETE is a marker: kept as it is)
+            _set(doc, path, copy.deepcopy(v) if isinstance(v, (dict, list)) else v)
+        return doc
+
+    fmt, task, method = "spec.dataset.format", "spec.method.task", "spec.method"
+    full = {"task": "classification", "objective": "sft", "type": "full"}
+    as_full = ((method, full), ("spec.output.mergeAdapter", False))
+    no_lora_sweep = ("spec.sweep.parameters", dict(_LR_ONLY))
+    add("classification:lora", classifier())
+    add("classification:full", classifier(*as_full, no_lora_sweep))
+    add(
+        "classification:full-head-only",
+        classifier(*as_full, no_lora_sweep, (f"{method}.full", {"trainableLayers": []})),
+    )
+    add("classification:chat-data", classifier((fmt, "chat")), fmt)
+    add(
+        "classification:data-for-generation",
+        classifier(
+            (task, "generation"),
+            ("spec.earlyStopping.metric", "eval_loss"),
+            ("spec.earlyStopping.mode", "min"),
+            ("spec.sweep.metric", "eval_loss"),
+            ("spec.sweep.mode", "min"),
+        ),
+        task,
+    )
+    add(
+        "classification:distill",
+        classifier((f"{method}.objective", "distill")),
+        f"{method}.objective",
+    )
+    add(
+        "classification:qlora",
+        classifier((f"{method}.type", "qlora"), ("spec.model.mergeParent", False)),
+        f"{method}.type",
+    )
+    add(
+        "classification:head-frozen",
+        classifier(*as_full, no_lora_sweep, (f"{method}.full", {"trainHead": False})),
+        f"{method}.full.trainHead",
+    )
+    for path, value in (
+        ("spec.evaluation.generation", {"examples": 4}),
+        ("spec.evaluation.retention", {"dataset": {"uri": "s3://bucket/general.jsonl"}}),
+        ("spec.output.interpolation", {"weights": [0.5, 1.0]}),
+    ):
+        add(f"classification:{path.rsplit('.', 1)[1]}", classifier((path, value)), path)
+    add(
+        "classification:gguf",
+        classifier(("spec.output.gguf", {"types": ["q8_0"]})),
+        "spec.output.gguf",
+    )
+    add(
+        "classification:mixture",
+        classifier(
+            *((f"spec.dataset.{k}", DELETE) for k in ("train", "validation", "clean")),
+            (
+                "spec.dataset.mixture",
+                [{"id": "a", "uri": "s3://bucket/a.jsonl"}, {"id": "b", "name": "o/b"}],
+            ),
+        ),
+        "spec.dataset.mixture",
+    )
+    add(
+        "classification:token-metric",
+        classifier(("spec.earlyStopping.metric", "eval_token_accuracy")),
+        "spec.earlyStopping.metric",
     )
 
     # structured pruning (spec.model.prune)

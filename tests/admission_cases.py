@@ -361,6 +361,8 @@ def classification_job() -> dict:
     for key in ("generation", "calibration", "retention"):
         spec["evaluation"].pop(key)
     spec["output"].pop("gguf")
+    for key in ("fromJob", "mergeParent"):
+        spec["model"].pop(key)
     spec["earlyStopping"].update({"metric": "eval_f1", "mode": "max"})
     spec["sweep"].update({"metric": "eval_accuracy", "mode": "max"})
     return doc
@@ -960,6 +962,9 @@ def _written() -> list[Case]:
         "classification:gguf",
         classifier(("spec.output.gguf", {"types": ["q8_0"]})),
         "spec.output.gguf",
+    )
+    add(
+        "classification:parent", classifier(("spec.model.fromJob", "chat-v1")), "spec.model.fromJob"
     )
     add(
         "classification:mixture",
@@ -1858,6 +1863,12 @@ _safe(("clean:report-no-pii",), "a report of duplicates and leaks only: no PII s
 _safe(("clean:exact-only",), "threshold 1.0 counts exact duplicates only")
 _safe(("mixture:weights",), "two sources, weighted 3:1, one with its own format")
 _safe(("mixture:temperature",), "no weights: mixtureTemperature sets the shares from the sizes")
+_safe(("classification:lora",), "a classification head with LoRA, watched by macro-F1")
+_safe(("classification:full",), "a classification head, every weight trained")
+_safe(
+    ("classification:full-head-only",),
+    "no decoder layer trains, the new head does: a linear probe of the base",
+)
 _safe(("prune:layers-ok",), "layers to keep by index, increasing: the alternative to keepLayers")
 _safe(
     ("full:head-only",),

@@ -308,6 +308,15 @@ CLASSIFICATION_RULES = [
         ),
         field="method.full.trainHead",
     ),
+    *(
+        _without(
+            "model",
+            key,
+            "starts from whole weights (a parent's adapter was made for the language-model "
+            "head; give a parent's model/ or merged/ folder as model.uri instead)",
+        )
+        for key in ("fromJob", "fromCheckpoint")
+    ),
     _without("dataset", "mixture", "reads one dataset of labelled rows"),
     _without("evaluation", "generation", "generates no answers (it is scored by accuracy)"),
     _without("evaluation", "retention", "replaces the language-model head (no retention loss)"),

@@ -40,6 +40,11 @@ BREAKERS = {
         **CLS,
         "method": {"task": "classification", "type": "full", "full": {"trainHead": False}},
     },
+    "classification-without-model-fromjob": {**CLS, "model": {"name": "org/m", "fromJob": "a"}},
+    "classification-without-model-fromcheckpoint": {
+        **CLS,
+        "model": {"name": "org/m", "fromCheckpoint": "s3://bucket/run/checkpoints/step-00000010"},
+    },
     "classification-without-dataset-mixture": {
         **CLS,
         "dataset": {"format": "classification", "mixture": MIXTURE},

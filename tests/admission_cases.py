@@ -53,6 +53,7 @@ FULL_SPEC: dict[str, Any] = {
         "secretRef": {"name": "s3-creds"},
     },
     "method": {
+        "task": "generation",
         "objective": "sft",
         "type": "lora",
         "lora": {
@@ -342,6 +343,28 @@ def full_job() -> dict:
     spec["model"]["mergeParent"] = False
     spec["output"]["mergeAdapter"] = False
     spec["sweep"]["parameters"].pop("method.lora.r")
+    return doc
+
+
+_LR_ONLY = {
+    "hyperparameters.learningRate": {"distribution": "logUniform", "low": 1e-5, "high": 1e-3}
+}
+
+
+def classification_job() -> dict:
+    """FULL_SPEC as a classification head (method.task classification): without what
+    the task refuses (answers generated or scored, retention, GGUF)."""
+    doc = job()
+    spec = doc["spec"]
+    spec["dataset"]["format"] = "classification"
+    spec["method"]["task"] = "classification"
+    for key in ("generation", "calibration", "retention"):
+        spec["evaluation"].pop(key)
+    spec["output"].pop("gguf")
+    for key in ("fromJob", "mergeParent"):
+        spec["model"].pop(key)
+    spec["earlyStopping"].update({"metric": "eval_f1", "mode": "max"})
+    spec["sweep"].update({"metric": "eval_accuracy", "mode": "max"})
     return doc
 
 
@@ -882,6 +905,82 @@ def _written() -> list[Case]:
         "mixture:temperature-zero",
         mixed("spec.dataset.mixtureTemperature", 0),
         "spec.dataset.mixtureTemperature",
+    )
+
+    # classification heads (spec.method.task classification)
+    def classifier(*changes: tuple[str, Any]) -> dict:
+        doc = classification_job()
+        for path, v in changes:
+            # the values are shared between cases (DELETE is a marker: kept as it is)
+            _set(doc, path, copy.deepcopy(v) if isinstance(v, (dict, list)) else v)
+        return doc
+
+    fmt, task, method = "spec.dataset.format", "spec.method.task", "spec.method"
+    full = {"task": "classification", "objective": "sft", "type": "full"}
+    as_full = ((method, full), ("spec.output.mergeAdapter", False))
+    no_lora_sweep = ("spec.sweep.parameters", dict(_LR_ONLY))
+    add("classification:lora", classifier())
+    add("classification:full", classifier(*as_full, no_lora_sweep))
+    add(
+        "classification:full-head-only",
+        classifier(*as_full, no_lora_sweep, (f"{method}.full", {"trainableLayers": []})),
+    )
+    add("classification:chat-data", classifier((fmt, "chat")), fmt)
+    add(
+        "classification:data-for-generation",
+        classifier(
+            (task, "generation"),
+            ("spec.earlyStopping.metric", "eval_loss"),
+            ("spec.earlyStopping.mode", "min"),
+            ("spec.sweep.metric", "eval_loss"),
+            ("spec.sweep.mode", "min"),
+        ),
+        task,
+    )
+    add(
+        "classification:distill",
+        classifier((f"{method}.objective", "distill")),
+        f"{method}.objective",
+    )
+    add(
+        "classification:qlora",
+        classifier((f"{method}.type", "qlora"), ("spec.model.mergeParent", False)),
+        f"{method}.type",
+    )
+    add(
+        "classification:head-frozen",
+        classifier(*as_full, no_lora_sweep, (f"{method}.full", {"trainHead": False})),
+        f"{method}.full.trainHead",
+    )
+    for path, value in (
+        ("spec.evaluation.generation", {"examples": 4}),
+        ("spec.evaluation.retention", {"dataset": {"uri": "s3://bucket/general.jsonl"}}),
+        ("spec.output.interpolation", {"weights": [0.5, 1.0]}),
+    ):
+        add(f"classification:{path.rsplit('.', 1)[1]}", classifier((path, value)), path)
+    add(
+        "classification:gguf",
+        classifier(("spec.output.gguf", {"types": ["q8_0"]})),
+        "spec.output.gguf",
+    )
+    add(
+        "classification:parent", classifier(("spec.model.fromJob", "chat-v1")), "spec.model.fromJob"
+    )
+    add(
+        "classification:mixture",
+        classifier(
+            *((f"spec.dataset.{k}", DELETE) for k in ("train", "validation", "clean")),
+            (
+                "spec.dataset.mixture",
+                [{"id": "a", "uri": "s3://bucket/a.jsonl"}, {"id": "b", "name": "o/b"}],
+            ),
+        ),
+        "spec.dataset.mixture",
+    )
+    add(
+        "classification:token-metric",
+        classifier(("spec.earlyStopping.metric", "eval_token_accuracy")),
+        "spec.earlyStopping.metric",
     )
 
     # structured pruning (spec.model.prune)
@@ -1764,6 +1863,12 @@ _safe(("clean:report-no-pii",), "a report of duplicates and leaks only: no PII s
 _safe(("clean:exact-only",), "threshold 1.0 counts exact duplicates only")
 _safe(("mixture:weights",), "two sources, weighted 3:1, one with its own format")
 _safe(("mixture:temperature",), "no weights: mixtureTemperature sets the shares from the sizes")
+_safe(("classification:lora",), "a classification head with LoRA, watched by macro-F1")
+_safe(("classification:full",), "a classification head, every weight trained")
+_safe(
+    ("classification:full-head-only",),
+    "no decoder layer trains, the new head does: a linear probe of the base",
+)
 _safe(("prune:layers-ok",), "layers to keep by index, increasing: the alternative to keepLayers")
 _safe(
     ("full:head-only",),

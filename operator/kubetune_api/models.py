@@ -237,6 +237,7 @@ class DatasetFormat(str, Enum):
     preference = "preference"
     feedback = "feedback"
     prompt = "prompt"
+    classification = "classification"
 
 
 class DataSource(_Model):
@@ -414,7 +415,8 @@ class Dataset(StorageAccess):
         "(method.objective kto): {prompt, completion, label: true|false}, a thumbs up or down "
         "on one answer, prompt and completion as text or as chat messages; prompt "
         "(method.objective grpo): {prompt} as text or {messages} (or {prompt: [messages]}), "
-        "plus any reference fields the grader reads as {{item.<field>}}.",
+        "plus any reference fields the grader reads as {{item.<field>}}; classification "
+        "(method.task classification): {text, label}, label a string or an integer.",
     )
     max_seq_length: int = Field(
         2048,
@@ -451,6 +453,11 @@ class MethodType(str, Enum):
     lora = "lora"
     qlora = "qlora"
     full = "full"
+
+
+class Task(str, Enum):
+    generation = "generation"
+    classification = "classification"
 
 
 class LoraConfig(_Model):
@@ -737,6 +744,14 @@ class DistillConfig(_Model):
 
 
 class Method(_Model):
+    task: Task = Field(
+        Task.generation,
+        description="generation: the model learns to write the answers (its language-model "
+        "head); classification: a sequence-classification head on the same checkpoint "
+        "learns one label per row (dataset.format classification: rows of text and label; "
+        "the labels are the training data's distinct labels, sorted), scored by accuracy, "
+        "macro-F1 and the labels' expected calibration error before and after training.",
+    )
     objective: Objective = Field(
         Objective(objectives.DEFAULT), description=objectives.enum_description()
     )
@@ -1447,6 +1462,15 @@ class Metrics(_Model):
     eval_ece: Optional[float] = None
     calibration_temperature: Optional[float] = None
     eval_ece_at_temperature: Optional[float] = None
+    # method.task classification: held-out accuracy, macro-F1 and the labels' expected
+    # calibration error, before training (the base with its new head) and at the latest
+    # evaluation
+    eval_accuracy_before: Optional[float] = None
+    eval_accuracy: Optional[float] = None
+    eval_f1_before: Optional[float] = None
+    eval_f1: Optional[float] = None
+    eval_label_ece_before: Optional[float] = None
+    eval_label_ece: Optional[float] = None
     # evaluation.retention: the retention set's loss before and after, relative rise
     retention_loss_before: Optional[float] = None
     retention_loss: Optional[float] = None

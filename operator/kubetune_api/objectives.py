@@ -248,23 +248,34 @@ OBJECTIVES: tuple[ObjectiveRow, ...] = (
     ),
 )
 
+# method.task classification (objective sft on a classification head) reports these
+# instead of sft's token metrics: the labels' cross-entropy, accuracy, macro-F1 and
+# the top label's expected calibration error
+CLASSIFICATION_METRICS = (
+    EVAL_LOSS,
+    Metric("eval_accuracy", "max"),
+    Metric("eval_f1", "max"),
+    Metric("eval_label_ece", "min"),
+)
+
 BY_NAME = {row.name: row for row in OBJECTIVES}
 NAMES = tuple(BY_NAME)
 DEFAULT = "sft"
 
 
 def metric_names() -> tuple[str, ...]:
-    """Every evaluation metric some objective reports, in table order."""
+    """Every evaluation metric some objective (or method.task classification)
+    reports, in table order."""
     out: list[str] = []
-    for row in OBJECTIVES:
-        out += [m.name for m in row.metrics if m.name not in out]
+    for metrics in [row.metrics for row in OBJECTIVES] + [CLASSIFICATION_METRICS]:
+        out += [m.name for m in metrics if m.name not in out]
     return tuple(out)
 
 
 def metric_mode(name: str) -> Optional[str]:
     """'min' or 'max' for a metric some objective reports, else None."""
-    for row in OBJECTIVES:
-        for m in row.metrics:
+    for metrics in [row.metrics for row in OBJECTIVES] + [CLASSIFICATION_METRICS]:
+        for m in metrics:
             if m.name == name:
                 return m.mode
     return None
@@ -287,4 +298,6 @@ def metric_description(lead: str) -> str:
         own = [m.name for m in row.metrics if m.name not in shared]
         if own:
             parts.append(f"{words(own)}: objective {row.name}")
+    own = [m.name for m in CLASSIFICATION_METRICS if m.name not in shared]
+    parts.append(f"{words(own)}: method.task classification (instead of sft's)")
     return f"{lead} " + "; ".join(parts) + "."

@@ -17,7 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .objectives import OBJECTIVES, SUPERVISED_FORMATS, metric_mode, metric_names, words
+from .objectives import (
+    CLASSIFICATION_METRICS,
+    OBJECTIVES,
+    SUPERVISED_FORMATS,
+    metric_mode,
+    metric_names,
+    words,
+)
 from .sweep_space import grace_period, grace_period_cel
 
 Spec = dict[str, Any]
@@ -173,6 +180,8 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
         row.name: tuple(m for m in every if m not in {x.name for x in row.metrics})
         for row in OBJECTIVES
     }
+    # method.task classification (objective sft): its own metrics, not sft's
+    not_classifying = tuple(m for m in every if m not in {x.name for x in CLASSIFICATION_METRICS})
     first, *rest = OBJECTIVES
     order = [*rest, first]  # the first row (sft, the default) is the CEL's else branch
     var = f"self.{block}.metric"
@@ -182,11 +191,19 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
             f"self.method.objective == '{row.name}' ? "
             f"!({_metrics_cel(var, others[row.name])}) : {cel}"
         )
+    cel = f"self.method.task == 'classification' ? !({_metrics_cel(var, not_classifying)}) : {cel}"
     if not always:
         cel = f"!has(self.{block}) || ({cel})"
     reports = "; ".join(
-        f"{words([m.name for m in row.metrics], 'or')} for {row.name}" for row in order
+        [f"{words([m.name for m in row.metrics], 'or')} for {row.name}" for row in order]
+        + [f"{words([m.name for m in CLASSIFICATION_METRICS], 'or')} for classification"]
     )
+
+    def unreported(s: Spec) -> tuple[str, ...]:
+        if s["method"].get("task") == "classification":
+            return not_classifying
+        return others[s["method"]["objective"]]
+
     highest = tuple(m for m in every if metric_mode(m) == "max")
     lowest = tuple(m for m in every if metric_mode(m) == "min")
     return [
@@ -196,8 +213,7 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
             f"{block}.metric must be one the objective reports: {reports}",
             cel=cel,
             python=lambda s: (
-                (not always and not _has(s, block))
-                or s[block]["metric"] not in others[s["method"]["objective"]]
+                (not always and not _has(s, block)) or s[block]["metric"] not in unreported(s)
             ),
             field=f"{block}.metric",
         ),
@@ -217,6 +233,96 @@ def metric_rules(block: str, slug: str, always: bool) -> list[Rule]:
             field="mode",
         ),
     ]
+
+
+def _classifying(spec: Spec) -> bool:
+    return spec["method"].get("task", "generation") == "classification"
+
+
+CLASSIFYING = "self.method.task != 'classification'"  # CEL: the rule holds unless...
+
+
+def _without(block: str, key: str, what: str) -> Rule:
+    """method.task classification refuses spec.<block>.<key> (it has no answers to
+    generate or score, or no whole language model to convert): `what` says why."""
+    return Rule(
+        f"classification-without-{block}-{key}".lower(),
+        (),
+        f"method.task classification {what}: remove {block}.{key}, or set method.task to "
+        "generation",
+        cel=f"{CLASSIFYING} || !has(self.{block}.{key})",
+        python=lambda s: not _classifying(s) or not _has(s[block], key),
+        field=f"{block}.{key}",
+    )
+
+
+CLASSIFICATION_RULES = [
+    Rule(
+        "classification-needs-classification-data",
+        (),
+        "method.task classification learns one label per row: set dataset.format to "
+        "classification (rows of text and label), or method.task to generation",
+        cel=f"{CLASSIFYING} || self.dataset.format == 'classification'",
+        python=lambda s: not _classifying(s) or s["dataset"]["format"] == "classification",
+        field="dataset.format",
+    ),
+    Rule(
+        "classification-data-needs-task",
+        (),
+        "dataset.format classification (rows of text and label) trains a classification "
+        "head: set method.task to classification, or use a generation format (chat, "
+        "prompt-completion, ...)",
+        cel="self.dataset.format != 'classification' || self.method.task == 'classification'",
+        python=lambda s: s["dataset"]["format"] != "classification" or _classifying(s),
+        field="method.task",
+    ),
+    Rule(
+        "classification-needs-sft",
+        (),
+        "method.task classification trains with cross-entropy over the labels: set "
+        "method.objective to sft (dpo, kto, grpo and distill score generated answers)",
+        cel=f"{CLASSIFYING} || self.method.objective == 'sft'",
+        python=lambda s: not _classifying(s) or s["method"]["objective"] == "sft",
+        field="method.objective",
+    ),
+    Rule(
+        "classification-not-qlora",
+        (),
+        "method.task classification trains with lora or full: set method.type to lora "
+        "(a 4-bit base with a classification head is not supported)",
+        cel=f"{CLASSIFYING} || self.method.type != 'qlora'",
+        python=lambda s: not _classifying(s) or s["method"]["type"] != "qlora",
+        field="method.type",
+    ),
+    Rule(
+        "classification-trains-head",
+        (),
+        "method.task classification starts from a new, untrained head: set "
+        "method.full.trainHead to true",
+        cel=f"{CLASSIFYING} || !has(self.method.full) || !has(self.method.full.trainHead) "
+        "|| self.method.full.trainHead",
+        python=lambda s: (
+            not _classifying(s)
+            or not _has(s["method"], "full")
+            or s["method"]["full"].get("trainHead", True)
+        ),
+        field="method.full.trainHead",
+    ),
+    *(
+        _without(
+            "model",
+            key,
+            "starts from whole weights (a parent's adapter was made for the language-model "
+            "head; give a parent's model/ or merged/ folder as model.uri instead)",
+        )
+        for key in ("fromJob", "fromCheckpoint")
+    ),
+    _without("dataset", "mixture", "reads one dataset of labelled rows"),
+    _without("evaluation", "generation", "generates no answers (it is scored by accuracy)"),
+    _without("evaluation", "retention", "replaces the language-model head (no retention loss)"),
+    _without("output", "gguf", "saves a classifier, which GGUF export does not convert"),
+    _without("output", "interpolation", "is not interpolated (its head starts untrained)"),
+]
 
 
 RULES: list[Rule] = [
@@ -356,6 +462,7 @@ RULES: list[Rule] = [
         field="pii",
     ),
     *objective_rules(),
+    *CLASSIFICATION_RULES,
     Rule(
         "generation-needs-held-out-data",
         (),

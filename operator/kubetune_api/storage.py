@@ -226,6 +226,11 @@ class MetricsRow(_Model):
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     eval_token_accuracy: Optional[float] = None
+    # method.task classification: share of held-out rows whose top label is right, the
+    # labels' macro-F1 and expected calibration error (eval_loss: the labels' cross-entropy)
+    eval_accuracy: Optional[float] = None
+    eval_f1: Optional[float] = None
+    eval_label_ece: Optional[float] = None
     # objective dpo: means over the pairs since the previous row (rewards are
     # beta x the log-probability gained over the reference model)
     rewards_chosen: Optional[float] = None
@@ -548,6 +553,26 @@ class CalibrationRecord(_Model):
     )
 
 
+class ClassificationRecord(_Model):
+    """method.task classification: the labels and the validation split's scores before
+    training (the base with its new head) and after."""
+
+    labels: list[str] = Field(
+        description="The labels in id order (config.json's id2label of the saved model)."
+    )
+    examples: Optional[int] = Field(None, description="Validation rows scored.")
+    accuracy_before: Optional[float] = Field(
+        None, description="Share of rows whose top label is right, before training."
+    )
+    accuracy: Optional[float] = Field(None, description="The same after training.")
+    f1_before: Optional[float] = Field(None, description="Macro-F1 over the labels, before.")
+    f1: Optional[float] = Field(None, description="Macro-F1 over the labels, after.")
+    ece_before: Optional[float] = Field(
+        None, description="Expected calibration error of the top label's probability, before."
+    )
+    ece: Optional[float] = Field(None, description="The same after training.")
+
+
 class RetentionRecord(_Model):
     """evaluation.retention: the retention set's loss before and after training."""
 
@@ -646,6 +671,7 @@ class OutputsRecord(_Model):
     )
     calibration: Optional[CalibrationRecord] = None
     retention: Optional[RetentionRecord] = None
+    classification: Optional[ClassificationRecord] = None
     artifacts: list[ServableOutput] = Field(
         default_factory=list, description="What each saved folder is and how to load it."
     )

@@ -189,9 +189,18 @@ def progress_to_status(snapshot: Snapshot, keep_last: int = 3, attempt: int = 1)
 
 
 def held_out_metrics(done: OutputsRecord) -> dict[str, float]:
-    """outputs.json's calibration and retention → status.metrics."""
-    cal, ret = done.calibration, done.retention
+    """outputs.json's calibration, retention and classification → status.metrics."""
+    cal, ret, cls = done.calibration, done.retention, done.classification
     pairs = []
+    if cls is not None:
+        pairs += [
+            ("evalAccuracyBefore", cls.accuracy_before),
+            ("evalAccuracy", cls.accuracy),
+            ("evalF1Before", cls.f1_before),
+            ("evalF1", cls.f1),
+            ("evalLabelEceBefore", cls.ece_before),
+            ("evalLabelEce", cls.ece),
+        ]
     if cal is not None:
         pairs += [
             ("evalEceBefore", cal.ece_before),

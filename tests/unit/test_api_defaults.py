@@ -10,7 +10,7 @@ MINIMAL = {"model": {"name": "org/model"}, "dataset": {"train": {"uri": "s3://bu
 
 def test_minimal_spec_gets_documented_defaults():
     spec = models.FineTuneJobSpec.model_validate(apply_defaults(MINIMAL)).to_dict()
-    assert spec["method"] == {"objective": "sft", "type": "lora"}
+    assert spec["method"] == {"task": "generation", "objective": "sft", "type": "lora"}
     assert spec["dataset"]["format"] == "chat"
     assert spec["dataset"]["maxSeqLength"] == 2048
     assert spec["dataset"]["packing"] is True

@@ -15,7 +15,57 @@ _LR_SWEEP = {
 GRPO = {"grader": {"type": "stringCheck", "name": "x", "reference": "y", "operation": "eq"}}
 MIXTURE = [{"id": "chat", "uri": "s3://bucket/c.jsonl"}, {"id": "qa", "uri": "s3://bucket/q.jsonl"}]
 MIXED = {**BASE, "dataset": {"mixture": MIXTURE}}
+# method.task classification on its own format (rows of text and label)
+CLS = {
+    **BASE,
+    "dataset": {**BASE["dataset"], "format": "classification"},
+    "method": {"task": "classification"},
+}
 BREAKERS = {
+    "classification-needs-classification-data": {**BASE, "method": {"task": "classification"}},
+    "classification-data-needs-task": {
+        **BASE,
+        "dataset": {**BASE["dataset"], "format": "classification"},
+    },
+    "classification-needs-sft": {
+        **CLS,
+        "method": {"task": "classification", "objective": "distill"},
+    },
+    "classification-not-qlora": {
+        **CLS,
+        "method": {"task": "classification", "type": "qlora"},
+        "resources": {"gpusPerWorker": 1},
+    },
+    "classification-trains-head": {
+        **CLS,
+        "method": {"task": "classification", "type": "full", "full": {"trainHead": False}},
+    },
+    "classification-without-model-fromjob": {**CLS, "model": {"name": "org/m", "fromJob": "a"}},
+    "classification-without-model-fromcheckpoint": {
+        **CLS,
+        "model": {"name": "org/m", "fromCheckpoint": "s3://bucket/run/checkpoints/step-00000010"},
+    },
+    "classification-without-dataset-mixture": {
+        **CLS,
+        "dataset": {"format": "classification", "mixture": MIXTURE},
+    },
+    "classification-without-evaluation-generation": {
+        **CLS,
+        "evaluation": {"generation": {"examples": 4}},
+    },
+    "classification-without-evaluation-retention": {
+        **CLS,
+        "evaluation": {"retention": {"dataset": {"uri": "s3://bucket/r.jsonl"}}},
+    },
+    "classification-without-output-gguf": {
+        **CLS,
+        "method": {"task": "classification", "type": "full"},
+        "output": {"gguf": {"types": ["q8_0"]}, "uri": "s3://bucket"},
+    },
+    "classification-without-output-interpolation": {
+        **CLS,
+        "output": {"interpolation": {"weights": [0.5, 1.0]}, "uri": "s3://bucket"},
+    },
     "train-xor-mixture": {**BASE, "dataset": {**BASE["dataset"], "mixture": MIXTURE}},
     "mixture-source": {
         **BASE,
@@ -319,6 +369,14 @@ def test_rule_fires_alone_with_its_message(rule_id):
 
 def test_base_spec_breaks_no_rule():
     assert validate_spec(BASE).ok
+
+
+def test_a_classification_job_breaks_no_rule_with_either_method():
+    assert validate_spec(CLS).ok, validate_spec(CLS).errors
+    full = {**CLS, "method": {"task": "classification", "type": "full", "full": {}}}
+    assert validate_spec(full).ok, validate_spec(full).errors
+    assert resolve_spec(full).method.task == "classification"
+    assert resolve_spec(BASE).method.task == "generation"  # the default
 
 
 def test_a_mixture_breaks_no_rule_and_resolves_its_formats():

@@ -8,7 +8,9 @@ The five supervised formats become one of three shapes before tokenizing:
 The preference format becomes {"prompt", "chosen", "rejected"} (text or messages);
 its examples are built by the objective that trains on pairs (objectives/dpo.py).
 The feedback format becomes {"prompt", "completion", "label"} (text or messages; label
-True for a thumbs up), built into examples by objectives/kto.py.
+True for a thumbs up), built into examples by objectives/kto.py. The classification
+format becomes {"text", "label"} (label a string or an integer), built into examples
+by objectives/classify.py (label_names: the labels and their ids).
 prepare() takes the objective's example builder and never imports one.
 Rows that cannot be used are counted by reason, with a few examples, and a
 dataset without a usable row raises DataError before any training starts.
@@ -57,6 +59,7 @@ EXPECTED_KEYS = {
     "preference": "prompt, chosen, rejected",
     "feedback": "prompt, completion, label",
     "prompt": "prompt or messages [, the fields the grader reads]",
+    "classification": "text, label",
 }
 
 
@@ -250,7 +253,32 @@ def normalize(row: Any, fmt: str) -> tuple[Optional[dict], Optional[str]]:
         return _feedback(row)
     if fmt == "prompt":
         return _prompt(row)
+    if fmt == "classification":
+        return _classification(row)
     return None, f"unknown format {fmt!r}"
+
+
+def _classification(row: dict) -> tuple[Optional[dict], Optional[str]]:
+    """{"text": str, "label": str or int}: one label per text."""
+    text, label = row.get("text"), row.get("label")
+    if not _str(text):
+        return None, "missing or empty 'text'"
+    if isinstance(label, bool) or not (isinstance(label, int) or _str(label)):
+        return None, "'label' must be a non-empty string or an integer"
+    return {"text": text, "label": label}, None
+
+
+def label_names(rows: list) -> list[str]:
+    """method.task classification: the distinct labels of the usable rows, sorted (as
+    numbers when every label is an integer), as strings: a label's id is its index."""
+    seen = set()
+    for row in rows:
+        norm, _ = normalize(row, "classification")
+        if norm is not None:
+            seen.add(norm["label"])
+    ints = all(isinstance(x, int) for x in seen)
+    ordered = sorted(seen, key=(lambda x: x) if ints else str)
+    return list(dict.fromkeys(str(x) for x in ordered))  # 1 and "1" are one label
 
 
 def _messages(msgs, name: str) -> tuple[Optional[dict], Optional[str]]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from kubetune_api import storage as contract
 
 from . import prune
-from .model import torch_dtype
+from .model import label_config, torch_dtype
 
 SPECIAL_TOKENS = (
     "bos_token",
@@ -111,7 +111,12 @@ def make_portable(folder: Path) -> None:
 
 
 def merge_adapter(
-    model_path: str, spec, adapter_dir: Path, out: Path, parent_adapter: str | None = None
+    model_path: str,
+    spec,
+    adapter_dir: Path,
+    out: Path,
+    parent_adapter: str | None = None,
+    labels: list[str] | None = None,
 ) -> None:
     """The base model with the adapter merged, as safetensors in the training
     precision, with the tokenizer, chat template, special tokens and generation
@@ -120,7 +125,9 @@ def merge_adapter(
 
     The merge itself runs in fp32 on the CPU (W + BA rounded once, at the end),
     then the weights are cast: a bf16 model is half the bytes of fp32 and what
-    the job trained in."""
+    the job trained in. `labels` (method.task classification): the base is
+    AutoModelForSequenceClassification with those labels, and the adapter's saved
+    head (`score`) replaces its new one."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,7 +140,14 @@ def merge_adapter(
     }
     if m.gguf_file:
         kwargs["gguf_file"] = m.gguf_file
-    base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if labels is not None:
+        from transformers import AutoModelForSequenceClassification
+
+        pad_id = AutoTokenizer.from_pretrained(str(adapter_dir)).pad_token_id
+        kwargs.update(label_config(labels, pad_id))
+        base = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if parent_adapter:
         base = PeftModel.from_pretrained(base, parent_adapter).merge_and_unload()
     prune.apply(base, spec)  # the adapter was trained on the pruned model

@@ -319,6 +319,7 @@ def summary(storage) -> str:
         verdict = "better" if after < before else "NOT better"
         lines.append(f"  held-out loss: before {before:.4f} -> after {after:.4f} ({verdict})")
     lines += heldout.summary_lines(out)
+    lines += classification_lines(out)
     lines += mixture_lines(out)
     for key, label in (
         ("adapter", "adapter"),
@@ -366,6 +367,28 @@ def summary(storage) -> str:
     lines += startup_lines(storage)
     lines += summary_lines(out, storage, show=P.display)
     return "\n".join(lines)
+
+
+def classification_lines(out: dict) -> list[str]:
+    """method.task classification: the labels, and accuracy, macro-F1 and label ECE
+    before -> after (outputs.json's classification)."""
+    c = out.get("classification")
+    if not c:
+        return []
+
+    def pair(key: str) -> str:
+        before, after = c.get(f"{key}Before"), c.get(key)
+        if after is None:
+            return "n/a"
+        return (f"{before:.4f} -> " if before is not None else "") + f"{after:.4f}"
+
+    return [
+        f"  {'labels:':<14}{len(c['labels'])} ({', '.join(c['labels'][:12])}"
+        + (", ..." if len(c["labels"]) > 12 else "")
+        + ")",
+        f"  {'classifier:':<14}accuracy {pair('accuracy')}, macro-F1 {pair('f1')}, "
+        f"label ECE {pair('ece')}",
+    ]
 
 
 def mixture_lines(out: dict) -> list[str]:

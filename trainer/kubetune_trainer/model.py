@@ -79,14 +79,30 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def load_model(spec, path: str, use_gpu: bool, parent=None, on_prune=None):
+def label_config(labels: list[str], pad_id) -> dict:
+    """method.task classification: the from_pretrained arguments of the head (the
+    labels' ids in both directions; the pad id the model pools before)."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "pad_token_id": pad_id,
+    }
+
+
+def load_model(
+    spec, path: str, use_gpu: bool, parent=None, on_prune=None, labels=None, pad_id=None
+):
     """The model ready for DeepSpeed: base weights, peft adapters when lora/qlora.
 
     `parent` (kubetune_trainer.parent.Parent): a fully fine-tuned parent's
     weights replace the base; a parent adapter is merged into the base first
     (parent.merge) or becomes the adapter that training continues. Then
     spec.model.prune drops decoder layers (kubetune_trainer.prune), before the
-    adapters are added; `on_prune` receives its PruneReport. With qlora the
+    adapters are added; `on_prune` receives its PruneReport. method.task
+    classification: AutoModelForSequenceClassification on the same checkpoint, a
+    new head (`score`) over `labels` that pools the last token before `pad_id`;
+    LoRA's task SEQ_CLS keeps the head trainable and saved with the adapter. With qlora the
     weights are 4-bit from the load on: dropping layers then gives the same
     model as dropping them first, as each weight is quantized on its own."""
     if parent is not None and parent.kind == "model":
@@ -114,7 +130,14 @@ def load_model(spec, path: str, use_gpu: bool, parent=None, on_prune=None):
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    classify = spec.method.task == "classification"
+    if classify:
+        from transformers import AutoModelForSequenceClassification
+
+        kwargs.update(label_config(labels, pad_id))
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False  # training; also lets packed position ids work
     adapter = parent.local if parent is not None and parent.kind == "adapter" else None
     if adapter and parent.merge:
@@ -172,7 +195,7 @@ def load_model(spec, path: str, use_gpu: bool, parent=None, on_prune=None):
             target_modules=targets,
             modules_to_save=list(lc.modules_to_save) or None,
             layers_to_transform=layers,
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if classify else "CAUSAL_LM",
         ),
     )
     return model

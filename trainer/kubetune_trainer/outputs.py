@@ -51,6 +51,8 @@ class Finish:
     # the objective's evaluation of a split on the engine's model as it is now
     evaluate: Optional[Callable[[str], dict]] = None
     splits: tuple[str, ...] = ()  # the splits `evaluate` can score
+    # method.task classification: the labels in id order (None: generation)
+    labels: Optional[list[str]] = None
     final_dir: Optional[Path] = None  # set by final_weights
     sections: dict = field(default_factory=dict)
 
@@ -62,6 +64,39 @@ def test_metrics(f: Finish) -> dict:
         return {}
     f.log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
     return {"test_metrics": {k.replace("eval_", "test_", 1): v for k, v in test.items()}}
+
+
+def classification(f: Finish) -> dict:
+    """method.task classification: the labels, and the validation split's accuracy,
+    macro-F1 and label ECE before training (the metrics row of step 0: the base with
+    its new head) and at the last evaluation (rank 0, from its metrics rows)."""
+    if f.labels is None:
+        return {}
+    scored = [r for r in f.metrics if r.get("eval_accuracy") is not None]
+    first = next((r for r in scored if r["step"] == 0), None)
+    last = scored[-1] if scored and scored[-1]["step"] > 0 else None
+    before, after = first or {}, last or {}
+    record = contract.ClassificationRecord(
+        labels=list(f.labels),
+        examples=len(f.held_out.get("validation") or []) or None,
+        accuracy_before=before.get("eval_accuracy"),
+        accuracy=after.get("eval_accuracy"),
+        f1_before=before.get("eval_f1"),
+        f1=after.get("eval_f1"),
+        ece_before=before.get("eval_label_ece"),
+        ece=after.get("eval_label_ece"),
+    )
+    if last is not None:
+        f.log(
+            f"classification: accuracy {_num(record.accuracy_before)} before, "
+            f"{record.accuracy:.4f} after; macro-F1 {_num(record.f1_before)} -> "
+            f"{record.f1:.4f}; label ECE {_num(record.ece_before)} -> {record.ece:.4f}"
+        )
+    return {"classification": record}
+
+
+def _num(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def held_out_checks(f: Finish) -> dict:
@@ -127,6 +162,7 @@ def final_weights(f: Finish) -> dict:
                     f.final_dir,
                     f.local / contract.MERGED,
                     parent.local if parent and parent.merge else None,
+                    labels=f.labels,
                 )
                 out["merged_model"] = publish(contract.OutputKind.merged, contract.MERGED)
     out["artifacts"] = artifacts
@@ -353,6 +389,7 @@ def generation(f: Finish) -> dict:
 
 FINISHERS: list[Callable[[Finish], dict]] = [
     test_metrics,
+    classification,
     held_out_checks,
     final_weights,
     interpolation,

@@ -281,7 +281,7 @@ def check_format(
                     f"no row of {name} fits {expected}: {shown}{more}",
                     f"rename the keys in the data, or set {format_field(field_path)} to the "
                     "data's format (text, prompt-completion, chat, alpaca, sharegpt, preference, "
-                    "feedback, prompt)",
+                    "feedback, prompt, classification)",
                 )
             )
         else:
@@ -369,10 +369,42 @@ def check_files(job: dict, base: Path, job_dir: Optional[Path] = None, raw: Opti
             f"{name}: {display(src['uri'])} ({len(rows)} rows, {len(usable[part])} fit "
             f"format {src_fmt})"
         )
+    if fmt == "classification" and usable.get("train"):
+        check_labels(usable, report)
     if isinstance(dataset.get("clean"), dict) and "train" in raw_rows:
         check_clean(spec, raw_rows, report)
     report.seconds = time.monotonic() - t0
     return report, usable
+
+
+def check_labels(usable: dict, report: Report) -> None:
+    """dataset.format classification: two labels at least in the training rows, and
+    no held-out row with a label they lack (the trainer stops on either)."""
+    labels = D.label_names([norm for _, norm in usable["train"]])
+    report.notes.append(f"train: {len(labels)} labels ({', '.join(labels[:12])})")
+    if len(labels) < 2:
+        report.errors.append(
+            FieldError(
+                "spec.dataset.train.uri",
+                f"method.task classification needs two labels at least; the training rows "
+                f"have {len(labels)}",
+                "add rows of another label",
+            )
+        )
+    known = set(labels)
+    for part in ("validation", "test"):
+        unseen = [
+            (w, n["label"]) for w, n in usable.get(part) or [] if str(n["label"]) not in known
+        ]
+        if unseen:
+            shown = "; ".join(f"{w}: {label!r}" for w, label in unseen[:MAX_EXAMPLES])
+            report.errors.append(
+                FieldError(
+                    f"spec.dataset.{part}.uri",
+                    f"{len(unseen)} row(s) have a label no training row has ({shown})",
+                    "fix their labels, or add training rows with them",
+                )
+            )
 
 
 def check_clean(spec: dict, raw_rows: dict, report: Report) -> Optional[dict]:

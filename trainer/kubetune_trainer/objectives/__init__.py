@@ -8,6 +8,7 @@ that the two agree.
 from __future__ import annotations
 
 from .base import Objective, Splits, TrainContext
+from .classify import Classify
 from .distill import Distill
 from .dpo import Dpo
 from .grpo import Grpo
@@ -26,5 +27,8 @@ __all__ = ["REGISTRY", "Objective", "Splits", "TrainContext", "for_spec"]
 
 
 def for_spec(spec) -> Objective:
-    """The objective a (resolved) spec trains with."""
+    """The objective a (resolved) spec trains with: method.task classification's
+    head (its objective is sft, a rule says so), else method.objective's."""
+    if spec.method.task == "classification":
+        return Classify(spec)
     return REGISTRY[spec.method.objective](spec)

@@ -258,6 +258,7 @@ TRAINED_FIELDS = {
     "preference": ("prompt", "chosen", "rejected"),
     "feedback": ("prompt", "completion"),
     "prompt": ("prompt", "messages"),
+    "classification": ("text",),
 }
 
 

@@ -12,7 +12,6 @@ which the job never trains on. Prints outputs.json's two sections.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as metadata
 import json
 import random
 import sys
@@ -28,24 +27,10 @@ RETAIN = ("trivia", "science", "history", "literature", "psychology", "ai")
 
 def category_rows(names: tuple[str, ...]) -> list[dict]:
     """chatterbot-corpus's English conversations of some categories, as chat rows
-    (the quickstart's conversion, kubetune_trainer.quickstart.prepare_data)."""
-    rows = []
-    for f in metadata.files("chatterbot-corpus") or []:
-        path = Path(f.locate())
-        if path.suffix != ".yml" or path.parent.name != "english" or path.stem not in names:
-            continue
-        for conv in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(
-            "conversations"
-        ) or []:
-            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
-            if len(turns) < 2:
-                continue
-            msgs = [
-                {"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                for i, t in enumerate(turns)
-            ]
-            rows.append({"messages": msgs[:-1] if msgs[-1]["role"] == "user" else msgs})
-    return rows
+    (the quickstart's conversion)."""
+    from kubetune_trainer.quickstart import chat_rows
+
+    return chat_rows(names)
 
 
 def main() -> int:

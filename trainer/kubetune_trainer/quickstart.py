@@ -19,7 +19,9 @@ import argparse
 import importlib.metadata as metadata
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Optional
 
 MODEL_DIR = Path(".cache/models/SmolLM2-135M-Instruct")
 DATA_FILE = Path(".cache/data/chatterbot-chat.jsonl")
@@ -74,24 +76,7 @@ def prepare_data(root: Path = Path(".")) -> Path:
     out = root / DATA_FILE
     if out.exists():
         return out
-    import yaml
-
-    rows = []
-    for path in _package_files("chatterbot-corpus", ".yml"):
-        if path.parent.name != "english":
-            continue
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for conv in doc.get("conversations") or []:
-            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
-            if len(turns) < 2:
-                continue
-            messages = [
-                {"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                for i, t in enumerate(turns)
-            ]
-            if messages[-1]["role"] == "user":
-                messages = messages[:-1]
-            rows.append({"messages": messages})
+    rows = chat_rows()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -101,7 +86,7 @@ def prepare_data(root: Path = Path(".")) -> Path:
     return out
 
 
-def _conversations(dist: str = "chatterbot-corpus"):
+def conversations(dist: str = "chatterbot-corpus"):
     """(topic, conversation turns) of the package's English .yml files."""
     import yaml
 
@@ -114,6 +99,25 @@ def _conversations(dist: str = "chatterbot-corpus"):
             yield path.stem, turns
 
 
+def chat_rows(topics: Optional[Iterable[str]] = None) -> list[dict]:
+    """dataset.format chat rows of the corpus (of `topics` only, when given): each
+    conversation of two turns or more, the user's and the assistant's in turn, ending
+    on an answer. The quickstart's data file holds all of them."""
+    wanted = set(topics) if topics is not None else None
+    rows = []
+    for topic, turns in conversations():
+        if len(turns) < 2 or (wanted is not None and topic not in wanted):
+            continue
+        messages = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": t}
+            for i, t in enumerate(turns)
+        ]
+        if messages[-1]["role"] == "user":
+            messages = messages[:-1]
+        rows.append({"messages": messages})
+    return rows
+
+
 def classification_rows(topics: list[str] | None = None) -> list[dict]:
     """dataset.format classification rows from the chatterbot corpus: the first user
     utterance of each English conversation, labelled with its topic (the .yml file's
@@ -121,7 +125,7 @@ def classification_rows(topics: list[str] | None = None) -> list[dict]:
     None); an utterance seen twice keeps its first topic only."""
     rows, seen = [], set()
     wanted = set(topics) if topics is not None else None
-    for topic, turns in _conversations():
+    for topic, turns in conversations():
         if not turns or (wanted is not None and topic not in wanted) or turns[0] in seen:
             continue
         seen.add(turns[0])

@@ -179,7 +179,7 @@ def run_job(work: Path, name: str, spec: dict) -> tuple[dict, float]:
     return json.loads((prefix / "outputs.json").read_text()), seconds / max(1, steps - 1)
 
 
-def full(work: Path, name: str, steps: int, frozen: bool, retention: str) -> dict:
+def full(work: Path, name: str, steps: int, frozen: bool, retention: str, lr: float) -> dict:
     files = data(work, retention)
     layers = json.loads((C.MODEL / "config.json").read_text())["num_hidden_layers"]
     method: dict = {"type": "full"}
@@ -194,7 +194,7 @@ def full(work: Path, name: str, steps: int, frozen: bool, retention: str) -> dic
         "method": method,
         "hyperparameters": {
             "maxSteps": steps,
-            "learningRate": 2e-5,
+            "learningRate": lr,
             "lrScheduler": "constant",
             "warmupRatio": 0.0,
             "seed": 0,
@@ -217,7 +217,13 @@ def full(work: Path, name: str, steps: int, frozen: bool, retention: str) -> dic
     if not frozen:
         spec["output"] = {"interpolation": {"weights": WEIGHTS, "select": "bestHeldOut"}}
     out, per_step = run_job(work, name, spec)
-    return {"outputs": out, "secondsPerStep": per_step, "retention": retention}
+    return {
+        "outputs": out,
+        "secondsPerStep": per_step,
+        "retention": retention,
+        "steps": steps,
+        "lr": lr,
+    }
 
 
 def mixture(work: Path, steps: int) -> dict:
@@ -244,7 +250,7 @@ def mixture(work: Path, steps: int) -> dict:
         }
         out, per_step = run_job(work, f"mix-{a}-{b}", spec)
         results.append({"weights": [a, b], "mixture": out["mixture"], "secondsPerStep": per_step})
-    return {"runs": results}
+    return {"runs": results, "steps": steps}
 
 
 # topics with at least 20 distinct first messages (trivia, 261 of them, is left out:
@@ -288,6 +294,7 @@ def classify(work: Path, steps: int) -> dict:
         "secondsPerStep": per_step,
         "rows": {"train": len(train_rows), "validation": len(val_rows)},
         "labels": list(TOPICS),
+        "steps": steps,
     }
 
 
@@ -315,8 +322,17 @@ def table(res: dict, args) -> None:
     print(
         "SmolLM2-135M-Instruct on CPU, the shipped chatterbot corpus, every conversation "
         f"once; held-out: {HELDOUT} of the domain's conversations, retention: {RETAINED} "
-        f"{retained}. Full: {args.full_steps} steps of batch 4, lr 2e-5 constant, fp32; "
-        f"LoRA r16: {args.lora_steps} steps of batch 4, lr 5e-4."
+        f"{retained}."
+    )
+    for key in ("all", "frozen"):
+        if key in res:
+            r = res[key]
+            steps, lr = r.get("steps", args.full_steps), r.get("lr", args.full_lr)
+            print(f"{key}: full, {steps} steps of batch 4, lr {lr:g} constant, fp32")
+    print(
+        f"mixture: LoRA r16, {res.get('mixture', {}).get('steps', args.lora_steps)} steps of "
+        "batch 4, lr 5e-4; classify: LoRA r16, "
+        f"{res.get('classify', {}).get('steps', args.classify_steps)} steps of batch 4, lr 5e-4"
     )
     print()
     print("| what | setting | held-out loss | retention loss (regression) | other | s/step |")
@@ -392,6 +408,7 @@ def main() -> int:
         help="the retention set: paragraphs of Python's docstrings (prose), or the six "
         "chatterbot categories the job does not train on (chat)",
     )
+    ap.add_argument("--full-lr", type=float, default=2e-5)
     ap.add_argument("--lora-steps", type=int, default=30)
     ap.add_argument("--classify-steps", type=int, default=60)
     args = ap.parse_args()
@@ -399,8 +416,8 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="kubetune-practice-"))
     work.mkdir(parents=True, exist_ok=True)
     parts = {
-        "all": lambda: full(work, "all", args.full_steps, False, args.retention),
-        "frozen": lambda: full(work, "frozen", args.full_steps, True, args.retention),
+        "all": lambda: full(work, "all", args.full_steps, False, args.retention, args.full_lr),
+        "frozen": lambda: full(work, "frozen", args.full_steps, True, args.retention, args.full_lr),
         "mixture": lambda: mixture(work, args.lora_steps),
         "classify": lambda: classify(work, args.classify_steps),
     }

@@ -358,7 +358,7 @@ def table(res: dict, args) -> None:
                     f"| mixture (LoRA) | chat:sums {r['weights'][0]}:{r['weights'][1]}, "
                     f"source {s['id']} | {_f(s.get('initialEvalLoss'))} → "
                     f"{_f(s.get('finalEvalLoss'))} | | {s['weight']:.0%} of the draws, "
-                    f"{s.get('trainedExamples')} examples trained | {r['secondsPerStep']:.1f} |"
+                    f"{s.get('trainedExamples')} examples trained | |"
                 )
     if "all" in res:
         out = res["all"]["outputs"]

@@ -41,7 +41,7 @@ DEFAULT_LANES = (
     "tests/trainer/test_save_on_stop.py,tests/trainer/test_lineage.py,"
     "tests/trainer/test_start_reference.py,tests/trainer/test_kto.py,"
     "tests/trainer/test_gguf_llama_cpp.py,tests/trainer/test_distill.py,"
-    "tests/trainer/test_freeze.py,tests/trainer/test_classification.py,tests/cluster"
+    "tests/trainer/test_freeze.py,tests/cluster"
 )
 
 

@@ -106,6 +106,40 @@ def test_apply_freezes_what_never_trains_and_counts_match():
     assert F.apply(small_lm(), load_trainer_config(spec_to_trainer_config(lora)).spec) is None
 
 
+def test_a_classification_model_freezes_alike_and_its_head_is_norm_and_score():
+    """method.task classification: the head part is the final norm and the new
+    `score` (no output embedding to tie); layers and embeddings freeze as for a
+    language model, and trainHead keeps the new head training."""
+    from transformers import LlamaForSequenceClassification
+
+    from kubetune_api import load_trainer_config, spec_to_trainer_config
+    from kubetune_trainer import freeze as F
+
+    model = small_lm(
+        model_cls=LlamaForSequenceClassification,
+        num_hidden_layers=4,
+        num_labels=3,
+        pad_token_id=0,
+        tie_word_embeddings=True,  # as SmolLM2's config says; a classifier has nothing tied
+    )
+    parts, layers = F.model_parts(model)
+    assert layers == 4 and not F.tied_embeddings(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in parts[-1].params) == ["model.norm.weight", "score.weight"]
+    assert [names[id(p)] for p in parts[0].params] == ["model.embed_tokens.weight"]
+    job = H.job(Path("m"), Path("d.jsonl"), "file:///x", method={"type": "full"})
+    job["spec"]["method"] = {
+        "task": "classification",
+        "type": "full",
+        "full": {"trainableLayers": [3], "trainEmbeddings": False},
+    }
+    job["spec"]["dataset"]["format"] = "classification"
+    F.apply(model, load_trainer_config(spec_to_trainer_config(job)).spec)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    kept = ("model.layers.3.", "model.norm", "score")
+    assert trains == {n for n in names.values() if n.startswith(kept)}
+
+
 def test_errors_name_the_field_and_the_layer_count():
     from kubetune_trainer import freeze as F
 

@@ -53,6 +53,11 @@ def whole_model(job: Body) -> bool:
     return bool((spec.get("output") or {}).get("mergeAdapter"))
 
 
+def classifier(job: Body) -> bool:
+    """The job trains a classification head (method.task classification)."""
+    return ((job.get("spec") or {}).get("method") or {}).get("task") == "classification"
+
+
 def unresolved(job: Body) -> list[Reference]:
     """The references the job names that status does not hold yet."""
     status = job.get("status") or {}
@@ -82,6 +87,14 @@ def resolve_parent(
             Reason.ParentNotFound,
             f"waiting for FineTuneJob {name} ({field}): there is none in namespace "
             f"{ns} (hint: create it, or fix fromJob by creating a new job)",
+        )
+    if classifier(parent):  # a job that names a parent generates (rule classification-*)
+        return None, (
+            Phase.Failed,
+            Reason.ParentFailed,
+            f"FineTuneJob {name} ({field}) trains a classification head (method.task "
+            f"classification), and a job that generates text cannot {ref.use} it: name a "
+            "job with method.task generation",
         )
     if ref is TEACHER_FROM_JOB and not whole_model(parent):
         return None, (

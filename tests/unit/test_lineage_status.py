@@ -181,3 +181,46 @@ def test_trainer_config_and_configmap_carry_the_resolved_teacher():
     assert config.parent is None
     cm = spec_to_configmap(_job(spec=DISTILL, status={"teacher": teacher}), Settings(), 1)
     assert json.loads(cm["data"]["config.json"])["teacher"]["uri"] == teacher["uri"]
+
+
+def test_a_classifier_is_no_parent_and_no_teacher(tmp_path):
+    """A job that names a parent or a teacher generates text (the classification rules
+    refuse fromJob on a classifier), so a classification job is neither: the operator
+    fails it from the parent's spec before any pod starts, and the trainer from the
+    parent's outputs.json (fromCheckpoint, `kubetune run`)."""
+    from types import SimpleNamespace
+
+    from kubetune_api.trainer_config import JobRef, ParentSource
+    from kubetune_operator.parent import TEACHER_FROM_JOB
+    from kubetune_trainer.parent import ParentError, locate, locate_teacher
+
+    classifier = _parent("Succeeded")
+    classifier["spec"] = {**classifier["spec"], "method": {"task": "classification"}}
+    for job, ref, use in ((_job(), None, "continue from"), (_job(spec=DISTILL), "t", "learn")):
+        args = (TEACHER_FROM_JOB,) if ref else ()
+        _, problem = resolve_parent(job, classifier, None, *args)
+        assert problem[:2] == (Phase.Failed, Reason.ParentFailed), problem
+        assert "method.task classification" in problem[2] and use in problem[2]
+    generating = _parent("Succeeded")
+    generating["spec"] = {**generating["spec"], "method": {"task": "generation"}}
+    assert resolve_parent(_job(), generating, None)[1] is None
+
+    prefix = tmp_path / "first"
+    prefix.mkdir()
+    outputs = {
+        "adapter": "file:///x/adapter",
+        "mergedModel": "file:///x/merged",
+        "classification": {"labels": ["ai", "food", "money"], "accuracy": 0.9},
+    }
+    (prefix / "outputs.json").write_text(json.dumps(outputs))
+    source = ParentSource(job=JobRef(name="first", namespace="t", uid="u"), uri=prefix.as_uri())
+    access = SimpleNamespace(endpoint=None, region=None, secret_ref=None)
+    config = SimpleNamespace(parent=source, teacher=source, spec=SimpleNamespace(model=access))
+    with pytest.raises(ParentError, match=r"spec.model.fromJob: .* over 3 labels"):
+        locate(config)
+    with pytest.raises(ParentError, match=r"teacher.fromJob: .* method.task generation"):
+        locate_teacher(config)
+    del outputs["classification"]
+    (prefix / "outputs.json").write_text(json.dumps(outputs))
+    assert locate(config)[0] == "file:///x/adapter"
+    assert locate_teacher(config) == "file:///x/merged"

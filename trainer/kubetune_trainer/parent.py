@@ -61,6 +61,18 @@ def _field(config) -> str:
     return "spec.model.fromJob" if config.parent.job else "spec.model.fromCheckpoint"
 
 
+def _not_a_classifier(outputs: dict, field: str, uri: str) -> None:
+    """A job that generates text cannot start from (or learn from) a classifier: its
+    head is a label layer, not the language-model head (method.task classification)."""
+    if outputs.get("classification"):
+        labels = outputs["classification"].get("labels") or []
+        raise ParentError(
+            f"{field}: the job at {uri} trained a classification head over {len(labels)} "
+            "labels (method.task classification), not a language model: name a job with "
+            "method.task generation"
+        )
+
+
 def locate(config, environ=None) -> tuple[str, Optional[str]]:
     """(the folder to load, the parent's run.json URI or None)."""
     src, access = config.parent, config.spec.model
@@ -74,6 +86,7 @@ def locate(config, environ=None) -> tuple[str, Optional[str]]:
 
     if has(contract.OUTPUTS):  # a finished job's prefix
         out = _read_json(fs, contract.join(path, contract.OUTPUTS)) or {}
+        _not_a_classifier(out, field, uri)
         target = out.get("adapter") or out.get("model")
         if out.get("pruned") and out.get("mergedModel"):
             # the adapter fits only the pruned model, which the merged one carries
@@ -126,6 +139,7 @@ def locate_teacher(config, environ=None) -> Optional[str]:
         raise ParentError(
             f"{TEACHER_FIELD}: {name} has not finished at {uri} (no outputs.json): run it first"
         )
+    _not_a_classifier(out, TEACHER_FIELD, uri)
     target = out.get("mergedModel") or out.get("model")
     if not target:
         raise ParentError(

@@ -457,6 +457,12 @@ class ServableOutput(_Model):
     interpolation_weight: Optional[float] = Field(
         None, description="output.interpolation: the α of an interpolated model or adapter."
     )
+    labels: Optional[list[str]] = Field(
+        None,
+        description="method.task classification: a sequence classifier over these labels "
+        "(id order), not a language model: AutoModelForSequenceClassification loads it, "
+        "and a serving engine serves it as a classifier. Unset: a language model.",
+    )
 
 
 class GgufFile(_Model):

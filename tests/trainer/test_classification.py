@@ -137,6 +137,10 @@ def test_accuracy_rises_and_the_saved_classifier_reproduces_it(runs, method):
     accuracy = sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
     assert accuracy == pytest.approx(c["accuracy"], abs=1e-9)
     assert _macro_f1(pred, gold, len(labels)) == pytest.approx(c["f1"], abs=1e-9)
+    # every saved folder is listed as a classifier over the labels, for a serving engine
+    kinds = {a["kind"]: a for a in outputs["artifacts"]}
+    assert set(kinds) == ({"adapter", "merged"} if method == "lora" else {"full"})
+    assert all(a["labels"] == labels for a in kinds.values()), kinds
     if method == "lora":  # the head trained and was saved with the adapter
         adapter = json.loads((prefix / "adapter/adapter_config.json").read_text())
         assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from kubetune_api import storage as contract
 
@@ -186,8 +187,11 @@ def base_model_name(spec) -> str:
     return f"{name}@{m.revision}" if m.name and m.revision else name
 
 
-def describe(kind: str, uri: str, spec, folder: Path) -> contract.ServableOutput:
-    """outputs.json's entry for one saved folder: what it is and how to load it."""
+def describe(
+    kind: str, uri: str, spec, folder: Path, labels: Optional[list[str]] = None
+) -> contract.ServableOutput:
+    """outputs.json's entry for one saved folder: what it is and how to load it
+    (`labels`: a classifier's, method.task classification)."""
     folder = Path(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     rank = None
@@ -208,4 +212,5 @@ def describe(kind: str, uri: str, spec, folder: Path) -> contract.ServableOutput
         base_model=base,
         lora_rank=rank,
         files=files,
+        labels=list(labels) if labels else None,
     )

@@ -137,7 +137,7 @@ def final_weights(f: Finish) -> dict:
         stamp_temperature(f, rel)
         f.storage.upload_dir(f.local / rel, rel)
         uri = f.storage.uri(rel)
-        artifacts.append(export.describe(kind.value, uri, f.spec, f.local / rel))
+        artifacts.append(export.describe(kind.value, uri, f.spec, f.local / rel, f.labels))
         return uri
 
     full = f.spec.method.type == "full"

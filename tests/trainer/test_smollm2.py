@@ -1,5 +1,6 @@
 """`kubetune run` on the real SmolLM2-135M-Instruct (the quickstart, shortened):
-held-out loss must drop and the summary must say where the adapter is."""
+held-out loss must drop, the summary must say where the adapter is, and
+dataset.clean's drop reaches the checks, the trainer, clean.json and the summary."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_kubetune_run_quickstart_short(ray_local, tmp_path, monkeypatch, capsys):
+    from kubetune_trainer import clean as C
     from kubetune_trainer.local import LocalRun, run_local
 
     H.prepare_quickstart()
@@ -35,3 +37,18 @@ def test_kubetune_run_quickstart_short(ray_local, tmp_path, monkeypatch, capsys)
     assert (prefix / "merged/model.safetensors").exists()
     assert (prefix / "adapter/adapter_model.safetensors").exists()
     assert str(prefix / "adapter") in out
+    # dataset.clean action drop (the quickstart's): the check before Ray and the
+    # summary say the same counts, clean.json under the prefix holds them, and the
+    # trainer read the rows kept (the corpus repeats many conversations)
+    report = json.loads((prefix / "clean.json").read_text())
+    assert report["action"] == "drop"
+    lines = C.summary(report)
+    assert [ln for ln in lines if ln.startswith("train: ")], lines
+    for line in lines:
+        assert f"  clean: {line}" in out and f"{'':<16}{line}" in out, (line, out[-3000:])
+    record = json.loads((prefix / "run.json").read_text())["dataset"]
+    for split, key in (("train", "trainRows"), ("validation", "validationRows")):
+        counts = report["splits"][split]["counts"]
+        assert counts["dropped"] > 0 and counts["exactDuplicates"] > 0, counts
+        assert record[key]["rows"] == counts["rows"] - counts["dropped"] == counts["kept"]
+    assert report["splits"]["train"]["counts"]["leaked"] > 0

@@ -141,13 +141,9 @@ def data(work: Path, retention: str = "prose") -> dict:
     files["retain"] = work / f"retain-{retention}.jsonl"
     if all(f.exists() for f in files.values()):
         return files
-    import importlib.metadata as metadata
+    from kubetune_trainer.quickstart import conversations
 
-    stems = {
-        Path(f.locate()).stem
-        for f in metadata.files("chatterbot-corpus") or []
-        if Path(f.locate()).suffix == ".yml" and Path(f.locate()).parent.name == "english"
-    }
+    stems = {topic for topic, _ in conversations()}
     domain = C.distinct_rows(category_rows(tuple(sorted(stems - set(RETAIN)))))
     retain = prose_rows() if retention == "prose" else C.distinct_rows(category_rows(RETAIN))
     random.Random(0).shuffle(domain)
@@ -307,6 +303,15 @@ def _times(before, regression):
     return None if before is None or regression is None else before * (1 + regression)
 
 
+def _moved(before, after, fmt=".4f") -> str:
+    return f"{_f(before, fmt)} → {_f(after, fmt)}"
+
+
+def _row(*cells: str) -> None:
+    """One row of the markdown table."""
+    print("|" + "|".join(f" {c} " if c else " " for c in cells) + "|")
+
+
 def _pct(x) -> str:
     return "" if x is None else f"{x:+.2%}"
 
@@ -335,64 +340,72 @@ def table(res: dict, args) -> None:
         f"{res.get('classify', {}).get('steps', args.classify_steps)} steps of batch 4, lr 5e-4"
     )
     print()
-    print("| what | setting | held-out loss | retention loss (regression) | other | s/step |")
-    print("|---|---|---|---|---|---|")
+    _row("what", "setting", "held-out loss", "retention loss (regression)", "other", "s/step")
+    print("|---" * 6 + "|")
     for key, label in (("all", "every layer"), ("frozen", "bottom half frozen")):
         if key not in res:
             continue
         out, p = res[key]["outputs"], res[key]["outputs"].get("parameters", {})
         ret = out.get("retention") or {}
-        trainable = (
-            f"{p.get('trainable', 0) / 1e6:.1f}M of {p.get('total', 0) / 1e6:.1f}M trainable"
+        _row(
+            "full fine-tune",
+            label,
+            _moved(out.get("initialEvalLoss"), out.get("finalEvalLoss")),
+            _moved(ret.get("lossBefore"), ret.get("lossAfter"))
+            + f" ({_pct(ret.get('regression'))})",
+            f"{p.get('trainable', 0) / 1e6:.1f}M of {p.get('total', 0) / 1e6:.1f}M trainable",
+            f"{res[key]['secondsPerStep']:.1f}",
         )
-        print(
-            f"| full fine-tune | {label} | {_f(out.get('initialEvalLoss'))} → "
-            f"{_f(out.get('finalEvalLoss'))} | {_f(ret.get('lossBefore'))} → "
-            f"{_f(ret.get('lossAfter'))} ({_pct(ret.get('regression'))}) | {trainable} | "
-            f"{res[key]['secondsPerStep']:.1f} |"
-        )
-    if "mixture" in res:
-        for r in res["mixture"]["runs"]:
-            for s in r["mixture"]:
-                print(
-                    f"| mixture (LoRA) | chat:sums {r['weights'][0]}:{r['weights'][1]}, "
-                    f"source {s['id']} | {_f(s.get('initialEvalLoss'))} → "
-                    f"{_f(s.get('finalEvalLoss'))} | | {s['weight']:.0%} of the draws, "
-                    f"{s.get('trainedExamples')} examples trained | |"
-                )
+    for r in res.get("mixture", {}).get("runs", []):
+        for s in r["mixture"]:
+            _row(
+                "mixture (LoRA)",
+                f"chat:sums {r['weights'][0]}:{r['weights'][1]}, source {s['id']}",
+                _moved(s.get("initialEvalLoss"), s.get("finalEvalLoss")),
+                "",
+                f"{s['weight']:.0%} of the draws, {s.get('trainedExamples')} examples trained",
+                "",
+            )
     if "all" in res:
         out = res["all"]["outputs"]
         interp = out.get("interpolation") or {}
         before = (out.get("retention") or {}).get("lossBefore")
         for w in interp.get("weights", []):
-            chosen = (
-                " (published: " + interp.get("select", "") + ")"
-                if w["alpha"] == interp.get("chosen")
-                else ""
-            )
-            print(
-                f"| WiSE-FT of the full fine-tune | α = {w['alpha']:g}{chosen} | "
-                f"{_f(w.get('evalLoss'))} | {_f(_times(before, w.get('retentionRegression')))} "
-                f"({_pct(w.get('retentionRegression'))}) | | |"
+            published = w["alpha"] == interp.get("chosen")
+            regression = w.get("retentionRegression")
+            _row(
+                "WiSE-FT of the full fine-tune",
+                f"α = {w['alpha']:g}"
+                + (f" (published: {interp.get('select', '')})" if published else ""),
+                _f(w.get("evalLoss")),
+                f"{_f(_times(before, regression))} ({_pct(regression)})",
+                "",
+                "",
             )
         cal = out.get("calibration") or {}
         if cal:
-            print(
-                f"| calibration of the full fine-tune | answer tokens ({cal.get('tokens')}) | | | "
-                f"ECE {_f(cal.get('eceBefore'))} → {_f(cal.get('ece'))}; at fitted T = "
-                f"{_f(cal.get('temperature'), '.3f')}: {_f(cal.get('eceAtTemperature'))} | |"
+            _row(
+                "calibration of the full fine-tune",
+                f"answer tokens ({cal.get('tokens')})",
+                "",
+                "",
+                f"ECE {_moved(cal.get('eceBefore'), cal.get('ece'))}; at fitted T = "
+                f"{_f(cal.get('temperature'), '.3f')}: {_f(cal.get('eceAtTemperature'))}",
+                "",
             )
     if "classify" in res:
         out = res["classify"]["outputs"]
         c = out.get("classification") or {}
-        print(
-            f"| classification (LoRA, {len(res['classify']['labels'])} topics, "
-            f"{res['classify']['rows']['validation']} held out) | sequence-classification head | "
-            f"{_f(out.get('initialEvalLoss'))} → {_f(out.get('finalEvalLoss'))} | | "
-            f"accuracy {_f(c.get('accuracyBefore'), '.3f')} → {_f(c.get('accuracy'), '.3f')}; "
-            f"macro-F1 {_f(c.get('f1Before'), '.3f')} → {_f(c.get('f1'), '.3f')}; label ECE "
-            f"{_f(c.get('eceBefore'))} → {_f(c.get('ece'))} | "
-            f"{res['classify']['secondsPerStep']:.1f} |"
+        _row(
+            f"classification (LoRA, {len(res['classify']['labels'])} topics, "
+            f"{res['classify']['rows']['validation']} held out)",
+            "sequence-classification head",
+            _moved(out.get("initialEvalLoss"), out.get("finalEvalLoss")),
+            "",
+            f"accuracy {_moved(c.get('accuracyBefore'), c.get('accuracy'), '.3f')}; "
+            f"macro-F1 {_moved(c.get('f1Before'), c.get('f1'), '.3f')}; "
+            f"label ECE {_moved(c.get('eceBefore'), c.get('ece'))}",
+            f"{res['classify']['secondsPerStep']:.1f}",
         )
 
 
